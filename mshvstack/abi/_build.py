@@ -1,0 +1,145 @@
+"""cffi API-mode builder: derive the binding from the headers in include/.
+
+Nothing here restates a declaration.  The C preprocessor flattens the
+headers into plain declarations (cffi's cdef cannot expand macros), every
+integer ``#define`` is declared to cffi as ``#define NAME ...`` so the C
+compiler computes its value (ioctl numbers included), and the extension is
+compiled against the very same headers, so cffi checks sizes and offsets of
+every struct against the compiler's layout.
+
+Run by setup.py (``cffi_modules``) during ``pip install``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import cffi
+
+ROOT = Path(__file__).resolve().parents[2]
+INCLUDE = ROOT / "include"
+HEADERS = ("uapi/linux/mshv.h", "hyperv/hyperv.h")
+
+# Types the kernel's <linux/types.h> provides; declared to cffi as plain
+# integer typedefs (the compiler checks them against the real ones).
+_TYPE_PRELUDE = """
+typedef unsigned char      __u8;
+typedef signed char        __s8;
+typedef unsigned short     __u16;
+typedef signed short       __s16;
+typedef unsigned int       __u32;
+typedef signed int         __s32;
+typedef unsigned long long __u64;
+typedef signed long long   __s64;
+"""
+
+# Stand-ins used only while flattening declarations: the real headers are
+# used for compilation.
+_STUB_TYPES = "/* declared by the cffi prelude */\n"
+_STUB_IOCTL = "/* ioctl macros only appear in #defines */\n"
+
+_DEFINE = re.compile(r"^\s*#\s*define\s+([A-Za-z_][A-Za-z0-9_]*)(\(?)\s*(.*)$")
+_IOCTL_MACRO = re.compile(r"\b_IO(?:W|R|WR)?\s*\(")
+_PACKED = "__attribute__((packed))"
+
+
+def header_files() -> list[Path]:
+    """Every header under include/, in a stable order."""
+    return sorted(INCLUDE.rglob("*.h"))
+
+
+def integer_macros() -> tuple[list[str], list[str]]:
+    """Names of all object-like macros with a value, and which are ioctls."""
+    names: list[str] = []
+    ioctls: list[str] = []
+    for path in header_files():
+        for line in path.read_text().splitlines():
+            match = _DEFINE.match(line)
+            if not match or match.group(2) or not match.group(3).strip():
+                continue  # function-like macro or include guard
+            name, value = match.group(1), match.group(3)
+            if name.startswith("_") or name in names:
+                continue
+            names.append(name)
+            if _IOCTL_MACRO.search(value):
+                ioctls.append(name)
+    return names, ioctls
+
+
+def _compiler() -> list[str]:
+    return shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+
+
+def flattened_declarations() -> str:
+    """The headers' declarations with macros expanded and directives removed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        stubs = Path(tmp) / "linux"
+        stubs.mkdir()
+        (stubs / "types.h").write_text(_STUB_TYPES)
+        (stubs / "ioctl.h").write_text(_STUB_IOCTL)
+        wrapper = Path(tmp) / "all.h"
+        wrapper.write_text("".join(f'#include "{h}"\n' for h in HEADERS))
+        cmd = _compiler()[:1] + ["-E", "-P", "-nostdinc", f"-I{tmp}", f"-I{INCLUDE}", str(wrapper)]
+        return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+def split_top_level(source: str) -> list[str]:
+    """Split C source into top-level declarations (at ';' outside braces)."""
+    decls: list[str] = []
+    depth = 0
+    start = 0
+    for index, char in enumerate(source):
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+        elif char == ";" and depth == 0:
+            decl = source[start : index + 1].strip()
+            if decl != ";":
+                decls.append(decl)
+            start = index + 1
+    return decls
+
+
+def cdef_parts() -> tuple[str, str, list[str], list[str]]:
+    """(natural-layout declarations, packed declarations, macros, ioctls)."""
+    natural: list[str] = []
+    packed: list[str] = []
+    for decl in split_top_level(flattened_declarations()):
+        if _PACKED in decl:
+            packed.append(decl.replace(_PACKED, ""))
+        else:
+            natural.append(decl)
+    macros, ioctls = integer_macros()
+    return "\n".join(natural), "\n".join(packed), macros, ioctls
+
+
+def build_ffi() -> cffi.FFI:
+    natural, packed, macros, ioctls = cdef_parts()
+    ffi = cffi.FFI()
+    ffi.cdef(_TYPE_PRELUDE)
+    ffi.cdef(natural)
+    if packed:
+        ffi.cdef(packed, packed=True)
+    ffi.cdef("\n".join(f"#define {name} ..." for name in macros))
+    # The ioctl macro names, so Python can name a request without parsing C.
+    ffi.cdef("static const char MSHVSTACK_IOCTL_NAMES[];")
+    includes = "".join(f'#include "{h}"\n' for h in HEADERS)
+    ffi.set_source(
+        "mshvstack.abi._mshv",
+        includes + f'static const char MSHVSTACK_IOCTL_NAMES[] = "{" ".join(ioctls)}";\n',
+        include_dirs=[str(INCLUDE)],
+    )
+    return ffi
+
+
+ffibuilder = build_ffi()
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

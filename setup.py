@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mshvstack",
+    version="0.1.0",
+    description="Python userspace virtualization stack for Linux /dev/mshv (Microsoft Hypervisor root partition), with a simulator",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=find_packages(include=["mshvstack", "mshvstack.*"]),
+    setup_requires=["cffi>=1.16"],
+    cffi_modules=["mshvstack/abi/_build.py:ffibuilder"],
+    install_requires=[
+        "cffi>=1.16",
+        "typer>=0.12",
+        "rich>=13",
+        "pyelftools>=0.31",
+        "unicorn==2.1.4",
+    ],
+    extras_require={"test": ["pytest>=8", "hypothesis>=6.100", "mypy>=1.10"]},
+    entry_points={"console_scripts": ["mshvstack=mshvstack.cli:main"]},
+    zip_safe=False,
+)
