@@ -27,7 +27,7 @@ def ioctl_names() -> tuple[str, ...]:
 
 def constant_names() -> tuple[str, ...]:
     """Names of every integer constant the binding exposes."""
-    return tuple(n for n in dir(lib) if not n.startswith("MSHVSTACK_") and isinstance(getattr(lib, n), int))
+    return tuple(n for n in dir(lib) if not n.startswith(("MSHVSTACK_", "mshvstack_")) and isinstance(getattr(lib, n), int))
 
 
 @dataclass(frozen=True)

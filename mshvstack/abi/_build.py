@@ -44,6 +44,19 @@ typedef signed long long   __s64;
 _STUB_TYPES = "/* declared by the cffi prelude */\n"
 _STUB_IOCTL = "/* ioctl macros only appear in #defines */\n"
 
+_GLUE_CDEF = """
+static const char MSHVSTACK_IOCTL_NAMES[];
+int mshvstack_ioctl(int fd, unsigned long request, uintptr_t arg);
+"""
+_GLUE_SOURCE = """
+#include <stdint.h>
+#include <sys/ioctl.h>
+static int mshvstack_ioctl(int fd, unsigned long request, uintptr_t arg)
+{
+	return ioctl(fd, request, arg);
+}
+"""
+
 _DEFINE = re.compile(r"^\s*#\s*define\s+([A-Za-z_][A-Za-z0-9_]*)(\(?)\s*(.*)$")
 _IOCTL_MACRO = re.compile(r"\b_IO(?:W|R|WR)?\s*\(")
 _PACKED = "__attribute__((packed))"
@@ -128,12 +141,14 @@ def build_ffi() -> cffi.FFI:
     if packed:
         ffi.cdef(packed, packed=True)
     ffi.cdef("\n".join(f"#define {name} ..." for name in macros))
-    # The ioctl macro names, so Python can name a request without parsing C.
-    ffi.cdef("static const char MSHVSTACK_IOCTL_NAMES[];")
+    # The ioctl macro names, so Python can name a request without parsing C,
+    # and the ioctl(2) call itself: fcntl.ioctl cannot pass a 64-bit pointer
+    # as an integer argument, and cffi releases the GIL while MSHV_RUN_VP blocks.
+    ffi.cdef(_GLUE_CDEF)
     includes = "".join(f'#include "{h}"\n' for h in HEADERS)
     ffi.set_source(
         "mshvstack.abi._mshv",
-        includes + f'static const char MSHVSTACK_IOCTL_NAMES[] = "{" ".join(ioctls)}";\n',
+        includes + _GLUE_SOURCE + f'static const char MSHVSTACK_IOCTL_NAMES[] = "{" ".join(ioctls)}";\n',
         include_dirs=[str(INCLUDE)],
     )
     return ffi

@@ -1,0 +1,33 @@
+"""The Backend protocol: the one seam between mshvstack and a /dev/mshv."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A /dev/mshv-like device: the real one or the simulator.
+
+    ``arg`` of :meth:`ioctl` is a cffi pointer to the request's argument
+    struct, or an int for requests that take none.  Errors raise
+    :class:`mshvstack.errors.ErrnoError` with the request's name.
+    """
+
+    name: str
+
+    def open(self) -> int:
+        """Open the device; returns its fd."""
+        ...
+
+    def ioctl(self, fd: int, request: int, arg: Any = 0) -> int:
+        """Issue ``request`` on ``fd``; returns the ioctl's non-negative result."""
+        ...
+
+    def mmap(self, fd: int, length: int, offset: int) -> memoryview:
+        """Map ``length`` bytes of ``fd`` at ``offset`` (VP pages), shared, read/write."""
+        ...
+
+    def close(self, fd: int) -> None:
+        """Close an fd this backend returned."""
+        ...
