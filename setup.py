@@ -17,6 +17,7 @@ setup(
         "rich>=13",
         "pyelftools>=0.31",
         "unicorn==2.1.4",
+        "capstone>=5.0",
     ],
     extras_require={"test": ["pytest>=8", "hypothesis>=6.100", "mypy>=1.10"]},
     entry_points={"console_scripts": ["mshvstack=mshvstack.cli:main"]},

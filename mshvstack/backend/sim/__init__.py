@@ -1,0 +1,470 @@
+"""The simulated /dev/mshv: the mshv_root driver's ioctls on the same structs.
+
+    from mshvstack.backend.sim import SimBackend
+    backend = SimBackend(profile="newest")
+    fd = backend.open()          # then MSHV_CREATE_PARTITION etc., unchanged
+
+Validation follows the driver (mshv_abi.md sections 1-3): the same bad input
+gets the same errno.  Behind it, hypervisor.py models the hypervisor and a
+CPU engine (Unicorn) executes the guest.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from mshvstack.abi import ffi, lib
+from mshvstack.backend.ioctls import FdKind, explain, request_name
+from mshvstack.backend.sim.faults import FaultPlan
+from mshvstack.backend.sim.hypervisor import SimPartition
+from mshvstack.backend.sim.memory import PAGE_SHIFT, PAGE_SIZE
+from mshvstack.backend.sim.profiles import AbiProfile, profile as lookup_profile
+from mshvstack.backend.sim.vp import Kicked, SimVp
+from mshvstack.errors import ErrnoError
+
+__all__ = ["SimBackend"]
+
+MAX_VPS = 256
+MAX_GSIS = 4096
+MAX_HVCALL_BYTES = 4096
+
+
+class _Fail(Exception):
+    def __init__(self, err: int) -> None:
+        self.err = err
+
+
+@dataclass
+class _Fd:
+    kind: FdKind
+    partition: SimPartition | None = None
+    vp: SimVp | None = None
+    irq_routes: dict[int, tuple[int, int]] = field(default_factory=dict)
+    irqfds: dict[int, int] = field(default_factory=dict)
+    ioeventfds: list[tuple[int, int, int, int, int]] = field(default_factory=list)
+    vp_fds: list[int] = field(default_factory=list)
+
+
+def _user_ranges() -> list[tuple[int, int]]:
+    ranges = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            start, end = line.split(None, 1)[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+def _in_vma(address: int) -> bool:
+    return any(start <= address < end for start, end in _user_ranges())
+
+
+class SimBackend:
+    """A Backend whose fds are simulated mshv_root files."""
+
+    name = "sim"
+
+    def __init__(self, profile: str | AbiProfile = "newest") -> None:
+        self.profile = lookup_profile(profile) if isinstance(profile, str) else profile
+        self.faults = FaultPlan()
+        self._fds: dict[int, _Fd] = {}
+        self._lock = threading.Lock()
+
+    # ---- fds: real, unique numbers (a /dev/null open) so they never collide
+    def _new_fd(self, entry: _Fd) -> int:
+        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        with self._lock:
+            self._fds[fd] = entry
+        return fd
+
+    def _entry(self, fd: int) -> _Fd:
+        with self._lock:
+            entry = self._fds.get(fd)
+        if entry is None:
+            raise _Fail(errno.EBADF)
+        return entry
+
+    def open(self) -> int:
+        return self._new_fd(_Fd(FdKind.DEVICE))
+
+    def close(self, fd: int) -> None:
+        with self._lock:
+            entry = self._fds.pop(fd, None)
+        if entry is None:
+            raise ErrnoError(errno.EBADF, "close", "not an fd of this backend")
+        os.close(fd)
+        if entry.kind is FdKind.PARTITION and entry.partition is not None:
+            entry.partition.close()
+
+    def mmap(self, fd: int, length: int, offset: int) -> memoryview:
+        try:
+            entry = self._entry(fd)
+        except _Fail as exc:
+            raise ErrnoError(exc.err, "mmap", "bad file descriptor") from None
+        if entry.kind is not FdKind.VP or entry.vp is None:
+            raise ErrnoError(errno.ENODEV, "mmap", "only VP fds can be mapped")
+        page = offset // PAGE_SIZE
+        if offset % PAGE_SIZE or length <= 0 or length > PAGE_SIZE:
+            raise ErrnoError(errno.EINVAL, "mmap", "VP pages are one page at a page-aligned offset")
+        if page == lib.MSHV_VP_MMAP_OFFSET_REGISTERS:
+            return memoryview(entry.vp.register_page)[:length]
+        if page == lib.MSHV_VP_MMAP_OFFSET_INTERCEPT_MESSAGE:
+            return memoryview(entry.vp.intercept_page)[:length]
+        if page == lib.MSHV_VP_MMAP_OFFSET_GHCB:
+            raise ErrnoError(errno.ENODEV, "mmap", "this VP has no GHCB page (not an SNP partition)")
+        raise ErrnoError(errno.EINVAL, "mmap", "offset is not a VP page (registers 0, intercept message 1, GHCB 2)")
+
+    # ---- ioctl
+    def ioctl(self, fd: int, request: int, arg: Any = 0) -> int:
+        try:
+            entry = self._entry(fd)
+        except _Fail:
+            raise ErrnoError(errno.EBADF, request_name(request), explain(request_name(request), errno.EBADF)) from None
+        name = request_name(request, entry.kind)
+        handler = self._handlers(entry.kind).get(name)
+        try:
+            if handler is None:
+                raise _Fail(errno.ENOTTY)
+            injected = self.faults.ioctl_errno(name)
+            if injected is not None:
+                raise _Fail(injected)
+            return int(handler(self, entry, arg))
+        except _Fail as exc:
+            raise ErrnoError(exc.err, name, explain(name, exc.err)) from None
+
+    @staticmethod
+    def _handlers(kind: FdKind) -> dict[str, Any]:
+        return _HANDLERS[kind]
+
+    # -- /dev/mshv
+    def _create_partition(self, entry: _Fd, arg: Any) -> int:
+        v1 = ffi.cast("struct mshv_create_partition *", arg)
+        flags = int(v1.pt_flags)
+        if flags & ~self.profile.pt_flags_mask or v1.pt_isolation >= lib.MSHV_PT_ISOLATION_COUNT:
+            raise _Fail(errno.EINVAL)
+        fbanks, xsave = (0, 0), 0
+        if flags & (1 << lib.MSHV_PT_BIT_CPU_AND_XSAVE_FEATURES):
+            v2 = ffi.cast("struct mshv_create_partition_v2 *", arg)
+            if v2.pt_num_cpu_fbanks != lib.MSHV_NUM_CPU_FEATURES_BANKS or any(v2.pt_rsvd) or any(v2.pt_rsvd1):
+                raise _Fail(errno.EINVAL)
+            fbanks, xsave = (int(v2.pt_cpu_fbanks[0]), int(v2.pt_cpu_fbanks[1])), int(v2.pt_disabled_xsave)
+        hv_flags = int(lib.HV_PARTITION_CREATION_FLAG_EXO_PARTITION | lib.HV_PARTITION_CREATION_FLAG_INTERCEPT_MESSAGE_PAGE_ENABLED)
+        for bit, hv in ((lib.MSHV_PT_BIT_LAPIC, lib.HV_PARTITION_CREATION_FLAG_LAPIC_ENABLED),
+                        (lib.MSHV_PT_BIT_X2APIC, lib.HV_PARTITION_CREATION_FLAG_X2APIC_CAPABLE),
+                        (lib.MSHV_PT_BIT_GPA_SUPER_PAGES, lib.HV_PARTITION_CREATION_FLAG_GPA_SUPER_PAGES_ENABLED),
+                        (lib.MSHV_PT_BIT_NESTED_VIRTUALIZATION, lib.HV_PARTITION_CREATION_FLAG_NESTED_VIRTUALIZATION_CAPABLE),
+                        (lib.MSHV_PT_BIT_SMT_ENABLED_GUEST, lib.HV_PARTITION_CREATION_FLAG_SMT_ENABLED_GUEST)):
+            if flags & (1 << bit):
+                hv_flags |= int(hv)
+        return self._new_fd(_Fd(FdKind.PARTITION, SimPartition(hv_flags, fbanks, xsave)))
+
+    # -- partition fd
+    def _initialize(self, entry: _Fd, arg: Any) -> int:
+        assert entry.partition is not None
+        entry.partition.initialized = True
+        return 0
+
+    def _create_vp(self, entry: _Fd, arg: Any) -> int:
+        partition = entry.partition
+        assert partition is not None
+        index = int(ffi.cast("struct mshv_create_vp *", arg).vp_index)
+        if index >= MAX_VPS:
+            raise _Fail(errno.EINVAL)
+        with partition.lock:
+            if index in partition.vps:
+                raise _Fail(errno.EEXIST)
+            vp = SimVp(partition, index)
+            partition.vps[index] = vp
+        fd = self._new_fd(_Fd(FdKind.VP, partition, vp))
+        entry.vp_fds.append(fd)
+        return fd
+
+    def _set_guest_memory(self, entry: _Fd, arg: Any) -> int:
+        partition = entry.partition
+        assert partition is not None
+        region = ffi.cast("struct mshv_user_mem_region *", arg)
+        size, gfn, uaddr, flags = int(region.size), int(region.guest_pfn), int(region.userspace_addr), int(region.flags)
+        if not size or size % mmap.PAGESIZE or uaddr % mmap.PAGESIZE or flags & ~lib.MSHV_SET_MEM_FLAGS_MASK or any(region.rsvd):
+            raise _Fail(errno.EINVAL)
+        pages = size >> PAGE_SHIFT
+        memory = partition.memory
+        if flags & (1 << lib.MSHV_SET_MEM_BIT_UNMAP):
+            existing = memory.find_by_pfn(gfn)
+            if existing is None:
+                raise _Fail(errno.ENOENT)
+            if existing.userspace_addr != uaddr or existing.pages != pages:
+                raise _Fail(errno.EINVAL)
+            for vp in partition.vps.values():
+                vp.unmap_region(existing.gpa, existing.size)
+            memory.remove(existing)
+            return 0
+        if uaddr + size > 1 << 47 or not _in_vma(uaddr):
+            raise _Fail(errno.EINVAL)
+        if memory.overlaps_guest(gfn, pages):
+            raise _Fail(errno.EEXIST)
+        if not self.profile.uaddr_overlap_allowed and memory.overlaps_user(uaddr, size):
+            raise _Fail(errno.EEXIST)
+        writable = bool(flags & (1 << lib.MSHV_SET_MEM_BIT_WRITABLE))
+        executable = bool(flags & (1 << lib.MSHV_SET_MEM_BIT_EXECUTABLE))
+        new = memory.add(gfn, pages, uaddr, writable, executable)
+        for vp in partition.vps.values():
+            vp.map_region(new.gpa, new.size, uaddr, writable, executable)
+        return 0
+
+    def _irqfd(self, entry: _Fd, arg: Any) -> int:
+        req = ffi.cast("struct mshv_user_irqfd *", arg)
+        flags = int(req.flags)
+        if flags & ~lib.MSHV_IRQFD_FLAGS_MASK:
+            raise _Fail(errno.EINVAL)
+        fd, gsi = int(req.fd), int(req.gsi)
+        try:
+            os.fstat(fd)
+        except OSError:
+            raise _Fail(errno.EBADF) from None
+        if not _is_eventfd(fd):
+            raise _Fail(errno.EINVAL)
+        if flags & (1 << lib.MSHV_IRQFD_BIT_DEASSIGN):
+            if entry.irqfds.get(fd) == gsi:
+                del entry.irqfds[fd]
+            return 0
+        if fd in entry.irqfds:
+            raise _Fail(errno.EBUSY)
+        if flags & (1 << lib.MSHV_IRQFD_BIT_RESAMPLE):
+            if not _is_eventfd(int(req.resamplefd)):
+                raise _Fail(errno.EINVAL)
+            route = entry.irq_routes.get(gsi)
+            if route is None or not (route[1] >> 15) & 1:
+                raise _Fail(errno.EINVAL)
+        entry.irqfds[fd] = gsi
+        return 0
+
+    def _ioeventfd(self, entry: _Fd, arg: Any) -> int:
+        req = ffi.cast("struct mshv_user_ioeventfd *", arg)
+        flags, length = int(req.flags), int(req.len)
+        if flags & ~lib.MSHV_IOEVENTFD_FLAGS_MASK or any(req.rsvd):
+            raise _Fail(errno.EINVAL)
+        if flags & (1 << lib.MSHV_IOEVENTFD_BIT_PIO):
+            raise _Fail(errno.EOPNOTSUPP)
+        datamatch = bool(flags & (1 << lib.MSHV_IOEVENTFD_BIT_DATAMATCH))
+        key = (int(req.addr), length, int(req.fd), int(datamatch), int(req.datamatch) if datamatch else 0)
+        if flags & (1 << lib.MSHV_IOEVENTFD_BIT_DEASSIGN):
+            if key not in entry.ioeventfds:
+                raise _Fail(errno.ENOENT)
+            entry.ioeventfds.remove(key)
+            return 0
+        if length not in (0, 1, 2, 4, 8) or int(req.addr) + length > (1 << 64) - 1:
+            raise _Fail(errno.EINVAL)
+        if not _is_eventfd(int(req.fd)):
+            raise _Fail(errno.EBADF)
+        for addr, ln, _fd, dm, value in entry.ioeventfds:
+            if addr == key[0] and ln == length and (not dm or not datamatch or value == key[4]):
+                raise _Fail(errno.EEXIST)
+        entry.ioeventfds.append(key)
+        return 0
+
+    def _msi_routing(self, entry: _Fd, arg: Any) -> int:
+        table = ffi.cast("struct mshv_user_irq_table *", arg)
+        count = int(table.nr)
+        if count > MAX_GSIS or table.rsvd:
+            raise _Fail(errno.EINVAL)
+        routes: dict[int, tuple[int, int]] = {}
+        for i in range(count):
+            e = table.entries[i]
+            if e.gsi >= MAX_GSIS or e.address_hi or int(e.gsi) in routes:
+                raise _Fail(errno.EINVAL)
+            routes[int(e.gsi)] = (int(e.address_lo), int(e.data))
+        entry.irq_routes = routes
+        return 0
+
+    def _gpap_bitmap(self, entry: _Fd, arg: Any) -> int:
+        partition = entry.partition
+        assert partition is not None
+        req = ffi.cast("struct mshv_gpap_access_bitmap *", arg)
+        if (req.access_type >= lib.MSHV_GPAP_ACCESS_TYPE_COUNT or req.access_op >= lib.MSHV_GPAP_ACCESS_OP_COUNT
+                or any(req.rsvd) or not req.page_count or not req.bitmap_ptr):
+            raise _Fail(errno.EINVAL)
+        count, base = int(req.page_count), int(req.gpap_base)
+        if count > (1 << 40):
+            raise _Fail(errno.E2BIG)
+        dirty = req.access_type == lib.MSHV_GPAP_ACCESS_TYPE_DIRTY
+        bit = 0b10 if dirty else 0b01
+        bitmap = bytearray((count + 7) // 8)
+        for i in range(count):
+            gpa = (base + i) << PAGE_SHIFT
+            region = partition.memory.lookup(gpa)
+            if region is None:
+                raise _Fail(errno.EINVAL)
+            page = (gpa - region.gpa) >> PAGE_SHIFT
+            if region.access[page] & bit:
+                bitmap[i // 8] |= 1 << (i % 8)
+            if req.access_op == lib.MSHV_GPAP_ACCESS_OP_CLEAR:
+                region.access[page] &= ~(0b10 if dirty else 0b11)
+            else:  # the driver's "set" branch, NOOP included (mshv_abi.md 1.2)
+                region.access[page] |= 0b11 if dirty else 0b01
+        ffi.memmove(ffi.cast("void *", int(req.bitmap_ptr)), bytes(bitmap), len(bitmap))
+        return 0
+
+    def _root_hvcall(self, entry: _Fd, arg: Any) -> int:
+        call = ffi.cast("struct mshv_root_hvcall *", arg)
+        code = int(call.code)
+        on_device = entry.kind is FdKind.DEVICE
+        if (call.status or not call.in_ptr or call.in_sz < 8 or call.in_sz > MAX_HVCALL_BYTES or any(call.rsvd)
+                or (call.out_ptr and (not call.out_sz or call.out_sz > MAX_HVCALL_BYTES))
+                or not self.profile.allows(code, on_device)
+                or (code in self.profile.async_hvcalls and entry.kind is not FdKind.PARTITION)):
+            raise _Fail(errno.EINVAL)
+        data = bytearray(ffi.buffer(ffi.cast("char *", int(call.in_ptr)), int(call.in_sz)))
+        partition_id = (1 << 64) - 1 if on_device else id(entry.partition)
+        data[0:8] = partition_id.to_bytes(8, "little")
+        reps = int(call.reps)
+        injected = self.faults.hvcall_status(code)
+        limit = self.faults.rep_limit(code)
+        if injected is not None:
+            status, output, done = injected, b"", 0
+        elif on_device:
+            status, output, done = self._root_partition_property(bytes(data))
+        else:
+            assert entry.partition is not None
+            result = entry.partition.hypercall(code, bytes(data), max(reps, 1) if reps else 1, 0)
+            status, output, done = result.status, result.output, result.reps
+            if limit is not None and reps and limit < done:
+                done = limit
+                output = output[: len(output) * limit // max(reps, 1)]
+                status = int(lib.HV_STATUS_TIME_OUT)
+            if not self.profile.reps_continued_in_kernel and reps and status == 0 and done < reps:
+                status = int(lib.HV_STATUS_TIME_OUT)
+        call.status = status & 0xFFFF
+        call.reps = done if reps else 0
+        if call.out_ptr and (status == 0 or self.profile.output_copied_on_failure):
+            out = output[: int(call.out_sz)]
+            ffi.memmove(ffi.cast("void *", int(call.out_ptr)), out, len(out))
+        if status == 0:
+            return 0
+        raise _Fail(_status_errno(status))
+
+    def _root_partition_property(self, data: bytes) -> tuple[int, bytes, int]:
+        code = int.from_bytes(data[8:12], "little")
+        if code == lib.HV_PARTITION_PROPERTY_VMM_CAPABILITIES:
+            return 0, (1).to_bytes(8, "little"), 0
+        if code == lib.HV_PARTITION_PROPERTY_PROCESSOR_CLOCK_FREQUENCY:
+            return 0, (2_400_000_000).to_bytes(8, "little"), 0
+        return int(lib.HV_STATUS_UNKNOWN_PROPERTY), b"", 0
+
+    # -- VP fd
+    def _run_vp(self, entry: _Fd, arg: Any) -> int:
+        vp = entry.vp
+        assert vp is not None
+        if not vp.lock.acquire(blocking=False):
+            raise _Fail(errno.EBUSY)
+        try:
+            message = vp.run()
+        except Kicked:
+            raise _Fail(errno.EINTR) from None
+        finally:
+            vp.lock.release()
+        out = ffi.cast("struct mshv_run_vp *", arg)
+        ffi.memmove(out.msg_buf, message, len(message))
+        return 0
+
+    def _vp_state(self, entry: _Fd, arg: Any, write: bool) -> int:
+        vp = entry.vp
+        assert vp is not None
+        req = ffi.cast("struct mshv_get_set_vp_state *", arg)
+        kind = int(req.type)
+        if kind >= lib.MSHV_VP_STATE_COUNT or any(req.rsvd) or not req.buf_sz or req.buf_sz % PAGE_SIZE or req.buf_ptr % PAGE_SIZE:
+            raise _Fail(errno.EINVAL)
+        required = {int(lib.MSHV_VP_STATE_XSAVE): vp.partition.properties[lib.HV_PARTITION_PROPERTY_MAX_XSAVE_DATA_SIZE],
+                    int(lib.MSHV_VP_STATE_SYNTHETIC_TIMERS): ffi.sizeof("struct hv_synthetic_timers_state")}.get(kind, PAGE_SIZE)
+        given = int(req.buf_sz)
+        req.buf_sz = required
+        if given < required:
+            raise _Fail(errno.EINVAL)
+        buf = ffi.cast("char *", int(req.buf_ptr))
+        memory = vp.partition.memory
+        if kind == lib.MSHV_VP_STATE_SIMP:
+            slot = vp.synic.message_slot(0)
+            if slot is None:
+                raise _Fail(errno.EIO)
+            if write:
+                memory.write(slot, bytes(ffi.buffer(buf, PAGE_SIZE)))
+            else:
+                ffi.memmove(buf, memory.read(slot, PAGE_SIZE), PAGE_SIZE)
+        elif kind == lib.MSHV_VP_STATE_SIEFP:
+            base = vp.synic.flags_base(0)
+            if base is None:
+                raise _Fail(errno.EIO)
+            if write:
+                memory.write(base, bytes(ffi.buffer(buf, PAGE_SIZE)))
+            else:
+                ffi.memmove(buf, memory.read(base, PAGE_SIZE), PAGE_SIZE)
+        elif kind == lib.MSHV_VP_STATE_LAPIC and not write:
+            state = ffi.cast("struct hv_local_interrupt_controller_state *", buf)
+            ffi.memmove(buf, b"\0" * PAGE_SIZE, PAGE_SIZE)
+            state.apic_id = vp.index
+            state.apic_version = 0x50014
+            state.apic_spurious = 0xFF
+            state.apic_lvt_timer = state.apic_lvt_thermal = state.apic_lvt_perfmon = 0x10000
+            state.apic_lvt_lint0 = state.apic_lvt_lint1 = state.apic_lvt_error = 0x10000
+        elif not write:
+            ffi.memmove(buf, b"\0" * min(given, required), min(given, required))
+        return 0
+
+    def _get_vp_state(self, entry: _Fd, arg: Any) -> int:
+        return self._vp_state(entry, arg, write=False)
+
+    def _set_vp_state(self, entry: _Fd, arg: Any) -> int:
+        return self._vp_state(entry, arg, write=True)
+
+    # ---- helpers for users of the simulator (tests, the machine)
+    def vp_of(self, fd: int) -> SimVp:
+        """The simulated VP behind a VP fd (for kicks and inspection)."""
+        entry = self._entry(fd)
+        if entry.vp is None:
+            raise ValueError(f"fd {fd} is not a VP fd")
+        return entry.vp
+
+    def kick(self, vp_fd: int) -> None:
+        """What a signal to the thread in MSHV_RUN_VP does on the real driver."""
+        self.vp_of(vp_fd).kick()
+
+
+def _is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
+
+
+def _status_errno(status: int) -> int:
+    if status in (lib.HV_STATUS_INVALID_HYPERCALL_CODE, lib.HV_STATUS_INVALID_HYPERCALL_INPUT, lib.HV_STATUS_INVALID_PARAMETER,
+                  lib.HV_STATUS_INVALID_PARTITION_ID, lib.HV_STATUS_INVALID_VP_INDEX, lib.HV_STATUS_INVALID_PORT_ID,
+                  lib.HV_STATUS_INVALID_CONNECTION_ID, lib.HV_STATUS_INVALID_LP_INDEX, lib.HV_STATUS_INVALID_REGISTER_VALUE):
+        return errno.EINVAL
+    if status == lib.HV_STATUS_INSUFFICIENT_MEMORY:
+        return errno.ENOMEM
+    return errno.EIO
+
+
+_HANDLERS: dict[FdKind, dict[str, Any]] = {
+    FdKind.DEVICE: {"MSHV_CREATE_PARTITION": SimBackend._create_partition, "MSHV_ROOT_HVCALL": SimBackend._root_hvcall},
+    FdKind.PARTITION: {
+        "MSHV_INITIALIZE_PARTITION": SimBackend._initialize,
+        "MSHV_CREATE_VP": SimBackend._create_vp,
+        "MSHV_SET_GUEST_MEMORY": SimBackend._set_guest_memory,
+        "MSHV_IRQFD": SimBackend._irqfd,
+        "MSHV_IOEVENTFD": SimBackend._ioeventfd,
+        "MSHV_SET_MSI_ROUTING": SimBackend._msi_routing,
+        "MSHV_GET_GPAP_ACCESS_BITMAP": SimBackend._gpap_bitmap,
+        "MSHV_ROOT_HVCALL": SimBackend._root_hvcall,
+    },
+    FdKind.VP: {
+        "MSHV_RUN_VP": SimBackend._run_vp,
+        "MSHV_GET_VP_STATE": SimBackend._get_vp_state,
+        "MSHV_SET_VP_STATE": SimBackend._set_vp_state,
+        "MSHV_ROOT_HVCALL": SimBackend._root_hvcall,
+    },
+}

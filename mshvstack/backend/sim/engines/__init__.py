@@ -1,0 +1,1 @@
+"""CPU engines that execute guest code for the simulated hypervisor."""

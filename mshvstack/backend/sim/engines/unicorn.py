@@ -1,0 +1,274 @@
+"""The Unicorn engine: portable, deterministic software execution of guest code.
+
+How exits become exact (engines.md): Unicorn's IN/OUT hooks only stop at the
+end of a translation block, but a code hook that rewrites PC and stops does
+stop *before* its instruction.  So a block hook decodes each new block once
+(capstone), puts a code hook on exactly the instructions the hypervisor must
+see (IN/OUT/INS/OUTS, RDMSR/WRMSR, CPUID, HLT, VMCALL/VMMCALL), flushes the
+block and restarts it.  Unicorn has no MSR hook and no HLT hook, so this is
+also how synthetic MSRs and halts are trapped.  Steady-state code runs at
+Unicorn speed with one cheap block callback.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import capstone
+import capstone.x86 as cx
+import unicorn
+import unicorn.x86_const as ux
+
+from mshvstack.abi import lib
+from mshvstack.backend.sim.engines.base import EngineStop, Instruction, Special, SpecialHandler, StopKind
+
+_SPECIAL_IDS: dict[int, Special] = {
+    cx.X86_INS_IN: Special.IO, cx.X86_INS_OUT: Special.IO,
+    cx.X86_INS_INSB: Special.IO, cx.X86_INS_INSW: Special.IO, cx.X86_INS_INSD: Special.IO,
+    cx.X86_INS_OUTSB: Special.IO, cx.X86_INS_OUTSW: Special.IO, cx.X86_INS_OUTSD: Special.IO,
+    cx.X86_INS_RDMSR: Special.RDMSR, cx.X86_INS_WRMSR: Special.WRMSR,
+    cx.X86_INS_CPUID: Special.CPUID, cx.X86_INS_HLT: Special.HLT,
+    cx.X86_INS_VMCALL: Special.VMCALL, cx.X86_INS_VMMCALL: Special.VMCALL,
+}
+
+_UC_MODE = {16: unicorn.UC_MODE_16, 32: unicorn.UC_MODE_32, 64: unicorn.UC_MODE_64}
+_CS_MODE = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}
+
+_GPRS = ("RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI")
+_NARROW = {"RAX": "EAX", "RCX": "ECX", "RDX": "EDX", "RBX": "EBX", "RSP": "ESP", "RBP": "EBP", "RSI": "ESI", "RDI": "EDI", "RIP": "EIP", "RFLAGS": "EFLAGS"}
+
+_SEGMENTS = {
+    lib.HV_X64_REGISTER_ES: ux.UC_X86_REG_ES, lib.HV_X64_REGISTER_CS: ux.UC_X86_REG_CS,
+    lib.HV_X64_REGISTER_SS: ux.UC_X86_REG_SS, lib.HV_X64_REGISTER_DS: ux.UC_X86_REG_DS,
+    lib.HV_X64_REGISTER_FS: ux.UC_X86_REG_FS, lib.HV_X64_REGISTER_GS: ux.UC_X86_REG_GS,
+}
+_TABLES = {
+    lib.HV_X64_REGISTER_GDTR: ux.UC_X86_REG_GDTR, lib.HV_X64_REGISTER_IDTR: ux.UC_X86_REG_IDTR,
+    lib.HV_X64_REGISTER_LDTR: ux.UC_X86_REG_LDTR, lib.HV_X64_REGISTER_TR: ux.UC_X86_REG_TR,
+}
+# Registers backed by an MSR inside Unicorn.
+_MSRS = {
+    lib.HV_X64_REGISTER_EFER: 0xC0000080, lib.HV_X64_REGISTER_KERNEL_GS_BASE: 0xC0000102,
+    lib.HV_X64_REGISTER_STAR: 0xC0000081, lib.HV_X64_REGISTER_LSTAR: 0xC0000082,
+    lib.HV_X64_REGISTER_CSTAR: 0xC0000083, lib.HV_X64_REGISTER_SFMASK: 0xC0000084,
+    lib.HV_X64_REGISTER_SYSENTER_CS: 0x174, lib.HV_X64_REGISTER_SYSENTER_ESP: 0x175,
+    lib.HV_X64_REGISTER_SYSENTER_EIP: 0x176, lib.HV_X64_REGISTER_PAT: 0x277,
+    lib.HV_X64_REGISTER_TSC: 0x10, lib.HV_X64_REGISTER_TSC_AUX: 0xC0000103,
+}
+
+
+def _plain_registers(bits: int) -> dict[int, int]:
+    """hv_register_name → Unicorn register id, for this engine width."""
+    names = {f"HV_X64_REGISTER_{n}": n for n in _GPRS + ("RIP", "RFLAGS")}
+    table: dict[int, int] = {}
+    for hv_name, reg in names.items():
+        uc_name = reg if bits == 64 else _NARROW[reg]
+        table[int(getattr(lib, hv_name))] = getattr(ux, f"UC_X86_REG_{uc_name}")
+    if bits == 64:
+        for i in range(8, 16):
+            table[int(getattr(lib, f"HV_X64_REGISTER_R{i}"))] = getattr(ux, f"UC_X86_REG_R{i}")
+        table[lib.HV_X64_REGISTER_FS_BASE] = ux.UC_X86_REG_FS_BASE
+        table[lib.HV_X64_REGISTER_GS_BASE] = ux.UC_X86_REG_GS_BASE
+    for n in ("CR0", "CR2", "CR3", "CR4", "CR8", "DR0", "DR1", "DR2", "DR3", "DR6", "DR7"):
+        table[int(getattr(lib, f"HV_X64_REGISTER_{n}"))] = getattr(ux, f"UC_X86_REG_{n}")
+    return table
+
+
+class UnicornEngine:
+    """One VP's CPU on Unicorn, created for a fixed width (16, 32 or 64 bits)."""
+
+    def __init__(self, bits: int, on_special: SpecialHandler) -> None:
+        self.bits = bits
+        self._uc = unicorn.Uc(unicorn.UC_ARCH_X86, _UC_MODE[bits])
+        self._md = capstone.Cs(capstone.CS_ARCH_X86, _CS_MODE[bits])
+        self._regs = _plain_registers(bits)
+        self._mask = (1 << bits) - 1 if bits < 64 else (1 << 64) - 1
+        self._on_special = on_special
+        self._scanned: set[int] = set()
+        self._hooked: set[int] = set()
+        self._specials: dict[int, Instruction] = {}
+        self._stop: EngineStop | None = None
+        self._cancel = threading.Event()
+        # Hidden parts of segment registers, which Unicorn's API does not expose.
+        self._shadow: dict[int, tuple[int, int, int]] = {}
+        uc = self._uc
+        uc.hook_add(unicorn.UC_HOOK_BLOCK, self._on_block)
+        uc.hook_add(unicorn.UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
+        uc.hook_add(unicorn.UC_HOOK_MEM_PROT, self._on_protection)
+        uc.hook_add(unicorn.UC_HOOK_INTR, self._on_interrupt)
+        uc.hook_add(unicorn.UC_HOOK_INSN_INVALID, self._on_invalid)
+
+    # ---- memory ----
+    def map(self, gpa: int, size: int, host_address: int, writable: bool, executable: bool) -> None:
+        perms = unicorn.UC_PROT_READ | (unicorn.UC_PROT_WRITE if writable else 0) | (unicorn.UC_PROT_EXEC if executable else 0)
+        self._uc.mem_map_ptr(gpa, size, perms, host_address)
+
+    def unmap(self, gpa: int, size: int) -> None:
+        self._uc.mem_unmap(gpa, size)
+        self.flush_code(gpa, size)
+
+    def flush_code(self, gpa: int, size: int) -> None:
+        """Drop translations of [gpa, gpa+size) (the host rewrote guest code)."""
+        self._uc.ctl_remove_cache(gpa, gpa + size)
+        self._scanned = {a for a in self._scanned if not gpa <= a < gpa + size}
+
+    # ---- registers ----
+    def reg(self, name: int) -> int:
+        if name in self._regs:
+            return int(self._uc.reg_read(self._regs[name]))
+        if name in _MSRS:
+            return int(self._uc.msr_read(_MSRS[name]))
+        if name in _SEGMENTS or name in _TABLES:
+            raise KeyError(f"segment register {name:#x}: use segment()")
+        raise KeyError(f"register {name:#x} is not held by the engine")
+
+    def holds(self, name: int) -> bool:
+        return name in self._regs or name in _MSRS
+
+    def set_reg(self, name: int, value: int) -> None:
+        if name in self._regs:
+            self._uc.reg_write(self._regs[name], value & self._mask if name != lib.HV_X64_REGISTER_CR0 else value & 0xFFFFFFFF)
+        elif name in _MSRS:
+            self._uc.msr_write(_MSRS[name], value)
+        else:
+            raise KeyError(f"register {name:#x} is not held by the engine")
+
+    def segment(self, name: int) -> tuple[int, int, int, int]:
+        if name in _TABLES:
+            selector, base, limit, flags = self._uc.reg_read(_TABLES[name])
+            attributes = self._shadow.get(name, (0, 0, 0))[2]
+            return int(base), int(limit), int(selector), attributes
+        selector = int(self._uc.reg_read(_SEGMENTS[name]))
+        if self.bits == 16:
+            return selector << 4, 0xFFFF, selector, self._shadow.get(name, (0, 0, 0x93))[2]
+        base, limit, attributes = self._shadow.get(name, (0, 0xFFFFFFFF, 0))
+        if name == lib.HV_X64_REGISTER_FS and self.bits == 64:
+            base = int(self._uc.reg_read(ux.UC_X86_REG_FS_BASE))
+        if name == lib.HV_X64_REGISTER_GS and self.bits == 64:
+            base = int(self._uc.reg_read(ux.UC_X86_REG_GS_BASE))
+        return base, limit, selector, attributes
+
+    def set_segment(self, name: int, base: int, limit: int, selector: int, attributes: int) -> None:
+        self._shadow[name] = (base, limit, attributes)
+        if name in _TABLES:
+            self._uc.reg_write(_TABLES[name], (selector, base, limit, attributes))
+            return
+        if self.bits == 16:
+            # Real mode: the base is the selector shifted; keep them consistent.
+            selector = (base >> 4) & 0xFFFF if base == (base & 0xFFFF0) else selector
+        if self.bits == 64 and name in (lib.HV_X64_REGISTER_FS, lib.HV_X64_REGISTER_GS):
+            self._uc.reg_write(ux.UC_X86_REG_FS_BASE if name == lib.HV_X64_REGISTER_FS else ux.UC_X86_REG_GS_BASE, base)
+        if self.bits == 64 and name in (lib.HV_X64_REGISTER_CS, lib.HV_X64_REGISTER_SS):
+            return  # Unicorn rejects raw CS/SS loads in 64-bit mode; the selector is shadowed
+        try:
+            self._uc.reg_write(_SEGMENTS[name], selector)
+        except unicorn.UcError:
+            pass  # a selector Unicorn cannot load from its view of the GDT; keep the shadow
+
+    # ---- execution ----
+    def cancel(self) -> None:
+        """Make a running run() return CANCELLED at the next block boundary."""
+        self._cancel.set()
+        self._uc.emu_stop()
+
+    def run(self) -> EngineStop:
+        self._stop = None
+        if self._cancel.is_set():
+            self._cancel.clear()
+            return EngineStop(StopKind.CANCELLED)
+        rip = self.reg(lib.HV_X64_REGISTER_RIP)
+        begin = rip if self.bits != 16 else rip & 0xFFFF
+        try:
+            self._uc.emu_start(begin, (1 << 64) - 1)
+        except unicorn.UcError as exc:
+            if self._stop is None:
+                self._stop = EngineStop(StopKind.EXCEPTION, vector=6 if exc.errno == unicorn.UC_ERR_INSN_INVALID else 13)
+        self._cancel.clear()
+        return self._stop or EngineStop(StopKind.CANCELLED)
+
+    def close(self) -> None:
+        self._uc.emu_stop()
+        del self._uc
+
+    # ---- hooks ----
+    def _linear_pc(self, uc: Any) -> int:
+        pc = int(uc.reg_read(self._regs[lib.HV_X64_REGISTER_RIP]))
+        if self.bits == 16:
+            return (int(uc.reg_read(ux.UC_X86_REG_CS)) << 4) + (pc & 0xFFFF)
+        return pc
+
+    def _on_block(self, uc: Any, address: int, size: int, _data: Any) -> None:
+        if address in self._scanned:
+            return
+        self._scanned.add(address)
+        try:
+            code = bytes(uc.mem_read(address, size))
+        except unicorn.UcError:
+            return
+        found = False
+        for insn in self._md.disasm(code, address):
+            kind = _SPECIAL_IDS.get(insn.id)
+            if kind is None:
+                continue
+            self._specials[insn.address] = Instruction(insn.address, 0, insn.size, bytes(insn.bytes), kind, insn.mnemonic, insn.op_str)
+            if insn.address not in self._hooked:
+                self._hooked.add(insn.address)
+                uc.hook_add(unicorn.UC_HOOK_CODE, self._on_special_code, None, insn.address, insn.address)
+                found = True
+        if found:
+            # Re-translate this block so the new code hooks are compiled in.
+            uc.ctl_remove_cache(address, address + size)
+            uc.reg_write(self._regs[lib.HV_X64_REGISTER_RIP], self._rip_of(uc, address))
+
+    def _rip_of(self, uc: Any, linear: int) -> int:
+        if self.bits == 16:
+            return (linear - (int(uc.reg_read(ux.UC_X86_REG_CS)) << 4)) & 0xFFFF
+        return linear
+
+    def _on_special_code(self, uc: Any, address: int, size: int, _data: Any) -> None:
+        template = self._specials.get(address)
+        if template is None:
+            return
+        rip = self._rip_of(uc, address)
+        insn = Instruction(address, rip, template.length, template.raw, template.kind, template.mnemonic, template.op_str)
+        resume_at = self._on_special(insn)
+        if resume_at is None:
+            self._stop = EngineStop(StopKind.SPECIAL, insn)
+            uc.reg_write(self._regs[lib.HV_X64_REGISTER_RIP], rip)
+            uc.emu_stop()
+        else:
+            uc.reg_write(self._regs[lib.HV_X64_REGISTER_RIP], resume_at)
+            if self._cancel.is_set():
+                uc.emu_stop()
+
+    def _on_unmapped(self, uc: Any, access: int, address: int, size: int, value: int, _data: Any) -> bool:
+        write = access in (unicorn.UC_MEM_WRITE_UNMAPPED, unicorn.UC_MEM_WRITE)
+        fetch = access == unicorn.UC_MEM_FETCH_UNMAPPED
+        self._stop = EngineStop(StopKind.UNMAPPED, self._current(uc), address, write, fetch, size, value)
+        return False
+
+    def _on_protection(self, uc: Any, access: int, address: int, size: int, value: int, _data: Any) -> bool:
+        write = access == unicorn.UC_MEM_WRITE_PROT
+        fetch = access == unicorn.UC_MEM_FETCH_PROT
+        self._stop = EngineStop(StopKind.PROTECTION, self._current(uc), address, write, fetch, size, value)
+        return False
+
+    def _on_interrupt(self, uc: Any, vector: int, _data: Any) -> None:
+        self._stop = EngineStop(StopKind.EXCEPTION, self._current(uc), vector=vector)
+        uc.emu_stop()
+
+    def _on_invalid(self, uc: Any, _data: Any) -> bool:
+        self._stop = EngineStop(StopKind.EXCEPTION, self._current(uc), vector=6)
+        return False
+
+    def _current(self, uc: Any) -> Instruction | None:
+        """Decode the instruction at PC (for messages that carry its bytes)."""
+        address = self._linear_pc(uc)
+        try:
+            code = bytes(uc.mem_read(address, 16))
+        except unicorn.UcError:
+            return None
+        for insn in self._md.disasm(code, address, count=1):
+            return Instruction(address, self._rip_of(uc, address), insn.size, code, None, insn.mnemonic, insn.op_str)
+        return Instruction(address, self._rip_of(uc, address), 0, code, None, "", "")

@@ -1,0 +1,494 @@
+"""The Microsoft hypervisor as the simulator models it: partitions and hypercalls.
+
+Hypercalls arrive here as raw input bytes (from MSHV_ROOT_HVCALL); each
+handler parses its input struct through the binding and returns a status,
+the output bytes and the reps completed, as the hypervisor would.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from mshvstack.abi import ffi, lib
+from mshvstack.backend.sim import x86
+from mshvstack.backend.sim.memory import PAGE_SHIFT, GpaMap
+from mshvstack.backend.sim.vp import SimVp
+
+HV_OK = int(lib.HV_STATUS_SUCCESS)
+
+
+@dataclass
+class HvResult:
+    status: int
+    output: bytes = b""
+    reps: int = 0
+
+
+# CPUID: the Hyper-V interface the guest sees ("Microsoft Hv").
+_HV_VENDOR = b"Microsoft Hv"
+_HV_INTERFACE = int.from_bytes(b"Hv#1", "little")
+_PRIVILEGES_LOW = int(lib.HV_MSR_VP_INDEX_AVAILABLE | lib.HV_MSR_HYPERCALL_AVAILABLE | lib.HV_MSR_SYNIC_AVAILABLE
+                      | lib.HV_MSR_TIME_REF_COUNT_AVAILABLE | lib.HV_MSR_APIC_ACCESS_AVAILABLE)
+_PRIVILEGES_HIGH = int(lib.HV_POST_MESSAGES | lib.HV_SIGNAL_EVENTS)
+
+
+class SimPartition:
+    def __init__(self, flags: int, disabled_features: tuple[int, int] = (0, 0), disabled_xsave: int = 0) -> None:
+        self.flags = flags
+        self.disabled_features = disabled_features
+        self.disabled_xsave = disabled_xsave
+        self.initialized = False
+        self.memory = GpaMap()
+        self.vps: dict[int, SimVp] = {}
+        self.properties: dict[int, int] = {
+            int(lib.HV_PARTITION_PROPERTY_UNIMPLEMENTED_MSR_ACTION): int(lib.HV_UNIMPLEMENTED_MSR_ACTION_FAULT),
+            int(lib.HV_PARTITION_PROPERTY_TIME_FREEZE): 0,
+            int(lib.HV_PARTITION_PROPERTY_GPA_PAGE_ACCESS_TRACKING): 0,
+            int(lib.HV_PARTITION_PROPERTY_MAX_XSAVE_DATA_SIZE): 4096,
+            int(lib.HV_PARTITION_PROPERTY_XSAVE_STATES): 3,
+            int(lib.HV_PARTITION_PROPERTY_PROCESSOR_CLOCK_FREQUENCY): 2_400_000_000,
+            int(lib.HV_PARTITION_PROPERTY_PROCESSOR_FEATURES0): ~disabled_features[0] & (1 << 64) - 1,
+            int(lib.HV_PARTITION_PROPERTY_PROCESSOR_FEATURES1): ~disabled_features[1] & (1 << 64) - 1,
+            int(lib.HV_PARTITION_PROPERTY_PROCESSOR_XSAVE_FEATURES): ~disabled_xsave & (1 << 64) - 1,
+            int(lib.HV_PARTITION_PROPERTY_PRIVILEGE_FLAGS): _PRIVILEGES_LOW | _PRIVILEGES_HIGH << 32,
+        }
+        self.io_intercepts: set[int] = set()
+        self.msr_intercepts: dict[int, int] = {}      # msr -> access mask
+        self.all_msrs_intercepted = 0
+        self.cpuid_intercepts: set[int] = set()
+        self.exception_intercepts: set[int] = set()
+        self.intercepts_hypercalls = False
+        self.cpuid_results: dict[tuple[int, int], tuple[int, ...]] = {}
+        self._time_base = time.monotonic_ns()
+        self._frozen_at: int | None = None
+        self._unfrozen = threading.Event()
+        self._unfrozen.set()
+        self.lock = threading.RLock()
+
+    # ---- properties used by VPs
+    @property
+    def lapic_enabled(self) -> bool:
+        return bool(self.flags & lib.HV_PARTITION_CREATION_FLAG_LAPIC_ENABLED)
+
+    @property
+    def unimplemented_msr_ignore(self) -> bool:
+        return self.properties[lib.HV_PARTITION_PROPERTY_UNIMPLEMENTED_MSR_ACTION] == lib.HV_UNIMPLEMENTED_MSR_ACTION_IGNORE_WRITE_READ_ZERO
+
+    def reference_time(self) -> int:
+        """Partition reference time in 100 ns units (stops while frozen)."""
+        now = self._frozen_at if self._frozen_at is not None else time.monotonic_ns()
+        return (now - self._time_base) // 100
+
+    def wait_unfrozen(self, vp: SimVp) -> None:
+        """A frozen partition's VPs do not run (they can still be kicked)."""
+        while not self._unfrozen.wait(0.05):
+            if vp._kick:
+                return
+
+    def intercepts_exception(self, vector: int) -> bool:
+        return vector in self.exception_intercepts
+
+    def intercepts_cpuid(self, leaf: int) -> bool:
+        return leaf in self.cpuid_intercepts
+
+    def intercepts_msr(self, index: int, write: bool) -> bool:
+        mask = self.msr_intercepts.get(index, self.all_msrs_intercepted)
+        synthetic = 0x40000000 <= index < 0x40000100
+        if synthetic and index not in self.msr_intercepts:
+            return False
+        return bool(mask & (lib.HV_INTERCEPT_ACCESS_MASK_WRITE if write else lib.HV_INTERCEPT_ACCESS_MASK_READ))
+
+    def cpuid(self, vp_index: int, leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+        registered = self.cpuid_results.get((leaf, subleaf)) or self.cpuid_results.get((leaf, -1))
+        base = self._base_cpuid(vp_index, leaf, subleaf)
+        if registered is None:
+            return base
+        out = []
+        for i, value in enumerate(base):
+            result, mask = registered[2 * i], registered[2 * i + 1]
+            out.append((value & ~mask) | (result & mask))
+        return out[0], out[1], out[2], out[3]
+
+    def _base_cpuid(self, vp_index: int, leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+        def words(b: bytes) -> tuple[int, int, int]:
+            return tuple(int.from_bytes(b[i : i + 4], "little") for i in (0, 4, 8))  # type: ignore[return-value]
+
+        if leaf == 0:
+            b, d, c = words(b"GenuineIntel")
+            return 0xD, b, c, d
+        if leaf == 1:
+            ecx = (1 << 31) | (1 << 0) | (1 << 23) | (1 << 19) | (1 << 20)  # hypervisor, sse3, popcnt, sse4.x
+            edx = 0x0789FBFF  # fpu..sse2 baseline
+            if self.flags & lib.HV_PARTITION_CREATION_FLAG_X2APIC_CAPABLE:
+                ecx |= 1 << 21
+            return 0x000306A9, (vp_index << 24) | 0x00010800, ecx, edx
+        if leaf == 0x40000000:
+            b, c, d = words(_HV_VENDOR)
+            return 0x40000006, b, c, d
+        if leaf == 0x40000001:
+            return _HV_INTERFACE, 0, 0, 0
+        if leaf == 0x40000002:
+            return 0x00004A42, 0x000A0000, 0, 0  # build 19010 (21H2 compat), version 10.0
+        if leaf == 0x40000003:
+            return _PRIVILEGES_LOW, _PRIVILEGES_HIGH, 0, int(lib.HV_X64_GUEST_IDLE_STATE_AVAILABLE)
+        if leaf == 0x40000004:
+            return 0, 0xFFFFFFFF, 0, 0
+        if leaf == 0x40000005:
+            return 256, 0, 0, 0
+        if leaf == 0x80000000:
+            return 0x80000008, 0, 0, 0
+        if leaf == 0x80000001:
+            return 0, 0, 1, (1 << 29) | (1 << 20) | (1 << 11)  # LM, NX, SYSCALL
+        if leaf == 0x80000008:
+            return 0x3028, 0, 0, 0
+        return 0, 0, 0, 0
+
+    # ---- memory
+    def flush_code(self, gpa: int, size: int) -> None:
+        for vp in self.vps.values():
+            if vp.engine is not None:
+                vp.engine.flush_code(gpa, size)
+
+    def end_of_message(self, vp: SimVp) -> None:
+        vp.end_of_message()
+
+    # ---- hypercalls issued by the root (MSHV_ROOT_HVCALL)
+    def hypercall(self, code: int, data: bytes, reps: int, rep_start: int) -> HvResult:
+        handler = self._HANDLERS.get(code)
+        if handler is None:
+            return HvResult(int(lib.HV_STATUS_INVALID_HYPERCALL_CODE))
+        with self.lock:
+            return handler(self, data, reps, rep_start)
+
+    def _input(self, ctype: str, data: bytes) -> Any:
+        need = ffi.sizeof(ctype)
+        buf = ffi.new("char[]", max(need, len(data)))
+        ffi.memmove(buf, data, len(data))
+        return ffi.cast(f"{ctype} *", buf), buf
+
+    def _vp(self, index: int) -> SimVp | None:
+        return self.vps.get(index)
+
+    def _get_property(self, data: bytes, reps: int, start: int) -> HvResult:
+        inp, _k = self._input("struct hv_input_get_partition_property", data)
+        value = self.reference_time() if inp.property_code == lib.HV_PARTITION_PROPERTY_REFERENCE_TIME else self.properties.get(inp.property_code)
+        if value is None:
+            return HvResult(int(lib.HV_STATUS_UNKNOWN_PROPERTY))
+        return HvResult(HV_OK, (value & (1 << 64) - 1).to_bytes(8, "little"))
+
+    def _set_property(self, data: bytes, reps: int, start: int) -> HvResult:
+        inp, _k = self._input("struct hv_input_set_partition_property", data)
+        code, value = int(inp.property_code), int(inp.property_value)
+        if code not in self.properties:
+            return HvResult(int(lib.HV_STATUS_UNKNOWN_PROPERTY))
+        if code == lib.HV_PARTITION_PROPERTY_UNIMPLEMENTED_MSR_ACTION and value >= lib.HV_UNIMPLEMENTED_MSR_ACTION_COUNT:
+            return HvResult(int(lib.HV_STATUS_PROPERTY_VALUE_OUT_OF_RANGE))
+        if code == lib.HV_PARTITION_PROPERTY_TIME_FREEZE:
+            if value > 1:
+                return HvResult(int(lib.HV_STATUS_PROPERTY_VALUE_OUT_OF_RANGE))
+            self._freeze(bool(value))
+        self.properties[code] = value
+        return HvResult(HV_OK)
+
+    def _freeze(self, frozen: bool) -> None:
+        if frozen and self._frozen_at is None:
+            self._frozen_at = time.monotonic_ns()
+            self._unfrozen.clear()
+            for vp in self.vps.values():
+                if vp.engine is not None:
+                    vp.engine.cancel()
+        elif not frozen and self._frozen_at is not None:
+            self._time_base += time.monotonic_ns() - self._frozen_at
+            self._frozen_at = None
+            self._unfrozen.set()
+
+    def _install_intercept(self, data: bytes, reps: int, start: int) -> HvResult:
+        inp, _k = self._input("struct hv_input_install_intercept", data)
+        kind, access, param = int(inp.intercept_type), int(inp.access_type), inp.intercept_parameter
+        if kind == lib.HV_INTERCEPT_TYPE_X64_IO_PORT:
+            self.io_intercepts.add(int(param.io_port))
+        elif kind == lib.HV_INTERCEPT_TYPE_X64_MSR:
+            self.all_msrs_intercepted = access
+        elif kind == lib.HV_INTERCEPT_TYPE_X64_MSR_INDEX:
+            self.msr_intercepts[int(param.msr_index)] = access
+        elif kind == lib.HV_INTERCEPT_TYPE_X64_CPUID:
+            self.cpuid_intercepts.add(int(param.cpuid_index))
+        elif kind == lib.HV_INTERCEPT_TYPE_EXCEPTION:
+            if param.exception_vector > 31:
+                return HvResult(int(lib.HV_STATUS_INVALID_PARAMETER))
+            self.exception_intercepts.add(int(param.exception_vector))
+        elif kind == lib.HV_INTERCEPT_TYPE_HYPERCALL:
+            self.intercepts_hypercalls = True
+        elif kind in (lib.HV_INTERCEPT_TYPE_X64_GLOBAL_CPUID, lib.HV_INTERCEPT_TYPE_MMIO, lib.HV_INTERCEPT_TYPE_X64_APIC_WRITE):
+            pass  # accepted; MMIO (unmapped GPA) exits are always delivered here
+        else:
+            return HvResult(int(lib.HV_STATUS_INVALID_PARAMETER))
+        return HvResult(HV_OK)
+
+    def _vp_registers(self, data: bytes, reps: int, start: int, write: bool) -> HvResult:
+        ctype = "struct hv_input_set_vp_registers" if write else "struct hv_input_get_vp_registers"
+        inp, _k = self._input(ctype, data)
+        vp = self._vp(int(inp.vp_index))
+        if vp is None:
+            return HvResult(int(lib.HV_STATUS_INVALID_VP_INDEX))
+        header = ffi.sizeof(ctype)
+        elem = ffi.sizeof("struct hv_register_assoc") if write else 4
+        if len(data) < header + reps * elem:
+            return HvResult(int(lib.HV_STATUS_INVALID_HYPERCALL_INPUT))
+        out = bytearray()
+        done = start
+        for i in range(start, reps):
+            if write:
+                assoc = inp.elements[i]
+                status = register_file_set(vp, int(assoc.name), assoc.value)
+            else:
+                value = ffi.new("union hv_register_value *")
+                status = register_file_get(vp, int(inp.names[i]), value)
+                out += bytes(ffi.buffer(value))
+            if status != HV_OK:
+                return HvResult(status, bytes(out), done)
+            done += 1
+        return HvResult(HV_OK, bytes(out), done)
+
+    def _get_vp_registers(self, data: bytes, reps: int, start: int) -> HvResult:
+        return self._vp_registers(data, reps, start, write=False)
+
+    def _set_vp_registers(self, data: bytes, reps: int, start: int) -> HvResult:
+        return self._vp_registers(data, reps, start, write=True)
+
+    def _translate(self, data: bytes, reps: int, start: int) -> HvResult:
+        inp, _k = self._input("struct hv_input_translate_virtual_address", data)
+        vp = self._vp(int(inp.vp_index))
+        if vp is None:
+            return HvResult(int(lib.HV_STATUS_INVALID_VP_INDEX))
+        flags = int(inp.control_flags)
+        access = x86.Access.READ
+        if flags & lib.HV_TRANSLATE_GVA_VALIDATE_WRITE:
+            access |= x86.Access.WRITE
+        if flags & lib.HV_TRANSLATE_GVA_VALIDATE_EXECUTE:
+            access |= x86.Access.EXECUTE
+        if flags & lib.HV_TRANSLATE_GVA_USER_ACCESS:
+            access |= x86.Access.USER
+        t = x86.translate(self.memory, vp.reg(lib.HV_X64_REGISTER_CR0), vp.reg(lib.HV_X64_REGISTER_CR3),
+                          vp.reg(lib.HV_X64_REGISTER_CR4), vp.reg(lib.HV_X64_REGISTER_EFER),
+                          int(inp.gva_page) << PAGE_SHIFT, access)
+        out = ffi.new("struct hv_output_translate_virtual_address *")
+        out.translation_result.bits.result_code = int(t.result)
+        out.gpa_page = t.gpa >> PAGE_SHIFT
+        return HvResult(HV_OK, bytes(ffi.buffer(out)))
+
+    def _assert_interrupt(self, data: bytes, reps: int, start: int) -> HvResult:
+        inp, _k = self._input("struct hv_input_assert_virtual_interrupt", data)
+        kind = int(inp.control.bits.interrupt_type)
+        if kind not in (lib.HV_X64_INTERRUPT_TYPE_FIXED, lib.HV_X64_INTERRUPT_TYPE_LOWESTPRIORITY, lib.HV_X64_INTERRUPT_TYPE_NMI):
+            return HvResult(int(lib.HV_STATUS_INVALID_PARAMETER))
+        vector = 2 if kind == lib.HV_X64_INTERRUPT_TYPE_NMI else int(inp.vector)
+        if kind != lib.HV_X64_INTERRUPT_TYPE_NMI and not 16 <= vector <= 255:
+            return HvResult(int(lib.HV_STATUS_INVALID_PARAMETER))
+        targets = [vp for vp in self.vps.values() if vp.index == int(inp.dest_addr)]
+        if not targets:
+            return HvResult(int(lib.HV_STATUS_INVALID_VP_INDEX))
+        targets[0].queue_interrupt(vector)
+        return HvResult(HV_OK)
+
+    def _clear_interrupt(self, data: bytes, reps: int, start: int) -> HvResult:
+        return HvResult(HV_OK)
+
+    def _register_intercept_result(self, data: bytes, reps: int, start: int) -> HvResult:
+        inp, _k = self._input("struct hv_input_register_intercept_result", data)
+        if inp.intercept_type != lib.HV_INTERCEPT_TYPE_X64_CPUID:
+            return HvResult(int(lib.HV_STATUS_INVALID_PARAMETER))
+        p = inp.parameters.cpuid
+        sub = int(p.input.ecx) if p.input.subleaf_specific else -1
+        r = p.result
+        self.cpuid_results[(int(p.input.eax), sub)] = (r.eax, r.eax_mask, r.ebx, r.ebx_mask, r.ecx, r.ecx_mask, r.edx, r.edx_mask)
+        return HvResult(HV_OK)
+
+    def _gpa_access_states(self, data: bytes, reps: int, start: int) -> HvResult:
+        inp, _k = self._input("struct hv_input_get_gpa_pages_access_state", data)
+        flags = inp.flags.bits
+        out = bytearray()
+        done = start
+        for i in range(start, reps):
+            gpa = (int(inp.hv_gpa_page_number) + i) << PAGE_SHIFT
+            region = self.memory.lookup(gpa)
+            if region is None:
+                return HvResult(int(lib.HV_STATUS_INVALID_PARAMETER), bytes(out), done)
+            page = (gpa - region.gpa) >> PAGE_SHIFT
+            out.append(region.access[page])
+            state = region.access[page]
+            if flags.clear_accessed:
+                state &= ~0b01
+            if flags.set_accessed:
+                state |= 0b01
+            if flags.clear_dirty:
+                state &= ~0b10
+            if flags.set_dirty:
+                state |= 0b10
+            region.access[page] = state
+            done += 1
+        return HvResult(HV_OK, bytes(out), done)
+
+    def _post_message_direct(self, data: bytes, reps: int, start: int) -> HvResult:
+        inp, _k = self._input("struct hv_input_post_message_direct", data)
+        vp = self._vp(int(inp.vp_index))
+        if vp is None:
+            return HvResult(int(lib.HV_STATUS_INVALID_VP_INDEX))
+        if inp.sint_index >= 16:
+            return HvResult(int(lib.HV_STATUS_INVALID_PARAMETER))
+        message = bytes(ffi.buffer(inp.message))
+        if message[4] > lib.HV_MESSAGE_PAYLOAD_BYTE_COUNT:
+            return HvResult(int(lib.HV_STATUS_INVALID_PARAMETER))
+        return HvResult(vp.post_message(int(inp.sint_index), message))
+
+    def _signal_event_direct(self, data: bytes, reps: int, start: int) -> HvResult:
+        inp, _k = self._input("struct hv_input_signal_event_direct", data)
+        vp = self._vp(int(inp.target_vp))
+        if vp is None:
+            return HvResult(int(lib.HV_STATUS_INVALID_VP_INDEX))
+        if inp.target_sint >= 16:
+            return HvResult(int(lib.HV_STATUS_INVALID_PARAMETER))
+        status, newly = vp.signal_event(int(inp.target_sint), int(inp.flag_number))
+        out = ffi.new("struct hv_output_signal_event_direct *")
+        out.newly_signaled = int(newly)
+        return HvResult(status, bytes(ffi.buffer(out)))
+
+    def _read_gpa(self, data: bytes, reps: int, start: int) -> HvResult:
+        inp, _k = self._input("struct hv_input_read_gpa", data)
+        out = ffi.new("struct hv_output_read_gpa *")
+        if not 1 <= inp.byte_count <= 16:
+            return HvResult(int(lib.HV_STATUS_INVALID_PARAMETER))
+        try:
+            chunk = self.memory.read(int(inp.base_gpa), int(inp.byte_count))
+        except Exception:  # noqa: BLE001 - outside RAM
+            out.access_result.result_code = lib.HV_ACCESS_GPA_UNMAPPED
+        else:
+            ffi.memmove(out.data, chunk, len(chunk))
+        return HvResult(HV_OK, bytes(ffi.buffer(out)))
+
+    def _write_gpa(self, data: bytes, reps: int, start: int) -> HvResult:
+        inp, _k = self._input("struct hv_input_write_gpa", data)
+        out = ffi.new("struct hv_output_write_gpa *")
+        if not 1 <= inp.byte_count <= 16:
+            return HvResult(int(lib.HV_STATUS_INVALID_PARAMETER))
+        try:
+            self.memory.write(int(inp.base_gpa), bytes(ffi.buffer(inp.data))[: inp.byte_count])
+        except Exception:  # noqa: BLE001 - outside RAM
+            out.access_result.result_code = lib.HV_ACCESS_GPA_UNMAPPED
+        return HvResult(HV_OK, bytes(ffi.buffer(out)))
+
+    def _vp_cpuid_values(self, data: bytes, reps: int, start: int) -> HvResult:
+        inp, _k = self._input("struct hv_input_get_vp_cpuid_values", data)
+        vp = self._vp(int(inp.vp_index))
+        if vp is None:
+            return HvResult(int(lib.HV_STATUS_INVALID_VP_INDEX))
+        header = ffi.sizeof("struct hv_input_get_vp_cpuid_values")
+        if len(data) < header + reps * ffi.sizeof("struct hv_cpuid_leaf_info"):
+            return HvResult(int(lib.HV_STATUS_INVALID_HYPERCALL_INPUT))
+        out = bytearray()
+        for i in range(start, reps):
+            leaf = inp.cpuid_leaf_info[i]
+            values = self.cpuid(vp.index, int(leaf.eax), int(leaf.ecx))
+            out += b"".join(v.to_bytes(4, "little") for v in values)
+        return HvResult(HV_OK, bytes(out), reps)
+
+    def _scrub(self, data: bytes, reps: int, start: int) -> HvResult:
+        return HvResult(HV_OK)
+
+    _HANDLERS: dict[int, Callable[["SimPartition", bytes, int, int], HvResult]] = {
+        int(lib.HVCALL_GET_PARTITION_PROPERTY): _get_property,
+        int(lib.HVCALL_GET_PARTITION_PROPERTY_EX): _get_property,
+        int(lib.HVCALL_SET_PARTITION_PROPERTY): _set_property,
+        int(lib.HVCALL_INSTALL_INTERCEPT): _install_intercept,
+        int(lib.HVCALL_GET_VP_REGISTERS): _get_vp_registers,
+        int(lib.HVCALL_SET_VP_REGISTERS): _set_vp_registers,
+        int(lib.HVCALL_TRANSLATE_VIRTUAL_ADDRESS): _translate,
+        int(lib.HVCALL_ASSERT_VIRTUAL_INTERRUPT): _assert_interrupt,
+        int(lib.HVCALL_CLEAR_VIRTUAL_INTERRUPT): _clear_interrupt,
+        int(lib.HVCALL_REGISTER_INTERCEPT_RESULT): _register_intercept_result,
+        int(lib.HVCALL_GET_GPA_PAGES_ACCESS_STATES): _gpa_access_states,
+        int(lib.HVCALL_POST_MESSAGE_DIRECT): _post_message_direct,
+        int(lib.HVCALL_SIGNAL_EVENT_DIRECT): _signal_event_direct,
+        int(lib.HVCALL_READ_GPA): _read_gpa,
+        int(lib.HVCALL_WRITE_GPA): _write_gpa,
+        int(lib.HVCALL_GET_VP_CPUID_VALUES): _vp_cpuid_values,
+        int(lib.HVCALL_SCRUB_PARTITION): _scrub,
+    }
+
+    def close(self) -> None:
+        self._unfrozen.set()
+        for vp in self.vps.values():
+            vp.close()
+        self.vps.clear()
+        for region in self.memory.regions:
+            self.memory.remove(region)
+
+
+_SEGMENT_REGS = {int(getattr(lib, f"HV_X64_REGISTER_{n}")) for n in ("ES", "CS", "SS", "DS", "FS", "GS", "LDTR", "TR")}
+_TABLE_REGS = {int(lib.HV_X64_REGISTER_GDTR), int(lib.HV_X64_REGISTER_IDTR)}
+_SYNIC_SINT0 = int(lib.HV_REGISTER_SINT0)
+
+
+def register_file_get(vp: SimVp, name: int, value: Any) -> int:
+    """Read one hv_register_name into a union hv_register_value."""
+    if name in _SEGMENT_REGS:
+        base, limit, selector, attributes = vp.segment(name)
+        value.segment.base, value.segment.limit = base, limit
+        value.segment.selector, value.segment.attributes = selector, attributes
+    elif name in _TABLE_REGS:
+        base, limit, _sel, _attr = vp.segment(name)
+        value.table.base, value.table.limit = base, limit
+    elif name == lib.HV_REGISTER_DELIVERABILITY_NOTIFICATIONS:
+        value.reg64 = vp.synic.deliverability
+    elif name == lib.HV_REGISTER_SCONTROL:
+        value.reg64 = vp.synic.scontrol
+    elif name == lib.HV_REGISTER_SIMP:
+        value.reg64 = vp.synic.simp
+    elif name == lib.HV_REGISTER_SIEFP:
+        value.reg64 = vp.synic.siefp
+    elif _SYNIC_SINT0 <= name < _SYNIC_SINT0 + 16:
+        value.reg64 = vp.synic.sints[name - _SYNIC_SINT0]
+    elif name in _MSR_BACKED:
+        msr = vp.read_msr(_MSR_BACKED[name])
+        value.reg64 = msr or 0
+    else:
+        value.reg64 = vp.reg(name)
+    return HV_OK
+
+
+def register_file_set(vp: SimVp, name: int, value: Any) -> int:
+    if name in _SEGMENT_REGS:
+        s = value.segment
+        vp.set_segment(name, int(s.base), int(s.limit), int(s.selector), int(s.attributes))
+    elif name in _TABLE_REGS:
+        vp.set_segment(name, int(value.table.base), int(value.table.limit), 0, 0)
+    elif name == lib.HV_REGISTER_DELIVERABILITY_NOTIFICATIONS:
+        vp.synic.deliverability = int(value.reg64) & 0xFFFF
+    elif name == lib.HV_REGISTER_SCONTROL:
+        vp.synic.scontrol = int(value.reg64)
+    elif name == lib.HV_REGISTER_SIMP:
+        vp.synic.simp = int(value.reg64)
+    elif name == lib.HV_REGISTER_SIEFP:
+        vp.synic.siefp = int(value.reg64)
+    elif _SYNIC_SINT0 <= name < _SYNIC_SINT0 + 16:
+        vp.synic.sints[name - _SYNIC_SINT0] = int(value.reg64)
+    elif name in _MSR_BACKED:
+        if vp.write_msr(_MSR_BACKED[name], int(value.reg64)) is None:
+            return int(lib.HV_STATUS_INVALID_PARAMETER)
+    elif name in (lib.HV_REGISTER_INTERCEPT_SUSPEND, lib.HV_REGISTER_EXPLICIT_SUSPEND, lib.HV_REGISTER_PENDING_INTERRUPTION,
+                  lib.HV_REGISTER_INTERRUPT_STATE, lib.HV_REGISTER_PENDING_EVENT0):
+        vp._state[name] = int(value.reg64)
+    else:
+        vp.set_reg(name, int(value.reg64))
+    return HV_OK
+
+
+_MSR_BACKED = {
+    int(lib.HV_REGISTER_GUEST_OS_ID): int(lib.HV_X64_MSR_GUEST_OS_ID),
+    int(lib.HV_X64_REGISTER_HYPERCALL): int(lib.HV_X64_MSR_HYPERCALL),
+    int(lib.HV_REGISTER_VP_INDEX): int(lib.HV_X64_MSR_VP_INDEX),
+    int(lib.HV_REGISTER_TIME_REF_COUNT): int(lib.HV_X64_MSR_TIME_REF_COUNT),
+}
