@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Test helper modules (simhelpers) live beside the tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def shared_reference() -> Path:
