@@ -39,9 +39,13 @@ def set_segment(backend: SimBackend, vp_fd: int, name: int, base: int, limit: in
     size = ffi.sizeof("struct hv_input_set_vp_registers") + ffi.sizeof("struct hv_register_assoc")
     raw = ffi.new("char[]", size)
     inp = ffi.cast("struct hv_input_set_vp_registers *", raw)
-    seg = inp.elements[0].value.segment
     inp.elements[0].name = name
-    seg.base, seg.limit, seg.selector, seg.attributes = base, limit, selector, attributes
+    if name in (lib.HV_X64_REGISTER_GDTR, lib.HV_X64_REGISTER_IDTR):
+        table = inp.elements[0].value.table
+        table.base, table.limit = base, limit
+    else:
+        seg = inp.elements[0].value.segment
+        seg.base, seg.limit, seg.selector, seg.attributes = base, limit, selector, attributes
     call = ffi.new("struct mshv_root_hvcall *")
     call.code, call.reps, call.in_sz, call.in_ptr = lib.HVCALL_SET_VP_REGISTERS, 1, size, int(ffi.cast("uintptr_t", raw))
     backend.ioctl(vp_fd, lib.MSHV_ROOT_HVCALL, call)

@@ -68,8 +68,6 @@ def _plain_registers(bits: int) -> dict[int, int]:
     if bits == 64:
         for i in range(8, 16):
             table[int(getattr(lib, f"HV_X64_REGISTER_R{i}"))] = getattr(ux, f"UC_X86_REG_R{i}")
-        table[lib.HV_X64_REGISTER_FS_BASE] = ux.UC_X86_REG_FS_BASE
-        table[lib.HV_X64_REGISTER_GS_BASE] = ux.UC_X86_REG_GS_BASE
     for n in ("CR0", "CR2", "CR3", "CR4", "CR8", "DR0", "DR1", "DR2", "DR3", "DR6", "DR7"):
         table[int(getattr(lib, f"HV_X64_REGISTER_{n}"))] = getattr(ux, f"UC_X86_REG_{n}")
     return table
@@ -159,8 +157,6 @@ class UnicornEngine:
             selector = (base >> 4) & 0xFFFF if base == (base & 0xFFFF0) else selector
         if self.bits == 64 and name in (lib.HV_X64_REGISTER_FS, lib.HV_X64_REGISTER_GS):
             self._uc.reg_write(ux.UC_X86_REG_FS_BASE if name == lib.HV_X64_REGISTER_FS else ux.UC_X86_REG_GS_BASE, base)
-        if self.bits == 64 and name in (lib.HV_X64_REGISTER_CS, lib.HV_X64_REGISTER_SS):
-            return  # Unicorn rejects raw CS/SS loads in 64-bit mode; the selector is shadowed
         try:
             self._uc.reg_write(_SEGMENTS[name], selector)
         except unicorn.UcError:
