@@ -60,4 +60,6 @@ sint_handler:
 	xor	%eax, %eax
 	xor	%edx, %edx
 	wrmsr
+	mov	$0x40000070, %ecx	/* HV_X64_MSR_EOI: end of interrupt */
+	wrmsr
 	iretq

@@ -152,6 +152,21 @@ class SimPartition:
             if vp.engine is not None:
                 vp.engine.flush_code(gpa, size)
 
+    def send_ipi(self, destination: int, vector: int, mode: int) -> None:
+        """Deliver an IPI from a VP's LAPIC (ICR write) to its targets."""
+        shorthand, mode = mode >> 4, mode & 7
+        if shorthand == 2 or destination in (0xFF, 0xFFFFFFFF):
+            targets = list(self.vps.values())
+        else:
+            targets = [vp for vp in self.vps.values() if vp.index == destination]
+        for vp in targets:
+            if mode in (0, 1):
+                vp.queue_interrupt(vector)
+            elif mode == 4:
+                vp.queue_nmi()
+            elif mode == 6:
+                vp.start_at_sipi(vector)
+
     def end_of_message(self, vp: SimVp) -> None:
         vp.end_of_message()
 
@@ -285,13 +300,16 @@ class SimPartition:
         kind = int(inp.control.bits.interrupt_type)
         if kind not in (lib.HV_X64_INTERRUPT_TYPE_FIXED, lib.HV_X64_INTERRUPT_TYPE_LOWESTPRIORITY, lib.HV_X64_INTERRUPT_TYPE_NMI):
             return HvResult(int(lib.HV_STATUS_INVALID_PARAMETER))
-        vector = 2 if kind == lib.HV_X64_INTERRUPT_TYPE_NMI else int(inp.vector)
+        vector = int(inp.vector)
         if kind != lib.HV_X64_INTERRUPT_TYPE_NMI and not 16 <= vector <= 255:
             return HvResult(int(lib.HV_STATUS_INVALID_PARAMETER))
         targets = [vp for vp in self.vps.values() if vp.index == int(inp.dest_addr)]
         if not targets:
             return HvResult(int(lib.HV_STATUS_INVALID_VP_INDEX))
-        targets[0].queue_interrupt(vector)
+        if kind == lib.HV_X64_INTERRUPT_TYPE_NMI:
+            targets[0].queue_nmi()
+        else:
+            targets[0].queue_interrupt(vector)
         return HvResult(HV_OK)
 
     def _clear_interrupt(self, data: bytes, reps: int, start: int) -> HvResult:

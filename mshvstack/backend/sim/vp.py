@@ -18,6 +18,7 @@ from mshvstack.abi import ffi, lib
 from mshvstack.backend.sim import x86
 from mshvstack.backend.sim.engines.base import Engine, EngineStop, Instruction, Special, StopKind
 from mshvstack.backend.sim.engines.unicorn import UnicornEngine
+from mshvstack.backend.sim.lapic import X2APIC_MSR_BASE, XAPIC_BASE, Lapic
 from mshvstack.backend.sim.messages import new_message, to_bytes
 from mshvstack.backend.sim.synic import SLOT, SynIc
 
@@ -49,6 +50,10 @@ MSR_SIMP = int(lib.HV_X64_MSR_SIMP)
 MSR_EOM = int(lib.HV_X64_MSR_EOM)
 MSR_SINT0 = int(lib.HV_X64_MSR_SINT0)
 MSR_EOI = int(lib.HV_X64_MSR_EOI)
+MSR_ICR = int(lib.HV_X64_MSR_ICR)
+MSR_TPR = int(lib.HV_X64_MSR_TPR)
+APIC_BASE_ENABLE = 1 << 11
+APIC_BASE_X2APIC = 1 << 10
 MSR_APIC_BASE = 0x1B
 
 # The hypercall page: vmcall; ret (Intel encoding; VMMCALL is trapped too).
@@ -72,8 +77,8 @@ class SimVp:
         self._segments: dict[int, tuple[int, int, int, int]] = {n: (0, 0xFFFF, 0, 0x93) for n in _SEGMENT_NAMES}
         self._segments.update({n: (0, 0xFFFF, 0, 0) for n in _TABLE_NAMES})
         self._segments[R.HV_X64_REGISTER_TR] = (0, 0xFFFF, 0, 0x8B)
-        self._pending: set[int] = set()              # interrupt vectors waiting for delivery
         self._wake = threading.Condition()
+        self.lapic = Lapic(index, partition.send_ipi, self._notify)
         self._kick = False
         self._halted = False
         self._pending_exit: bytes | None = None      # e.g. SINT deliverable, raised outside run
@@ -149,6 +154,8 @@ class SimVp:
         engine = UnicornEngine(self._mode_bits(), self._on_special)
         for region in self.partition.memory.regions:
             engine.map(region.gpa, region.size, region.userspace_addr, region.writable, region.executable)
+        if self.partition.lapic_enabled and not self.partition.memory.lookup(XAPIC_BASE):
+            engine.map_mmio(XAPIC_BASE, PAGE, self._xapic_read, self._xapic_write)
         # Order matters: paging registers before the mode bits that use them.
         for name in (R.HV_X64_REGISTER_CR3, R.HV_X64_REGISTER_CR4, R.HV_X64_REGISTER_EFER, R.HV_X64_REGISTER_CR0):
             engine.set_reg(name, self._state.get(name, 0))
@@ -220,12 +227,30 @@ class SimVp:
         if self.engine is not None:
             self.engine.cancel()
 
-    def queue_interrupt(self, vector: int) -> None:
+    def _notify(self) -> None:
+        """Something may be deliverable now: wake a halted VP, stop a running one."""
         with self._wake:
-            self._pending.add(vector & 0xFF)
             self._wake.notify_all()
         if self.engine is not None:
             self.engine.cancel()
+
+    def queue_interrupt(self, vector: int) -> None:
+        self.lapic.accept(vector)
+
+    def queue_nmi(self) -> None:
+        self.lapic.nmi_pending = True
+        self._notify()
+
+    def _xapic_read(self, offset: int, size: int) -> int:
+        return self.lapic.read(offset & ~0xF) if self._xapic_enabled() else 0xFFFFFFFF
+
+    def _xapic_write(self, offset: int, size: int, value: int) -> None:
+        if self._xapic_enabled():
+            self.lapic.write(offset & ~0xF, value)
+
+    def _xapic_enabled(self) -> bool:
+        base = self.reg(R.HV_X64_REGISTER_APIC_BASE)
+        return bool(base & APIC_BASE_ENABLE) and not base & APIC_BASE_X2APIC
 
     def run(self) -> bytes:
         """Run until an intercept; returns the 256-byte message.  Raises Kicked."""
@@ -249,28 +274,48 @@ class SimVp:
             if not self._wait_for_interrupt():
                 return None
         self._deliver_pending()
+        if self._pending_exit is not None:
+            return None
         engine = self._ensure_engine()
-        stop = engine.run()
+        stop = engine.run(self._timer_slice_us())
         return self._handle_stop(stop)
+
+    def _timer_slice_us(self) -> int:
+        """Run no longer than until the LAPIC timer's next expiry."""
+        deadline = self.lapic.timer_deadline()
+        if deadline is None:
+            return 0
+        return max((deadline - time.monotonic_ns()) // 1000, 1)
 
     def _interruptible(self) -> bool:
         return bool(self.reg(R.HV_X64_REGISTER_RFLAGS) & x86.RFLAGS_IF)
 
+    def _can_take_interrupt(self) -> bool:
+        return self.lapic.nmi_pending or (self._interruptible() and self.lapic.deliverable() is not None)
+
     def _wait_for_interrupt(self) -> bool:
         with self._wake:
-            while not (self._pending and self._interruptible()):
+            while not self._can_take_interrupt():
                 if self._kick:
                     return False
-                self._wake.wait(0.05)
+                deadline = self.lapic.timer_deadline()
+                wait = 0.05 if deadline is None else min(0.05, max(deadline - time.monotonic_ns(), 0) / 1e9)
+                self._wake.wait(wait)
             self._halted = False
             return True
 
     def _deliver_pending(self) -> None:
-        with self._wake:
-            if not self._pending or not self._interruptible():
+        if self.lapic.nmi_pending:
+            self.lapic.nmi_pending = False
+            vector = 2
+        else:
+            if not self._interruptible():
                 return
-            vector = max(self._pending)
-            self._pending.discard(vector)
+            pending = self.lapic.deliverable()
+            if pending is None:
+                return
+            vector = pending
+            self.lapic.acknowledge(vector)
         self._ensure_engine()
         try:
             x86.EventDelivery(self, self.partition.memory).deliver(vector)
@@ -372,7 +417,8 @@ class SimVp:
         if insn.kind is Special.HLT:
             if self._interruptible() and self.partition.lapic_enabled:
                 self._halted = True
-                self.engine.cancel() if self.engine else None  # type: ignore[func-returns-value]
+                if self.engine is not None:
+                    self.engine.cancel()
                 return next_rip
             return None
         if insn.kind is Special.CPUID:
@@ -508,7 +554,18 @@ class SimVp:
             return synic.sints[index - MSR_SINT0]
         if index == MSR_APIC_BASE:
             return self.reg(R.HV_X64_REGISTER_APIC_BASE)
+        if index == MSR_TPR:
+            return self.lapic.tpr
+        if index == MSR_ICR:
+            return self.lapic.icr
+        if X2APIC_MSR_BASE <= index < X2APIC_MSR_BASE + 0x100 and self._x2apic_enabled():
+            offset = (index - X2APIC_MSR_BASE) << 4
+            return self.lapic.icr if offset == 0x300 else self.lapic.read(offset) if offset != 0x20 else self.index
         return None
+
+    def _x2apic_enabled(self) -> bool:
+        base = self.reg(R.HV_X64_REGISTER_APIC_BASE)
+        return bool(base & APIC_BASE_ENABLE and base & APIC_BASE_X2APIC)
 
     def write_msr(self, index: int, value: int) -> int | None:
         synic = self.synic
@@ -527,7 +584,17 @@ class SimVp:
         elif MSR_SINT0 <= index < MSR_SINT0 + 16:
             synic.sints[index - MSR_SINT0] = value
         elif index == MSR_EOI:
-            pass  # EOI for the hypervisor's LAPIC: nothing is in service in this model
+            self.lapic.eoi()
+        elif index == MSR_ICR:
+            self.lapic.write_icr64(value)
+        elif index == MSR_TPR:
+            self.lapic.tpr = value & 0xFF
+        elif X2APIC_MSR_BASE <= index < X2APIC_MSR_BASE + 0x100 and self._x2apic_enabled():
+            offset = (index - X2APIC_MSR_BASE) << 4
+            if offset == 0x300:
+                self.lapic.write_icr64(value)
+            else:
+                self.lapic.write(offset, value)
         elif index in (MSR_VP_INDEX, MSR_TIME_REF_COUNT, MSR_SVERSION):
             return None  # read-only: #GP
         elif index == MSR_APIC_BASE:
@@ -628,6 +695,15 @@ class SimVp:
             self._fill_header(payload.header)
             payload.deliverable_sints = free
             self._pending_exit = to_bytes(msg)
+
+    def start_at_sipi(self, vector: int) -> None:
+        """SIPI: an AP starts in real mode at vector << 12 (no VMM intercept installed)."""
+        self._drop_engine()
+        self._state.update(self._reset_state())
+        self._segments[R.HV_X64_REGISTER_CS] = (vector << 12, 0xFFFF, vector << 8, 0x9B)
+        self._state[R.HV_X64_REGISTER_RIP] = 0
+        self._halted = False
+        self._notify()
 
     def close(self) -> None:
         engine, self.engine = self.engine, None

@@ -21,7 +21,7 @@ import unicorn
 import unicorn.x86_const as ux
 
 from mshvstack.abi import lib
-from mshvstack.backend.sim.engines.base import EngineStop, Instruction, Special, SpecialHandler, StopKind
+from mshvstack.backend.sim.engines.base import EngineStop, Instruction, MmioRead, MmioWrite, Special, SpecialHandler, StopKind
 
 _SPECIAL_IDS: dict[int, Special] = {
     cx.X86_INS_IN: Special.IO, cx.X86_INS_OUT: Special.IO,
@@ -168,7 +168,12 @@ class UnicornEngine:
         self._cancel.set()
         self._uc.emu_stop()
 
-    def run(self) -> EngineStop:
+    def map_mmio(self, gpa: int, size: int, read: MmioRead, write: MmioWrite) -> None:
+        """Emulate [gpa, gpa+size) with callbacks, inside the engine (no exit)."""
+        self._uc.mmio_map(gpa, size, lambda uc, off, sz, _d: read(off, sz), None,
+                          lambda uc, off, sz, value, _d: write(off, sz, value), None)
+
+    def run(self, timeout_us: int = 0) -> EngineStop:
         self._stop = None
         if self._cancel.is_set():
             self._cancel.clear()
@@ -176,7 +181,7 @@ class UnicornEngine:
         rip = self.reg(lib.HV_X64_REGISTER_RIP)
         begin = rip if self.bits != 16 else rip & 0xFFFF
         try:
-            self._uc.emu_start(begin, (1 << 64) - 1)
+            self._uc.emu_start(begin, (1 << 64) - 1, timeout=timeout_us)
         except unicorn.UcError as exc:
             if self._stop is None:
                 self._stop = EngineStop(StopKind.EXCEPTION, vector=6 if exc.errno == unicorn.UC_ERR_INSN_INVALID else 13)
