@@ -22,3 +22,21 @@ def build_guest(name: str, out_dir: Path) -> tuple[bytes, dict[str, int]]:
         address, _kind, symbol = line.split()
         symbols[symbol] = int(address, 16)
     return (out_dir / f"{name}.bin").read_bytes(), symbols
+
+
+def assemble(source: str, out_dir: Path, origin: int = 0x2000, bits: int = 64) -> tuple[bytes, dict[str, int]]:
+    """Assemble a snippet (GNU as syntax) into a flat image at ``origin``."""
+    for tool in ("as", "ld", "objcopy", "nm"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"binutils '{tool}' not found: cannot assemble the test guest")
+    directive = {16: ".code16", 32: ".code32", 64: ".code64"}[bits]
+    src = out_dir / "snippet.S"
+    src.write_text(f"{directive}\n.globl _start\n_start:\n{source}\n")
+    obj, elf, bin_ = out_dir / "snippet.o", out_dir / "snippet.elf", out_dir / "snippet.bin"
+    subprocess.run(["as", "--64", "-o", str(obj), str(src)], check=True, capture_output=True)
+    subprocess.run(["ld", "-m", "elf_x86_64", f"-Ttext={origin:#x}", "-e", "_start", "-o", str(elf), str(obj)],
+                   check=True, capture_output=True)
+    subprocess.run(["objcopy", "-O", "binary", str(elf), str(bin_)], check=True, capture_output=True)
+    out = subprocess.run(["nm", str(elf)], check=True, capture_output=True, text=True).stdout
+    symbols = {line.split()[2]: int(line.split()[0], 16) for line in out.splitlines()}
+    return bin_.read_bytes(), symbols

@@ -94,3 +94,69 @@ class Guest:
         for fd in (self.vp, self.part, self.dev):
             self.backend.close(fd)
         self.ram.close()
+
+
+# ---- a long-mode guest set up by the host (paging, GDT, IDT), as VMMs do
+import struct  # noqa: E402
+
+ENTRY = 0x2000
+IDT, GDT, PML4, PDPT, PD0, PD3 = 0x3000, 0x4000, 0x8000, 0x9000, 0xA000, 0xB000
+STACK = 0xF000
+
+
+def long_mode_guest(backend: SimBackend, image: bytes, gates: dict[int, int] | None = None, pt_flags: int = 1) -> Guest:
+    """RAM 0-64 KiB identity mapped (2 MiB page), 0xD0000000 mapped to a GPA
+    with no RAM; IDT gates for ``gates`` (vector -> handler address)."""
+    g = Guest(backend, ram_size=0x10000, pt_flags=pt_flags)
+    ram = g.ram
+    ram[ENTRY : ENTRY + len(image)] = image
+    struct.pack_into("<Q", ram, PML4, PDPT | 3)
+    struct.pack_into("<Q", ram, PDPT, PD0 | 3)
+    struct.pack_into("<Q", ram, PDPT + 3 * 8, PD3 | 3)
+    struct.pack_into("<Q", ram, PD0, 0x83)
+    struct.pack_into("<Q", ram, PD3 + 0x80 * 8, 0xD0000000 | 0x83)
+    struct.pack_into("<QQQ", ram, GDT, 0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF)
+    for vector, handler in (gates or {}).items():
+        low = (handler & 0xFFFF) | (0x08 << 16) | (0x8E00 << 32) | ((handler >> 16) & 0xFFFF) << 48
+        struct.pack_into("<QQ", ram, IDT + vector * 16, low, handler >> 32)
+    set_segment(backend, g.vp, lib.HV_X64_REGISTER_GDTR, GDT, 23, 0, 0)
+    set_segment(backend, g.vp, lib.HV_X64_REGISTER_IDTR, IDT, 0xFFF if gates else 0, 0, 0)
+    set_segment(backend, g.vp, lib.HV_X64_REGISTER_CS, 0, 0xFFFFFFFF, 0x08, 0xA09B)
+    for seg in (lib.HV_X64_REGISTER_SS, lib.HV_X64_REGISTER_DS, lib.HV_X64_REGISTER_ES):
+        set_segment(backend, g.vp, seg, 0, 0xFFFFFFFF, 0x10, 0xC093)
+    set_registers(backend, g.vp, {
+        lib.HV_X64_REGISTER_CR3: PML4, lib.HV_X64_REGISTER_CR4: 1 << 5,
+        lib.HV_X64_REGISTER_EFER: (1 << 8) | (1 << 10), lib.HV_X64_REGISTER_CR0: 0x80000011,
+        lib.HV_X64_REGISTER_RIP: ENTRY, lib.HV_X64_REGISTER_RSP: STACK, lib.HV_X64_REGISTER_RFLAGS: 2,
+    })
+    return g
+
+
+def payload(msg: Any, ctype: str) -> Any:
+    return ffi.cast(f"{ctype} *", ffi.addressof(msg.u))
+
+
+def expect_io(msg: Any, port: int) -> Any:
+    assert msg.header.message_type == lib.HVMSG_X64_IO_PORT_INTERCEPT, hex(msg.header.message_type)
+    io = payload(msg, "struct hv_x64_io_port_intercept_message")
+    assert io.port_number == port, hex(io.port_number)
+    return io
+
+
+def advance(backend: SimBackend, g: Guest, header: Any, **regs: int) -> None:
+    values = {lib.HV_X64_REGISTER_RIP: header.rip + header.instruction_length}
+    values.update({getattr(lib, f"HV_X64_REGISTER_{k.upper()}"): v for k, v in regs.items()})
+    set_registers(backend, g.vp, values)
+
+
+def install_intercept(backend: SimBackend, g: Guest, kind: int, access: int = 0, parameter: int = 0) -> None:
+    inp = ffi.new("struct hv_input_install_intercept *")
+    inp.intercept_type, inp.access_type = kind, access
+    inp.intercept_parameter.as_uint64 = parameter
+    hvcall(backend, g.part, lib.HVCALL_INSTALL_INTERCEPT, inp)
+
+
+def set_property(backend: SimBackend, g: Guest, code: int, value: int) -> None:
+    inp = ffi.new("struct hv_input_set_partition_property *")
+    inp.property_code, inp.property_value = code, value
+    hvcall(backend, g.part, lib.HVCALL_SET_PARTITION_PROPERTY, inp)

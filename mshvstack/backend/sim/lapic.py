@@ -26,7 +26,8 @@ TIMER_PERIODIC = 1 << 17
 SVR_ENABLED = 1 << 8
 # The timer counts at this rate before the divider (a 1 GHz bus, as Hyper-V reports).
 TIMER_HZ = 1_000_000_000
-_DIVIDERS = {0b0000: 2, 0b0001: 4, 0b0010: 8, 0b0011: 16, 0b1000: 32, 0b1001: 64, 0b1010: 128, 0b1011: 1}
+# Divide configuration: bits 0, 1 and 3 form a 3-bit code.
+_DIVIDERS = {0b000: 2, 0b001: 4, 0b010: 8, 0b011: 16, 0b100: 32, 0b101: 64, 0b110: 128, 0b111: 1}
 
 IpiSender = Callable[[int, int, int], None]  # (destination, vector, delivery mode)
 

@@ -521,6 +521,8 @@ class SimVp:
         if not write:
             self.set_reg(R.HV_X64_REGISTER_RAX, handled & 0xFFFFFFFF)
             self.set_reg(R.HV_X64_REGISTER_RDX, handled >> 32)
+        if self._pending_exit is not None and self.engine is not None:
+            self.engine.cancel()  # e.g. EOM made a SINT deliverable: report it now
         return next_rip
 
     def _raise_fault(self, vector: int, error_code: int) -> None:
@@ -709,5 +711,10 @@ class SimVp:
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.close()
-        self.register_page.close()
-        self.intercept_page.close()
+        # The VP pages stay valid while the VMM still maps them (as after
+        # close() on the real driver, until munmap); they go with the last view.
+        for page in (self.register_page, self.intercept_page):
+            try:
+                page.close()
+            except BufferError:
+                pass

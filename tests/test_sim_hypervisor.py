@@ -1,0 +1,425 @@
+"""Guest-facing hypervisor behaviour on the simulator: intercepts, LAPIC,
+SynIC, register page, translation, faults.  Each guest is a short assembly
+snippet assembled with binutils at test time."""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mshvstack.abi import ffi, lib
+from mshvstack.backend.sim import SimBackend
+from mshvstack.errors import ErrnoError
+
+from guests import assemble
+from simhelpers import (Guest, advance, expect_io, get_registers, hvcall, install_intercept, long_mode_guest,
+                        payload, set_property, set_registers)
+
+LAPIC = 1 << lib.MSHV_PT_BIT_LAPIC
+
+
+def _guest(tmp_path: Path, source: str, vectors: tuple[int, ...] = (), pt_flags: int = LAPIC) -> tuple[SimBackend, Guest, dict[str, int]]:
+    image, symbols = assemble(source, tmp_path)
+    backend = SimBackend()
+    gates = {v: symbols[f"vector_{v:#x}"] for v in vectors}
+    return backend, long_mode_guest(backend, image, gates, pt_flags), symbols
+
+
+def test_register_page_is_live_and_writable(tmp_path: Path) -> None:
+    backend, g, _ = _guest(tmp_path, "mov $0x1111, %eax\nout %eax, $0x10\nout %eax, $0x11\nhlt")
+    try:
+        page_mem = backend.mmap(g.vp, 4096, lib.MSHV_VP_MMAP_OFFSET_REGISTERS * 4096)
+        page = ffi.cast("struct hv_vp_register_page *", ffi.from_buffer(page_mem))
+        io = expect_io(g.run(), 0x10)
+        assert page.isvalid == 1
+        assert (page.rax, page.rip) == (0x1111, io.header.rip)
+        assert page.cs.selector == 0x08 and page.efer & (1 << 10)
+        intercept = ffi.cast("struct hv_message *", ffi.from_buffer(backend.mmap(g.vp, 4096, 4096)))
+        assert intercept.header.message_type == lib.HVMSG_X64_IO_PORT_INTERCEPT
+        # Emulate through the page: new RAX and RIP, marked dirty.
+        page.rax = 0x2222
+        page.rip = io.header.rip + io.header.instruction_length
+        page.dirty = (1 << lib.HV_X64_REGISTER_CLASS_GENERAL) | (1 << lib.HV_X64_REGISTER_CLASS_IP)
+        io = expect_io(g.run(), 0x11)
+        assert io.rax == 0x2222
+        # Without the dirty bit, a page write is ignored.
+        page.rax = 0x3333
+        advance(backend, g, io.header)
+        assert g.run().header.message_type == lib.HVMSG_X64_HALT
+        assert get_registers(backend, g.vp, [lib.HV_X64_REGISTER_RAX]) == [0x2222]
+    finally:
+        g.close()
+
+
+X2APIC_ON = """
+    mov $0x1b, %ecx
+    rdmsr
+    or $0xc00, %eax            /* APIC global enable + x2APIC */
+    wrmsr
+"""
+
+
+def test_lapic_timer_eoi_and_self_ipi(tmp_path: Path) -> None:
+    source = X2APIC_ON + """
+    mov $0x832, %ecx           /* LVT timer: vector 0x40, one-shot */
+    mov $0x40, %eax
+    xor %edx, %edx
+    wrmsr
+    mov $0x83e, %ecx           /* divide by 1 */
+    mov $0xb, %eax
+    wrmsr
+    mov $0x838, %ecx           /* initial count: 1 ms at 1 GHz */
+    mov $1000000, %eax
+    wrmsr
+    sti
+    hlt
+    out %al, $0x21
+    mov $0x830, %ecx           /* ICR: self IPI, vector 0x41 */
+    mov $0x40041, %eax
+    xor %edx, %edx
+    wrmsr
+    nop
+    nop
+    cli
+    out %al, $0x23
+    hlt
+vector_0x40:
+    out %al, $0x20
+    mov $0x80b, %ecx           /* x2APIC EOI */
+    xor %eax, %eax
+    xor %edx, %edx
+    wrmsr
+    iretq
+vector_0x41:
+    out %al, $0x22
+    mov $0x80b, %ecx
+    xor %eax, %eax
+    xor %edx, %edx
+    wrmsr
+    iretq
+"""
+    backend, g, _ = _guest(tmp_path, source, (0x40, 0x41))
+    try:
+        start = time.monotonic()
+        for port in (0x20, 0x21, 0x22, 0x23):
+            io = expect_io(g.run(), port)
+            advance(backend, g, io.header)
+        assert time.monotonic() - start >= 0.001
+        assert g.run().header.message_type == lib.HVMSG_X64_HALT
+        assert g.backend.vp_of(g.vp).lapic.isr == 0  # both EOIs taken
+    finally:
+        g.close()
+
+
+def test_assert_virtual_interrupt_wakes_halted_vp(tmp_path: Path) -> None:
+    source = "sti\nhlt\ncli\nout %al, $0x11\nhlt\nvector_0x30:\nout %al, $0x10\niretq"
+    backend, g, _ = _guest(tmp_path, source, (0x30,))
+    try:
+        def fire() -> None:
+            inp = ffi.new("struct hv_input_assert_virtual_interrupt *")
+            inp.control.bits.interrupt_type = lib.HV_X64_INTERRUPT_TYPE_FIXED
+            inp.vector, inp.dest_addr = 0x30, 0
+            hvcall(backend, g.part, lib.HVCALL_ASSERT_VIRTUAL_INTERRUPT, inp)
+        threading.Timer(0.05, fire).start()
+        io = expect_io(g.run(), 0x10)
+        advance(backend, g, io.header)
+        expect_io(g.run(), 0x11)
+        bad = ffi.new("struct hv_input_assert_virtual_interrupt *")
+        bad.vector = 3  # below 16: not a valid fixed vector
+        with pytest.raises(ErrnoError):
+            hvcall(backend, g.part, lib.HVCALL_ASSERT_VIRTUAL_INTERRUPT, bad)
+    finally:
+        g.close()
+
+
+SYNIC_ON = """
+    mov $0x40000083, %ecx      /* SIMP at 0x7000 */
+    mov $0x7001, %eax
+    xor %edx, %edx
+    wrmsr
+    mov $0x40000082, %ecx      /* SIEFP at 0x6000 */
+    mov $0x6001, %eax
+    wrmsr
+    mov $0x40000093, %ecx      /* SINT3 -> vector 0x51 */
+    mov $0x51, %eax
+    wrmsr
+    mov $0x40000080, %ecx      /* SCONTROL */
+    mov $1, %eax
+    wrmsr
+"""
+
+
+def _signal(backend: SimBackend, g: Guest, sint: int, flag: int) -> int:
+    inp = ffi.new("struct hv_input_signal_event_direct *")
+    inp.target_vp, inp.target_sint, inp.flag_number = 0, sint, flag
+    out = ffi.new("struct hv_output_signal_event_direct *")
+    hvcall(backend, g.part, lib.HVCALL_SIGNAL_EVENT_DIRECT, inp, out)
+    return int(out.newly_signaled)
+
+
+def test_signal_event_direct_sets_flag_and_interrupts(tmp_path: Path) -> None:
+    source = SYNIC_ON + """
+    out %al, $0x10
+    sti
+    hlt
+    cli
+    hlt
+vector_0x51:
+    mov 0x6300, %eax           /* SINT3 event flags, first dword */
+    out %eax, $0x11
+    iretq
+"""
+    backend, g, _ = _guest(tmp_path, source, (0x51,))
+    try:
+        advance(backend, g, expect_io(g.run(), 0x10).header)
+        assert _signal(backend, g, 3, 5) == 1
+        assert _signal(backend, g, 3, 5) == 0  # already set: not newly signalled
+        io = expect_io(g.run(), 0x11)
+        assert io.rax & 0xFFFFFFFF == 1 << 5
+    finally:
+        g.close()
+
+
+def _post(backend: SimBackend, g: Guest, sint: int, message_type: int) -> int:
+    inp = ffi.new("struct hv_input_post_message_direct *")
+    inp.vp_index, inp.sint_index = 0, sint
+    msg = ffi.cast("struct hv_message *", inp.message)
+    msg.header.message_type, msg.header.payload_size = message_type, 8
+    call = ffi.new("struct mshv_root_hvcall *")
+    call.code, call.in_sz, call.in_ptr = lib.HVCALL_POST_MESSAGE_DIRECT, ffi.sizeof(inp[0]), int(ffi.cast("uintptr_t", inp))
+    try:
+        backend.ioctl(g.part, lib.MSHV_ROOT_HVCALL, call)
+    except ErrnoError:
+        pass
+    return int(call.status)
+
+
+def test_busy_slot_then_deliverability_notification(tmp_path: Path) -> None:
+    source = SYNIC_ON + """
+    out %al, $0x10
+    movl $0, 0x7300            /* consume SINT3's message */
+    mov $0x40000084, %ecx      /* EOM */
+    xor %eax, %eax
+    xor %edx, %edx
+    wrmsr
+    out %al, $0x11
+    hlt
+"""
+    backend, g, _ = _guest(tmp_path, source)
+    try:
+        advance(backend, g, expect_io(g.run(), 0x10).header)
+        assert _post(backend, g, 3, 0x10) == lib.HV_STATUS_SUCCESS
+        assert _post(backend, g, 3, 0x11) == lib.HV_STATUS_INSUFFICIENT_BUFFERS
+        assert g.ram[0x7300 + 5] & 1  # msg_pending set for the guest
+        set_registers(backend, g.vp, {lib.HV_REGISTER_DELIVERABILITY_NOTIFICATIONS: 1 << 3})
+        msg = g.run()
+        assert msg.header.message_type == lib.HVMSG_SYNIC_SINT_DELIVERABLE
+        assert payload(msg, "struct hv_x64_sint_deliverable_message").deliverable_sints == 1 << 3
+        assert _post(backend, g, 3, 0x11) == lib.HV_STATUS_SUCCESS
+        expect_io(g.run(), 0x11)
+    finally:
+        g.close()
+
+
+HYPERCALL_SETUP = """
+    mov $0x40000000, %ecx
+    mov $1, %eax
+    mov $0x81000000, %edx
+    wrmsr
+    mov $0x40000001, %ecx
+    mov $0x5001, %eax
+    xor %edx, %edx
+    wrmsr
+"""
+
+
+def test_hypercall_intercept_reaches_the_vmm(tmp_path: Path) -> None:
+    source = HYPERCALL_SETUP + """
+    mov $0x5c, %ecx
+    mov $0x6000, %edx
+    xor %r8d, %r8d
+    mov $0x5000, %rax
+    call *%rax
+    out %eax, $0x10
+    hlt
+"""
+    backend, g, _ = _guest(tmp_path, source)
+    try:
+        install_intercept(backend, g, lib.HV_INTERCEPT_TYPE_HYPERCALL)
+        msg = g.run()
+        assert msg.header.message_type == lib.HVMSG_HYPERCALL_INTERCEPT
+        hc = payload(msg, "struct hv_x64_hypercall_intercept_message")
+        assert (hc.rcx & 0xFFFF, hc.rdx) == (lib.HVCALL_POST_MESSAGE, 0x6000)
+        assert hc.header.rip == 0x5000
+        # The VMM completes the call: status in RAX, RIP past the vmcall.
+        advance(backend, g, hc.header, rax=lib.HV_STATUS_SUCCESS)
+        io = expect_io(g.run(), 0x10)
+        assert io.rax == lib.HV_STATUS_SUCCESS
+    finally:
+        g.close()
+
+
+def test_cpuid_intercept_and_registered_result(tmp_path: Path) -> None:
+    source = """
+    mov $0x40000000, %eax
+    cpuid
+    out %eax, $0x10
+    mov %ebx, %eax
+    out %eax, $0x11
+    mov $0x1234, %eax
+    cpuid
+    hlt
+"""
+    backend, g, _ = _guest(tmp_path, source)
+    try:
+        result = ffi.new("struct hv_input_register_intercept_result *")
+        result.intercept_type = lib.HV_INTERCEPT_TYPE_X64_CPUID
+        cpuid = result.parameters.cpuid
+        cpuid.input.eax = 0x40000000
+        cpuid.result.ebx, cpuid.result.ebx_mask = 0x41414141, 0xFFFFFFFF
+        hvcall(backend, g.part, lib.HVCALL_REGISTER_INTERCEPT_RESULT, result)
+        install_intercept(backend, g, lib.HV_INTERCEPT_TYPE_X64_CPUID, parameter=0x1234)
+        io = expect_io(g.run(), 0x10)
+        assert io.rax & 0xFFFFFFFF == 0x40000006  # max Hyper-V leaf
+        advance(backend, g, io.header)
+        io = expect_io(g.run(), 0x11)
+        assert io.rax & 0xFFFFFFFF == 0x41414141
+        advance(backend, g, io.header)
+        msg = g.run()
+        assert msg.header.message_type == lib.HVMSG_X64_CPUID_INTERCEPT
+        assert payload(msg, "struct hv_x64_cpuid_intercept_message").rax == 0x1234
+    finally:
+        g.close()
+
+
+def test_unknown_msr_faults_or_reads_zero(tmp_path: Path) -> None:
+    source = """
+    mov $0x12345, %ecx
+    rdmsr
+    out %eax, $0x10
+    hlt
+vector_0xd:
+    out %al, $0x11
+    hlt
+"""
+    backend, g, _ = _guest(tmp_path, source, (0xD,))
+    try:
+        expect_io(g.run(), 0x11)  # #GP delivered through the guest's IDT
+    finally:
+        g.close()
+    backend, g, _ = _guest(tmp_path, source, (0xD,))
+    try:
+        set_property(backend, g, lib.HV_PARTITION_PROPERTY_UNIMPLEMENTED_MSR_ACTION,
+                     lib.HV_UNIMPLEMENTED_MSR_ACTION_IGNORE_WRITE_READ_ZERO)
+        assert expect_io(g.run(), 0x10).rax == 0
+    finally:
+        g.close()
+
+
+def test_msr_intercept(tmp_path: Path) -> None:
+    source = "mov $0x12345, %ecx\nmov $7, %eax\nmov $9, %edx\nwrmsr\nhlt"
+    backend, g, _ = _guest(tmp_path, source)
+    try:
+        install_intercept(backend, g, lib.HV_INTERCEPT_TYPE_X64_MSR_INDEX, lib.HV_INTERCEPT_ACCESS_MASK_WRITE, 0x12345)
+        msg = g.run()
+        assert msg.header.message_type == lib.HVMSG_X64_MSR_INTERCEPT
+        m = payload(msg, "struct hv_x64_msr_intercept_message")
+        assert (m.msr_number, m.rax, m.rdx) == (0x12345, 7, 9)
+        assert m.header.intercept_access_type == lib.HV_INTERCEPT_ACCESS_WRITE
+    finally:
+        g.close()
+
+
+def test_exception_intercept_and_triple_fault(tmp_path: Path) -> None:
+    backend, g, _ = _guest(tmp_path, "ud2\nhlt")
+    try:
+        install_intercept(backend, g, lib.HV_INTERCEPT_TYPE_EXCEPTION, parameter=6)
+        msg = g.run()
+        assert msg.header.message_type == lib.HVMSG_X64_EXCEPTION_INTERCEPT
+        assert payload(msg, "struct hv_x64_exception_intercept_message").exception_vector == 6
+    finally:
+        g.close()
+    backend, g, _ = _guest(tmp_path, "ud2\nhlt")  # no IDT: #UD -> #DF -> shutdown
+    try:
+        assert g.run().header.message_type == lib.HVMSG_UNRECOVERABLE_EXCEPTION
+    finally:
+        g.close()
+
+
+def test_translate_virtual_address(tmp_path: Path) -> None:
+    backend, g, _ = _guest(tmp_path, "hlt")
+    try:
+        g.run()
+        results = {}
+        for gva in (0x2000, 0xD0000000 + 0x5000, 0x40000000):
+            inp = ffi.new("struct hv_input_translate_virtual_address *")
+            inp.vp_index, inp.gva_page = 0, gva >> 12
+            inp.control_flags = lib.HV_TRANSLATE_GVA_VALIDATE_READ
+            out = ffi.new("struct hv_output_translate_virtual_address *")
+            hvcall(backend, g.part, lib.HVCALL_TRANSLATE_VIRTUAL_ADDRESS, inp, out)
+            results[gva] = (int(out.translation_result.bits.result_code), int(out.gpa_page))
+        assert results[0x2000] == (lib.HV_TRANSLATE_GVA_SUCCESS, 2)
+        assert results[0xD0005000] == (lib.HV_TRANSLATE_GVA_SUCCESS, 0xD0005)
+        assert results[0x40000000][0] == lib.HV_TRANSLATE_GVA_PAGE_NOT_PRESENT
+    finally:
+        g.close()
+
+
+def test_real_mode_interrupt_through_the_ivt() -> None:
+    backend = SimBackend()
+    g = Guest(backend, pt_flags=LAPIC)
+    try:
+        # IVT[0x20] -> 0000:0x1100 ; code at 0x1000: sti; hlt; out 0x11; hlt
+        struct.pack_into("<HH", g.ram, 0x20 * 4, 0x1100, 0)
+        g.ram[0x1000:0x1006] = bytes.fromhex("fbf4e611f4f4")
+        g.ram[0x1100:0x1103] = bytes.fromhex("e610cf")  # out 0x10; iret
+        set_registers(backend, g.vp, {lib.HV_X64_REGISTER_RIP: 0x1000, lib.HV_X64_REGISTER_RSP: 0x8000,
+                                      lib.HV_X64_REGISTER_RFLAGS: 2})
+        inp = ffi.new("struct hv_input_assert_virtual_interrupt *")
+        inp.vector = 0x20
+        hvcall(backend, g.part, lib.HVCALL_ASSERT_VIRTUAL_INTERRUPT, inp)
+        advance(backend, g, expect_io(g.run(), 0x10).header)
+        expect_io(g.run(), 0x11)
+    finally:
+        g.close()
+
+
+def test_write_to_read_only_memory_is_a_gpa_intercept(tmp_path: Path) -> None:
+    import mmap
+    backend, g, _ = _guest(tmp_path, "mov $0x10000, %rbx\nmovl $5, (%rbx)\nhlt")
+    rom = mmap.mmap(-1, 0x1000)
+    try:
+        # A read-only region (no WRITABLE flag) right after the guest's RAM.
+        region = ffi.new("struct mshv_user_mem_region *")
+        region.size, region.guest_pfn = 0x1000, 0x10
+        region.userspace_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(rom)))
+        backend.ioctl(g.part, lib.MSHV_SET_GUEST_MEMORY, region)
+        msg = g.run()
+        assert msg.header.message_type == lib.HVMSG_GPA_INTERCEPT
+        mem = payload(msg, "struct hv_x64_memory_intercept_message")
+        assert mem.guest_physical_address == 0x10000
+        assert mem.header.intercept_access_type == lib.HV_INTERCEPT_ACCESS_WRITE
+        assert rom[:4] == b"\0\0\0\0"
+    finally:
+        g.close()
+        rom.close()
+
+
+def test_time_freeze_stops_reference_time(tmp_path: Path) -> None:
+    backend, g, _ = _guest(tmp_path, "hlt")
+    try:
+        set_property(backend, g, lib.HV_PARTITION_PROPERTY_TIME_FREEZE, 1)
+        t0, = get_registers(backend, g.vp, [lib.HV_REGISTER_TIME_REF_COUNT])
+        time.sleep(0.02)
+        t1, = get_registers(backend, g.vp, [lib.HV_REGISTER_TIME_REF_COUNT])
+        assert t0 == t1
+        set_property(backend, g, lib.HV_PARTITION_PROPERTY_TIME_FREEZE, 0)
+        time.sleep(0.02)
+        t2, = get_registers(backend, g.vp, [lib.HV_REGISTER_TIME_REF_COUNT])
+        assert t2 - t1 >= 150_000  # >= 15 ms in 100 ns units
+    finally:
+        g.close()
