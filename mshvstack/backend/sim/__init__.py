@@ -15,13 +15,14 @@ import errno
 import mmap
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mshvstack.abi import ffi, lib
 from mshvstack.backend.ioctls import FdKind, explain, request_name
+from mshvstack.backend.sim.eventfds import Irqfd, IrqfdWorker, MsiRoute
 from mshvstack.backend.sim.faults import FaultPlan
-from mshvstack.backend.sim.hypervisor import SimPartition
+from mshvstack.backend.sim.hypervisor import Doorbell, SimPartition
 from mshvstack.backend.sim.memory import PAGE_SHIFT, PAGE_SIZE
 from mshvstack.backend.sim.profiles import AbiProfile, profile as lookup_profile
 from mshvstack.backend.sim.vp import Kicked, SimVp
@@ -44,10 +45,7 @@ class _Fd:
     kind: FdKind
     partition: SimPartition | None = None
     vp: SimVp | None = None
-    irq_routes: dict[int, tuple[int, int]] = field(default_factory=dict)
-    irqfds: dict[int, int] = field(default_factory=dict)
-    ioeventfds: list[tuple[int, int, int, int, int]] = field(default_factory=list)
-    vp_fds: list[int] = field(default_factory=list)
+    irqfd: IrqfdWorker | None = None
 
 
 def _user_ranges() -> list[tuple[int, int]]:
@@ -98,6 +96,8 @@ class SimBackend:
             raise ErrnoError(errno.EBADF, "close", "not an fd of this backend")
         os.close(fd)
         if entry.kind is FdKind.PARTITION and entry.partition is not None:
+            if entry.irqfd is not None:
+                entry.irqfd.close()
             entry.partition.close()
 
     def mmap(self, fd: int, length: int, offset: int) -> memoryview:
@@ -160,7 +160,8 @@ class SimBackend:
                         (lib.MSHV_PT_BIT_SMT_ENABLED_GUEST, lib.HV_PARTITION_CREATION_FLAG_SMT_ENABLED_GUEST)):
             if flags & (1 << bit):
                 hv_flags |= int(hv)
-        return self._new_fd(_Fd(FdKind.PARTITION, SimPartition(hv_flags, fbanks, xsave)))
+        partition = SimPartition(hv_flags, fbanks, xsave)
+        return self._new_fd(_Fd(FdKind.PARTITION, partition, irqfd=IrqfdWorker(partition)))
 
     # -- partition fd
     def _initialize(self, entry: _Fd, arg: Any) -> int:
@@ -179,9 +180,7 @@ class SimBackend:
                 raise _Fail(errno.EEXIST)
             vp = SimVp(partition, index)
             partition.vps[index] = vp
-        fd = self._new_fd(_Fd(FdKind.VP, partition, vp))
-        entry.vp_fds.append(fd)
-        return fd
+        return self._new_fd(_Fd(FdKind.VP, partition, vp))
 
     def _set_guest_memory(self, entry: _Fd, arg: Any) -> int:
         partition = entry.partition
@@ -221,6 +220,8 @@ class SimBackend:
         if flags & ~lib.MSHV_IRQFD_FLAGS_MASK:
             raise _Fail(errno.EINVAL)
         fd, gsi = int(req.fd), int(req.gsi)
+        worker = entry.irqfd
+        assert worker is not None
         try:
             os.fstat(fd)
         except OSError:
@@ -228,18 +229,19 @@ class SimBackend:
         if not _is_eventfd(fd):
             raise _Fail(errno.EINVAL)
         if flags & (1 << lib.MSHV_IRQFD_BIT_DEASSIGN):
-            if entry.irqfds.get(fd) == gsi:
-                del entry.irqfds[fd]
+            worker.deassign(fd, gsi)
             return 0
-        if fd in entry.irqfds:
+        if fd in worker.irqfds:
             raise _Fail(errno.EBUSY)
+        resamplefd = None
         if flags & (1 << lib.MSHV_IRQFD_BIT_RESAMPLE):
-            if not _is_eventfd(int(req.resamplefd)):
+            resamplefd = int(req.resamplefd)
+            if not _is_eventfd(resamplefd):
                 raise _Fail(errno.EINVAL)
-            route = entry.irq_routes.get(gsi)
-            if route is None or not (route[1] >> 15) & 1:
+            route = worker.routes.get(gsi)
+            if route is None or not route.level_triggered:
                 raise _Fail(errno.EINVAL)
-        entry.irqfds[fd] = gsi
+        worker.assign(Irqfd(fd, gsi, resamplefd))
         return 0
 
     def _ioeventfd(self, entry: _Fd, arg: Any) -> int:
@@ -249,21 +251,24 @@ class SimBackend:
             raise _Fail(errno.EINVAL)
         if flags & (1 << lib.MSHV_IOEVENTFD_BIT_PIO):
             raise _Fail(errno.EOPNOTSUPP)
-        datamatch = bool(flags & (1 << lib.MSHV_IOEVENTFD_BIT_DATAMATCH))
-        key = (int(req.addr), length, int(req.fd), int(datamatch), int(req.datamatch) if datamatch else 0)
+        assert entry.partition is not None
+        doorbells = entry.partition.doorbells
+        matching = int(req.datamatch) if flags & (1 << lib.MSHV_IOEVENTFD_BIT_DATAMATCH) else None
+        doorbell = Doorbell(int(req.addr), length, int(req.fd), matching)
         if flags & (1 << lib.MSHV_IOEVENTFD_BIT_DEASSIGN):
-            if key not in entry.ioeventfds:
+            if doorbell not in doorbells:
                 raise _Fail(errno.ENOENT)
-            entry.ioeventfds.remove(key)
+            doorbells.remove(doorbell)
             return 0
         if length not in (0, 1, 2, 4, 8) or int(req.addr) + length > (1 << 64) - 1:
             raise _Fail(errno.EINVAL)
         if not _is_eventfd(int(req.fd)):
             raise _Fail(errno.EBADF)
-        for addr, ln, _fd, dm, value in entry.ioeventfds:
-            if addr == key[0] and ln == length and (not dm or not datamatch or value == key[4]):
+        for other in doorbells:
+            if (other.address, other.length) == (doorbell.address, length) and (
+                    other.datamatch is None or matching is None or other.datamatch == matching):
                 raise _Fail(errno.EEXIST)
-        entry.ioeventfds.append(key)
+        doorbells.append(doorbell)
         return 0
 
     def _msi_routing(self, entry: _Fd, arg: Any) -> int:
@@ -271,13 +276,14 @@ class SimBackend:
         count = int(table.nr)
         if count > MAX_GSIS or table.rsvd:
             raise _Fail(errno.EINVAL)
-        routes: dict[int, tuple[int, int]] = {}
+        routes: dict[int, MsiRoute] = {}
         for i in range(count):
             e = table.entries[i]
             if e.gsi >= MAX_GSIS or e.address_hi or int(e.gsi) in routes:
                 raise _Fail(errno.EINVAL)
-            routes[int(e.gsi)] = (int(e.address_lo), int(e.data))
-        entry.irq_routes = routes
+            routes[int(e.gsi)] = MsiRoute(int(e.address_lo), int(e.data))
+        assert entry.irqfd is not None
+        entry.irqfd.set_routes(routes)
         return 0
 
     def _gpap_bitmap(self, entry: _Fd, arg: Any) -> int:
@@ -290,21 +296,25 @@ class SimBackend:
         count, base = int(req.page_count), int(req.gpap_base)
         if count > (1 << 40):
             raise _Fail(errno.E2BIG)
+        # As the driver does: one rep hypercall whose flags carry the operation.
         dirty = req.access_type == lib.MSHV_GPAP_ACCESS_TYPE_DIRTY
+        inp = ffi.new("struct hv_input_get_gpa_pages_access_state *")
+        inp.hv_gpa_page_number = base
+        flags = inp.flags.bits
+        if req.access_op == lib.MSHV_GPAP_ACCESS_OP_CLEAR:
+            flags.clear_dirty = 1
+            flags.clear_accessed = int(not dirty)
+        else:  # the driver's "set" branch, NOOP included (mshv_abi.md 1.2)
+            flags.set_accessed = 1
+            flags.set_dirty = int(dirty)
+        result = partition.hypercall(int(lib.HVCALL_GET_GPA_PAGES_ACCESS_STATES), bytes(ffi.buffer(inp)), count, 0)
+        if result.status != 0:
+            raise _Fail(_status_errno(result.status))
         bit = 0b10 if dirty else 0b01
         bitmap = bytearray((count + 7) // 8)
-        for i in range(count):
-            gpa = (base + i) << PAGE_SHIFT
-            region = partition.memory.lookup(gpa)
-            if region is None:
-                raise _Fail(errno.EINVAL)
-            page = (gpa - region.gpa) >> PAGE_SHIFT
-            if region.access[page] & bit:
+        for i, state in enumerate(result.output):
+            if state & bit:
                 bitmap[i // 8] |= 1 << (i % 8)
-            if req.access_op == lib.MSHV_GPAP_ACCESS_OP_CLEAR:
-                region.access[page] &= ~(0b10 if dirty else 0b11)
-            else:  # the driver's "set" branch, NOOP included (mshv_abi.md 1.2)
-                region.access[page] |= 0b11 if dirty else 0b01
         ffi.memmove(ffi.cast("void *", int(req.bitmap_ptr)), bytes(bitmap), len(bitmap))
         return 0
 
@@ -340,7 +350,7 @@ class SimBackend:
         call.status = status & 0xFFFF
         call.reps = done if reps else 0
         if call.out_ptr and (status == 0 or self.profile.output_copied_on_failure):
-            out = output[: int(call.out_sz)]
+            out = output[: int(call.out_sz)].ljust(int(call.out_sz), b"\0")  # the whole output page slice
             ffi.memmove(ffi.cast("void *", int(call.out_ptr)), out, len(out))
         if status == 0:
             return 0

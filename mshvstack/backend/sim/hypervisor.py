@@ -7,6 +7,7 @@ the output bytes and the reps completed, as the hypervisor would.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -18,6 +19,21 @@ from mshvstack.backend.sim.memory import PAGE_SHIFT, GpaMap
 from mshvstack.backend.sim.vp import SimVp
 
 HV_OK = int(lib.HV_STATUS_SUCCESS)
+
+
+@dataclass(frozen=True)
+class Doorbell:
+    """An MMIO doorbell port (what MSHV_IOEVENTFD installs)."""
+
+    address: int
+    length: int          # 0: any access size
+    fd: int
+    datamatch: int | None
+
+    def matches(self, gpa: int, size: int, value: int) -> bool:
+        if gpa != self.address or (self.length and size != self.length):
+            return False
+        return self.datamatch is None or value == self.datamatch
 
 
 @dataclass
@@ -62,6 +78,8 @@ class SimPartition:
         self.exception_intercepts: set[int] = set()
         self.intercepts_hypercalls = False
         self.cpuid_results: dict[tuple[int, int], tuple[int, ...]] = {}
+        self.doorbells: list[Doorbell] = []
+        self.eoi_listeners: list[Callable[[int], None]] = []
         self._time_base = time.monotonic_ns()
         self._frozen_at: int | None = None
         self._unfrozen = threading.Event()
@@ -167,6 +185,61 @@ class SimPartition:
             elif mode == 6:
                 vp.start_at_sipi(vector)
 
+    # ---- dirty-page tracking (write protection, as hardware-assisted logging does)
+    @property
+    def tracking(self) -> bool:
+        return bool(self.properties[lib.HV_PARTITION_PROPERTY_GPA_PAGE_ACCESS_TRACKING])
+
+    def _protect_pages(self, region: Any, pages: list[int]) -> None:
+        for page in pages:
+            region.write_protected.add(page)
+        for vp in self.vps.values():
+            if vp.engine is not None:
+                for page in pages:
+                    vp.engine.protect(region.gpa + (page << PAGE_SHIFT), 1 << PAGE_SHIFT, False, region.executable)
+
+    def track_write(self, gpa: int) -> bool:
+        """A guest write hit a tracking-protected page: mark it, unprotect it."""
+        region = self.memory.lookup(gpa)
+        if region is None or not region.writable:
+            return False
+        page = (gpa - region.gpa) >> PAGE_SHIFT
+        if page not in region.write_protected:
+            return False
+        region.write_protected.discard(page)
+        region.access[page] |= 0b11
+        for vp in self.vps.values():
+            if vp.engine is not None:
+                vp.engine.protect(region.gpa + (page << PAGE_SHIFT), 1 << PAGE_SHIFT, True, region.executable)
+        return True
+
+    def _start_tracking(self, enabled: bool) -> None:
+        for region in self.memory.regions:
+            if not region.writable:
+                continue
+            if enabled:
+                self._protect_pages(region, [p for p in range(region.pages) if not region.access[p] & 0b10])
+            else:
+                pages = sorted(region.write_protected)
+                region.write_protected.clear()
+                for vp in self.vps.values():
+                    if vp.engine is not None:
+                        for page in pages:
+                            vp.engine.protect(region.gpa + (page << PAGE_SHIFT), 1 << PAGE_SHIFT, True, region.executable)
+
+    # ---- doorbells (ioeventfd) and interrupt routing (irqfd)
+    def ring_doorbell(self, gpa: int, size: int, value: int) -> bool:
+        for doorbell in self.doorbells:
+            if doorbell.matches(gpa, size, value):
+                os.eventfd_write(doorbell.fd, 1)
+                return True
+        return False
+
+    def end_of_interrupt(self, vector: int) -> None:
+        """Guest EOI'd ``vector``: resample level-triggered irqfds routed to it."""
+        for callback in list(self.eoi_listeners):
+            callback(vector)
+
     def end_of_message(self, vp: SimVp) -> None:
         vp.end_of_message()
 
@@ -206,6 +279,8 @@ class SimPartition:
                 return HvResult(int(lib.HV_STATUS_PROPERTY_VALUE_OUT_OF_RANGE))
             self._freeze(bool(value))
         self.properties[code] = value
+        if code == lib.HV_PARTITION_PROPERTY_GPA_PAGE_ACCESS_TRACKING:
+            self._start_tracking(bool(value))
         return HvResult(HV_OK)
 
     def _freeze(self, frozen: bool) -> None:
@@ -347,6 +422,8 @@ class SimPartition:
             if flags.set_dirty:
                 state |= 0b10
             region.access[page] = state
+            if flags.clear_dirty and self.tracking and region.writable and page not in region.write_protected:
+                self._protect_pages(region, [page])
             done += 1
         return HvResult(HV_OK, bytes(out), done)
 

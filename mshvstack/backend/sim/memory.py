@@ -35,6 +35,8 @@ class Region:
     # Access tracking (HVCALL_GET_GPA_PAGES_ACCESS_STATES): one byte per page,
     # bit 0 accessed, bit 1 dirty.
     access: bytearray = field(repr=False, default_factory=bytearray)
+    # Pages write-protected for dirty tracking (indexes within the region).
+    write_protected: set[int] = field(repr=False, default_factory=set)
 
     @property
     def gpa(self) -> int:

@@ -156,6 +156,9 @@ class SimVp:
             engine.map(region.gpa, region.size, region.userspace_addr, region.writable, region.executable)
         if self.partition.lapic_enabled and not self.partition.memory.lookup(XAPIC_BASE):
             engine.map_mmio(XAPIC_BASE, PAGE, self._xapic_read, self._xapic_write)
+        for region in self.partition.memory.regions:
+            for page in sorted(region.write_protected):
+                engine.protect(region.gpa + (page << 12), PAGE, False, region.executable)
         # Order matters: paging registers before the mode bits that use them.
         for name in (R.HV_X64_REGISTER_CR3, R.HV_X64_REGISTER_CR4, R.HV_X64_REGISTER_EFER, R.HV_X64_REGISTER_CR0):
             engine.set_reg(name, self._state.get(name, 0))
@@ -245,8 +248,17 @@ class SimVp:
         return self.lapic.read(offset & ~0xF) if self._xapic_enabled() else 0xFFFFFFFF
 
     def _xapic_write(self, offset: int, size: int, value: int) -> None:
-        if self._xapic_enabled():
+        if not self._xapic_enabled():
+            return
+        if offset & ~0xF == 0xB0:
+            self._eoi()
+        else:
             self.lapic.write(offset & ~0xF, value)
+
+    def _eoi(self) -> None:
+        vector = self.lapic.eoi()
+        if vector is not None:
+            self.partition.end_of_interrupt(vector)
 
     def _xapic_enabled(self) -> bool:
         base = self.reg(R.HV_X64_REGISTER_APIC_BASE)
@@ -354,7 +366,19 @@ class SimVp:
             return self._special_exit(stop.instruction)
         if stop.kind in (StopKind.UNMAPPED, StopKind.PROTECTION):
             return self._memory_exit(stop)
+        if stop.vector == x86.VECTOR_PF:
+            return self._page_fault(stop)
         return self._exception(stop)
+
+    def _page_fault(self, stop: EngineStop) -> bytes | None:
+        """#PF from the engine: rebuild the error code from a walk of CR2."""
+        cpl = self.segment(R.HV_X64_REGISTER_CS)[2] & 3
+        access = (x86.Access.WRITE if stop.write else x86.Access.READ) | (x86.Access.EXECUTE if stop.execute else x86.Access.READ)
+        if cpl == 3:
+            access |= x86.Access.USER
+        t = x86.translate(self.partition.memory, self.reg(R.HV_X64_REGISTER_CR0), self.reg(R.HV_X64_REGISTER_CR3),
+                          self.reg(R.HV_X64_REGISTER_CR4), self.reg(R.HV_X64_REGISTER_EFER), stop.address, access)
+        return self._exception(stop, error_code=t.error_code, cr2=stop.address)
 
     def _memory_exit(self, stop: EngineStop) -> bytes:
         paging = self.reg(R.HV_X64_REGISTER_CR0) & x86.CR0_PG
@@ -368,6 +392,13 @@ class SimVp:
                 return self._exception(EngineStop(StopKind.EXCEPTION, stop.instruction, vector=x86.VECTOR_PF),
                                        error_code=t.error_code, cr2=gva)
             gpa = t.gpa if t.result is x86.TranslateResult.SUCCESS else gva
+        if stop.kind is StopKind.PROTECTION and stop.write and self.partition.track_write(gpa):
+            return None  # dirty-page tracking fault: recorded, page writable again, retry
+        if stop.kind is StopKind.UNMAPPED and stop.write and stop.instruction is not None:
+            if self.partition.ring_doorbell(gpa, stop.size, stop.value):
+                # An ioeventfd took the write: the guest continues, no exit.
+                self.set_reg(R.HV_X64_REGISTER_RIP, stop.instruction.rip + stop.instruction.length)
+                return None
         kind = lib.HVMSG_UNMAPPED_GPA if stop.kind is StopKind.UNMAPPED else lib.HVMSG_GPA_INTERCEPT
         msg, payload = new_message(kind, "struct hv_x64_memory_intercept_message")
         access = lib.HV_INTERCEPT_ACCESS_EXECUTE if stop.execute else (lib.HV_INTERCEPT_ACCESS_WRITE if stop.write else lib.HV_INTERCEPT_ACCESS_READ)
@@ -586,7 +617,7 @@ class SimVp:
         elif MSR_SINT0 <= index < MSR_SINT0 + 16:
             synic.sints[index - MSR_SINT0] = value
         elif index == MSR_EOI:
-            self.lapic.eoi()
+            self._eoi()
         elif index == MSR_ICR:
             self.lapic.write_icr64(value)
         elif index == MSR_TPR:
@@ -595,6 +626,8 @@ class SimVp:
             offset = (index - X2APIC_MSR_BASE) << 4
             if offset == 0x300:
                 self.lapic.write_icr64(value)
+            elif offset == 0xB0:
+                self._eoi()
             else:
                 self.lapic.write(offset, value)
         elif index in (MSR_VP_INDEX, MSR_TIME_REF_COUNT, MSR_SVERSION):

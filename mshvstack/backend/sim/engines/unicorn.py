@@ -13,6 +13,7 @@ Unicorn speed with one cheap block callback.
 from __future__ import annotations
 
 import threading
+import zlib
 from typing import Any
 
 import capstone
@@ -31,6 +32,9 @@ _SPECIAL_IDS: dict[int, Special] = {
     cx.X86_INS_CPUID: Special.CPUID, cx.X86_INS_HLT: Special.HLT,
     cx.X86_INS_VMCALL: Special.VMCALL, cx.X86_INS_VMMCALL: Special.VMCALL,
 }
+
+VECTOR_PF = 14
+MAX_TRACKED_CODE_PAGES = 512
 
 _UC_MODE = {16: unicorn.UC_MODE_16, 32: unicorn.UC_MODE_32, 64: unicorn.UC_MODE_64}
 _CS_MODE = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}
@@ -87,10 +91,15 @@ class UnicornEngine:
         self._hooked: set[int] = set()
         self._specials: dict[int, Instruction] = {}
         self._stop: EngineStop | None = None
+        self._code_pages: dict[int, int] = {}  # page -> crc32 at translation
         self._cancel = threading.Event()
         # Hidden parts of segment registers, which Unicorn's API does not expose.
         self._shadow: dict[int, tuple[int, int, int]] = {}
         uc = self._uc
+        # Run until stopped, with no "until" address: Unicorn implements
+        # "until" through CPU state that leaks into CR2 (seen with 2.1.4).
+        uc.ctl_exits_enabled(True)
+        uc.ctl_set_exits([])
         uc.hook_add(unicorn.UC_HOOK_BLOCK, self._on_block)
         uc.hook_add(unicorn.UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
         uc.hook_add(unicorn.UC_HOOK_MEM_PROT, self._on_protection)
@@ -106,10 +115,34 @@ class UnicornEngine:
         self._uc.mem_unmap(gpa, size)
         self.flush_code(gpa, size)
 
+    def protect(self, gpa: int, size: int, writable: bool, executable: bool) -> None:
+        perms = unicorn.UC_PROT_READ | (unicorn.UC_PROT_WRITE if writable else 0) | (unicorn.UC_PROT_EXEC if executable else 0)
+        self._uc.mem_protect(gpa, size, perms)
+
     def flush_code(self, gpa: int, size: int) -> None:
         """Drop translations of [gpa, gpa+size) (the host rewrote guest code)."""
         self._uc.ctl_remove_cache(gpa, gpa + size)
         self._scanned = {a for a in self._scanned if not gpa <= a < gpa + size}
+        for page in range(gpa & ~0xFFF, gpa + size, 0x1000):
+            self._code_pages.pop(page, None)
+
+    def _check_code_pages(self) -> None:
+        """Retranslate pages whose bytes changed since translation.
+
+        The host can rewrite guest code through its own mapping at any time
+        (the real hypervisor sees such writes at once); Unicorn would keep
+        running the stale translation, so compare checksums before each run.
+        Bounded: beyond MAX_TRACKED_CODE_PAGES the check is skipped.
+        """
+        if len(self._code_pages) > MAX_TRACKED_CODE_PAGES:
+            return
+        for page, crc in list(self._code_pages.items()):
+            try:
+                now = zlib.crc32(self._uc.mem_read(page, 0x1000))
+            except unicorn.UcError:
+                continue
+            if now != crc:
+                self.flush_code(page, 0x1000)
 
     # ---- registers ----
     def reg(self, name: int) -> int:
@@ -178,10 +211,11 @@ class UnicornEngine:
         if self._cancel.is_set():
             self._cancel.clear()
             return EngineStop(StopKind.CANCELLED)
+        self._check_code_pages()
         rip = self.reg(lib.HV_X64_REGISTER_RIP)
         begin = rip if self.bits != 16 else rip & 0xFFFF
         try:
-            self._uc.emu_start(begin, (1 << 64) - 1, timeout=timeout_us)
+            self._uc.emu_start(begin, 0, timeout=timeout_us)
         except unicorn.UcError as exc:
             if self._stop is None:
                 self._stop = EngineStop(StopKind.EXCEPTION, vector=6 if exc.errno == unicorn.UC_ERR_INSN_INVALID else 13)
@@ -207,6 +241,12 @@ class UnicornEngine:
             code = bytes(uc.mem_read(address, size))
         except unicorn.UcError:
             return
+        for page in range(address & ~0xFFF, address + size, 0x1000):
+            if page not in self._code_pages:
+                try:
+                    self._code_pages[page] = zlib.crc32(uc.mem_read(page, 0x1000))
+                except unicorn.UcError:
+                    pass
         found = False
         for insn in self._md.disasm(code, address):
             kind = _SPECIAL_IDS.get(insn.id)
@@ -256,8 +296,25 @@ class UnicornEngine:
         return False
 
     def _on_interrupt(self, uc: Any, vector: int, _data: Any) -> None:
-        self._stop = EngineStop(StopKind.EXCEPTION, self._current(uc), vector=vector)
+        insn = self._current(uc)
+        write = fetch = False
+        address = 0
+        if vector == VECTOR_PF:
+            address = int(uc.reg_read(ux.UC_X86_REG_CR2))
+            write = insn is not None and self._writes_memory(insn)
+            fetch = insn is not None and insn.address <= address < insn.address + max(insn.length, 1)
+        self._stop = EngineStop(StopKind.EXCEPTION, insn, address, write, fetch, vector=vector)
         uc.emu_stop()
+
+    def _writes_memory(self, insn: Instruction) -> bool:
+        """Whether the instruction writes a memory operand (for #PF's W bit)."""
+        self._md.detail = True
+        try:
+            for decoded in self._md.disasm(insn.raw, insn.address, count=1):
+                return any(op.type == cx.X86_OP_MEM and op.access & capstone.CS_AC_WRITE for op in decoded.operands)
+        finally:
+            self._md.detail = False
+        return False
 
     def _on_invalid(self, uc: Any, _data: Any) -> bool:
         self._stop = EngineStop(StopKind.EXCEPTION, self._current(uc), vector=6)

@@ -1,0 +1,129 @@
+"""irqfd: eventfds that inject MSIs, as the driver's mshv_eventfd.c does.
+
+A worker thread waits on every assigned eventfd; a signal reads the
+counter, looks up the MSI route of the irqfd's GSI and asserts the decoded
+interrupt.  Level-triggered routes with a resample fd get it signalled when
+the guest EOIs that vector.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import threading
+from dataclasses import dataclass
+
+from mshvstack.backend.sim.hypervisor import SimPartition
+
+
+@dataclass(frozen=True)
+class MsiRoute:
+    address_lo: int
+    data: int
+
+    @property
+    def vector(self) -> int:
+        return self.data & 0xFF
+
+    @property
+    def delivery_mode(self) -> int:
+        return (self.data >> 8) & 7
+
+    @property
+    def level_triggered(self) -> bool:
+        return bool((self.data >> 15) & 1)
+
+    @property
+    def destination(self) -> int:
+        return (self.address_lo >> 12) & 0xFF
+
+    @property
+    def logical(self) -> bool:
+        return bool((self.address_lo >> 2) & 1)
+
+
+@dataclass(frozen=True)
+class Irqfd:
+    fd: int
+    gsi: int
+    resamplefd: int | None
+
+
+class IrqfdWorker:
+    """Per-partition thread turning eventfd signals into interrupts."""
+
+    def __init__(self, partition: SimPartition) -> None:
+        self.partition = partition
+        self.routes: dict[int, MsiRoute] = {}
+        self.irqfds: dict[int, Irqfd] = {}
+        self._selector = selectors.DefaultSelector()
+        self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._selector.register(self._wakeup, selectors.EVENT_READ)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        partition.eoi_listeners.append(self._on_eoi)
+
+    def assign(self, irqfd: Irqfd) -> None:
+        with self._lock:
+            self.irqfds[irqfd.fd] = irqfd
+            self._selector.register(irqfd.fd, selectors.EVENT_READ)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="mshv-irqfd", daemon=True)
+                self._thread.start()
+        os.eventfd_write(self._wakeup, 1)
+
+    def deassign(self, fd: int, gsi: int) -> None:
+        with self._lock:
+            irqfd = self.irqfds.get(fd)
+            if irqfd is None or irqfd.gsi != gsi:
+                return
+            del self.irqfds[fd]
+            self._selector.unregister(fd)
+        os.eventfd_write(self._wakeup, 1)
+
+    def set_routes(self, routes: dict[int, MsiRoute]) -> None:
+        with self._lock:
+            self.routes = routes
+
+    def _loop(self) -> None:
+        while not self._closed:
+            for key, _events in self._selector.select(timeout=0.5):
+                fd = int(key.fd)  # type: ignore[arg-type]
+                try:
+                    os.eventfd_read(fd)
+                except (BlockingIOError, OSError):
+                    continue
+                if fd != self._wakeup:
+                    self._fire(fd)
+
+    def _fire(self, fd: int) -> None:
+        with self._lock:
+            irqfd = self.irqfds.get(fd)
+            route = self.routes.get(irqfd.gsi) if irqfd else None
+        if route is None:
+            return  # no valid route for this GSI: the driver ignores it
+        targets = [vp for vp in self.partition.vps.values() if route.logical or vp.index == route.destination]
+        if route.logical:
+            targets = [vp for vp in targets if (1 << vp.index) & route.destination]
+        for vp in targets[:1] if route.delivery_mode == 1 else targets:
+            if route.delivery_mode == 4:
+                vp.queue_nmi()
+            else:
+                vp.queue_interrupt(route.vector)
+
+    def _on_eoi(self, vector: int) -> None:
+        with self._lock:
+            pending = [i for i in self.irqfds.values() if i.resamplefd is not None
+                       and (r := self.routes.get(i.gsi)) is not None and r.vector == vector and r.level_triggered]
+        for irqfd in pending:
+            assert irqfd.resamplefd is not None
+            os.eventfd_write(irqfd.resamplefd, 1)
+
+    def close(self) -> None:
+        self._closed = True
+        os.eventfd_write(self._wakeup, 1)
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        self._selector.close()
+        os.close(self._wakeup)

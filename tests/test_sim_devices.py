@@ -1,0 +1,304 @@
+"""Simulator features a VMM builds devices on: dirty logging, irqfd,
+ioeventfd, host code patching, page faults, parallel VPs, rep semantics."""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from mshvstack.abi import ffi, lib
+from mshvstack.backend.sim import SimBackend
+from mshvstack.errors import ErrnoError
+
+from guests import assemble
+from simhelpers import (Guest, advance, expect_io, get_registers, hvcall, long_mode_guest, payload, set_property,
+                        set_registers)
+
+LAPIC = 1 << lib.MSHV_PT_BIT_LAPIC
+
+
+def _guest(tmp_path: Path, source: str, vectors: tuple[int, ...] = ()) -> tuple[SimBackend, Guest]:
+    image, symbols = assemble(source, tmp_path)
+    backend = SimBackend()
+    return backend, long_mode_guest(backend, image, {v: symbols[f"vector_{v:#x}"] for v in vectors}, LAPIC)
+
+
+def _bitmap(backend: SimBackend, g: Guest, base: int, count: int, op: int, kind: int) -> int:
+    bits = ffi.new("unsigned char[]", (count + 7) // 8)
+    req = ffi.new("struct mshv_gpap_access_bitmap *")
+    req.access_type, req.access_op, req.page_count, req.gpap_base = kind, op, count, base
+    req.bitmap_ptr = int(ffi.cast("uintptr_t", bits))
+    backend.ioctl(g.part, lib.MSHV_GET_GPAP_ACCESS_BITMAP, req)
+    return int.from_bytes(bytes(ffi.buffer(bits)), "little")
+
+
+def test_dirty_log_sees_guest_writes(tmp_path: Path) -> None:
+    backend, g = _guest(tmp_path, "movl $1, 0xc000\nout %al, $0x10\nmovl $2, 0xd010\nmovl $3, 0xc004\nout %al, $0x11\nhlt")
+    try:
+        dirty, clear = lib.MSHV_GPAP_ACCESS_TYPE_DIRTY, lib.MSHV_GPAP_ACCESS_OP_CLEAR
+        set_property(backend, g, lib.HV_PARTITION_PROPERTY_GPA_PAGE_ACCESS_TRACKING, 1)
+        _bitmap(backend, g, 0, 16, clear, dirty)  # start clean
+        advance(backend, g, expect_io(g.run(), 0x10).header)
+        assert _bitmap(backend, g, 0, 16, clear, dirty) == 1 << 0xC
+        advance(backend, g, expect_io(g.run(), 0x11).header)
+        assert _bitmap(backend, g, 0, 16, clear, dirty) == (1 << 0xC) | (1 << 0xD)
+        assert _bitmap(backend, g, 0, 16, clear, dirty) == 0
+        assert struct.unpack_from("<III", g.ram, 0xC000)[0] == 1 and g.ram[0xC004] == 3 and g.ram[0xD010] == 2
+    finally:
+        g.close()
+
+
+def test_gpap_bitmap_validation() -> None:
+    backend = SimBackend()
+    g = Guest(backend)
+    try:
+        req = ffi.new("struct mshv_gpap_access_bitmap *")
+        req.access_type, req.page_count, req.bitmap_ptr = 2, 1, 8
+        with pytest.raises(ErrnoError) as info:
+            backend.ioctl(g.part, lib.MSHV_GET_GPAP_ACCESS_BITMAP, req)
+        assert info.value.errno == errno.EINVAL
+        req.access_type, req.page_count = 0, 0
+        with pytest.raises(ErrnoError):
+            backend.ioctl(g.part, lib.MSHV_GET_GPAP_ACCESS_BITMAP, req)
+    finally:
+        g.close()
+
+
+def _route(backend: SimBackend, g: Guest, gsi: int, vector: int, level: bool = False) -> None:
+    raw = ffi.new("char[]", ffi.sizeof("struct mshv_user_irq_table") + ffi.sizeof("struct mshv_user_irq_entry"))
+    table = ffi.cast("struct mshv_user_irq_table *", raw)
+    table.nr = 1
+    table.entries[0].gsi = gsi
+    table.entries[0].address_lo = 0xFEE00000  # APIC id 0, physical
+    table.entries[0].data = vector | (int(level) << 15)
+    backend.ioctl(g.part, lib.MSHV_SET_MSI_ROUTING, table)
+
+
+def test_irqfd_injects_routed_msi_and_resamples_on_eoi(tmp_path: Path) -> None:
+    source = """
+    sti
+    hlt
+    cli
+    out %al, $0x11
+    hlt
+vector_0x44:
+    out %al, $0x10
+    mov $0x40000070, %ecx
+    xor %eax, %eax
+    xor %edx, %edx
+    wrmsr
+    iretq
+"""
+    backend, g = _guest(tmp_path, source, (0x44,))
+    efd, resample = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        _route(backend, g, 7, 0x44, level=True)
+        irq = ffi.new("struct mshv_user_irqfd *")
+        irq.fd, irq.resamplefd, irq.gsi, irq.flags = efd, resample, 7, 1 << lib.MSHV_IRQFD_BIT_RESAMPLE
+        backend.ioctl(g.part, lib.MSHV_IRQFD, irq)
+        threading.Timer(0.05, os.eventfd_write, args=(efd, 1)).start()
+        advance(backend, g, expect_io(g.run(), 0x10).header)
+        expect_io(g.run(), 0x11)
+        assert os.eventfd_read(resample) == 1  # the guest's EOI resampled the level irqfd
+    finally:
+        g.close()
+        os.close(efd)
+        os.close(resample)
+
+
+def test_ioeventfd_takes_matching_mmio_writes_without_exit(tmp_path: Path) -> None:
+    source = "mov $0xd0000040, %rbx\nmovl $7, (%rbx)\nmovl $8, (%rbx)\nhlt"
+    backend, g = _guest(tmp_path, source)
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        io = ffi.new("struct mshv_user_ioeventfd *")
+        io.fd, io.addr, io.len, io.datamatch = efd, 0xD0000040, 4, 7
+        io.flags = 1 << lib.MSHV_IOEVENTFD_BIT_DATAMATCH
+        backend.ioctl(g.part, lib.MSHV_IOEVENTFD, io)
+        msg = g.run()  # the first write rang the doorbell; the second (8) exits
+        assert msg.header.message_type == lib.HVMSG_UNMAPPED_GPA
+        assert payload(msg, "struct hv_x64_memory_intercept_message").guest_physical_address == 0xD0000040
+        assert os.eventfd_read(efd) == 1
+    finally:
+        g.close()
+        os.close(efd)
+
+
+def test_host_rewrite_of_guest_code_takes_effect(tmp_path: Path) -> None:
+    backend, g = _guest(tmp_path, "mov $1, %eax\nout %eax, $0x10\njmp _start")
+    try:
+        io = expect_io(g.run(), 0x10)
+        assert io.rax == 1
+        g.ram[0x2001] = 2  # mov $2, %eax: patched through the host's mapping
+        set_registers(backend, g.vp, {lib.HV_X64_REGISTER_RIP: 0x2000})
+        assert expect_io(g.run(), 0x10).rax == 2
+    finally:
+        g.close()
+
+
+def test_page_fault_reaches_guest_with_error_code_and_cr2(tmp_path: Path) -> None:
+    source = """
+    movl $5, 0x40000123        /* not mapped by the page tables */
+    hlt
+vector_0xe:
+    pop %rax                   /* error code */
+    out %eax, $0x10
+    mov %cr2, %rax
+    out %eax, $0x11
+    hlt
+"""
+    backend, g = _guest(tmp_path, source, (0xE,))
+    try:
+        io = expect_io(g.run(), 0x10)
+        assert io.rax & 0xFF == 0b10  # not present, write, supervisor
+        advance(backend, g, io.header)
+        assert expect_io(g.run(), 0x11).rax & 0xFFFFFFFF == 0x40000123
+    finally:
+        g.close()
+
+
+def test_vps_run_in_parallel_threads(tmp_path: Path) -> None:
+    image, _ = assemble("mov $200000, %ecx\n1: dec %ecx\njnz 1b\nout %al, $0x10\nhlt", tmp_path)
+    backend = SimBackend()
+    g = long_mode_guest(backend, image)
+    try:
+        vp = ffi.new("struct mshv_create_vp *")
+        vp.vp_index = 1
+        second = backend.ioctl(g.part, lib.MSHV_CREATE_VP, vp)
+        for fd in (second,):
+            for name in ("CR3", "CR4", "EFER", "CR0", "RIP", "RSP", "RFLAGS"):
+                value, = get_registers(backend, g.vp, [getattr(lib, f"HV_X64_REGISTER_{name}")])
+                set_registers(backend, fd, {getattr(lib, f"HV_X64_REGISTER_{name}"): value})
+        results: dict[int, int] = {}
+
+        def run(fd: int) -> None:
+            run_arg = ffi.new("struct mshv_run_vp *")
+            backend.ioctl(fd, lib.MSHV_RUN_VP, run_arg)
+            msg = ffi.cast("struct hv_message *", run_arg)
+            results[fd] = payload(msg, "struct hv_x64_io_port_intercept_message").header.vp_index
+
+        threads = [threading.Thread(target=run, args=(fd,)) for fd in (g.vp, second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert results == {g.vp: 0, second: 1}
+        backend.close(second)
+    finally:
+        g.close()
+
+
+def _get_regs_call(backend: SimBackend, g: Guest, names: list[int]) -> tuple[object, object]:
+    size = ffi.sizeof("struct hv_input_get_vp_registers") + 4 * len(names)
+    raw = ffi.new("char[]", size)
+    inp = ffi.cast("struct hv_input_get_vp_registers *", raw)
+    for i, name in enumerate(names):
+        inp.names[i] = name
+    out = ffi.new("union hv_register_value[]", len(names))
+    call = ffi.new("struct mshv_root_hvcall *")
+    call.code, call.reps, call.in_sz, call.in_ptr = lib.HVCALL_GET_VP_REGISTERS, len(names), size, int(ffi.cast("uintptr_t", raw))
+    call.out_sz, call.out_ptr = ffi.sizeof(out), int(ffi.cast("uintptr_t", out))
+    return call, (raw, out)
+
+
+def test_partial_reps_report_progress() -> None:
+    backend = SimBackend()
+    g = Guest(backend)
+    try:
+        names = [lib.HV_X64_REGISTER_RAX, lib.HV_X64_REGISTER_RBX, lib.HV_X64_REGISTER_RCX]
+        backend.faults.partial_reps(lib.HVCALL_GET_VP_REGISTERS, completed=1)
+        call, _keep = _get_regs_call(backend, g, names)
+        with pytest.raises(ErrnoError):
+            backend.ioctl(g.vp, lib.MSHV_ROOT_HVCALL, call)
+        assert (call.reps, call.status) == (1, lib.HV_STATUS_TIME_OUT)
+        backend.faults.fail_hvcall(lib.HVCALL_GET_VP_REGISTERS, lib.HV_STATUS_ACCESS_DENIED, times=1)
+        call, _keep = _get_regs_call(backend, g, names)
+        with pytest.raises(ErrnoError) as info:
+            backend.ioctl(g.vp, lib.MSHV_ROOT_HVCALL, call)
+        assert info.value.errno == errno.EIO and call.status == lib.HV_STATUS_ACCESS_DENIED
+    finally:
+        g.close()
+
+
+def test_output_copied_on_failure_only_under_6_15() -> None:
+    for profile, copied in (("6.15", True), ("newest", False)):
+        backend = SimBackend(profile=profile)
+        g = Guest(backend)
+        try:
+            backend.faults.fail_hvcall(lib.HVCALL_GET_PARTITION_PROPERTY, lib.HV_STATUS_ACCESS_DENIED)
+            inp = ffi.new("struct hv_input_get_partition_property *")
+            out = ffi.new("struct hv_output_get_partition_property *")
+            out.property_value = 0xAA
+            with pytest.raises(ErrnoError):
+                hvcall(backend, g.part, lib.HVCALL_GET_PARTITION_PROPERTY, inp, out)
+            assert (out.property_value != 0xAA) == copied
+        finally:
+            g.close()
+
+
+def test_vp_cpuid_values_and_gpa_access() -> None:
+    backend = SimBackend(profile="azure")
+    g = Guest(backend)
+    try:
+        raw = ffi.new("char[]", ffi.sizeof("struct hv_input_get_vp_cpuid_values") + ffi.sizeof("struct hv_cpuid_leaf_info"))
+        inp = ffi.cast("struct hv_input_get_vp_cpuid_values *", raw)
+        inp.cpuid_leaf_info[0].eax = 0x40000000
+        out = ffi.new("union hv_output_get_vp_cpuid_values *")
+        hvcall(backend, g.vp, lib.HVCALL_GET_VP_CPUID_VALUES, raw, out, reps=1, in_size=len(ffi.buffer(raw)))
+        assert struct.pack("<III", out.ebx, out.ecx, out.edx) == b"Microsoft Hv"
+        w = ffi.new("struct hv_input_write_gpa *")
+        w.base_gpa, w.byte_count = 0x1230, 4
+        ffi.memmove(w.data, b"\x01\x02\x03\x04", 4)
+        hvcall(backend, g.vp, lib.HVCALL_WRITE_GPA, w, ffi.new("struct hv_output_write_gpa *"))
+        assert bytes(g.ram[0x1230:0x1234]) == b"\x01\x02\x03\x04"
+        r = ffi.new("struct hv_input_read_gpa *")
+        r.base_gpa, r.byte_count = 0x1231, 2
+        rout = ffi.new("struct hv_output_read_gpa *")
+        hvcall(backend, g.vp, lib.HVCALL_READ_GPA, r, rout)
+        assert bytes(rout.data)[:2] == b"\x02\x03"
+        r.base_gpa = 0x80000000
+        hvcall(backend, g.vp, lib.HVCALL_READ_GPA, r, rout)
+        assert rout.access_result.result_code == lib.HV_ACCESS_GPA_UNMAPPED
+    finally:
+        g.close()
+
+
+# (opcode bytes, port, size, write, string, rep) for every port-I/O form in real mode
+_IO_FORMS = st.sampled_from([
+    ("e4{port:02x}", True, 1, False, False, False), ("e5{port:02x}", True, 2, False, False, False),
+    ("e6{port:02x}", True, 1, True, False, False), ("e7{port:02x}", True, 2, True, False, False),
+    ("66e7{port:02x}", True, 4, True, False, False), ("ec", False, 1, False, False, False),
+    ("ed", False, 2, False, False, False), ("ee", False, 1, True, False, False), ("66ef", False, 4, True, False, False),
+    ("6c", False, 1, False, True, False), ("f36e", False, 1, True, True, True), ("f366 6f".replace(" ", ""), False, 4, True, True, True),
+])
+
+
+@settings(max_examples=40, deadline=None)
+@given(form=_IO_FORMS, port=st.integers(0, 0xFF), dx=st.integers(0, 0xFFFF), rax=st.integers(0, 0xFFFF))
+def test_io_intercept_encoding(form: tuple[str, bool, int, bool, bool, bool], port: int, dx: int, rax: int) -> None:
+    template, immediate, size, write, string, rep = form
+    code = bytes.fromhex(template.format(port=port))
+    backend = SimBackend()
+    g = Guest(backend, ram_size=0x4000)
+    try:
+        g.ram[0x1000 : 0x1000 + len(code)] = code
+        set_registers(backend, g.vp, {lib.HV_X64_REGISTER_RIP: 0x1000, lib.HV_X64_REGISTER_RDX: dx,
+                                      lib.HV_X64_REGISTER_RAX: rax, lib.HV_X64_REGISTER_RFLAGS: 2,
+                                      lib.HV_X64_REGISTER_RCX: 3})
+        msg = g.run()
+        io = expect_io(msg, port if immediate else dx)
+        assert io.header.instruction_length == len(code) == io.instruction_byte_count
+        assert bytes(io.instruction_bytes)[: len(code)] == code
+        assert io.access_info.bits.access_size == size
+        assert io.access_info.bits.string_op == string and io.access_info.bits.rep_prefix == rep
+        assert io.header.intercept_access_type == (lib.HV_INTERCEPT_ACCESS_WRITE if write else lib.HV_INTERCEPT_ACCESS_READ)
+        assert io.rax == rax and io.header.rip == 0x1000 and io.rcx == 3
+    finally:
+        g.close()
