@@ -10,7 +10,10 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["mshvstack", "mshvstack.*"]),
     setup_requires=["cffi>=1.16"],
-    cffi_modules=["mshvstack/abi/_build.py:ffibuilder"],
+    cffi_modules=[
+        "mshvstack/abi/_build.py:ffibuilder",
+        "mshvstack/backend/sim/engines/_build_fastpath.py:ffibuilder",
+    ],
     install_requires=[
         "cffi>=1.16",
         "typer>=0.12",

@@ -37,6 +37,9 @@ _GPR_NAMES = tuple(int(getattr(lib, f"HV_X64_REGISTER_{n}")) for n in
                    ("RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI",
                     "R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15"))
 _PAGE_SEGMENTS = ("es", "cs", "ss", "ds", "fs", "gs")
+_PAGE_GPR_OFFSET = ffi.offsetof("struct hv_vp_register_page", "gp_registers")
+_PAGE_SEGMENT_OFFSETS = tuple(ffi.offsetof("struct hv_vp_register_page", s) for s in _PAGE_SEGMENTS)
+_PAGE_CR0_OFFSET = ffi.offsetof("struct hv_vp_register_page", "cr0")
 
 # Synthetic MSRs the hypervisor itself implements.
 MSR_GUEST_OS_ID = int(lib.HV_X64_MSR_GUEST_OS_ID)
@@ -82,6 +85,8 @@ class SimVp:
         self._kick = False
         self._halted = False
         self._pending_exit: bytes | None = None      # e.g. SINT deliverable, raised outside run
+        # Registers read in one batch after the engine stops; valid until it runs again.
+        self._snap: dict[int, int] | None = None
         self._guest_os_id = 0
         self._hypercall_msr = 0
         self._started = time.monotonic_ns()
@@ -98,18 +103,20 @@ class SimVp:
 
     # ------------------------------------------------------------------ registers
     def reg(self, name: int) -> int:
-        if self.engine is not None and self.engine_holds(name):
+        snap = self._snap
+        if snap is not None and name in snap:
+            return snap[name]
+        if self.engine is not None and self.engine.holds(name):
             return self.engine.reg(name)
         return self._state.get(name, 0)
-
-    def engine_holds(self, name: int) -> bool:
-        holds = getattr(self.engine, "holds", None)
-        return bool(holds and holds(name))
 
     def set_reg(self, name: int, value: int) -> None:
         value &= U64
         self._state[name] = value
-        if self.engine is not None and self.engine_holds(name):
+        snap = self._snap
+        if snap is not None and name in snap:
+            snap[name] = value
+        if self.engine is not None and self.engine.holds(name):
             if name in (R.HV_X64_REGISTER_CR0, R.HV_X64_REGISTER_EFER) and self._mode_bits() != self.engine.bits:
                 self._drop_engine()
             else:
@@ -140,8 +147,9 @@ class SimVp:
         engine = self.engine
         if engine is None:
             return
+        self._snap = None
         for name in list(self._state):
-            if getattr(engine, "holds")(name):
+            if engine.holds(name):
                 self._state[name] = engine.reg(name)
         for name in _SEGMENT_NAMES + _TABLE_NAMES:
             self._segments[name] = engine.segment(name)
@@ -163,7 +171,7 @@ class SimVp:
         for name in (R.HV_X64_REGISTER_CR3, R.HV_X64_REGISTER_CR4, R.HV_X64_REGISTER_EFER, R.HV_X64_REGISTER_CR0):
             engine.set_reg(name, self._state.get(name, 0))
         for name, value in self._state.items():
-            if engine.holds(name) and name not in (R.HV_X64_REGISTER_CR0,):  # type: ignore[attr-defined]
+            if engine.holds(name) and name != R.HV_X64_REGISTER_CR0:
                 engine.set_reg(name, value)
         for name in _TABLE_NAMES + _SEGMENT_NAMES:
             engine.set_segment(name, *self._segments[name])
@@ -183,22 +191,19 @@ class SimVp:
         return ffi.cast("struct hv_vp_register_page *", ffi.from_buffer(self.register_page))
 
     def _publish_register_page(self) -> None:
+        """Refresh the shared register page, as the hypervisor does on an intercept."""
         page = self._page()
-        page.version = lib.HV_VP_REGISTER_PAGE_VERSION_1
-        for i, name in enumerate(_GPR_NAMES):
-            page.gp_registers[i] = self.reg(name)
-        page.rip = self.reg(R.HV_X64_REGISTER_RIP)
-        page.rflags = self.reg(R.HV_X64_REGISTER_RFLAGS)
-        for attr, name in zip(_PAGE_SEGMENTS, _SEGMENT_NAMES):
+        reg = self.reg
+        # GPRs, RIP, RFLAGS are contiguous from gp_registers: one pack.
+        struct.pack_into(f"<{len(_GPR_NAMES) + 2}Q", self.register_page, _PAGE_GPR_OFFSET,
+                         *[reg(n) for n in _GPR_NAMES], reg(R.HV_X64_REGISTER_RIP), reg(R.HV_X64_REGISTER_RFLAGS))
+        for offset, name in zip(_PAGE_SEGMENT_OFFSETS, _SEGMENT_NAMES):
             base, limit, selector, attributes = self.segment(name)
-            seg = getattr(page, attr)
-            seg.base, seg.limit, seg.selector, seg.attributes = base, limit, selector, attributes
-        page.cr0 = self.reg(R.HV_X64_REGISTER_CR0)
-        page.cr3 = self.reg(R.HV_X64_REGISTER_CR3)
-        page.cr4 = self.reg(R.HV_X64_REGISTER_CR4)
-        page.cr8 = self.reg(R.HV_X64_REGISTER_CR8)
-        page.efer = self.reg(R.HV_X64_REGISTER_EFER)
-        page.dr7 = self.reg(R.HV_X64_REGISTER_DR7)
+            struct.pack_into("<QIHH", self.register_page, offset, base, limit, selector, attributes)
+        struct.pack_into("<6Q", self.register_page, _PAGE_CR0_OFFSET,
+                         *[reg(n) for n in (R.HV_X64_REGISTER_CR0, R.HV_X64_REGISTER_CR3, R.HV_X64_REGISTER_CR4,
+                                            R.HV_X64_REGISTER_CR8, R.HV_X64_REGISTER_EFER, R.HV_X64_REGISTER_DR7)])
+        page.version = lib.HV_VP_REGISTER_PAGE_VERSION_1
         page.dirty = 0
         page.isvalid = 1
 
@@ -289,7 +294,9 @@ class SimVp:
         if self._pending_exit is not None:
             return None
         engine = self._ensure_engine()
+        self._snap = None
         stop = engine.run(self._timer_slice_us())
+        self._snap = engine.snapshot()
         return self._handle_stop(stop)
 
     def _timer_slice_us(self) -> int:

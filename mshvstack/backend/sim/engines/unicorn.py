@@ -16,12 +16,16 @@ import threading
 import zlib
 from typing import Any
 
+import ctypes
+
 import capstone
 import capstone.x86 as cx
 import unicorn
 import unicorn.x86_const as ux
+from unicorn.unicorn_py3.unicorn import uclib
 
 from mshvstack.abi import lib
+from mshvstack.backend.sim.engines._fastpath import ffi as fast_ffi, lib as fast_lib
 from mshvstack.backend.sim.engines.base import EngineStop, Instruction, MmioRead, MmioWrite, Special, SpecialHandler, StopKind
 
 _SPECIAL_IDS: dict[int, Special] = {
@@ -72,9 +76,17 @@ def _plain_registers(bits: int) -> dict[int, int]:
     if bits == 64:
         for i in range(8, 16):
             table[int(getattr(lib, f"HV_X64_REGISTER_R{i}"))] = getattr(ux, f"UC_X86_REG_R{i}")
-    for n in ("CR0", "CR2", "CR3", "CR4", "CR8", "DR0", "DR1", "DR2", "DR3", "DR6", "DR7"):
+    control = ("CR0", "CR2", "CR3", "CR4", "DR0", "DR1", "DR2", "DR3", "DR6", "DR7") + (("CR8",) if bits == 64 else ())
+    for n in control:
         table[int(getattr(lib, f"HV_X64_REGISTER_{n}"))] = getattr(ux, f"UC_X86_REG_{n}")
     return table
+
+
+@fast_ffi.def_extern()  # type: ignore[misc]
+def mshvstack_on_new_block(owner: object, address: int, size: int) -> None:
+    """Called from the C block filter the first time a block runs."""
+    engine = fast_ffi.from_handle(owner)
+    engine._scan_block(address, size)
 
 
 class UnicornEngine:
@@ -87,7 +99,6 @@ class UnicornEngine:
         self._regs = _plain_registers(bits)
         self._mask = (1 << bits) - 1 if bits < 64 else (1 << 64) - 1
         self._on_special = on_special
-        self._scanned: set[int] = set()
         self._hooked: set[int] = set()
         self._specials: dict[int, Instruction] = {}
         self._stop: EngineStop | None = None
@@ -100,11 +111,47 @@ class UnicornEngine:
         # "until" through CPU state that leaks into CR2 (seen with 2.1.4).
         uc.ctl_exits_enabled(True)
         uc.ctl_set_exits([])
-        uc.hook_add(unicorn.UC_HOOK_BLOCK, self._on_block)
+        self._install_block_filter()
+        self._prepare_batch()
         uc.hook_add(unicorn.UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
         uc.hook_add(unicorn.UC_HOOK_MEM_PROT, self._on_protection)
         uc.hook_add(unicorn.UC_HOOK_INTR, self._on_interrupt)
         uc.hook_add(unicorn.UC_HOOK_INSN_INVALID, self._on_invalid)
+
+    def _install_block_filter(self) -> None:
+        """A C block hook that calls _scan_block once per new block address."""
+        self._handle = fast_ffi.new_handle(self)
+        self._filter = fast_ffi.new("struct mshvstack_block_filter *")
+        if fast_lib.mshvstack_filter_init(self._filter, self._handle) != 0:
+            raise MemoryError("block filter")
+        hook = unicorn.unicorn_py3.unicorn.uc_hook_h()
+        function = int(fast_ffi.cast("uintptr_t", fast_ffi.addressof(fast_lib, "mshvstack_block_hook")))
+        status = uclib.uc_hook_add(self._uc._uch, ctypes.byref(hook), unicorn.UC_HOOK_BLOCK, ctypes.c_void_p(function),
+                                   ctypes.c_void_p(int(fast_ffi.cast("uintptr_t", self._filter))), ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if status != unicorn.UC_ERR_OK:
+            raise unicorn.UcError(status)
+
+    def _prepare_batch(self) -> None:
+        """ctypes arrays for one-call register snapshots (~1 us for all GPRs)."""
+        names = list(self._regs) + list(_SEGMENTS)
+        ids = [self._regs[n] for n in self._regs] + [_SEGMENTS[n] for n in _SEGMENTS]
+        count = len(ids)
+        self._batch_names = names
+        self._batch_ids = (ctypes.c_int * count)(*ids)
+        self._batch_values = (ctypes.c_uint64 * count)()
+        base = ctypes.addressof(self._batch_values)
+        self._batch_ptrs = (ctypes.c_void_p * count)(*[base + 8 * i for i in range(count)])
+        self._selectors: dict[int, int] | None = None
+
+    def snapshot(self) -> dict[int, int]:
+        """All plain registers in one call; segment selectors cached until the next run."""
+        count = len(self._batch_names)
+        status = uclib.uc_reg_read_batch(self._uc._uch, self._batch_ids, self._batch_ptrs, count)
+        if status != unicorn.UC_ERR_OK:
+            raise unicorn.UcError(status)
+        values = dict(zip(self._batch_names, self._batch_values))
+        self._selectors = {n: values.pop(n) & 0xFFFF for n in _SEGMENTS}
+        return values
 
     # ---- memory ----
     def map(self, gpa: int, size: int, host_address: int, writable: bool, executable: bool) -> None:
@@ -122,7 +169,7 @@ class UnicornEngine:
     def flush_code(self, gpa: int, size: int) -> None:
         """Drop translations of [gpa, gpa+size) (the host rewrote guest code)."""
         self._uc.ctl_remove_cache(gpa, gpa + size)
-        self._scanned = {a for a in self._scanned if not gpa <= a < gpa + size}
+        fast_lib.mshvstack_filter_forget(self._filter, gpa, gpa + size)
         for page in range(gpa & ~0xFFF, gpa + size, 0x1000):
             self._code_pages.pop(page, None)
 
@@ -170,7 +217,8 @@ class UnicornEngine:
             selector, base, limit, flags = self._uc.reg_read(_TABLES[name])
             attributes = self._shadow.get(name, (0, 0, 0))[2]
             return int(base), int(limit), int(selector), attributes
-        selector = int(self._uc.reg_read(_SEGMENTS[name]))
+        cached = self._selectors
+        selector = cached[name] if cached is not None else int(self._uc.reg_read(_SEGMENTS[name]))
         if self.bits == 16:
             return selector << 4, 0xFFFF, selector, self._shadow.get(name, (0, 0, 0x93))[2]
         base, limit, attributes = self._shadow.get(name, (0, 0xFFFFFFFF, 0))
@@ -182,6 +230,7 @@ class UnicornEngine:
 
     def set_segment(self, name: int, base: int, limit: int, selector: int, attributes: int) -> None:
         self._shadow[name] = (base, limit, attributes)
+        self._selectors = None
         if name in _TABLES:
             self._uc.reg_write(_TABLES[name], (selector, base, limit, attributes))
             return
@@ -208,6 +257,7 @@ class UnicornEngine:
 
     def run(self, timeout_us: int = 0) -> EngineStop:
         self._stop = None
+        self._selectors = None
         if self._cancel.is_set():
             self._cancel.clear()
             return EngineStop(StopKind.CANCELLED)
@@ -224,7 +274,8 @@ class UnicornEngine:
 
     def close(self) -> None:
         self._uc.emu_stop()
-        del self._uc
+        del self._uc  # the Uc finalizer closes the engine and its hooks
+        fast_lib.mshvstack_filter_free(self._filter)
 
     # ---- hooks ----
     def _linear_pc(self, uc: Any) -> int:
@@ -233,10 +284,8 @@ class UnicornEngine:
             return (int(uc.reg_read(ux.UC_X86_REG_CS)) << 4) + (pc & 0xFFFF)
         return pc
 
-    def _on_block(self, uc: Any, address: int, size: int, _data: Any) -> None:
-        if address in self._scanned:
-            return
-        self._scanned.add(address)
+    def _scan_block(self, address: int, size: int) -> None:
+        uc = self._uc
         try:
             code = bytes(uc.mem_read(address, size))
         except unicorn.UcError:
