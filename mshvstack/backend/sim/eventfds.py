@@ -89,7 +89,7 @@ class IrqfdWorker:
     def _loop(self) -> None:
         while not self._closed:
             for key, _events in self._selector.select(timeout=0.5):
-                fd = int(key.fd)  # type: ignore[arg-type]
+                fd = int(key.fd)
                 try:
                     os.eventfd_read(fd)
                 except (BlockingIOError, OSError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -48,7 +49,7 @@ class FaultPlan:
             self._reps.clear()
 
     @staticmethod
-    def _take(rules: dict, key: object) -> int | None:
+    def _take(rules: dict[Any, _Rule], key: object) -> int | None:
         rule = rules.get(key)
         if rule is None:
             return None
@@ -56,7 +57,7 @@ class FaultPlan:
             rule.times -= 1
             if rule.times <= 0:
                 del rules[key]
-        return rule.value
+        return int(rule.value)
 
     def ioctl_errno(self, name: str) -> int | None:
         with self._lock:

@@ -93,7 +93,8 @@ class SimPartition:
 
     @property
     def unimplemented_msr_ignore(self) -> bool:
-        return self.properties[lib.HV_PARTITION_PROPERTY_UNIMPLEMENTED_MSR_ACTION] == lib.HV_UNIMPLEMENTED_MSR_ACTION_IGNORE_WRITE_READ_ZERO
+        action = self.properties[lib.HV_PARTITION_PROPERTY_UNIMPLEMENTED_MSR_ACTION]
+        return bool(action == lib.HV_UNIMPLEMENTED_MSR_ACTION_IGNORE_WRITE_READ_ZERO)
 
     def reference_time(self) -> int:
         """Partition reference time in 100 ns units (stops while frozen)."""

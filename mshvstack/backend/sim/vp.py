@@ -387,7 +387,7 @@ class SimVp:
                           self.reg(R.HV_X64_REGISTER_CR4), self.reg(R.HV_X64_REGISTER_EFER), stop.address, access)
         return self._exception(stop, error_code=t.error_code, cr2=stop.address)
 
-    def _memory_exit(self, stop: EngineStop) -> bytes:
+    def _memory_exit(self, stop: EngineStop) -> bytes | None:
         paging = self.reg(R.HV_X64_REGISTER_CR0) & x86.CR0_PG
         gva = stop.address
         gpa = gva

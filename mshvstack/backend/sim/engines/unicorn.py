@@ -82,7 +82,7 @@ def _plain_registers(bits: int) -> dict[int, int]:
     return table
 
 
-@fast_ffi.def_extern()  # type: ignore[misc]
+@fast_ffi.def_extern()  # type: ignore[untyped-decorator]
 def mshvstack_on_new_block(owner: object, address: int, size: int) -> None:
     """Called from the C block filter the first time a block runs."""
     engine = fast_ffi.from_handle(owner)
