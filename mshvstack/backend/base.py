@@ -31,3 +31,7 @@ class Backend(Protocol):
     def close(self, fd: int) -> None:
         """Close an fd this backend returned."""
         ...
+
+    def kick(self, vp_fd: int, thread_id: int) -> None:
+        """Make MSHV_RUN_VP on ``vp_fd``, blocked in thread ``thread_id``, return EINTR."""
+        ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import signal
 import threading
 from typing import Any
 
@@ -13,6 +14,18 @@ from mshvstack.backend.ioctls import FdKind, explain, request_name
 from mshvstack.errors import DeviceUnavailable, ErrnoError
 
 DEVICE_PATH = "/dev/mshv"
+# The signal kick() sends to a thread blocked in MSHV_RUN_VP: a real-time
+# signal with an empty handler, installed without SA_RESTART so the ioctl
+# returns EINTR (the driver then leaves the VP suspended).
+KICK_SIGNAL = signal.SIGRTMIN + 3
+
+
+def _install_kick_handler() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return  # handlers can only be installed from the main thread
+    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+        signal.signal(KICK_SIGNAL, lambda _signum, _frame: None)
+        signal.siginterrupt(KICK_SIGNAL, True)
 
 _OPEN_HINTS = {
     errno.ENOENT: "this kernel is not running as a Hyper-V root partition (CONFIG_MSHV_ROOT); use the simulator (--backend sim)",
@@ -36,6 +49,7 @@ class HostBackend:
         self.path = path
         self._kinds: dict[int, FdKind] = {}
         self._lock = threading.Lock()
+        _install_kick_handler()
 
     def open(self) -> int:
         try:
@@ -81,6 +95,9 @@ class HostBackend:
             }.get(err, os.strerror(err))
             raise ErrnoError(err, "mmap", hint) from None
         return memoryview(mapping)
+
+    def kick(self, vp_fd: int, thread_id: int) -> None:
+        signal.pthread_kill(thread_id, KICK_SIGNAL)
 
     def close(self, fd: int) -> None:
         with self._lock:

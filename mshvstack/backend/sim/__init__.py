@@ -24,7 +24,7 @@ from mshvstack.backend.sim.eventfds import Irqfd, IrqfdWorker, MsiRoute
 from mshvstack.backend.sim.faults import FaultPlan
 from mshvstack.backend.sim.hypervisor import Doorbell, SimPartition
 from mshvstack.backend.sim.memory import PAGE_SHIFT, PAGE_SIZE
-from mshvstack.backend.sim.profiles import AbiProfile, profile as lookup_profile
+from mshvstack.abi.profiles import AbiProfile, profile as lookup_profile
 from mshvstack.backend.sim.vp import Kicked, SimVp
 from mshvstack.errors import ErrnoError
 
@@ -437,7 +437,7 @@ class SimBackend:
             raise ValueError(f"fd {fd} is not a VP fd")
         return entry.vp
 
-    def kick(self, vp_fd: int) -> None:
+    def kick(self, vp_fd: int, thread_id: int = 0) -> None:
         """What a signal to the thread in MSHV_RUN_VP does on the real driver."""
         self.vp_of(vp_fd).kick()
 

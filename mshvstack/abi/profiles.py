@@ -1,7 +1,9 @@
 """ABI profiles: what a given kernel generation's mshv_root accepts.
 
-The simulator can play the original 6.15 driver or the newest one, so a VMM
-can be tested against both (mshv_abi.md sections 1-3 list the differences).
+Shared by the simulator (which can play the 6.15 driver or the newest one)
+and the hypercall layer (which checks the passthrough allowlist before a call
+and names the kernel that lacks a hypercall).  mshv_abi.md sections 1-3 list
+the differences.
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ class AbiProfile:
 
     def allows(self, code: int, on_device: bool) -> bool:
         return code in (self.device_hvcalls if on_device else self.partition_hvcalls)
+
+    def supports_v2_create(self) -> bool:
+        return bool(self.pt_flags_mask & (1 << lib.MSHV_PT_BIT_CPU_AND_XSAVE_FEATURES))
+
+
+def first_profile_allowing(code: int, on_device: bool = False) -> "AbiProfile | None":
+    """The oldest known driver generation that passes ``code`` through."""
+    return next((p for p in PROFILES.values() if p.allows(code, on_device)), None)
 
 
 PROFILE_6_15 = AbiProfile(

@@ -1,0 +1,119 @@
+"""One way to issue any hypercall: MSHV_ROOT_HVCALL with reps, batching and
+an allowlist check before the call."""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from mshvstack.abi import ffi, lib
+from mshvstack.abi.profiles import AbiProfile, first_profile_allowing
+from mshvstack.backend.base import Backend
+from mshvstack.errors import ErrnoError
+from mshvstack.hvcall.errors import HvCallNotAllowed, HvError
+
+MAX_PAGE = 4096
+_SUCCESS = int(lib.HV_STATUS_SUCCESS)
+_TIME_OUT = int(lib.HV_STATUS_TIME_OUT)
+
+
+@dataclass(frozen=True)
+class HvTarget:
+    """Where hypercalls go: a backend fd (device, partition or VP) and its driver profile."""
+
+    backend: Backend
+    fd: int
+    profile: AbiProfile
+    on_device: bool = False
+
+
+def _issue_once(target: HvTarget, code: int, data: bytes, reps: int, out_size: int) -> tuple[int, int, bytes]:
+    """One MSHV_ROOT_HVCALL: returns (status, reps done, output)."""
+    inp = ffi.from_buffer(bytearray(data.ljust(8, b"\0")))
+    out = ffi.new("char[]", max(out_size, 1))
+    call = ffi.new("struct mshv_root_hvcall *")
+    call.code, call.reps, call.in_sz = code, reps, len(inp)
+    call.in_ptr = int(ffi.cast("uintptr_t", inp))
+    if out_size:
+        call.out_sz, call.out_ptr = out_size, int(ffi.cast("uintptr_t", out))
+    try:
+        target.backend.ioctl(target.fd, lib.MSHV_ROOT_HVCALL, call)
+    except ErrnoError as exc:
+        if call.status == _SUCCESS or exc.errno in (errno.EFAULT, errno.EBADFD):
+            raise
+    return int(call.status), int(call.reps), bytes(ffi.buffer(out, out_size)) if out_size else b""
+
+
+def check_allowed(target: HvTarget, code: int) -> None:
+    if not target.profile.allows(code, target.on_device):
+        since = first_profile_allowing(code, target.on_device)
+        where = "/dev/mshv" if target.on_device else "partition and VP fds"
+        raise HvCallNotAllowed(code, target.profile.name, where, since.name if since else None)
+
+
+def hvcall(target: HvTarget, code: int, header: bytes | Any, out_size: int = 0) -> bytes:
+    """A simple (non-rep) hypercall.  ``header`` is the input (bytes or a cffi struct)."""
+    check_allowed(target, code)
+    data = header if isinstance(header, bytes) else bytes(ffi.buffer(header))
+    status, _reps, output = _issue_once(target, code, data, 0, out_size)
+    if status != _SUCCESS:
+        raise HvError(code, status)
+    return output
+
+
+def hvcall_rep(target: HvTarget, code: int, header: bytes | Any, elements: list[bytes], out_element_size: int = 0) -> list[bytes]:
+    """A rep hypercall over ``elements``; returns one output element per rep.
+
+    Splits the reps into batches that fit the 4 KiB input and output pages,
+    and re-issues from the completed count when the driver (6.15) or the
+    hypervisor stops early, as the newest driver does in the kernel.
+    """
+    check_allowed(target, code)
+    head = header if isinstance(header, bytes) else bytes(ffi.buffer(header))
+    if not elements:
+        return []
+    in_size = len(elements[0])
+    per_batch = (MAX_PAGE - len(head)) // in_size
+    if out_element_size:
+        per_batch = min(per_batch, MAX_PAGE // out_element_size)
+    if per_batch <= 0:
+        raise ValueError("hypercall header leaves no room for rep elements")
+    outputs: list[bytes] = []
+    done = 0
+    stalls = 0
+    while done < len(elements):
+        batch = elements[done : done + per_batch]
+        status, completed, output = _issue_once(target, code, head + b"".join(batch), len(batch), out_element_size * len(batch))
+        completed = min(completed, len(batch))
+        outputs += [output[i * out_element_size : (i + 1) * out_element_size] for i in range(completed)] if out_element_size else [b""] * completed
+        done += completed
+        if status == _SUCCESS and completed == len(batch):
+            continue
+        if status in (_SUCCESS, _TIME_OUT) and completed > 0:
+            continue  # partial progress: continue from the completed rep
+        stalls += 1
+        if status not in (_SUCCESS, _TIME_OUT) or stalls > 3:
+            raise HvError(code, status if status != _SUCCESS else _TIME_OUT, done)
+    return outputs
+
+
+def hvcall_rep_indexed(target: HvTarget, code: int, header_at: Callable[[int], bytes], count: int,
+                       out_element_size: int) -> list[bytes]:
+    """A rep hypercall whose reps carry no input elements (the header names the
+    first item, e.g. a GPA page number); continuation rebuilds the header at
+    the first rep not yet done."""
+    check_allowed(target, code)
+    per_batch = MAX_PAGE // out_element_size
+    outputs: list[bytes] = []
+    while len(outputs) < count:
+        n = min(per_batch, count - len(outputs))
+        status, done, output = _issue_once(target, code, header_at(len(outputs)), n, n * out_element_size)
+        done = min(done, n)
+        outputs += [output[i * out_element_size : (i + 1) * out_element_size] for i in range(done)]
+        if status == _SUCCESS and done == n:
+            continue
+        if status in (_SUCCESS, _TIME_OUT) and done:
+            continue
+        raise HvError(code, status if status != _SUCCESS else _TIME_OUT, len(outputs))
+    return outputs

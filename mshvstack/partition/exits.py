@@ -1,0 +1,356 @@
+"""VP exits: one frozen dataclass per hv_message type, decoded from the
+256-byte message MSHV_RUN_VP returns (and encodable, for tests and tools).
+
+Each class names its payload struct and, where a field's C path differs
+from its name, the path; the codec does the rest through the binding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from mshvstack.abi import ffi, lib
+
+MESSAGE_SIZE = int(lib.HV_MESSAGE_SIZE)
+
+
+@dataclass(frozen=True)
+class Segment:
+    base: int = 0
+    limit: int = 0
+    selector: int = 0
+    attributes: int = 0
+
+    @classmethod
+    def from_c(cls, seg: Any) -> "Segment":
+        return cls(int(seg.base), int(seg.limit), int(seg.selector), int(seg.attributes))
+
+    def to_c(self, seg: Any) -> None:
+        seg.base, seg.limit, seg.selector, seg.attributes = self.base, self.limit, self.selector, self.attributes
+
+    @property
+    def long_mode(self) -> bool:
+        return bool(self.attributes & lib.HV_X64_SEGMENT_ATTR_LONG)
+
+
+@dataclass(frozen=True)
+class InterceptHeader:
+    """The common x64 intercept header: where the VP stopped and in what mode."""
+
+    vp_index: int = 0
+    instruction_length: int = 0
+    access: int = 0          # HV_INTERCEPT_ACCESS_READ/WRITE/EXECUTE
+    cr8: int = 0
+    cpl: int = 0
+    cr0_pe: bool = False
+    efer_lma: bool = False
+    interrupt_shadow: bool = False
+    cs: Segment = Segment()
+    rip: int = 0
+    rflags: int = 0
+
+    @classmethod
+    def from_c(cls, h: Any) -> "InterceptHeader":
+        state = h.execution_state.bits
+        return cls(int(h.vp_index), int(h.instruction_length), int(h.intercept_access_type), int(h.cr8),
+                   int(state.cpl), bool(state.cr0_pe), bool(state.efer_lma), bool(state.interrupt_shadow),
+                   Segment.from_c(h.cs_segment), int(h.rip), int(h.rflags))
+
+    def to_c(self, h: Any) -> None:
+        h.vp_index, h.instruction_length, h.intercept_access_type, h.cr8 = self.vp_index, self.instruction_length, self.access, self.cr8
+        state = h.execution_state.bits
+        state.cpl, state.cr0_pe, state.efer_lma, state.interrupt_shadow = self.cpl, self.cr0_pe, self.efer_lma, self.interrupt_shadow
+        self.cs.to_c(h.cs_segment)
+        h.rip, h.rflags = self.rip, self.rflags
+
+    @property
+    def next_rip(self) -> int:
+        """RIP after the intercepted instruction (what an emulating VMM sets)."""
+        return self.rip + self.instruction_length
+
+
+class VpExit:
+    """Base of every exit; subclasses are frozen dataclasses."""
+
+    message_type: ClassVar[int]
+    payload_ctype: ClassVar[str]
+    paths: ClassVar[dict[str, str]] = {}
+
+
+_REGISTRY: dict[int, type[VpExit]] = {}
+
+
+def _exit(message_type: int, ctype: str, **paths: str):  # type: ignore[no-untyped-def]
+    def register(cls: type) -> type:
+        cls = dataclass(frozen=True)(cls)
+        cls.message_type, cls.payload_ctype, cls.paths = int(message_type), ctype, paths  # type: ignore[attr-defined]
+        _REGISTRY[int(message_type)] = cls
+        return cls
+    return register
+
+
+@_exit(lib.HVMSG_X64_IO_PORT_INTERCEPT, "struct hv_x64_io_port_intercept_message",
+       access_size="access_info.bits.access_size", string_op="access_info.bits.string_op",
+       rep_prefix="access_info.bits.rep_prefix", ds="ds_segment", es="es_segment")
+class IoPortIntercept(VpExit):
+    header: InterceptHeader
+    port_number: int
+    access_size: int
+    string_op: bool
+    rep_prefix: bool
+    rax: int
+    rcx: int
+    rsi: int
+    rdi: int
+    instruction_bytes: bytes
+    ds: Segment
+    es: Segment
+
+    @property
+    def is_write(self) -> bool:
+        return bool(self.header.access == lib.HV_INTERCEPT_ACCESS_WRITE)
+
+    @property
+    def data(self) -> int:
+        """The value an OUT writes (the low access_size bytes of RAX)."""
+        return self.rax & ((1 << (8 * self.access_size)) - 1)
+
+
+@_exit(lib.HVMSG_GPA_INTERCEPT, "struct hv_x64_memory_intercept_message",
+       gva="guest_virtual_address", gpa="guest_physical_address",
+       gva_valid="memory_access_info.bits.gva_valid")
+class MemoryIntercept(VpExit):
+    header: InterceptHeader
+    gva: int
+    gpa: int
+    gva_valid: bool
+    cache_type: int
+    instruction_bytes: bytes
+
+    @property
+    def is_write(self) -> bool:
+        return bool(self.header.access == lib.HV_INTERCEPT_ACCESS_WRITE)
+
+
+@_exit(lib.HVMSG_UNMAPPED_GPA, "struct hv_x64_memory_intercept_message",
+       gva="guest_virtual_address", gpa="guest_physical_address",
+       gva_valid="memory_access_info.bits.gva_valid")
+class UnmappedGpa(MemoryIntercept):
+    """An access to a GPA with no memory behind it (MMIO)."""
+
+
+@_exit(lib.HVMSG_X64_CPUID_INTERCEPT, "struct hv_x64_cpuid_intercept_message")
+class CpuidIntercept(VpExit):
+    header: InterceptHeader
+    rax: int
+    rcx: int
+    rdx: int
+    rbx: int
+    default_result_rax: int
+    default_result_rcx: int
+    default_result_rdx: int
+    default_result_rbx: int
+
+
+@_exit(lib.HVMSG_X64_MSR_INTERCEPT, "struct hv_x64_msr_intercept_message")
+class MsrIntercept(VpExit):
+    header: InterceptHeader
+    msr_number: int
+    rax: int
+    rdx: int
+
+    @property
+    def is_write(self) -> bool:
+        return bool(self.header.access == lib.HV_INTERCEPT_ACCESS_WRITE)
+
+    @property
+    def value(self) -> int:
+        return (self.rdx & 0xFFFFFFFF) << 32 | (self.rax & 0xFFFFFFFF)
+
+
+@_exit(lib.HVMSG_X64_EXCEPTION_INTERCEPT, "struct hv_x64_exception_intercept_message",
+       error_code_valid="exception_info.bits.error_code_valid",
+       software_exception="exception_info.bits.software_exception", ds="ds_segment", ss="ss_segment")
+class ExceptionIntercept(VpExit):
+    header: InterceptHeader
+    exception_vector: int
+    error_code_valid: bool
+    software_exception: bool
+    error_code: int
+    exception_parameter: int
+    instruction_bytes: bytes
+    ds: Segment
+    ss: Segment
+    rax: int
+    rcx: int
+    rdx: int
+    rbx: int
+    rsp: int
+    rbp: int
+    rsi: int
+    rdi: int
+
+
+@_exit(lib.HVMSG_X64_HALT, "struct hv_x64_halt_message")
+class Halt(VpExit):
+    header: InterceptHeader
+
+
+@_exit(lib.HVMSG_UNRECOVERABLE_EXCEPTION, "struct hv_x64_unrecoverable_exception_message")
+class UnrecoverableException(VpExit):
+    """The guest triple-faulted (or hit an unrecoverable state)."""
+
+    header: InterceptHeader
+
+
+@_exit(lib.HVMSG_HYPERCALL_INTERCEPT, "struct hv_x64_hypercall_intercept_message")
+class HypercallIntercept(VpExit):
+    header: InterceptHeader
+    rax: int
+    rbx: int
+    rcx: int
+    rdx: int
+    r8: int
+    rsi: int
+    rdi: int
+
+    @property
+    def call_code(self) -> int:
+        return self.rcx & 0xFFFF
+
+    @property
+    def fast(self) -> bool:
+        return bool(self.rcx & lib.HV_HYPERCALL_FAST_BIT)
+
+
+@_exit(lib.HVMSG_X64_APIC_EOI, "struct hv_x64_apic_eoi_message")
+class ApicEoi(VpExit):
+    vp_index: int
+    interrupt_vector: int
+
+
+@_exit(lib.HVMSG_SYNIC_SINT_DELIVERABLE, "struct hv_x64_sint_deliverable_message")
+class SintDeliverable(VpExit):
+    header: InterceptHeader
+    deliverable_sints: int
+
+
+@_exit(lib.HVMSG_X64_INTERRUPTION_DELIVERABLE, "struct hv_x64_interruption_deliverable_message")
+class InterruptionDeliverable(VpExit):
+    header: InterceptHeader
+    deliverable_type: int
+
+
+@_exit(lib.HVMSG_X64_SIPI_INTERCEPT, "struct hv_x64_sipi_intercept_message")
+class SipiIntercept(VpExit):
+    header: InterceptHeader
+    target_vp_index: int
+    interrupt_vector: int
+
+
+@_exit(lib.HVMSG_INVALID_VP_REGISTER_VALUE, "struct hv_x64_invalid_vp_register_message")
+class InvalidVpRegisterValue(VpExit):
+    vp_index: int
+
+
+@_exit(lib.HVMSG_UNSUPPORTED_FEATURE, "struct hv_x64_unsupported_feature_message")
+class UnsupportedFeature(VpExit):
+    vp_index: int
+    feature_code: int
+    feature_parameter: int
+
+
+@_exit(lib.HVMSG_TIMER_EXPIRED, "struct hv_timer_message_payload")
+class TimerExpired(VpExit):
+    timer_index: int
+    expiration_time: int
+    delivery_time: int
+
+
+@dataclass(frozen=True)
+class UnknownExit(VpExit):
+    """A message type this library does not decode; the raw 256 bytes."""
+
+    message_type_raw: int
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class Interrupted(VpExit):
+    """run() returned because of kick() before any intercept."""
+
+
+def _resolve(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _assign(obj: Any, path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, last, value)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def decode(raw: bytes | bytearray | memoryview) -> VpExit:
+    """The typed exit for one hv_message."""
+    if len(raw) < MESSAGE_SIZE:
+        raise ValueError(f"hv_message is {MESSAGE_SIZE} bytes, got {len(raw)}")
+    msg = ffi.cast("struct hv_message *", ffi.from_buffer(bytes(raw[:MESSAGE_SIZE])))
+    kind = int(msg.header.message_type)
+    cls = _REGISTRY.get(kind)
+    if cls is None:
+        return UnknownExit(kind, bytes(raw[:MESSAGE_SIZE]))
+    payload = ffi.cast(f"{cls.payload_ctype} *", ffi.addressof(msg.u))
+    values: dict[str, Any] = {}
+    count = int(payload.instruction_byte_count) if "instruction_bytes" in _field_types(cls) else 0
+    for name, kind_type in _field_types(cls).items():
+        if name in ("message_type", "payload_ctype", "paths"):
+            continue
+        source = _resolve(payload, cls.paths.get(name, name))
+        if kind_type is InterceptHeader:
+            values[name] = InterceptHeader.from_c(source)
+        elif kind_type is Segment:
+            values[name] = Segment.from_c(source)
+        elif kind_type is bytes:
+            values[name] = bytes(source)[: count or 16]
+        elif kind_type is bool:
+            values[name] = bool(source)
+        else:
+            values[name] = int(source)
+    return cls(**values)
+
+
+def encode(exit_: VpExit) -> bytes:
+    """The hv_message for an exit (the inverse of decode)."""
+    if isinstance(exit_, UnknownExit):
+        return exit_.raw
+    cls = type(exit_)
+    msg = ffi.new("struct hv_message *")
+    msg.header.message_type = cls.message_type
+    msg.header.payload_size = min(ffi.sizeof(cls.payload_ctype), int(lib.HV_MESSAGE_PAYLOAD_BYTE_COUNT))
+    payload = ffi.cast(f"{cls.payload_ctype} *", ffi.addressof(msg.u))
+    for field in dataclasses.fields(exit_):  # type: ignore[arg-type]
+        value = getattr(exit_, field.name)
+        path = cls.paths.get(field.name, field.name)
+        if isinstance(value, (InterceptHeader, Segment)):
+            value.to_c(_resolve(payload, path))
+        elif isinstance(value, bytes):
+            target = _resolve(payload, path)
+            ffi.memmove(target, value[:16], len(value[:16]))
+            if hasattr(payload, "instruction_byte_count"):
+                payload.instruction_byte_count = len(value[:16])
+        else:
+            _assign(payload, path, int(value))
+    return bytes(ffi.buffer(msg))
+
+
+EXIT_TYPES: tuple[type[VpExit], ...] = tuple(_REGISTRY.values())

@@ -1,0 +1,109 @@
+"""Guest memory: mmap-backed regions addressed by GPA, bounds-checked."""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass, field
+
+from mshvstack.errors import MshvError
+
+
+class GuestMemoryError(MshvError):
+    """A guest-physical access outside the mapped RAM."""
+
+
+@dataclass
+class MemoryRegion:
+    """One MSHV_SET_GUEST_MEMORY mapping, owned by its partition."""
+
+    gpa: int
+    size: int
+    writable: bool
+    executable: bool
+    host: mmap.mmap = field(repr=False)
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        return self.gpa <= gpa and gpa + length <= self.end
+
+    @property
+    def userspace_addr(self) -> int:
+        from mshvstack.abi import ffi
+
+        return int(ffi.cast("uintptr_t", ffi.from_buffer(self.host)))
+
+
+class GuestMemory:
+    """Read, write and view guest RAM by GPA across the partition's regions.
+
+    Every access is checked against the regions: a GPA outside RAM raises
+    GuestMemoryError and never touches host memory outside a region.
+    """
+
+    def __init__(self) -> None:
+        self._regions: list[MemoryRegion] = []
+
+    @property
+    def regions(self) -> tuple[MemoryRegion, ...]:
+        return tuple(self._regions)
+
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self._regions)
+
+    def _add(self, region: MemoryRegion) -> None:
+        self._regions.append(region)
+        self._regions.sort(key=lambda r: r.gpa)
+
+    def _remove(self, region: MemoryRegion) -> None:
+        self._regions.remove(region)
+
+    def region_at(self, gpa: int) -> MemoryRegion:
+        for region in self._regions:
+            if region.contains(gpa):
+                return region
+        raise GuestMemoryError(f"GPA {gpa:#x} is not guest RAM")
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """Zero-copy view of [gpa, gpa+length), which must lie in one region."""
+        if length < 0:
+            raise GuestMemoryError(f"negative length {length}")
+        region = self.region_at(gpa)
+        if not region.contains(gpa, length):
+            raise GuestMemoryError(f"GPA range {gpa:#x}+{length:#x} crosses the end of its region at {region.end:#x}")
+        offset = gpa - region.gpa
+        return memoryview(region.host)[offset : offset + length]
+
+    def _pieces(self, gpa: int, length: int) -> list[tuple[MemoryRegion, int, int]]:
+        pieces = []
+        done = 0
+        while done < length:
+            region = self.region_at(gpa + done)
+            offset = gpa + done - region.gpa
+            n = min(length - done, region.size - offset)
+            pieces.append((region, offset, n))
+            done += n
+        return pieces
+
+    def read(self, gpa: int, length: int) -> bytes:
+        """Bytes at [gpa, gpa+length), possibly spanning adjacent regions."""
+        if length < 0:
+            raise GuestMemoryError(f"negative length {length}")
+        return b"".join(bytes(r.host[o : o + n]) for r, o, n in self._pieces(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        data = bytes(data)
+        pieces = self._pieces(gpa, len(data))  # checks the whole range before writing anything
+        done = 0
+        for region, offset, n in pieces:
+            region.host[offset : offset + n] = data[done : done + n]
+            done += n
+
+    def read_u64(self, gpa: int) -> int:
+        return int.from_bytes(self.read(gpa, 8), "little")
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.write(gpa, (value & ((1 << 64) - 1)).to_bytes(8, "little"))

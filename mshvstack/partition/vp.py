@@ -1,0 +1,250 @@
+"""Vp: one virtual processor fd — registers, run, kick, VP state."""
+
+from __future__ import annotations
+
+import errno
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+from mshvstack.abi import ffi, lib
+from mshvstack.errors import ErrnoError, MshvError
+from mshvstack.hvcall import calls
+from mshvstack.hvcall.call import HvTarget
+from mshvstack.partition.exits import Interrupted, Segment, VpExit, decode
+from mshvstack.partition.registers import (CONTROL_NAMES, GPR_NAMES, MSR_REGISTERS, SEGMENT_NAMES, SpecialRegisters,
+                                           StandardRegisters, TableRegister, hv_name)
+
+if TYPE_CHECKING:
+    from mshvstack.partition.partition import Partition
+
+PAGE = 4096
+_PAGE_FAST = {hv_name(n): n for n in GPR_NAMES}  # registers the page holds
+_GENERAL_BIT = 1 << lib.HV_X64_REGISTER_CLASS_GENERAL
+_IP_BIT = 1 << lib.HV_X64_REGISTER_CLASS_IP
+_FLAGS_BIT = 1 << lib.HV_X64_REGISTER_CLASS_FLAGS
+_CONTROL_HV = {"cr0": "CR0", "cr2": "CR2", "cr3": "CR3", "cr4": "CR4", "cr8": "CR8", "efer": "EFER", "apic_base": "APIC_BASE"}
+
+
+class VpStateKind:
+    LAPIC = int(lib.MSHV_VP_STATE_LAPIC)
+    XSAVE = int(lib.MSHV_VP_STATE_XSAVE)
+    SIMP = int(lib.MSHV_VP_STATE_SIMP)
+    SIEFP = int(lib.MSHV_VP_STATE_SIEFP)
+    SYNTHETIC_TIMERS = int(lib.MSHV_VP_STATE_SYNTHETIC_TIMERS)
+
+
+def _page_bit(register: str) -> int:
+    return int(_IP_BIT if register == "rip" else _FLAGS_BIT if register == "rflags" else _GENERAL_BIT)
+
+
+class Vp:
+    """A VP of a partition (created by Partition.create_vp).
+
+    Register reads and writes use the shared register page when the
+    hypervisor marked it valid (after an intercept) and hypercalls otherwise.
+    """
+
+    def __init__(self, partition: "Partition", index: int, fd: int) -> None:
+        self.partition = partition
+        self.index = index
+        self.fd = fd
+        backend = partition.backend
+        self._target = HvTarget(backend, fd, partition.profile)
+        self._run_arg = ffi.new("struct mshv_run_vp *")
+        self._page_view: memoryview | None = None
+        self._page: Any = None
+        try:
+            self._page_view = backend.mmap(fd, PAGE, lib.MSHV_VP_MMAP_OFFSET_REGISTERS * PAGE)
+            self._page = ffi.cast("struct hv_vp_register_page *", ffi.from_buffer(self._page_view))
+        except ErrnoError:
+            self._page = None  # no register page (e.g. SNP): hypercalls only
+        self._kick_requested = threading.Event()
+        self._run_thread: int | None = None
+        self._finalizer = weakref.finalize(self, backend.close, fd)
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise MshvError(f"VP {self.index} is closed")
+
+    # ---- registers
+    def _page_valid(self) -> bool:
+        return self._page is not None and bool(self._page.isvalid)
+
+    def get_registers(self, names: Iterable[int]) -> list[int]:
+        """Values of hv_register_names (64-bit views), any number of them."""
+        self._check_open()
+        names = [int(n) for n in names]
+        result: dict[int, int] = {}
+        if self._page_valid():
+            for name in names:
+                if name in _PAGE_FAST:
+                    result[name] = int(getattr(self._page, _PAGE_FAST[name]))
+        rest = [n for n in names if n not in result]
+        if rest:
+            result.update(zip(rest, calls.get_vp_registers64(self._target, self.index, rest)))
+        return [result[n] for n in names]
+
+    def set_registers(self, values: Mapping[int, int]) -> None:
+        """Write hv_register_names; GPRs/RIP/RFLAGS through the page when valid."""
+        self._check_open()
+        rest: dict[int, int] = {}
+        dirty = 0
+        page_ok = self._page_valid()
+        for name, value in values.items():
+            register = _PAGE_FAST.get(int(name))
+            if page_ok and register is not None:
+                setattr(self._page, register, value & ((1 << 64) - 1))
+                dirty |= _page_bit(register)
+            else:
+                rest[int(name)] = value
+        if dirty:
+            self._page.dirty |= dirty
+        if rest:
+            calls.set_vp_registers(self._target, self.index, rest)
+
+    @property
+    def regs(self) -> StandardRegisters:
+        values = self.get_registers(hv_name(n) for n in GPR_NAMES)
+        return StandardRegisters(*values)
+
+    @regs.setter
+    def regs(self, regs: StandardRegisters) -> None:
+        self.set_registers(regs.as_dict())
+
+    @property
+    def sregs(self) -> SpecialRegisters:
+        self._check_open()
+        segments = [hv_name(n) for n in SEGMENT_NAMES]
+        tables = [int(lib.HV_X64_REGISTER_GDTR), int(lib.HV_X64_REGISTER_IDTR)]
+        controls = [int(getattr(lib, f"HV_X64_REGISTER_{_CONTROL_HV[n]}")) for n in CONTROL_NAMES]
+        values = calls.get_vp_registers(self._target, self.index, segments + tables + controls)
+        sregs = SpecialRegisters()
+        for name, value in zip(SEGMENT_NAMES, values):
+            setattr(sregs, name, Segment.from_c(value.segment))
+        sregs.gdt = TableRegister(int(values[len(segments)].table.base), int(values[len(segments)].table.limit))
+        sregs.idt = TableRegister(int(values[len(segments) + 1].table.base), int(values[len(segments) + 1].table.limit))
+        for name, value in zip(CONTROL_NAMES, values[len(segments) + 2 :]):
+            setattr(sregs, name, int(value.reg64))
+        return sregs
+
+    @sregs.setter
+    def sregs(self, sregs: SpecialRegisters) -> None:
+        self._check_open()
+        values: dict[int, Any] = {}
+        for name in SEGMENT_NAMES:
+            value = ffi.new("union hv_register_value *")
+            getattr(sregs, name).to_c(value.segment)
+            values[hv_name(name)] = value[0]
+        for hv, table in ((lib.HV_X64_REGISTER_GDTR, sregs.gdt), (lib.HV_X64_REGISTER_IDTR, sregs.idt)):
+            value = ffi.new("union hv_register_value *")
+            value.table.base, value.table.limit = table.base, table.limit
+            values[int(hv)] = value[0]
+        # Paging registers before the mode bits that depend on them.
+        for name in ("cr3", "cr4", "efer", "cr0", "cr2", "cr8", "apic_base"):
+            values[int(getattr(lib, f"HV_X64_REGISTER_{_CONTROL_HV[name]}"))] = getattr(sregs, name)
+        calls.set_vp_registers(self._target, self.index, values)
+
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
+        """MSR values by index, for MSRs the hypervisor exposes as registers."""
+        indices = list(indices)
+        unknown = [hex(i) for i in indices if i not in MSR_REGISTERS]
+        if unknown:
+            raise MshvError(f"MSRs {', '.join(unknown)} are not available as VP registers")
+        return dict(zip(indices, self.get_registers(MSR_REGISTERS[i] for i in indices)))
+
+    def set_msrs(self, values: Mapping[int, int]) -> None:
+        unknown = [hex(i) for i in values if i not in MSR_REGISTERS]
+        if unknown:
+            raise MshvError(f"MSRs {', '.join(unknown)} are not available as VP registers")
+        self.set_registers({MSR_REGISTERS[i]: v for i, v in values.items()})
+
+    # ---- execution
+    def run(self) -> VpExit:
+        """Run until an intercept; returns the typed exit.
+
+        A kick() makes it return Interrupted(); other EINTRs (stray signals)
+        are retried transparently, as the driver expects.
+        """
+        self._check_open()
+        self._run_thread = threading.get_ident()
+        try:
+            while True:
+                if self._kick_requested.is_set():
+                    self._kick_requested.clear()
+                    return Interrupted()
+                try:
+                    self.partition.backend.ioctl(self.fd, lib.MSHV_RUN_VP, self._run_arg)
+                except ErrnoError as exc:
+                    if exc.errno == errno.EINTR:
+                        continue
+                    raise
+                return decode(bytes(ffi.buffer(self._run_arg)))
+        finally:
+            self._run_thread = None
+
+    def kick(self) -> None:
+        """Make a run() in another thread return Interrupted() soon."""
+        self._kick_requested.set()
+        thread = self._run_thread
+        if thread is not None and not self.closed:
+            self.partition.backend.kick(self.fd, thread)
+
+    # ---- VP state
+    def get_state(self, kind: int) -> bytes:
+        """MSHV_GET_VP_STATE, negotiating the buffer size with the driver."""
+        self._check_open()
+        size = PAGE
+        for _ in range(2):
+            buf = _PageBuffer(size)
+            req = ffi.new("struct mshv_get_set_vp_state *")
+            req.type, req.buf_sz, req.buf_ptr = kind, size, buf.address
+            try:
+                self.partition.backend.ioctl(self.fd, lib.MSHV_GET_VP_STATE, req)
+            except ErrnoError as exc:
+                if exc.errno == errno.EINVAL and req.buf_sz > size:
+                    size = (int(req.buf_sz) + PAGE - 1) // PAGE * PAGE
+                    continue
+                raise
+            return buf.data(int(req.buf_sz))
+        raise MshvError("MSHV_GET_VP_STATE kept asking for a bigger buffer")
+
+    def set_state(self, kind: int, data: bytes) -> None:
+        self._check_open()
+        size = max(PAGE, (len(data) + PAGE - 1) // PAGE * PAGE)
+        buf = _PageBuffer(size)
+        buf.fill(data)
+        req = ffi.new("struct mshv_get_set_vp_state *")
+        req.type, req.buf_sz, req.buf_ptr = kind, size, buf.address
+        self.partition.backend.ioctl(self.fd, lib.MSHV_SET_VP_STATE, req)
+
+    def close(self) -> None:
+        self._page = None
+        self._page_view = None
+        self._finalizer()
+
+    def __enter__(self) -> "Vp":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _PageBuffer:
+    """A page-aligned buffer (the driver requires it for VP state)."""
+
+    def __init__(self, size: int) -> None:
+        import mmap
+
+        self._map = mmap.mmap(-1, size)
+        self.address = int(ffi.cast("uintptr_t", ffi.from_buffer(self._map)))
+
+    def fill(self, data: bytes) -> None:
+        self._map[: len(data)] = data
+
+    def data(self, size: int) -> bytes:
+        return bytes(self._map[:size])
