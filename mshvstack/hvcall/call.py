@@ -85,17 +85,30 @@ def hvcall_rep(target: HvTarget, code: int, header: bytes | Any, elements: list[
     while done < len(elements):
         batch = elements[done : done + per_batch]
         status, completed, output = _issue_once(target, code, head + b"".join(batch), len(batch), out_element_size * len(batch))
-        completed = min(completed, len(batch))
-        outputs += [output[i * out_element_size : (i + 1) * out_element_size] for i in range(completed)] if out_element_size else [b""] * completed
+        completed = _usable_reps(target, status, min(completed, len(batch)), out_element_size)
+        outputs += _split(output, out_element_size, completed)
         done += completed
         if status == _SUCCESS and completed == len(batch):
             continue
-        if status in (_SUCCESS, _TIME_OUT) and completed > 0:
-            continue  # partial progress: continue from the completed rep
-        stalls += 1
+        stalls = 0 if completed else stalls + 1
         if status not in (_SUCCESS, _TIME_OUT) or stalls > 3:
             raise HvError(code, status if status != _SUCCESS else _TIME_OUT, done)
     return outputs
+
+
+def _usable_reps(target: HvTarget, status: int, completed: int, out_element_size: int) -> int:
+    """Reps whose results we actually have.
+
+    On failure the newest driver copies no output at all, so reps that
+    produced output must be issued again; the 6.15 driver copied it anyway.
+    """
+    if status != _SUCCESS and out_element_size and not target.profile.output_copied_on_failure:
+        return 0
+    return completed
+
+
+def _split(output: bytes, size: int, count: int) -> list[bytes]:
+    return [output[i * size : (i + 1) * size] for i in range(count)] if size else [b""] * count
 
 
 def hvcall_rep_indexed(target: HvTarget, code: int, header_at: Callable[[int], bytes], count: int,
@@ -106,14 +119,15 @@ def hvcall_rep_indexed(target: HvTarget, code: int, header_at: Callable[[int], b
     check_allowed(target, code)
     per_batch = MAX_PAGE // out_element_size
     outputs: list[bytes] = []
+    stalls = 0
     while len(outputs) < count:
         n = min(per_batch, count - len(outputs))
         status, done, output = _issue_once(target, code, header_at(len(outputs)), n, n * out_element_size)
-        done = min(done, n)
-        outputs += [output[i * out_element_size : (i + 1) * out_element_size] for i in range(done)]
+        done = _usable_reps(target, status, min(done, n), out_element_size)
+        outputs += _split(output, out_element_size, done)
         if status == _SUCCESS and done == n:
             continue
-        if status in (_SUCCESS, _TIME_OUT) and done:
-            continue
-        raise HvError(code, status if status != _SUCCESS else _TIME_OUT, len(outputs))
+        stalls = 0 if done else stalls + 1
+        if status not in (_SUCCESS, _TIME_OUT) or stalls > 3:
+            raise HvError(code, status if status != _SUCCESS else _TIME_OUT, len(outputs))
     return outputs

@@ -1,0 +1,259 @@
+"""partition/: Mshv, Partition, GuestMemory and Vp on the simulator."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import threading
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from mshvstack.abi import lib
+from mshvstack.errors import ErrnoError, MshvError
+from mshvstack.hvcall import HvRegister
+from mshvstack.partition import (GuestMemoryError, Halt, Interrupted, IoPortIntercept, Mshv, MsiRoute, PartitionConfig,
+                                 Segment, UnmappedGpa, VpStateKind)
+
+REAL_MODE_CS = Segment(base=0, limit=0xFFFF, selector=0, attributes=0x9B)
+
+
+def _real_mode_vm(code: bytes, **config: bool):  # type: ignore[no-untyped-def]
+    mshv = Mshv.open("sim")
+    part = mshv.create_partition(PartitionConfig(**config))
+    part.initialize()
+    part.map_memory(0, 0x10000)
+    part.memory.write(0x1000, code)
+    vp = part.create_vp(0)
+    sregs = vp.sregs
+    sregs.cs = REAL_MODE_CS
+    vp.sregs = sregs
+    regs = vp.regs
+    regs.rip, regs.rflags = 0x1000, 2
+    vp.regs = regs
+    return mshv, part, vp
+
+
+def test_auto_backend_says_which_it_picked() -> None:
+    with Mshv.open() as mshv:
+        if not os.path.exists("/dev/mshv"):
+            assert mshv.backend_name == "sim" and "not running as a Hyper-V root partition" in mshv.reason
+    with pytest.raises(MshvError):
+        Mshv.open("qemu")  # type: ignore[arg-type]
+
+
+def test_host_backend_refuses_clearly_without_device() -> None:
+    if os.path.exists("/dev/mshv"):
+        pytest.skip("a real /dev/mshv is present")
+    with pytest.raises(ErrnoError) as info:
+        Mshv.open("host")
+    assert info.value.errno == errno.ENOENT
+
+
+def test_v2_partition_needs_a_newer_driver() -> None:
+    config = PartitionConfig(disabled_processor_features=(1, 0))
+    with Mshv.open("sim", profile="6.15") as mshv:
+        with pytest.raises(MshvError, match="v2"):
+            mshv.create_partition(config)
+    with Mshv.open("sim") as mshv:
+        part = mshv.create_partition(config)
+        assert part.get_property(lib.HV_PARTITION_PROPERTY_PROCESSOR_FEATURES0) & 1 == 0
+        part.close()
+
+
+def test_run_io_then_halt_with_register_sets() -> None:
+    mshv, part, vp = _real_mode_vm(bytes.fromhex("b048baf803eeb00aeef4"))
+    try:
+        exit_ = vp.run()
+        assert isinstance(exit_, IoPortIntercept) and exit_.is_write and chr(exit_.data) == "H"
+        regs = vp.regs  # from the register page, valid after the intercept
+        assert regs.rip == exit_.header.rip and regs.rdx == 0x3F8
+        regs.rip = exit_.header.next_rip
+        vp.regs = regs
+        exit_ = vp.run()
+        assert isinstance(exit_, IoPortIntercept) and exit_.data == 0x0A
+        vp.set_registers({HvRegister.RIP: exit_.header.next_rip})
+        assert isinstance(vp.run(), Halt)
+        assert vp.sregs.cs.selector == 0
+    finally:
+        part.close()
+        mshv.close()
+
+
+def test_mmio_exit_and_guest_memory_bounds() -> None:
+    mshv, part, vp = _real_mode_vm(bytes.fromhex("a10080f4"))  # mov ax,[0x8000]; hlt
+    try:
+        part.unmap_memory(part.memory.regions[0])
+        part.map_memory(0, 0x8000)
+        part.memory.write(0x1000, bytes.fromhex("a10080f4"))
+        exit_ = vp.run()
+        assert isinstance(exit_, UnmappedGpa) and exit_.gpa == 0x8000 and not exit_.is_write
+        with pytest.raises(GuestMemoryError):
+            part.memory.read(0x7FFF, 2)
+        with pytest.raises(GuestMemoryError):
+            part.memory.view(0x7000, 0x2000)
+        with pytest.raises(GuestMemoryError):
+            part.memory.write(0x9000, b"x")
+        part.map_memory(0x8000, 0x1000)
+        part.memory.write(0x7FFE, b"abcd")  # spans two adjacent regions
+        assert part.memory.read(0x7FFE, 4) == b"abcd"
+        assert bytes(part.memory.view(0x8000, 2)) == b"cd"
+        with pytest.raises(ErrnoError) as info:
+            part.map_memory(0x8000, 0x1000)
+        assert info.value.errno == errno.EEXIST
+        with pytest.raises(GuestMemoryError):
+            part.map_memory(0x10001, 0x1000)
+    finally:
+        part.close()
+        mshv.close()
+
+
+@settings(max_examples=50, deadline=None)
+@given(gpa=st.integers(0, 0x30000), length=st.integers(0, 0x3000))
+def test_guest_memory_never_touches_outside_ram(gpa: int, length: int) -> None:
+    with Mshv.open("sim") as mshv:
+        part = mshv.create_partition()
+        part.map_memory(0x10000, 0x10000)
+        inside = length == 0 or (0x10000 <= gpa and gpa + length <= 0x20000)
+        try:
+            data = part.memory.read(gpa, length)
+            assert inside and len(data) == length
+        except GuestMemoryError:
+            assert not inside
+        part.close()
+
+
+def test_kick_interrupts_a_blocked_run() -> None:
+    mshv, part, vp = _real_mode_vm(bytes.fromhex("fbf4"), lapic=True)  # sti; hlt
+    try:
+        threading.Timer(0.1, vp.kick).start()
+        assert isinstance(vp.run(), Interrupted)
+    finally:
+        part.close()
+        mshv.close()
+
+
+def test_spurious_eintr_is_retried() -> None:
+    mshv, part, vp = _real_mode_vm(bytes.fromhex("e610f4"))
+    try:
+        mshv.backend.faults.fail_ioctl("MSHV_RUN_VP", errno.EINTR, times=2)  # type: ignore[attr-defined]
+        assert isinstance(vp.run(), IoPortIntercept)
+    finally:
+        part.close()
+        mshv.close()
+
+
+def test_vp_state_size_negotiation_and_msrs() -> None:
+    mshv, part, vp = _real_mode_vm(b"\xf4")
+    try:
+        lapic = vp.get_state(VpStateKind.LAPIC)
+        assert len(lapic) == 4096
+        timers = vp.get_state(VpStateKind.SYNTHETIC_TIMERS)
+        assert len(timers) == 200
+        assert len(vp.get_state(VpStateKind.XSAVE)) == part.get_property(lib.HV_PARTITION_PROPERTY_MAX_XSAVE_DATA_SIZE)
+        vp.set_msrs({0xC0000082: 0xFFFF800000001000, 0x40000000: 0x8100000000000000})
+        assert vp.get_msrs([0xC0000082, 0x40000000, 0x40000002]) == {0xC0000082: 0xFFFF800000001000,
+                                                                      0x40000000: 0x8100000000000000, 0x40000002: 0}
+        with pytest.raises(MshvError, match="0x12345"):
+            vp.get_msrs([0x12345])
+        with pytest.raises(MshvError):
+            part.create_vp(256)
+    finally:
+        part.close()
+        mshv.close()
+
+
+def test_pause_resume_freezes_time() -> None:
+    mshv, part, vp = _real_mode_vm(b"\xf4")
+    try:
+        part.pause()
+        (t0,) = vp.get_registers([HvRegister.TIME_REF_COUNT])
+        assert part.get_property(lib.HV_PARTITION_PROPERTY_TIME_FREEZE) == 1
+        part.resume()
+        assert part.get_property(lib.HV_PARTITION_PROPERTY_TIME_FREEZE) == 0
+        assert t0 >= 0
+    finally:
+        part.close()
+        mshv.close()
+
+
+def test_interrupt_plumbing_through_the_partition_api() -> None:
+    mshv, part, vp = _real_mode_vm(bytes.fromhex("fbf4e611f4"), lapic=True)
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        part.memory.write(0x40 * 4, (0x1100).to_bytes(2, "little") + b"\0\0")  # IVT[0x40] -> 0:0x1100
+        part.memory.write(0x1100, bytes.fromhex("e610cf"))  # out 0x10; iret
+        part.set_msi_routing([MsiRoute.fixed(3, 0x40, 0)])
+        part.irqfd(efd, 3)
+        threading.Timer(0.05, os.eventfd_write, args=(efd, 1)).start()
+        exit_ = vp.run()
+        assert isinstance(exit_, IoPortIntercept) and exit_.port_number == 0x10
+        part.remove_irqfd(efd, 3)
+        part.ioeventfd(efd, 0xD0000000, 4)
+        part.ioeventfd(efd, 0xD0000000, 4, remove=True)
+        part.install_intercept(lib.HV_INTERCEPT_TYPE_X64_CPUID, 0, 0x1234)
+        part.assert_interrupt(0x41, 0)
+    finally:
+        os.close(efd)
+        part.close()
+        mshv.close()
+
+
+def test_dirty_pages_after_guest_writes() -> None:
+    # mov byte [0x5000], 1 ; out 0x10, al ; hlt
+    mshv, part, vp = _real_mode_vm(bytes.fromhex("c6060050 01e610f4".replace(" ", "")))
+    try:
+        part.enable_dirty_tracking()
+        part.dirty_pages(0, 0x10000)  # clear
+        assert isinstance(vp.run(), IoPortIntercept)
+        assert part.dirty_pages(0, 0x10000) == [0x5000]
+        assert part.dirty_pages(0, 0x10000) == []
+    finally:
+        part.close()
+        mshv.close()
+
+
+def test_closed_objects_refuse_use() -> None:
+    mshv, part, vp = _real_mode_vm(b"\xf4")
+    part.close()
+    with pytest.raises(MshvError):
+        vp.run()
+    with pytest.raises(MshvError):
+        part.map_memory(0, 0x1000)
+    mshv.close()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _mappings() -> int:
+    return len(Path("/proc/self/maps").read_text().splitlines())
+
+
+def test_no_leaks_over_1000_partitions() -> None:
+    def one() -> None:
+        with Mshv.open("sim") as mshv:
+            part = mshv.create_partition()
+            part.initialize()
+            part.map_memory(0, 0x10000)
+            part.create_vp(0)
+            part.close()
+
+    for _ in range(5):
+        one()  # warm caches, lazily created module state
+    fds, maps = _open_fds(), _mappings()
+    for _ in range(1000):
+        one()
+    assert _open_fds() == fds
+    assert _mappings() <= maps + 4  # allocator arenas may move a little; no per-partition growth
+
+
+def test_readme_example_runs() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    match = re.search(r"<!-- example:begin -->\s*```python\n(.*?)```\s*<!-- example:end -->", readme, re.S)
+    assert match, "README example markers missing"
+    namespace: dict[str, object] = {}
+    exec(compile(match.group(1), "README.md", "exec"), namespace)
