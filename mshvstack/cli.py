@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from mshvstack import info as info_mod
+from mshvstack.errors import MshvError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Userspace VMM for Linux /dev/mshv, with an embedded simulator.")
-console = Console()
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Userspace VMM for Linux /dev/mshv, with an embedded simulator.")
+console = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -32,7 +42,124 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print machine-reada
     for name, state in data["backends"].items():
         mark = "[green]usable[/green]" if state["usable"] else "[yellow]unusable[/yellow]"
         table.add_row(f"backend {name}", f"{mark}: {state['reason']}")
-    console.print(table)
+    Console().print(table)
+
+
+def _console_sink(target: str, as_json: bool) -> tuple[Callable[[bytes], None], Callable[[], None]]:
+    if target == "stdio":
+        stream = sys.stderr.buffer if as_json else sys.stdout.buffer
+
+        def write(data: bytes) -> None:
+            stream.write(data)
+            stream.flush()
+        return write, lambda: None
+    try:
+        handle = open(target, "ab", buffering=0)
+    except OSError as exc:
+        _fail(f"--console {target!r}: {exc.strerror}")
+        raise  # unreachable
+    return handle.write, handle.close
+
+
+def _stats_table(stats: dict[str, dict[str, float]]) -> Table:
+    table = Table(title="exits")
+    table.add_column("type")
+    table.add_column("count", justify="right")
+    table.add_column("µs/exit", justify="right")
+    table.add_column("total ms", justify="right")
+    for kind, s in stats.items():
+        table.add_row(kind, f"{int(s['count'])}", f"{s['us_per_exit']:.1f}", f"{1000 * s['seconds']:.1f}")
+    return table
+
+
+@app.command()
+def run(
+    kernel: Optional[Path] = typer.Argument(None, help="Kernel to boot: an ELF (PVH or 64-bit entry) or a Linux bzImage."),
+    demo: bool = typer.Option(False, "--demo", help="Run the built-in demo guest instead of a KERNEL."),
+    demo_guest: str = typer.Option("hello", "--demo-guest", help="Which built-in guest --demo runs: hello or iotest."),
+    memory: str = typer.Option("256M", "--memory", help="Guest RAM, e.g. 256M or 1G."),
+    vcpus: int = typer.Option(1, "--vcpus", help="Number of virtual processors."),
+    cmdline: str = typer.Option("console=ttyS0", "--cmdline", help="Kernel command line (bzImage)."),
+    initrd: Optional[Path] = typer.Option(None, "--initrd", help="Initial ramdisk (bzImage)."),
+    backend: str = typer.Option("auto", "--backend", help="auto (real device if present), host or sim."),
+    profile: str = typer.Option("newest", "--profile", help="Kernel ABI profile for the simulator: newest, 6.15, azure."),
+    api_socket: Optional[Path] = typer.Option(None, "--api-socket", help="Serve the JSON control API on this UNIX socket."),
+    console_target: str = typer.Option("stdio", "--console", help="Where the guest's serial console goes: stdio or a FILE."),
+    show_stats: bool = typer.Option(False, "--stats", help="Print a table of exits by type."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON (console goes to stderr)."),
+) -> None:
+    """Boot a guest and run it until it stops; the guest's console is live."""
+    from mshvstack.vmm.config import ConfigError, MachineConfig, parse_size
+    from mshvstack.vmm.control import ControlServer
+    from mshvstack.vmm.machine import Machine
+
+    try:
+        if demo and kernel is not None:
+            raise ConfigError("give either a KERNEL file or --demo, not both")
+        config = MachineConfig(kernel=kernel, demo=demo_guest if demo or kernel is None else None, memory=parse_size(memory),
+                               vcpus=vcpus, cmdline=cmdline, initrd=initrd, backend=backend, profile=profile).validate()
+    except ConfigError as exc:
+        _fail(str(exc))
+    write, close_console = _console_sink(console_target, as_json)
+    server = None
+    try:
+        machine = Machine(config, console=write)
+        if api_socket is not None:
+            try:
+                server = ControlServer(machine, api_socket)
+            except MshvError:
+                machine.close()
+                raise
+        reason = machine.run()
+    except (MshvError, ValueError) as exc:
+        close_console()
+        _fail(str(exc), 1)
+        return
+    finally:
+        if server is not None:
+            server.close()
+    close_console()
+    summary: dict[str, Any] = {**machine.status(), "exit_code": reason.exit_code, "reason": reason.kind.value,
+                               "detail": reason.detail, "stats": machine.stats.as_dict()}
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        console.print(f"[bold]{reason}[/bold] after {summary['uptime']:.2f} s on the {summary['backend']} backend, "
+                      f"{summary['exits']} exits", highlight=False)
+        if show_stats:
+            console.print(_stats_table(summary["stats"]))
+    raise typer.Exit(reason.exit_code)
+
+
+@app.command()
+def ctl(
+    socket_path: Path = typer.Argument(..., metavar="SOCKET", help="The machine's --api-socket."),
+    command: str = typer.Argument(..., help="status, pause, resume, shutdown or poweroff."),
+    as_json: bool = typer.Option(False, "--json", help="Print the raw JSON reply."),
+) -> None:
+    """Control a running machine through its API socket."""
+    from mshvstack.vmm.control import COMMANDS, ControlError, request
+
+    if command not in COMMANDS:
+        _fail(f"unknown command {command!r}: one of {', '.join(COMMANDS)}")
+    try:
+        reply = request(socket_path, command)
+    except ControlError as exc:
+        _fail(str(exc), 1)
+        return
+    if as_json:
+        typer.echo(json.dumps(reply, indent=2))
+    elif not reply.get("ok"):
+        _fail(str(reply.get("error")), 1)
+    else:
+        table = Table(show_header=False, box=None)
+        for key in ("state", "backend", "vcpus", "memory", "uptime", "exits", "reason"):
+            table.add_row(key, str(reply.get(key)))
+        for kind, count in reply.get("exit_counts", {}).items():
+            table.add_row(f"  {kind}", str(count))
+        Console().print(table)
+    if not reply.get("ok"):
+        raise typer.Exit(1)
 
 
 @app.callback()

@@ -59,6 +59,9 @@ APIC_BASE_ENABLE = 1 << 11
 APIC_BASE_X2APIC = 1 << 10
 MSR_APIC_BASE = 0x1B
 
+# HV_REGISTER_INTERNAL_ACTIVITY_STATE bit: the VP waits for a SIPI.
+STARTUP_SUSPEND = 1
+
 # The hypercall page: vmcall; ret (Intel encoding; VMMCALL is trapped too).
 HYPERCALL_PAGE_CODE = bytes.fromhex("0f01c1c3")
 
@@ -287,6 +290,12 @@ class SimVp:
                 return exit_msg
 
     def _step(self) -> bytes | None:
+        if self._state.get(R.HV_REGISTER_INTERNAL_ACTIVITY_STATE, 0) & STARTUP_SUSPEND:
+            # An AP waiting for INIT/SIPI: nothing runs until start_at_sipi().
+            with self._wake:
+                while self._state.get(R.HV_REGISTER_INTERNAL_ACTIVITY_STATE, 0) & STARTUP_SUSPEND and not self._kick:
+                    self._wake.wait(0.05)
+            return None
         if self._halted:
             if not self._wait_for_interrupt():
                 return None
@@ -744,6 +753,7 @@ class SimVp:
         self._state.update(self._reset_state())
         self._segments[R.HV_X64_REGISTER_CS] = (vector << 12, 0xFFFF, vector << 8, 0x9B)
         self._state[R.HV_X64_REGISTER_RIP] = 0
+        self._state[R.HV_REGISTER_INTERNAL_ACTIVITY_STATE] = 0
         self._halted = False
         self._notify()
 

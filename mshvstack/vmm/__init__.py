@@ -1,0 +1,1 @@
+"""The machine: config, VP threads, buses, devices, loaders, lifecycle, control API."""

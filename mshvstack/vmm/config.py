@@ -1,0 +1,59 @@
+"""MachineConfig: everything a run needs, validated up front with one-line errors."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from mshvstack.errors import MshvError
+
+MAX_VCPUS = 256
+MIN_MEMORY = 2 << 20
+MAX_MEMORY = 3 << 30  # one region below the 32-bit MMIO hole
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+DEMO_GUESTS = ("hello", "iotest")
+
+
+class ConfigError(MshvError):
+    """Bad user input for a machine."""
+
+
+def parse_size(text: str) -> int:
+    """'256M' -> bytes.  Binary units K, M, G, T; a bare number is bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix (e.g. 256M)")
+    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    kernel: Path | None = None
+    demo: str | None = None
+    memory: int = 256 << 20
+    vcpus: int = 1
+    cmdline: str = "console=ttyS0"
+    initrd: Path | None = None
+    backend: str = "auto"
+    profile: str = "newest"
+    test_devices: bool = False
+
+    def validate(self) -> "MachineConfig":
+        if (self.kernel is None) == (self.demo is None):
+            raise ConfigError("give exactly one of a KERNEL file or --demo")
+        if self.demo is not None and self.demo not in DEMO_GUESTS:
+            raise ConfigError(f"unknown demo {self.demo!r}: choose one of {', '.join(DEMO_GUESTS)}")
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise ConfigError(f"--vcpus must be between 1 and {MAX_VCPUS}, not {self.vcpus}")
+        if not MIN_MEMORY <= self.memory <= MAX_MEMORY:
+            raise ConfigError(f"--memory must be between {MIN_MEMORY >> 20}M and {MAX_MEMORY >> 20}M, not {self.memory >> 20}M")
+        if self.memory % (2 << 20):
+            raise ConfigError("--memory must be a multiple of 2M")
+        for label, path in (("kernel", self.kernel), ("initrd", self.initrd)):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{label} {str(path)!r}: no such file")
+        if self.backend not in ("auto", "host", "sim"):
+            raise ConfigError(f"--backend must be auto, host or sim, not {self.backend!r}")
+        return self

@@ -1,0 +1,1 @@
+"""Legacy and test devices of the machine."""

@@ -1,0 +1,80 @@
+"""Linux bzImage, 64-bit boot protocol: zero page, e820, command line, initrd."""
+
+from __future__ import annotations
+
+import struct
+
+from mshvstack.partition.memory import GuestMemory
+from mshvstack.vmm.loader import LoaderError
+from mshvstack.vmm.loader.x86boot import BootState, long_mode
+
+BOOT_PARAMS_GPA = 0x7000
+CMDLINE_GPA = 0x20000
+CMDLINE_MAX = 0x10000
+KERNEL_GPA = 0x100000
+STACK_GPA = 0x8FF0
+E820_RAM, E820_RESERVED = 1, 2
+HDRS = 0x53726448  # "HdrS"
+XLF_KERNEL_64 = 1 << 0
+XLF_CAN_BE_LOADED_ABOVE_4G = 1 << 1
+LOADER_TYPE_UNDEFINED = 0xFF
+CAN_USE_HEAP = 0x80
+
+
+def is_bzimage(image: bytes) -> bool:
+    return len(image) >= 0x250 and image[0x1FE:0x200] == b"\x55\xaa" and struct.unpack_from("<I", image, 0x202)[0] == HDRS
+
+
+def _e820(memory: GuestMemory) -> list[tuple[int, int, int]]:
+    entries = [(0, 0x9FC00, E820_RAM), (0x9FC00, 0x400, E820_RESERVED), (0xF0000, 0x10000, E820_RESERVED)]
+    for region in memory.regions:
+        start = max(region.gpa, 0x100000)
+        if region.end > start:
+            entries.append((start, region.end - start, E820_RAM))
+    return entries
+
+
+def load_bzimage(image: bytes, memory: GuestMemory, cmdline: str, initrd: bytes | None, name: str = "bzImage") -> BootState:
+    """Load the protected-mode kernel at 1 MiB and enter its 64-bit entry point."""
+    if not is_bzimage(image):
+        raise LoaderError(f"{name}: not a Linux bzImage (no boot signature / HdrS header)")
+    version = struct.unpack_from("<H", image, 0x206)[0]
+    if version < 0x020C:
+        raise LoaderError(f"{name}: boot protocol {version >> 8}.{version & 0xFF} is too old (2.12+ needed for the 64-bit entry)")
+    xloadflags = struct.unpack_from("<H", image, 0x236)[0]
+    if not xloadflags & XLF_KERNEL_64:
+        raise LoaderError(f"{name}: kernel has no 64-bit entry point (XLF_KERNEL_64 unset)")
+    setup_sects = image[0x1F1] or 4
+    kernel_offset = (setup_sects + 1) * 512
+    if kernel_offset >= len(image):
+        raise LoaderError(f"{name}: truncated (setup claims {setup_sects} sectors)")
+    kernel = image[kernel_offset:]
+    init_size = struct.unpack_from("<I", image, 0x260)[0]
+    if KERNEL_GPA + max(len(kernel), init_size) > memory.size:
+        raise LoaderError(f"{name}: needs {max(len(kernel), init_size) >> 20} MiB above 1 MiB; give the machine more memory")
+    encoded = cmdline.encode() + b"\0"
+    if len(encoded) > min(CMDLINE_MAX, struct.unpack_from("<I", image, 0x238)[0] + 1 or CMDLINE_MAX):
+        raise LoaderError(f"--cmdline is {len(encoded)} bytes; this kernel accepts at most {struct.unpack_from('<I', image, 0x238)[0]}")
+    memory.write(KERNEL_GPA, kernel)
+    memory.write(CMDLINE_GPA, encoded)
+
+    params = bytearray(4096)
+    header_end = 0x202 + image[0x201]
+    params[0x1F1:header_end] = image[0x1F1:header_end]
+    params[0x210] = LOADER_TYPE_UNDEFINED                       # type_of_loader
+    params[0x211] |= CAN_USE_HEAP                               # loadflags
+    struct.pack_into("<H", params, 0x224, 0xFE00)               # heap_end_ptr
+    struct.pack_into("<I", params, 0x228, CMDLINE_GPA)          # cmd_line_ptr
+    if initrd:
+        limit = min(struct.unpack_from("<I", image, 0x22C)[0] or 0x37FFFFFF, memory.size - 1)
+        address = (limit + 1 - len(initrd)) & ~0xFFF
+        if address < KERNEL_GPA + max(len(kernel), init_size):
+            raise LoaderError(f"initrd of {len(initrd) >> 20} MiB does not fit beside the kernel; give the machine more memory")
+        memory.write(address, initrd)
+        struct.pack_into("<II", params, 0x218, address, len(initrd))  # ramdisk_image, ramdisk_size
+    entries = _e820(memory)
+    params[0x1E8] = len(entries)
+    for i, (start, size, kind) in enumerate(entries):
+        struct.pack_into("<QQI", params, 0x2D0 + 20 * i, start, size, kind)
+    memory.write(BOOT_PARAMS_GPA, bytes(params))
+    return long_mode(memory, KERNEL_GPA + 0x200, stack=STACK_GPA, boot_params=BOOT_PARAMS_GPA)

@@ -1,0 +1,329 @@
+"""Machine: a partition, its memory and VPs (one thread each), devices, and a lifecycle.
+
+    created → running ⇄ paused → stopped
+
+Exits are dispatched here to the buses and policies; a guest triple fault,
+reset request or debug-exit write ends the run with a reason and exit code.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from mshvstack.abi import lib
+from mshvstack.errors import MshvError
+from mshvstack.hvcall import HvRegister, calls
+from mshvstack.partition import (CpuidIntercept, Halt, HypercallIntercept, Interrupted, IoPortIntercept,
+                                 MemoryIntercept, Mshv, MsrIntercept, PartitionConfig, UnknownExit,
+                                 UnrecoverableException, Vp, VpExit)
+from mshvstack.partition.exits import ExceptionIntercept, SintDeliverable
+from mshvstack.vmm.bus import Bus
+from mshvstack.vmm.config import MachineConfig
+from mshvstack.vmm.devices.simple import CmosRtc, DebugExit, I8042, Scratch
+from mshvstack.vmm.devices.uart import Uart16550
+from mshvstack.vmm.loader import LoaderError
+from mshvstack.vmm.loader.elf import load_elf
+from mshvstack.vmm.loader.x86boot import BootState, long_mode, protected_mode
+from mshvstack.vmm.mmio import MmioAccess, MmioEmulator, MmioError
+from mshvstack.vmm.stats import ExitStats
+
+COM1, COM1_SIZE = 0x3F8, 8
+I8042_BASE, I8042_SIZE = 0x60, 5
+CMOS_BASE, CMOS_SIZE = 0x70, 2
+DEBUG_EXIT_PORT = 0xF4
+SCRATCH_MMIO = 0xD0000000
+RFLAGS_IF = 1 << 9
+DEMO_STACK = 0x80000
+STRING_BATCH = 4096
+
+
+class RunState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+
+
+class StopKind(enum.Enum):
+    DEBUG_EXIT = "debug-exit"
+    TRIPLE_FAULT = "triple-fault"
+    RESET = "reset"
+    POWEROFF = "poweroff"
+    HALTED = "halted"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class StopReason:
+    kind: StopKind
+    exit_code: int
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind.value} (exit code {self.exit_code}){': ' + self.detail if self.detail else ''}"
+
+
+class MachineError(MshvError):
+    """The machine cannot be built or run."""
+
+
+class Machine:
+    def __init__(self, config: MachineConfig, console: Callable[[bytes], None] = lambda b: None) -> None:
+        self.config = config.validate()
+        self.console = console
+        self.state = RunState.CREATED
+        self.stats = ExitStats()
+        self.started_at: float | None = None
+        self.reason: StopReason | None = None
+        self._state_changed = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._halted: set[int] = set()
+        self.pio = Bus("port I/O")
+        self.mmio = Bus("MMIO")
+        self.mshv = Mshv.open(config.backend, config.profile)
+        try:
+            self._build()
+        except BaseException:
+            self.mshv.close()
+            raise
+
+    # ---- construction
+    def _build(self) -> None:
+        config = self.config
+        self.partition = self.mshv.create_partition(PartitionConfig(lapic=True))
+        self.partition.initialize()
+        self.partition.map_memory(0, config.memory)
+        self.uart = Uart16550(self.console)
+        self.pio.register(COM1, COM1_SIZE, self.uart, "16550 UART (COM1)")
+        self.pio.register(I8042_BASE, I8042_SIZE, I8042(lambda: self.stop(StopReason(StopKind.RESET, 0, "guest requested reset"))), "i8042")
+        self.pio.register(CMOS_BASE, CMOS_SIZE, CmosRtc(memory_mb=config.memory >> 20), "CMOS/RTC")
+        self.pio.register(DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit), "debug exit")
+        if config.test_devices or config.demo == "iotest":
+            self.scratch = Scratch()
+            self.mmio.register(SCRATCH_MMIO, 0x1000, self.scratch, "scratch")
+        boot = self._load()
+        self.vps: list[Vp] = []
+        for index in range(config.vcpus):
+            vp = self.partition.create_vp(index)
+            self.vps.append(vp)
+        self.vps[0].sregs = boot.sregs
+        self.vps[0].regs = boot.regs
+        for ap in self.vps[1:]:
+            # APs wait for INIT/SIPI from the BSP (startup-suspend).
+            ap.set_registers({HvRegister.INTERNAL_ACTIVITY_STATE: 1})
+        memory = self.partition.memory
+        self.mmio_emulator = MmioEmulator(self.mmio.read, self.mmio.write, self._translate,
+                                          lambda gpa, size: int.from_bytes(memory.read(gpa, size), "little"),
+                                          lambda gpa, size, value: memory.write(gpa, value.to_bytes(size, "little")))
+
+    def _load(self) -> BootState:
+        memory = self.partition.memory
+        if self.config.demo is not None:
+            from mshvstack.vmm.guests import demo_image
+
+            loaded = load_elf(demo_image(self.config.demo), memory, f"demo {self.config.demo}")
+            return long_mode(memory, loaded.entry, stack=DEMO_STACK)
+        assert self.config.kernel is not None
+        image = self.config.kernel.read_bytes()
+        name = str(self.config.kernel)
+        if image[:4] == b"\x7fELF":
+            loaded = load_elf(image, memory, name)
+            if loaded.pvh:
+                return protected_mode(memory, loaded.entry)
+            return long_mode(memory, loaded.entry, stack=DEMO_STACK)
+        from mshvstack.vmm.loader.bzimage import is_bzimage, load_bzimage
+
+        if is_bzimage(image):
+            initrd = self.config.initrd.read_bytes() if self.config.initrd else None
+            return load_bzimage(image, memory, self.config.cmdline, initrd, name)
+        raise LoaderError(f"{name}: neither an ELF file nor a Linux bzImage")
+
+    def _translate(self, gva: int, write: bool) -> int:
+        flags = lib.HV_TRANSLATE_GVA_VALIDATE_READ | (lib.HV_TRANSLATE_GVA_VALIDATE_WRITE if write else 0)
+        result = calls.translate_virtual_address(self.partition.hv, 0, gva, flags)
+        if not result.ok:
+            raise MmioError(f"guest address {gva:#x} does not translate (result {result.result})")
+        return result.gpa
+
+    # ---- lifecycle
+    def start(self) -> None:
+        if self.state is not RunState.CREATED:
+            raise MachineError(f"cannot start a machine that is {self.state.value}")
+        self.started_at = time.monotonic()
+        self._set_state(RunState.RUNNING)
+        for vp in self.vps:
+            thread = threading.Thread(target=self._vp_thread, args=(vp,), name=f"vp{vp.index}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def wait(self, timeout: float | None = None) -> StopReason | None:
+        with self._state_changed:
+            self._state_changed.wait_for(lambda: self.state is RunState.STOPPED, timeout)
+        for thread in self._threads:
+            thread.join(timeout=5)
+        return self.reason
+
+    def run(self) -> StopReason:
+        """Start, wait for the guest to stop, tear down; returns why it stopped."""
+        self.start()
+        reason = self.wait()
+        self.close()
+        assert reason is not None
+        return reason
+
+    def pause(self) -> None:
+        if self.state is not RunState.RUNNING:
+            raise MachineError(f"cannot pause a machine that is {self.state.value}")
+        self.partition.pause()
+        self._set_state(RunState.PAUSED)
+        for vp in self.vps:
+            vp.kick()
+
+    def resume(self) -> None:
+        if self.state is not RunState.PAUSED:
+            raise MachineError(f"cannot resume a machine that is {self.state.value}")
+        self.partition.resume()
+        self._set_state(RunState.RUNNING)
+
+    def stop(self, reason: StopReason) -> None:
+        with self._state_changed:
+            if self.state is RunState.STOPPED:
+                return
+            self.reason = reason
+        self._set_state(RunState.STOPPED)
+        for vp in self.vps:
+            vp.kick()
+
+    def poweroff(self) -> None:
+        self.stop(StopReason(StopKind.POWEROFF, 0, "powered off by the host"))
+
+    def shutdown(self) -> None:
+        """Graceful shutdown (the VMBus shutdown IC comes later): power off for now."""
+        self.poweroff()
+
+    def close(self) -> None:
+        if self.state is not RunState.STOPPED:
+            self.poweroff()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        if not self.partition.closed:
+            self.partition.close()
+        self.mshv.close()
+
+    def _set_state(self, state: RunState) -> None:
+        with self._state_changed:
+            self.state = state
+            self._state_changed.notify_all()
+
+    def status(self) -> dict[str, Any]:
+        uptime = time.monotonic() - self.started_at if self.started_at else 0.0
+        return {
+            "state": self.state.value,
+            "backend": self.mshv.backend_name,
+            "vcpus": len(self.vps),
+            "memory": self.config.memory,
+            "uptime": round(uptime, 3),
+            "exits": self.stats.total,
+            "exit_counts": {k: int(v["count"]) for k, v in self.stats.as_dict().items()},
+            "console_bytes": self.uart.bytes_out,
+            "reason": str(self.reason) if self.reason else None,
+        }
+
+    # ---- VP threads and exit dispatch
+    def _vp_thread(self, vp: Vp) -> None:
+        try:
+            while self.state is not RunState.STOPPED:
+                if self.state is RunState.PAUSED:
+                    with self._state_changed:
+                        self._state_changed.wait_for(lambda: self.state is not RunState.PAUSED, 0.5)
+                    continue
+                exit_ = vp.run()
+                started = time.perf_counter()
+                self._dispatch(vp, exit_)
+                self.stats.record(type(exit_).__name__, time.perf_counter() - started)
+        except Exception as exc:  # noqa: BLE001 - any failure ends the run with its reason
+            self.stop(StopReason(StopKind.ERROR, 1, f"VP {vp.index}: {exc}"))
+
+    def _dispatch(self, vp: Vp, exit_: VpExit) -> None:
+        if isinstance(exit_, IoPortIntercept):
+            self._port_io(vp, exit_)
+        elif isinstance(exit_, MemoryIntercept):
+            bits = 64 if exit_.header.efer_lma and exit_.header.cs.long_mode else 32 if exit_.header.cr0_pe else 16
+            self.mmio_emulator.emulate(vp, MmioAccess(exit_.gpa, exit_.header.rip, exit_.instruction_bytes, bits))
+        elif isinstance(exit_, Halt):
+            self._halt(vp, exit_)
+        elif isinstance(exit_, CpuidIntercept):
+            vp.set_registers({HvRegister.RAX: exit_.default_result_rax, HvRegister.RBX: exit_.default_result_rbx,
+                              HvRegister.RCX: exit_.default_result_rcx, HvRegister.RDX: exit_.default_result_rdx,
+                              HvRegister.RIP: exit_.header.next_rip})
+        elif isinstance(exit_, MsrIntercept):
+            values = {HvRegister.RIP: exit_.header.next_rip}
+            if not exit_.is_write:
+                values.update({HvRegister.RAX: 0, HvRegister.RDX: 0})
+            vp.set_registers(values)
+        elif isinstance(exit_, HypercallIntercept):
+            vp.set_registers({HvRegister.RAX: lib.HV_STATUS_INVALID_CONNECTION_ID, HvRegister.RIP: exit_.header.next_rip})
+        elif isinstance(exit_, UnrecoverableException):
+            self.stop(StopReason(StopKind.TRIPLE_FAULT, 3, f"VP {vp.index} triple-faulted at RIP {exit_.header.rip:#x}"))
+        elif isinstance(exit_, (Interrupted, SintDeliverable)):
+            pass
+        elif isinstance(exit_, ExceptionIntercept):
+            self.stop(StopReason(StopKind.ERROR, 1, f"unexpected exception {exit_.exception_vector} at {exit_.header.rip:#x}"))
+        elif isinstance(exit_, UnknownExit):
+            self.stop(StopReason(StopKind.ERROR, 1, f"unhandled message type {exit_.message_type_raw:#x}"))
+
+    def _port_io(self, vp: Vp, io: IoPortIntercept) -> None:
+        size = io.access_size
+        if io.string_op:
+            self._string_io(vp, io)
+            return
+        if io.is_write:
+            self.pio.write(io.port_number, size, io.data)
+            vp.set_registers({HvRegister.RIP: io.header.next_rip})
+        else:
+            value = self.pio.read(io.port_number, size)
+            mask = (1 << (8 * size)) - 1
+            rax = value if size == 4 else (io.rax & ~mask) | value  # 32-bit IN zero-extends
+            vp.set_registers({HvRegister.RAX: rax, HvRegister.RIP: io.header.next_rip})
+        if self.state is RunState.STOPPED:
+            vp.kick()
+
+    def _string_io(self, vp: Vp, io: IoPortIntercept) -> None:
+        """INS/OUTS (REP too): move data between guest memory and the port."""
+        size = io.access_size
+        count = io.rcx if io.rep_prefix else 1
+        count = min(count, STRING_BATCH)  # bounded per exit; the instruction re-runs for the rest
+        (rflags,) = vp.get_registers([HvRegister.RFLAGS])
+        step = -size if rflags & (1 << 10) else size
+        memory = self.partition.memory
+        pointer = io.rsi if io.is_write else io.rdi
+        for i in range(count):
+            gpa = self._translate(pointer + i * step, not io.is_write)
+            if io.is_write:
+                self.pio.write(io.port_number, size, int.from_bytes(memory.read(gpa, size), "little"))
+            else:
+                memory.write(gpa, self.pio.read(io.port_number, size).to_bytes(size, "little"))
+        values = {HvRegister.RSI if io.is_write else HvRegister.RDI: (pointer + count * step) & ((1 << 64) - 1)}
+        remaining = (io.rcx - count) if io.rep_prefix else 0
+        if io.rep_prefix:
+            values[HvRegister.RCX] = remaining
+        if remaining == 0:
+            values[HvRegister.RIP] = io.header.next_rip
+        vp.set_registers(values)
+
+    def _halt(self, vp: Vp, halt: Halt) -> None:
+        if halt.header.rflags & RFLAGS_IF:
+            return  # interrupts can still wake it: run again
+        self._halted.add(vp.index)
+        if len(self._halted) == len(self.vps):
+            self.stop(StopReason(StopKind.HALTED, 0, "every VP halted with interrupts disabled"))
+        else:
+            with self._state_changed:
+                self._state_changed.wait_for(lambda: self.state is RunState.STOPPED)
+
+    def _debug_exit(self, value: int) -> None:
+        self.stop(StopReason(StopKind.DEBUG_EXIT, value & 0xFF, "guest wrote to the debug-exit port"))
