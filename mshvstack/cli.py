@@ -58,7 +58,10 @@ def _console_sink(target: str, as_json: bool) -> tuple[Callable[[bytes], None], 
     except OSError as exc:
         _fail(f"--console {target!r}: {exc.strerror}")
         raise  # unreachable
-    return handle.write, handle.close
+
+    def write_file(data: bytes) -> None:
+        handle.write(data)
+    return write_file, handle.close
 
 
 def _stats_table(stats: dict[str, dict[str, float]]) -> Table:

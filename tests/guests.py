@@ -40,3 +40,17 @@ def assemble(source: str, out_dir: Path, origin: int = 0x2000, bits: int = 64) -
     out = subprocess.run(["nm", str(elf)], check=True, capture_output=True, text=True).stdout
     symbols = {line.split()[2]: int(line.split()[0], 16) for line in out.splitlines()}
     return bin_.read_bytes(), symbols
+
+
+def assemble_elf(source: str, out_dir: Path, link: int = 0x200000) -> Path:
+    """Assemble a 64-bit snippet into an ELF kernel linked at ``link``."""
+    for tool in ("as", "ld"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"binutils '{tool}' not found: cannot assemble the test guest")
+    src = out_dir / "kernel.S"
+    src.write_text(f".code64\n.globl _start\n_start:\n{source}\n")
+    obj, elf = out_dir / "kernel.o", out_dir / "kernel.elf"
+    subprocess.run(["as", "--64", "-o", str(obj), str(src)], check=True, capture_output=True)
+    subprocess.run(["ld", "-m", "elf_x86_64", f"-Ttext={link:#x}", "--build-id=none", "-e", "_start", "-o", str(elf), str(obj)],
+                   check=True, capture_output=True)
+    return elf

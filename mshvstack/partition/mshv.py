@@ -28,7 +28,7 @@ class Mshv:
         self._finalizer = weakref.finalize(self, backend.close, self.fd)
 
     @classmethod
-    def open(cls, backend: BackendChoice | Backend = "auto", profile: str | AbiProfile = "newest") -> "Mshv":
+    def open(cls, backend: BackendChoice | str | Backend = "auto", profile: str | AbiProfile = "newest") -> "Mshv":
         """Open the real device ("host"), the simulator ("sim"), or whichever works ("auto")."""
         abi = lookup_profile(profile) if isinstance(profile, str) else profile
         if not isinstance(backend, str):

@@ -53,20 +53,16 @@ class ControlServer:
             threading.Thread(target=self._client, args=(client,), daemon=True).start()
 
     def _client(self, client: socket.socket) -> None:
-        with client, client.makefile("rwb") as stream:
-            while True:
-                try:
+        try:
+            with client, client.makefile("rwb") as stream:
+                while True:
                     line = stream.readline(MAX_REQUEST + 1)
-                except OSError:
-                    return
-                if not line:
-                    return  # client went away (possibly mid-request)
-                reply = self.handle(line)
-                try:
-                    stream.write(json.dumps(reply).encode() + b"\n")
+                    if not line:
+                        return  # client went away (possibly mid-request)
+                    stream.write(json.dumps(self.handle(line)).encode() + b"\n")
                     stream.flush()
-                except OSError:
-                    return
+        except OSError:
+            pass  # the client disconnected; nothing to answer
 
     def handle(self, line: bytes) -> dict[str, Any]:
         if len(line) > MAX_REQUEST:

@@ -191,7 +191,7 @@ class MmioEmulator:
         size = ops[m].size
         name = insn.mnemonic
         gpa = access.gpa
-        if name == "mov":
+        if name in ("mov", "movabs"):  # movabs: the moffs forms (A0-A3)
             if m == 0:
                 self.write(gpa, size, self._operand_value(ops[1], insn, state) & _mask(size))
             else:

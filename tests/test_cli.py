@@ -1,0 +1,64 @@
+"""The CLI: the demo run, JSON output, and one clear line for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mshvstack.cli import app
+
+runner = CliRunner()
+
+
+def test_run_demo_prints_greeting_and_summary() -> None:
+    result = runner.invoke(app, ["run", "--demo", "--backend", "sim", "--stats"])
+    assert result.exit_code == 0, result.output
+    assert "Hello from an mshvstack guest" in result.output
+    assert "debug-exit (exit code 0)" in result.output and "IoPortIntercept" in result.output
+
+
+def test_run_json_summary() -> None:
+    result = runner.invoke(app, ["run", "--demo", "--demo-guest", "iotest", "--backend", "sim", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["reason"] == "debug-exit" and summary["stats"]["UnmappedGpa"]["count"] >= 8
+
+
+def test_console_to_file(tmp_path: Path) -> None:
+    log = tmp_path / "console.log"
+    result = runner.invoke(app, ["run", "--demo", "--backend", "sim", "--console", str(log)])
+    assert result.exit_code == 0 and log.read_bytes().startswith(b"Hello")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--demo", "--memory", "12Q"], "bad size '12Q'"),
+    (["run", "--demo", "--vcpus", "0"], "--vcpus must be between 1 and 256"),
+    (["run", "--demo", "--vcpus", "300"], "--vcpus must be between 1 and 256"),
+    (["run", "/no/such/kernel"], "no such file"),
+    (["run", "--demo", "--memory", "1M"], "--memory must be between"),
+    (["run", "--demo", "--backend", "qemu"], "--backend must be auto, host or sim"),
+    (["ctl", "/no/such.sock", "status"], "cannot reach"),
+    (["ctl", "/no/such.sock", "explode"], "unknown command"),
+])
+def test_bad_input_is_one_line(args: list[str], message: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len([line for line in result.output.splitlines() if line.strip()]) == 1
+
+
+def test_kernel_that_does_not_fit(tmp_path: Path) -> None:
+    from test_vmm_loaders import make_elf
+
+    kernel = tmp_path / "big.elf"
+    kernel.write_bytes(make_elf([(0x4000000, b"x", 1)], 0x4000000))
+    result = runner.invoke(app, ["run", str(kernel), "--memory", "32M", "--backend", "sim"])
+    assert result.exit_code == 1 and "outside guest RAM" in result.output and "Traceback" not in result.output
+    notelf = tmp_path / "text"
+    notelf.write_text("hello")
+    result = runner.invoke(app, ["run", str(notelf), "--backend", "sim"])
+    assert result.exit_code == 1 and "neither an ELF file nor a Linux bzImage" in result.output

@@ -1,0 +1,130 @@
+"""Loaders on generated ELF- and bzImage-shaped files, and on corrupt ones."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from mshvstack.partition import Mshv
+from mshvstack.vmm.loader import LoaderError
+from mshvstack.vmm.loader.bzimage import BOOT_PARAMS_GPA, CMDLINE_GPA, KERNEL_GPA, load_bzimage
+from mshvstack.vmm.loader.elf import load_elf
+from mshvstack.vmm.loader.x86boot import CR0_PG, EFER_LMA
+
+RAM = 16 << 20
+
+
+def make_elf(segments: list[tuple[int, bytes, int]], entry: int, pvh_entry: int | None = None, machine: int = 62) -> bytes:
+    """A minimal ELF64 executable with PT_LOAD segments (and a Xen PVH note)."""
+    phdrs, blobs = [], []
+    note = b""
+    if pvh_entry is not None:
+        desc = struct.pack("<I", pvh_entry)
+        note = struct.pack("<III", 4, len(desc), 18) + b"Xen\0" + desc
+    count = len(segments) + (1 if note else 0)
+    offset = 64 + 56 * count
+    for paddr, data, memsz in segments:
+        phdrs.append(struct.pack("<IIQQQQQQ", 1, 7, offset, paddr, paddr, len(data), memsz, 0x1000))
+        blobs.append(data)
+        offset += len(data)
+    if note:
+        phdrs.append(struct.pack("<IIQQQQQQ", 4, 4, offset, 0, 0, len(note), len(note), 4))
+        blobs.append(note)
+    header = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+    header += struct.pack("<HHIQQQIHHHHHH", 2, machine, 1, entry, 64, 0, 0, 64, 56, count, 64, 0, 0)
+    return header + b"".join(phdrs) + b"".join(blobs)
+
+
+@pytest.fixture
+def memory():  # type: ignore[no-untyped-def]
+    with Mshv.open("sim") as mshv:
+        part = mshv.create_partition()
+        part.map_memory(0, RAM)
+        yield part.memory
+        part.close()
+
+
+def test_elf_segments_and_bss(memory) -> None:  # type: ignore[no-untyped-def]
+    image = make_elf([(0x200000, b"\x90" * 16, 0x2000), (0x300000, b"data", 4)], entry=0x200004)
+    memory.write(0x200010, b"\xff" * 16)
+    loaded = load_elf(image, memory)
+    assert (loaded.entry, loaded.pvh) == (0x200004, False)
+    assert memory.read(0x200000, 16) == b"\x90" * 16 and memory.read(0x200010, 16) == bytes(16)  # bss zeroed
+    assert memory.read(0x300000, 4) == b"data"
+
+
+def test_elf_pvh_note_selects_the_32_bit_entry(memory) -> None:  # type: ignore[no-untyped-def]
+    loaded = load_elf(make_elf([(0x100000, b"\xf4", 1)], entry=0xFFFFFFFF81000000, pvh_entry=0x100000), memory)
+    assert loaded.pvh and loaded.entry == 0x100000
+
+
+@pytest.mark.parametrize("image, message", [
+    (b"MZ\x90\x00" + bytes(100), "not an ELF"),
+    (make_elf([(0x200000, b"x" * 64, 64)], 0x200000)[:150], "truncated"),
+    (make_elf([(RAM - 0x10, b"x" * 64, 64)], RAM - 0x10), "outside guest RAM"),
+    (make_elf([(0x200000, b"x", 1)], 0x200000, machine=183), "not x86-64"),
+    (make_elf([], 0x200000), "no loadable segments"),
+])
+def test_corrupt_elves_get_one_clear_line(memory, image: bytes, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(LoaderError, match=message) as info:
+        load_elf(image, memory, "vmlinux")
+    assert "\n" not in str(info.value) and str(info.value).startswith("vmlinux")
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.binary(max_size=400), cut=st.integers(0, 400))
+def test_fuzzed_elves_never_escape_as_tracebacks(data: bytes, cut: int) -> None:
+    with Mshv.open("sim") as mshv:
+        part = mshv.create_partition()
+        part.map_memory(0, 1 << 20)
+        image = (make_elf([(0x1000, b"abc", 3)], 0x1000) + data)[:cut] if cut % 2 else b"\x7fELF" + data
+        try:
+            load_elf(image, part.memory)
+        except LoaderError:
+            pass
+        part.close()
+
+
+def make_bzimage(payload: bytes, version: int = 0x020F, xloadflags: int = 1, init_size: int = 0x10000) -> bytes:
+    setup = bytearray(2 * 512)
+    setup[0x1F1] = 1                                    # setup_sects
+    setup[0x1FE:0x200] = b"\x55\xaa"
+    setup[0x200:0x202] = b"\xeb\x66"                    # jump; header ends at 0x202 + 0x66
+    struct.pack_into("<I", setup, 0x202, 0x53726448)
+    struct.pack_into("<H", setup, 0x206, version)
+    struct.pack_into("<I", setup, 0x22C, 0x37FFFFFF)    # initrd_addr_max
+    struct.pack_into("<H", setup, 0x236, xloadflags)
+    struct.pack_into("<I", setup, 0x238, 2047)          # cmdline_size
+    struct.pack_into("<I", setup, 0x260, init_size)
+    return bytes(setup) + payload
+
+
+def test_bzimage_zero_page_cmdline_initrd(memory) -> None:  # type: ignore[no-untyped-def]
+    state = load_bzimage(make_bzimage(b"\xf4" * 64), memory, "console=ttyS0 quiet", b"INITRD" * 100)
+    assert state.regs.rip == KERNEL_GPA + 0x200 and state.regs.rsi == BOOT_PARAMS_GPA
+    assert state.sregs.cr0 & CR0_PG and state.sregs.efer & EFER_LMA
+    params = memory.read(BOOT_PARAMS_GPA, 4096)
+    assert params[0x210] == 0xFF and struct.unpack_from("<I", params, 0x228)[0] == CMDLINE_GPA
+    assert memory.read(CMDLINE_GPA, 20) == b"console=ttyS0 quiet\0"
+    image, size = struct.unpack_from("<II", params, 0x218)
+    assert size == 600 and memory.read(image, 6) == b"INITRD" and image + size <= RAM
+    entries = [struct.unpack_from("<QQI", params, 0x2D0 + 20 * i) for i in range(params[0x1E8])]
+    assert (0x100000, RAM - 0x100000, 1) in entries
+    assert memory.read(KERNEL_GPA, 4) == b"\xf4" * 4
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"version": 0x0206}, "too old"),
+    ({"xloadflags": 0}, "no 64-bit entry"),
+    ({"init_size": 64 << 20}, "more memory"),
+])
+def test_bad_bzimages(memory, kwargs: dict[str, int], message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(LoaderError, match=message):
+        load_bzimage(make_bzimage(b"\x90" * 64, **kwargs), memory, "", None)
+
+
+def test_initrd_too_large(memory) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(LoaderError, match="initrd"):
+        load_bzimage(make_bzimage(b"\x90" * 64), memory, "", b"x" * (RAM - 0x100000))

@@ -1,0 +1,155 @@
+"""The machine end to end on the simulator: demo boots, lifecycle, control socket."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mshvstack.vmm.config import ConfigError, MachineConfig, parse_size
+from mshvstack.vmm.control import ControlError, ControlServer, request
+from mshvstack.vmm.machine import Machine, MachineError, RunState, StopKind
+
+from guests import assemble_elf
+
+
+def _machine(**kwargs) -> tuple[Machine, bytearray]:  # type: ignore[no-untyped-def]
+    out = bytearray()
+    return Machine(MachineConfig(backend="sim", memory=32 << 20, **kwargs), console=out.extend), out
+
+
+def test_hello_demo_prints_and_exits_cleanly() -> None:
+    machine, out = _machine(demo="hello")
+    reason = machine.run()
+    assert reason.kind is StopKind.DEBUG_EXIT and reason.exit_code == 0
+    assert out.startswith(b"Hello from an mshvstack guest")
+    assert machine.stats.as_dict()["IoPortIntercept"]["count"] > len(out)  # LSR polls + THR writes
+
+
+def test_iotest_demo_exercises_mmio_and_string_io() -> None:
+    machine, out = _machine(demo="iotest")
+    reason = machine.run()
+    assert (reason.kind, reason.exit_code) == (StopKind.DEBUG_EXIT, 0), reason
+    assert out == b"MMIO forms and rep outsb OK\n"
+    assert machine.scratch.data[:4] == (0x92345678).to_bytes(4, "little")
+
+
+def test_triple_fault_ends_the_run(tmp_path: Path) -> None:
+    kernel = assemble_elf("lidt bad_idt\nud2\nbad_idt: .word 0\n.quad 0", tmp_path)
+    machine, _ = _machine(kernel=kernel)
+    reason = machine.run()
+    assert reason.kind is StopKind.TRIPLE_FAULT and reason.exit_code == 3
+
+
+def test_reset_through_the_i8042(tmp_path: Path) -> None:
+    kernel = assemble_elf("mov $0xfe, %al\nout %al, $0x64\nhlt", tmp_path)
+    machine, _ = _machine(kernel=kernel)
+    assert machine.run().kind is StopKind.RESET
+
+
+def test_all_vps_halted_stops_the_machine(tmp_path: Path) -> None:
+    machine, _ = _machine(kernel=assemble_elf("cli\nhlt", tmp_path))
+    assert machine.run().kind is StopKind.HALTED
+
+
+SPIN = "1: mov $0x41, %al\nout %al, $0x80\njmp 1b"
+
+
+def test_pause_resume_poweroff_over_the_control_socket(tmp_path: Path) -> None:
+    machine, _ = _machine(kernel=assemble_elf(SPIN, tmp_path))
+    path = tmp_path / "api.sock"
+    server = ControlServer(machine, path)
+    try:
+        machine.start()
+        time.sleep(0.05)
+        assert request(path, "status")["state"] == "running"
+        reply = request(path, "pause")
+        assert reply["ok"] and reply["state"] == "paused"
+        exits = request(path, "status")["exits"]
+        time.sleep(0.1)
+        assert request(path, "status")["exits"] <= exits + 2  # no progress while paused
+        assert request(path, "pause")["ok"] is False  # already paused
+        assert request(path, "resume")["state"] == "running"
+        time.sleep(0.05)
+        assert request(path, "status")["exits"] > exits
+        assert request(path, "poweroff")["ok"]
+        reason = machine.wait(timeout=10)
+        assert reason is not None and reason.kind is StopKind.POWEROFF
+    finally:
+        server.close()
+        machine.close()
+
+
+def test_two_clients_and_a_client_leaving_mid_request(tmp_path: Path) -> None:
+    machine, _ = _machine(kernel=assemble_elf(SPIN, tmp_path))
+    path = tmp_path / "api.sock"
+    server = ControlServer(machine, path)
+    try:
+        machine.start()
+        half = socket.socket(socket.AF_UNIX)
+        half.connect(str(path))
+        half.sendall(b'{"command": "sta')  # and vanish
+        half.close()
+        a, b = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+        a.connect(str(path))
+        b.connect(str(path))
+        a.sendall(b'{"command": "status"}\n')
+        b.sendall(b"not json\n")
+        assert json.loads(a.makefile().readline())["ok"] is True
+        assert "bad request" in json.loads(b.makefile().readline())["error"]
+        a.sendall(b'{"command": "explode"}\n')
+        assert "unknown command" in json.loads(a.makefile().readline())["error"]
+        a.close()
+        b.close()
+        assert request(path, "status")["state"] == "running"
+    finally:
+        machine.poweroff()
+        server.close()
+        machine.close()
+    assert machine.state is RunState.STOPPED
+
+
+def test_socket_path_taken_is_refused(tmp_path: Path) -> None:
+    taken = tmp_path / "file"
+    taken.write_text("precious")
+    machine, _ = _machine(demo="hello")
+    try:
+        with pytest.raises(ControlError, match="taken"):
+            ControlServer(machine, taken)
+        assert taken.read_text() == "precious"
+    finally:
+        machine.close()
+    with pytest.raises(ControlError, match="cannot reach"):
+        request(tmp_path / "nobody", "status")
+
+
+def test_lifecycle_guards() -> None:
+    machine, _ = _machine(demo="hello")
+    with pytest.raises(MachineError):
+        machine.resume()
+    with pytest.raises(MachineError):
+        machine.pause()
+    machine.run()
+    with pytest.raises(MachineError):
+        machine.start()
+
+
+def test_config_validation() -> None:
+    assert parse_size("256M") == 256 << 20 and parse_size("1G") == 1 << 30 and parse_size("4096") == 4096
+    for bad in ("12Q", "", "M", "-1M", "1.5G"):
+        with pytest.raises(ConfigError):
+            parse_size(bad)
+    for kwargs in ({"demo": "hello", "vcpus": 0}, {"demo": "hello", "vcpus": 257}, {"demo": "nope"},
+                   {"demo": "hello", "memory": 1 << 20}, {}, {"demo": "hello", "backend": "qemu"}):
+        with pytest.raises(ConfigError):
+            MachineConfig(**kwargs).validate()  # type: ignore[arg-type]
+
+
+def test_multiple_vcpus_aps_wait_for_sipi() -> None:
+    machine, out = _machine(demo="hello", vcpus=2)
+    reason = machine.run()
+    assert reason.kind is StopKind.DEBUG_EXIT and out.startswith(b"Hello")
