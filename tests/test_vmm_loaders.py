@@ -128,3 +128,78 @@ def test_bad_bzimages(memory, kwargs: dict[str, int], message: str) -> None:  # 
 def test_initrd_too_large(memory) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(LoaderError, match="initrd"):
         load_bzimage(make_bzimage(b"\x90" * 64), memory, "", b"x" * (RAM - 0x100000))
+
+
+def _bzimage_with_payload(payload: bytes) -> bytes:
+    image = bytearray(make_bzimage(payload))
+    struct.pack_into("<II", image, 0x248, 0, len(payload))
+    return bytes(image)
+
+
+@pytest.mark.parametrize("compress", ["gzip", "xz", "bzip2"])
+def test_extract_vmlinux_from_compressed_payload(compress: str) -> None:
+    import bz2
+    import gzip
+    import lzma
+
+    from mshvstack.vmm.loader.bzimage import extract_vmlinux
+
+    vmlinux = make_elf([(0x1000000, b"\x90" * 32, 32)], 0xFFFFFFFF81000000, pvh_entry=0x1000000)
+    packed = {"gzip": gzip.compress, "xz": lzma.compress, "bzip2": bz2.compress}[compress](vmlinux)
+    assert extract_vmlinux(_bzimage_with_payload(packed + struct.pack("<I", len(vmlinux)))) == vmlinux
+    with pytest.raises(LoaderError, match="corrupt|not an ELF|unsupported"):
+        extract_vmlinux(_bzimage_with_payload(packed[:4] + b"\0" * 40))
+
+
+def test_acpi_tables_are_well_formed(memory) -> None:  # type: ignore[no-untyped-def]
+    from mshvstack.vmm.loader.acpi import write_acpi_tables
+
+    tables = write_acpi_tables(memory, vcpus=3)
+    bios = memory.read(0xE0000, 0x20000)
+    rsdp_offset = next(o for o in range(0, len(bios), 16) if bios[o : o + 8] == b"RSD PTR ")
+    rsdp = bios[rsdp_offset : rsdp_offset + 36]
+    assert sum(rsdp[:20]) % 256 == 0 and sum(rsdp) % 256 == 0
+    xsdt = struct.unpack_from("<Q", rsdp, 24)[0]
+
+    def table(gpa: int) -> bytes:
+        length = struct.unpack("<I", memory.read(gpa + 4, 4))[0]
+        data = memory.read(gpa, length)
+        assert sum(data) % 256 == 0, data[:4]
+        return data
+
+    x = table(xsdt)
+    pointers = struct.unpack_from(f"<{(len(x) - 36) // 8}Q", x, 36)
+    signatures = {table(p)[:4]: p for p in pointers}
+    assert set(signatures) == {b"FACP", b"APIC"}
+    fadt = table(signatures[b"FACP"])
+    dsdt = table(struct.unpack_from("<Q", fadt, 140)[0])
+    assert dsdt[:4] == b"DSDT" and b"VMBS" in dsdt and b"VMBUS\0" in dsdt and b"_CRS" in dsdt
+    assert struct.unpack_from("<I", fadt, 112)[0] & (1 << 20)  # hardware-reduced
+    madt = table(signatures[b"APIC"])
+    entries, offset = [], 44
+    while offset < len(madt):
+        entries.append(madt[offset])
+        offset += madt[offset + 1]
+    assert entries == [0, 0, 0]
+    # AML: Scope(\_SB) package length covers exactly the rest of the table
+    aml = dsdt[36:]
+    assert aml[0] == 0x10
+    lead = aml[1]
+    extra = lead >> 6
+    length = (lead & 0x3F) if not extra else (lead & 0x0F) | sum(aml[2 + i] << (4 + 8 * i) for i in range(extra))
+    assert 1 + length == len(aml)
+    assert tables.dsdt < tables.fadt < tables.madt < tables.xsdt
+
+
+def test_pvh_start_info(memory) -> None:  # type: ignore[no-untyped-def]
+    from mshvstack.vmm.loader.pvh import START_INFO_MAGIC, write_start_info
+
+    gpa = write_start_info(memory, "console=hvc0", b"RAMDISK!", 0xE0000, 0x300000)
+    magic, version, _flags, modules, modlist, cmdline, rsdp, memmap, entries, _r = struct.unpack(
+        "<IIIIQQQQII", memory.read(gpa, 56))
+    assert (magic, version, modules, rsdp) == (START_INFO_MAGIC, 1, 1, 0xE0000)
+    assert memory.read(cmdline, 13) == b"console=hvc0\0"
+    address, size = struct.unpack("<QQ", memory.read(modlist, 16))
+    assert memory.read(address, size) == b"RAMDISK!"
+    kinds = [struct.unpack_from("<QQI", memory.read(memmap + 24 * i, 24))[2] for i in range(entries)]
+    assert kinds.count(1) == 2

@@ -39,6 +39,7 @@ class MachineConfig:
     backend: str = "auto"
     profile: str = "newest"
     test_devices: bool = False
+    extract_vmlinux: bool = False   # boot a bzImage's vmlinux through its PVH entry
 
     def validate(self) -> "MachineConfig":
         if (self.kernel is None) == (self.demo is None):

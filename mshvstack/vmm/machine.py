@@ -26,7 +26,10 @@ from mshvstack.vmm.config import MachineConfig
 from mshvstack.vmm.devices.simple import CmosRtc, DebugExit, I8042, Scratch
 from mshvstack.vmm.devices.uart import Uart16550
 from mshvstack.vmm.loader import LoaderError
+from mshvstack.vmm.loader.acpi import write_acpi_tables
+from mshvstack.vmm.loader.bzimage import extract_vmlinux, is_bzimage, load_bzimage
 from mshvstack.vmm.loader.elf import load_elf
+from mshvstack.vmm.loader.pvh import write_start_info
 from mshvstack.vmm.loader.x86boot import BootState, long_mode, protected_mode
 from mshvstack.vmm.mmio import MmioAccess, MmioEmulator, MmioError
 from mshvstack.vmm.stats import ExitStats
@@ -130,16 +133,22 @@ class Machine:
         assert self.config.kernel is not None
         image = self.config.kernel.read_bytes()
         name = str(self.config.kernel)
+        initrd = self.config.initrd.read_bytes() if self.config.initrd else None
+        acpi = write_acpi_tables(memory, self.config.vcpus)
         if image[:4] == b"\x7fELF":
             loaded = load_elf(image, memory, name)
             if loaded.pvh:
-                return protected_mode(memory, loaded.entry)
+                start_info = write_start_info(memory, self.config.cmdline, initrd, acpi.rsdp, loaded.end)
+                return protected_mode(memory, loaded.entry, ebx=start_info)
             return long_mode(memory, loaded.entry, stack=DEMO_STACK)
-        from mshvstack.vmm.loader.bzimage import is_bzimage, load_bzimage
-
         if is_bzimage(image):
-            initrd = self.config.initrd.read_bytes() if self.config.initrd else None
-            return load_bzimage(image, memory, self.config.cmdline, initrd, name)
+            if self.config.extract_vmlinux:
+                loaded = load_elf(extract_vmlinux(image, name), memory, f"{name} (vmlinux)")
+                if not loaded.pvh:
+                    raise LoaderError(f"{name}: the extracted vmlinux has no PVH entry note (CONFIG_PVH); boot the bzImage itself")
+                start_info = write_start_info(memory, self.config.cmdline, initrd, acpi.rsdp, loaded.end)
+                return protected_mode(memory, loaded.entry, ebx=start_info)
+            return load_bzimage(image, memory, self.config.cmdline, initrd, name, rsdp=acpi.rsdp)
         raise LoaderError(f"{name}: neither an ELF file nor a Linux bzImage")
 
     def _translate(self, gva: int, write: bool) -> int:

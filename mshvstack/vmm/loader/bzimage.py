@@ -6,6 +6,7 @@ import struct
 
 from mshvstack.partition.memory import GuestMemory
 from mshvstack.vmm.loader import LoaderError
+from mshvstack.vmm.loader.memmap import memory_map
 from mshvstack.vmm.loader.x86boot import BootState, long_mode
 
 BOOT_PARAMS_GPA = 0x7000
@@ -13,7 +14,6 @@ CMDLINE_GPA = 0x20000
 CMDLINE_MAX = 0x10000
 KERNEL_GPA = 0x100000
 STACK_GPA = 0x8FF0
-E820_RAM, E820_RESERVED = 1, 2
 HDRS = 0x53726448  # "HdrS"
 XLF_KERNEL_64 = 1 << 0
 XLF_CAN_BE_LOADED_ABOVE_4G = 1 << 1
@@ -25,16 +25,8 @@ def is_bzimage(image: bytes) -> bool:
     return len(image) >= 0x250 and image[0x1FE:0x200] == b"\x55\xaa" and struct.unpack_from("<I", image, 0x202)[0] == HDRS
 
 
-def _e820(memory: GuestMemory) -> list[tuple[int, int, int]]:
-    entries = [(0, 0x9FC00, E820_RAM), (0x9FC00, 0x400, E820_RESERVED), (0xF0000, 0x10000, E820_RESERVED)]
-    for region in memory.regions:
-        start = max(region.gpa, 0x100000)
-        if region.end > start:
-            entries.append((start, region.end - start, E820_RAM))
-    return entries
-
-
-def load_bzimage(image: bytes, memory: GuestMemory, cmdline: str, initrd: bytes | None, name: str = "bzImage") -> BootState:
+def load_bzimage(image: bytes, memory: GuestMemory, cmdline: str, initrd: bytes | None, name: str = "bzImage",
+                 rsdp: int = 0) -> BootState:
     """Load the protected-mode kernel at 1 MiB and enter its 64-bit entry point."""
     if not is_bzimage(image):
         raise LoaderError(f"{name}: not a Linux bzImage (no boot signature / HdrS header)")
@@ -72,9 +64,58 @@ def load_bzimage(image: bytes, memory: GuestMemory, cmdline: str, initrd: bytes 
             raise LoaderError(f"initrd of {len(initrd) >> 20} MiB does not fit beside the kernel; give the machine more memory")
         memory.write(address, initrd)
         struct.pack_into("<II", params, 0x218, address, len(initrd))  # ramdisk_image, ramdisk_size
-    entries = _e820(memory)
+    if rsdp:
+        struct.pack_into("<Q", params, 0x070, rsdp)             # acpi_rsdp_addr
+    entries = memory_map(memory)
     params[0x1E8] = len(entries)
     for i, (start, size, kind) in enumerate(entries):
         struct.pack_into("<QQI", params, 0x2D0 + 20 * i, start, size, kind)
     memory.write(BOOT_PARAMS_GPA, bytes(params))
     return long_mode(memory, KERNEL_GPA + 0x200, stack=STACK_GPA, boot_params=BOOT_PARAMS_GPA)
+
+
+_COMPRESSORS = (
+    (b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"BZh", "bzip2"), (b"\x5d\x00\x00", "lzma"), (b"\x02\x21\x4c\x18", "lz4"),
+)
+
+
+def extract_vmlinux(image: bytes, name: str = "bzImage") -> bytes:
+    """The vmlinux ELF inside a bzImage's compressed payload.
+
+    On slow engines running the in-kernel decompressor costs minutes to hours
+    (engines.md); decompressing on the host takes well under a second.
+    """
+    import bz2
+    import lzma
+    import zlib
+
+    if not is_bzimage(image):
+        raise LoaderError(f"{name}: not a Linux bzImage")
+    setup_sects = image[0x1F1] or 4
+    offset, length = struct.unpack_from("<II", image, 0x248)
+    start = (setup_sects + 1) * 512 + offset
+    payload = image[start : start + length]
+    if not length or len(payload) != length:
+        raise LoaderError(f"{name}: payload offset/length point outside the file")
+    kind = next((k for magic, k in _COMPRESSORS if payload.startswith(magic)), None)
+    try:
+        if kind == "gzip":
+            data = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
+        elif kind in ("xz", "lzma"):
+            data = lzma.LZMADecompressor(lzma.FORMAT_XZ if kind == "xz" else lzma.FORMAT_ALONE).decompress(payload)
+        elif kind == "bzip2":
+            data = bz2.BZ2Decompressor().decompress(payload)
+        elif kind == "zstd":
+            try:
+                import zstandard
+            except ImportError:
+                raise LoaderError(f"{name}: zstd payload; pip install zstandard to extract it (or boot the bzImage itself)") from None
+            data = zstandard.ZstdDecompressor().decompressobj().decompress(payload)
+        else:
+            raise LoaderError(f"{name}: unsupported payload compression ({kind or 'unknown'})")
+    except (zlib.error, lzma.LZMAError, OSError, ValueError) as exc:
+        raise LoaderError(f"{name}: corrupt {kind} payload ({exc})") from None
+    if data[:4] != b"\x7fELF":
+        raise LoaderError(f"{name}: the decompressed payload is not an ELF vmlinux")
+    return data

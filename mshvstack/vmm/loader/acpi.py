@@ -1,0 +1,134 @@
+"""ACPI tables written by our code: RSDP, XSDT, FADT (hardware-reduced), MADT, and a
+DSDT carrying the VMBus device that Linux's hv_vmbus looks for (_HID "VMBUS"
+with a _CRS of MMIO windows for synthetic devices)."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from mshvstack.partition.memory import GuestMemory
+
+RSDP_GPA = 0xE0000          # in the BIOS area Linux scans without EFI
+TABLES_GPA = 0xE0040
+OEM_ID = b"MSHVST"
+OEM_TABLE_ID = b"MSHVSTCK"
+CREATOR_ID = b"MSVS"
+LAPIC_BASE = 0xFEE00000
+FADT_HW_REDUCED_ACPI = 1 << 20
+FADT_LOW_POWER_S0_IDLE = 1 << 21
+
+
+@dataclass(frozen=True)
+class MmioWindow:
+    base: int
+    size: int
+
+
+# Where synthetic devices may map MMIO (below 4 GiB, below the LAPIC; and above 4 GiB).
+DEFAULT_WINDOWS = (MmioWindow(0xF0000000, 0x8000000), MmioWindow(0x1000000000, 0x1000000000))
+
+
+def _checksum(data: bytes) -> int:
+    return (-sum(data)) & 0xFF
+
+
+def _table(signature: bytes, revision: int, body: bytes) -> bytes:
+    length = 36 + len(body)
+    header = struct.pack("<4sIBB6s8sI4sI", signature, length, revision, 0, OEM_ID, OEM_TABLE_ID, 1, CREATOR_ID, 1)
+    table = bytearray(header + body)
+    table[9] = _checksum(bytes(table))
+    return bytes(table)
+
+
+def _pkg_length(content_length: int) -> bytes:
+    """AML PkgLength for ``content_length`` bytes that follow it."""
+    if content_length + 1 < 0x40:
+        return bytes([content_length + 1])
+    total = content_length + 2
+    if total < 0x1000:
+        return bytes([0x40 | (total & 0xF), total >> 4])
+    total = content_length + 3
+    return bytes([0x80 | (total & 0xF), (total >> 4) & 0xFF, total >> 12])
+
+
+def _name(seg: str, value: bytes) -> bytes:
+    return b"\x08" + seg.encode() + value
+
+
+def _string(text: str) -> bytes:
+    return b"\x0d" + text.encode() + b"\0"
+
+
+def _qword_memory(window: MmioWindow) -> bytes:
+    end = window.base + window.size - 1
+    body = struct.pack("<BBBQQQQQ", 0, 0x0C, 0x01, 0, window.base, end, 0, window.size)
+    return b"\x8a" + struct.pack("<H", len(body)) + body
+
+
+def _buffer(data: bytes) -> bytes:
+    size = b"\x0b" + struct.pack("<H", len(data)) if len(data) > 0xFF else b"\x0a" + bytes([len(data)])
+    content = size + data
+    return b"\x11" + _pkg_length(len(content)) + content
+
+
+def vmbus_aml(windows: tuple[MmioWindow, ...] = DEFAULT_WINDOWS) -> bytes:
+    """Scope(\\_SB) { Device(VMBS) { _HID "VMBUS", _UID 0, _CRS <windows> } }"""
+    crs = b"".join(_qword_memory(w) for w in windows) + b"\x79\x00"
+    device_body = b"VMBS" + _name("_HID", _string("VMBUS")) + _name("_UID", b"\x00") + _name("_CRS", _buffer(crs))
+    device = b"\x5b\x82" + _pkg_length(len(device_body)) + device_body
+    scope_body = b"\\_SB_" + device
+    return b"\x10" + _pkg_length(len(scope_body)) + scope_body
+
+
+def _fadt(dsdt: int) -> bytes:
+    body = bytearray(276 - 36)
+    struct.pack_into("<I", body, 40 - 36, dsdt)              # DSDT
+    body[45 - 36] = 0                                         # preferred PM profile: unspecified
+    struct.pack_into("<H", body, 109 - 36, 1 << 2)           # IAPC_BOOT_ARCH: VGA not present
+    struct.pack_into("<I", body, 112 - 36, FADT_HW_REDUCED_ACPI | FADT_LOW_POWER_S0_IDLE)
+    body[131 - 36] = 1                                        # FADT minor version (6.1)
+    struct.pack_into("<Q", body, 140 - 36, dsdt)             # X_DSDT
+    struct.pack_into("<Q", body, 268 - 36, 0x4D5348565354434B)  # hypervisor vendor identity
+    return _table(b"FACP", 6, bytes(body))
+
+
+def _madt(vcpus: int) -> bytes:
+    body = struct.pack("<II", LAPIC_BASE, 0)
+    for cpu in range(vcpus):
+        if cpu < 255:
+            body += struct.pack("<BBBBI", 0, 8, cpu, cpu, 1)        # Processor Local APIC, enabled
+        else:
+            body += struct.pack("<BBHIII", 9, 16, 0, cpu, 1, cpu)   # Processor Local x2APIC
+    return _table(b"APIC", 5, body)
+
+
+@dataclass(frozen=True)
+class AcpiTables:
+    rsdp: int
+    xsdt: int
+    fadt: int
+    madt: int
+    dsdt: int
+
+
+def write_acpi_tables(memory: GuestMemory, vcpus: int, windows: tuple[MmioWindow, ...] = DEFAULT_WINDOWS) -> AcpiTables:
+    """Write the tables into the BIOS area; returns where each one went."""
+    cursor = TABLES_GPA
+
+    def place(table: bytes) -> int:
+        nonlocal cursor
+        address = cursor
+        memory.write(address, table)
+        cursor = (cursor + len(table) + 15) & ~15
+        return address
+
+    dsdt = place(_table(b"DSDT", 2, vmbus_aml(windows)))
+    fadt = place(_fadt(dsdt))
+    madt = place(_madt(vcpus))
+    xsdt = place(_table(b"XSDT", 1, struct.pack("<QQ", fadt, madt)))
+    rsdp = bytearray(struct.pack("<8sB6sBIIQB3s", b"RSD PTR ", 0, OEM_ID, 2, 0, 36, xsdt, 0, bytes(3)))
+    rsdp[8] = _checksum(bytes(rsdp[:20]))
+    rsdp[32] = _checksum(bytes(rsdp))
+    memory.write(RSDP_GPA, bytes(rsdp))
+    return AcpiTables(RSDP_GPA, xsdt, fadt, madt, dsdt)
