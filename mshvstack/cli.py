@@ -79,7 +79,7 @@ def _stats_table(stats: dict[str, dict[str, float]]) -> Table:
 def run(
     kernel: Optional[Path] = typer.Argument(None, help="Kernel to boot: an ELF (PVH or 64-bit entry) or a Linux bzImage."),
     demo: bool = typer.Option(False, "--demo", help="Run the built-in demo guest instead of a KERNEL."),
-    demo_guest: str = typer.Option("hello", "--demo-guest", help="Which built-in guest --demo runs: hello or iotest."),
+    demo_guest: str = typer.Option("hello", "--demo-guest", help="Which built-in guest --demo runs: hello, iotest or pioloop."),
     memory: str = typer.Option("256M", "--memory", help="Guest RAM, e.g. 256M or 1G."),
     vcpus: int = typer.Option(1, "--vcpus", help="Number of virtual processors."),
     cmdline: str = typer.Option("console=ttyS0", "--cmdline", help="Kernel command line (bzImage)."),

@@ -20,7 +20,7 @@ def _loadable(image: bytes) -> tuple[int, list[tuple[int, bytes]]]:
     return elf["e_entry"], [(s["p_paddr"], s.data()) for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"]
 
 
-@pytest.mark.parametrize("name", ["hello", "iotest"])
+@pytest.mark.parametrize("name", ["hello", "iotest", "pioloop"])
 def test_shipped_demo_matches_its_source(name: str, tmp_path: Path) -> None:
     for tool in ("as", "ld", "strip", "objcopy", "nm"):
         if shutil.which(tool) is None:

@@ -296,8 +296,18 @@ def _assign(obj: Any, path: str, value: Any) -> None:
     setattr(obj, last, value)
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+_PLANS: dict[type, tuple[tuple[str, tuple[str, ...], Any], ...]] = {}
+
+
+def _plan(cls: type[VpExit]) -> tuple[tuple[str, tuple[str, ...], Any], ...]:
+    """(field, C path, field type) for each field, computed once per class."""
+    plan = _PLANS.get(cls)
+    if plan is None:
+        hints = typing.get_type_hints(cls)
+        plan = tuple((f.name, tuple(cls.paths.get(f.name, f.name).split(".")), hints[f.name])
+                     for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+        _PLANS[cls] = plan
+    return plan
 
 
 def decode(raw: bytes | bytearray | memoryview) -> VpExit:
@@ -311,18 +321,17 @@ def decode(raw: bytes | bytearray | memoryview) -> VpExit:
         return UnknownExit(kind, bytes(raw[:MESSAGE_SIZE]))
     payload = ffi.cast(f"{cls.payload_ctype} *", ffi.addressof(msg.u))
     values: dict[str, Any] = {}
-    count = int(payload.instruction_byte_count) if "instruction_bytes" in _field_types(cls) else 0
-    for name, kind_type in _field_types(cls).items():
-        if name in ("message_type", "payload_ctype", "paths"):
-            continue
-        source = _resolve(payload, cls.paths.get(name, name))
-        if kind_type is InterceptHeader:
+    for name, path, field_type in _plan(cls):
+        source = payload
+        for part in path:
+            source = getattr(source, part)
+        if field_type is InterceptHeader:
             values[name] = InterceptHeader.from_c(source)
-        elif kind_type is Segment:
+        elif field_type is Segment:
             values[name] = Segment.from_c(source)
-        elif kind_type is bytes:
-            values[name] = bytes(source)[: count or 16]
-        elif kind_type is bool:
+        elif field_type is bytes:
+            values[name] = bytes(source)[: int(payload.instruction_byte_count) or 16]
+        elif field_type is bool:
             values[name] = bool(source)
         else:
             values[name] = int(source)
