@@ -64,6 +64,24 @@ def _console_sink(target: str, as_json: bool) -> tuple[Callable[[bytes], None], 
     return write_file, handle.close
 
 
+def _feed_stdin(feed: Callable[[bytes], None]) -> None:
+    """Forward the terminal's input to the guest's serial port (until EOF)."""
+    import os
+    import threading
+
+    def pump() -> None:
+        while True:
+            try:
+                data = os.read(0, 1024)
+            except OSError:
+                return
+            if not data:
+                return
+            feed(data.replace(b"\n", b"\r"))
+
+    threading.Thread(target=pump, name="console-input", daemon=True).start()
+
+
 def _stats_table(stats: dict[str, dict[str, float]]) -> Table:
     table = Table(title="exits")
     table.add_column("type")
@@ -115,6 +133,8 @@ def run(
             except MshvError:
                 machine.close()
                 raise
+        if console_target == "stdio":
+            _feed_stdin(machine.uart.feed)
         reason = machine.run()
     except (MshvError, ValueError) as exc:
         close_console()
