@@ -24,7 +24,7 @@ import cffi
 
 ROOT = Path(__file__).resolve().parents[2]
 INCLUDE = ROOT / "include"
-HEADERS = ("uapi/linux/mshv.h", "hyperv/hyperv.h")
+HEADERS = ("uapi/linux/mshv.h", "hyperv/hyperv.h", "vmbus/vmbus.h")
 
 # Types the kernel's <linux/types.h> provides; declared to cffi as plain
 # integer typedefs (the compiler checks them against the real ones).
@@ -74,8 +74,8 @@ def integer_macros() -> tuple[list[str], list[str]]:
     for path in header_files():
         for line in path.read_text().splitlines():
             match = _DEFINE.match(line)
-            if not match or match.group(2) or not match.group(3).strip():
-                continue  # function-like macro or include guard
+            if not match or match.group(2) or not match.group(3).strip() or "__attribute__" in match.group(3):
+                continue  # function-like macro, include guard or attribute shorthand
             name, value = match.group(1), match.group(3)
             if name.startswith("_") or name in names:
                 continue
