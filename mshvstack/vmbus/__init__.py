@@ -1,0 +1,1 @@
+"""VMBus host: SynIC ports, channel management, GPADLs, ring buffers, providers."""

@@ -1,0 +1,152 @@
+"""GPADLs: guest page lists assembled from GPADL_HEADER + GPADL_BODY messages.
+
+Each page number is checked against guest RAM; sizes and counts are
+bounded so a guest cannot make the host allocate without limit.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from mshvstack.abi import ffi
+from mshvstack.partition.memory import GuestMemory, GuestMemoryError
+from mshvstack.vmbus.errors import VmbusProtocolError
+
+PAGE = 4096
+MAX_GPADL_PAGES = 65536           # 256 MiB per GPADL
+MAX_PENDING_GPADLS = 64
+_HEADER = ffi.sizeof("struct vmbus_channel_gpadl_header")
+_BODY = ffi.sizeof("struct vmbus_channel_gpadl_body")
+
+
+@dataclass(frozen=True)
+class Gpadl:
+    gpadl_id: int
+    relid: int
+    byte_count: int
+    byte_offset: int
+    pfns: tuple[int, ...]
+
+    @property
+    def pages(self) -> int:
+        return len(self.pfns)
+
+
+@dataclass
+class _Pending:
+    relid: int
+    range_buflen: int
+    rangecount: int
+    data: bytearray = field(default_factory=bytearray)
+
+
+class GpadlTable:
+    """In-progress and established GPADLs of one VMBus connection."""
+
+    def __init__(self, memory: GuestMemory) -> None:
+        self.memory = memory
+        self.established: dict[int, Gpadl] = {}
+        self._pending: dict[int, _Pending] = {}
+
+    def header(self, message: bytes) -> Gpadl | None:
+        """GPADL_HEADER: returns the GPADL when complete, None while bodies are due."""
+        if len(message) < _HEADER:
+            raise VmbusProtocolError("GPADL_HEADER too short")
+        _t, _p, relid, gpadl_id, buflen, count = struct.unpack_from("<IIIIHH", message)
+        if gpadl_id in self.established or gpadl_id in self._pending:
+            raise VmbusProtocolError(f"GPADL {gpadl_id:#x} already exists")
+        if count != 1:
+            raise VmbusProtocolError(f"GPADL {gpadl_id:#x} with {count} ranges (one range supported)")
+        if buflen < 16 or (buflen - 8) % 8 or (buflen - 8) // 8 > MAX_GPADL_PAGES:
+            raise VmbusProtocolError(f"GPADL {gpadl_id:#x}: range_buflen {buflen} invalid")
+        if len(self._pending) >= MAX_PENDING_GPADLS:
+            raise VmbusProtocolError("too many GPADLs in progress")
+        pending = _Pending(relid, buflen, count)
+        pending.data += message[_HEADER : _HEADER + buflen]
+        self._pending[gpadl_id] = pending
+        return self._complete(gpadl_id)
+
+    def body(self, message: bytes) -> tuple[int, Gpadl | None]:
+        """GPADL_BODY: (gpadl id, the GPADL when now complete)."""
+        if len(message) < _BODY + 8:
+            raise VmbusProtocolError("GPADL_BODY too short")
+        _t, _p, _msgnumber, gpadl_id = struct.unpack_from("<IIII", message)
+        pending = self._pending.get(gpadl_id)
+        if pending is None:
+            raise VmbusProtocolError(f"GPADL_BODY for unknown GPADL {gpadl_id:#x}")
+        remaining = pending.range_buflen - len(pending.data)
+        chunk = message[_BODY:]
+        pending.data += chunk[: min(len(chunk) - len(chunk) % 8, remaining)]
+        return gpadl_id, self._complete(gpadl_id)
+
+    def _complete(self, gpadl_id: int) -> Gpadl | None:
+        pending = self._pending[gpadl_id]
+        if len(pending.data) < pending.range_buflen:
+            return None
+        del self._pending[gpadl_id]
+        byte_count, byte_offset = struct.unpack_from("<II", pending.data)
+        pages = (pending.range_buflen - 8) // 8
+        if byte_offset >= PAGE or byte_count == 0 or (byte_offset + byte_count + PAGE - 1) // PAGE != pages:
+            raise VmbusProtocolError(f"GPADL {gpadl_id:#x}: {byte_count} bytes at offset {byte_offset} do not match {pages} pages")
+        pfns = struct.unpack_from(f"<{pages}Q", pending.data, 8)
+        for pfn in pfns:
+            try:
+                self.memory.region_at(pfn * PAGE)
+            except GuestMemoryError:
+                raise VmbusProtocolError(f"GPADL {gpadl_id:#x}: page {pfn:#x} is not guest RAM") from None
+        gpadl = Gpadl(gpadl_id, pending.relid, byte_count, byte_offset, tuple(pfns))
+        self.established[gpadl_id] = gpadl
+        return gpadl
+
+    def abandon(self, gpadl_id: int) -> None:
+        self._pending.pop(gpadl_id, None)
+
+    def teardown(self, gpadl_id: int) -> Gpadl:
+        try:
+            return self.established.pop(gpadl_id)
+        except KeyError:
+            raise VmbusProtocolError(f"GPADL_TEARDOWN of unknown GPADL {gpadl_id:#x}") from None
+
+    def clear(self) -> None:
+        self.established.clear()
+        self._pending.clear()
+
+
+class GpadlRingMem:
+    """One ring (control page + data pages) inside a GPADL, read through guest memory."""
+
+    def __init__(self, memory: GuestMemory, pfns: tuple[int, ...]) -> None:
+        if len(pfns) < 2:
+            raise VmbusProtocolError("a ring needs at least two pages")
+        self.memory = memory
+        self.pfns = pfns
+
+    @property
+    def data_size(self) -> int:
+        return (len(self.pfns) - 1) * PAGE
+
+    def _gpa(self, ring_offset: int) -> int:
+        return self.pfns[ring_offset // PAGE] * PAGE + ring_offset % PAGE
+
+    def read_control(self, offset: int) -> int:
+        return int.from_bytes(self.memory.read(self._gpa(offset), 4), "little")
+
+    def write_control(self, offset: int, value: int) -> None:
+        self.memory.write(self._gpa(offset), (value & 0xFFFFFFFF).to_bytes(4, "little"))
+
+    def _pieces(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+        pieces, done = [], 0
+        position = PAGE + offset
+        while done < length:
+            n = min(length - done, PAGE - (position + done) % PAGE)
+            pieces.append((self._gpa(position + done), done, n))
+            done += n
+        return pieces
+
+    def read_data(self, offset: int, length: int) -> bytes:
+        return b"".join(self.memory.read(gpa, n) for gpa, _d, n in self._pieces(offset, length))
+
+    def write_data(self, offset: int, data: bytes) -> None:
+        for gpa, done, n in self._pieces(offset, len(data)):
+            self.memory.write(gpa, data[done : done + n])

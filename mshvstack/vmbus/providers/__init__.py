@@ -1,0 +1,1 @@
+"""Synthetic device providers: one small interface, one module per device."""

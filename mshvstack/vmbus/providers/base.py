@@ -1,0 +1,34 @@
+"""The Provider interface every synthetic device implements."""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Protocol
+
+from mshvstack.vmbus.packets import Packet
+
+if TYPE_CHECKING:
+    from mshvstack.vmbus.channel import Channel
+
+
+class Provider(Protocol):
+    """A device behind one VMBus channel.
+
+    ``class_id``/``instance_id`` go into the offer; ``pipe_mode`` offers a
+    named-pipe channel (integration components).  The server calls on_open
+    when the guest asks to open the channel (return False to fail the open),
+    on_opened once the guest was told it is open (devices where the host
+    speaks first start here), on_packet for every packet the guest sends and
+    on_close when it closes.  Malformed guest input must raise
+    VmbusProtocolError (the channel is then closed), nothing else.
+    """
+
+    name: str
+    class_id: uuid.UUID
+    instance_id: uuid.UUID
+    pipe_mode: bool
+
+    def on_open(self, channel: "Channel") -> bool: ...
+    def on_opened(self, channel: "Channel") -> None: ...
+    def on_packet(self, channel: "Channel", packet: Packet) -> None: ...
+    def on_close(self, channel: "Channel") -> None: ...

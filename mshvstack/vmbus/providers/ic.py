@@ -1,0 +1,156 @@
+"""The integration-component framework: pipe header, IC message header,
+version negotiation as Linux does it, and the request/response transaction."""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from mshvstack.abi import ffi, lib
+from mshvstack.vmbus.errors import VmbusProtocolError
+from mshvstack.vmbus.packets import INBAND, Packet
+
+if TYPE_CHECKING:
+    from mshvstack.vmbus.channel import Channel
+
+PIPE = ffi.sizeof("struct vmbus_pipe_header")
+ICHDR = ffi.sizeof("struct icmsg_hdr")
+HEADERS = PIPE + ICHDR
+REQUEST = int(lib.ICMSGHDRFLAG_TRANSACTION | lib.ICMSGHDRFLAG_REQUEST)
+RESPONSE = int(lib.ICMSGHDRFLAG_TRANSACTION | lib.ICMSGHDRFLAG_RESPONSE)
+FRAMEWORK_VERSIONS = ((3, 0), (1, 0))
+MAX_IC_MESSAGE = 16 * 1024
+
+
+@dataclass(frozen=True)
+class IcMessage:
+    msgtype: int
+    framework: tuple[int, int]
+    version: tuple[int, int]
+    status: int
+    flags: int
+    body: bytes
+
+
+def encode(msgtype: int, body: bytes, framework: tuple[int, int], version: tuple[int, int],
+           flags: int = REQUEST, status: int = 0) -> bytes:
+    header = struct.pack("<HHHHHHIBBH", framework[0], framework[1], msgtype, version[0], version[1],
+                         len(body), status, 0, flags, 0)
+    data = header + body
+    return struct.pack("<II", lib.VMBUS_PIPE_TYPE_DATA, len(data)) + data
+
+
+def decode(payload: bytes) -> IcMessage:
+    """Parse pipe + IC headers with bounds on every length the guest wrote."""
+    if len(payload) < HEADERS:
+        raise VmbusProtocolError(f"IC packet of {len(payload)} bytes is shorter than its headers")
+    pipe_type, pipe_size = struct.unpack_from("<II", payload)
+    if pipe_type != lib.VMBUS_PIPE_TYPE_DATA or pipe_size > min(len(payload) - PIPE, MAX_IC_MESSAGE) or pipe_size < ICHDR:
+        raise VmbusProtocolError(f"IC pipe header type {pipe_type} size {pipe_size} invalid")
+    fmaj, fmin, msgtype, vmaj, vmin, size, status, _tid, flags, _r = struct.unpack_from("<HHHHHHIBBH", payload, PIPE)
+    if size > pipe_size - ICHDR:
+        raise VmbusProtocolError(f"IC message size {size} exceeds its {pipe_size - ICHDR}-byte pipe payload")
+    return IcMessage(msgtype, (fmaj, fmin), (vmaj, vmin), status, flags, payload[HEADERS : HEADERS + size])
+
+
+def negotiate_body(framework: tuple[tuple[int, int], ...], versions: tuple[tuple[int, int], ...]) -> bytes:
+    entries = b"".join(struct.pack("<HH", major, minor) for major, minor in framework + versions)
+    return struct.pack("<HHI", len(framework), len(versions), 0) + entries
+
+
+def parse_negotiate_response(body: bytes) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The guest's choice (framework, message version), or None if it found no match."""
+    if len(body) < 8:
+        raise VmbusProtocolError("negotiate response too short")
+    frame_count, msg_count, _ = struct.unpack_from("<HHI", body)
+    if frame_count == 0 or msg_count == 0:
+        return None
+    if frame_count != 1 or msg_count != 1 or len(body) < 16:
+        raise VmbusProtocolError(f"negotiate response with counts {frame_count}/{msg_count}")
+    fmaj, fmin, vmaj, vmin = struct.unpack_from("<HHHH", body, 8)
+    return (fmaj, fmin), (vmaj, vmin)
+
+
+class IcProvider:
+    """Base of every IC: negotiates, then runs one request at a time."""
+
+    msgtype: int = 0
+    versions: tuple[tuple[int, int], ...] = ()
+    name = "ic"
+    class_id = uuid.UUID(int=0)
+    instance_id = uuid.UUID(int=0)
+    pipe_mode = True
+
+    def __init__(self, instance_id: uuid.UUID | None = None) -> None:
+        if instance_id is not None:
+            self.instance_id = instance_id
+        self.channel: "Channel | None" = None
+        self.framework: tuple[int, int] | None = None
+        self.version: tuple[int, int] | None = None
+        self.negotiation_failed = False
+        self.cond = threading.Condition()
+        self.last_response: IcMessage | None = None
+        self.responses = 0
+        self.last_seen: float | None = None
+
+    # ---- provider interface
+    def on_open(self, channel: "Channel") -> bool:
+        self.channel = channel
+        self.framework = self.version = None
+        self.negotiation_failed = False
+        return True
+
+    def on_opened(self, channel: "Channel") -> None:
+        body = negotiate_body(((1, 0), (3, 0)), tuple(sorted(self.versions)))
+        channel.send_inband(encode(int(lib.ICMSGTYPE_NEGOTIATE), body, (0, 0), (0, 0)))
+
+    def on_close(self, channel: "Channel") -> None:
+        with self.cond:
+            self.channel = None
+            self.cond.notify_all()
+
+    def on_packet(self, channel: "Channel", packet: Packet) -> None:
+        if packet.type != INBAND:
+            raise VmbusProtocolError(f"{self.name}: unexpected packet type {packet.type}")
+        message = decode(packet.payload)
+        if message.flags & RESPONSE != RESPONSE:
+            raise VmbusProtocolError(f"{self.name}: guest sent a non-response (flags {message.flags:#x})")
+        with self.cond:
+            self.last_seen = time.monotonic()
+            self.responses += 1
+            if message.msgtype == lib.ICMSGTYPE_NEGOTIATE:
+                chosen = parse_negotiate_response(message.body)
+                if chosen is None or chosen[1] not in self.versions:
+                    self.negotiation_failed = True
+                else:
+                    self.framework, self.version = chosen
+            else:
+                self.last_response = message
+                self.on_response(message)
+            self.cond.notify_all()
+
+    # ---- for subclasses and users
+    def on_response(self, message: IcMessage) -> None:
+        """A response to one of our requests (after negotiation)."""
+
+    @property
+    def ready(self) -> bool:
+        return self.version is not None and self.channel is not None
+
+    def wait_ready(self, timeout: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: self.ready or self.negotiation_failed, timeout) and self.ready
+
+    def send_request(self, body: bytes) -> None:
+        if not self.ready or self.channel is None:
+            raise VmbusProtocolError(f"{self.name} is not negotiated yet")
+        assert self.framework is not None and self.version is not None
+        self.channel.send_inband(encode(self.msgtype, body, self.framework, self.version))
+
+    def describe(self) -> dict[str, object]:
+        return {"negotiated": self.version is not None, "version": ".".join(map(str, self.version)) if self.version else None,
+                "responses": self.responses, "last_seen": self.last_seen}

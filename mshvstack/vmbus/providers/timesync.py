@@ -1,0 +1,45 @@
+"""Time-sync IC: host wall-clock samples (100 ns since 1601) for the guest."""
+
+from __future__ import annotations
+
+import struct
+import time
+import uuid
+from typing import Callable
+
+from mshvstack.abi import lib
+from mshvstack.vmbus.providers.ic import IcMessage, IcProvider
+
+WINDOWS_EPOCH_OFFSET = int(lib.IC_WLTIMEDELTA)
+
+
+def host_time_100ns(clock: Callable[[], float] = time.time) -> int:
+    return int(clock() * 10_000_000) + WINDOWS_EPOCH_OFFSET
+
+
+class TimeSync(IcProvider):
+    name = "timesync"
+    class_id = uuid.UUID("9527e630-d0ae-497b-adce-e80ab0175caf")
+    instance_id = uuid.UUID("2dd1ce17-079e-403c-b352-a1921ee207ee")
+    msgtype = int(lib.ICMSGTYPE_TIMESYNC)
+    versions: tuple[tuple[int, int], ...] = ((1, 0), (3, 0), (4, 0))
+
+    def __init__(self, reference_time: Callable[[], int] | None = None, instance_id: uuid.UUID | None = None) -> None:
+        super().__init__(instance_id)
+        self.reference_time = reference_time
+        self.samples_acknowledged = 0
+        if reference_time is None:
+            self.versions = ((1, 0), (3, 0))  # without the guest's reference time, v4 samples are wrong
+
+    def sample(self, sync: bool = False) -> None:
+        """Send one time sample (SYNC steps the guest clock, SAMPLE only informs it)."""
+        flags = int(lib.IC_TIMESYNC_FLAG_SYNC if sync else lib.IC_TIMESYNC_FLAG_SAMPLE)
+        now = host_time_100ns()
+        if self.version is not None and self.version >= (4, 0) and self.reference_time is not None:
+            body = struct.pack("<QQBBB3s", now, self.reference_time(), flags, 0, 0, bytes(3))
+        else:
+            body = struct.pack("<QQQB", now, 0, 0, flags)
+        self.send_request(body)
+
+    def on_response(self, message: IcMessage) -> None:
+        self.samples_acknowledged += 1

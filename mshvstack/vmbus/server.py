@@ -1,0 +1,278 @@
+"""The channel-management state machine (vmbus_protocol.md §2–3).
+
+One VmbusServer per partition.  Guest messages arrive on the message
+connection ids (1, and 4 for protocol 5.0+ INITIATE_CONTACT); every field is
+validated, and a bad message is logged and answered with a failure where
+the protocol has one — never an exception out of the VP loop.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import struct
+import threading
+from typing import Any, Callable
+
+from mshvstack.abi import ffi, lib
+from mshvstack.partition.memory import GuestMemory
+from mshvstack.vmbus.channel import Channel, ChannelState
+from mshvstack.vmbus.errors import VmbusProtocolError
+from mshvstack.vmbus.gpadl import GpadlTable
+from mshvstack.vmbus.providers.base import Provider
+from mshvstack.vmbus.synic import SynicHost
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_VERSIONS = tuple(int(getattr(lib, f"VMBUS_VERSION_{n}")) for n in (
+    "WIN8", "WIN8_1", "WIN10", "WIN10_V4_1", "WIN10_V5", "WIN10_V5_1", "WIN10_V5_2", "WIN10_V5_3"))
+VERSION_5_0 = int(lib.VMBUS_VERSION_WIN10_V5)
+VERSION_3_0 = int(lib.VMBUS_VERSION_WIN8_1)
+VERSION_5_3 = int(lib.VMBUS_VERSION_WIN10_V5_3)
+MESSAGE_TYPE = int(lib.VMBUS_SYNIC_MESSAGE_TYPE)
+OK = int(lib.HV_STATUS_SUCCESS)
+INVALID_INPUT = int(lib.HV_STATUS_INVALID_HYPERCALL_INPUT)
+INSUFFICIENT_BUFFERS = int(lib.HV_STATUS_INSUFFICIENT_BUFFERS)
+GPADL_FAILED = 0x8000FFFF
+OPEN_FAILED = 0x8000FFFF
+HEADER = 8
+
+
+def _min_sizes() -> dict[int, int]:
+    sizes = {"REQUESTOFFERS": "vmbus_channel_message_header", "OPENCHANNEL": "vmbus_channel_open_channel",
+             "CLOSECHANNEL": "vmbus_channel_close_channel", "GPADL_HEADER": "vmbus_channel_gpadl_header",
+             "GPADL_BODY": "vmbus_channel_gpadl_body", "GPADL_TEARDOWN": "vmbus_channel_gpadl_teardown",
+             "RELID_RELEASED": "vmbus_channel_relid_released", "INITIATE_CONTACT": "vmbus_channel_initiate_contact",
+             "UNLOAD": "vmbus_channel_message_header", "MODIFYCHANNEL": "vmbus_channel_modifychannel"}
+    return {int(getattr(lib, f"CHANNELMSG_{m}")): ffi.sizeof(f"struct {s}") for m, s in sizes.items()}
+
+
+MIN_SIZES = _min_sizes()
+
+
+class ConnectionState(enum.Enum):
+    DISCONNECTED = "disconnected"
+    CONNECTED = "connected"
+
+
+def _message(ctype: str, **fields: Any) -> bytes:
+    msg = ffi.new(f"struct {ctype} *")
+    for name, value in fields.items():
+        setattr(msg, name, value)
+    return bytes(ffi.buffer(msg))
+
+
+class VmbusServer:
+    def __init__(self, synic: SynicHost, memory: GuestMemory, providers: list[Provider]) -> None:
+        self.synic = synic
+        self.memory = memory
+        self.lock = threading.RLock()
+        self.state = ConnectionState.DISCONNECTED
+        self.version = 0
+        self.message_vp = 0
+        self.message_sint = int(lib.VMBUS_MESSAGE_SINT)
+        self.offers_requested = False
+        self.gpadls = GpadlTable(memory)
+        self.channels: dict[int, Channel] = {}
+        self.protocol_errors = 0
+        for relid, provider in enumerate(providers, start=1):
+            self.channels[relid] = Channel(relid, provider, synic, memory)
+        self._handlers: dict[int, Callable[[bytes], None]] = {
+            lib.CHANNELMSG_INITIATE_CONTACT: self._initiate_contact,
+            lib.CHANNELMSG_REQUESTOFFERS: self._request_offers,
+            lib.CHANNELMSG_GPADL_HEADER: self._gpadl_header,
+            lib.CHANNELMSG_GPADL_BODY: self._gpadl_body,
+            lib.CHANNELMSG_GPADL_TEARDOWN: self._gpadl_teardown,
+            lib.CHANNELMSG_OPENCHANNEL: self._open_channel,
+            lib.CHANNELMSG_CLOSECHANNEL: self._close_channel,
+            lib.CHANNELMSG_RELID_RELEASED: self._relid_released,
+            lib.CHANNELMSG_UNLOAD: self._unload,
+            lib.CHANNELMSG_MODIFYCHANNEL: self._modify_channel,
+        }
+        synic.register_message_port(int(lib.VMBUS_MESSAGE_CONNECTION_ID), self.on_message)
+        synic.register_message_port(int(lib.VMBUS_MESSAGE_CONNECTION_ID_4), self.on_message)
+
+    # ---- guest -> host
+    def on_message(self, message_type: int, payload: bytes) -> int:
+        """A guest HvPostMessage for VMBus: returns the hypercall status."""
+        if message_type != MESSAGE_TYPE or len(payload) < HEADER:
+            return INVALID_INPUT
+        (msgtype,) = struct.unpack_from("<I", payload)
+        handler = self._handlers.get(msgtype)
+        if handler is None or len(payload) < MIN_SIZES.get(msgtype, HEADER):
+            self._protocol_error(f"message type {msgtype} ({len(payload)} bytes) not accepted")
+            return OK
+        if self.state is ConnectionState.DISCONNECTED and msgtype != lib.CHANNELMSG_INITIATE_CONTACT:
+            self._protocol_error(f"message type {msgtype} before INITIATE_CONTACT")
+            return OK
+        with self.lock:
+            try:
+                handler(payload)
+            except VmbusProtocolError as exc:
+                self._protocol_error(str(exc))
+        return OK
+
+    def _protocol_error(self, what: str) -> None:
+        self.protocol_errors += 1
+        log.warning("VMBus: %s", what)
+
+    def _send(self, ctype: str, **fields: Any) -> None:
+        payload = _message(ctype, **fields)
+        self.synic.post_message(self.message_vp, self.message_sint, MESSAGE_TYPE, payload)
+
+    def _header(self, msgtype: int) -> Any:
+        header = ffi.new("struct vmbus_channel_message_header *")
+        header.msgtype = msgtype
+        return header[0]
+
+    def _initiate_contact(self, payload: bytes) -> None:
+        msg = ffi.cast("struct vmbus_channel_initiate_contact *", ffi.from_buffer(payload))
+        version = int(msg.vmbus_version_requested)
+        if self.state is ConnectionState.CONNECTED:
+            self._reset()  # a new INITIATE_CONTACT implicitly unloads (kexec, firmware hand-over)
+        target_vp = int(msg.target_vcpu) if version >= VERSION_3_0 else 0
+        sint = int(msg.target.msg_sint) if version >= VERSION_5_0 else int(lib.VMBUS_MESSAGE_SINT)
+        self.message_vp, self.message_sint = target_vp, sint if 0 < sint < 16 else int(lib.VMBUS_MESSAGE_SINT)
+        supported = version in SUPPORTED_VERSIONS and target_vp < 2048
+        if supported:
+            self.version = version
+            self.state = ConnectionState.CONNECTED
+        self._send("vmbus_channel_version_response", header=self._header(lib.CHANNELMSG_VERSION_RESPONSE),
+                   version_supported=int(supported), connection_state=0 if supported else 2,
+                   msg_conn_id=int(lib.VMBUS_MESSAGE_CONNECTION_ID))
+
+    def _request_offers(self, payload: bytes) -> None:
+        if self.offers_requested:
+            raise VmbusProtocolError("REQUESTOFFERS sent twice on one connection")
+        self.offers_requested = True
+        for channel in self.channels.values():
+            if channel.state is not ChannelState.RESCINDED:
+                self._offer(channel)
+        self._send("vmbus_channel_message_header", msgtype=lib.CHANNELMSG_ALLOFFERS_DELIVERED)
+
+    def _offer(self, channel: Channel) -> None:
+        offer = ffi.new("struct vmbus_channel_offer_channel *")
+        offer.header.msgtype = lib.CHANNELMSG_OFFERCHANNEL
+        provider = channel.provider
+        ffi.memmove(offer.if_type, provider.class_id.bytes_le, 16)
+        ffi.memmove(offer.if_instance, provider.instance_id.bytes_le, 16)
+        if provider.pipe_mode:
+            offer.chn_flags = lib.VMBUS_CHANNEL_ENUMERATE_DEVICE_INTERFACE | lib.VMBUS_CHANNEL_NAMED_PIPE_MODE
+            offer.pipe.pipe_mode = lib.VMBUS_PIPE_MODE_MESSAGE
+        offer.child_relid = channel.relid
+        offer.monitorid = 0xFF
+        offer.is_dedicated_interrupt = 1
+        offer.connection_id = channel.connection_id
+        self.synic.post_message(self.message_vp, self.message_sint, MESSAGE_TYPE, bytes(ffi.buffer(offer)))
+
+    def _channel(self, relid: int) -> Channel:
+        channel = self.channels.get(relid)
+        if channel is None:
+            raise VmbusProtocolError(f"no channel with relid {relid}")
+        return channel
+
+    def _gpadl_header(self, payload: bytes) -> None:
+        _t, _p, relid, gpadl_id = struct.unpack_from("<IIII", payload)
+        try:
+            self._channel(relid)
+            gpadl = self.gpadls.header(payload)
+        except VmbusProtocolError as exc:
+            self.gpadls.abandon(gpadl_id)
+            self._gpadl_created(relid, gpadl_id, GPADL_FAILED)
+            raise exc
+        if gpadl is not None:
+            self._gpadl_created(relid, gpadl_id, 0)
+
+    def _gpadl_body(self, payload: bytes) -> None:
+        try:
+            gpadl_id, gpadl = self.gpadls.body(payload)
+        except VmbusProtocolError:
+            _t, _p, _n, gpadl_id = struct.unpack_from("<IIII", payload)
+            self.gpadls.abandon(gpadl_id)
+            raise
+        if gpadl is not None:
+            self._gpadl_created(gpadl.relid, gpadl_id, 0)
+
+    def _gpadl_created(self, relid: int, gpadl_id: int, status: int) -> None:
+        self._send("vmbus_channel_gpadl_created", header=self._header(lib.CHANNELMSG_GPADL_CREATED),
+                   child_relid=relid, gpadl=gpadl_id, creation_status=status)
+
+    def _gpadl_teardown(self, payload: bytes) -> None:
+        _t, _p, relid, gpadl_id = struct.unpack_from("<IIII", payload)
+        for channel in self.channels.values():
+            if channel.ring_gpadl is not None and channel.ring_gpadl.gpadl_id == gpadl_id:
+                channel.close()  # the guest tore down a ring still in use: stop touching it first
+        self.gpadls.teardown(gpadl_id)
+        self._send("vmbus_channel_gpadl_torndown", header=self._header(lib.CHANNELMSG_GPADL_TORNDOWN), gpadl=gpadl_id)
+
+    def _open_channel(self, payload: bytes) -> None:
+        msg = ffi.cast("struct vmbus_channel_open_channel *", ffi.from_buffer(payload))
+        relid, open_id = int(msg.child_relid), int(msg.openid)
+        status = OPEN_FAILED
+        try:
+            channel = self._channel(relid)
+            if channel.state is not ChannelState.OFFERED:
+                raise VmbusProtocolError(f"OPENCHANNEL for channel {relid} which is {channel.state.value}")
+            gpadl = self.gpadls.established.get(int(msg.ringbuffer_gpadlhandle))
+            if gpadl is None:
+                raise VmbusProtocolError(f"OPENCHANNEL {relid}: unknown ring GPADL {int(msg.ringbuffer_gpadlhandle):#x}")
+            target_vp = int(msg.target_vp) if self.version >= int(lib.VMBUS_VERSION_WIN8) else 0
+            channel.open(gpadl, int(msg.downstream_ringbuffer_pageoffset), target_vp)
+            if channel.provider.on_open(channel):
+                status = 0
+            else:
+                channel.close()
+        finally:
+            self._send("vmbus_channel_open_result", header=self._header(lib.CHANNELMSG_OPENCHANNEL_RESULT),
+                       child_relid=relid, openid=open_id, status=status)
+        if status == 0:
+            channel.provider.on_opened(channel)  # host-first devices (ICs) speak now
+
+    def _close_channel(self, payload: bytes) -> None:
+        (_t, _p, relid) = struct.unpack_from("<III", payload)
+        self._channel(relid).close()
+
+    def _relid_released(self, payload: bytes) -> None:
+        (_t, _p, relid) = struct.unpack_from("<III", payload)
+        channel = self._channel(relid)
+        if channel.state is not ChannelState.RESCINDED:
+            raise VmbusProtocolError(f"RELID_RELEASED for channel {relid} that was not rescinded")
+        del self.channels[relid]
+
+    def _modify_channel(self, payload: bytes) -> None:
+        (_t, _p, relid, target_vp) = struct.unpack_from("<IIII", payload)
+        channel = self._channel(relid)
+        channel.target_vp = target_vp
+        if self.version >= VERSION_5_3:
+            self._send("vmbus_channel_modifychannel_response", header=self._header(lib.CHANNELMSG_MODIFYCHANNEL_RESPONSE),
+                       child_relid=relid, status=0)
+
+    def _unload(self, payload: bytes) -> None:
+        self._reset()
+        self._send("vmbus_channel_message_header", msgtype=lib.CHANNELMSG_UNLOAD_RESPONSE)
+
+    def _reset(self) -> None:
+        for channel in self.channels.values():
+            channel.close()
+        self.gpadls.clear()
+        self.offers_requested = False
+        self.state = ConnectionState.DISCONNECTED
+        self.version = 0
+
+    # ---- host-initiated
+    def rescind(self, relid: int) -> None:
+        with self.lock:
+            channel = self._channel(relid)
+            channel.close()
+            channel.state = ChannelState.RESCINDED
+            if self.state is ConnectionState.CONNECTED:
+                self._send("vmbus_channel_rescind_offer", header=self._header(lib.CHANNELMSG_RESCIND_CHANNELOFFER),
+                           child_relid=relid)
+
+    def status(self) -> dict[str, Any]:
+        return {"state": self.state.value, "version": f"{self.version >> 16}.{self.version & 0xFFFF}" if self.version else None,
+                "channels": [c.describe() for c in self.channels.values()], "protocol_errors": self.protocol_errors}
+
+    def channel_for(self, provider_type: type) -> Channel | None:
+        return next((c for c in self.channels.values() if isinstance(c.provider, provider_type)), None)
+

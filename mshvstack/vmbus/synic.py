@@ -1,0 +1,161 @@
+"""The host's side of the guest's SynIC.
+
+Guest → host: HvPostMessage and HvSignalEvent arrive as hypercall
+intercepts; they are validated and routed by connection id to registered
+ports.  Host → guest: messages go out with post-message-direct (queued per
+VP and SINT, retried when the hypervisor reports the slot deliverable) and
+events with signal-event-direct.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from collections import deque
+from typing import Callable, Protocol
+
+from mshvstack.abi import lib
+from mshvstack.hvcall import HvError, HvRegister, calls
+from mshvstack.hvcall.call import HvTarget
+from mshvstack.partition.exits import HypercallIntercept, SintDeliverable
+from mshvstack.partition.memory import GuestMemory, GuestMemoryError
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[int, bytes], int]   # (message type, payload) -> HV status
+EventHandler = Callable[[], None]
+QUEUE_LIMIT = 16          # like the hypervisor's per-port message buffers
+OUTGOING_LIMIT = 1024
+OK = int(lib.HV_STATUS_SUCCESS)
+
+
+class VpRegisters(Protocol):
+    index: int
+
+    def get_registers(self, names: list[int]) -> list[int]: ...
+    def set_registers(self, values: dict[int, int]) -> None: ...
+
+
+class SynicHost:
+    def __init__(self, target: HvTarget, memory: GuestMemory, vp_registers: Callable[[int], VpRegisters]) -> None:
+        self.target = target
+        self.memory = memory
+        self.vp_registers = vp_registers
+        self._message_ports: dict[int, MessageHandler] = {}
+        self._event_ports: dict[int, EventHandler] = {}
+        self._outgoing: dict[tuple[int, int], deque[tuple[int, bytes]]] = {}
+        self._lock = threading.RLock()
+        self.rejected = 0
+
+    # ---- ports
+    def register_message_port(self, connection_id: int, handler: MessageHandler) -> None:
+        self._message_ports[connection_id & lib.VMBUS_CONNECTION_ID_MASK] = handler
+
+    def unregister_message_port(self, connection_id: int) -> None:
+        self._message_ports.pop(connection_id, None)
+
+    def register_event_port(self, connection_id: int, handler: EventHandler) -> None:
+        self._event_ports[connection_id & lib.VMBUS_CONNECTION_ID_MASK] = handler
+
+    def unregister_event_port(self, connection_id: int) -> None:
+        self._event_ports.pop(connection_id, None)
+
+    # ---- guest -> host
+    def handle_hypercall(self, vp: VpRegisters, exit_: HypercallIntercept) -> None:
+        """Complete an intercepted guest hypercall: status in RAX, RIP past the call."""
+        code = exit_.call_code
+        if code == lib.HVCALL_POST_MESSAGE:
+            status = self._post_message(exit_)
+        elif code == lib.HVCALL_SIGNAL_EVENT:
+            status = self._signal_event(exit_)
+        else:
+            status = int(lib.HV_STATUS_INVALID_HYPERCALL_CODE)
+        if status != OK:
+            self.rejected += 1
+        vp.set_registers({HvRegister.RAX: status, HvRegister.RIP: exit_.header.next_rip})
+
+    def _post_message(self, exit_: HypercallIntercept) -> int:
+        if exit_.fast:
+            return int(lib.HV_STATUS_INVALID_HYPERCALL_CODE)
+        gpa = exit_.rdx
+        if gpa % 8:
+            return int(lib.HV_STATUS_INVALID_ALIGNMENT)
+        try:
+            raw = self.memory.read(gpa, 16)
+        except GuestMemoryError:
+            return int(lib.HV_STATUS_INVALID_PARAMETER)
+        connection_id, reserved, message_type, size = struct.unpack("<IIII", raw)
+        if reserved or connection_id & ~lib.VMBUS_CONNECTION_ID_MASK or size > lib.VMBUS_MESSAGE_MAX_PAYLOAD or message_type & 0x80000000:
+            return int(lib.HV_STATUS_INVALID_HYPERCALL_INPUT)
+        handler = self._message_ports.get(connection_id)
+        if handler is None:
+            return int(lib.HV_STATUS_INVALID_CONNECTION_ID)
+        try:
+            payload = self.memory.read(gpa + 16, size)
+        except GuestMemoryError:
+            return int(lib.HV_STATUS_INVALID_PARAMETER)
+        return handler(message_type, payload)
+
+    def _signal_event(self, exit_: HypercallIntercept) -> int:
+        if exit_.fast:
+            value = exit_.rdx
+        else:
+            try:
+                value = int.from_bytes(self.memory.read(exit_.rdx, 8), "little")
+            except GuestMemoryError:
+                return int(lib.HV_STATUS_INVALID_PARAMETER)
+        connection_id, flag, reserved = value & 0xFFFFFFFF, (value >> 32) & 0xFFFF, value >> 48
+        if reserved or connection_id & ~lib.VMBUS_CONNECTION_ID_MASK:
+            return int(lib.HV_STATUS_INVALID_HYPERCALL_INPUT)
+        if flag:
+            return int(lib.HV_STATUS_INVALID_PORT_ID)
+        handler = self._event_ports.get(connection_id)
+        if handler is None:
+            return int(lib.HV_STATUS_INVALID_CONNECTION_ID)
+        handler()
+        return OK
+
+    # ---- host -> guest
+    def post_message(self, vp_index: int, sint: int, message_type: int, payload: bytes) -> None:
+        """Deliver in order: straight into the slot, or queued until it frees."""
+        with self._lock:
+            queue = self._outgoing.setdefault((vp_index, sint), deque())
+            if len(queue) >= OUTGOING_LIMIT:
+                raise RuntimeError(f"more than {OUTGOING_LIMIT} messages waiting for VP {vp_index} SINT {sint}")
+            queue.append((message_type, payload))
+            self._flush(vp_index, sint)
+
+    def _flush(self, vp_index: int, sint: int) -> None:
+        queue = self._outgoing.get((vp_index, sint))
+        while queue:
+            message_type, payload = queue[0]
+            try:
+                calls.post_message_direct(self.target, vp_index, sint, message_type, payload)
+            except HvError as exc:
+                if exc.status == lib.HV_STATUS_INSUFFICIENT_BUFFERS:
+                    self._want_deliverable(vp_index, sint)
+                    return
+                log.warning("dropping VMBus message for VP %d SINT %d: %s", vp_index, sint, exc)
+            queue.popleft()
+
+    def _want_deliverable(self, vp_index: int, sint: int) -> None:
+        vp = self.vp_registers(vp_index)
+        (current,) = vp.get_registers([HvRegister.DELIVERABILITY_NOTIFICATIONS])
+        vp.set_registers({HvRegister.DELIVERABILITY_NOTIFICATIONS: current | (1 << sint)})
+
+    def on_sint_deliverable(self, vp: VpRegisters, exit_: SintDeliverable) -> None:
+        with self._lock:
+            for sint in range(16):
+                if exit_.deliverable_sints & (1 << sint):
+                    self._flush(vp.index, sint)
+
+    def pending_messages(self) -> int:
+        with self._lock:
+            return sum(len(q) for q in self._outgoing.values())
+
+    def signal_event(self, vp_index: int, sint: int, flag: int) -> None:
+        try:
+            calls.signal_event_direct(self.target, vp_index, sint, flag)
+        except HvError as exc:
+            log.warning("cannot signal VP %d SINT %d flag %d: %s", vp_index, sint, flag, exc)
