@@ -105,6 +105,7 @@ def run(
     extract: bool = typer.Option(False, "--extract-vmlinux", help="Boot a bzImage's vmlinux (PVH entry) decompressed on the host: much faster on slow engines."),
     backend: str = typer.Option("auto", "--backend", help="auto (real device if present), host or sim."),
     profile: str = typer.Option("newest", "--profile", help="Kernel ABI profile for the simulator: newest, 6.15, azure."),
+    no_vmbus: bool = typer.Option(False, "--no-vmbus", help="Offer no VMBus devices."),
     api_socket: Optional[Path] = typer.Option(None, "--api-socket", help="Serve the JSON control API on this UNIX socket."),
     console_target: str = typer.Option("stdio", "--console", help="Where the guest's serial console goes: stdio or a FILE."),
     show_stats: bool = typer.Option(False, "--stats", help="Print a table of exits by type."),
@@ -120,7 +121,7 @@ def run(
             raise ConfigError("give either a KERNEL file or --demo, not both")
         config = MachineConfig(kernel=kernel, demo=demo_guest if demo or kernel is None else None, memory=parse_size(memory),
                                vcpus=vcpus, cmdline=cmdline, initrd=initrd, backend=backend, profile=profile,
-                               extract_vmlinux=extract).validate()
+                               extract_vmlinux=extract, vmbus=not no_vmbus).validate()
     except ConfigError as exc:
         _fail(str(exc))
     write, close_console = _console_sink(console_target, as_json)
@@ -180,6 +181,13 @@ def ctl(
         table = Table(show_header=False, box=None)
         for key in ("state", "backend", "vcpus", "memory", "uptime", "exits", "reason"):
             table.add_row(key, str(reply.get(key)))
+        vmbus = reply.get("vmbus")
+        if vmbus:
+            table.add_row("vmbus", f"{vmbus['state']} (version {vmbus['version']})")
+            for channel in vmbus["channels"]:
+                table.add_row(f"  {channel['device']}", f"{channel['state']}, {channel['packets_in']} in / {channel['packets_out']} out")
+            heartbeat = vmbus["heartbeat"]
+            table.add_row("  heartbeat", f"sequence {heartbeat['sequence']}, guest alive: {heartbeat['guest_alive']}")
         for kind, count in reply.get("exit_counts", {}).items():
             table.add_row(f"  {kind}", str(count))
         Console().print(table)

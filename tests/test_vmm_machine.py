@@ -153,3 +153,18 @@ def test_multiple_vcpus_aps_wait_for_sipi() -> None:
     machine, out = _machine(demo="hello", vcpus=2)
     reason = machine.run()
     assert reason.kind is StopKind.DEBUG_EXIT and out.startswith(b"Hello")
+
+
+def test_vmbus_in_status_and_shutdown_falls_back_to_poweroff(tmp_path: Path) -> None:
+    machine, _ = _machine(kernel=assemble_elf(SPIN, tmp_path))
+    machine.start()
+    status = machine.status()
+    assert status["vmbus"]["state"] == "disconnected"
+    assert [c["device"] for c in status["vmbus"]["channels"]] == ["heartbeat", "shutdown", "timesync"]
+    machine.shutdown()  # the guest never connected VMBus: power off at once
+    reason = machine.wait(timeout=10)
+    assert reason is not None and reason.kind is StopKind.POWEROFF
+    machine.close()
+    machine, _ = _machine(demo="hello", vmbus=False)
+    assert machine.status()["vmbus"] is None
+    machine.run()

@@ -40,6 +40,8 @@ class MachineConfig:
     profile: str = "newest"
     test_devices: bool = False
     extract_vmlinux: bool = False   # boot a bzImage's vmlinux through its PVH entry
+    vmbus: bool = True              # offer VMBus devices (heartbeat, shutdown, time sync)
+    shutdown_timeout: float = 30.0  # graceful shutdown falls back to power-off after this
 
     def validate(self) -> "MachineConfig":
         if (self.kernel is None) == (self.demo is None):

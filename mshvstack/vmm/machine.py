@@ -9,6 +9,7 @@ reset request or debug-exit write ends the run with a reason and exit code.
 from __future__ import annotations
 
 import enum
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -33,6 +34,14 @@ from mshvstack.vmm.loader.pvh import write_start_info
 from mshvstack.vmm.loader.x86boot import BootState, long_mode, protected_mode
 from mshvstack.vmm.mmio import MmioAccess, MmioEmulator, MmioError
 from mshvstack.vmm.stats import ExitStats
+from mshvstack.vmbus.providers.heartbeat import Heartbeat
+from mshvstack.vmbus.providers.shutdown import Shutdown
+from mshvstack.vmbus.providers.timesync import TimeSync
+from mshvstack.vmbus.server import VmbusServer
+from mshvstack.vmbus.synic import SynicHost
+
+log = logging.getLogger(__name__)
+HOUSEKEEPING_PERIOD = 5.0
 
 COM1, COM1_SIZE = 0x3F8, 8
 I8042_BASE, I8042_SIZE = 0x60, 5
@@ -108,6 +117,10 @@ class Machine:
         if config.test_devices or config.demo == "iotest":
             self.scratch = Scratch()
             self.mmio.register(SCRATCH_MMIO, 0x1000, self.scratch, "scratch")
+        self.vmbus: VmbusServer | None = None
+        self.synic: SynicHost | None = None
+        if config.vmbus:
+            self._build_vmbus()
         boot = self._load()
         self.vps: list[Vp] = []
         for index in range(config.vcpus):
@@ -122,6 +135,29 @@ class Machine:
         self.mmio_emulator = MmioEmulator(self.mmio.read, self.mmio.write, self._translate,
                                           lambda gpa, size: int.from_bytes(memory.read(gpa, size), "little"),
                                           lambda gpa, size, value: memory.write(gpa, value.to_bytes(size, "little")))
+
+    def _build_vmbus(self) -> None:
+        """The VMBus host: guest hypercalls come to us as intercepts."""
+        self.partition.install_intercept(lib.HV_INTERCEPT_TYPE_HYPERCALL)
+        self.synic = SynicHost(self.partition.hv, self.partition.memory, lambda index: self.vps[index])
+        self.heartbeat, self.shutdown_ic, self.timesync = Heartbeat(), Shutdown(), TimeSync()
+        self.vmbus = VmbusServer(self.synic, self.partition.memory, [self.heartbeat, self.shutdown_ic, self.timesync])
+
+    def _housekeeping(self) -> None:
+        """Heartbeats and time samples while the guest runs (what Hyper-V sends periodically)."""
+        while self.state is not RunState.STOPPED:
+            with self._state_changed:
+                self._state_changed.wait_for(lambda: self.state is RunState.STOPPED, HOUSEKEEPING_PERIOD)
+            if self.state is not RunState.RUNNING or self.vmbus is None:
+                continue
+            with self.vmbus.lock:
+                try:
+                    if self.heartbeat.ready:
+                        self.heartbeat.beat()
+                    if self.timesync.ready:
+                        self.timesync.sample()
+                except MshvError as exc:
+                    log.warning("VMBus housekeeping: %s", exc)
 
     def _load(self) -> BootState:
         memory = self.partition.memory
@@ -164,6 +200,10 @@ class Machine:
             raise MachineError(f"cannot start a machine that is {self.state.value}")
         self.started_at = time.monotonic()
         self._set_state(RunState.RUNNING)
+        if self.vmbus is not None:
+            housekeeping = threading.Thread(target=self._housekeeping, name="vmbus-housekeeping", daemon=True)
+            self._threads.append(housekeeping)
+            housekeeping.start()
         for vp in self.vps:
             thread = threading.Thread(target=self._vp_thread, args=(vp,), name=f"vp{vp.index}", daemon=True)
             self._threads.append(thread)
@@ -211,8 +251,19 @@ class Machine:
         self.stop(StopReason(StopKind.POWEROFF, 0, "powered off by the host"))
 
     def shutdown(self) -> None:
-        """Graceful shutdown (the VMBus shutdown IC comes later): power off for now."""
-        self.poweroff()
+        """Ask the guest to power off through the shutdown IC; power off if it cannot
+        be asked or has not stopped within the timeout."""
+        if self.vmbus is None or not self.shutdown_ic.ready:
+            self.poweroff()
+            return
+        with self.vmbus.lock:
+            self.shutdown_ic.request()
+
+        def fallback() -> None:
+            if self.wait(self.config.shutdown_timeout) is None:
+                self.poweroff()
+
+        threading.Thread(target=fallback, name="shutdown-fallback", daemon=True).start()
 
     def close(self) -> None:
         if self.state is not RunState.STOPPED:
@@ -240,7 +291,14 @@ class Machine:
             "exit_counts": {k: int(v["count"]) for k, v in self.stats.as_dict().items()},
             "console_bytes": self.uart.bytes_out,
             "reason": str(self.reason) if self.reason else None,
+            "vmbus": self._vmbus_status(),
         }
+
+    def _vmbus_status(self) -> dict[str, Any] | None:
+        if self.vmbus is None:
+            return None
+        return {**self.vmbus.status(), "heartbeat": self.heartbeat.describe(), "shutdown": self.shutdown_ic.describe(),
+                "timesync": self.timesync.describe()}
 
     # ---- VP threads and exit dispatch
     def _vp_thread(self, vp: Vp) -> None:
@@ -275,10 +333,18 @@ class Machine:
                 values.update({HvRegister.RAX: 0, HvRegister.RDX: 0})
             vp.set_registers(values)
         elif isinstance(exit_, HypercallIntercept):
-            vp.set_registers({HvRegister.RAX: lib.HV_STATUS_INVALID_CONNECTION_ID, HvRegister.RIP: exit_.header.next_rip})
+            if self.synic is not None and self.vmbus is not None:
+                with self.vmbus.lock:
+                    self.synic.handle_hypercall(vp, exit_)
+            else:
+                vp.set_registers({HvRegister.RAX: lib.HV_STATUS_INVALID_CONNECTION_ID, HvRegister.RIP: exit_.header.next_rip})
+        elif isinstance(exit_, SintDeliverable):
+            if self.synic is not None and self.vmbus is not None:
+                with self.vmbus.lock:
+                    self.synic.on_sint_deliverable(vp, exit_)
         elif isinstance(exit_, UnrecoverableException):
             self.stop(StopReason(StopKind.TRIPLE_FAULT, 3, f"VP {vp.index} triple-faulted at RIP {exit_.header.rip:#x}"))
-        elif isinstance(exit_, (Interrupted, SintDeliverable)):
+        elif isinstance(exit_, Interrupted):
             pass
         elif isinstance(exit_, ExceptionIntercept):
             self.stop(StopReason(StopKind.ERROR, 1, f"unexpected exception {exit_.exception_vector} at {exit_.header.rip:#x}"))
