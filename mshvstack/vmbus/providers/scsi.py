@@ -1,0 +1,158 @@
+"""A SCSI disk over a raw image file: the command set Linux's sd driver uses.
+
+Pure logic: commands come in as CDB bytes plus a data-out buffer and go
+out as status, sense and data-in bytes; the storvsp provider moves the data
+to and from guest memory.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+BLOCK = 512
+GOOD, CHECK_CONDITION = 0x00, 0x02
+# Sense keys / additional sense codes
+NO_SENSE, NOT_READY, MEDIUM_ERROR, ILLEGAL_REQUEST, DATA_PROTECT = 0x0, 0x2, 0x3, 0x5, 0x7
+ASC_INVALID_OPCODE, ASC_LBA_OUT_OF_RANGE, ASC_INVALID_FIELD, ASC_WRITE_PROTECTED = 0x20, 0x21, 0x24, 0x27
+MAX_TRANSFER = 1 << 20
+
+
+@dataclass(frozen=True)
+class ScsiResult:
+    status: int
+    data: bytes = b""
+    sense: bytes = b""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == GOOD
+
+
+def sense(key: int, asc: int, ascq: int = 0) -> bytes:
+    """Fixed-format sense data (18 bytes)."""
+    return bytes([0x70, 0, key, 0, 0, 0, 0, 10, 0, 0, 0, 0, asc, ascq, 0, 0, 0, 0])
+
+
+def _check(key: int, asc: int) -> ScsiResult:
+    return ScsiResult(CHECK_CONDITION, b"", sense(key, asc))
+
+
+class DiskImage:
+    """A raw image as a LUN; read-only images refuse writes (DATA PROTECT)."""
+
+    def __init__(self, path: Path, read_only: bool = False, serial: str = "MSHVSTACK0001") -> None:
+        self.path = path
+        self.read_only = read_only
+        self.serial = serial
+        self.fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+        self.size = os.fstat(self.fd).st_size
+        if self.size < BLOCK:
+            os.close(self.fd)
+            raise ValueError(f"disk image {str(path)!r} is smaller than one {BLOCK}-byte block")
+        self.blocks = self.size // BLOCK
+        self.flushes = 0
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def execute(self, cdb: bytes, data_out: bytes, allocation: int) -> ScsiResult:
+        """Run one command; ``allocation`` is the initiator's data-in buffer size."""
+        if not cdb:
+            return _check(ILLEGAL_REQUEST, ASC_INVALID_OPCODE)
+        handler = _COMMANDS.get(cdb[0])
+        if handler is None:
+            return _check(ILLEGAL_REQUEST, ASC_INVALID_OPCODE)
+        if len(cdb) < _CDB_LENGTH.get(cdb[0], 6):
+            return _check(ILLEGAL_REQUEST, ASC_INVALID_FIELD)
+        result = handler(self, cdb, data_out)
+        return ScsiResult(result.status, result.data[:allocation], result.sense)
+
+    # ---- commands
+    def _test_unit_ready(self, cdb: bytes, data: bytes) -> ScsiResult:
+        return ScsiResult(GOOD)
+
+    def _inquiry(self, cdb: bytes, data: bytes) -> ScsiResult:
+        evpd, page = cdb[1] & 1, cdb[2]
+        if not evpd:
+            return ScsiResult(GOOD, bytes([0, 0, 5, 2, 31, 0, 0, 2]) + b"Msft    " + b"Virtual Disk    " + b"1.0 ")
+        if page == 0x00:
+            pages = bytes([0x00, 0x80, 0x83])
+            return ScsiResult(GOOD, bytes([0, 0, 0, len(pages)]) + pages)
+        if page == 0x80:
+            serial = self.serial.encode()
+            return ScsiResult(GOOD, bytes([0, 0x80, 0, len(serial)]) + serial)
+        if page == 0x83:
+            ident = b"MSHVSTK" + self.serial.encode()[:16]
+            designator = bytes([0x02, 0x01, 0, len(ident)]) + ident  # ASCII, vendor-specific
+            return ScsiResult(GOOD, bytes([0, 0x83, 0, len(designator)]) + designator)
+        return _check(ILLEGAL_REQUEST, ASC_INVALID_FIELD)
+
+    def _read_capacity10(self, cdb: bytes, data: bytes) -> ScsiResult:
+        last = min(self.blocks - 1, 0xFFFFFFFF)
+        return ScsiResult(GOOD, struct.pack(">II", last, BLOCK))
+
+    def _service_action_in(self, cdb: bytes, data: bytes) -> ScsiResult:
+        if cdb[1] & 0x1F != 0x10:  # READ CAPACITY(16)
+            return _check(ILLEGAL_REQUEST, ASC_INVALID_FIELD)
+        return ScsiResult(GOOD, struct.pack(">QI", self.blocks - 1, BLOCK) + bytes(20))
+
+    def _report_luns(self, cdb: bytes, data: bytes) -> ScsiResult:
+        return ScsiResult(GOOD, struct.pack(">II", 8, 0) + bytes(8))
+
+    def _mode_sense(self, cdb: bytes, data: bytes) -> ScsiResult:
+        wp = 0x80 if self.read_only else 0
+        caching = bytes([0x08, 0x12, 0x04]) + bytes(17)  # caching page: write cache enabled
+        page = cdb[2] & 0x3F
+        pages = caching if page in (0x08, 0x3F) else b""
+        if cdb[0] == 0x1A:
+            return ScsiResult(GOOD, bytes([3 + len(pages), 0, wp, 0]) + pages)
+        return ScsiResult(GOOD, struct.pack(">HBBHH", 6 + len(pages), 0, wp, 0, 0) + pages)
+
+    def _lba(self, cdb: bytes) -> tuple[int, int]:
+        if cdb[0] in (0x28, 0x2A):
+            lba, count = struct.unpack_from(">IxH", cdb, 2)
+        else:
+            lba, count = struct.unpack_from(">QI", cdb, 2)
+        return lba, count
+
+    def _read(self, cdb: bytes, data: bytes) -> ScsiResult:
+        lba, count = self._lba(cdb)
+        if lba + count > self.blocks or count * BLOCK > MAX_TRANSFER:
+            return _check(ILLEGAL_REQUEST, ASC_LBA_OUT_OF_RANGE)
+        return ScsiResult(GOOD, os.pread(self.fd, count * BLOCK, lba * BLOCK))
+
+    def _write(self, cdb: bytes, data: bytes) -> ScsiResult:
+        if self.read_only:
+            return _check(DATA_PROTECT, ASC_WRITE_PROTECTED)
+        lba, count = self._lba(cdb)
+        if lba + count > self.blocks or count * BLOCK > MAX_TRANSFER:
+            return _check(ILLEGAL_REQUEST, ASC_LBA_OUT_OF_RANGE)
+        if len(data) < count * BLOCK:
+            return _check(ILLEGAL_REQUEST, ASC_INVALID_FIELD)
+        os.pwrite(self.fd, data[: count * BLOCK], lba * BLOCK)
+        return ScsiResult(GOOD)
+
+    def _synchronize_cache(self, cdb: bytes, data: bytes) -> ScsiResult:
+        if not self.read_only:
+            os.fsync(self.fd)
+        self.flushes += 1
+        return ScsiResult(GOOD)
+
+    def _request_sense(self, cdb: bytes, data: bytes) -> ScsiResult:
+        return ScsiResult(GOOD, sense(NO_SENSE, 0))
+
+    def _noop(self, cdb: bytes, data: bytes) -> ScsiResult:
+        return ScsiResult(GOOD)
+
+
+_COMMANDS = {
+    0x00: DiskImage._test_unit_ready, 0x03: DiskImage._request_sense, 0x12: DiskImage._inquiry,
+    0x1A: DiskImage._mode_sense, 0x5A: DiskImage._mode_sense, 0x25: DiskImage._read_capacity10,
+    0x9E: DiskImage._service_action_in, 0xA0: DiskImage._report_luns, 0x28: DiskImage._read,
+    0x88: DiskImage._read, 0x2A: DiskImage._write, 0x8A: DiskImage._write, 0x35: DiskImage._synchronize_cache,
+    0x91: DiskImage._synchronize_cache, 0x1B: DiskImage._noop, 0x1E: DiskImage._noop,
+}
+_CDB_LENGTH = {0x25: 10, 0x28: 10, 0x2A: 10, 0x35: 10, 0x5A: 10, 0x88: 16, 0x8A: 16, 0x91: 16, 0x9E: 16, 0xA0: 12}
