@@ -36,7 +36,7 @@ def _sim_guest(code: bytes) -> tuple[SimBackend, int, int, int, mmap.mmap, objec
     region.flags = (1 << lib.MSHV_SET_MEM_BIT_WRITABLE) | (1 << lib.MSHV_SET_MEM_BIT_EXECUTABLE)
     backend.ioctl(part, lib.MSHV_SET_GUEST_MEMORY, region)
     vp = backend.ioctl(part, lib.MSHV_CREATE_VP, ffi.new("struct mshv_create_vp *"))
-    page = ffi.cast("struct hv_vp_register_page *", ffi.from_buffer(backend.mmap(vp, 4096, 0)))
+    page = ffi.from_buffer("struct hv_vp_register_page *", backend.mmap(vp, 4096, 0))
     # Set RIP/RFLAGS through the register page: it is valid once published; use a hypercall first.
     raw = ffi.new("char[]", ffi.sizeof("struct hv_input_set_vp_registers") + 2 * ffi.sizeof("struct hv_register_assoc"))
     inp = ffi.cast("struct hv_input_set_vp_registers *", raw)

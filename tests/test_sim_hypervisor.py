@@ -33,12 +33,12 @@ def test_register_page_is_live_and_writable(tmp_path: Path) -> None:
     backend, g, _ = _guest(tmp_path, "mov $0x1111, %eax\nout %eax, $0x10\nout %eax, $0x11\nhlt")
     try:
         page_mem = backend.mmap(g.vp, 4096, lib.MSHV_VP_MMAP_OFFSET_REGISTERS * 4096)
-        page = ffi.cast("struct hv_vp_register_page *", ffi.from_buffer(page_mem))
+        page = ffi.from_buffer("struct hv_vp_register_page *", page_mem)
         io = expect_io(g.run(), 0x10)
         assert page.isvalid == 1
         assert (page.rax, page.rip) == (0x1111, io.header.rip)
         assert page.cs.selector == 0x08 and page.efer & (1 << 10)
-        intercept = ffi.cast("struct hv_message *", ffi.from_buffer(backend.mmap(g.vp, 4096, 4096)))
+        intercept = ffi.from_buffer("struct hv_message *", backend.mmap(g.vp, 4096, 4096))
         assert intercept.header.message_type == lib.HVMSG_X64_IO_PORT_INTERCEPT
         # Emulate through the page: new RAX and RIP, marked dirty.
         page.rax = 0x2222

@@ -207,8 +207,9 @@ def test_vp_state_size_negotiation(guest: Guest) -> None:
     assert _errno(guest.backend.ioctl, guest.vp, lib.MSHV_GET_VP_STATE, req) == errno.EINVAL
     req.type = lib.MSHV_VP_STATE_LAPIC
     guest.backend.ioctl(guest.vp, lib.MSHV_GET_VP_STATE, req)
-    state = ffi.cast("struct hv_local_interrupt_controller_state *", ffi.from_buffer(buf))
+    state = ffi.from_buffer("struct hv_local_interrupt_controller_state *", buf)
     assert state.apic_lvt_lint0 == 0x10000
+    ffi.release(state)
     buf.close()
 
 

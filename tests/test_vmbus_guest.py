@@ -180,3 +180,69 @@ def test_fuzzed_guest_never_breaks_the_host(guest: VmbusGuest, messages: list[tu
     # The server still negotiates afterwards.
     supported, _s, _c = _version_response(guest.connect())
     assert supported == 1
+
+
+def _kvp_value(payload: bytes) -> tuple[int, int, str, str]:
+    from mshvstack.abi import ffi
+
+    msg = ffi.from_buffer("struct hv_kvp_msg *", bytearray(payload[28:].ljust(ffi.sizeof("struct hv_kvp_msg"), b"\0")))
+    value = msg.body.set
+    key = bytes(value.key)[: value.key_size].decode("utf-16-le").rstrip("\0")
+    text = bytes(value.value)[: value.value_size].decode("utf-16-le").rstrip("\0")
+    return int(msg.kvp_hdr.operation), int(msg.kvp_hdr.pool), key, text
+
+
+def test_kvp_set_get_enumerate(tmp_path: Path) -> None:
+    from mshvstack.abi import ffi
+    from mshvstack.vmbus.providers.kvp import Kvp, KvpError
+
+    guest = VmbusGuest([Kvp()], tmp_path)
+    try:
+        kvp, channel = _open(guest, Kvp)
+        _negotiate(guest, channel, ((4, 0), (3, 0), (1, 0)))
+        assert kvp.version == (4, 0)  # type: ignore[attr-defined]
+        guest_store: dict[tuple[int, str], str] = {}
+
+        def serve(answer_auto: dict[int, tuple[str, str]]) -> None:
+            request = channel.receive()  # type: ignore[attr-defined]
+            op, pool, key, value = _kvp_value(request.payload)
+            body = bytearray(request.payload[28:])
+            status = 0
+            if op == lib.KVP_OP_SET:
+                guest_store[(pool, key)] = value
+            elif op == lib.KVP_OP_GET:
+                msg = ffi.from_buffer("struct hv_kvp_msg *", body)
+                data = (guest_store.get((pool, key), "") + "\0").encode("utf-16-le")
+                msg.body.get.value_size = len(data)
+                ffi.memmove(msg.body.get.value, data, len(data))
+            elif op == lib.KVP_OP_ENUMERATE:
+                msg = ffi.from_buffer("struct hv_kvp_msg *", body)
+                index = int(msg.body.enumerate.index)
+                if index in answer_auto:
+                    k, v = ((s + "\0").encode("utf-16-le") for s in answer_auto[index])
+                    msg.body.enumerate.data.key_size, msg.body.enumerate.data.value_size = len(k), len(v)
+                    ffi.memmove(msg.body.enumerate.data.key, k, len(k))
+                    ffi.memmove(msg.body.enumerate.data.value, v, len(v))
+                else:
+                    status = int(lib.IC_STATUS_S_CONT)
+            channel.send(packets.inband(ic_reply(request.payload, bytes(body), status), request.transaction_id))  # type: ignore[attr-defined]
+
+        kvp.set(lib.KVP_POOL_EXTERNAL, "build", "42")  # type: ignore[attr-defined]
+        serve({})
+        assert kvp.wait_reply(1).status == 0 and guest_store == {(0, "build"): "42"}  # type: ignore[attr-defined]
+        kvp.get(lib.KVP_POOL_EXTERNAL, "build")  # type: ignore[attr-defined]
+        serve({})
+        assert kvp.wait_reply(1).value == "42"  # type: ignore[attr-defined]
+        auto = {0: ("FullyQualifiedDomainName", "guest.example"), 2: ("NetworkAddressIPv4", "10.0.0.2")}
+        kvp.enumerate(lib.KVP_POOL_AUTO, 0)  # type: ignore[attr-defined]
+        serve(auto)
+        reply = kvp.wait_reply(1)  # type: ignore[attr-defined]
+        assert (reply.key, reply.value) == ("FullyQualifiedDomainName", "guest.example")
+        kvp.enumerate(lib.KVP_POOL_AUTO, 1)  # type: ignore[attr-defined]
+        serve(auto)
+        assert kvp.wait_reply(1).status == lib.IC_STATUS_S_CONT  # type: ignore[attr-defined]
+        kvp.get(lib.KVP_POOL_GUEST, "nobody answers")  # type: ignore[attr-defined]
+        with pytest.raises(KvpError, match="did not answer"):
+            kvp.wait_reply(0.05)  # type: ignore[attr-defined]
+    finally:
+        guest.close()

@@ -42,7 +42,7 @@ def _request(channel: GuestChannel, payload: bytes, trans_id: int) -> object:
     reply = channel.receive()
     assert reply is not None and reply.type == packets.COMPLETION and reply.transaction_id == trans_id
     assert len(reply.payload) >= 64
-    return ffi.cast("struct vstor_packet *", ffi.from_buffer(bytearray(reply.payload[:64])))
+    return ffi.from_buffer("struct vstor_packet *", bytearray(reply.payload[:64]))
 
 
 def _initialize(guest: VmbusGuest) -> GuestChannel:
@@ -86,7 +86,7 @@ def _io(guest: VmbusGuest, channel: GuestChannel, cdb: bytes, buffer_gpa: int, l
     channel.send(raw)
     reply = channel.receive()
     assert reply is not None and reply.transaction_id == trans_id
-    return ffi.cast("struct vstor_packet *", ffi.from_buffer(bytearray(reply.payload[:64])))
+    return ffi.from_buffer("struct vstor_packet *", bytearray(reply.payload[:64]))
 
 
 @pytest.fixture

@@ -222,7 +222,7 @@ class VmbusGuest:
 
 
 def parse_offer(message: bytes) -> dict[str, Any]:
-    offer = ffi.cast("struct vmbus_channel_offer_channel *", ffi.from_buffer(message))
+    offer = ffi.from_buffer("struct vmbus_channel_offer_channel *", message)
     import uuid
     return {"class": uuid.UUID(bytes_le=bytes(offer.if_type)), "instance": uuid.UUID(bytes_le=bytes(offer.if_instance)),
             "relid": int(offer.child_relid), "connection_id": int(offer.connection_id), "flags": int(offer.chn_flags)}

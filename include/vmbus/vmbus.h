@@ -358,4 +358,56 @@ struct ictimesync_ref_data {
 	__u8  reserved[3];
 } VMBUS_PACKED;
 
+/* ---- KVP (key-value pair exchange) ---- */
+#define KVP_OP_GET              0
+#define KVP_OP_SET              1
+#define KVP_OP_DELETE           2
+#define KVP_OP_ENUMERATE        3
+#define KVP_OP_GET_IP_INFO      4
+#define KVP_OP_SET_IP_INFO      5
+#define KVP_POOL_EXTERNAL       0
+#define KVP_POOL_GUEST          1
+#define KVP_POOL_AUTO           2
+#define KVP_POOL_AUTO_EXTERNAL  3
+#define KVP_POOL_COUNT          4
+#define KVP_REG_SZ              1
+#define KVP_REG_U32             4
+#define KVP_REG_U64             8
+#define KVP_MAX_KEY_SIZE        512
+#define KVP_MAX_VALUE_SIZE      2048
+
+struct hv_kvp_hdr {
+	__u8  operation;
+	__u8  pool;
+	__u16 pad;
+} VMBUS_PACKED;
+
+struct hv_kvp_exchg_msg_value {
+	__u32 value_type;
+	__u32 key_size;
+	__u32 value_size;
+	__u8  key[KVP_MAX_KEY_SIZE];
+	__u8  value[KVP_MAX_VALUE_SIZE];
+} VMBUS_PACKED;
+
+struct hv_kvp_msg_enumerate {
+	__u32 index;
+	struct hv_kvp_exchg_msg_value data;
+} VMBUS_PACKED;
+
+struct hv_kvp_msg_delete {
+	__u32 key_size;
+	__u8  key[KVP_MAX_KEY_SIZE];
+} VMBUS_PACKED;
+
+struct hv_kvp_msg {
+	struct hv_kvp_hdr kvp_hdr;
+	union {
+		struct hv_kvp_exchg_msg_value get;
+		struct hv_kvp_exchg_msg_value set;
+		struct hv_kvp_msg_delete delete_;
+		struct hv_kvp_msg_enumerate enumerate;
+	} body;
+} VMBUS_PACKED;
+
 #endif /* MSHVSTACK_VMBUS_VMBUS_H */

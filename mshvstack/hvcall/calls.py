@@ -157,7 +157,7 @@ def translate_virtual_address(target: HvTarget, vp_index: int, gva: int, flags: 
     inp = _struct("struct hv_input_translate_virtual_address")
     inp.vp_index, inp.control_flags, inp.gva_page = vp_index, flags, gva >> 12
     raw = hvcall(target, lib.HVCALL_TRANSLATE_VIRTUAL_ADDRESS, inp, ffi.sizeof("struct hv_output_translate_virtual_address"))
-    out = ffi.cast("struct hv_output_translate_virtual_address *", ffi.from_buffer(raw))
+    out = ffi.from_buffer("struct hv_output_translate_virtual_address *", raw)
     return Translation(int(out.translation_result.bits.result_code), (int(out.gpa_page) << 12) | (gva & 0xFFF),
                        bool(out.translation_result.bits.overlay_page))
 
@@ -192,7 +192,7 @@ def read_gpa(target: HvTarget, vp_index: int, gpa: int, size: int) -> bytes:
         inp = _struct("struct hv_input_read_gpa")
         inp.vp_index, inp.base_gpa, inp.byte_count = vp_index, gpa + len(data), n
         raw = hvcall(target, lib.HVCALL_READ_GPA, inp, ffi.sizeof("struct hv_output_read_gpa"))
-        out = ffi.cast("struct hv_output_read_gpa *", ffi.from_buffer(raw))
+        out = ffi.from_buffer("struct hv_output_read_gpa *", raw)
         if out.access_result.result_code != lib.HV_ACCESS_GPA_SUCCESS:
             raise ValueError(f"GPA {gpa + len(data):#x} not readable (access result {out.access_result.result_code})")
         data += bytes(out.data)[:n]

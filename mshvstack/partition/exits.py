@@ -314,7 +314,7 @@ def decode(raw: bytes | bytearray | memoryview) -> VpExit:
     """The typed exit for one hv_message."""
     if len(raw) < MESSAGE_SIZE:
         raise ValueError(f"hv_message is {MESSAGE_SIZE} bytes, got {len(raw)}")
-    msg = ffi.cast("struct hv_message *", ffi.from_buffer(bytes(raw[:MESSAGE_SIZE])))
+    msg = ffi.from_buffer("struct hv_message *", bytes(raw[:MESSAGE_SIZE]))
     kind = int(msg.header.message_type)
     cls = _REGISTRY.get(kind)
     if cls is None:

@@ -56,7 +56,7 @@ class Vp:
         self._page: Any = None
         try:
             self._page_view = backend.mmap(fd, PAGE, lib.MSHV_VP_MMAP_OFFSET_REGISTERS * PAGE)
-            self._page = ffi.cast("struct hv_vp_register_page *", ffi.from_buffer(self._page_view))
+            self._page = ffi.from_buffer("struct hv_vp_register_page *", self._page_view)
         except ErrnoError:
             self._page = None  # no register page (e.g. SNP): hypercalls only
         self._kick_requested = threading.Event()

@@ -126,7 +126,7 @@ class VmbusServer:
         return header[0]
 
     def _initiate_contact(self, payload: bytes) -> None:
-        msg = ffi.cast("struct vmbus_channel_initiate_contact *", ffi.from_buffer(payload))
+        msg = ffi.from_buffer("struct vmbus_channel_initiate_contact *", payload)
         version = int(msg.vmbus_version_requested)
         if self.state is ConnectionState.CONNECTED:
             self._reset()  # a new INITIATE_CONTACT implicitly unloads (kexec, firmware hand-over)
@@ -206,7 +206,7 @@ class VmbusServer:
         self._send("vmbus_channel_gpadl_torndown", header=self._header(lib.CHANNELMSG_GPADL_TORNDOWN), gpadl=gpadl_id)
 
     def _open_channel(self, payload: bytes) -> None:
-        msg = ffi.cast("struct vmbus_channel_open_channel *", ffi.from_buffer(payload))
+        msg = ffi.from_buffer("struct vmbus_channel_open_channel *", payload)
         relid, open_id = int(msg.child_relid), int(msg.openid)
         status = OPEN_FAILED
         try:

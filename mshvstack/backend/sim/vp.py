@@ -191,7 +191,7 @@ class SimVp:
 
     # ------------------------------------------------------------------ register page
     def _page(self) -> Any:
-        return ffi.cast("struct hv_vp_register_page *", ffi.from_buffer(self.register_page))
+        return ffi.from_buffer("struct hv_vp_register_page *", self.register_page)
 
     def _publish_register_page(self) -> None:
         """Refresh the shared register page, as the hypervisor does on an intercept."""

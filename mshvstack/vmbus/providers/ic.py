@@ -38,23 +38,28 @@ class IcMessage:
 
 def encode(msgtype: int, body: bytes, framework: tuple[int, int], version: tuple[int, int],
            flags: int = REQUEST, status: int = 0) -> bytes:
-    header = struct.pack("<HHHHHHIBBH", framework[0], framework[1], msgtype, version[0], version[1],
-                         len(body), status, 0, flags, 0)
-    data = header + body
-    return struct.pack("<II", lib.VMBUS_PIPE_TYPE_DATA, len(data)) + data
+    pipe = ffi.new("struct vmbus_pipe_header *")
+    header = ffi.new("struct icmsg_hdr *")
+    header.icverframe.major, header.icverframe.minor = framework
+    header.icvermsg.major, header.icvermsg.minor = version
+    header.icmsgtype, header.icmsgsize, header.status, header.icflags = msgtype, len(body), status, flags
+    pipe.packet_type, pipe.data_size = lib.VMBUS_PIPE_TYPE_DATA, ICHDR + len(body)
+    return bytes(ffi.buffer(pipe)) + bytes(ffi.buffer(header)) + body
 
 
 def decode(payload: bytes) -> IcMessage:
     """Parse pipe + IC headers with bounds on every length the guest wrote."""
     if len(payload) < HEADERS:
         raise VmbusProtocolError(f"IC packet of {len(payload)} bytes is shorter than its headers")
-    pipe_type, pipe_size = struct.unpack_from("<II", payload)
-    if pipe_type != lib.VMBUS_PIPE_TYPE_DATA or pipe_size > min(len(payload) - PIPE, MAX_IC_MESSAGE) or pipe_size < ICHDR:
-        raise VmbusProtocolError(f"IC pipe header type {pipe_type} size {pipe_size} invalid")
-    fmaj, fmin, msgtype, vmaj, vmin, size, status, _tid, flags, _r = struct.unpack_from("<HHHHHHIBBH", payload, PIPE)
-    if size > pipe_size - ICHDR:
-        raise VmbusProtocolError(f"IC message size {size} exceeds its {pipe_size - ICHDR}-byte pipe payload")
-    return IcMessage(msgtype, (fmaj, fmin), (vmaj, vmin), status, flags, payload[HEADERS : HEADERS + size])
+    pipe = ffi.from_buffer("struct vmbus_pipe_header *", payload)
+    if pipe.packet_type != lib.VMBUS_PIPE_TYPE_DATA or not ICHDR <= pipe.data_size <= min(len(payload) - PIPE, MAX_IC_MESSAGE):
+        raise VmbusProtocolError(f"IC pipe header type {pipe.packet_type} size {pipe.data_size} invalid")
+    h = ffi.from_buffer("struct icmsg_hdr *", payload[PIPE:HEADERS])
+    if h.icmsgsize > pipe.data_size - ICHDR:
+        raise VmbusProtocolError(f"IC message size {h.icmsgsize} exceeds its {pipe.data_size - ICHDR}-byte pipe payload")
+    return IcMessage(int(h.icmsgtype), (int(h.icverframe.major), int(h.icverframe.minor)),
+                     (int(h.icvermsg.major), int(h.icvermsg.minor)), int(h.status), int(h.icflags),
+                     payload[HEADERS : HEADERS + int(h.icmsgsize)])
 
 
 def negotiate_body(framework: tuple[tuple[int, int], ...], versions: tuple[tuple[int, int], ...]) -> bytes:
