@@ -106,13 +106,14 @@ def run(
     backend: str = typer.Option("auto", "--backend", help="auto (real device if present), host or sim."),
     profile: str = typer.Option("newest", "--profile", help="Kernel ABI profile for the simulator: newest, 6.15, azure."),
     no_vmbus: bool = typer.Option(False, "--no-vmbus", help="Offer no VMBus devices."),
+    disk: list[str] = typer.Option([], "--disk", help="A raw disk image for the guest's synthetic SCSI controller: IMG or IMG,ro (repeatable)."),
     api_socket: Optional[Path] = typer.Option(None, "--api-socket", help="Serve the JSON control API on this UNIX socket."),
     console_target: str = typer.Option("stdio", "--console", help="Where the guest's serial console goes: stdio or a FILE."),
     show_stats: bool = typer.Option(False, "--stats", help="Print a table of exits by type."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON (console goes to stderr)."),
 ) -> None:
     """Boot a guest and run it until it stops; the guest's console is live."""
-    from mshvstack.vmm.config import ConfigError, MachineConfig, parse_size
+    from mshvstack.vmm.config import ConfigError, DiskSpec, MachineConfig, parse_size
     from mshvstack.vmm.control import ControlServer
     from mshvstack.vmm.machine import Machine
 
@@ -121,7 +122,8 @@ def run(
             raise ConfigError("give either a KERNEL file or --demo, not both")
         config = MachineConfig(kernel=kernel, demo=demo_guest if demo or kernel is None else None, memory=parse_size(memory),
                                vcpus=vcpus, cmdline=cmdline, initrd=initrd, backend=backend, profile=profile,
-                               extract_vmlinux=extract, vmbus=not no_vmbus).validate()
+                               extract_vmlinux=extract, vmbus=not no_vmbus,
+                               disks=tuple(DiskSpec.parse(d) for d in disk)).validate()
     except ConfigError as exc:
         _fail(str(exc))
     write, close_console = _console_sink(console_target, as_json)
@@ -160,7 +162,9 @@ def run(
 @app.command()
 def ctl(
     socket_path: Path = typer.Argument(..., metavar="SOCKET", help="The machine's --api-socket."),
-    command: str = typer.Argument(..., help="status, pause, resume, shutdown or poweroff."),
+    command: str = typer.Argument(..., help="status, pause, resume, shutdown, poweroff, or kvp."),
+    args: list[str] = typer.Argument(None, help="For kvp: get KEY | set KEY VALUE | delete KEY | list [POOL]."),
+    pool: str = typer.Option("external", "--pool", help="KVP pool: external, guest, auto, auto_external."),
     as_json: bool = typer.Option(False, "--json", help="Print the raw JSON reply."),
 ) -> None:
     """Control a running machine through its API socket."""
@@ -168,8 +172,9 @@ def ctl(
 
     if command not in COMMANDS:
         _fail(f"unknown command {command!r}: one of {', '.join(COMMANDS)}")
+    arguments = _kvp_arguments(args or [], pool) if command == "kvp" else {}
     try:
-        reply = request(socket_path, command)
+        reply = request(socket_path, command, arguments)
     except ControlError as exc:
         _fail(str(exc), 1)
         return
@@ -177,6 +182,9 @@ def ctl(
         typer.echo(json.dumps(reply, indent=2))
     elif not reply.get("ok"):
         _fail(str(reply.get("error")), 1)
+    elif command == "kvp":
+        for pair in reply.get("pairs", []):
+            typer.echo(f"{pair['key']}={pair['value']}")
     else:
         table = Table(show_header=False, box=None)
         for key in ("state", "backend", "vcpus", "memory", "uptime", "exits", "reason"):
@@ -193,6 +201,18 @@ def ctl(
         Console().print(table)
     if not reply.get("ok"):
         raise typer.Exit(1)
+
+
+def _kvp_arguments(args: list[str], pool: str) -> dict[str, str]:
+    shapes = {"get": 1, "set": 2, "delete": 1, "list": 0}
+    if not args or args[0] not in shapes:
+        _fail("kvp needs one of: get KEY, set KEY VALUE, delete KEY, list")
+    operation, rest = args[0], args[1:]
+    if operation == "list" and len(rest) == 1:
+        pool, rest = rest[0], []
+    if len(rest) != shapes[operation]:
+        _fail(f"kvp {operation} takes {shapes[operation]} argument(s)")
+    return {"operation": operation, "pool": pool, "key": rest[0] if rest else "", "value": rest[1] if len(rest) > 1 else ""}
 
 
 @app.callback()

@@ -62,3 +62,12 @@ def test_kernel_that_does_not_fit(tmp_path: Path) -> None:
     notelf.write_text("hello")
     result = runner.invoke(app, ["run", str(notelf), "--backend", "sim"])
     assert result.exit_code == 1 and "neither an ELF file nor a Linux bzImage" in result.output
+
+
+def test_disk_and_kvp_arguments_are_checked(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["run", "--demo", "--disk", str(tmp_path / "missing.img")])
+    assert result.exit_code == 2 and "no such file" in result.output
+    result = runner.invoke(app, ["ctl", "/no.sock", "kvp", "frobnicate"])
+    assert result.exit_code == 2 and "kvp needs one of" in result.output
+    result = runner.invoke(app, ["ctl", "/no.sock", "kvp", "set", "onlykey"])
+    assert result.exit_code == 2 and "takes 2 argument" in result.output

@@ -160,7 +160,7 @@ def test_vmbus_in_status_and_shutdown_falls_back_to_poweroff(tmp_path: Path) -> 
     machine.start()
     status = machine.status()
     assert status["vmbus"]["state"] == "disconnected"
-    assert [c["device"] for c in status["vmbus"]["channels"]] == ["heartbeat", "shutdown", "timesync"]
+    assert [c["device"] for c in status["vmbus"]["channels"]] == ["heartbeat", "shutdown", "timesync", "kvp"]
     machine.shutdown()  # the guest never connected VMBus: power off at once
     reason = machine.wait(timeout=10)
     assert reason is not None and reason.kind is StopKind.POWEROFF
@@ -168,3 +168,28 @@ def test_vmbus_in_status_and_shutdown_falls_back_to_poweroff(tmp_path: Path) -> 
     machine, _ = _machine(demo="hello", vmbus=False)
     assert machine.status()["vmbus"] is None
     machine.run()
+
+
+def test_disks_and_kvp_over_the_control_api(tmp_path: Path) -> None:
+    from mshvstack.vmm.config import DiskSpec
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    machine, _ = _machine(kernel=assemble_elf(SPIN, tmp_path), disks=(DiskSpec(image, read_only=True),))
+    path = tmp_path / "api.sock"
+    server = ControlServer(machine, path)
+    try:
+        machine.start()
+        status = request(path, "status")
+        assert [c["device"] for c in status["vmbus"]["channels"]][-1] == "storage"
+        assert status["vmbus"]["disks"][0]["read_only"] is True
+        reply = request(path, "kvp", {"operation": "get", "key": "x"})
+        assert reply["ok"] is False and "KVP channel" in reply["error"]  # the spinning guest never opened it
+    finally:
+        machine.poweroff()
+        server.close()
+        machine.close()
+    with pytest.raises(ConfigError, match="no such file"):
+        MachineConfig(demo="hello", disks=(DiskSpec(tmp_path / "nope"),)).validate()
+    with pytest.raises(ConfigError, match="ro or rw"):
+        DiskSpec.parse("disk.img,fast")

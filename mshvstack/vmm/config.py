@@ -20,6 +20,20 @@ class ConfigError(MshvError):
     """Bad user input for a machine."""
 
 
+@dataclass(frozen=True)
+class DiskSpec:
+    path: Path
+    read_only: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> "DiskSpec":
+        """'IMG' or 'IMG,ro' (as given to --disk)."""
+        path, _, options = text.partition(",")
+        if options not in ("", "ro", "rw"):
+            raise ConfigError(f"--disk {text!r}: options are ro or rw (e.g. --disk disk.img,ro)")
+        return cls(Path(path), options == "ro")
+
+
 def parse_size(text: str) -> int:
     """'256M' -> bytes.  Binary units K, M, G, T; a bare number is bytes."""
     match = _SIZE.match(text)
@@ -40,7 +54,8 @@ class MachineConfig:
     profile: str = "newest"
     test_devices: bool = False
     extract_vmlinux: bool = False   # boot a bzImage's vmlinux through its PVH entry
-    vmbus: bool = True              # offer VMBus devices (heartbeat, shutdown, time sync)
+    vmbus: bool = True              # offer VMBus devices (heartbeat, shutdown, time sync, KVP, disks)
+    disks: tuple["DiskSpec", ...] = ()
     shutdown_timeout: float = 30.0  # graceful shutdown falls back to power-off after this
 
     def validate(self) -> "MachineConfig":
@@ -57,6 +72,13 @@ class MachineConfig:
         for label, path in (("kernel", self.kernel), ("initrd", self.initrd)):
             if path is not None and not path.is_file():
                 raise ConfigError(f"{label} {str(path)!r}: no such file")
+        for disk in self.disks:
+            if not disk.path.is_file():
+                raise ConfigError(f"--disk {str(disk.path)!r}: no such file")
+            if disk.path.stat().st_size < 512:
+                raise ConfigError(f"--disk {str(disk.path)!r}: smaller than one 512-byte block")
+        if self.disks and not self.vmbus:
+            raise ConfigError("--disk needs VMBus (drop --no-vmbus)")
         if self.backend not in ("auto", "host", "sim"):
             raise ConfigError(f"--backend must be auto, host or sim, not {self.backend!r}")
         return self

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from mshvstack.errors import MshvError
-from mshvstack.vmm.machine import Machine, MachineError
+from mshvstack.vmm.machine import Machine
 
-COMMANDS = ("status", "pause", "resume", "shutdown", "poweroff")
+COMMANDS = ("status", "pause", "resume", "shutdown", "poweroff", "kvp")
 MAX_REQUEST = 64 * 1024
 
 
@@ -75,9 +75,13 @@ class ControlServer:
         if command not in COMMANDS:
             return {"ok": False, "error": f"unknown command {command!r}: one of {', '.join(COMMANDS)}"}
         try:
+            if command == "kvp":
+                args = {k: str(request.get(k, "")) for k in ("operation", "pool", "key", "value")}
+                pairs = self.machine.kvp_request(args["operation"], args["pool"] or "external", args["key"], args["value"])
+                return {"ok": True, "pairs": pairs}
             if command != "status":
                 getattr(self.machine, command)()
-        except MachineError as exc:
+        except MshvError as exc:
             return {"ok": False, "error": str(exc)}
         return {"ok": True, **self.machine.status()}
 
@@ -100,8 +104,8 @@ def _alive(path: Path) -> bool:
         probe.close()
 
 
-def request(path: Path, command: str, timeout: float = 10.0) -> dict[str, Any]:
-    """Send one command to a running machine's control socket."""
+def request(path: Path, command: str, arguments: dict[str, str] | None = None, timeout: float = 30.0) -> dict[str, Any]:
+    """Send one command (with arguments) to a running machine's control socket."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -110,7 +114,7 @@ def request(path: Path, command: str, timeout: float = 10.0) -> dict[str, Any]:
         sock.close()
         raise ControlError(f"cannot reach {str(path)!r}: {exc.strerror or exc}") from None
     with sock, sock.makefile("rwb") as stream:
-        stream.write(json.dumps({"command": command}).encode() + b"\n")
+        stream.write(json.dumps({"command": command, **(arguments or {})}).encode() + b"\n")
         stream.flush()
         line = stream.readline()
     if not line:

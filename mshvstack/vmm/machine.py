@@ -34,7 +34,12 @@ from mshvstack.vmm.loader.pvh import write_start_info
 from mshvstack.vmm.loader.x86boot import BootState, long_mode, protected_mode
 from mshvstack.vmm.mmio import MmioAccess, MmioEmulator, MmioError
 from mshvstack.vmm.stats import ExitStats
+from mshvstack.vmbus.providers.base import Provider
 from mshvstack.vmbus.providers.heartbeat import Heartbeat
+from mshvstack.vmbus.providers.kvp import POOLS as KVP_POOLS
+from mshvstack.vmbus.providers.kvp import Kvp
+from mshvstack.vmbus.providers.scsi import DiskImage
+from mshvstack.vmbus.providers.storage import Storage
 from mshvstack.vmbus.providers.shutdown import Shutdown
 from mshvstack.vmbus.providers.timesync import TimeSync
 from mshvstack.vmbus.server import VmbusServer
@@ -140,8 +145,11 @@ class Machine:
         """The VMBus host: guest hypercalls come to us as intercepts."""
         self.partition.install_intercept(lib.HV_INTERCEPT_TYPE_HYPERCALL)
         self.synic = SynicHost(self.partition.hv, self.partition.memory, lambda index: self.vps[index])
-        self.heartbeat, self.shutdown_ic, self.timesync = Heartbeat(), Shutdown(), TimeSync()
-        self.vmbus = VmbusServer(self.synic, self.partition.memory, [self.heartbeat, self.shutdown_ic, self.timesync])
+        self.heartbeat, self.shutdown_ic, self.timesync, self.kvp = Heartbeat(), Shutdown(), TimeSync(), Kvp()
+        self.disks = [DiskImage(d.path, d.read_only, serial=f"MSHVSTACK{i:04d}") for i, d in enumerate(self.config.disks)]
+        providers: list[Provider] = [self.heartbeat, self.shutdown_ic, self.timesync, self.kvp]
+        providers += [Storage(disk) for disk in self.disks]
+        self.vmbus = VmbusServer(self.synic, self.partition.memory, providers)
 
     def _housekeeping(self) -> None:
         """Heartbeats and time samples while the guest runs (what Hyper-V sends periodically)."""
@@ -272,6 +280,8 @@ class Machine:
             thread.join(timeout=5)
         if not self.partition.closed:
             self.partition.close()
+        for disk in getattr(self, "disks", []):
+            disk.close()
         self.mshv.close()
 
     def _set_state(self, state: RunState) -> None:
@@ -298,7 +308,39 @@ class Machine:
         if self.vmbus is None:
             return None
         return {**self.vmbus.status(), "heartbeat": self.heartbeat.describe(), "shutdown": self.shutdown_ic.describe(),
-                "timesync": self.timesync.describe()}
+                "timesync": self.timesync.describe(), "kvp": self.kvp.describe(),
+                "disks": [p.describe() for p in (c.provider for c in self.vmbus.channels.values()) if isinstance(p, Storage)]}
+
+    def kvp_request(self, operation: str, pool: str = "external", key: str = "", value: str = "",
+                    timeout: float = 10.0) -> list[dict[str, Any]]:
+        """KVP get/set/delete, or list (enumerate) a pool; waits for the guest's answers."""
+        if self.vmbus is None or not self.kvp.ready:
+            raise MachineError("the guest has not opened the KVP channel (is hv_utils loaded?)")
+        if pool not in KVP_POOLS:
+            raise MachineError(f"unknown KVP pool {pool!r}: one of {', '.join(KVP_POOLS)}")
+        number = KVP_POOLS[pool]
+
+        def ask(send: Callable[[], None]) -> Any:
+            with self.vmbus.lock:  # type: ignore[union-attr]
+                send()
+            return self.kvp.wait_reply(timeout)
+
+        if operation == "list":
+            pairs = []
+            for index in range(256):
+                reply = ask(lambda: self.kvp.enumerate(number, index))
+                if reply.status:
+                    break
+                pairs.append({"key": reply.key, "value": reply.value})
+            return pairs
+        if operation not in ("get", "set", "delete"):
+            raise MachineError(f"unknown KVP operation {operation!r}: get, set, delete or list")
+        send = {"get": lambda: self.kvp.get(number, key), "set": lambda: self.kvp.set(number, key, value),
+                "delete": lambda: self.kvp.delete(number, key)}[operation]
+        reply = ask(send)
+        if reply.status:
+            raise MachineError(f"the guest answered KVP {operation} {key!r} with status {reply.status:#x}")
+        return [{"key": reply.key or key, "value": reply.value}]
 
     # ---- VP threads and exit dispatch
     def _vp_thread(self, vp: Vp) -> None:
