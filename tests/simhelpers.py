@@ -51,7 +51,8 @@ def set_segment(backend: SimBackend, vp_fd: int, name: int, base: int, limit: in
     backend.ioctl(vp_fd, lib.MSHV_ROOT_HVCALL, call)
 
 
-def get_registers(backend: SimBackend, vp_fd: int, names: list[int]) -> list[int]:
+def get_registers_call(names: list[int]) -> tuple[Any, Any]:
+    """An MSHV_ROOT_HVCALL for HVCALL_GET_VP_REGISTERS, and the buffers it points to."""
     size = ffi.sizeof("struct hv_input_get_vp_registers") + 4 * len(names)
     raw = ffi.new("char[]", size)
     inp = ffi.cast("struct hv_input_get_vp_registers *", raw)
@@ -61,6 +62,11 @@ def get_registers(backend: SimBackend, vp_fd: int, names: list[int]) -> list[int
     call = ffi.new("struct mshv_root_hvcall *")
     call.code, call.reps, call.in_sz, call.in_ptr = lib.HVCALL_GET_VP_REGISTERS, len(names), size, int(ffi.cast("uintptr_t", raw))
     call.out_sz, call.out_ptr = ffi.sizeof(out), int(ffi.cast("uintptr_t", out))
+    return call, (raw, out)
+
+
+def get_registers(backend: SimBackend, vp_fd: int, names: list[int]) -> list[int]:
+    call, (_raw, out) = get_registers_call(names)
     backend.ioctl(vp_fd, lib.MSHV_ROOT_HVCALL, call)
     return [int(out[i].reg64) for i in range(len(names))]
 

@@ -18,7 +18,7 @@ from mshvstack.backend.sim import SimBackend
 from mshvstack.errors import ErrnoError
 
 from guests import assemble
-from simhelpers import (Guest, advance, expect_io, get_registers, hvcall, long_mode_guest, payload, set_property,
+from simhelpers import (Guest, advance, expect_io, get_registers, get_registers_call, hvcall, long_mode_guest, payload, set_property,
                         set_registers)
 
 LAPIC = 1 << lib.MSHV_PT_BIT_LAPIC
@@ -195,31 +195,18 @@ def test_vps_run_in_parallel_threads(tmp_path: Path) -> None:
         g.close()
 
 
-def _get_regs_call(backend: SimBackend, g: Guest, names: list[int]) -> tuple[object, object]:
-    size = ffi.sizeof("struct hv_input_get_vp_registers") + 4 * len(names)
-    raw = ffi.new("char[]", size)
-    inp = ffi.cast("struct hv_input_get_vp_registers *", raw)
-    for i, name in enumerate(names):
-        inp.names[i] = name
-    out = ffi.new("union hv_register_value[]", len(names))
-    call = ffi.new("struct mshv_root_hvcall *")
-    call.code, call.reps, call.in_sz, call.in_ptr = lib.HVCALL_GET_VP_REGISTERS, len(names), size, int(ffi.cast("uintptr_t", raw))
-    call.out_sz, call.out_ptr = ffi.sizeof(out), int(ffi.cast("uintptr_t", out))
-    return call, (raw, out)
-
-
 def test_partial_reps_report_progress() -> None:
     backend = SimBackend()
     g = Guest(backend)
     try:
         names = [lib.HV_X64_REGISTER_RAX, lib.HV_X64_REGISTER_RBX, lib.HV_X64_REGISTER_RCX]
         backend.faults.partial_reps(lib.HVCALL_GET_VP_REGISTERS, completed=1)
-        call, _keep = _get_regs_call(backend, g, names)
+        call, _keep = get_registers_call(names)
         with pytest.raises(ErrnoError):
             backend.ioctl(g.vp, lib.MSHV_ROOT_HVCALL, call)
         assert (call.reps, call.status) == (1, lib.HV_STATUS_TIME_OUT)
         backend.faults.fail_hvcall(lib.HVCALL_GET_VP_REGISTERS, lib.HV_STATUS_ACCESS_DENIED, times=1)
-        call, _keep = _get_regs_call(backend, g, names)
+        call, _keep = get_registers_call(names)
         with pytest.raises(ErrnoError) as info:
             backend.ioctl(g.vp, lib.MSHV_ROOT_HVCALL, call)
         assert info.value.errno == errno.EIO and call.status == lib.HV_STATUS_ACCESS_DENIED

@@ -7,7 +7,6 @@ hypercall through the hypercall page, touches unmapped MMIO, and waits in
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import pytest
@@ -17,41 +16,7 @@ from mshvstack.backend.sim import SimBackend
 from mshvstack.errors import ErrnoError
 
 from guests import build_guest
-from simhelpers import Guest, hvcall, set_registers, set_segment
-
-ENTRY = 0x2000
-IDT, GDT, PML4, PDPT, PD0, PD3 = 0x3000, 0x4000, 0x8000, 0x9000, 0xA000, 0xB000
-STACK = 0xF000
-SINT_VECTOR = 0x50
-
-
-def _long_mode_guest(backend: SimBackend, image: bytes, handler: int) -> Guest:
-    g = Guest(backend, ram_size=0x10000, pt_flags=1 << lib.MSHV_PT_BIT_LAPIC)
-    ram = g.ram
-    ram[ENTRY : ENTRY + len(image)] = image
-    # Identity map 0-2 MiB, and 0xD0000000 (2 MiB page) to a GPA with no RAM.
-    struct.pack_into("<Q", ram, PML4, PDPT | 3)
-    struct.pack_into("<Q", ram, PDPT, PD0 | 3)
-    struct.pack_into("<Q", ram, PDPT + 3 * 8, PD3 | 3)
-    struct.pack_into("<Q", ram, PD0, 0x83)
-    struct.pack_into("<Q", ram, PD3 + 0x80 * 8, 0xD0000000 | 0x83)
-    # GDT: null, 64-bit code (0x08), data (0x10).
-    struct.pack_into("<QQQ", ram, GDT, 0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF)
-    # IDT gate for the SINT vector: present 64-bit interrupt gate, selector 0x08.
-    low = (handler & 0xFFFF) | (0x08 << 16) | (0x8E00 << 32) | ((handler >> 16) & 0xFFFF) << 48
-    struct.pack_into("<QQ", ram, IDT + SINT_VECTOR * 16, low, handler >> 32)
-    set_segment(backend, g.vp, lib.HV_X64_REGISTER_GDTR, GDT, 23, 0, 0)
-    set_segment(backend, g.vp, lib.HV_X64_REGISTER_IDTR, IDT, 0xFFF, 0, 0)
-    set_segment(backend, g.vp, lib.HV_X64_REGISTER_CS, 0, 0xFFFFFFFF, 0x08, 0xA09B)
-    for seg in (lib.HV_X64_REGISTER_SS, lib.HV_X64_REGISTER_DS, lib.HV_X64_REGISTER_ES):
-        set_segment(backend, g.vp, seg, 0, 0xFFFFFFFF, 0x10, 0xC093)
-    set_registers(backend, g.vp, {
-        lib.HV_X64_REGISTER_CR3: PML4, lib.HV_X64_REGISTER_CR4: 1 << 5,
-        lib.HV_X64_REGISTER_EFER: (1 << 8) | (1 << 10), lib.HV_X64_REGISTER_CR0: 0x80000011,
-        lib.HV_X64_REGISTER_RIP: ENTRY, lib.HV_X64_REGISTER_RSP: STACK, lib.HV_X64_REGISTER_RFLAGS: 2,
-    })
-    return g
-
+from simhelpers import Guest, hvcall, long_mode_guest, set_registers
 
 def _io(msg):  # type: ignore[no-untyped-def]
     assert msg.header.message_type == lib.HVMSG_X64_IO_PORT_INTERCEPT, hex(msg.header.message_type)
@@ -77,7 +42,7 @@ def _post(backend: SimBackend, g: Guest, sint: int, message_type: int, payload: 
 def test_hvprobe_guest(tmp_path: Path) -> None:
     image, symbols = build_guest("hvprobe", tmp_path)
     backend = SimBackend()
-    g = _long_mode_guest(backend, image, symbols["sint_handler"])
+    g = long_mode_guest(backend, image, {0x50: symbols["sint_handler"]}, pt_flags=1 << lib.MSHV_PT_BIT_LAPIC)
     try:
         io = _io(g.run())
         assert (io.port_number, io.rax & 0xFFFFFFFF) == (0x10, int.from_bytes(b"Micr", "little"))

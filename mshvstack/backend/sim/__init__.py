@@ -395,22 +395,15 @@ class SimBackend:
             raise _Fail(errno.EINVAL)
         buf = ffi.cast("char *", int(req.buf_ptr))
         memory = vp.partition.memory
-        if kind == lib.MSHV_VP_STATE_SIMP:
-            slot = vp.synic.message_slot(0)
-            if slot is None:
+        if kind in (lib.MSHV_VP_STATE_SIMP, lib.MSHV_VP_STATE_SIEFP):
+            # The SynIC pages live in guest RAM at the GPAs the guest chose.
+            page = vp.synic.message_slot(0) if kind == lib.MSHV_VP_STATE_SIMP else vp.synic.flags_base(0)
+            if page is None:
                 raise _Fail(errno.EIO)
             if write:
-                memory.write(slot, bytes(ffi.buffer(buf, PAGE_SIZE)))
+                memory.write(page, bytes(ffi.buffer(buf, PAGE_SIZE)))
             else:
-                ffi.memmove(buf, memory.read(slot, PAGE_SIZE), PAGE_SIZE)
-        elif kind == lib.MSHV_VP_STATE_SIEFP:
-            base = vp.synic.flags_base(0)
-            if base is None:
-                raise _Fail(errno.EIO)
-            if write:
-                memory.write(base, bytes(ffi.buffer(buf, PAGE_SIZE)))
-            else:
-                ffi.memmove(buf, memory.read(base, PAGE_SIZE), PAGE_SIZE)
+                ffi.memmove(buf, memory.read(page, PAGE_SIZE), PAGE_SIZE)
         elif kind == lib.MSHV_VP_STATE_LAPIC and not write:
             state = ffi.cast("struct hv_local_interrupt_controller_state *", buf)
             ffi.memmove(buf, b"\0" * PAGE_SIZE, PAGE_SIZE)
