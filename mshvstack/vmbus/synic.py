@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 MessageHandler = Callable[[int, bytes], int]   # (message type, payload) -> HV status
 EventHandler = Callable[[], None]
 QUEUE_LIMIT = 16          # like the hypervisor's per-port message buffers
-OUTGOING_LIMIT = 1024
+OUTGOING_LIMIT = 4096     # hard cap per VP/SINT (one request can queue many offers)
 OK = int(lib.HV_STATUS_SUCCESS)
 
 
@@ -91,6 +91,9 @@ class SynicHost:
         handler = self._message_ports.get(connection_id)
         if handler is None:
             return int(lib.HV_STATUS_INVALID_CONNECTION_ID)
+        if self.pending_messages() >= QUEUE_LIMIT:
+            # Our replies are piling up unread: push back; Linux retries with back-off.
+            return int(lib.HV_STATUS_INSUFFICIENT_BUFFERS)
         try:
             payload = self.memory.read(gpa + 16, size)
         except GuestMemoryError:
@@ -122,7 +125,8 @@ class SynicHost:
         with self._lock:
             queue = self._outgoing.setdefault((vp_index, sint), deque())
             if len(queue) >= OUTGOING_LIMIT:
-                raise RuntimeError(f"more than {OUTGOING_LIMIT} messages waiting for VP {vp_index} SINT {sint}")
+                log.warning("VP %d SINT %d does not take messages; dropping one", vp_index, sint)
+                return
             queue.append((message_type, payload))
             self._flush(vp_index, sint)
 
