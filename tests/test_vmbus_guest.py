@@ -246,3 +246,31 @@ def test_kvp_set_get_enumerate(tmp_path: Path) -> None:
             kvp.wait_reply(0.05)  # type: ignore[attr-defined]
     finally:
         guest.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.binary(max_size=120), header=st.binary(min_size=28, max_size=28))
+def test_fuzzed_ic_payloads_close_only_that_channel(guest: VmbusGuest, body: bytes, header: bytes) -> None:
+    heartbeat, channel = _open(guest, Heartbeat)
+    channel.send(packets.inband(header + body, 5))  # type: ignore[attr-defined]
+    relid = channel.relid  # type: ignore[attr-defined]
+    state = guest.server.channels[relid].state.value
+    assert state in ("open", "offered")  # accepted as a response, or the channel closed; never a crash
+    assert guest.server.state is ConnectionState.CONNECTED
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(buflen=st.integers(0, 600), pfns=st.lists(st.integers(0, 2**64 - 1), max_size=30), bodies=st.integers(0, 3))
+def test_fuzzed_gpadls_never_escape(guest: VmbusGuest, buflen: int, pfns: list[int], bodies: int) -> None:
+    guest.connect()
+    guest.request_offers()
+    gpadl = guest.gpadl_counter
+    guest.gpadl_counter += 1
+    header = struct.pack("<IIIIHHII", lib.CHANNELMSG_GPADL_HEADER, 0, 1, gpadl, buflen & 0xFFFF, 1, 4096, 0)
+    guest.post_message(header + struct.pack(f"<{min(len(pfns), 26)}Q", *pfns[:26]))
+    for _ in range(bodies):
+        guest.post_message(struct.pack("<IIII", lib.CHANNELMSG_GPADL_BODY, 0, 0, gpadl) + struct.pack(f"<{min(len(pfns), 28)}Q", *pfns[:28]))
+    for reply in guest.messages():
+        assert struct.unpack_from("<I", reply)[0] == lib.CHANNELMSG_GPADL_CREATED
+    for established in guest.server.gpadls.established.values():
+        assert all(pfn * 4096 < guest.memory.size for pfn in established.pfns)
