@@ -754,4 +754,57 @@ union hv_output_get_vp_cpuid_values {
 	};
 };
 
+/* ---- kernel-side structures (root scheduler, statistics, VP assist page) ---- */
+struct hv_vp_signal_bitset_scheduler_message {
+	__u64 partition_id;
+	__u32 overflow_count;
+	__u16 vp_count;
+	__u16 reserved;
+	/* a sparse VP set: format, valid bank mask, then one bank per 64 VPs */
+	union {
+		struct {
+			__u64 format;
+			__u64 valid_bank_mask;
+			__u64 bank_contents[HV_ROOT_SCHEDULER_MAX_VPS_PER_CHILD_PARTITION / 64];
+		} bitset;
+		__u64 bitset_buffer[2 + HV_ROOT_SCHEDULER_MAX_VPS_PER_CHILD_PARTITION / 64];
+	} vp_bitset;
+};
+
+struct hv_vp_signal_pair_scheduler_message {
+	__u32 overflow_count;
+	__u8  vp_count;
+	__u8  reserved1[3];
+	__u64 partition_ids[HV_MESSAGE_MAX_PARTITION_VP_PAIR_COUNT];
+	__u32 vp_indexes[HV_MESSAGE_MAX_PARTITION_VP_PAIR_COUNT];
+	__u8  reserved2[4];
+} __attribute__((packed));
+
+union hv_stats_object_identity {
+	struct {
+		__u64 partition_id;
+		__u32 vp_index;
+		__u16 flags;
+		__u8  reserved;
+		__u8  stats_area_type;
+	} vp;
+	__u8 as_bytes[16];
+};
+
+struct hv_stats_page {
+	__u64 data[HV_HYP_PAGE_SIZE / 8];
+};
+
+struct hv_vp_assist_page {
+	__u32 apic_assist;
+	__u32 reserved1;
+	__u32 vtl_entry_reason;
+	__u32 vtl_reserved;
+	__u64 vtl_ret_x64rax;
+	__u64 vtl_ret_x64rcx;
+	__u8  reserved2[80];
+	__u8  intercept_message[HV_MESSAGE_SIZE];
+	__u8  vtl_ret_actions[256];
+};
+
 #endif /* MSHVSTACK_HYPERV_HVCALL_H */
