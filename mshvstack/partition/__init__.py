@@ -8,7 +8,7 @@ from mshvstack.partition.exits import (ApicEoi, CpuidIntercept, ExceptionInterce
 from mshvstack.partition.memory import GuestMemory, GuestMemoryError, MemoryRegion
 from mshvstack.partition.mshv import Mshv
 from mshvstack.partition.partition import MsiRoute, Partition, PartitionConfig
-from mshvstack.partition.registers import SpecialRegisters, StandardRegisters, TableRegister
+from mshvstack.partition.registers import FpuRegisters, SpecialRegisters, StandardRegisters, TableRegister
 from mshvstack.partition.vp import Vp, VpStateKind
 
 __all__ = [
@@ -16,6 +16,6 @@ __all__ = [
     "InterruptionDeliverable", "InvalidVpRegisterValue", "IoPortIntercept", "MemoryIntercept", "MsrIntercept", "Segment",
     "SintDeliverable", "SipiIntercept", "TimerExpired", "UnknownExit", "UnmappedGpa", "UnrecoverableException",
     "UnsupportedFeature", "VpExit", "decode", "encode", "GuestMemory", "GuestMemoryError", "MemoryRegion", "Mshv",
-    "MsiRoute", "Partition", "PartitionConfig", "SpecialRegisters", "StandardRegisters", "TableRegister", "Vp",
+    "MsiRoute", "Partition", "PartitionConfig", "FpuRegisters", "SpecialRegisters", "StandardRegisters", "TableRegister", "Vp",
     "VpStateKind",
 ]

@@ -72,6 +72,27 @@ class SpecialRegisters:
     apic_base: int = 0
 
 
+@dataclass
+class FpuRegisters:
+    """x87/MMX and SSE state: 128-bit XMM values, 80-bit x87 values (as ints), control words."""
+
+    xmm: list[int] = field(default_factory=lambda: [0] * 16)
+    fpr: list[int] = field(default_factory=lambda: [0] * 8)
+    fcw: int = 0x037F
+    fsw: int = 0
+    ftw: int = 0
+    last_opcode: int = 0
+    last_ip: int = 0
+    mxcsr: int = 0x1F80
+    mxcsr_mask: int = 0xFFFF
+
+
+XMM_NAMES = tuple(int(getattr(lib, f"HV_X64_REGISTER_XMM{i}")) for i in range(16))
+FPR_NAMES = tuple(int(getattr(lib, f"HV_X64_REGISTER_FP_MMX{i}")) for i in range(8))
+FP_CONTROL_STATUS = int(lib.HV_X64_REGISTER_FP_CONTROL_STATUS)
+XMM_CONTROL_STATUS = int(lib.HV_X64_REGISTER_XMM_CONTROL_STATUS)
+
+
 # Architectural MSRs that are hypervisor registers (for Vp.get_msrs/set_msrs).
 MSR_REGISTERS: dict[int, int] = {
     0x10: int(lib.HV_X64_REGISTER_TSC),

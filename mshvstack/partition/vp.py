@@ -12,7 +12,8 @@ from mshvstack.errors import ErrnoError, MshvError
 from mshvstack.hvcall import calls
 from mshvstack.hvcall.call import HvTarget
 from mshvstack.partition.exits import Interrupted, Segment, VpExit, decode
-from mshvstack.partition.registers import (CONTROL_NAMES, GPR_NAMES, MSR_REGISTERS, SEGMENT_NAMES, SpecialRegisters,
+from mshvstack.partition.registers import (CONTROL_NAMES, FP_CONTROL_STATUS, FPR_NAMES, GPR_NAMES, MSR_REGISTERS,
+                                           SEGMENT_NAMES, XMM_CONTROL_STATUS, XMM_NAMES, FpuRegisters, SpecialRegisters,
                                            StandardRegisters, TableRegister, hv_name)
 
 if TYPE_CHECKING:
@@ -147,6 +148,35 @@ class Vp:
         # Paging registers before the mode bits that depend on them.
         for name in ("cr3", "cr4", "efer", "cr0", "cr2", "cr8", "apic_base"):
             values[int(getattr(lib, f"HV_X64_REGISTER_{_CONTROL_HV[name]}"))] = getattr(sregs, name)
+        calls.set_vp_registers(self._target, self.index, values)
+
+    @property
+    def fpu(self) -> FpuRegisters:
+        """XMM, x87/MMX and the FPU/SSE control and status registers."""
+        self._check_open()
+        names = list(XMM_NAMES + FPR_NAMES) + [FP_CONTROL_STATUS, XMM_CONTROL_STATUS]
+        values = calls.get_vp_registers(self._target, self.index, names)
+        wide = [int(v.reg128.low_part) | int(v.reg128.high_part) << 64 for v in values]
+        fp, sse = values[-2].fp_control_status, values[-1].xmm_control_status
+        return FpuRegisters(xmm=wide[:16], fpr=wide[16:24], fcw=int(fp.fp_control), fsw=int(fp.fp_status),
+                            ftw=int(fp.fp_tag), last_opcode=int(fp.last_fp_op), last_ip=int(fp.last_fp_rip),
+                            mxcsr=int(sse.xmm_status_control), mxcsr_mask=int(sse.xmm_status_control_mask))
+
+    @fpu.setter
+    def fpu(self, fpu: FpuRegisters) -> None:
+        self._check_open()
+        values: dict[int, Any] = {}
+        for name, wide in zip(XMM_NAMES + FPR_NAMES, fpu.xmm[:16] + fpu.fpr[:8]):
+            value = ffi.new("union hv_register_value *")
+            value.reg128.low_part, value.reg128.high_part = wide & ((1 << 64) - 1), (wide >> 64) & ((1 << 64) - 1)
+            values[name] = value[0]
+        fp = ffi.new("union hv_register_value *")
+        c = fp.fp_control_status
+        c.fp_control, c.fp_status, c.fp_tag, c.last_fp_op, c.last_fp_rip = fpu.fcw, fpu.fsw, fpu.ftw, fpu.last_opcode, fpu.last_ip
+        values[FP_CONTROL_STATUS] = fp[0]
+        sse = ffi.new("union hv_register_value *")
+        sse.xmm_control_status.xmm_status_control, sse.xmm_control_status.xmm_status_control_mask = fpu.mxcsr, fpu.mxcsr_mask
+        values[XMM_CONTROL_STATUS] = sse[0]
         calls.set_vp_registers(self._target, self.index, values)
 
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from mshvstack.abi import ffi, lib
 from mshvstack.backend.sim import x86
 from mshvstack.backend.sim.memory import PAGE_SHIFT, GpaMap
-from mshvstack.backend.sim.vp import SimVp
+from mshvstack.backend.sim.vp import VECTOR_REGISTERS, SimVp
 
 HV_OK = int(lib.HV_STATUS_SUCCESS)
 
@@ -550,6 +550,11 @@ def register_file_get(vp: SimVp, name: int, value: Any) -> int:
     elif name in _MSR_BACKED:
         msr = vp.read_msr(_MSR_BACKED[name])
         value.reg64 = msr or 0
+    elif name in VECTOR_REGISTERS:
+        wide = vp.reg(name)
+        value.reg128.low_part, value.reg128.high_part = wide & (1 << 64) - 1, wide >> 64
+    elif name in _CONTROL_STATUS:
+        ffi.memmove(value, vp.reg(name).to_bytes(16, "little"), 16)
     else:
         value.reg64 = vp.reg(name)
     return HV_OK
@@ -574,6 +579,10 @@ def register_file_set(vp: SimVp, name: int, value: Any) -> int:
     elif name in _MSR_BACKED:
         if vp.write_msr(_MSR_BACKED[name], int(value.reg64)) is None:
             return int(lib.HV_STATUS_INVALID_PARAMETER)
+    elif name in VECTOR_REGISTERS:
+        vp.set_reg(name, int(value.reg128.low_part) | int(value.reg128.high_part) << 64)
+    elif name in _CONTROL_STATUS:
+        vp._state[name] = int.from_bytes(bytes(ffi.buffer(ffi.addressof(value), 16)), "little")
     elif name in (lib.HV_REGISTER_INTERCEPT_SUSPEND, lib.HV_REGISTER_EXPLICIT_SUSPEND, lib.HV_REGISTER_PENDING_INTERRUPTION,
                   lib.HV_REGISTER_INTERRUPT_STATE, lib.HV_REGISTER_PENDING_EVENT0):
         vp._state[name] = int(value.reg64)
@@ -581,6 +590,8 @@ def register_file_set(vp: SimVp, name: int, value: Any) -> int:
         vp.set_reg(name, int(value.reg64))
     return HV_OK
 
+
+_CONTROL_STATUS = {int(lib.HV_X64_REGISTER_FP_CONTROL_STATUS), int(lib.HV_X64_REGISTER_XMM_CONTROL_STATUS)}
 
 _MSR_BACKED = {
     int(lib.HV_REGISTER_GUEST_OS_ID): int(lib.HV_X64_MSR_GUEST_OS_ID),

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 R = lib  # register names read better as R.HV_X64_REGISTER_*
 PAGE = 4096
 U64 = (1 << 64) - 1
+U128 = (1 << 128) - 1
+VECTOR_REGISTERS = frozenset(int(getattr(lib, f"HV_X64_REGISTER_{n}")) for n in
+                             [f"XMM{i}" for i in range(16)] + [f"FP_MMX{i}" for i in range(8)])
 
 _SEGMENT_NAMES = (R.HV_X64_REGISTER_ES, R.HV_X64_REGISTER_CS, R.HV_X64_REGISTER_SS,
                   R.HV_X64_REGISTER_DS, R.HV_X64_REGISTER_FS, R.HV_X64_REGISTER_GS,
@@ -114,7 +117,7 @@ class SimVp:
         return self._state.get(name, 0)
 
     def set_reg(self, name: int, value: int) -> None:
-        value &= U64
+        value &= U128 if name in VECTOR_REGISTERS else U64
         self._state[name] = value
         snap = self._snap
         if snap is not None and name in snap:

@@ -82,6 +82,12 @@ def _plain_registers(bits: int) -> dict[int, int]:
     return table
 
 
+def _vector_registers(bits: int) -> dict[int, int]:
+    """The 128-bit SSE registers this engine width exposes."""
+    return {int(getattr(lib, f"HV_X64_REGISTER_XMM{i}")): getattr(ux, f"UC_X86_REG_XMM{i}")
+            for i in range(16 if bits == 64 else 8)}
+
+
 @fast_ffi.def_extern()  # type: ignore[untyped-decorator]
 def mshvstack_on_new_block(owner: object, address: int, size: int) -> None:
     """Called from the C block filter the first time a block runs."""
@@ -97,6 +103,7 @@ class UnicornEngine:
         self._uc = unicorn.Uc(unicorn.UC_ARCH_X86, _UC_MODE[bits])
         self._md = capstone.Cs(capstone.CS_ARCH_X86, _CS_MODE[bits])
         self._regs = _plain_registers(bits)
+        self._vectors = _vector_registers(bits)
         self._mask = (1 << bits) - 1 if bits < 64 else (1 << 64) - 1
         self._on_special = on_special
         self._hooked: set[int] = set()
@@ -193,6 +200,8 @@ class UnicornEngine:
 
     # ---- registers ----
     def reg(self, name: int) -> int:
+        if name in self._vectors:
+            return int(self._uc.reg_read(self._vectors[name])) & ((1 << 128) - 1)
         if name in self._regs:
             return int(self._uc.reg_read(self._regs[name]))
         if name in _MSRS:
@@ -202,10 +211,12 @@ class UnicornEngine:
         raise KeyError(f"register {name:#x} is not held by the engine")
 
     def holds(self, name: int) -> bool:
-        return name in self._regs or name in _MSRS
+        return name in self._regs or name in _MSRS or name in self._vectors
 
     def set_reg(self, name: int, value: int) -> None:
-        if name in self._regs:
+        if name in self._vectors:
+            self._uc.reg_write(self._vectors[name], value & ((1 << 128) - 1))
+        elif name in self._regs:
             self._uc.reg_write(self._regs[name], value & self._mask if name != lib.HV_X64_REGISTER_CR0 else value & 0xFFFFFFFF)
         elif name in _MSRS:
             self._uc.msr_write(_MSRS[name], value)
