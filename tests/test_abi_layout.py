@@ -102,7 +102,7 @@ def _struct_facts(abi_facts: dict[str, Any]) -> Iterator[tuple[str, dict[str, An
 
 def test_structs_match_facts(abi_facts: dict[str, Any]) -> None:
     mismatches: list[str] = []
-    for name, fact in _struct_facts(abi_facts):
+    for _name, fact in _struct_facts(abi_facts):
         ctype = _ctype_name(fact)
         if not _defined(ctype):
             continue

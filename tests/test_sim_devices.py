@@ -7,7 +7,6 @@ import errno
 import os
 import struct
 import threading
-import time
 from pathlib import Path
 
 import pytest

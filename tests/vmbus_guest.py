@@ -231,7 +231,7 @@ def parse_offer(message: bytes) -> dict[str, Any]:
 def linux_negotiate_response(payload: bytes, framework_prefs: tuple[tuple[int, int], ...],
                              message_prefs: tuple[tuple[int, int], ...]) -> bytes:
     """What Linux's vmbus_prep_negotiate_resp sends back for a host negotiate request."""
-    pipe, icmsg = payload[:8], bytearray(payload[8:28])
+    icmsg = bytearray(payload[8:28])
     frame_count, msg_count = struct.unpack_from("<HH", payload, 28)
     entries = [struct.unpack_from("<HH", payload, 36 + 4 * i) for i in range(frame_count + msg_count)]
     host_frames, host_msgs = entries[:frame_count], entries[frame_count:]

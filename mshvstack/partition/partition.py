@@ -5,7 +5,7 @@ from __future__ import annotations
 import mmap
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from mshvstack.abi import ffi, lib
 from mshvstack.abi.profiles import AbiProfile

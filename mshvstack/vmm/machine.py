@@ -9,6 +9,7 @@ reset request or debug-exit write ends the run with a reason and exit code.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import threading
 import time
@@ -328,7 +329,7 @@ class Machine:
         if operation == "list":
             pairs = []
             for index in range(256):
-                reply = ask(lambda: self.kvp.enumerate(number, index))
+                reply = ask(functools.partial(self.kvp.enumerate, number, index))
                 if reply.status:
                     break
                 pairs.append({"key": reply.key, "value": reply.value})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mshvstack.abi import ffi, lib
+from mshvstack.abi import ffi
 
 HEADER_SIZE = ffi.sizeof("struct hv_message_header")
 
