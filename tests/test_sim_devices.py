@@ -4,6 +4,7 @@ ioeventfd, host code patching, page faults, parallel VPs, rep semantics."""
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import struct
 import threading
@@ -286,5 +287,42 @@ def test_io_intercept_encoding(form: tuple[str, bool, int, bool, bool, bool], po
         assert io.access_info.bits.string_op == string and io.access_info.bits.rep_prefix == rep
         assert io.header.intercept_access_type == (lib.HV_INTERCEPT_ACCESS_WRITE if write else lib.HV_INTERCEPT_ACCESS_READ)
         assert io.rax == rax and io.header.rip == 0x1000 and io.rcx == 3
+    finally:
+        g.close()
+
+
+def test_consecutive_page_faults_each_reach_the_guest(tmp_path: Path) -> None:
+    """A handled exception must not turn the next one into a double fault."""
+    source = """
+    movl $1, 0x200000          /* PD0[1] not present: #PF, the handler maps it */
+    out %al, $0x10
+    movl $3, 0x400000          /* PD0[2]: a second #PF */
+    out %al, $0x11
+    ud2                        /* and a #UD after them */
+    hlt
+vector_0xe:
+    pop %rax
+    mov %cr2, %rax
+    shr $21, %rax
+    mov %rax, %rbx
+    shl $21, %rbx
+    or $0x83, %rbx
+    mov %rbx, 0xA000(,%rax,8)
+    out %al, $0x20
+    iretq
+vector_0x6:
+    out %al, $0x21
+    hlt
+"""
+    backend, g = _guest(tmp_path, source, (0xE, 0x6))
+    try:
+        extra = mmap.mmap(-1, 0x600000)
+        region = ffi.new("struct mshv_user_mem_region *")
+        region.size, region.guest_pfn, region.flags = 0x5F0000, 0x10, 3
+        region.userspace_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(extra))) + 0x10000
+        backend.ioctl(g.part, lib.MSHV_SET_GUEST_MEMORY, region)
+        for port in (0x20, 0x10, 0x20, 0x11, 0x21):
+            advance(backend, g, expect_io(g.run(), port).header)
+        assert backend.vp_of(g.vp).engine._can_reset_exception  # type: ignore[union-attr, attr-defined]
     finally:
         g.close()

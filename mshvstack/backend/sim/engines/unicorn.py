@@ -40,6 +40,14 @@ _SPECIAL_IDS: dict[int, Special] = {
 VECTOR_PF = 14
 MAX_TRACKED_CODE_PAGES = 512
 
+# Unicorn never runs QEMU's interrupt delivery (we deliver exceptions ourselves),
+# so env->old_exception stays set after a hooked exception and Unicorn promotes
+# the next one to #DF.  There is no API for it: reset the field in the saved
+# context.  Offset and size are those of unicorn 2.1.4's x86 context (pinned in
+# setup.py); the engine checks them and disables the fix-up if they differ.
+_OLD_EXCEPTION_OFFSET = 5536
+_CONTEXT_SIZE = 5608
+
 _UC_MODE = {16: unicorn.UC_MODE_16, 32: unicorn.UC_MODE_32, 64: unicorn.UC_MODE_64}
 _CS_MODE = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}
 
@@ -120,6 +128,8 @@ class UnicornEngine:
         uc.ctl_set_exits([])
         self._install_block_filter()
         self._prepare_batch()
+        self._can_reset_exception = self._old_exception() == -1
+        self._exception_pending = False
         uc.hook_add(unicorn.UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
         uc.hook_add(unicorn.UC_HOOK_MEM_PROT, self._on_protection)
         uc.hook_add(unicorn.UC_HOOK_INTR, self._on_interrupt)
@@ -137,6 +147,17 @@ class UnicornEngine:
                                    ctypes.c_void_p(int(fast_ffi.cast("uintptr_t", self._filter))), ctypes.c_uint64(1), ctypes.c_uint64(0))
         if status != unicorn.UC_ERR_OK:
             raise unicorn.UcError(status)
+
+    def _old_exception(self) -> int | None:
+        context = self._uc.context_save()
+        if context.size != _CONTEXT_SIZE:
+            return None
+        return int(ctypes.c_int32.from_address(context.context.value + _OLD_EXCEPTION_OFFSET).value)
+
+    def _reset_old_exception(self) -> None:
+        context = self._uc.context_save()
+        ctypes.c_int32.from_address(context.context.value + _OLD_EXCEPTION_OFFSET).value = -1
+        self._uc.context_restore(context)
 
     def _prepare_batch(self) -> None:
         """ctypes arrays for one-call register snapshots (~1 us for all GPRs)."""
@@ -273,6 +294,9 @@ class UnicornEngine:
             self._cancel.clear()
             return EngineStop(StopKind.CANCELLED)
         self._check_code_pages()
+        if self._exception_pending and self._can_reset_exception:
+            self._reset_old_exception()
+        self._exception_pending = False
         rip = self.reg(lib.HV_X64_REGISTER_RIP)
         begin = rip if self.bits != 16 else rip & 0xFFFF
         try:
@@ -364,6 +388,7 @@ class UnicornEngine:
             write = insn is not None and self._writes_memory(insn)
             fetch = insn is not None and insn.address <= address < insn.address + max(insn.length, 1)
         self._stop = EngineStop(StopKind.EXCEPTION, insn, address, write, fetch, vector=vector)
+        self._exception_pending = True
         uc.emu_stop()
 
     def _writes_memory(self, insn: Instruction) -> bool:
@@ -378,6 +403,7 @@ class UnicornEngine:
 
     def _on_invalid(self, uc: Any, _data: Any) -> bool:
         self._stop = EngineStop(StopKind.EXCEPTION, self._current(uc), vector=6)
+        self._exception_pending = True
         return False
 
     def _current(self, uc: Any) -> Instruction | None:
