@@ -4,9 +4,9 @@ ioeventfd, host code patching, page faults, parallel VPs, rep semantics."""
 from __future__ import annotations
 
 import errno
+import struct
 import mmap
 import os
-import struct
 import threading
 from pathlib import Path
 
@@ -324,5 +324,53 @@ vector_0x6:
         for port in (0x20, 0x10, 0x20, 0x11, 0x21):
             advance(backend, g, expect_io(g.run(), port).header)
         assert backend.vp_of(g.vp).engine._can_reset_exception  # type: ignore[union-attr, attr-defined]
+    finally:
+        g.close()
+
+
+def test_guest_enters_long_mode_itself_and_runs_high_half_code(tmp_path: Path) -> None:
+    """32-bit protected mode → paging + EFER.LME → far jump to 64-bit code mapped
+    at a high virtual address; port I/O there still exits at the instruction."""
+    source = """
+    .code32
+    mov $0x8000, %eax          /* PML4 */
+    mov %eax, %cr3
+    mov %cr4, %eax
+    or $0x20, %eax             /* PAE */
+    mov %eax, %cr4
+    mov $0xc0000080, %ecx
+    rdmsr
+    or $0x100, %eax            /* LME */
+    wrmsr
+    mov %cr0, %eax
+    or $0x80000000, %eax       /* PG */
+    mov %eax, %cr0
+    ljmp $0x08, $long64
+    .code64
+long64:
+    movabs $high, %rax
+    jmp *%rax
+high:
+    out %al, $0x10
+    hlt
+"""
+    image, symbols = assemble(source, tmp_path, bits=32)
+    backend = SimBackend()
+    g = long_mode_guest(backend, image, pt_flags=LAPIC)
+    try:
+        # Also map the code at -2 GiB: PML4[511] -> PDPT2, PDPT2[510] -> PD0 (identity 2 MiB page).
+        struct.pack_into("<Q", g.ram, 0x8000 + 511 * 8, 0xC000 | 3)
+        struct.pack_into("<Q", g.ram, 0xC000 + 510 * 8, 0xA000 | 3)
+        high = symbols["high"] - 0x2000 + 0xFFFFFFFF80002000
+        struct.pack_into("<Q", g.ram, 0x2000 + (symbols["long64"] - 0x2000) + 2, high)  # patch movabs target
+        from simhelpers import set_segment
+        set_segment(backend, g.vp, lib.HV_X64_REGISTER_CS, 0, 0xFFFFFFFF, 0x18, 0xC09B)  # 32-bit code
+        set_registers(backend, g.vp, {lib.HV_X64_REGISTER_CR0: 0x11, lib.HV_X64_REGISTER_EFER: 0,
+                                      lib.HV_X64_REGISTER_CR4: 0, lib.HV_X64_REGISTER_RIP: 0x2000})
+        struct.pack_into("<QQQQ", g.ram, 0x4000, 0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF, 0x00CF9A000000FFFF)
+        set_segment(backend, g.vp, lib.HV_X64_REGISTER_GDTR, 0x4000, 31, 0, 0)
+        io = expect_io(g.run(), 0x10)
+        assert io.header.rip == high and io.header.execution_state.bits.efer_lma
+        assert io.header.cs_segment.selector == 0x08
     finally:
         g.close()

@@ -151,6 +151,20 @@ def test_extract_vmlinux_from_compressed_payload(compress: str) -> None:
         extract_vmlinux(_bzimage_with_payload(packed[:4] + b"\0" * 40))
 
 
+def test_extract_vmlinux_from_lz4_legacy_payload() -> None:
+    """The kernel's lz4 framing: magic, then size-prefixed 8 MiB blocks."""
+    block = pytest.importorskip("lz4.block", reason="lz4 is optional (pip install lz4)")
+    from mshvstack.vmm.loader.bzimage import extract_vmlinux
+
+    vmlinux = make_elf([(0x1000000, b"\x90" * 64, 64)], 0xFFFFFFFF81000000, pvh_entry=0x1000000)
+    compressed = block.compress(vmlinux, store_size=False)
+    framed = b"\x02\x21\x4c\x18" + struct.pack("<I", len(compressed)) + compressed
+    assert extract_vmlinux(_bzimage_with_payload(framed + struct.pack("<I", len(vmlinux)))) == vmlinux
+    garbage = b"\xff" * 16
+    with pytest.raises(LoaderError, match="corrupt lz4"):
+        extract_vmlinux(_bzimage_with_payload(framed[:4] + struct.pack("<I", len(garbage)) + garbage))
+
+
 def test_acpi_tables_are_well_formed(memory) -> None:  # type: ignore[no-untyped-def]
     from mshvstack.vmm.loader.acpi import write_acpi_tables
 

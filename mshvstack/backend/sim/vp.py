@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from mshvstack.abi import ffi, lib
 from mshvstack.backend.sim import x86
-from mshvstack.backend.sim.engines.base import Engine, EngineStop, Instruction, Special, StopKind
+from mshvstack.backend.sim.engines.base import CONTINUE, Engine, EngineStop, Instruction, Special, StopKind
 from mshvstack.backend.sim.engines.unicorn import UnicornEngine
 from mshvstack.backend.sim.lapic import X2APIC_MSR_BASE, XAPIC_BASE, Lapic
 from mshvstack.backend.sim.messages import new_message, to_bytes
+from mshvstack.backend.sim.memory import GpaUnmapped
 from mshvstack.backend.sim.synic import SLOT, SynIc
 
 if TYPE_CHECKING:
@@ -61,6 +62,12 @@ MSR_TPR = int(lib.HV_X64_MSR_TPR)
 APIC_BASE_ENABLE = 1 << 11
 APIC_BASE_X2APIC = 1 << 10
 MSR_APIC_BASE = 0x1B
+
+# Architectural MSRs the CPU engine implements; they run natively unless intercepted.
+NATIVE_MSRS = frozenset({
+    0x10, 0x3B, 0x174, 0x175, 0x176, 0x179, 0x17A, 0x1A0, 0x277, 0x2FF, 0x8B, 0x48, 0x49, 0xFE,
+    0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084, 0xC0000100, 0xC0000101, 0xC0000102, 0xC0000103,
+})
 
 # HV_REGISTER_INTERNAL_ACTIVITY_STATE bit: the VP waits for a SIPI.
 STARTUP_SUSPEND = 1
@@ -165,7 +172,7 @@ class SimVp:
     def _ensure_engine(self) -> Engine:
         if self.engine is not None:
             return self.engine
-        engine = UnicornEngine(self._mode_bits(), self._on_special)
+        engine = UnicornEngine(self._mode_bits(), self._on_special, self)
         for region in self.partition.memory.regions:
             engine.map(region.gpa, region.size, region.userspace_addr, region.writable, region.executable)
         if self.partition.lapic_enabled and not self.partition.memory.lookup(XAPIC_BASE):
@@ -183,6 +190,18 @@ class SimVp:
             engine.set_segment(name, *self._segments[name])
         self.engine = engine
         return engine
+
+    # ---- code access for the engine (CodeReader)
+    def translate(self, linear: int) -> int | None:
+        t = x86.translate(self.partition.memory, self.reg(R.HV_X64_REGISTER_CR0), self.reg(R.HV_X64_REGISTER_CR3),
+                          self.reg(R.HV_X64_REGISTER_CR4), self.reg(R.HV_X64_REGISTER_EFER), linear, x86.Access.READ)
+        return t.gpa if t.result is x86.TranslateResult.SUCCESS else None
+
+    def read_physical(self, gpa: int, size: int) -> bytes | None:
+        try:
+            return self.partition.memory.read(gpa, size)
+        except GpaUnmapped:
+            return None
 
     def map_region(self, gpa: int, size: int, address: int, writable: bool, executable: bool) -> None:
         if self.engine is not None:
@@ -480,9 +499,41 @@ class SimVp:
             return self._msr(insn, next_rip)
         if insn.kind is Special.VMCALL:
             return self._hypercall(insn, next_rip)
+        if insn.kind is Special.FARJUMP:
+            return None if self._long_mode_target(insn) is not None else CONTINUE
         return None
 
-    def _special_exit(self, insn: Instruction) -> bytes:
+    def _long_mode_target(self, insn: Instruction) -> tuple[int, int, int] | None:
+        """(selector, offset, attributes) if this direct far jump enters 64-bit code."""
+        raw = insn.raw
+        operand16 = (self.engine is not None and self.engine.bits == 16) != (raw[0] == 0x66)
+        body = raw[1:] if raw[0] == 0x66 else raw
+        if body[0] != 0xEA:
+            return None
+        if not self.reg(R.HV_X64_REGISTER_EFER) & x86.EFER_LMA:
+            return None
+        size = 2 if operand16 else 4
+        offset = int.from_bytes(body[1 : 1 + size], "little")
+        selector = int.from_bytes(body[1 + size : 3 + size], "little")
+        gdt_base = self.segment(R.HV_X64_REGISTER_GDTR)[0]
+        try:
+            descriptor = self.partition.memory.read_u64(gdt_base + (selector & ~7))
+        except Exception:  # noqa: BLE001 - a GDT outside RAM: let the CPU fault natively
+            return None
+        if not descriptor >> 53 & 1:
+            return None
+        return selector, offset, (descriptor >> 40) & 0xF0FF
+
+    def _special_exit(self, insn: Instruction) -> bytes | None:
+        if insn.kind is Special.FARJUMP:
+            # The guest enters long mode: continue it in a 64-bit engine.
+            target = self._long_mode_target(insn)
+            assert target is not None
+            selector, offset, attributes = target
+            self._drop_engine()
+            self._segments[R.HV_X64_REGISTER_CS] = (0, 0xFFFFFFFF, selector, attributes)
+            self._state[R.HV_X64_REGISTER_RIP] = offset
+            return None
         if insn.kind is Special.IO:
             return self._io_exit(insn)
         if insn.kind is Special.HLT:
@@ -561,6 +612,8 @@ class SimVp:
         value = (self.reg(R.HV_X64_REGISTER_RDX) & 0xFFFFFFFF) << 32 | (self.reg(R.HV_X64_REGISTER_RAX) & 0xFFFFFFFF)
         if self.partition.intercepts_msr(index, write):
             return None
+        if index in NATIVE_MSRS or (index & ~0xFF) == 0x200:  # incl. the MTRR range
+            return CONTINUE  # architectural MSRs the engine implements itself
         handled = self.write_msr(index, value) if write else self.read_msr(index)
         if handled is None:
             if self.partition.unimplemented_msr_ignore:
@@ -581,6 +634,8 @@ class SimVp:
             x86.EventDelivery(self, self.partition.memory).deliver(vector, error_code)
         except x86.DeliveryFailed:
             self._pending_exit = self._header_only(lib.HVMSG_UNRECOVERABLE_EXCEPTION)
+            if self.engine is not None:
+                self.engine.cancel()  # stop here: the VP is dead (triple fault)
 
     def read_msr(self, index: int) -> int | None:
         synic = self.synic

@@ -80,6 +80,32 @@ _COMPRESSORS = (
 )
 
 
+LZ4_LEGACY_BLOCK = 8 << 20
+
+
+def _lz4_legacy(payload: bytes, name: str) -> bytes:
+    """The kernel's lz4 'legacy' framing: magic, then (u32 size, block) until the end."""
+    try:
+        import lz4.block
+    except ImportError:
+        raise LoaderError(f"{name}: lz4 payload; pip install lz4 to extract it (or boot the bzImage itself)") from None
+    out, offset = bytearray(), 4
+    while offset + 4 <= len(payload):
+        (size,) = struct.unpack_from("<I", payload, offset)
+        if size == 0x184C2102:  # a new frame starts (concatenated streams)
+            offset += 4
+            continue
+        block = payload[offset + 4 : offset + 4 + size]
+        if len(block) != size:
+            break  # the trailing uncompressed-size word
+        try:
+            out += lz4.block.decompress(block, uncompressed_size=LZ4_LEGACY_BLOCK)
+        except lz4.block.LZ4BlockError as exc:
+            raise LoaderError(f"{name}: corrupt lz4 payload ({exc})") from None
+        offset += 4 + size
+    return bytes(out)
+
+
 def extract_vmlinux(image: bytes, name: str = "bzImage") -> bytes:
     """The vmlinux ELF inside a bzImage's compressed payload.
 
@@ -106,6 +132,8 @@ def extract_vmlinux(image: bytes, name: str = "bzImage") -> bytes:
             data = lzma.LZMADecompressor(lzma.FORMAT_XZ if kind == "xz" else lzma.FORMAT_ALONE).decompress(payload)
         elif kind == "bzip2":
             data = bz2.BZ2Decompressor().decompress(payload)
+        elif kind == "lz4":
+            data = _lz4_legacy(payload, name)
         elif kind == "zstd":
             try:
                 import zstandard
@@ -114,7 +142,7 @@ def extract_vmlinux(image: bytes, name: str = "bzImage") -> bytes:
             data = zstandard.ZstdDecompressor().decompressobj().decompress(payload)
         else:
             raise LoaderError(f"{name}: unsupported payload compression ({kind or 'unknown'})")
-    except (zlib.error, lzma.LZMAError, OSError, ValueError) as exc:
+    except (zlib.error, lzma.LZMAError, OSError, ValueError, RuntimeError) as exc:
         raise LoaderError(f"{name}: corrupt {kind} payload ({exc})") from None
     if data[:4] != b"\x7fELF":
         raise LoaderError(f"{name}: the decompressed payload is not an ELF vmlinux")

@@ -16,6 +16,7 @@ class Special(enum.Enum):
     CPUID = "cpuid"
     HLT = "hlt"
     VMCALL = "vmcall"
+    FARJUMP = "farjump"   # in 16/32-bit engines: may enter long mode
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,19 @@ class EngineStop:
     vector: int = 0
 
 
-# Returns None to exit to the hypervisor at this instruction (before it
-# executes), or the RIP at which to continue (instruction handled).
+# Returns None to stop at this instruction (before it executes), CONTINUE to
+# let it execute natively, or the RIP at which to continue (handled).
+CONTINUE = -1
 SpecialHandler = Callable[[Instruction], "int | None"]
 MmioRead = Callable[[int, int], int]          # (offset, size) -> value
 MmioWrite = Callable[[int, int, int], None]   # (offset, size, value)
+
+
+class CodeReader(Protocol):
+    """How an engine reads guest code: through the guest's own page tables."""
+
+    def translate(self, linear: int) -> int | None: ...
+    def read_physical(self, gpa: int, size: int) -> bytes | None: ...
 
 
 class Engine(Protocol):

@@ -26,7 +26,7 @@ from unicorn.unicorn_py3.unicorn import uclib
 
 from mshvstack.abi import lib
 from mshvstack.backend.sim.engines._fastpath import ffi as fast_ffi, lib as fast_lib
-from mshvstack.backend.sim.engines.base import EngineStop, Instruction, MmioRead, MmioWrite, Special, SpecialHandler, StopKind
+from mshvstack.backend.sim.engines.base import CONTINUE, CodeReader, EngineStop, Instruction, MmioRead, MmioWrite, Special, SpecialHandler, StopKind
 
 _SPECIAL_IDS: dict[int, Special] = {
     cx.X86_INS_IN: Special.IO, cx.X86_INS_OUT: Special.IO,
@@ -106,7 +106,7 @@ def mshvstack_on_new_block(owner: object, address: int, size: int) -> None:
 class UnicornEngine:
     """One VP's CPU on Unicorn, created for a fixed width (16, 32 or 64 bits)."""
 
-    def __init__(self, bits: int, on_special: SpecialHandler) -> None:
+    def __init__(self, bits: int, on_special: SpecialHandler, code: CodeReader) -> None:
         self.bits = bits
         self._uc = unicorn.Uc(unicorn.UC_ARCH_X86, _UC_MODE[bits])
         self._md = capstone.Cs(capstone.CS_ARCH_X86, _CS_MODE[bits])
@@ -114,10 +114,11 @@ class UnicornEngine:
         self._vectors = _vector_registers(bits)
         self._mask = (1 << bits) - 1 if bits < 64 else (1 << 64) - 1
         self._on_special = on_special
+        self._code = code
         self._hooked: set[int] = set()
         self._specials: dict[int, Instruction] = {}
         self._stop: EngineStop | None = None
-        self._code_pages: dict[int, int] = {}  # page -> crc32 at translation
+        self._code_pages: dict[tuple[int, int], int] = {}  # (linear page, guest page) -> crc32 at translation
         self._cancel = threading.Event()
         # Hidden parts of segment registers, which Unicorn's API does not expose.
         self._shadow: dict[int, tuple[int, int, int]] = {}
@@ -198,8 +199,8 @@ class UnicornEngine:
         """Drop translations of [gpa, gpa+size) (the host rewrote guest code)."""
         self._uc.ctl_remove_cache(gpa, gpa + size)
         fast_lib.mshvstack_filter_forget(self._filter, gpa, gpa + size)
-        for page in range(gpa & ~0xFFF, gpa + size, 0x1000):
-            self._code_pages.pop(page, None)
+        for key in [k for k in self._code_pages if gpa <= k[0] < gpa + size or gpa <= k[1] < gpa + size]:
+            del self._code_pages[key]
 
     def _check_code_pages(self) -> None:
         """Retranslate pages whose bytes changed since translation.
@@ -211,13 +212,10 @@ class UnicornEngine:
         """
         if len(self._code_pages) > MAX_TRACKED_CODE_PAGES:
             return
-        for page, crc in list(self._code_pages.items()):
-            try:
-                now = zlib.crc32(self._uc.mem_read(page, 0x1000))
-            except unicorn.UcError:
-                continue
-            if now != crc:
-                self.flush_code(page, 0x1000)
+        for (linear, gpa), crc in list(self._code_pages.items()):
+            data = self._code.read_physical(gpa, 0x1000)
+            if data is not None and zlib.crc32(data) != crc:
+                self.flush_code(linear, 0x1000)
 
     # ---- registers ----
     def reg(self, name: int) -> int:
@@ -319,21 +317,36 @@ class UnicornEngine:
             return (int(uc.reg_read(ux.UC_X86_REG_CS)) << 4) + (pc & 0xFFFF)
         return pc
 
+    def _read_linear(self, address: int, size: int) -> bytes | None:
+        """Guest code bytes at a linear address (the guest's page tables decide)."""
+        data = bytearray()
+        while len(data) < size:
+            at = address + len(data)
+            gpa = self._code.translate(at)
+            if gpa is None:
+                return bytes(data) if data else None
+            chunk = self._code.read_physical(gpa, min(size - len(data), 0x1000 - at % 0x1000))
+            if chunk is None:
+                return bytes(data) if data else None
+            data += chunk
+        return bytes(data)
+
     def _scan_block(self, address: int, size: int) -> None:
         uc = self._uc
-        try:
-            code = bytes(uc.mem_read(address, size))
-        except unicorn.UcError:
+        code = self._read_linear(address, size)
+        if code is None:
             return
         for page in range(address & ~0xFFF, address + size, 0x1000):
-            if page not in self._code_pages:
-                try:
-                    self._code_pages[page] = zlib.crc32(uc.mem_read(page, 0x1000))
-                except unicorn.UcError:
-                    pass
+            gpa = self._code.translate(page)
+            if gpa is not None and (page, gpa) not in self._code_pages:
+                data = self._code.read_physical(gpa, 0x1000)
+                if data is not None:
+                    self._code_pages[(page, gpa)] = zlib.crc32(data)
         found = False
         for insn in self._md.disasm(code, address):
             kind = _SPECIAL_IDS.get(insn.id)
+            if kind is None and insn.id == cx.X86_INS_LJMP and self.bits != 64:
+                kind = Special.FARJUMP
             if kind is None:
                 continue
             self._specials[insn.address] = Instruction(insn.address, 0, insn.size, bytes(insn.bytes), kind, insn.mnemonic, insn.op_str)
@@ -358,6 +371,8 @@ class UnicornEngine:
         rip = self._rip_of(uc, address)
         insn = Instruction(address, rip, template.length, template.raw, template.kind, template.mnemonic, template.op_str)
         resume_at = self._on_special(insn)
+        if resume_at == CONTINUE:
+            return
         if resume_at is None:
             self._stop = EngineStop(StopKind.SPECIAL, insn)
             uc.reg_write(self._regs[lib.HV_X64_REGISTER_RIP], rip)
@@ -409,9 +424,8 @@ class UnicornEngine:
     def _current(self, uc: Any) -> Instruction | None:
         """Decode the instruction at PC (for messages that carry its bytes)."""
         address = self._linear_pc(uc)
-        try:
-            code = bytes(uc.mem_read(address, 16))
-        except unicorn.UcError:
+        code = self._read_linear(address, 16)
+        if code is None:
             return None
         for insn in self._md.disasm(code, address, count=1):
             return Instruction(address, self._rip_of(uc, address), insn.size, code, None, insn.mnemonic, insn.op_str)
