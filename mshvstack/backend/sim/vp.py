@@ -64,10 +64,15 @@ APIC_BASE_X2APIC = 1 << 10
 MSR_APIC_BASE = 0x1B
 
 # Architectural MSRs the CPU engine implements; they run natively unless intercepted.
-NATIVE_MSRS = frozenset({
-    0x10, 0x3B, 0x174, 0x175, 0x176, 0x179, 0x17A, 0x1A0, 0x277, 0x2FF, 0x8B, 0x48, 0x49, 0xFE,
-    0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084, 0xC0000100, 0xC0000101, 0xC0000102, 0xC0000103,
-})
+_NATIVE_MSR_NAMES = {
+    "TSC": 0x10, "TSC_ADJUST": 0x3B, "UCODE_REV": 0x8B, "SPEC_CTRL": 0x48, "PRED_CMD": 0x49, "MTRRCAP": 0xFE,
+    "SYSENTER_CS": 0x174, "SYSENTER_ESP": 0x175, "SYSENTER_EIP": 0x176, "MCG_CAP": 0x179, "MCG_STATUS": 0x17A,
+    "MISC_ENABLE": 0x1A0, "PAT": 0x277, "MTRR_DEF_TYPE": 0x2FF,
+    "EFER": 0xC0000080, "STAR": 0xC0000081, "LSTAR": 0xC0000082, "CSTAR": 0xC0000083, "SFMASK": 0xC0000084,
+    "FS_BASE": 0xC0000100, "GS_BASE": 0xC0000101, "KERNEL_GS_BASE": 0xC0000102, "TSC_AUX": 0xC0000103,
+}
+NATIVE_MSRS = frozenset(_NATIVE_MSR_NAMES.values())
+MTRR_VARIABLE_AND_FIXED_RANGE = 0x200  # 0x200..0x2FF
 
 # HV_REGISTER_INTERNAL_ACTIVITY_STATE bit: the VP waits for a SIPI.
 STARTUP_SUSPEND = 1
@@ -518,7 +523,7 @@ class SimVp:
         gdt_base = self.segment(R.HV_X64_REGISTER_GDTR)[0]
         try:
             descriptor = self.partition.memory.read_u64(gdt_base + (selector & ~7))
-        except Exception:  # noqa: BLE001 - a GDT outside RAM: let the CPU fault natively
+        except GpaUnmapped:  # a GDT outside RAM: let the CPU fault natively
             return None
         if not descriptor >> 53 & 1:
             return None
@@ -612,7 +617,7 @@ class SimVp:
         value = (self.reg(R.HV_X64_REGISTER_RDX) & 0xFFFFFFFF) << 32 | (self.reg(R.HV_X64_REGISTER_RAX) & 0xFFFFFFFF)
         if self.partition.intercepts_msr(index, write):
             return None
-        if index in NATIVE_MSRS or (index & ~0xFF) == 0x200:  # incl. the MTRR range
+        if index in NATIVE_MSRS or (index & ~0xFF) == MTRR_VARIABLE_AND_FIXED_RANGE:
             return CONTINUE  # architectural MSRs the engine implements itself
         handled = self.write_msr(index, value) if write else self.read_msr(index)
         if handled is None:
