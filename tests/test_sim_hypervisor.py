@@ -320,6 +320,62 @@ vector_0xd:
         g.close()
 
 
+def test_frequency_msrs_report_the_guest_tsc_rate(tmp_path: Path) -> None:
+    """Linux reads these instead of calibrating the TSC against a PIT."""
+    from mshvstack.backend.sim.lapic import TIMER_HZ
+
+    source = """
+    mov $0x40000003, %eax
+    cpuid
+    out %eax, $0x10
+    mov %edx, %eax
+    out %eax, $0x11
+    mov $0x40000022, %ecx
+    rdmsr
+    shl $32, %rdx
+    or %rdx, %rax
+    out %eax, $0x12
+    mov $0x40000023, %ecx
+    rdmsr
+    out %eax, $0x13
+    rdtsc
+    shl $32, %rdx
+    or %rax, %rdx
+    mov %rdx, %rbx
+    out %al, $0x14
+    rdtsc
+    shl $32, %rdx
+    or %rdx, %rax
+    sub %rbx, %rax
+    out %eax, $0x15
+    hlt
+"""
+    backend, g, _ = _guest(tmp_path, source)
+    try:
+        privileges = expect_io(g.run(), 0x10)
+        assert privileges.rax & lib.HV_ACCESS_FREQUENCY_MSRS
+        advance(backend, g, privileges.header)
+        features = expect_io(g.run(), 0x11)
+        assert features.rax & lib.HV_FEATURE_FREQUENCY_MSRS_AVAILABLE
+        advance(backend, g, features.header)
+        tsc_io = expect_io(g.run(), 0x12)
+        advance(backend, g, tsc_io.header)
+        tsc_hz = get_registers(backend, g.vp, [lib.HV_X64_REGISTER_RAX])[0]
+        apic = expect_io(g.run(), 0x13)
+        assert apic.rax == TIMER_HZ
+        advance(backend, g, apic.header)
+        advance(backend, g, expect_io(g.run(), 0x14).header)
+        started = time.monotonic()
+        time.sleep(0.2)
+        elapsed_io = expect_io(g.run(), 0x15)
+        seconds = time.monotonic() - started
+        measured = get_registers(backend, g.vp, [lib.HV_X64_REGISTER_RAX])[0] / seconds
+        assert 0.7 < measured / tsc_hz < 1.3, (measured, tsc_hz)
+        advance(backend, g, elapsed_io.header)
+    finally:
+        g.close()
+
+
 def test_msr_intercept(tmp_path: Path) -> None:
     source = "mov $0x12345, %ecx\nmov $7, %eax\nmov $9, %edx\nwrmsr\nhlt"
     backend, g, _ = _guest(tmp_path, source)

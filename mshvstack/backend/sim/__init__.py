@@ -20,6 +20,7 @@ from typing import Any
 
 from mshvstack.abi import ffi, lib
 from mshvstack.backend.ioctls import FdKind, explain, request_name
+from mshvstack.backend.sim.engines.unicorn import tsc_hz
 from mshvstack.backend.sim.eventfds import Irqfd, IrqfdWorker, MsiRoute
 from mshvstack.backend.sim.faults import FaultPlan
 from mshvstack.backend.sim.hypervisor import Doorbell, SimPartition
@@ -361,7 +362,7 @@ class SimBackend:
         if code == lib.HV_PARTITION_PROPERTY_VMM_CAPABILITIES:
             return 0, (1).to_bytes(8, "little"), 0
         if code == lib.HV_PARTITION_PROPERTY_PROCESSOR_CLOCK_FREQUENCY:
-            return 0, (2_400_000_000).to_bytes(8, "little"), 0
+            return 0, tsc_hz().to_bytes(8, "little"), 0
         return int(lib.HV_STATUS_UNKNOWN_PROPERTY), b"", 0
 
     # -- VP fd

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from mshvstack.abi import ffi, lib
 from mshvstack.backend.sim import x86
+from mshvstack.backend.sim.engines.unicorn import tsc_hz
 from mshvstack.backend.sim.memory import PAGE_SHIFT, GpaMap
 from mshvstack.backend.sim.vp import VECTOR_REGISTERS, SimVp
 
@@ -47,7 +48,7 @@ class HvResult:
 _HV_VENDOR = b"Microsoft Hv"
 _HV_INTERFACE = int.from_bytes(b"Hv#1", "little")
 _PRIVILEGES_LOW = int(lib.HV_MSR_VP_INDEX_AVAILABLE | lib.HV_MSR_HYPERCALL_AVAILABLE | lib.HV_MSR_SYNIC_AVAILABLE
-                      | lib.HV_MSR_TIME_REF_COUNT_AVAILABLE | lib.HV_MSR_APIC_ACCESS_AVAILABLE)
+                      | lib.HV_MSR_TIME_REF_COUNT_AVAILABLE | lib.HV_MSR_APIC_ACCESS_AVAILABLE | lib.HV_ACCESS_FREQUENCY_MSRS)
 _PRIVILEGES_HIGH = int(lib.HV_POST_MESSAGES | lib.HV_SIGNAL_EVENTS)
 
 
@@ -65,7 +66,7 @@ class SimPartition:
             int(lib.HV_PARTITION_PROPERTY_GPA_PAGE_ACCESS_TRACKING): 0,
             int(lib.HV_PARTITION_PROPERTY_MAX_XSAVE_DATA_SIZE): 4096,
             int(lib.HV_PARTITION_PROPERTY_XSAVE_STATES): 3,
-            int(lib.HV_PARTITION_PROPERTY_PROCESSOR_CLOCK_FREQUENCY): 2_400_000_000,
+            int(lib.HV_PARTITION_PROPERTY_PROCESSOR_CLOCK_FREQUENCY): tsc_hz(),
             int(lib.HV_PARTITION_PROPERTY_PROCESSOR_FEATURES0): ~disabled_features[0] & (1 << 64) - 1,
             int(lib.HV_PARTITION_PROPERTY_PROCESSOR_FEATURES1): ~disabled_features[1] & (1 << 64) - 1,
             int(lib.HV_PARTITION_PROPERTY_PROCESSOR_XSAVE_FEATURES): ~disabled_xsave & (1 << 64) - 1,
@@ -152,7 +153,7 @@ class SimPartition:
         if leaf == 0x40000002:
             return 0x00004A42, 0x000A0000, 0, 0  # build 19010 (21H2 compat), version 10.0
         if leaf == 0x40000003:
-            return _PRIVILEGES_LOW, _PRIVILEGES_HIGH, 0, int(lib.HV_X64_GUEST_IDLE_STATE_AVAILABLE)
+            return _PRIVILEGES_LOW, _PRIVILEGES_HIGH, 0, int(lib.HV_X64_GUEST_IDLE_STATE_AVAILABLE | lib.HV_FEATURE_FREQUENCY_MSRS_AVAILABLE)
         if leaf == 0x40000004:
             return 0, 0xFFFFFFFF, 0, 0
         if leaf == 0x40000005:

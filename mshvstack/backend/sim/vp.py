@@ -18,7 +18,7 @@ from mshvstack.abi import ffi, lib
 from mshvstack.backend.sim import x86
 from mshvstack.backend.sim.engines.base import CONTINUE, Engine, EngineStop, Instruction, Special, StopKind
 from mshvstack.backend.sim.engines.unicorn import UnicornEngine
-from mshvstack.backend.sim.lapic import X2APIC_MSR_BASE, XAPIC_BASE, Lapic
+from mshvstack.backend.sim.lapic import TIMER_HZ, X2APIC_MSR_BASE, XAPIC_BASE, Lapic
 from mshvstack.backend.sim.messages import new_message, to_bytes
 from mshvstack.backend.sim.memory import GpaUnmapped
 from mshvstack.backend.sim.synic import SLOT, SynIc
@@ -59,6 +59,8 @@ MSR_SINT0 = int(lib.HV_X64_MSR_SINT0)
 MSR_EOI = int(lib.HV_X64_MSR_EOI)
 MSR_ICR = int(lib.HV_X64_MSR_ICR)
 MSR_TPR = int(lib.HV_X64_MSR_TPR)
+MSR_TSC_FREQUENCY = int(lib.HV_X64_MSR_TSC_FREQUENCY)
+MSR_APIC_FREQUENCY = int(lib.HV_X64_MSR_APIC_FREQUENCY)
 APIC_BASE_ENABLE = 1 << 11
 APIC_BASE_X2APIC = 1 << 10
 MSR_APIC_BASE = 0x1B
@@ -652,6 +654,10 @@ class SimVp:
             return self.index
         if index == MSR_TIME_REF_COUNT:
             return self.partition.reference_time()
+        if index == MSR_TSC_FREQUENCY:
+            return self.partition.properties[int(lib.HV_PARTITION_PROPERTY_PROCESSOR_CLOCK_FREQUENCY)]
+        if index == MSR_APIC_FREQUENCY:
+            return TIMER_HZ
         if index == MSR_SCONTROL:
             return synic.scontrol
         if index == MSR_SVERSION:
