@@ -37,6 +37,17 @@ def test_iotest_demo_exercises_mmio_and_string_io() -> None:
     assert machine.scratch.data[:4] == (0x92345678).to_bytes(4, "little")
 
 
+def test_boot_keeps_the_local_apic_enabled(tmp_path: Path) -> None:
+    """The loaders set up the boot CPU but must not clear IA32_APIC_BASE (Linux BUGs on a dead LAPIC)."""
+    from mshvstack.backend.sim.lapic import VERSION_VALUE, XAPIC_BASE
+
+    kernel = assemble_elf(f"mov {XAPIC_BASE + 0x30:#x}, %eax\nout %al, $0xf4\nhlt", tmp_path)
+    machine, _ = _machine(kernel=kernel)
+    reason = machine.run()
+    assert reason.kind is StopKind.DEBUG_EXIT
+    assert reason.exit_code == VERSION_VALUE & 0xFF, "all-ones means the LAPIC was disabled"
+
+
 def test_triple_fault_ends_the_run(tmp_path: Path) -> None:
     kernel = assemble_elf("lidt bad_idt\nud2\nbad_idt: .word 0\n.quad 0", tmp_path)
     machine, _ = _machine(kernel=kernel)

@@ -132,6 +132,8 @@ class Machine:
         for index in range(config.vcpus):
             vp = self.partition.create_vp(index)
             self.vps.append(vp)
+        # Keep the hypervisor's reset APIC base: the loaders leave it 0, which disables the LAPIC.
+        boot.sregs.apic_base = self.vps[0].sregs.apic_base
         self.vps[0].sregs = boot.sregs
         self.vps[0].regs = boot.regs
         for ap in self.vps[1:]:

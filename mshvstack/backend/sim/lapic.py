@@ -16,6 +16,7 @@ XAPIC_BASE = 0xFEE00000
 X2APIC_MSR_BASE = 0x800
 
 # Register offsets in the xAPIC page (x2APIC MSR = 0x800 + offset/16).
+VERSION_VALUE = 0x50014  # version 0x14 (integrated APIC), max LVT entry 5
 ID, VERSION, TPR, PPR, EOI, LDR, DFR, SVR = 0x20, 0x30, 0x80, 0xA0, 0xB0, 0xD0, 0xE0, 0xF0
 ISR0, TMR0, IRR0, ESR, ICR_LOW, ICR_HIGH = 0x100, 0x180, 0x200, 0x280, 0x300, 0x310
 LVT_TIMER, LVT_THERMAL, LVT_PERF, LVT_LINT0, LVT_LINT1, LVT_ERROR = 0x320, 0x330, 0x340, 0x350, 0x360, 0x370
@@ -132,7 +133,7 @@ class Lapic:
         if offset == ID:
             return self.apic_id << 24
         if offset == VERSION:
-            return 0x50014  # version 0x14, 6 LVT entries
+            return VERSION_VALUE
         if offset == TPR:
             return self.tpr
         if offset == PPR:

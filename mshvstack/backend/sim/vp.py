@@ -59,6 +59,7 @@ MSR_SINT0 = int(lib.HV_X64_MSR_SINT0)
 MSR_EOI = int(lib.HV_X64_MSR_EOI)
 MSR_ICR = int(lib.HV_X64_MSR_ICR)
 MSR_TPR = int(lib.HV_X64_MSR_TPR)
+MSR_VP_ASSIST_PAGE = int(lib.HV_X64_MSR_VP_ASSIST_PAGE)
 MSR_TSC_FREQUENCY = int(lib.HV_X64_MSR_TSC_FREQUENCY)
 MSR_APIC_FREQUENCY = int(lib.HV_X64_MSR_APIC_FREQUENCY)
 APIC_BASE_ENABLE = 1 << 11
@@ -108,6 +109,7 @@ class SimVp:
         # Registers read in one batch after the engine stops; valid until it runs again.
         self._snap: dict[int, int] | None = None
         self._guest_os_id = 0
+        self._vp_assist_page = 0  # stored for the guest; no enlightenment reads it yet
         self._hypercall_msr = 0
         self._started = time.monotonic_ns()
 
@@ -648,6 +650,8 @@ class SimVp:
         synic = self.synic
         if index == MSR_GUEST_OS_ID:
             return self._guest_os_id
+        if index == MSR_VP_ASSIST_PAGE:
+            return self._vp_assist_page
         if index == MSR_HYPERCALL:
             return self._hypercall_msr
         if index == MSR_VP_INDEX:
@@ -689,6 +693,10 @@ class SimVp:
         synic = self.synic
         if index == MSR_GUEST_OS_ID:
             self._guest_os_id = value
+        elif index == MSR_VP_ASSIST_PAGE:
+            if value & ~(lib.HV_X64_MSR_VP_ASSIST_PAGE_ADDRESS_MASK | lib.HV_X64_MSR_VP_ASSIST_PAGE_ENABLE):
+                return None  # reserved bits: #GP
+            self._vp_assist_page = value
         elif index == MSR_HYPERCALL:
             self._set_hypercall_page(value)
         elif index == MSR_SCONTROL:

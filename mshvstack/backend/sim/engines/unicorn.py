@@ -220,10 +220,21 @@ class UnicornEngine:
         self._uc.mem_protect(gpa, size, perms)
 
     def flush_code(self, gpa: int, size: int) -> None:
-        """Drop translations of [gpa, gpa+size) (the host rewrote guest code)."""
-        self._uc.ctl_remove_cache(gpa, gpa + size)
-        fast_lib.mshvstack_filter_forget(self._filter, gpa, gpa + size)
-        for key in [k for k in self._code_pages if gpa <= k[0] < gpa + size or gpa <= k[1] < gpa + size]:
+        """Drop translations of guest code in [gpa, gpa+size), wherever it is mapped.
+
+        Unicorn's cache is indexed by linear address, and asking it to drop
+        an address the guest's page tables do not map makes it raise a page
+        fault inside the guest; so flush the linear pages recorded when each
+        block was translated, and only those still mapped.
+        """
+        for linear in {linear for linear, page in self._code_pages if gpa <= page < gpa + size}:
+            self._forget_linear_page(linear)
+
+    def _forget_linear_page(self, linear: int) -> None:
+        if self._code.translate(linear) is not None:
+            self._uc.ctl_remove_cache(linear, linear + 0x1000)
+        fast_lib.mshvstack_filter_forget(self._filter, linear, linear + 0x1000)
+        for key in [k for k in self._code_pages if k[0] == linear]:
             del self._code_pages[key]
 
     def _check_code_pages(self) -> None:
@@ -239,7 +250,7 @@ class UnicornEngine:
         for (linear, gpa), crc in list(self._code_pages.items()):
             data = self._code.read_physical(gpa, 0x1000)
             if data is not None and zlib.crc32(data) != crc:
-                self.flush_code(linear, 0x1000)
+                self._forget_linear_page(linear)
 
     # ---- registers ----
     def reg(self, name: int) -> int:
