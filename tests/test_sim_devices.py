@@ -374,3 +374,39 @@ high:
         assert io.header.cs_segment.selector == 0x08
     finally:
         g.close()
+
+
+def test_hypercall_page_overlay_while_low_memory_is_unmapped(tmp_path: Path) -> None:
+    """Linux enables the hypercall page at a GPA its page tables do not map at that
+    linear address; refreshing translated code must not fault the guest."""
+    source = """
+    movabs $0xffffffff80000000, %rbx
+    lea high(%rip), %rax
+    add %rbx, %rax
+    jmp *%rax
+high:
+    movq $0, 0x8000(%rbx)      /* drop the identity map (PML4[0]) */
+    mov %cr3, %rax
+    mov %rax, %cr3
+    mov $0x40000000, %ecx      /* guest OS ID */
+    mov $1, %eax
+    mov $0x81000000, %edx
+    wrmsr
+    mov $0x40000001, %ecx      /* hypercall page at GPA 0x5000 */
+    mov $0x5001, %eax
+    xor %edx, %edx
+    wrmsr
+    out %al, $0x10
+    hlt
+"""
+    image, _ = assemble(source, tmp_path)
+    backend = SimBackend()
+    g = long_mode_guest(backend, image, pt_flags=LAPIC)
+    try:
+        struct.pack_into("<Q", g.ram, 0x8000 + 511 * 8, 0xC000 | 3)   # -2 GiB -> PDPT2
+        struct.pack_into("<Q", g.ram, 0xC000 + 510 * 8, 0xA000 | 3)   # PDPT2[510] -> PD0 (0-2 MiB)
+        io = expect_io(g.run(), 0x10)
+        assert io.header.rip >= 0xFFFFFFFF80000000
+        assert g.ram[0x5000:0x5010] != bytes(16), "the hypercall page was not written"
+    finally:
+        g.close()
