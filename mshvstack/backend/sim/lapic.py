@@ -104,6 +104,9 @@ class Lapic:
         self._timer_deadline = self._timer_start + self._period_ns() if self.timer_initial else None
 
     def timer_deadline(self) -> int | None:
+        """The next expiry; an expired timer fires first, so this is never in the past
+        (a stale deadline would give the CPU zero-length time slices forever)."""
+        self.poll_timer()
         return self._timer_deadline
 
     def poll_timer(self) -> None:

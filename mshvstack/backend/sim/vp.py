@@ -77,6 +77,9 @@ _NATIVE_MSR_NAMES = {
 NATIVE_MSRS = frozenset(_NATIVE_MSR_NAMES.values())
 MTRR_VARIABLE_AND_FIXED_RANGE = 0x200  # 0x200..0x2FF
 
+# How long the CPU runs while a pending interrupt waits for IF=1.
+BLOCKED_INTERRUPT_SLICE_US = 1000
+
 # HV_REGISTER_INTERNAL_ACTIVITY_STATE bit: the VP waits for a SIPI.
 STARTUP_SUSPEND = 1
 
@@ -340,11 +343,13 @@ class SimVp:
         return self._handle_stop(stop)
 
     def _timer_slice_us(self) -> int:
-        """Run no longer than until the LAPIC timer's next expiry."""
+        """Run no longer than until the LAPIC timer's next expiry, and only briefly
+        while an interrupt waits for the guest to set IF (the engine cannot stop at STI)."""
         deadline = self.lapic.timer_deadline()
-        if deadline is None:
-            return 0
-        return max((deadline - time.monotonic_ns()) // 1000, 1)
+        slice_us = 0 if deadline is None else max((deadline - time.monotonic_ns()) // 1000, 1)
+        if self.lapic.deliverable() is not None:
+            slice_us = min(slice_us or BLOCKED_INTERRUPT_SLICE_US, BLOCKED_INTERRUPT_SLICE_US)
+        return slice_us
 
     def _interruptible(self) -> bool:
         return bool(self.reg(R.HV_X64_REGISTER_RFLAGS) & x86.RFLAGS_IF)

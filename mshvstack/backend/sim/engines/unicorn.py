@@ -144,6 +144,7 @@ class UnicornEngine:
         self._stop: EngineStop | None = None
         self._code_pages: dict[tuple[int, int], int] = {}  # (linear page, guest page) -> crc32 at translation
         self._cancel = threading.Event()
+        self._in_mmio_write = 0  # thread id while a device store callback runs
         # Hidden parts of segment registers, which Unicorn's API does not expose.
         self._shadow: dict[int, tuple[int, int, int]] = {}
         uc = self._uc
@@ -313,12 +314,28 @@ class UnicornEngine:
     def cancel(self) -> None:
         """Make a running run() return CANCELLED at the next block boundary."""
         self._cancel.set()
+        if self._in_mmio_write == threading.get_ident():
+            return  # stopping inside the store would replay it: _mmio_write stops after it
         self._uc.emu_stop()
 
     def map_mmio(self, gpa: int, size: int, read: MmioRead, write: MmioWrite) -> None:
         """Emulate [gpa, gpa+size) with callbacks, inside the engine (no exit)."""
         self._uc.mmio_map(gpa, size, lambda uc, off, sz, _d: read(off, sz), None,
-                          lambda uc, off, sz, value, _d: write(off, sz, value), None)
+                          lambda uc, off, sz, value, _d: self._mmio_write(uc, write, off, sz, value), None)
+
+    def _mmio_write(self, uc: Any, write: MmioWrite, offset: int, size: int, value: int) -> None:
+        """A device store; if it made something deliverable (a self-IPI, an armed
+        timer), stop after the storing instruction, not in it."""
+        self._in_mmio_write = threading.get_ident()
+        try:
+            write(offset, size, value)
+        finally:
+            self._in_mmio_write = 0
+        if self._cancel.is_set():
+            current = self._current(uc)
+            if current is not None:
+                uc.reg_write(self._regs[lib.HV_X64_REGISTER_RIP], current.rip + current.length)
+                uc.emu_stop()
 
     def run(self, timeout_us: int = 0) -> EngineStop:
         self._stop = None
