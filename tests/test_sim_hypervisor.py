@@ -16,7 +16,7 @@ from mshvstack.backend.sim import SimBackend
 from mshvstack.errors import ErrnoError
 
 from guests import assemble
-from simhelpers import (Guest, advance, expect_io, get_registers, hvcall, install_intercept, long_mode_guest,
+from simhelpers import (PD3, Guest, advance, expect_io, get_registers, hvcall, install_intercept, long_mode_guest,
                         payload, set_property, set_registers)
 
 LAPIC = 1 << lib.MSHV_PT_BIT_LAPIC
@@ -112,6 +112,36 @@ vector_0x41:
         assert g.run().header.message_type == lib.HVMSG_X64_HALT
         assert g.backend.vp_of(g.vp).lapic.isr == 0  # both EOIs taken
     finally:
+        g.close()
+
+
+def test_xapic_self_ipi_is_taken_once_after_the_store(tmp_path: Path) -> None:
+    """A store to the xAPIC ICR makes an interrupt deliverable mid-block: the CPU
+    must finish that store (not replay it) and take the interrupt exactly once."""
+    source = """
+    xor %r12d, %r12d
+    mov $0xfee00000, %ebx      /* xAPIC page */
+    sti
+    movl $0x40041, 0x300(%rbx) /* ICR: self IPI, vector 0x41 */
+    nop
+    cli
+    mov %r12d, %eax
+    out %eax, $0x10
+    hlt
+vector_0x41:
+    inc %r12d
+    movl $0, 0xb0(%rbx)        /* EOI */
+    iretq
+"""
+    backend, g, _ = _guest(tmp_path, source, (0x41,))
+    watchdog = threading.Timer(10, backend.kick, (g.vp,))  # a replay loop fails instead of hanging
+    watchdog.start()
+    try:
+        struct.pack_into("<Q", g.ram, PD3 + 0x1F7 * 8, 0xFEE00000 | 0x83)  # map the xAPIC page
+        assert expect_io(g.run(), 0x10).rax == 1
+        assert backend.vp_of(g.vp).lapic.isr == 0
+    finally:
+        watchdog.cancel()
         g.close()
 
 
