@@ -136,16 +136,21 @@ def _bzimage_with_payload(payload: bytes) -> bytes:
     return bytes(image)
 
 
-@pytest.mark.parametrize("compress", ["gzip", "xz", "bzip2"])
+@pytest.mark.parametrize("compress", ["gzip", "xz", "bzip2", "zstd"])
 def test_extract_vmlinux_from_compressed_payload(compress: str) -> None:
     import bz2
     import gzip
     import lzma
 
+    zstd = pytest.importorskip("zstandard", reason="zstandard is optional") if compress == "zstd" else None
+
     from mshvstack.vmm.loader.bzimage import extract_vmlinux
 
     vmlinux = make_elf([(0x1000000, b"\x90" * 32, 32)], 0xFFFFFFFF81000000, pvh_entry=0x1000000)
-    packed = {"gzip": gzip.compress, "xz": lzma.compress, "bzip2": bz2.compress}[compress](vmlinux)
+    compressors = {"gzip": gzip.compress, "xz": lzma.compress, "bzip2": bz2.compress}
+    if zstd is not None:
+        compressors["zstd"] = zstd.ZstdCompressor(write_content_size=False).compress
+    packed = compressors[compress](vmlinux)
     assert extract_vmlinux(_bzimage_with_payload(packed + struct.pack("<I", len(vmlinux)))) == vmlinux
     with pytest.raises(LoaderError, match="corrupt|not an ELF|unsupported"):
         extract_vmlinux(_bzimage_with_payload(packed[:4] + b"\0" * 40))
