@@ -117,14 +117,23 @@ vector_0x41:
 
 def test_xapic_self_ipi_is_taken_once_after_the_store(tmp_path: Path) -> None:
     """A store to the xAPIC ICR makes an interrupt deliverable mid-block: the CPU
-    must finish that store (not replay it) and take the interrupt exactly once."""
+    must not replay the store or the instructions before it, must take the
+    interrupt exactly once, and soon (the guest spins with IF=1 until it has)."""
     source = """
     xor %r12d, %r12d
+    xor %r13d, %r13d
     mov $0xfee00000, %ebx      /* xAPIC page */
     sti
+    jmp 1f
+1:
+    inc %r13d                  /* same block as the store: counts replays */
     movl $0x40041, 0x300(%rbx) /* ICR: self IPI, vector 0x41 */
-    nop
+2:
+    test %r12d, %r12d
+    jz 2b
     cli
+    mov %r13d, %eax
+    out %eax, $0x11
     mov %r12d, %eax
     out %eax, $0x10
     hlt
@@ -134,10 +143,13 @@ vector_0x41:
     iretq
 """
     backend, g, _ = _guest(tmp_path, source, (0x41,))
-    watchdog = threading.Timer(10, backend.kick, (g.vp,))  # a replay loop fails instead of hanging
+    watchdog = threading.Timer(10, backend.kick, (g.vp,))  # a stop that never comes fails instead of hanging
     watchdog.start()
     try:
         struct.pack_into("<Q", g.ram, PD3 + 0x1F7 * 8, 0xFEE00000 | 0x83)  # map the xAPIC page
+        replays = expect_io(g.run(), 0x11)
+        assert replays.rax == 1
+        advance(backend, g, replays.header)
         assert expect_io(g.run(), 0x10).rax == 1
         assert backend.vp_of(g.vp).lapic.isr == 0
     finally:

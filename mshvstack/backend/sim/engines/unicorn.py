@@ -50,6 +50,9 @@ MAX_TRACKED_CODE_PAGES = 512
 _OLD_EXCEPTION_OFFSET = 5536
 _CONTEXT_SIZE = 5608
 
+# How long after a device store a pending stop request is forced (see _mmio_write).
+DEFERRED_STOP_S = 0.001
+
 _UC_MODE = {16: unicorn.UC_MODE_16, 32: unicorn.UC_MODE_32, 64: unicorn.UC_MODE_64}
 _CS_MODE = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}
 
@@ -324,18 +327,24 @@ class UnicornEngine:
                           lambda uc, off, sz, value, _d: self._mmio_write(uc, write, off, sz, value), None)
 
     def _mmio_write(self, uc: Any, write: MmioWrite, offset: int, size: int, value: int) -> None:
-        """A device store; if it made something deliverable (a self-IPI, an armed
-        timer), stop after the storing instruction, not in it."""
+        """A device store.  If it makes something deliverable (a self-IPI, an armed
+        timer) the engine must not stop here: a stop requested inside a store is
+        taken at that instruction with its side effect already done, and the store
+        runs again.  Stop shortly afterwards from another thread instead, unless an
+        intercepted instruction honours the request first (exact PC either way)."""
         self._in_mmio_write = threading.get_ident()
         try:
             write(offset, size, value)
         finally:
             self._in_mmio_write = 0
         if self._cancel.is_set():
-            current = self._current(uc)
-            if current is not None:
-                uc.reg_write(self._regs[lib.HV_X64_REGISTER_RIP], current.rip + current.length)
-                uc.emu_stop()
+            timer = threading.Timer(DEFERRED_STOP_S, self._stop_if_still_pending)
+            timer.daemon = True
+            timer.start()
+
+    def _stop_if_still_pending(self) -> None:
+        if self._cancel.is_set():
+            self._uc.emu_stop()
 
     def run(self, timeout_us: int = 0) -> EngineStop:
         self._stop = None
