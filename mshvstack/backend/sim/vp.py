@@ -347,7 +347,7 @@ class SimVp:
         while an interrupt waits for the guest to set IF (the engine cannot stop at STI)."""
         deadline = self.lapic.timer_deadline()
         slice_us = 0 if deadline is None else max((deadline - time.monotonic_ns()) // 1000, 1)
-        if self.lapic.deliverable() is not None:
+        if self.lapic.irr and self.lapic.deliverable() is not None:  # irr: skip the lock when idle
             slice_us = min(slice_us or BLOCKED_INTERRUPT_SLICE_US, BLOCKED_INTERRUPT_SLICE_US)
         return slice_us
 

@@ -38,6 +38,12 @@ VECTOR_PF = 14
 ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 
 
+
+def _flags_on_gate_entry(flags: int, gate_type: int) -> int:
+    """RFLAGS after entering a 32/64-bit IDT gate: interrupt gates (type 0xE) also clear IF."""
+    flags &= ~(RFLAGS_TF | RFLAGS_RF | RFLAGS_VM)
+    return flags & ~RFLAGS_IF if gate_type == 0xE else flags
+
 class Access(enum.Flag):
     READ = 0
     WRITE = enum.auto()
@@ -215,10 +221,7 @@ class EventDelivery:
             new_rsp -= 8
             self._write(new_rsp, value, 8)
         c.set_reg(lib.HV_X64_REGISTER_RSP, new_rsp)
-        new_flags = flags & ~(RFLAGS_TF | RFLAGS_RF | RFLAGS_VM)
-        if gate_type == 0xE:
-            new_flags &= ~RFLAGS_IF
-        c.set_reg(lib.HV_X64_REGISTER_RFLAGS, new_flags)
+        c.set_reg(lib.HV_X64_REGISTER_RFLAGS, _flags_on_gate_entry(flags, gate_type))
         if selector != cs:
             c.set_segment(lib.HV_X64_REGISTER_CS, 0, 0xFFFFFFFF, selector, 0xA09B)
         if cpl != 0:
@@ -248,10 +251,7 @@ class EventDelivery:
             esp = (esp - 4) & 0xFFFF_FFFF
             self._write(ss_base + esp, value, 4)
         c.set_reg(lib.HV_X64_REGISTER_RSP, esp)
-        new_flags = flags & ~(RFLAGS_TF | RFLAGS_RF | RFLAGS_VM)
-        if gate_type == 0xE:
-            new_flags &= ~RFLAGS_IF
-        c.set_reg(lib.HV_X64_REGISTER_RFLAGS, new_flags)
+        c.set_reg(lib.HV_X64_REGISTER_RFLAGS, _flags_on_gate_entry(flags, gate_type))
         if selector != cs:
             c.set_segment(lib.HV_X64_REGISTER_CS, 0, 0xFFFFFFFF, selector, 0xC09B)
         c.set_reg(lib.HV_X64_REGISTER_RIP, target)
