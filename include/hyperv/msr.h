@@ -42,6 +42,27 @@
 #define HV_MSR_NESTED_EOM                                        0x40001084
 #define HV_MSR_NESTED_SINT0                                      0x40001090
 
+/* The reference TSC page the hypervisor maintains (TLFS 12.7). */
+struct hv_reference_tsc_page {
+	__u32 tsc_sequence;
+	__u32 reserved1;
+	__u64 tsc_scale;
+	__s64 tsc_offset;
+};
+/* A sequence of 0 tells the guest the page is not valid: use the MSR. */
+#define HV_REFERENCE_TSC_SEQUENCE_INVALID                        0
+
+/* Synthetic timer configuration MSR (HV_X64_MSR_STIMERn_CONFIG). */
+#define HV_STIMER_CONFIG_ENABLE                                  0x1
+#define HV_STIMER_CONFIG_PERIODIC                                0x2
+#define HV_STIMER_CONFIG_LAZY                                    0x4
+#define HV_STIMER_CONFIG_AUTO_ENABLE                             0x8
+#define HV_STIMER_CONFIG_APIC_VECTOR_SHIFT                       4
+#define HV_STIMER_CONFIG_APIC_VECTOR_MASK                        0xFF0
+#define HV_STIMER_CONFIG_DIRECT_MODE                             0x1000
+#define HV_STIMER_CONFIG_SINTX_SHIFT                             16
+#define HV_STIMER_CONFIG_SINTX_MASK                              0xF0000
+
 #define HV_X64_MSR_HYPERCALL_ENABLE                              1
 #define HV_X64_MSR_TSC_REFERENCE_ENABLE                          1
 #define HV_X64_MSR_VP_ASSIST_PAGE_ENABLE                         1

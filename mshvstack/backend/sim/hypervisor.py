@@ -48,7 +48,8 @@ class HvResult:
 _HV_VENDOR = b"Microsoft Hv"
 _HV_INTERFACE = int.from_bytes(b"Hv#1", "little")
 _PRIVILEGES_LOW = int(lib.HV_MSR_VP_INDEX_AVAILABLE | lib.HV_MSR_HYPERCALL_AVAILABLE | lib.HV_MSR_SYNIC_AVAILABLE
-                      | lib.HV_MSR_TIME_REF_COUNT_AVAILABLE | lib.HV_MSR_APIC_ACCESS_AVAILABLE | lib.HV_ACCESS_FREQUENCY_MSRS)
+                      | lib.HV_MSR_TIME_REF_COUNT_AVAILABLE | lib.HV_MSR_APIC_ACCESS_AVAILABLE | lib.HV_ACCESS_FREQUENCY_MSRS
+                      | lib.HV_MSR_REFERENCE_TSC_AVAILABLE | lib.HV_MSR_SYNTIMER_AVAILABLE)
 _PRIVILEGES_HIGH = int(lib.HV_POST_MESSAGES | lib.HV_SIGNAL_EVENTS)
 
 
@@ -102,14 +103,21 @@ class SimPartition:
         now = self._frozen_at if self._frozen_at is not None else time.monotonic_ns()
         return (now - self._time_base) // 100
 
+    def reference_to_monotonic(self, reference: int | None) -> int | None:
+        """The monotonic clock (ns) at which the reference counter reaches ``reference``."""
+        if reference is None or self._frozen_at is not None:
+            return None
+        return self._time_base + reference * 100
+
     def wait_unfrozen(self, vp: SimVp) -> None:
         """A frozen partition's VPs do not run (they can still be kicked)."""
         while not self._unfrozen.wait(0.05):
             if vp._kick:
                 return
 
-    def intercepts_exception(self, vector: int) -> bool:
-        return vector in self.exception_intercepts
+    def exception_bitmap(self) -> int:
+        """The exception vectors reported to the VMM instead of delivered (bit n = vector n)."""
+        return sum(1 << v for v in self.exception_intercepts)
 
     def intercepts_cpuid(self, leaf: int) -> bool:
         return leaf in self.cpuid_intercepts
@@ -153,7 +161,8 @@ class SimPartition:
         if leaf == 0x40000002:
             return 0x00004A42, 0x000A0000, 0, 0  # build 19010 (21H2 compat), version 10.0
         if leaf == 0x40000003:
-            return _PRIVILEGES_LOW, _PRIVILEGES_HIGH, 0, int(lib.HV_X64_GUEST_IDLE_STATE_AVAILABLE | lib.HV_FEATURE_FREQUENCY_MSRS_AVAILABLE)
+            return _PRIVILEGES_LOW, _PRIVILEGES_HIGH, 0, int(lib.HV_X64_GUEST_IDLE_STATE_AVAILABLE | lib.HV_FEATURE_FREQUENCY_MSRS_AVAILABLE
+                                                             | lib.HV_STIMER_DIRECT_MODE_AVAILABLE)
         if leaf == 0x40000004:
             return 0, 0xFFFFFFFF, 0, 0
         if leaf == 0x40000005:
@@ -312,6 +321,9 @@ class SimPartition:
             if param.exception_vector > 31:
                 return HvResult(int(lib.HV_STATUS_INVALID_PARAMETER))
             self.exception_intercepts.add(int(param.exception_vector))
+            for vp in self.vps.values():
+                if vp.engine is not None:
+                    vp.engine.intercept_exceptions(self.exception_bitmap())
         elif kind == lib.HV_INTERCEPT_TYPE_HYPERCALL:
             self.intercepts_hypercalls = True
         elif kind in (lib.HV_INTERCEPT_TYPE_X64_GLOBAL_CPUID, lib.HV_INTERCEPT_TYPE_MMIO, lib.HV_INTERCEPT_TYPE_X64_APIC_WRITE):
@@ -599,4 +611,6 @@ _MSR_BACKED = {
     int(lib.HV_X64_REGISTER_HYPERCALL): int(lib.HV_X64_MSR_HYPERCALL),
     int(lib.HV_REGISTER_VP_INDEX): int(lib.HV_X64_MSR_VP_INDEX),
     int(lib.HV_REGISTER_TIME_REF_COUNT): int(lib.HV_X64_MSR_TIME_REF_COUNT),
+    int(lib.HV_REGISTER_REFERENCE_TSC): int(lib.HV_X64_MSR_REFERENCE_TSC),
+    **{int(lib.HV_REGISTER_STIMER0_CONFIG) + i: int(lib.HV_MSR_STIMER0_CONFIG) + i for i in range(8)},
 }

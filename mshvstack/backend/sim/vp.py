@@ -1,9 +1,11 @@
-"""One simulated virtual processor: registers, exits, synthetic MSRs, SynIC.
+"""One simulated virtual processor: a register file and a small run loop.
 
 ``run()`` behaves like the hypervisor behind MSHV_RUN_VP: it executes the
 guest until something needs the VMM, then returns that hv_message (also
 left in the intercept message page).  The VP stays suspended at the
-intercepting instruction until the next run.
+intercepting instruction until the next run.  The parts it runs over:
+the CPU engine (engines/), the Hyper-V emulator (hv1.py), the LAPIC, the
+machine-check banks and the intercept encoder (intercepts.py).
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from mshvstack.abi import ffi, lib
-from mshvstack.backend.sim import x86
+from mshvstack.backend.sim import intercepts, x86
 from mshvstack.backend.sim.engines.base import CONTINUE, Engine, EngineStop, Instruction, Special, StopKind
 from mshvstack.backend.sim.engines.unicorn import UnicornEngine
-from mshvstack.backend.sim.lapic import TIMER_HZ, X2APIC_MSR_BASE, XAPIC_BASE, Lapic
+from mshvstack.backend.sim.hv1 import HvEmulator, MsrFault
+from mshvstack.backend.sim.lapic import X2APIC_MSR_BASE, XAPIC_BASE, Lapic
+from mshvstack.backend.sim.mca import MachineCheck
 from mshvstack.backend.sim.messages import new_message, to_bytes
 from mshvstack.backend.sim.memory import GpaUnmapped
 from mshvstack.backend.sim.synic import SLOT, SynIc
@@ -45,46 +49,33 @@ _PAGE_GPR_OFFSET = ffi.offsetof("struct hv_vp_register_page", "gp_registers")
 _PAGE_SEGMENT_OFFSETS = tuple(ffi.offsetof("struct hv_vp_register_page", s) for s in _PAGE_SEGMENTS)
 _PAGE_CR0_OFFSET = ffi.offsetof("struct hv_vp_register_page", "cr0")
 
-# Synthetic MSRs the hypervisor itself implements.
-MSR_GUEST_OS_ID = int(lib.HV_X64_MSR_GUEST_OS_ID)
-MSR_HYPERCALL = int(lib.HV_X64_MSR_HYPERCALL)
-MSR_VP_INDEX = int(lib.HV_X64_MSR_VP_INDEX)
-MSR_TIME_REF_COUNT = int(lib.HV_X64_MSR_TIME_REF_COUNT)
-MSR_SCONTROL = int(lib.HV_X64_MSR_SCONTROL)
-MSR_SVERSION = int(lib.HV_X64_MSR_SVERSION)
-MSR_SIEFP = int(lib.HV_X64_MSR_SIEFP)
-MSR_SIMP = int(lib.HV_X64_MSR_SIMP)
-MSR_EOM = int(lib.HV_X64_MSR_EOM)
-MSR_SINT0 = int(lib.HV_X64_MSR_SINT0)
-MSR_EOI = int(lib.HV_X64_MSR_EOI)
-MSR_ICR = int(lib.HV_X64_MSR_ICR)
-MSR_TPR = int(lib.HV_X64_MSR_TPR)
-MSR_VP_ASSIST_PAGE = int(lib.HV_X64_MSR_VP_ASSIST_PAGE)
-MSR_TSC_FREQUENCY = int(lib.HV_X64_MSR_TSC_FREQUENCY)
-MSR_APIC_FREQUENCY = int(lib.HV_X64_MSR_APIC_FREQUENCY)
 APIC_BASE_ENABLE = 1 << 11
 APIC_BASE_X2APIC = 1 << 10
 MSR_APIC_BASE = 0x1B
+X2APIC_ID, X2APIC_ICR, X2APIC_EOI = 0x20, 0x300, 0xB0
 
 # Architectural MSRs the CPU engine implements; they run natively unless intercepted.
 _NATIVE_MSR_NAMES = {
     "TSC": 0x10, "TSC_ADJUST": 0x3B, "UCODE_REV": 0x8B, "SPEC_CTRL": 0x48, "PRED_CMD": 0x49, "MTRRCAP": 0xFE,
-    "SYSENTER_CS": 0x174, "SYSENTER_ESP": 0x175, "SYSENTER_EIP": 0x176, "MCG_CAP": 0x179, "MCG_STATUS": 0x17A,
+    "SYSENTER_CS": 0x174, "SYSENTER_ESP": 0x175, "SYSENTER_EIP": 0x176,
     "MISC_ENABLE": 0x1A0, "PAT": 0x277, "MTRR_DEF_TYPE": 0x2FF,
     "EFER": 0xC0000080, "STAR": 0xC0000081, "LSTAR": 0xC0000082, "CSTAR": 0xC0000083, "SFMASK": 0xC0000084,
     "FS_BASE": 0xC0000100, "GS_BASE": 0xC0000101, "KERNEL_GS_BASE": 0xC0000102, "TSC_AUX": 0xC0000103,
 }
 NATIVE_MSRS = frozenset(_NATIVE_MSR_NAMES.values())
 MTRR_VARIABLE_AND_FIXED_RANGE = 0x200  # 0x200..0x2FF
-
-# How long the CPU runs while a pending interrupt waits for IF=1.
-BLOCKED_INTERRUPT_SLICE_US = 1000
+_SYNTHETIC_MSRS = range(0x40000000, 0x40000100)
 
 # HV_REGISTER_INTERNAL_ACTIVITY_STATE bit: the VP waits for a SIPI.
 STARTUP_SUSPEND = 1
+# HV_REGISTER_INTERRUPT_STATE bits.
+INTERRUPT_SHADOW, NMI_MASKED = 1, 2
+# How long a halted VP sleeps between checks when nothing can wake it sooner.
+IDLE_WAIT_S = 0.05
 
-# The hypercall page: vmcall; ret (Intel encoding; VMMCALL is trapped too).
-HYPERCALL_PAGE_CODE = bytes.fromhex("0f01c1c3")
+# Architectural state after INIT/reset (SDM vol. 3A, 9.1.1).
+_RESET_CS = (0xFFFF0000, 0xFFFF, 0xF000, 0x9B)
+_RESET_DATA_SEGMENT = (0, 0xFFFF, 0, 0x93)
 
 
 class Kicked(Exception):
@@ -98,23 +89,23 @@ class SimVp:
         self.lock = threading.Lock()                 # one MSHV_RUN_VP at a time
         self.register_page = mmap.mmap(-1, PAGE)
         self.intercept_page = mmap.mmap(-1, PAGE)
-        self.synic = SynIc()
         self.engine: Engine | None = None
         self._state: dict[int, int] = self._reset_state()
-        self._segments: dict[int, tuple[int, int, int, int]] = {n: (0, 0xFFFF, 0, 0x93) for n in _SEGMENT_NAMES}
-        self._segments.update({n: (0, 0xFFFF, 0, 0) for n in _TABLE_NAMES})
-        self._segments[R.HV_X64_REGISTER_TR] = (0, 0xFFFF, 0, 0x8B)
+        self._segments = self._reset_segments()
         self._wake = threading.Condition()
         self.lapic = Lapic(index, partition.send_ipi, self._notify)
+        self.hv = HvEmulator(index, self.lapic, _HvServices(self))
+        self.machine_check = MachineCheck()
         self._kick = False
         self._halted = False
         self._pending_exit: bytes | None = None      # e.g. SINT deliverable, raised outside run
         # Registers read in one batch after the engine stops; valid until it runs again.
         self._snap: dict[int, int] | None = None
-        self._guest_os_id = 0
-        self._vp_assist_page = 0  # stored for the guest; no enlightenment reads it yet
-        self._hypercall_msr = 0
-        self._started = time.monotonic_ns()
+        self._publish_register_page()
+
+    @property
+    def synic(self) -> SynIc:
+        return self.hv.synic
 
     @staticmethod
     def _reset_state() -> dict[int, int]:
@@ -126,6 +117,15 @@ class SimVp:
                       R.HV_X64_REGISTER_XFEM: 3, R.HV_X64_REGISTER_DR6: 0xFFFF0FF0, R.HV_X64_REGISTER_DR7: 0x400})
         return state
 
+    @staticmethod
+    def _reset_segments() -> dict[int, tuple[int, int, int, int]]:
+        segments = {n: _RESET_DATA_SEGMENT for n in _SEGMENT_NAMES}
+        segments[R.HV_X64_REGISTER_CS] = _RESET_CS
+        segments[R.HV_X64_REGISTER_LDTR] = (0, 0xFFFF, 0, 0x82)
+        segments[R.HV_X64_REGISTER_TR] = (0, 0xFFFF, 0, 0x8B)
+        segments.update({n: (0, 0xFFFF, 0, 0) for n in _TABLE_NAMES})
+        return segments
+
     # ------------------------------------------------------------------ registers
     def reg(self, name: int) -> int:
         snap = self._snap
@@ -133,6 +133,8 @@ class SimVp:
             return snap[name]
         if self.engine is not None and self.engine.holds(name):
             return self.engine.reg(name)
+        if name == R.HV_REGISTER_INTERRUPT_STATE and self.engine is not None:
+            return (INTERRUPT_SHADOW if self.engine.interrupt_shadow() else 0) | (NMI_MASKED if self.engine.nmi_blocked() else 0)
         return self._state.get(name, 0)
 
     def set_reg(self, name: int, value: int) -> None:
@@ -141,11 +143,13 @@ class SimVp:
         snap = self._snap
         if snap is not None and name in snap:
             snap[name] = value
-        if self.engine is not None and self.engine.holds(name):
-            if name in (R.HV_X64_REGISTER_CR0, R.HV_X64_REGISTER_EFER) and self._mode_bits() != self.engine.bits:
-                self._drop_engine()
-            else:
-                self.engine.set_reg(name, value)
+        engine = self.engine
+        if engine is None:
+            return
+        if engine.holds(name):
+            engine.set_reg(name, value)
+        elif name == R.HV_REGISTER_INTERRUPT_STATE:
+            engine.set_interrupt_state(bool(value & INTERRUPT_SHADOW), bool(value & NMI_MASKED))
 
     def segment(self, name: int) -> tuple[int, int, int, int]:
         if self.engine is not None:
@@ -155,36 +159,22 @@ class SimVp:
     def set_segment(self, name: int, base: int, limit: int, selector: int, attributes: int) -> None:
         self._segments[name] = (base, limit, selector, attributes)
         if self.engine is not None:
-            if name == R.HV_X64_REGISTER_CS and self._mode_bits() != self.engine.bits:
-                self._drop_engine()
-            else:
-                self.engine.set_segment(name, base, limit, selector, attributes)
+            self.engine.set_segment(name, base, limit, selector, attributes)
 
-    def _mode_bits(self) -> int:
-        if not self.reg(R.HV_X64_REGISTER_CR0) & x86.CR0_PE:
+    def code_bits(self) -> int:
+        if self.engine is not None:
+            return self.engine.code_bits()
+        cs_attributes = self._segments[R.HV_X64_REGISTER_CS][3]
+        if not self._state[R.HV_X64_REGISTER_CR0] & x86.CR0_PE:
             return 16
-        if self.reg(R.HV_X64_REGISTER_EFER) & x86.EFER_LMA:
+        if self._state[R.HV_X64_REGISTER_EFER] & x86.EFER_LMA and cs_attributes & 0x2000:
             return 64
-        return 32
-
-    def _drop_engine(self) -> None:
-        """Mode changed under the engine (host set CR0/EFER/CS): rebuild it on next run."""
-        engine = self.engine
-        if engine is None:
-            return
-        self._snap = None
-        for name in list(self._state):
-            if engine.holds(name):
-                self._state[name] = engine.reg(name)
-        for name in _SEGMENT_NAMES + _TABLE_NAMES:
-            self._segments[name] = engine.segment(name)
-        self.engine = None
-        engine.close()
+        return 32 if cs_attributes & 0x4000 else 16
 
     def _ensure_engine(self) -> Engine:
         if self.engine is not None:
             return self.engine
-        engine = UnicornEngine(self._mode_bits(), self._on_special, self)
+        engine = UnicornEngine(self._on_special, self, self._acknowledge_interrupt)
         for region in self.partition.memory.regions:
             engine.map(region.gpa, region.size, region.userspace_addr, region.writable, region.executable)
         if self.partition.lapic_enabled and not self.partition.memory.lookup(XAPIC_BASE):
@@ -192,14 +182,17 @@ class SimVp:
         for region in self.partition.memory.regions:
             for page in sorted(region.write_protected):
                 engine.protect(region.gpa + (page << 12), PAGE, False, region.executable)
-        # Order matters: paging registers before the mode bits that use them.
-        for name in (R.HV_X64_REGISTER_CR3, R.HV_X64_REGISTER_CR4, R.HV_X64_REGISTER_EFER, R.HV_X64_REGISTER_CR0):
+        # The mode follows from EFER, the control registers and CS: set them first.
+        for name in (R.HV_X64_REGISTER_EFER, R.HV_X64_REGISTER_CR3, R.HV_X64_REGISTER_CR4, R.HV_X64_REGISTER_CR0):
             engine.set_reg(name, self._state.get(name, 0))
-        for name, value in self._state.items():
-            if engine.holds(name) and name != R.HV_X64_REGISTER_CR0:
-                engine.set_reg(name, value)
         for name in _TABLE_NAMES + _SEGMENT_NAMES:
             engine.set_segment(name, *self._segments[name])
+        for name, value in self._state.items():
+            if engine.holds(name):
+                engine.set_reg(name, value)
+        interrupt_state = self._state.get(R.HV_REGISTER_INTERRUPT_STATE, 0)
+        engine.set_interrupt_state(bool(interrupt_state & INTERRUPT_SHADOW), bool(interrupt_state & NMI_MASKED))
+        engine.intercept_exceptions(self.partition.exception_bitmap())
         self.engine = engine
         return engine
 
@@ -273,7 +266,8 @@ class SimVp:
             self.engine.cancel()
 
     def _notify(self) -> None:
-        """Something may be deliverable now: wake a halted VP, stop a running one."""
+        """Something may be deliverable now: wake a halted VP, stop a running one
+        (at its next block boundary) so the run loop offers it."""
         with self._wake:
             self._wake.notify_all()
         if self.engine is not None:
@@ -301,6 +295,8 @@ class SimVp:
         vector = self.lapic.eoi()
         if vector is not None:
             self.partition.end_of_interrupt(vector)
+            if self.lapic.irr and self.engine is not None:
+                self.engine.cancel()  # a lower-priority interrupt may be deliverable now
 
     def _xapic_enabled(self) -> bool:
         base = self.reg(R.HV_X64_REGISTER_APIC_BASE)
@@ -328,28 +324,43 @@ class SimVp:
             # An AP waiting for INIT/SIPI: nothing runs until start_at_sipi().
             with self._wake:
                 while self._state.get(R.HV_REGISTER_INTERNAL_ACTIVITY_STATE, 0) & STARTUP_SUSPEND and not self._kick:
-                    self._wake.wait(0.05)
+                    self._wake.wait(IDLE_WAIT_S)
             return None
-        if self._halted:
-            if not self._wait_for_interrupt():
-                return None
-        self._deliver_pending()
-        if self._pending_exit is not None:
+        self._poll_timers()
+        if self._halted and not self._wait_for_interrupt():
             return None
         engine = self._ensure_engine()
+        self._offer_events(engine)
         self._snap = None
-        stop = engine.run(self._timer_slice_us())
+        stop = engine.run(self._deadline_ns())
         self._snap = engine.snapshot()
         return self._handle_stop(stop)
 
-    def _timer_slice_us(self) -> int:
-        """Run no longer than until the LAPIC timer's next expiry, and only briefly
-        while an interrupt waits for the guest to set IF (the engine cannot stop at STI)."""
-        deadline = self.lapic.timer_deadline()
-        slice_us = 0 if deadline is None else max((deadline - time.monotonic_ns()) // 1000, 1)
-        if self.lapic.irr and self.lapic.deliverable() is not None:  # irr: skip the lock when idle
-            slice_us = min(slice_us or BLOCKED_INTERRUPT_SLICE_US, BLOCKED_INTERRUPT_SLICE_US)
-        return slice_us
+    # ---- time and events
+    def _poll_timers(self) -> None:
+        self.lapic.poll_timer()
+        self.hv.poll_timers()
+
+    def _deadline_ns(self) -> int:
+        """When the engine must stop for the next timer expiry (0: no timer armed)."""
+        deadlines = [d for d in (self.lapic.timer_deadline(),
+                                 self.partition.reference_to_monotonic(self.hv.next_timer_expiry())) if d is not None]
+        return min(deadlines) if deadlines else 0
+
+    def _offer_events(self, engine: Engine) -> None:
+        """Tell the engine what to deliver once the guest can take it (IF, shadows, NMI blocking)."""
+        if self.lapic.nmi_pending:
+            self.lapic.nmi_pending = False
+            engine.inject_nmi()
+        vector = self.lapic.deliverable()
+        engine.offer_interrupt(-1 if vector is None else vector)
+
+    def _acknowledge_interrupt(self, vector: int) -> int:
+        """The engine delivered ``vector``: the LAPIC moves it to in-service."""
+        self.lapic.acknowledge(vector)
+        self._halted = False
+        following = self.lapic.deliverable()
+        return -1 if following is None else following
 
     def _interruptible(self) -> bool:
         return bool(self.reg(R.HV_X64_REGISTER_RFLAGS) & x86.RFLAGS_IF)
@@ -362,88 +373,39 @@ class SimVp:
             while not self._can_take_interrupt():
                 if self._kick:
                     return False
-                deadline = self.lapic.timer_deadline()
-                wait = 0.05 if deadline is None else min(0.05, max(deadline - time.monotonic_ns(), 0) / 1e9)
+                self._poll_timers()
+                deadline = self._deadline_ns()
+                wait = IDLE_WAIT_S if not deadline else min(IDLE_WAIT_S, max(deadline - time.monotonic_ns(), 0) / 1e9)
                 self._wake.wait(wait)
             self._halted = False
             return True
 
-    def _deliver_pending(self) -> None:
-        if self.lapic.nmi_pending:
-            self.lapic.nmi_pending = False
-            vector = 2
-        else:
-            if not self._interruptible():
-                return
-            pending = self.lapic.deliverable()
-            if pending is None:
-                return
-            vector = pending
-            self.lapic.acknowledge(vector)
-        self._ensure_engine()
-        try:
-            x86.EventDelivery(self, self.partition.memory).deliver(vector)
-        except x86.DeliveryFailed:
-            self._pending_exit = self._header_only(lib.HVMSG_UNRECOVERABLE_EXCEPTION)
-
     # ------------------------------------------------------------------ exits
-    def _fill_header(self, header: Any, insn_length: int = 0, access: int = 0, rip: int | None = None) -> None:
-        header.vp_index = self.index
-        header.instruction_length = insn_length & 0xF
-        header.cr8 = self.reg(R.HV_X64_REGISTER_CR8) & 0xF
-        header.intercept_access_type = access
-        cs_base, cs_limit, cs_sel, cs_attr = self.segment(R.HV_X64_REGISTER_CS)
-        cr0 = self.reg(R.HV_X64_REGISTER_CR0)
-        efer = self.reg(R.HV_X64_REGISTER_EFER)
-        state = header.execution_state.bits
-        state.cpl = cs_sel & 3 if cr0 & x86.CR0_PE else 0
-        state.cr0_pe = cr0 & 1
-        state.cr0_am = (cr0 >> 18) & 1
-        state.efer_lma = (efer >> 10) & 1
-        header.cs_segment.base, header.cs_segment.limit = cs_base, cs_limit
-        header.cs_segment.selector, header.cs_segment.attributes = cs_sel, cs_attr
-        header.rip = self.reg(R.HV_X64_REGISTER_RIP) if rip is None else rip
-        header.rflags = self.reg(R.HV_X64_REGISTER_RFLAGS)
-
-    def _header_only(self, message_type: int) -> bytes:
-        msg, payload = new_message(message_type, "struct hv_x64_halt_message")
-        self._fill_header(payload.header)
-        return to_bytes(msg)
-
     def _handle_stop(self, stop: EngineStop) -> bytes | None:
-        if stop.kind is StopKind.CANCELLED:
+        kind = stop.kind
+        if kind in (StopKind.CANCELLED, StopKind.DEADLINE):
             return None
-        if stop.kind is StopKind.SPECIAL:
+        if kind is StopKind.SPECIAL:
             assert stop.instruction is not None
             return self._special_exit(stop.instruction)
-        if stop.kind in (StopKind.UNMAPPED, StopKind.PROTECTION):
+        if kind in (StopKind.UNMAPPED, StopKind.PROTECTION):
             return self._memory_exit(stop)
-        if stop.vector == x86.VECTOR_PF:
-            return self._page_fault(stop)
-        return self._exception(stop)
-
-    def _page_fault(self, stop: EngineStop) -> bytes | None:
-        """#PF from the engine: rebuild the error code from a walk of CR2."""
-        cpl = self.segment(R.HV_X64_REGISTER_CS)[2] & 3
-        access = (x86.Access.WRITE if stop.write else x86.Access.READ) | (x86.Access.EXECUTE if stop.execute else x86.Access.READ)
-        if cpl == 3:
-            access |= x86.Access.USER
-        t = x86.translate(self.partition.memory, self.reg(R.HV_X64_REGISTER_CR0), self.reg(R.HV_X64_REGISTER_CR3),
-                          self.reg(R.HV_X64_REGISTER_CR4), self.reg(R.HV_X64_REGISTER_EFER), stop.address, access)
-        return self._exception(stop, error_code=t.error_code, cr2=stop.address)
+        if kind is StopKind.EXCEPTION:
+            return intercepts.exception(self, stop)
+        return intercepts.header_only(self, lib.HVMSG_UNRECOVERABLE_EXCEPTION)  # triple fault
 
     def _memory_exit(self, stop: EngineStop) -> bytes | None:
-        paging = self.reg(R.HV_X64_REGISTER_CR0) & x86.CR0_PG
-        gva = stop.address
-        gpa = gva
-        if paging:
+        gpa = stop.address
+        if self.reg(R.HV_X64_REGISTER_CR0) & x86.CR0_PG:
             t = x86.translate(self.partition.memory, self.reg(R.HV_X64_REGISTER_CR0), self.reg(R.HV_X64_REGISTER_CR3),
-                              self.reg(R.HV_X64_REGISTER_CR4), self.reg(R.HV_X64_REGISTER_EFER), gva,
+                              self.reg(R.HV_X64_REGISTER_CR4), self.reg(R.HV_X64_REGISTER_EFER), stop.address,
                               x86.Access.WRITE if stop.write else x86.Access.READ)
             if t.result not in (x86.TranslateResult.SUCCESS, x86.TranslateResult.GPA_UNMAPPED):
-                return self._exception(EngineStop(StopKind.EXCEPTION, stop.instruction, vector=x86.VECTOR_PF),
-                                       error_code=t.error_code, cr2=gva)
-            gpa = t.gpa if t.result is x86.TranslateResult.SUCCESS else gva
+                # The page tables changed under the access: the guest takes the page fault.
+                self.set_reg(R.HV_X64_REGISTER_CR2, stop.address)
+                self._ensure_engine().inject_exception(x86.VECTOR_PF, t.error_code)
+                return None
+            gpa = t.gpa if t.result is x86.TranslateResult.SUCCESS else stop.address
         if stop.kind is StopKind.PROTECTION and stop.write and self.partition.track_write(gpa):
             return None  # dirty-page tracking fault: recorded, page writable again, retry
         if stop.kind is StopKind.UNMAPPED and stop.write and stop.instruction is not None:
@@ -451,46 +413,14 @@ class SimVp:
                 # An ioeventfd took the write: the guest continues, no exit.
                 self.set_reg(R.HV_X64_REGISTER_RIP, stop.instruction.rip + stop.instruction.length)
                 return None
-        kind = lib.HVMSG_UNMAPPED_GPA if stop.kind is StopKind.UNMAPPED else lib.HVMSG_GPA_INTERCEPT
-        msg, payload = new_message(kind, "struct hv_x64_memory_intercept_message")
-        access = lib.HV_INTERCEPT_ACCESS_EXECUTE if stop.execute else (lib.HV_INTERCEPT_ACCESS_WRITE if stop.write else lib.HV_INTERCEPT_ACCESS_READ)
-        insn = stop.instruction
-        self._fill_header(payload.header, insn.length if insn else 0, access)
-        payload.guest_virtual_address = gva
-        payload.guest_physical_address = gpa
-        payload.memory_access_info.bits.gva_valid = 1
-        payload.memory_access_info.bits.gva_gpa_valid = 1
-        if insn is not None:
-            payload.instruction_byte_count = len(insn.raw[:16])
-            ffi.memmove(payload.instruction_bytes, insn.raw[:16], len(insn.raw[:16]))
-        return to_bytes(msg)
+        return intercepts.memory(self, stop, gpa)
 
-    def _exception(self, stop: EngineStop, error_code: int | None = None, cr2: int | None = None) -> bytes | None:
-        vector = stop.vector
-        if self.partition.intercepts_exception(vector):
-            msg, payload = new_message(lib.HVMSG_X64_EXCEPTION_INTERCEPT, "struct hv_x64_exception_intercept_message")
-            self._fill_header(payload.header, stop.instruction.length if stop.instruction else 0)
-            payload.exception_vector = vector
-            if error_code is not None:
-                payload.exception_info.bits.error_code_valid = 1
-                payload.error_code = error_code
-            payload.exception_parameter = cr2 or 0
-            for attr in ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi"):
-                setattr(payload, attr, self.reg(getattr(lib, f"HV_X64_REGISTER_{attr.upper()}")))
-            return to_bytes(msg)
-        if vector >= 32 and stop.instruction is not None:
-            # int n: the frame returns after the instruction.
-            self.set_reg(R.HV_X64_REGISTER_RIP, stop.instruction.rip + stop.instruction.length)
-        if vector in x86.ERROR_CODE_VECTORS and error_code is None:
-            error_code = 0
-        delivery = x86.EventDelivery(self, self.partition.memory)
-        for attempt_vector, code in ((vector, error_code), (x86.VECTOR_DF, 0)):
-            try:
-                delivery.deliver(attempt_vector, code, cr2 if attempt_vector == x86.VECTOR_PF else None)
-                return None
-            except x86.DeliveryFailed:
-                continue
-        return self._header_only(lib.HVMSG_UNRECOVERABLE_EXCEPTION)
+    def _special_exit(self, insn: Instruction) -> bytes:
+        if insn.kind is Special.HLT:
+            self.set_reg(R.HV_X64_REGISTER_RIP, insn.rip + insn.length)
+        leaf, subleaf = self.reg(R.HV_X64_REGISTER_RAX) & 0xFFFFFFFF, self.reg(R.HV_X64_REGISTER_RCX) & 0xFFFFFFFF
+        cpuid = self.partition.cpuid(self.index, leaf, subleaf) if insn.kind is Special.CPUID else (0, 0, 0, 0)
+        return intercepts.special(self, insn, cpuid)
 
     # ---- special instructions (called inside the engine, before they execute)
     def _on_special(self, insn: Instruction) -> int | None:
@@ -513,104 +443,7 @@ class SimVp:
             return self._msr(insn, next_rip)
         if insn.kind is Special.VMCALL:
             return self._hypercall(insn, next_rip)
-        if insn.kind is Special.FARJUMP:
-            return None if self._long_mode_target(insn) is not None else CONTINUE
         return None
-
-    def _long_mode_target(self, insn: Instruction) -> tuple[int, int, int] | None:
-        """(selector, offset, attributes) if this direct far jump enters 64-bit code."""
-        raw = insn.raw
-        operand16 = (self.engine is not None and self.engine.bits == 16) != (raw[0] == 0x66)
-        body = raw[1:] if raw[0] == 0x66 else raw
-        if body[0] != 0xEA:
-            return None
-        if not self.reg(R.HV_X64_REGISTER_EFER) & x86.EFER_LMA:
-            return None
-        size = 2 if operand16 else 4
-        offset = int.from_bytes(body[1 : 1 + size], "little")
-        selector = int.from_bytes(body[1 + size : 3 + size], "little")
-        gdt_base = self.segment(R.HV_X64_REGISTER_GDTR)[0]
-        try:
-            descriptor = self.partition.memory.read_u64(gdt_base + (selector & ~7))
-        except GpaUnmapped:  # a GDT outside RAM: let the CPU fault natively
-            return None
-        if not descriptor >> 53 & 1:
-            return None
-        return selector, offset, (descriptor >> 40) & 0xF0FF
-
-    def _special_exit(self, insn: Instruction) -> bytes | None:
-        if insn.kind is Special.FARJUMP:
-            # The guest enters long mode: continue it in a 64-bit engine.
-            target = self._long_mode_target(insn)
-            assert target is not None
-            selector, offset, attributes = target
-            self._drop_engine()
-            self._segments[R.HV_X64_REGISTER_CS] = (0, 0xFFFFFFFF, selector, attributes)
-            self._state[R.HV_X64_REGISTER_RIP] = offset
-            return None
-        if insn.kind is Special.IO:
-            return self._io_exit(insn)
-        if insn.kind is Special.HLT:
-            self.set_reg(R.HV_X64_REGISTER_RIP, insn.rip + insn.length)
-            msg, payload = new_message(lib.HVMSG_X64_HALT, "struct hv_x64_halt_message")
-            self._fill_header(payload.header, insn.length)
-            return to_bytes(msg)
-        if insn.kind is Special.CPUID:
-            msg, payload = new_message(lib.HVMSG_X64_CPUID_INTERCEPT, "struct hv_x64_cpuid_intercept_message")
-            self._fill_header(payload.header, insn.length, lib.HV_INTERCEPT_ACCESS_EXECUTE)
-            leaf, sub = self.reg(R.HV_X64_REGISTER_RAX) & 0xFFFFFFFF, self.reg(R.HV_X64_REGISTER_RCX) & 0xFFFFFFFF
-            payload.rax, payload.rcx = leaf, sub
-            payload.rdx, payload.rbx = self.reg(R.HV_X64_REGISTER_RDX), self.reg(R.HV_X64_REGISTER_RBX)
-            a, b, c, d = self.partition.cpuid(self.index, leaf, sub)
-            payload.default_result_rax, payload.default_result_rbx = a, b
-            payload.default_result_rcx, payload.default_result_rdx = c, d
-            return to_bytes(msg)
-        if insn.kind in (Special.RDMSR, Special.WRMSR):
-            msg, payload = new_message(lib.HVMSG_X64_MSR_INTERCEPT, "struct hv_x64_msr_intercept_message")
-            write = insn.kind is Special.WRMSR
-            self._fill_header(payload.header, insn.length, lib.HV_INTERCEPT_ACCESS_WRITE if write else lib.HV_INTERCEPT_ACCESS_READ)
-            payload.msr_number = self.reg(R.HV_X64_REGISTER_RCX) & 0xFFFFFFFF
-            payload.rax = self.reg(R.HV_X64_REGISTER_RAX)
-            payload.rdx = self.reg(R.HV_X64_REGISTER_RDX)
-            return to_bytes(msg)
-        # VMCALL routed to the VMM (hypercall intercept).
-        msg, payload = new_message(lib.HVMSG_HYPERCALL_INTERCEPT, "struct hv_x64_hypercall_intercept_message")
-        self._fill_header(payload.header, insn.length, lib.HV_INTERCEPT_ACCESS_EXECUTE)
-        for attr in ("rax", "rbx", "rcx", "rdx", "r8", "rsi", "rdi"):
-            setattr(payload, attr, self.reg(getattr(lib, f"HV_X64_REGISTER_{attr.upper()}")))
-        return to_bytes(msg)
-
-    def _io_exit(self, insn: Instruction) -> bytes:
-        msg, payload = new_message(lib.HVMSG_X64_IO_PORT_INTERCEPT, "struct hv_x64_io_port_intercept_message")
-        opcode_index = 0
-        raw = insn.raw
-        rep = False
-        size_override = False
-        while raw[opcode_index] in (0x66, 0xF2, 0xF3, 0x67, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65):
-            rep |= raw[opcode_index] in (0xF2, 0xF3)
-            size_override |= raw[opcode_index] == 0x66
-            opcode_index += 1
-        opcode = raw[opcode_index]
-        string = opcode in (0x6C, 0x6D, 0x6E, 0x6F)
-        write = opcode in (0xE6, 0xE7, 0xEE, 0xEF, 0x6E, 0x6F)
-        byte_op = opcode in (0xE4, 0xE6, 0xEC, 0xEE, 0x6C, 0x6E)
-        wide = 2 if (self.engine and self.engine.bits == 16) != size_override else 4
-        size = 1 if byte_op else wide
-        port = raw[opcode_index + 1] if opcode in (0xE4, 0xE5, 0xE6, 0xE7) else self.reg(R.HV_X64_REGISTER_RDX) & 0xFFFF
-        self._fill_header(payload.header, insn.length, lib.HV_INTERCEPT_ACCESS_WRITE if write else lib.HV_INTERCEPT_ACCESS_READ)
-        payload.port_number = port
-        payload.access_info.bits.access_size = size
-        payload.access_info.bits.string_op = int(string)
-        payload.access_info.bits.rep_prefix = int(rep and string)
-        payload.instruction_byte_count = insn.length
-        ffi.memmove(payload.instruction_bytes, raw[:16], min(16, len(raw)))
-        payload.rax = self.reg(R.HV_X64_REGISTER_RAX)
-        payload.rcx = self.reg(R.HV_X64_REGISTER_RCX)
-        payload.rsi = self.reg(R.HV_X64_REGISTER_RSI)
-        payload.rdi = self.reg(R.HV_X64_REGISTER_RDI)
-        for name, field in ((R.HV_X64_REGISTER_DS, payload.ds_segment), (R.HV_X64_REGISTER_ES, payload.es_segment)):
-            field.base, field.limit, field.selector, field.attributes = self.segment(name)
-        return to_bytes(msg)
 
     def _emulate_cpuid(self) -> None:
         leaf = self.reg(R.HV_X64_REGISTER_RAX) & 0xFFFFFFFF
@@ -619,7 +452,7 @@ class SimVp:
         for name, value in ((R.HV_X64_REGISTER_RAX, a), (R.HV_X64_REGISTER_RBX, b), (R.HV_X64_REGISTER_RCX, c), (R.HV_X64_REGISTER_RDX, d)):
             self.set_reg(name, value)
 
-    # ---- synthetic MSRs
+    # ---- MSRs
     def _msr(self, insn: Instruction, next_rip: int) -> int | None:
         index = self.reg(R.HV_X64_REGISTER_RCX) & 0xFFFFFFFF
         write = insn.kind is Special.WRMSR
@@ -630,11 +463,10 @@ class SimVp:
             return CONTINUE  # architectural MSRs the engine implements itself
         handled = self.write_msr(index, value) if write else self.read_msr(index)
         if handled is None:
-            if self.partition.unimplemented_msr_ignore:
-                handled = 0
-            else:
-                self._raise_fault(x86.VECTOR_GP, 0)
-                return self.reg(R.HV_X64_REGISTER_RIP)
+            if not self.partition.unimplemented_msr_ignore:
+                self._ensure_engine().inject_exception(x86.VECTOR_GP, 0)
+                return insn.rip  # the fault is taken at the instruction
+            handled = 0
         if not write:
             self.set_reg(R.HV_X64_REGISTER_RAX, handled & 0xFFFFFFFF)
             self.set_reg(R.HV_X64_REGISTER_RDX, handled >> 32)
@@ -642,113 +474,43 @@ class SimVp:
             self.engine.cancel()  # e.g. EOM made a SINT deliverable: report it now
         return next_rip
 
-    def _raise_fault(self, vector: int, error_code: int) -> None:
-        """Deliver an exception raised by an emulated instruction (RIP at it)."""
-        try:
-            x86.EventDelivery(self, self.partition.memory).deliver(vector, error_code)
-        except x86.DeliveryFailed:
-            self._pending_exit = self._header_only(lib.HVMSG_UNRECOVERABLE_EXCEPTION)
-            if self.engine is not None:
-                self.engine.cancel()  # stop here: the VP is dead (triple fault)
-
     def read_msr(self, index: int) -> int | None:
-        synic = self.synic
-        if index == MSR_GUEST_OS_ID:
-            return self._guest_os_id
-        if index == MSR_VP_ASSIST_PAGE:
-            return self._vp_assist_page
-        if index == MSR_HYPERCALL:
-            return self._hypercall_msr
-        if index == MSR_VP_INDEX:
-            return self.index
-        if index == MSR_TIME_REF_COUNT:
-            return self.partition.reference_time()
-        if index == MSR_TSC_FREQUENCY:
-            return self.partition.properties[int(lib.HV_PARTITION_PROPERTY_PROCESSOR_CLOCK_FREQUENCY)]
-        if index == MSR_APIC_FREQUENCY:
-            return TIMER_HZ
-        if index == MSR_SCONTROL:
-            return synic.scontrol
-        if index == MSR_SVERSION:
-            return int(lib.HV_SYNIC_VERSION_1)
-        if index == MSR_SIMP:
-            return synic.simp
-        if index == MSR_SIEFP:
-            return synic.siefp
-        if index == MSR_EOM:
-            return 0
-        if MSR_SINT0 <= index < MSR_SINT0 + 16:
-            return synic.sints[index - MSR_SINT0]
+        """An MSR the hypervisor implements, or None (#GP)."""
+        if index in _SYNTHETIC_MSRS:
+            value = self.hv.read(index)
+            return None if isinstance(value, MsrFault) else value
+        if MachineCheck.handles(index):
+            return self.machine_check.read(index)
         if index == MSR_APIC_BASE:
             return self.reg(R.HV_X64_REGISTER_APIC_BASE)
-        if index == MSR_TPR:
-            return self.lapic.tpr
-        if index == MSR_ICR:
-            return self.lapic.icr
         if X2APIC_MSR_BASE <= index < X2APIC_MSR_BASE + 0x100 and self._x2apic_enabled():
             offset = (index - X2APIC_MSR_BASE) << 4
-            return self.lapic.icr if offset == 0x300 else self.lapic.read(offset) if offset != 0x20 else self.index
+            return self.lapic.icr if offset == X2APIC_ICR else self.index if offset == X2APIC_ID else self.lapic.read(offset)
+        return None
+
+    def write_msr(self, index: int, value: int) -> int | None:
+        """0 when the write is taken, None for #GP."""
+        if index in _SYNTHETIC_MSRS:
+            return None if isinstance(self.hv.write(index, value), MsrFault) else 0
+        if MachineCheck.handles(index):
+            return 0 if self.machine_check.write(index, value) else None
+        if index == MSR_APIC_BASE:
+            self.set_reg(R.HV_X64_REGISTER_APIC_BASE, value)
+            return 0
+        if X2APIC_MSR_BASE <= index < X2APIC_MSR_BASE + 0x100 and self._x2apic_enabled():
+            offset = (index - X2APIC_MSR_BASE) << 4
+            if offset == X2APIC_ICR:
+                self.lapic.write_icr64(value)
+            elif offset == X2APIC_EOI:
+                self._eoi()
+            else:
+                self.lapic.write(offset, value)
+            return 0
         return None
 
     def _x2apic_enabled(self) -> bool:
         base = self.reg(R.HV_X64_REGISTER_APIC_BASE)
         return bool(base & APIC_BASE_ENABLE and base & APIC_BASE_X2APIC)
-
-    def write_msr(self, index: int, value: int) -> int | None:
-        synic = self.synic
-        if index == MSR_GUEST_OS_ID:
-            self._guest_os_id = value
-        elif index == MSR_VP_ASSIST_PAGE:
-            if value & ~(lib.HV_X64_MSR_VP_ASSIST_PAGE_ADDRESS_MASK | lib.HV_X64_MSR_VP_ASSIST_PAGE_ENABLE):
-                return None  # reserved bits: #GP
-            self._vp_assist_page = value
-        elif index == MSR_HYPERCALL:
-            self._set_hypercall_page(value)
-        elif index == MSR_SCONTROL:
-            synic.scontrol = value
-        elif index == MSR_SIMP:
-            synic.simp = value
-        elif index == MSR_SIEFP:
-            synic.siefp = value
-        elif index == MSR_EOM:
-            self.partition.end_of_message(self)
-        elif MSR_SINT0 <= index < MSR_SINT0 + 16:
-            synic.sints[index - MSR_SINT0] = value
-        elif index == MSR_EOI:
-            self._eoi()
-        elif index == MSR_ICR:
-            self.lapic.write_icr64(value)
-        elif index == MSR_TPR:
-            self.lapic.tpr = value & 0xFF
-        elif X2APIC_MSR_BASE <= index < X2APIC_MSR_BASE + 0x100 and self._x2apic_enabled():
-            offset = (index - X2APIC_MSR_BASE) << 4
-            if offset == 0x300:
-                self.lapic.write_icr64(value)
-            elif offset == 0xB0:
-                self._eoi()
-            else:
-                self.lapic.write(offset, value)
-        elif index in (MSR_VP_INDEX, MSR_TIME_REF_COUNT, MSR_SVERSION):
-            return None  # read-only: #GP
-        elif index == MSR_APIC_BASE:
-            self.set_reg(R.HV_X64_REGISTER_APIC_BASE, value)
-        else:
-            return None
-        return 0
-
-    def _set_hypercall_page(self, value: int) -> None:
-        # The guest must set a guest OS id first; otherwise the enable is ignored.
-        if not self._guest_os_id:
-            value &= ~int(lib.HV_X64_MSR_HYPERCALL_ENABLE)
-        self._hypercall_msr = value
-        if value & lib.HV_X64_MSR_HYPERCALL_ENABLE:
-            gpa = value & ~0xFFF & U64
-            page = HYPERCALL_PAGE_CODE + b"\xcc" * (PAGE - len(HYPERCALL_PAGE_CODE))
-            try:
-                self.partition.memory.write(gpa, page)
-            except Exception:  # noqa: BLE001 - a page outside RAM is simply not overlaid
-                return
-            self.partition.flush_code(gpa, PAGE)
 
     # ---- guest hypercalls (vmcall through the hypercall page)
     def _hypercall(self, insn: Instruction, next_rip: int) -> int | None:
@@ -825,17 +587,21 @@ class SimVp:
         if free:
             self.synic.deliverability &= ~free
             msg, payload = new_message(lib.HVMSG_SYNIC_SINT_DELIVERABLE, "struct hv_x64_sint_deliverable_message")
-            self._fill_header(payload.header)
+            intercepts.fill_header(self, payload.header)
             payload.deliverable_sints = free
             self._pending_exit = to_bytes(msg)
 
     def start_at_sipi(self, vector: int) -> None:
         """SIPI: an AP starts in real mode at vector << 12 (no VMM intercept installed)."""
-        self._drop_engine()
-        self._state.update(self._reset_state())
-        self._segments[R.HV_X64_REGISTER_CS] = (vector << 12, 0xFFFF, vector << 8, 0x9B)
-        self._state[R.HV_X64_REGISTER_RIP] = 0
-        self._state[R.HV_REGISTER_INTERNAL_ACTIVITY_STATE] = 0
+        state = self._reset_state()
+        state[R.HV_X64_REGISTER_RIP] = 0
+        state[R.HV_REGISTER_INTERNAL_ACTIVITY_STATE] = 0
+        segments = self._reset_segments()
+        segments[R.HV_X64_REGISTER_CS] = (vector << 12, 0xFFFF, vector << 8, 0x9B)
+        for name, value in state.items():
+            self.set_reg(name, value)
+        for name, segment in segments.items():
+            self.set_segment(name, *segment)
         self._halted = False
         self._notify()
 
@@ -850,3 +616,34 @@ class SimVp:
                 page.close()
             except BufferError:
                 pass
+
+
+class _HvServices:
+    """What the Hyper-V emulator may ask of its VP and partition."""
+
+    def __init__(self, vp: SimVp) -> None:
+        self._vp = vp
+        self.memory = vp.partition.memory
+
+    def reference_time(self) -> int:
+        return self._vp.partition.reference_time()
+
+    def tsc_hz(self) -> int:
+        return int(self._vp.partition.properties[int(lib.HV_PARTITION_PROPERTY_PROCESSOR_CLOCK_FREQUENCY)])
+
+    def read_tsc(self) -> int:
+        return self._vp.reg(R.HV_X64_REGISTER_TSC)
+
+    def flush_code(self, gpa: int, size: int) -> None:
+        self._vp.partition.flush_code(gpa, size)
+
+    def end_of_interrupt(self) -> None:
+        self._vp._eoi()
+
+    def end_of_message(self) -> None:
+        self._vp.partition.end_of_message(self._vp)
+
+    def post_timer_message(self, sint: int, payload: bytes) -> bool:
+        msg, body = new_message(lib.HVMSG_TIMER_EXPIRED, "struct hv_timer_message_payload")
+        ffi.memmove(body, payload, len(payload))
+        return self._vp.post_message(sint, to_bytes(msg)) == lib.HV_STATUS_SUCCESS

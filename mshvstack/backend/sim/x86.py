@@ -1,9 +1,8 @@
 """x86 architecture the simulated hypervisor must provide itself.
 
-Unicorn neither walks page tables for us nor delivers exceptions and
-interrupts to the guest's IDT (engines.md), so this module does both:
-a guest page-table walker (4-level long mode, PAE, 32-bit) and event
-delivery through the real-mode IVT and 32-/64-bit IDT gates.
+The hypervisor walks the guest's page tables itself (to translate a GVA
+for the VMM, to read the code at an intercept): 4-level long mode, PAE and
+32-bit paging, with the #PF error code a walk implies.
 """
 
 from __future__ import annotations
@@ -39,10 +38,6 @@ ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 
 
 
-def _flags_on_gate_entry(flags: int, gate_type: int) -> int:
-    """RFLAGS after entering a 32/64-bit IDT gate: interrupt gates (type 0xE) also clear IF."""
-    flags &= ~(RFLAGS_TF | RFLAGS_RF | RFLAGS_VM)
-    return flags & ~RFLAGS_IF if gate_type == 0xE else flags
 
 class Access(enum.Flag):
     READ = 0
@@ -123,135 +118,3 @@ def translate(memory: GpaMap, cr0: int, cr3: int, cr4: int, efer: int, gva: int,
     except GpaUnmapped:
         return Translation(TranslateResult.GPA_UNMAPPED, 0, err)
     raise AssertionError("unreachable")
-
-
-class DeliveryFailed(Exception):
-    """The event could not be delivered (bad IDT/IVT entry, unmapped stack)."""
-
-
-class EventDelivery:
-    """Delivers exceptions and interrupts to a guest through its IDT."""
-
-    def __init__(self, cpu: CpuState, memory: GpaMap) -> None:
-        self.cpu = cpu
-        self.memory = memory
-
-    def _virt(self, gva: int, access: Access) -> int:
-        c = self.cpu
-        t = translate(self.memory, c.reg(lib.HV_X64_REGISTER_CR0), c.reg(lib.HV_X64_REGISTER_CR3),
-                      c.reg(lib.HV_X64_REGISTER_CR4), c.reg(lib.HV_X64_REGISTER_EFER), gva, access)
-        if t.result is not TranslateResult.SUCCESS:
-            raise DeliveryFailed(f"cannot access {gva:#x} ({t.result.name})")
-        return t.gpa
-
-    def _read(self, gva: int, size: int) -> int:
-        return int.from_bytes(self.memory.read(self._virt(gva, Access.READ), size), "little")
-
-    def _write(self, gva: int, value: int, size: int) -> None:
-        self.memory.write(self._virt(gva, Access.WRITE), (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
-
-    def deliver(self, vector: int, error_code: int | None = None, cr2: int | None = None) -> None:
-        """Deliver ``vector`` now.  Raises DeliveryFailed for a triple-fault path."""
-        c = self.cpu
-        if cr2 is not None:
-            c.set_reg(lib.HV_X64_REGISTER_CR2, cr2)
-        cr0 = c.reg(lib.HV_X64_REGISTER_CR0)
-        if not cr0 & CR0_PE:
-            self._deliver_real(vector)
-        elif c.reg(lib.HV_X64_REGISTER_EFER) & EFER_LMA:
-            self._deliver_long(vector, error_code)
-        else:
-            self._deliver_protected(vector, error_code)
-
-    def _deliver_real(self, vector: int) -> None:
-        c = self.cpu
-        idt_base, idt_limit = self._table(lib.HV_X64_REGISTER_IDTR)
-        if vector * 4 + 3 > idt_limit:
-            raise DeliveryFailed(f"vector {vector} beyond the IVT limit")
-        entry = int.from_bytes(self.memory.read(idt_base + vector * 4, 4), "little")
-        ss_base = c.segment(lib.HV_X64_REGISTER_SS)[0]
-        sp = c.reg(lib.HV_X64_REGISTER_RSP) & 0xFFFF
-        flags = c.reg(lib.HV_X64_REGISTER_RFLAGS)
-        cs = c.segment(lib.HV_X64_REGISTER_CS)[2]
-        ip = c.reg(lib.HV_X64_REGISTER_RIP) & 0xFFFF
-        for value in (flags, cs, ip):
-            sp = (sp - 2) & 0xFFFF
-            self.memory.write(ss_base + sp, (value & 0xFFFF).to_bytes(2, "little"))
-        c.set_reg(lib.HV_X64_REGISTER_RSP, sp)
-        c.set_reg(lib.HV_X64_REGISTER_RFLAGS, flags & ~(RFLAGS_IF | RFLAGS_TF))
-        selector = entry >> 16
-        c.set_segment(lib.HV_X64_REGISTER_CS, selector << 4, 0xFFFF, selector, 0x93)
-        c.set_reg(lib.HV_X64_REGISTER_RIP, entry & 0xFFFF)
-
-    def _table(self, name: int) -> tuple[int, int]:
-        base, limit, _sel, _attr = self.cpu.segment(name)
-        return base, limit
-
-    def _deliver_long(self, vector: int, error_code: int | None) -> None:
-        c = self.cpu
-        idt_base, idt_limit = self._table(lib.HV_X64_REGISTER_IDTR)
-        if vector * 16 + 15 > idt_limit:
-            raise DeliveryFailed(f"vector {vector} beyond the IDT limit")
-        low = self._read(idt_base + vector * 16, 8)
-        high = self._read(idt_base + vector * 16 + 8, 8)
-        present = (low >> 47) & 1
-        gate_type = (low >> 40) & 0xF
-        if not present or gate_type not in (0xE, 0xF):
-            raise DeliveryFailed(f"IDT entry {vector} is not a present 64-bit gate")
-        target = (low & 0xFFFF) | ((low >> 32) & 0xFFFF_0000) | ((high & 0xFFFF_FFFF) << 32)
-        selector = (low >> 16) & 0xFFFF
-        ist = (low >> 32) & 7
-        rsp = c.reg(lib.HV_X64_REGISTER_RSP)
-        cs = c.segment(lib.HV_X64_REGISTER_CS)[2]
-        ss = c.segment(lib.HV_X64_REGISTER_SS)[2]
-        flags = c.reg(lib.HV_X64_REGISTER_RFLAGS)
-        rip = c.reg(lib.HV_X64_REGISTER_RIP)
-        cpl = cs & 3
-        new_rsp = rsp
-        tr_base = c.segment(lib.HV_X64_REGISTER_TR)[0]
-        if ist:
-            new_rsp = self._read(tr_base + 0x24 + (ist - 1) * 8, 8)
-        elif cpl != 0:
-            new_rsp = self._read(tr_base + 4, 8)
-        new_rsp &= ~0xF
-        frame = [ss, rsp, flags, cs, rip]
-        if error_code is not None:
-            frame.append(error_code)
-        for value in frame:
-            new_rsp -= 8
-            self._write(new_rsp, value, 8)
-        c.set_reg(lib.HV_X64_REGISTER_RSP, new_rsp)
-        c.set_reg(lib.HV_X64_REGISTER_RFLAGS, _flags_on_gate_entry(flags, gate_type))
-        if selector != cs:
-            c.set_segment(lib.HV_X64_REGISTER_CS, 0, 0xFFFFFFFF, selector, 0xA09B)
-        if cpl != 0:
-            c.set_segment(lib.HV_X64_REGISTER_SS, 0, 0xFFFFFFFF, 0, 0)
-        c.set_reg(lib.HV_X64_REGISTER_RIP, target)
-
-    def _deliver_protected(self, vector: int, error_code: int | None) -> None:
-        c = self.cpu
-        idt_base, idt_limit = self._table(lib.HV_X64_REGISTER_IDTR)
-        if vector * 8 + 7 > idt_limit:
-            raise DeliveryFailed(f"vector {vector} beyond the IDT limit")
-        entry = self._read(idt_base + vector * 8, 8)
-        present = (entry >> 47) & 1
-        gate_type = (entry >> 40) & 0xF
-        if not present or gate_type not in (0xE, 0xF):
-            raise DeliveryFailed(f"IDT entry {vector} is not a present 32-bit gate")
-        target = (entry & 0xFFFF) | ((entry >> 32) & 0xFFFF_0000)
-        selector = (entry >> 16) & 0xFFFF
-        esp = c.reg(lib.HV_X64_REGISTER_RSP) & 0xFFFF_FFFF
-        ss_base = c.segment(lib.HV_X64_REGISTER_SS)[0]
-        flags = c.reg(lib.HV_X64_REGISTER_RFLAGS)
-        cs = c.segment(lib.HV_X64_REGISTER_CS)[2]
-        frame = [flags, cs, c.reg(lib.HV_X64_REGISTER_RIP)]
-        if error_code is not None:
-            frame.append(error_code)
-        for value in frame:
-            esp = (esp - 4) & 0xFFFF_FFFF
-            self._write(ss_base + esp, value, 4)
-        c.set_reg(lib.HV_X64_REGISTER_RSP, esp)
-        c.set_reg(lib.HV_X64_REGISTER_RFLAGS, _flags_on_gate_entry(flags, gate_type))
-        if selector != cs:
-            c.set_segment(lib.HV_X64_REGISTER_CS, 0, 0xFFFFFFFF, selector, 0xC09B)
-        c.set_reg(lib.HV_X64_REGISTER_RIP, target)

@@ -1,4 +1,13 @@
-"""The small interface every CPU engine implements (Unicorn today, KVM next)."""
+"""The protocol every CPU engine implements (Unicorn today; KVM can follow).
+
+An engine executes one VP's instructions and owns everything that is
+specific to how it does so: mode changes, event delivery with the
+architecture's interruptibility rules, the TSC rate and workarounds for
+its library.  It stops only where its state is precise: before an
+instruction the hypervisor must see, at a faulting access, or at a block
+boundary in its own thread (cancel and deadlines).  Nothing above the
+engine imports the engine's library.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +25,6 @@ class Special(enum.Enum):
     CPUID = "cpuid"
     HLT = "hlt"
     VMCALL = "vmcall"
-    FARJUMP = "farjump"   # in 16/32-bit engines: may enter long mode
 
 
 @dataclass(frozen=True)
@@ -34,8 +42,10 @@ class StopKind(enum.Enum):
     SPECIAL = "special"         # the handler asked to exit at this instruction
     UNMAPPED = "unmapped"       # access to an address with no RAM behind it
     PROTECTION = "protection"   # access the mapping does not allow
-    EXCEPTION = "exception"     # the guest raised an exception / int n
-    CANCELLED = "cancelled"     # cancel() from another thread (kick, interrupt)
+    EXCEPTION = "exception"     # an intercepted exception (not delivered)
+    CANCELLED = "cancelled"     # cancel(): at a block boundary
+    DEADLINE = "deadline"       # the run's deadline passed (at a block boundary)
+    SHUTDOWN = "shutdown"       # triple fault: the processor shuts down
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,7 @@ class EngineStop:
     size: int = 0
     value: int = 0
     vector: int = 0
+    error_code: int | None = None
 
 
 # Returns None to stop at this instruction (before it executes), CONTINUE to
@@ -56,6 +67,9 @@ CONTINUE = -1
 SpecialHandler = Callable[[Instruction], "int | None"]
 MmioRead = Callable[[int, int], int]          # (offset, size) -> value
 MmioWrite = Callable[[int, int, int], None]   # (offset, size, value)
+# Called when the engine delivers the offered interrupt vector; returns the
+# next vector to offer (or -1): the interrupt controller acknowledges it.
+InterruptAcknowledge = Callable[[int], int]
 
 
 class CodeReader(Protocol):
@@ -66,19 +80,25 @@ class CodeReader(Protocol):
 
 
 class Engine(Protocol):
-    bits: int
-
     def map(self, gpa: int, size: int, host_address: int, writable: bool, executable: bool) -> None: ...
     def unmap(self, gpa: int, size: int) -> None: ...
     def protect(self, gpa: int, size: int, writable: bool, executable: bool) -> None: ...
+    def map_mmio(self, gpa: int, size: int, read: MmioRead, write: MmioWrite) -> None: ...
     def reg(self, name: int) -> int: ...
     def set_reg(self, name: int, value: int) -> None: ...
+    def holds(self, name: int) -> bool: ...
     def segment(self, name: int) -> tuple[int, int, int, int]: ...
     def set_segment(self, name: int, base: int, limit: int, selector: int, attributes: int) -> None: ...
-    def map_mmio(self, gpa: int, size: int, read: MmioRead, write: MmioWrite) -> None: ...
-    def holds(self, name: int) -> bool: ...
+    def code_bits(self) -> int: ...
     def snapshot(self) -> dict[int, int]: ...
-    def run(self, timeout_us: int = 0) -> EngineStop: ...
+    def offer_interrupt(self, vector: int) -> None: ...
+    def inject_nmi(self) -> None: ...
+    def inject_exception(self, vector: int, error_code: int | None) -> None: ...
+    def intercept_exceptions(self, vectors: int) -> None: ...
+    def interrupt_shadow(self) -> bool: ...
+    def nmi_blocked(self) -> bool: ...
+    def set_interrupt_state(self, shadow: bool, nmi_blocked: bool) -> None: ...
+    def run(self, deadline_ns: int = 0) -> EngineStop: ...
     def cancel(self) -> None: ...
     def flush_code(self, gpa: int, size: int) -> None: ...
     def close(self) -> None: ...

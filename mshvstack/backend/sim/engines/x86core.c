@@ -1,0 +1,546 @@
+/*
+ * The C half of the Unicorn engine: everything that must run inside the
+ * emulator's own thread, at a point where the CPU state is precise.
+ *
+ * Why C and not Python hooks: Unicorn (QEMU's TCG) delivers no exceptions
+ * or interrupts to the guest and stops imprecisely when asked to from
+ * another thread (an exit request is noticed after the next memory access
+ * and the interrupted instruction is re-executed, so a locked
+ * read-modify-write runs twice).  QEMU's real x86 event machinery is in the
+ * library, exported: do_interrupt (IDT/IVT gates, CPL and TSS stack
+ * switches, IST, error codes, #DF promotion, triple fault) and the
+ * interruptibility test (IF, the STI/MOV SS shadow, NMI blocking).  It
+ * must be called from inside the CPU loop, because a fault while pushing
+ * a frame unwinds with longjmp; Python frames cannot be unwound that way.
+ *
+ * So every stop and every event is taken here, at the start of a
+ * translation block (nothing of the block has run, and the PC is synced),
+ * or in the exception hook (the state is that of the faulting instruction).
+ * Other threads only set flags that this code reads.
+ *
+ * The head of QEMU's CPUX86State is mirrored below; unicorn is pinned and
+ * the layout is verified against the public register API when an engine
+ * starts (mshvstack_cpu_init), which refuses to run on a mismatch.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <dlfcn.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+struct qemu_segment {
+    uint32_t selector;
+    uint64_t base;
+    uint32_t limit;
+    uint32_t flags;
+};
+
+struct qemu_x86_head {
+    uint64_t regs[16];
+    uint64_t eip;
+    uint64_t eflags;
+    uint64_t cc_dst, cc_src, cc_src2;
+    uint32_t cc_op;
+    int32_t df;
+    uint32_t hflags, hflags2;
+    struct qemu_segment segs[6], ldt, tr, gdt, idt;
+    uint64_t cr[9];
+    int32_t a20_mask;
+    uint64_t bnd_regs[4][2];
+    uint64_t bndcs_regs[2];
+    uint64_t msr_bndcfgs;
+    uint64_t efer;
+};
+
+/* QEMU's constants (target/i386/cpu.h, include/exec/cpu-all.h). */
+#define CPU_INTERRUPT_HARD 0x0002
+#define CPU_INTERRUPT_NMI 0x0200
+#define HF2_NMI_MASK (1u << 2)
+#define EXCP_NMI 2
+#define EXCP_UD 6
+#define MSR_STAR 0xC0000081u
+#define MSR_LSTAR 0xC0000082u
+#define MSR_CSTAR 0xC0000083u
+#define MSR_FMASK 0xC0000084u
+#define EFER_SCE (1u << 0)
+#define EFER_LMA (1u << 10)
+#define DESC_A (1u << 8)
+#define DESC_W (1u << 9)   /* data: writable; code: readable */
+#define DESC_CODE (1u << 11)
+#define DESC_S (1u << 12)
+#define DESC_P (1u << 15)
+#define DESC_L (1u << 21)
+#define DESC_B (1u << 22)
+#define DESC_G (1u << 23)
+#define HF_INHIBIT_IRQ (1u << 3)
+#define HF_LMA (1u << 14)
+#define HF_CS64 (1u << 15)
+#define RFLAGS_RF (1u << 16)
+
+enum mshvstack_reason {
+    REASON_NONE = 0,
+    REASON_CANCELLED = 1,  /* stop_request seen at a block boundary */
+    REASON_DEADLINE = 2,   /* the deadline passed */
+    REASON_EXCEPTION = 3,  /* an intercepted exception, not delivered */
+};
+
+struct mshvstack_api {
+    int (*emu_stop)(void *uc);
+    int (*reg_read)(void *uc, int regid, void *value);
+    int (*reg_write)(void *uc, int regid, const void *value);
+    int (*hook_add)(void *uc, size_t *hh, int type, void *callback, void *user_data, uint64_t begin, uint64_t end, ...);
+    void (*do_interrupt)(void *cs);
+    void (*hardirq)(void *env, int intno, int is_hw);
+    int (*pending_interrupt)(void *cs, int request);
+    void (*loop_exit)(void *cs);
+    void (*raise_exception_err)(void *env, int intno, int error_code);
+    void (*update_hflags)(void *env);
+    void (*tlb_flush)(void *cs);
+    int (*vmem_read)(void *uc, uint64_t address, int prot, void *bytes, size_t size);
+};
+
+struct mshvstack_cpu {
+    /* block filter: open addressing, 0 = empty, otherwise address + 1 */
+    uint64_t *slots;
+    uint64_t mask;
+    uint64_t used;
+    void *owner;
+    void *uc;
+    void *cs;
+    struct qemu_x86_head *env;
+    struct mshvstack_api api;
+    int reg_eflags, reg_msr;
+    unsigned tick;
+    /* requests (any thread may set stop_request; the rest is set by the VP's own thread) */
+    volatile int stop_request;
+    int64_t deadline_ns;
+    int pending_vector;
+    int pending_nmi;
+    int pending_exception;
+    uint32_t pending_error_code;
+    uint32_t intercepted_exceptions;
+    /* the last stop */
+    int reason;
+    int vector;
+    uint32_t error_code;
+    uint64_t injected;
+    size_t error_code_offset;   /* env->error_code, deep in CPUX86State (0: unknown) */
+};
+
+static void mshvstack_on_new_block(void *owner, uint64_t address, uint32_t size);
+static int mshvstack_on_injected(void *owner, int vector);
+
+static uint64_t mix(uint64_t x)
+{
+    x ^= x >> 33; x *= 0xff51afd7ed558ccdULL; x ^= x >> 33;
+    return x;
+}
+
+static int insert(struct mshvstack_cpu *f, uint64_t key)
+{
+    uint64_t i = mix(key) & f->mask;
+    while (f->slots[i]) {
+        if (f->slots[i] == key)
+            return 0;
+        i = (i + 1) & f->mask;
+    }
+    f->slots[i] = key;
+    f->used++;
+    return 1;
+}
+
+static int grow(struct mshvstack_cpu *f)
+{
+    uint64_t old_size = f->mask + 1, *old = f->slots;
+    f->slots = calloc(old_size * 2, sizeof(uint64_t));
+    if (!f->slots) { f->slots = old; return -1; }
+    f->mask = old_size * 2 - 1;
+    f->used = 0;
+    for (uint64_t i = 0; i < old_size; i++)
+        if (old[i])
+            insert(f, old[i]);
+    free(old);
+    return 0;
+}
+
+/* Read our own memory without faulting on a bad pointer (used only to verify layouts). */
+static int safe_read(void *dst, const void *src, size_t n)
+{
+    struct iovec local = {dst, n}, remote = {(void *)src, n};
+    return process_vm_readv(getpid(), &local, 1, &remote, 1, 0) == (ssize_t)n ? 0 : -1;
+}
+
+static int resolve(struct mshvstack_api *api, const char *library)
+{
+    void *h = dlopen(library, RTLD_NOW | RTLD_NOLOAD);
+    if (!h)
+        return -1;
+#define SYM(field, name) if (!(*(void **)&api->field = dlsym(h, name))) return -2;
+    SYM(emu_stop, "uc_emu_stop")
+    SYM(reg_read, "uc_reg_read")
+    SYM(reg_write, "uc_reg_write")
+    SYM(hook_add, "uc_hook_add")
+    SYM(do_interrupt, "x86_cpu_do_interrupt_x86_64")
+    SYM(hardirq, "do_interrupt_x86_hardirq_x86_64")
+    SYM(pending_interrupt, "x86_cpu_pending_interrupt_x86_64")
+    SYM(loop_exit, "cpu_loop_exit_x86_64")
+    SYM(raise_exception_err, "raise_exception_err_x86_64")
+    SYM(update_hflags, "x86_update_hflags_x86_64")
+    SYM(tlb_flush, "tlb_flush_x86_64")
+    SYM(vmem_read, "uc_vmem_read")
+#undef SYM
+    return 0;
+}
+
+/*
+ * Find QEMU's CPUState and CPUX86State behind the engine: the uc struct
+ * holds a pointer to the CPU, whose env_ptr points at registers equal to
+ * the probe values the caller wrote through the public API.
+ */
+static int is_live(struct mshvstack_cpu *c, struct qemu_x86_head *env, int reg_rax, uint64_t probe_rax)
+{
+    /* A copy of the registers does not follow a write through the API; the CPU state does. */
+    for (uint64_t round = 1; round <= 3; round++) {
+        uint64_t value = 0x5A5AC3C3F00F0000ULL ^ (round * 0x1111), seen = 0;
+        c->api.reg_write(c->uc, reg_rax, &value);
+        if (safe_read(&seen, &env->regs[0], 8) < 0 || seen != value) {
+            c->api.reg_write(c->uc, reg_rax, &probe_rax);
+            return 0;
+        }
+    }
+    c->api.reg_write(c->uc, reg_rax, &probe_rax);
+    return 1;
+}
+
+static int discover(struct mshvstack_cpu *c, const uint64_t probe[16], int reg_rax)
+{
+    enum { UC_WORDS = 1024, CPU_WORDS = 2048 };
+    uint64_t *ucw = calloc(UC_WORDS, 8), *cpuw = calloc(CPU_WORDS, 8), regs[16];
+    int found = -1;
+    if (!ucw || !cpuw || safe_read(ucw, c->uc, UC_WORDS * 8) < 0)
+        goto out;
+    for (int i = 0; i < UC_WORDS && found < 0; i++) {
+        uint64_t p = ucw[i];
+        if (!p || (p & 7) || safe_read(cpuw, (void *)p, CPU_WORDS * 8) < 0)
+            continue;
+        for (int j = 0; j < CPU_WORDS; j++) {
+            uint64_t e = cpuw[j];
+            if (e <= p || e - p > (1u << 20) || (e & 7))
+                continue;
+            if (safe_read(regs, (void *)e, sizeof regs) == 0 && memcmp(regs, probe, sizeof regs) == 0 &&
+                is_live(c, (struct qemu_x86_head *)e, reg_rax, probe[0])) {
+                c->cs = (void *)p;
+                c->env = (struct qemu_x86_head *)e;
+                found = 0;
+                break;
+            }
+        }
+    }
+out:
+    free(ucw);
+    free(cpuw);
+    return found;
+}
+
+int mshvstack_cpu_init(struct mshvstack_cpu *c, void *owner, void *uc, const char *library, const uint64_t *probe,
+                       int reg_eflags, int reg_msr, int reg_rax)
+{
+    memset(c, 0, sizeof *c);
+    c->owner = owner;
+    c->uc = uc;
+    c->reg_eflags = reg_eflags;
+    c->reg_msr = reg_msr;
+    c->pending_vector = -1;
+    c->pending_exception = -1;
+    if (resolve(&c->api, library) < 0)
+        return -1;
+    if (discover(c, probe, reg_rax) < 0)
+        return -2;
+    c->mask = 4095;
+    c->slots = calloc(c->mask + 1, sizeof(uint64_t));
+    return c->slots ? 0 : -3;
+}
+
+void mshvstack_cpu_free(struct mshvstack_cpu *c)
+{
+    free(c->slots);
+    c->slots = NULL;
+}
+
+/* Forget blocks starting in [start, end) so they are scanned again. */
+void mshvstack_filter_forget(struct mshvstack_cpu *f, uint64_t start, uint64_t end)
+{
+    uint64_t size = f->mask + 1, *old = f->slots;
+    uint64_t *fresh = calloc(size, sizeof(uint64_t));
+    if (!fresh)
+        return;
+    f->slots = fresh;
+    f->used = 0;
+    for (uint64_t i = 0; i < size; i++)
+        if (old[i] && !(old[i] - 1 >= start && old[i] - 1 < end))
+            insert(f, old[i]);
+    free(old);
+}
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void stop(struct mshvstack_cpu *c, int reason)
+{
+    c->reason = reason;
+    c->api.emu_stop(c->uc);
+}
+
+/* Deliver what is pending and deliverable now; does not return when it delivers. */
+static void inject(struct mshvstack_cpu *c)
+{
+    if (c->pending_exception >= 0) {
+        int vector = c->pending_exception;
+        c->pending_exception = -1;
+        /* QEMU's own path: #DF promotion, then the exception hook delivers or intercepts. */
+        c->api.raise_exception_err(c->env, vector, (int)c->pending_error_code);
+    }
+    if (c->pending_nmi && c->api.pending_interrupt(c->cs, CPU_INTERRUPT_NMI)) {
+        c->pending_nmi = 0;
+        c->env->hflags2 |= HF2_NMI_MASK;   /* blocked until IRET */
+        c->injected++;
+        c->api.hardirq(c->env, EXCP_NMI, 1);
+        c->api.loop_exit(c->cs);
+    }
+    if (c->pending_vector >= 0 && c->api.pending_interrupt(c->cs, CPU_INTERRUPT_HARD)) {
+        int vector = c->pending_vector;
+        c->pending_vector = -1;
+        c->injected++;
+        c->pending_vector = mshvstack_on_injected(c->owner, vector);  /* the LAPIC acknowledges it */
+        c->api.hardirq(c->env, vector, 1);
+        c->api.loop_exit(c->cs);
+    }
+}
+
+void mshvstack_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
+{
+    struct mshvstack_cpu *c = user_data;
+    (void)uc;
+    if (c->stop_request) {
+        stop(c, REASON_CANCELLED);
+        return;
+    }
+    if (c->deadline_ns && (++c->tick & 15) == 0 && now_ns() >= c->deadline_ns) {
+        stop(c, REASON_DEADLINE);
+        return;
+    }
+    if (c->pending_vector >= 0 || c->pending_nmi || c->pending_exception >= 0)
+        inject(c);
+    if (!c->slots)
+        return;
+    if (c->used * 2 >= c->mask && grow(c) < 0)
+        return;
+    if (insert(c, address + 1))
+        mshvstack_on_new_block(c->owner, address, size);
+}
+
+/* An exception raised by guest code (or injected): intercept it or deliver it. */
+void mshvstack_intr_hook(void *uc, uint32_t intno, void *user_data)
+{
+    struct mshvstack_cpu *c = user_data;
+    (void)uc;
+    if (intno < 32 && (c->intercepted_exceptions >> intno) & 1) {
+        c->vector = (int)intno;
+        c->error_code = c->error_code_offset ? *(uint32_t *)((char *)c->env + c->error_code_offset) : 0;
+        stop(c, REASON_EXCEPTION);
+        return;
+    }
+    c->api.do_interrupt(c->cs);
+}
+
+/* #UD: Unicorn reports it here rather than as an exception. */
+int mshvstack_invalid_hook(void *uc, void *user_data)
+{
+    struct mshvstack_cpu *c = user_data;
+    (void)uc;
+    if ((c->intercepted_exceptions >> EXCP_UD) & 1) {
+        c->vector = EXCP_UD;
+        c->error_code = 0;
+        stop(c, REASON_EXCEPTION);
+        return 1;
+    }
+    c->api.raise_exception_err(c->env, EXCP_UD, 0);
+    return 1;
+}
+
+static uint64_t read_msr(struct mshvstack_cpu *c, uint32_t index)
+{
+    struct { uint32_t rid; uint64_t value; } msr = {index, 0};
+    c->api.reg_read(c->uc, c->reg_msr, &msr);
+    return msr.value;
+}
+
+static void load_segment(struct mshvstack_cpu *c, int index, uint32_t selector, uint32_t flags)
+{
+    struct qemu_segment *s = &c->env->segs[index];
+    s->selector = selector;
+    s->base = 0;
+    s->limit = 0xFFFFFFFF;
+    s->flags = flags;
+}
+
+/*
+ * SYSCALL.  Unicorn replaced QEMU's implementation with a hook call, so
+ * the architectural behaviour (SDM vol. 2B) is done here: RCX/R11 saved,
+ * flat CPL0 CS/SS from STAR, RFLAGS masked, RIP from LSTAR (CSTAR from
+ * compatibility mode).  Called with the PC at the instruction.
+ */
+void mshvstack_syscall_hook(void *uc, void *user_data)
+{
+    struct mshvstack_cpu *c = user_data;
+    struct qemu_x86_head *env = c->env;
+    uint8_t code[15];
+    unsigned length = 0;
+    uint64_t rflags = 0;
+    (void)uc;
+    if (!(env->efer & EFER_SCE))
+        c->api.raise_exception_err(env, EXCP_UD, 0);
+    /* Instruction length: legacy and REX prefixes, then 0f 05. */
+    memset(code, 0, sizeof code);
+    {
+        uint64_t linear = env->segs[1].base + env->eip;
+        if (c->api.vmem_read(c->uc, linear, 4 /* UC_PROT_EXEC */, code, sizeof code) != 0)
+            c->api.vmem_read(c->uc, linear, 4, code, 2);
+    }
+    while (length < 13 && (code[length] == 0x66 || code[length] == 0x67 || code[length] == 0xF2 || code[length] == 0xF3 ||
+                           code[length] == 0x2E || code[length] == 0x36 || code[length] == 0x3E || code[length] == 0x26 ||
+                           code[length] == 0x64 || code[length] == 0x65 || (code[length] & 0xF0) == 0x40))
+        length++;
+    length += 2;
+    c->api.reg_read(c->uc, c->reg_eflags, &rflags);
+    uint64_t star = read_msr(c, MSR_STAR);
+    uint32_t selector = (uint32_t)(star >> 32) & 0xFFFC;
+    uint64_t next = env->eip + length;
+    if (env->hflags & HF_LMA) {
+        int from64 = (env->hflags & HF_CS64) != 0;
+        env->regs[1] = next;          /* RCX */
+        env->regs[11] = rflags;       /* R11 */
+        load_segment(c, 1, selector, DESC_G | DESC_P | DESC_S | DESC_CODE | DESC_W | DESC_A | DESC_L);
+        load_segment(c, 2, selector + 8, DESC_G | DESC_B | DESC_P | DESC_S | DESC_W | DESC_A);
+        rflags &= ~read_msr(c, MSR_FMASK);
+        env->eip = from64 ? read_msr(c, MSR_LSTAR) : read_msr(c, MSR_CSTAR);
+    } else {
+        env->regs[1] = (uint32_t)next;
+        load_segment(c, 1, selector, DESC_G | DESC_B | DESC_P | DESC_S | DESC_CODE | DESC_W | DESC_A);
+        load_segment(c, 2, selector + 8, DESC_G | DESC_B | DESC_P | DESC_S | DESC_W | DESC_A);
+        rflags &= ~((1u << 9) | (1u << 17));  /* IF, VM */
+        env->eip = (uint32_t)star;
+    }
+    rflags &= ~(uint64_t)RFLAGS_RF;
+    c->api.reg_write(c->uc, c->reg_eflags, &rflags);
+    c->api.update_hflags(env);
+    c->api.loop_exit(c->cs);  /* leave the helper: it would add the instruction length again */
+}
+
+/* ---- state the public API does not reach ---- */
+
+struct mshvstack_segment {
+    uint64_t base;
+    uint32_t limit;
+    uint32_t selector;
+    uint32_t flags;   /* QEMU's descriptor flags (descriptor bits 8-23) */
+};
+
+/* index: 0-5 ES CS SS DS FS GS, 6 LDTR, 7 TR, 8 GDTR, 9 IDTR */
+static struct qemu_segment *segment_at(struct mshvstack_cpu *c, int index)
+{
+    struct qemu_x86_head *env = c->env;
+    if (index < 6)
+        return &env->segs[index];
+    switch (index) {
+    case 6: return &env->ldt;
+    case 7: return &env->tr;
+    case 8: return &env->gdt;
+    default: return &env->idt;
+    }
+}
+
+void mshvstack_get_segment(struct mshvstack_cpu *c, int index, struct mshvstack_segment *out)
+{
+    struct qemu_segment *s = segment_at(c, index);
+    out->base = s->base;
+    out->limit = s->limit;
+    out->selector = s->selector;
+    out->flags = s->flags;
+}
+
+void mshvstack_set_segment(struct mshvstack_cpu *c, int index, const struct mshvstack_segment *in)
+{
+    struct qemu_segment *s = segment_at(c, index);
+    s->base = in->base;
+    s->limit = in->limit;
+    s->selector = in->selector;
+    s->flags = in->flags;
+    c->api.update_hflags(c->env);
+}
+
+uint64_t mshvstack_get_efer(struct mshvstack_cpu *c)
+{
+    return c->env->efer;
+}
+
+/* EFER as the VMM sets it, LMA included (WRMSR cannot set LMA). */
+void mshvstack_set_efer(struct mshvstack_cpu *c, uint64_t value)
+{
+    c->env->efer = value;
+    c->api.update_hflags(c->env);
+    c->api.tlb_flush(c->cs);
+}
+
+uint32_t mshvstack_hflags(struct mshvstack_cpu *c)
+{
+    return c->env->hflags;
+}
+
+int mshvstack_interrupt_shadow(struct mshvstack_cpu *c)
+{
+    return (c->env->hflags & HF_INHIBIT_IRQ) != 0;
+}
+
+/* An emulated instruction completed: a STI/MOV SS shadow ends with it. */
+void mshvstack_end_interrupt_shadow(struct mshvstack_cpu *c)
+{
+    c->env->hflags &= ~HF_INHIBIT_IRQ;
+}
+
+int mshvstack_nmi_blocked(struct mshvstack_cpu *c)
+{
+    return (c->env->hflags2 & HF2_NMI_MASK) != 0;
+}
+
+void mshvstack_set_nmi_blocked(struct mshvstack_cpu *c, int blocked)
+{
+    if (blocked)
+        c->env->hflags2 |= HF2_NMI_MASK;
+    else
+        c->env->hflags2 &= ~HF2_NMI_MASK;
+}
+
+/* Install the hooks, all in C (none of them may be a Python frame: they can longjmp). */
+int mshvstack_cpu_hooks(struct mshvstack_cpu *c, int block_type, int intr_type, int invalid_type, int insn_type, int syscall_insn)
+{
+    size_t h;
+    if (c->api.hook_add(c->uc, &h, block_type, (void *)mshvstack_block_hook, c, 1, 0) != 0)
+        return -1;
+    if (c->api.hook_add(c->uc, &h, intr_type, (void *)mshvstack_intr_hook, c, 1, 0) != 0)
+        return -2;
+    if (c->api.hook_add(c->uc, &h, invalid_type, (void *)mshvstack_invalid_hook, c, 1, 0) != 0)
+        return -3;
+    if (c->api.hook_add(c->uc, &h, insn_type, (void *)mshvstack_syscall_hook, c, 1, 0, syscall_insn) != 0)
+        return -4;
+    return 0;
+}
