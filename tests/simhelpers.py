@@ -90,6 +90,8 @@ class Guest:
         backend.ioctl(self.part, lib.MSHV_SET_GUEST_MEMORY, region)
         vp = ffi.new("struct mshv_create_vp *")
         self.vp = backend.ioctl(self.part, lib.MSHV_CREATE_VP, vp)
+        # A VP starts at the reset vector (CS base 0xFFFF0000); these guests live low.
+        set_segment(backend, self.vp, lib.HV_X64_REGISTER_CS, 0, 0xFFFF, 0, 0x9B)
 
     def run(self) -> Any:
         run = ffi.new("struct mshv_run_vp *")

@@ -93,11 +93,11 @@ class SyntheticTimer:
 
     @property
     def vector(self) -> int:
-        return (self.config & lib.HV_STIMER_CONFIG_APIC_VECTOR_MASK) >> lib.HV_STIMER_CONFIG_APIC_VECTOR_SHIFT
+        return int((self.config & lib.HV_STIMER_CONFIG_APIC_VECTOR_MASK) >> lib.HV_STIMER_CONFIG_APIC_VECTOR_SHIFT)
 
     @property
     def sint(self) -> int:
-        return (self.config & lib.HV_STIMER_CONFIG_SINTX_MASK) >> lib.HV_STIMER_CONFIG_SINTX_SHIFT
+        return int((self.config & lib.HV_STIMER_CONFIG_SINTX_MASK) >> lib.HV_STIMER_CONFIG_SINTX_SHIFT)
 
     def arm(self, now: int) -> None:
         if not self.enabled or not self.count:

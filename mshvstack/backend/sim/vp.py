@@ -646,4 +646,4 @@ class _HvServices:
     def post_timer_message(self, sint: int, payload: bytes) -> bool:
         msg, body = new_message(lib.HVMSG_TIMER_EXPIRED, "struct hv_timer_message_payload")
         ffi.memmove(body, payload, len(payload))
-        return self._vp.post_message(sint, to_bytes(msg)) == lib.HV_STATUS_SUCCESS
+        return bool(self._vp.post_message(sint, to_bytes(msg)) == lib.HV_STATUS_SUCCESS)

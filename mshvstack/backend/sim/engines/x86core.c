@@ -373,7 +373,8 @@ int mshvstack_invalid_hook(void *uc, void *user_data)
         stop(c, REASON_EXCEPTION);
         return 1;
     }
-    c->api.raise_exception_err(c->env, EXCP_UD, 0);
+    /* cs->exception_index is #UD here: deliver it (a fault while delivering longjmps on). */
+    c->api.do_interrupt(c->cs);
     return 1;
 }
 
