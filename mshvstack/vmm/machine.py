@@ -25,9 +25,10 @@ from mshvstack.partition import (CpuidIntercept, Halt, HypercallIntercept, Inter
 from mshvstack.partition.exits import ExceptionIntercept, SintDeliverable
 from mshvstack.vmm.bus import Bus
 from mshvstack.vmm.config import MachineConfig
-from mshvstack.vmm.devices.simple import CmosRtc, DebugExit, I8042, Scratch
+from mshvstack.vmm.devices.simple import AcpiSleepControl, CmosRtc, DebugExit, I8042, Scratch
 from mshvstack.vmm.devices.uart import Uart16550
 from mshvstack.vmm.loader import LoaderError
+from mshvstack.vmm.loader import acpi
 from mshvstack.vmm.loader.acpi import write_acpi_tables
 from mshvstack.vmm.loader.bzimage import extract_vmlinux, is_bzimage, load_bzimage
 from mshvstack.vmm.loader.elf import load_elf
@@ -120,6 +121,9 @@ class Machine:
         self.pio.register(I8042_BASE, I8042_SIZE, I8042(lambda: self.stop(StopReason(StopKind.RESET, 0, "guest requested reset"))), "i8042")
         self.pio.register(CMOS_BASE, CMOS_SIZE, CmosRtc(memory_mb=config.memory >> 20), "CMOS/RTC")
         self.pio.register(DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit), "debug exit")
+        sleep = AcpiSleepControl(lambda: self.stop(StopReason(StopKind.POWEROFF, 0, "guest powered off (ACPI S5)")),
+                                 acpi.SLEEP_TYPE_S5, acpi.SLP_EN, acpi.SLP_TYP_SHIFT)
+        self.pio.register(acpi.SLEEP_CONTROL_PORT, 2, sleep, "ACPI sleep control")
         if config.test_devices or config.demo == "iotest":
             self.scratch = Scratch()
             self.mmio.register(SCRATCH_MMIO, 0x1000, self.scratch, "scratch")

@@ -55,8 +55,9 @@ MSR_APIC_BASE = 0x1B
 X2APIC_ID, X2APIC_ICR, X2APIC_EOI = 0x20, 0x300, 0xB0
 
 # Architectural MSRs the CPU engine implements; they run natively unless intercepted.
+MSR_TSC = 0x10
 _NATIVE_MSR_NAMES = {
-    "TSC": 0x10, "TSC_ADJUST": 0x3B, "UCODE_REV": 0x8B, "SPEC_CTRL": 0x48, "PRED_CMD": 0x49, "MTRRCAP": 0xFE,
+    "TSC_ADJUST": 0x3B, "UCODE_REV": 0x8B, "SPEC_CTRL": 0x48, "PRED_CMD": 0x49, "MTRRCAP": 0xFE,
     "SYSENTER_CS": 0x174, "SYSENTER_ESP": 0x175, "SYSENTER_EIP": 0x176,
     "MISC_ENABLE": 0x1A0, "PAT": 0x277, "MTRR_DEF_TYPE": 0x2FF,
     "EFER": 0xC0000080, "STAR": 0xC0000081, "LSTAR": 0xC0000082, "CSTAR": 0xC0000083, "SFMASK": 0xC0000084,
@@ -290,6 +291,8 @@ class SimVp:
             self._eoi()
         else:
             self.lapic.write(offset & ~0xF, value)
+            if self.engine is not None:
+                self.engine.set_deadline(self._deadline_ns())
 
     def _eoi(self) -> None:
         vector = self.lapic.eoi()
@@ -470,6 +473,8 @@ class SimVp:
         if not write:
             self.set_reg(R.HV_X64_REGISTER_RAX, handled & 0xFFFFFFFF)
             self.set_reg(R.HV_X64_REGISTER_RDX, handled >> 32)
+        elif self.engine is not None:
+            self.engine.set_deadline(self._deadline_ns())  # the write may have armed a timer
         if self._pending_exit is not None and self.engine is not None:
             self.engine.cancel()  # e.g. EOM made a SINT deliverable: report it now
         return next_rip
@@ -481,6 +486,8 @@ class SimVp:
             return None if isinstance(value, MsrFault) else value
         if MachineCheck.handles(index):
             return self.machine_check.read(index)
+        if index == MSR_TSC:
+            return self.reg(R.HV_X64_REGISTER_TSC)
         if index == MSR_APIC_BASE:
             return self.reg(R.HV_X64_REGISTER_APIC_BASE)
         if X2APIC_MSR_BASE <= index < X2APIC_MSR_BASE + 0x100 and self._x2apic_enabled():
@@ -494,6 +501,8 @@ class SimVp:
             return None if isinstance(self.hv.write(index, value), MsrFault) else 0
         if MachineCheck.handles(index):
             return 0 if self.machine_check.write(index, value) else None
+        if index == MSR_TSC:
+            return 0  # the TSC follows the host's counter (writes are dropped)
         if index == MSR_APIC_BASE:
             self.set_reg(R.HV_X64_REGISTER_APIC_BASE, value)
             return 0

@@ -20,6 +20,24 @@ class DebugExit:
         self.on_exit(value)
 
 
+class AcpiSleepControl:
+    """The hardware-reduced ACPI sleep control/status registers (two I/O bytes).
+
+    Writing SLP_EN with the \\_S5 sleep type powers the machine off, which is
+    how Linux's poweroff ends (acpi_power_off)."""
+
+    def __init__(self, on_power_off: Callable[[], None], s5_type: int, enable_bit: int, type_shift: int) -> None:
+        self.on_power_off = on_power_off
+        self._s5_type, self._enable, self._shift = s5_type, enable_bit, type_shift
+
+    def read(self, offset: int, size: int) -> int:
+        return 0   # status: wake not signalled
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if offset == 0 and value & self._enable and (value >> self._shift) & 7 == self._s5_type:
+            self.on_power_off()
+
+
 class I8042:
     """Keyboard controller, as far as a VMM needs it: status reads and the
     pulse-reset command (0xFE to port 0x64) that Linux uses to reboot."""

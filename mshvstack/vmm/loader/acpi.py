@@ -17,6 +17,14 @@ CREATOR_ID = b"MSVS"
 LAPIC_BASE = 0xFEE00000
 FADT_HW_REDUCED_ACPI = 1 << 20
 FADT_LOW_POWER_S0_IDLE = 1 << 21
+# Hardware-reduced ACPI sleep registers (FADT SLEEP_CONTROL_REG/SLEEP_STATUS_REG):
+# the guest enters S5 by writing SLP_TYP (from \_S5) and SLP_EN here.
+SLEEP_CONTROL_PORT = 0x604
+SLEEP_STATUS_PORT = 0x605
+SLEEP_TYPE_S5 = 5
+SLP_EN = 1 << 5
+SLP_TYP_SHIFT = 2
+_GAS_SYSTEM_IO = 1
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,17 @@ def vmbus_aml(windows: tuple[MmioWindow, ...] = DEFAULT_WINDOWS) -> bytes:
     return b"\x10" + _pkg_length(len(scope_body)) + scope_body
 
 
+def sleep_states_aml() -> bytes:
+    """Name(\\_S5_, Package() {SLEEP_TYPE_S5, 0}): the guest may power off through ACPI."""
+    package = bytes([2, 0x0A, SLEEP_TYPE_S5, 0x00])
+    return _name("\\_S5_", b"\x12" + _pkg_length(len(package)) + package)
+
+
+def _io_register(port: int) -> bytes:
+    """A Generic Address Structure for one byte of port I/O."""
+    return struct.pack("<BBBBQ", _GAS_SYSTEM_IO, 8, 0, 1, port)
+
+
 def _fadt(dsdt: int) -> bytes:
     body = bytearray(276 - 36)
     struct.pack_into("<I", body, 40 - 36, dsdt)              # DSDT
@@ -89,6 +108,8 @@ def _fadt(dsdt: int) -> bytes:
     struct.pack_into("<I", body, 112 - 36, FADT_HW_REDUCED_ACPI | FADT_LOW_POWER_S0_IDLE)
     body[131 - 36] = 1                                        # FADT minor version (6.1)
     struct.pack_into("<Q", body, 140 - 36, dsdt)             # X_DSDT
+    body[244 - 36 : 256 - 36] = _io_register(SLEEP_CONTROL_PORT)
+    body[256 - 36 : 268 - 36] = _io_register(SLEEP_STATUS_PORT)
     struct.pack_into("<Q", body, 268 - 36, 0x4D5348565354434B)  # hypervisor vendor identity
     return _table(b"FACP", 6, bytes(body))
 
@@ -123,7 +144,7 @@ def write_acpi_tables(memory: GuestMemory, vcpus: int, windows: tuple[MmioWindow
         cursor = (cursor + len(table) + 15) & ~15
         return address
 
-    dsdt = place(_table(b"DSDT", 2, vmbus_aml(windows)))
+    dsdt = place(_table(b"DSDT", 2, sleep_states_aml() + vmbus_aml(windows)))
     fadt = place(_fadt(dsdt))
     madt = place(_madt(vcpus))
     xsdt = place(_table(b"XSDT", 1, struct.pack("<QQ", fadt, madt)))

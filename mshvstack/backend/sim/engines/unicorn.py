@@ -76,8 +76,9 @@ _MSRS = {
     lib.HV_X64_REGISTER_CSTAR: 0xC0000083, lib.HV_X64_REGISTER_SFMASK: 0xC0000084,
     lib.HV_X64_REGISTER_SYSENTER_CS: 0x174, lib.HV_X64_REGISTER_SYSENTER_ESP: 0x175,
     lib.HV_X64_REGISTER_SYSENTER_EIP: 0x176, lib.HV_X64_REGISTER_PAT: 0x277,
-    lib.HV_X64_REGISTER_TSC: 0x10, lib.HV_X64_REGISTER_TSC_AUX: 0xC0000103,
+    lib.HV_X64_REGISTER_TSC_AUX: 0xC0000103,
 }
+_TSC = int(lib.HV_X64_REGISTER_TSC)
 _EFER = int(lib.HV_X64_REGISTER_EFER)
 _RIP = int(lib.HV_X64_REGISTER_RIP)
 _MODE_REGISTERS = frozenset({int(lib.HV_X64_REGISTER_CR0), int(lib.HV_X64_REGISTER_CR4)})
@@ -275,13 +276,15 @@ class UnicornEngine:
 
     # ---- registers ----
     def holds(self, name: int) -> bool:
-        return name in _REGS or name in _MSRS or name in _VECTORS or name == _EFER
+        return name in _REGS or name in _MSRS or name in _VECTORS or name in (_EFER, _TSC)
 
     def reg(self, name: int) -> int:
         if name in _REGS:
             return int(self._uc.reg_read(_REGS[name]))
         if name == _EFER:
             return int(core.mshvstack_get_efer(self._cpu))
+        if name == _TSC:
+            return int(core.mshvstack_tsc(self._cpu))
         if name in _VECTORS:
             return int(self._uc.reg_read(_VECTORS[name])) & ((1 << 128) - 1)
         if name in _MSRS:
@@ -302,6 +305,8 @@ class UnicornEngine:
                 core.mshvstack_end_interrupt_shadow(self._cpu)
         elif name == _EFER:
             core.mshvstack_set_efer(self._cpu, value)
+        elif name == _TSC:
+            pass  # the TSC follows the host's counter; it cannot be moved
         elif name in _VECTORS:
             self._uc.reg_write(_VECTORS[name], value & ((1 << 128) - 1))
         elif name in _MSRS:
@@ -363,6 +368,10 @@ class UnicornEngine:
         return int(self._cpu.injected)
 
     # ---- execution ----
+    def set_deadline(self, deadline_ns: int) -> None:
+        """Move the running engine's deadline (a timer was armed by the guest)."""
+        self._cpu.deadline_ns = deadline_ns
+
     def cancel(self) -> None:
         """Stop at the next block boundary (any thread; a flag the core reads)."""
         self._cpu.stop_request = 1

@@ -102,6 +102,7 @@ struct mshvstack_api {
     void (*update_hflags)(void *env);
     void (*tlb_flush)(void *cs);
     int (*vmem_read)(void *uc, uint64_t address, int prot, void *bytes, size_t size);
+    uint64_t (*get_tsc)(void *env);
 };
 
 struct mshvstack_cpu {
@@ -193,6 +194,7 @@ static int resolve(struct mshvstack_api *api, const char *library)
     SYM(update_hflags, "x86_update_hflags_x86_64")
     SYM(tlb_flush, "tlb_flush_x86_64")
     SYM(vmem_read, "uc_vmem_read")
+    SYM(get_tsc, "cpu_get_tsc_x86_64")
 #undef SYM
     return 0;
 }
@@ -500,6 +502,12 @@ void mshvstack_set_efer(struct mshvstack_cpu *c, uint64_t value)
     c->env->efer = value;
     c->api.update_hflags(c->env);
     c->api.tlb_flush(c->cs);
+}
+
+/* The guest's TSC as RDTSC returns it (Unicorn's RDMSR of IA32_TSC reads 0). */
+uint64_t mshvstack_tsc(struct mshvstack_cpu *c)
+{
+    return c->api.get_tsc(c->env);
 }
 
 uint32_t mshvstack_hflags(struct mshvstack_cpu *c)

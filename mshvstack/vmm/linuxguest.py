@@ -1,0 +1,197 @@
+"""Build a Linux guest from Debian's own packages: kernel, busybox, initramfs.
+
+The packages are fetched with ``apt-get download``, checked against the
+SHA256 that ``apt-cache show`` lists for the same version, and cached
+outside the checkout (``$XDG_CACHE_HOME/mshvstack/debs``).  The .deb is
+unpacked in Python (ar + tar) and the initramfs is written as a newc cpio
+archive with an /init of ours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import lzma
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+KERNEL_METAPACKAGE = "linux-image-amd64"
+BUSYBOX_PACKAGE = "busybox-static"
+
+
+class GuestUnavailable(RuntimeError):
+    """The packages cannot be fetched here (no apt, no network, bad checksum)."""
+
+
+def cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "mshvstack" / "debs"
+
+
+def _apt(*args: str) -> str:
+    if shutil.which(args[0]) is None:
+        raise GuestUnavailable(f"{args[0]} is not installed: pass a kernel and initramfs of your own instead")
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise GuestUnavailable(f"{' '.join(args)} failed: {result.stderr.strip().splitlines()[-1:] or result.returncode}")
+    return result.stdout
+
+
+def _field(record: str, name: str) -> str:
+    match = re.search(rf"^{name}: (.+)$", record, re.MULTILINE)
+    if match is None:
+        raise GuestUnavailable(f"apt-cache show has no {name} field")
+    return match.group(1).strip()
+
+
+def resolve_kernel_package() -> str:
+    """The versioned kernel package the metapackage currently depends on."""
+    for line in _apt("apt-cache", "depends", KERNEL_METAPACKAGE).splitlines():
+        match = re.match(r"\s*Depends: (linux-image-\S+)", line)
+        if match:
+            return match.group(1)
+    raise GuestUnavailable(f"{KERNEL_METAPACKAGE} depends on no kernel image")
+
+
+def fetch(package: str, directory: Path | None = None) -> Path:
+    """Download ``package`` (candidate version) into the cache; verify its SHA256."""
+    directory = directory or cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    record = _apt("apt-cache", "show", "--no-all-versions", package)
+    version, expected = _field(record, "Version"), _field(record, "SHA256").lower()
+    filename = _field(record, "Filename").rsplit("/", 1)[-1]
+    path = directory / filename
+    if not path.exists() or _sha256(path) != expected:
+        subprocess.run(["apt-get", "download", f"{package}={version}"], cwd=directory, capture_output=True, timeout=600)
+        candidates = sorted(directory.glob(f"{package}_*.deb"))
+        found = [p for p in candidates if _sha256(p) == expected]
+        if not found:
+            raise GuestUnavailable(f"apt-get download {package}={version} gave no file with SHA256 {expected}")
+        if found[0] != path:
+            found[0].rename(path)
+    if _sha256(path) != expected:
+        raise GuestUnavailable(f"{path.name}: SHA256 does not match apt-cache show")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def deb_data(path: Path) -> tarfile.TarFile:
+    """The data.tar.* member of a .deb (an ar archive)."""
+    data = path.read_bytes()
+    if not data.startswith(b"!<arch>\n"):
+        raise GuestUnavailable(f"{path.name} is not a Debian package")
+    offset = 8
+    while offset + 60 <= len(data):
+        header = data[offset : offset + 60]
+        name = header[:16].decode().strip().rstrip("/")
+        size = int(header[48:58].decode().strip())
+        body = data[offset + 60 : offset + 60 + size]
+        if name.startswith("data.tar"):
+            if name.endswith(".xz"):
+                body = lzma.decompress(body)
+            elif name.endswith(".zst"):
+                import zstandard  # only some archives use it
+                body = zstandard.ZstdDecompressor().decompressobj().decompress(body)
+            return tarfile.open(fileobj=io.BytesIO(body), mode="r:*")
+        offset += 60 + size + (size & 1)
+    raise GuestUnavailable(f"{path.name} has no data.tar member")
+
+
+def extract(archive: tarfile.TarFile, pattern: str) -> dict[str, bytes]:
+    """Regular files whose path matches ``pattern`` (a regex), by path."""
+    out: dict[str, bytes] = {}
+    for member in archive.getmembers():
+        if member.isfile() and re.search(pattern, member.name):
+            handle = archive.extractfile(member)
+            assert handle is not None
+            out[member.name.lstrip("./")] = handle.read()
+    return out
+
+
+@dataclass(frozen=True)
+class CpioEntry:
+    path: str
+    data: bytes = b""
+    mode: int = 0o100644   # regular file by default; 0o040755 for a directory
+    target: str = ""       # symlink target (mode 0o120777)
+
+
+def newc_archive(entries: Iterable[CpioEntry]) -> bytes:
+    """A cpio archive in the "newc" format the kernel unpacks as initramfs."""
+    out = bytearray()
+
+    def record(ino: int, entry: CpioEntry) -> None:
+        body = entry.target.encode() if entry.target else entry.data
+        name = entry.path.encode() + b"\0"
+        fields = (ino, entry.mode, 0, 0, 1, 0, len(body), 0, 0, 0, 0, len(name), 0)
+        out.extend(b"070701" + b"".join(f"{v:08X}".encode() for v in fields) + name)
+        out.extend(b"\0" * (-len(out) % 4))
+        out.extend(body)
+        out.extend(b"\0" * (-len(out) % 4))
+
+    for ino, entry in enumerate(entries, start=1):
+        record(ino, entry)
+    record(0, CpioEntry("TRAILER!!!", mode=0))
+    return bytes(out)
+
+
+@dataclass(frozen=True)
+class LinuxGuest:
+    kernel: Path        # the bzImage (vmlinuz) as Debian ships it
+    busybox: bytes
+    modules: dict[str, bytes]
+    version: str
+
+
+def debian_guest(directory: Path | None = None, module_pattern: str | None = None) -> LinuxGuest:
+    """Debian's current kernel and busybox, unpacked into ``directory`` (the cache)."""
+    directory = directory or cache_dir()
+    kernel_deb = fetch(resolve_kernel_package(), directory)
+    busybox_deb = fetch(BUSYBOX_PACKAGE, directory)
+    kernel_dir = directory / kernel_deb.stem
+    with deb_data(kernel_deb) as archive:
+        kernels = extract(archive, r"boot/vmlinuz-")
+        modules = extract(archive, module_pattern) if module_pattern else {}
+    if len(kernels) != 1:
+        raise GuestUnavailable(f"{kernel_deb.name}: expected one vmlinuz, found {len(kernels)}")
+    (name, image), = kernels.items()
+    kernel_dir.mkdir(exist_ok=True)
+    kernel = kernel_dir / Path(name).name
+    if not kernel.exists() or kernel.read_bytes() != image:
+        kernel.write_bytes(image)
+    with deb_data(busybox_deb) as archive:
+        busybox = extract(archive, r"bin/busybox$")
+    if not busybox:
+        raise GuestUnavailable(f"{busybox_deb.name} has no bin/busybox")
+    return LinuxGuest(kernel, next(iter(busybox.values())), modules, Path(name).name.removeprefix("vmlinuz-"))
+
+
+def busybox_initramfs(busybox: bytes, init: str, files: dict[str, bytes] | None = None) -> bytes:
+    """An initramfs with busybox as /bin/sh and friends, ``init`` as /init."""
+    entries = [CpioEntry(d, mode=0o040755) for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "etc", "lib", "mnt")]
+    entries.append(CpioEntry("bin/busybox", busybox, 0o100755))
+    entries.append(CpioEntry("bin/sh", mode=0o120777, target="busybox"))
+    entries.append(CpioEntry("init", init.encode(), 0o100755))
+    made: set[str] = {e.path for e in entries}
+    for path, data in (files or {}).items():
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            directory = "/".join(parts[:i])
+            if directory not in made:
+                entries.append(CpioEntry(directory, mode=0o040755))
+                made.add(directory)
+        entries.append(CpioEntry(path, data, 0o100755 if path.endswith(("sh", ".py")) else 0o100644))
+    return newc_archive(entries)
