@@ -81,6 +81,7 @@ _MSRS = {
 _TSC = int(lib.HV_X64_REGISTER_TSC)
 _EFER = int(lib.HV_X64_REGISTER_EFER)
 _RIP = int(lib.HV_X64_REGISTER_RIP)
+_RFLAGS = int(lib.HV_X64_REGISTER_RFLAGS)
 _MODE_REGISTERS = frozenset({int(lib.HV_X64_REGISTER_CR0), int(lib.HV_X64_REGISTER_CR4)})
 
 # Probe values written to RAX..R15 so the core can find QEMU's CPU state.

@@ -61,6 +61,7 @@ struct qemu_x86_head {
 #define CPU_INTERRUPT_HARD 0x0002
 #define CPU_INTERRUPT_NMI 0x0200
 #define HF2_NMI_MASK (1u << 2)
+#define CC_OP_EFLAGS 1   /* QEMU's lazy-flags state: CC_SRC holds the flags */
 #define EXCP_NMI 2
 #define EXCP_UD 6
 #define MSR_STAR 0xC0000081u
@@ -103,6 +104,7 @@ struct mshvstack_api {
     void (*tlb_flush)(void *cs);
     int (*vmem_read)(void *uc, uint64_t address, int prot, void *bytes, size_t size);
     uint64_t (*get_tsc)(void *env);
+    void *(*get_cpu)(void *uc, int index);
 };
 
 struct mshvstack_cpu {
@@ -195,15 +197,11 @@ static int resolve(struct mshvstack_api *api, const char *library)
     SYM(tlb_flush, "tlb_flush_x86_64")
     SYM(vmem_read, "uc_vmem_read")
     SYM(get_tsc, "cpu_get_tsc_x86_64")
+    SYM(get_cpu, "qemu_get_cpu_x86_64")
 #undef SYM
     return 0;
 }
 
-/*
- * Find QEMU's CPUState and CPUX86State behind the engine: the uc struct
- * holds a pointer to the CPU, whose env_ptr points at registers equal to
- * the probe values the caller wrote through the public API.
- */
 static int is_live(struct mshvstack_cpu *c, struct qemu_x86_head *env, int reg_rax, uint64_t probe_rax)
 {
     /* A copy of the registers does not follow a write through the API; the CPU state does. */
@@ -219,32 +217,34 @@ static int is_live(struct mshvstack_cpu *c, struct qemu_x86_head *env, int reg_r
     return 1;
 }
 
+/*
+ * Find QEMU's CPUState and CPUX86State behind the engine.  The CPU comes
+ * from qemu_get_cpu(); its env_ptr field is the pointer, among the
+ * CPU's first words, to registers equal to the probe values the caller
+ * wrote through the public API that also follow a later write (a copy would not).
+ */
 static int discover(struct mshvstack_cpu *c, const uint64_t probe[16], int reg_rax)
 {
-    enum { UC_WORDS = 1024, CPU_WORDS = 2048 };
-    uint64_t *ucw = calloc(UC_WORDS, 8), *cpuw = calloc(CPU_WORDS, 8), regs[16];
+    enum { CPU_WORDS = 16384 };
+    uint64_t *cpuw = calloc(CPU_WORDS, 8), regs[16];
     int found = -1;
-    if (!ucw || !cpuw || safe_read(ucw, c->uc, UC_WORDS * 8) < 0)
+    c->cs = c->api.get_cpu(c->uc, -1);   /* unicorn leaves its one CPU's index at -1 */
+    if (!c->cs)
+        c->cs = c->api.get_cpu(c->uc, 0);
+    if (!cpuw || !c->cs || safe_read(cpuw, c->cs, CPU_WORDS * 8) < 0)
         goto out;
-    for (int i = 0; i < UC_WORDS && found < 0; i++) {
-        uint64_t p = ucw[i];
-        if (!p || (p & 7) || safe_read(cpuw, (void *)p, CPU_WORDS * 8) < 0)
+    for (int j = 0; j < CPU_WORDS; j++) {
+        uint64_t e = cpuw[j], p = (uint64_t)c->cs;
+        if (e <= p || e - p > (1u << 20) || (e & 7))
             continue;
-        for (int j = 0; j < CPU_WORDS; j++) {
-            uint64_t e = cpuw[j];
-            if (e <= p || e - p > (1u << 20) || (e & 7))
-                continue;
-            if (safe_read(regs, (void *)e, sizeof regs) == 0 && memcmp(regs, probe, sizeof regs) == 0 &&
-                is_live(c, (struct qemu_x86_head *)e, reg_rax, probe[0])) {
-                c->cs = (void *)p;
-                c->env = (struct qemu_x86_head *)e;
-                found = 0;
-                break;
-            }
+        if (safe_read(regs, (void *)e, sizeof regs) == 0 && memcmp(regs, probe, sizeof regs) == 0 &&
+            is_live(c, (struct qemu_x86_head *)e, reg_rax, probe[0])) {
+            c->env = (struct qemu_x86_head *)e;
+            found = 0;
+            break;
         }
     }
 out:
-    free(ucw);
     free(cpuw);
     return found;
 }
@@ -397,6 +397,17 @@ static void load_segment(struct mshvstack_cpu *c, int index, uint32_t selector, 
 }
 
 /*
+ * Unicorn loads written flags into CC_SRC but leaves QEMU's lazy-flags
+ * operation (cc_op) as it was, so the flags read back later are computed
+ * from the wrong operation: say that CC_SRC now holds the flags themselves.
+ */
+void mshvstack_set_rflags(struct mshvstack_cpu *c, uint64_t value)
+{
+    c->api.reg_write(c->uc, c->reg_eflags, &value);
+    c->env->cc_op = CC_OP_EFLAGS;
+}
+
+/*
  * SYSCALL.  Unicorn replaced QEMU's implementation with a hook call, so
  * the architectural behaviour (SDM vol. 2B) is done here: RCX/R11 saved,
  * flat CPL0 CS/SS from STAR, RFLAGS masked, RIP from LSTAR (CSTAR from
@@ -444,7 +455,7 @@ void mshvstack_syscall_hook(void *uc, void *user_data)
         env->eip = (uint32_t)star;
     }
     rflags &= ~(uint64_t)RFLAGS_RF;
-    c->api.reg_write(c->uc, c->reg_eflags, &rflags);
+    mshvstack_set_rflags(c, rflags);
     c->api.update_hflags(env);
     c->api.loop_exit(c->cs);  /* leave the helper: it would add the instruction length again */
 }
