@@ -200,8 +200,10 @@ def test_acpi_tables_are_well_formed(memory) -> None:  # type: ignore[no-untyped
         entries.append(madt[offset])
         offset += madt[offset + 1]
     assert entries == [0, 0, 0]
-    # AML: Scope(\_SB) package length covers exactly the rest of the table
-    aml = dsdt[36:]
+    # AML: Name(\_S5_, Package() {5, 0}), then Scope(\_SB) whose package length covers the rest
+    assert dsdt[36:48] == bytes.fromhex("085c5f53355f1205020a0500")
+    assert struct.unpack_from("<BBBBQ", fadt, 244) == (1, 8, 0, 1, 0x604)   # sleep control: an I/O byte
+    aml = dsdt[48:]
     assert aml[0] == 0x10
     lead = aml[1]
     extra = lead >> 6
