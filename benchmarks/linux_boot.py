@@ -12,6 +12,7 @@ counts say where its time goes.
 from __future__ import annotations
 
 import re
+import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from mshvstack.vmm.linuxguest import GuestUnavailable, busybox_initramfs, debian_guest
 
-INIT = "#!/bin/sh\n/bin/busybox mount -t proc proc /proc\necho BOOTED > /dev/kmsg\n/bin/busybox poweroff -f\n"
+INIT = "#!/bin/sh\n/bin/busybox mount -t devtmpfs devtmpfs /dev\necho BOOTED > /dev/kmsg\n/bin/busybox poweroff -f\n"
 MILESTONES = ("Run /init as init process", "BOOTED", "reboot: Power down")
 
 
@@ -29,7 +30,8 @@ def _timed(command: list[str], timeout: float) -> dict[str, float]:
     """Wall time at which each milestone first appears in the output."""
     seen: dict[str, float] = {}
     start = time.monotonic()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    environment = dict(os.environ, PYTHONUNBUFFERED="1")   # milestones are timed as they are printed
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=environment)
     assert process.stdout is not None
     lines: list[str] = []
     for line in process.stdout:

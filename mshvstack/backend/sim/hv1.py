@@ -21,7 +21,6 @@ from mshvstack.backend.sim.synic import SynIc
 
 PAGE = 4096
 U64 = (1 << 64) - 1
-REFERENCE_HZ = 10_000_000   # the reference counter ticks in 100 ns units
 
 # The hypercall page: vmcall; ret (Intel encoding; VMMCALL is trapped too).
 HYPERCALL_PAGE_CODE = bytes.fromhex("0f01c1c3")
@@ -62,8 +61,8 @@ class Services(Protocol):
     memory: GpaMap
 
     def reference_time(self) -> int: ...
+    def reference_tsc_parameters(self) -> tuple[int, int]: ...
     def tsc_hz(self) -> int: ...
-    def read_tsc(self) -> int: ...
     def flush_code(self, gpa: int, size: int) -> None: ...
     def end_of_interrupt(self) -> None: ...
     def end_of_message(self) -> None: ...
@@ -204,9 +203,7 @@ class HvEmulator:
             return
         gpa = self.reference_tsc & ~0xFFF & U64
         services = self.services
-        scale = (REFERENCE_HZ << 64) // max(services.tsc_hz(), 1)
-        tsc, now = services.read_tsc(), services.reference_time()
-        offset = now - ((tsc * scale) >> 64)
+        scale, offset = services.reference_tsc_parameters()
         page = struct.pack("<IIQq", 1, 0, scale, offset)
         assert len(page) == _TSC_PAGE_SIZE
         try:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from mshvstack.abi import ffi, lib
 from mshvstack.backend.sim import x86
-from mshvstack.backend.sim.engines.unicorn import tsc_hz
+from mshvstack.backend.sim.engines.unicorn import read_tsc, tsc_hz
 from mshvstack.backend.sim.memory import PAGE_SHIFT, GpaMap
 from mshvstack.backend.sim.vp import VECTOR_REGISTERS, SimVp
 
@@ -82,7 +82,12 @@ class SimPartition:
         self.cpuid_results: dict[tuple[int, int], tuple[int, ...]] = {}
         self.doorbells: list[Doorbell] = []
         self.eoi_listeners: list[Callable[[int], None]] = []
-        self._time_base = time.monotonic_ns()
+        # The reference counter is derived from the TSC with the very scale the
+        # reference TSC page publishes, so the MSR, the page and the synthetic
+        # timers all read one clock (a separate clock drifts, and timers then
+        # fire early by the guest's count: an interrupt storm).
+        self.reference_scale = (10_000_000 << 64) // max(tsc_hz(), 1)
+        self.reference_offset = -((read_tsc() * self.reference_scale) >> 64)
         self._frozen_at: int | None = None
         self._unfrozen = threading.Event()
         self._unfrozen.set()
@@ -100,14 +105,15 @@ class SimPartition:
 
     def reference_time(self) -> int:
         """Partition reference time in 100 ns units (stops while frozen)."""
-        now = self._frozen_at if self._frozen_at is not None else time.monotonic_ns()
-        return (now - self._time_base) // 100
+        if self._frozen_at is not None:
+            return self._frozen_at
+        return ((read_tsc() * self.reference_scale) >> 64) + self.reference_offset
 
     def reference_to_monotonic(self, reference: int | None) -> int | None:
         """The monotonic clock (ns) at which the reference counter reaches ``reference``."""
         if reference is None or self._frozen_at is not None:
             return None
-        return self._time_base + reference * 100
+        return time.monotonic_ns() + (reference - self.reference_time()) * 100
 
     def wait_unfrozen(self, vp: SimVp) -> None:
         """A frozen partition's VPs do not run (they can still be kicked)."""
@@ -296,14 +302,14 @@ class SimPartition:
 
     def _freeze(self, frozen: bool) -> None:
         if frozen and self._frozen_at is None:
-            self._frozen_at = time.monotonic_ns()
+            self._frozen_at = self.reference_time()
             self._unfrozen.clear()
             for vp in self.vps.values():
                 if vp.engine is not None:
                     vp.engine.cancel()
         elif not frozen and self._frozen_at is not None:
-            self._time_base += time.monotonic_ns() - self._frozen_at
-            self._frozen_at = None
+            frozen_at, self._frozen_at = self._frozen_at, None
+            self.reference_offset += frozen_at - self.reference_time()
             self._unfrozen.set()
 
     def _install_intercept(self, data: bytes, reps: int, start: int) -> HvResult:

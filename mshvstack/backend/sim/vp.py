@@ -640,8 +640,9 @@ class _HvServices:
     def tsc_hz(self) -> int:
         return int(self._vp.partition.properties[int(lib.HV_PARTITION_PROPERTY_PROCESSOR_CLOCK_FREQUENCY)])
 
-    def read_tsc(self) -> int:
-        return self._vp.reg(R.HV_X64_REGISTER_TSC)
+    def reference_tsc_parameters(self) -> tuple[int, int]:
+        partition = self._vp.partition
+        return partition.reference_scale, partition.reference_offset
 
     def flush_code(self, gpa: int, size: int) -> None:
         self._vp.partition.flush_code(gpa, size)

@@ -52,6 +52,7 @@ uint64_t mshvstack_get_efer(struct mshvstack_cpu *c);
 void mshvstack_set_efer(struct mshvstack_cpu *c, uint64_t value);
 uint32_t mshvstack_hflags(struct mshvstack_cpu *c);
 uint64_t mshvstack_tsc(struct mshvstack_cpu *c);
+uint64_t mshvstack_host_tsc(void);
 void mshvstack_set_rflags(struct mshvstack_cpu *c, uint64_t value);
 int mshvstack_interrupt_shadow(struct mshvstack_cpu *c);
 void mshvstack_end_interrupt_shadow(struct mshvstack_cpu *c);

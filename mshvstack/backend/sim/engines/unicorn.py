@@ -114,6 +114,11 @@ def tsc_hz() -> int:
     return (tsc1 - tsc0) * 1_000_000_000 // max(ns1 - ns0, 1)
 
 
+def read_tsc() -> int:
+    """The TSC every guest on this engine reads (the host's counter)."""
+    return int(core.mshvstack_host_tsc())
+
+
 def _plain_registers() -> dict[int, int]:
     """hv_register_name → Unicorn register id."""
     table = {int(getattr(lib, f"HV_X64_REGISTER_{n}")): getattr(ux, f"UC_X86_REG_{n}") for n in _GPRS + _CONTROL}

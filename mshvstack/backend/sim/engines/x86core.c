@@ -521,6 +521,12 @@ uint64_t mshvstack_tsc(struct mshvstack_cpu *c)
     return c->api.get_tsc(c->env);
 }
 
+/* The host's TSC, which is what the guest's RDTSC reads under Unicorn. */
+uint64_t mshvstack_host_tsc(void)
+{
+    return __builtin_ia32_rdtsc();
+}
+
 uint32_t mshvstack_hflags(struct mshvstack_cpu *c)
 {
     return c->env->hflags;
