@@ -31,7 +31,8 @@ def _timed(command: list[str], timeout: float) -> dict[str, float]:
     seen: dict[str, float] = {}
     start = time.monotonic()
     environment = dict(os.environ, PYTHONUNBUFFERED="1")   # milestones are timed as they are printed
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=environment)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=environment,
+                               cwd=tempfile.gettempdir())   # the installed package, not a source tree without its extensions
     assert process.stdout is not None
     lines: list[str] = []
     for line in process.stdout:

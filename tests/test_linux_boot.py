@@ -59,7 +59,7 @@ def test_debian_kernel_reaches_userspace_and_powers_off(guest: tuple[Path, Path,
     result = subprocess.run(
         [sys.executable, "-m", "mshvstack.cli", "run", str(kernel), "--extract-vmlinux", "--initrd", str(initrd),
          "--memory", "512M", "--vcpus", "1", "--cmdline", "console=ttyS0", "--console", str(console), "--json"],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)   # not the checkout: run the installed package
     log = console.read_text(errors="replace")
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{log[-3000:]}"
     marks = dict(re.findall(r"MARK (\w+) (.+)", log))
