@@ -17,7 +17,6 @@ instruction.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import threading
 import time
