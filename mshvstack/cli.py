@@ -162,7 +162,7 @@ def run(
 @app.command()
 def ctl(
     socket_path: Path = typer.Argument(..., metavar="SOCKET", help="The machine's --api-socket."),
-    command: str = typer.Argument(..., help="status, pause, resume, shutdown, poweroff, or kvp."),
+    command: str = typer.Argument(..., help="status, pause, resume, shutdown, poweroff, timesync (step the guest clock to the host's), or kvp."),
     args: list[str] = typer.Argument(None, help="For kvp: get KEY | set KEY VALUE | delete KEY | list [POOL]."),
     pool: str = typer.Option("external", "--pool", help="KVP pool: external, guest, auto, auto_external."),
     as_json: bool = typer.Option(False, "--json", help="Print the raw JSON reply."),

@@ -226,6 +226,38 @@ vector_0x51:
         g.close()
 
 
+def test_auto_eoi_sint_leaves_nothing_in_service(tmp_path: Path) -> None:
+    """Linux sets AUTO_EOI on the VMBus SINT and never EOIs its vector: a lower
+    vector must still get through after the handler returns (found by hv_vmbus)."""
+    source = SYNIC_ON.replace("mov $0x51, %eax", "mov $0x200f3, %eax   /* vector 0xf3, auto-EOI */") + """
+    out %al, $0x13
+    sti
+    hlt
+    nop
+    cli
+    out %al, $0x12             /* only if vector 0x30 stayed blocked */
+    hlt
+vector_0xf3:
+    out %al, $0x10
+    iretq
+vector_0x30:
+    out %al, $0x11
+    hlt
+"""
+    backend, g, _ = _guest(tmp_path, source, (0xF3, 0x30))
+    try:
+        advance(backend, g, expect_io(g.run(), 0x13).header)
+        inp = ffi.new("struct hv_input_assert_virtual_interrupt *")
+        inp.control.bits.interrupt_type = lib.HV_X64_INTERRUPT_TYPE_FIXED
+        inp.vector = 0x30
+        hvcall(backend, g.part, lib.HVCALL_ASSERT_VIRTUAL_INTERRUPT, inp)
+        assert _signal(backend, g, 3, 1) == 1
+        advance(backend, g, expect_io(g.run(), 0x10).header)   # the SINT's vector first (higher priority)
+        expect_io(g.run(), 0x11)
+    finally:
+        g.close()
+
+
 def _post(backend: SimBackend, g: Guest, sint: int, message_type: int) -> int:
     inp = ffi.new("struct hv_input_post_message_direct *")
     inp.vp_index, inp.sint_index = 0, sint

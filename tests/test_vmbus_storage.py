@@ -118,6 +118,21 @@ def test_inquiry_capacity_report_luns(disk) -> None:  # type: ignore[no-untyped-
     assert bad_lun.vm_srb.srb_status == lib.SRB_STATUS_INVALID_LUN
 
 
+def test_absent_luns_answer_inquiry_with_no_device(disk) -> None:  # type: ignore[no-untyped-def]
+    """Linux's storvsc rewrites a failed INQUIRY to success, so an absent LUN must
+    answer with qualifier 3 data (else sd attaches a zeroed phantom disk: found by hv_storvsc)."""
+    guest, channel, _path, _image_ = disk
+    guest.memory.write(BUFFER, bytes(96))
+    reply = _io(guest, channel, bytes([0x12, 0, 0, 0, 96, 0]), BUFFER, 96, 1, lun=1)
+    assert reply.vm_srb.srb_status == lib.SRB_STATUS_SUCCESS
+    assert guest.memory.read(BUFFER, 1)[0] >> 5 == 3 and reply.vm_srb.data_transfer_length == 36
+    guest.memory.write(BUFFER, b"\xff" * 16)
+    reply = _io(guest, channel, bytes([0xA0, 0, 0, 0, 0, 0]) + struct.pack(">I", 16) + bytes(2), BUFFER, 16, 1, lun=1)
+    assert reply.vm_srb.srb_status == lib.SRB_STATUS_SUCCESS and guest.memory.read(BUFFER, 4) == bytes(4)
+    read = _io(guest, channel, bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]), BUFFER, 512, 1, lun=1)
+    assert read.vm_srb.srb_status == lib.SRB_STATUS_INVALID_LUN
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lba=st.integers(0, IMAGE_BLOCKS - 16), blocks=st.integers(1, 16), offset=st.sampled_from([0, 512, 1536]),
        sixteen=st.booleans(), fill=st.integers(0, 255))

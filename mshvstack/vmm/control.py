@@ -1,6 +1,6 @@
 """Control API: JSON lines over a UNIX socket (`mshvstack ctl SOCKET ...`).
 
-Request: {"command": "status" | "pause" | "resume" | "shutdown" | "poweroff"}
+Request: {"command": "status" | "pause" | "resume" | "shutdown" | "poweroff" | "timesync" | "kvp", ...}
 Reply:   {"ok": true, ...} or {"ok": false, "error": "one line"}
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 from mshvstack.errors import MshvError
 from mshvstack.vmm.machine import Machine
 
-COMMANDS = ("status", "pause", "resume", "shutdown", "poweroff", "kvp")
+COMMANDS = ("status", "pause", "resume", "shutdown", "poweroff", "timesync", "kvp")
 MAX_REQUEST = 64 * 1024
 
 

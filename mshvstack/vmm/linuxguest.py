@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import lzma
 import os
 import re
 import shutil
 import subprocess
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -151,32 +152,109 @@ def newc_archive(entries: Iterable[CpioEntry]) -> bytes:
 @dataclass(frozen=True)
 class LinuxGuest:
     kernel: Path        # the bzImage (vmlinuz) as Debian ships it
-    busybox: bytes
-    modules: dict[str, bytes]
+    package: Path       # the kernel's .deb (its modules are read from it on demand)
+    busybox: bytes = field(repr=False)
     version: str
 
 
-def debian_guest(directory: Path | None = None, module_pattern: str | None = None) -> LinuxGuest:
+def debian_guest(directory: Path | None = None) -> LinuxGuest:
     """Debian's current kernel and busybox, unpacked into ``directory`` (the cache)."""
     directory = directory or cache_dir()
     kernel_deb = fetch(resolve_kernel_package(), directory)
     busybox_deb = fetch(BUSYBOX_PACKAGE, directory)
-    kernel_dir = directory / kernel_deb.stem
-    with deb_data(kernel_deb) as archive:
-        kernels = extract(archive, r"boot/vmlinuz-")
-        modules = extract(archive, module_pattern) if module_pattern else {}
-    if len(kernels) != 1:
-        raise GuestUnavailable(f"{kernel_deb.name}: expected one vmlinuz, found {len(kernels)}")
-    (name, image), = kernels.items()
-    kernel_dir.mkdir(exist_ok=True)
-    kernel = kernel_dir / Path(name).name
-    if not kernel.exists() or kernel.read_bytes() != image:
-        kernel.write_bytes(image)
+    kernel_dir = directory / kernel_deb.stem   # named by package and version: unpacked once
+    unpacked = sorted(kernel_dir.glob("vmlinuz-*"))
+    if len(unpacked) != 1:
+        with deb_data(kernel_deb) as archive:
+            kernels = extract(archive, r"boot/vmlinuz-")
+        if len(kernels) != 1:
+            raise GuestUnavailable(f"{kernel_deb.name}: expected one vmlinuz, found {len(kernels)}")
+        (name, image), = kernels.items()
+        kernel_dir.mkdir(exist_ok=True)
+        partial = kernel_dir / f".{Path(name).name}.partial"
+        partial.write_bytes(image)
+        partial.rename(kernel_dir / Path(name).name)   # atomic: a cut-short unpack leaves no vmlinuz
+        unpacked = [kernel_dir / Path(name).name]
+    kernel = unpacked[0]
     with deb_data(busybox_deb) as archive:
         busybox = extract(archive, r"bin/busybox$")
     if not busybox:
         raise GuestUnavailable(f"{busybox_deb.name} has no bin/busybox")
-    return LinuxGuest(kernel, next(iter(busybox.values())), modules, Path(name).name.removeprefix("vmlinuz-"))
+    return LinuxGuest(kernel, kernel_deb, next(iter(busybox.values())), kernel.name.removeprefix("vmlinuz-"))
+
+
+def _modinfo(image: bytes, key: str) -> list[str]:
+    """Values of ``key`` in a module's .modinfo strings (``key=value\\0``)."""
+    return [m.decode() for m in re.findall(rb"(?:^|\0)" + key.encode() + rb"=([^\0]*)", image)]
+
+
+def _module_name(path: str) -> str:
+    return Path(path).name.removesuffix(".ko").replace("-", "_")
+
+
+def _module_index(guest: LinuxGuest) -> Path:
+    """Unpack every module of the kernel package once, with an index of their .modinfo.
+
+    The package's data.tar.xz takes half a minute to decompress, so the unpacked
+    tree is cached beside the kernel; ``index.json`` is written last and marks
+    the tree complete.
+    """
+    directory = guest.kernel.parent / "modules"
+    index_path = directory / "index.json"
+    if index_path.exists():
+        return directory
+    directory.mkdir(exist_ok=True)
+    index: dict[str, dict[str, list[str]]] = {}
+    with deb_data(guest.package) as archive:
+        for path, image in extract(archive, r"\.ko$").items():
+            name = _module_name(path)
+            (directory / f"{name}.ko").write_bytes(image)
+            index[name] = {key: _modinfo(image, key) for key in ("depends", "softdep", "alias")}
+    partial = directory / ".index.json.partial"
+    partial.write_text(json.dumps(index))
+    partial.rename(index_path)
+    return directory
+
+
+def kernel_modules(guest: LinuxGuest, wanted: Iterable[str]) -> list[tuple[str, bytes]]:
+    """``wanted`` and everything their .modinfo depends on, in load order.
+
+    ``depends=`` names are followed exactly; a ``softdep=pre:`` name is looked up
+    as a module name or as an alias, preferring the portable ``*_generic`` one.
+    """
+    directory = _module_index(guest)
+    index: dict[str, dict[str, list[str]]] = json.loads((directory / "index.json").read_text())
+    order: list[str] = []
+
+    def resolve(name: str) -> str | None:
+        name = name.replace("-", "_")
+        if name in index:
+            return name
+        candidates = sorted(m for m, info in index.items() if name in info["alias"])
+        generic = [m for m in candidates if m.endswith("_generic")]
+        return (generic or candidates or [None])[0]
+
+    def place(name: str, chain: tuple[str, ...]) -> None:
+        if name in order:
+            return
+        if name in chain:
+            raise GuestUnavailable(f"module dependency cycle: {' -> '.join(chain + (name,))}")
+        hard = [d for deps in index[name]["depends"] for d in deps.split(",") if d]
+        soft = [d for dep in index[name]["softdep"] for d in re.sub(r"post:.*", "", dep).replace("pre:", " ").split()]
+        for dependency in hard + soft:
+            found = resolve(dependency)
+            if found is None and dependency in hard:
+                raise GuestUnavailable(f"{name} depends on {dependency}, which {guest.package.name} does not ship")
+            if found is not None:
+                place(found, chain + (name,))
+        order.append(name)
+
+    for name in wanted:
+        found = resolve(name)
+        if found is None:
+            raise GuestUnavailable(f"{guest.package.name} ships no module {name}")
+        place(found, ())
+    return [(name, (directory / f"{name}.ko").read_bytes()) for name in order]
 
 
 def busybox_initramfs(busybox: bytes, init: str, files: dict[str, bytes] | None = None) -> bytes:
@@ -193,5 +271,5 @@ def busybox_initramfs(busybox: bytes, init: str, files: dict[str, bytes] | None 
             if directory not in made:
                 entries.append(CpioEntry(directory, mode=0o040755))
                 made.add(directory)
-        entries.append(CpioEntry(path, data, 0o100755 if path.endswith(("sh", ".py")) else 0o100644))
+        entries.append(CpioEntry(path, data, 0o100755 if data.startswith((b"#!", b"\x7fELF")) else 0o100644))
     return newc_archive(entries)

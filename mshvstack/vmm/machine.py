@@ -280,6 +280,13 @@ class Machine:
 
         threading.Thread(target=fallback, name="shutdown-fallback", daemon=True).start()
 
+    def timesync(self) -> None:
+        """Step the guest's clock to the host's (a SYNC sample, as Hyper-V sends after a resume)."""
+        if self.vmbus is None or not self.timesync.ready:
+            raise MachineError("the guest has not opened the time-sync channel")
+        with self.vmbus.lock:
+            self.timesync.sample(sync=True)
+
     def close(self) -> None:
         if self.state is not RunState.STOPPED:
             self.poweroff()

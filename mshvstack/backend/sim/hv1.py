@@ -170,6 +170,7 @@ class HvEmulator:
             self._retry_timer_messages()
         elif MSR_SINT0 <= index < MSR_SINT0 + 16:
             synic.sints[index - MSR_SINT0] = value
+            self.lapic.auto_eoi = synic.auto_eoi_vectors()
         elif MSR_STIMER0_CONFIG <= index < MSR_STIMER0_CONFIG + 2 * STIMER_COUNT:
             self._write_timer((index - MSR_STIMER0_CONFIG) // 2, bool((index - MSR_STIMER0_CONFIG) & 1), value)
         elif index == MSR_EOI:

@@ -594,7 +594,7 @@ def register_file_set(vp: SimVp, name: int, value: Any) -> int:
     elif name == lib.HV_REGISTER_SIEFP:
         vp.synic.siefp = int(value.reg64)
     elif _SYNIC_SINT0 <= name < _SYNIC_SINT0 + 16:
-        vp.synic.sints[name - _SYNIC_SINT0] = int(value.reg64)
+        vp.write_msr(int(lib.HV_X64_MSR_SINT0) + name - _SYNIC_SINT0, int(value.reg64))  # the MSR's side effects too
     elif name in _MSR_BACKED:
         if vp.write_msr(_MSR_BACKED[name], int(value.reg64)) is None:
             return int(lib.HV_STATUS_INVALID_PARAMETER)

@@ -41,6 +41,8 @@ class Lapic:
         self._lock = threading.Lock()
         self.irr = 0  # 256-bit sets as ints
         self.isr = 0
+        # Vectors of SINTs with auto-EOI: taken without entering service (no EOI follows).
+        self.auto_eoi = 0
         self.tpr = 0
         self.svr = 0xFF
         self.ldr = 0
@@ -79,10 +81,11 @@ class Lapic:
             return vector
 
     def acknowledge(self, vector: int) -> None:
-        """The CPU takes ``vector``: IRR → ISR."""
+        """The CPU takes ``vector``: IRR → ISR (unless the vector is auto-EOI)."""
         with self._lock:
             self.irr &= ~(1 << vector)
-            self.isr |= 1 << vector
+            if not self.auto_eoi & (1 << vector):
+                self.isr |= 1 << vector
 
     def eoi(self) -> int | None:
         with self._lock:

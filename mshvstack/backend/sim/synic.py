@@ -13,6 +13,7 @@ SIMP_ENABLE = int(lib.HV_SYNIC_SIMP_ENABLE)
 SIEFP_ENABLE = int(lib.HV_SYNIC_SIEFP_ENABLE)
 SINT_MASKED = int(lib.HV_SYNIC_SINT_MASKED)
 VECTOR_MASK = int(lib.HV_SYNIC_SINT_VECTOR_MASK)
+SINT_AUTO_EOI = int(lib.HV_SYNIC_SINT_AUTO_EOI)
 PAGE_MASK = ~0xFFF & ((1 << 64) - 1)
 
 
@@ -44,3 +45,11 @@ class SynIc:
         if value & SINT_MASKED:
             return None
         return value & VECTOR_MASK
+
+    def auto_eoi_vectors(self) -> int:
+        """The vectors (a 256-bit set) that unmasked auto-EOI SINTs raise."""
+        vectors = 0
+        for value in self.sints:
+            if not value & SINT_MASKED and value & SINT_AUTO_EOI:
+                vectors |= 1 << (value & VECTOR_MASK)
+        return vectors

@@ -18,6 +18,9 @@ GOOD, CHECK_CONDITION = 0x00, 0x02
 NO_SENSE, NOT_READY, MEDIUM_ERROR, ILLEGAL_REQUEST, DATA_PROTECT = 0x0, 0x2, 0x3, 0x5, 0x7
 ASC_INVALID_OPCODE, ASC_LBA_OUT_OF_RANGE, ASC_INVALID_FIELD, ASC_WRITE_PROTECTED = 0x20, 0x21, 0x24, 0x27
 MAX_TRANSFER = 1 << 20
+INQUIRY, REPORT_LUNS = b"\x12", b"\xa0"
+# INQUIRY byte 0 for "no device at this LUN": peripheral qualifier 3, device type 0x1F.
+NO_DEVICE = 0x7F
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,15 @@ def sense(key: int, asc: int, ascq: int = 0) -> bytes:
 
 def _check(key: int, asc: int) -> ScsiResult:
     return ScsiResult(CHECK_CONDITION, b"", sense(key, asc))
+
+
+def absent_lun(cdb: bytes, allocation: int) -> ScsiResult:
+    """What a target answers for a LUN it does not have (SPC-4 6.6.2, 6.33)."""
+    if cdb[:1] == INQUIRY and len(cdb) >= 6 and not cdb[1] & 1:
+        return ScsiResult(GOOD, (bytes([NO_DEVICE, 0, 5, 2, 31]) + bytes(31))[:allocation])
+    if cdb[:1] == REPORT_LUNS and len(cdb) >= 12:
+        return ScsiResult(GOOD, bytes(8)[:allocation])   # a LUN list of length 0
+    return _check(ILLEGAL_REQUEST, ASC_INVALID_FIELD)
 
 
 class DiskImage:

@@ -1,5 +1,10 @@
 """storvsp: synthetic SCSI over VMBus, serving one disk image at LUN 0.
 
+Every other path, target and LUN is absent, answered as a SCSI target answers
+for a LUN it does not have (an INQUIRY with peripheral qualifier 3, an empty
+REPORT LUNS): Linux's storvsc turns any failed INQUIRY into success, so an
+error status there would make it attach a phantom disk with zeroed data.
+
 The guest drives initialisation (protocol version, properties) and sends
 EXECUTE_SRB requests; data moves through GPA-direct page lists that are
 checked against guest RAM page by page.  Rejected requests never touch the
@@ -16,7 +21,7 @@ from mshvstack.abi import ffi, lib
 from mshvstack.partition.memory import GuestMemory, GuestMemoryError
 from mshvstack.vmbus.errors import VmbusProtocolError
 from mshvstack.vmbus.packets import GPA_DIRECT, INBAND, Packet
-from mshvstack.vmbus.providers.scsi import DiskImage, ScsiResult
+from mshvstack.vmbus.providers.scsi import INQUIRY, REPORT_LUNS, DiskImage, ScsiResult, absent_lun
 
 if TYPE_CHECKING:
     from mshvstack.vmbus.channel import Channel
@@ -87,13 +92,14 @@ class Storage:
         out = reply.vm_srb
         out.length = srb.length
         out.path_id, out.target_id, out.lun = srb.path_id, srb.target_id, srb.lun
-        if srb.target_id or srb.lun or srb.path_id:
-            out.srb_status, out.scsi_status = lib.SRB_STATUS_INVALID_LUN, 0
-            self.errors += 1
-            return
         cdb = bytes(srb.cdb)[: min(int(srb.cdb_length), 16)]
         length = int(srb.data_transfer_length)
         direction = int(srb.data_in)
+        present = not (srb.target_id or srb.lun or srb.path_id)
+        if not present and cdb[:1] not in (INQUIRY, REPORT_LUNS):
+            out.srb_status, out.scsi_status = lib.SRB_STATUS_INVALID_LUN, 0
+            self.errors += 1
+            return
         try:
             buffer = self._buffer(memory, packet, length) if direction != lib.VMSCSI_NO_DATA and length else None
         except VmbusProtocolError as exc:
@@ -102,7 +108,8 @@ class Storage:
             reply.status = lib.VSTOR_STATUS_INVALID_PARAMETER
             return
         data_out = b"".join(memory.read(gpa, n) for gpa, n in buffer) if buffer and direction == lib.VMSCSI_DATA_OUT else b""
-        result: ScsiResult = self.disk.execute(cdb, data_out, length if direction == lib.VMSCSI_DATA_IN else 0)
+        allocation = length if direction == lib.VMSCSI_DATA_IN else 0
+        result: ScsiResult = self.disk.execute(cdb, data_out, allocation) if present else absent_lun(cdb, allocation)
         transferred = 0
         if result.ok and buffer and direction == lib.VMSCSI_DATA_IN:
             transferred = self._scatter(memory, buffer, result.data)

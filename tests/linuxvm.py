@@ -1,0 +1,111 @@
+"""Run Debian's Linux under the CLI as a subprocess and follow its console.
+
+Shared by the tests that boot the real kernel: the guest's /init prints
+``MARK name value`` lines through /dev/kmsg, and the test waits for them
+while the VMM runs, so it can act (a control-socket command, a SIGKILL)
+at the moment the guest reaches a point.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mshvstack.vmm.control import request
+from mshvstack.vmm.linuxguest import GuestUnavailable, LinuxGuest, debian_guest
+
+MARK = re.compile(r"MARK (\w+) ?(.*)")
+
+
+def require_debian_guest() -> LinuxGuest:
+    if shutil.which("apt-get") is None:
+        pytest.skip("apt-get is not available: Debian's kernel cannot be fetched here")
+    try:
+        return debian_guest()
+    except GuestUnavailable as exc:
+        pytest.skip(f"Debian's packages are unavailable: {exc}")
+
+
+class LinuxVm:
+    """``mshvstack run`` of a kernel and initramfs, run outside the checkout."""
+
+    def __init__(self, workdir: Path, kernel: Path, initrd: Path, *extra: str, cmdline: str = "console=ttyS0") -> None:
+        self.console = workdir / "console.txt"
+        self.socket = workdir / "api.sock"
+        self._read = 0
+        self._seen = ""
+        self.marks: list[tuple[str, str, float]] = []   # (name, value, host time when seen)
+        args = [sys.executable, "-m", "mshvstack.cli", "run", str(kernel), "--extract-vmlinux", "--initrd", str(initrd),
+                "--memory", "512M", "--vcpus", "1", "--cmdline", cmdline, "--console", str(self.console),
+                "--api-socket", str(self.socket), "--json", *extra]
+        # Not the checkout's root: run the installed package, as a user would.
+        self.process = subprocess.Popen(args, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def _poll_console(self) -> None:
+        if not self.console.exists():
+            return
+        with self.console.open("rb") as f:
+            f.seek(self._read)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1   # whole lines only
+        self._read += end
+        text = chunk[:end].decode(errors="replace")
+        self._seen += text
+        now = time.time()
+        for line in text.splitlines():
+            match = MARK.search(line)
+            if match:
+                self.marks.append((match.group(1), match.group(2).strip(), now))
+
+    def wait_for(self, name: str, timeout: float = 300.0, after: int = 0) -> tuple[str, float]:
+        """The value of the first ``MARK name`` at index >= ``after``, and when it was seen."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._poll_console()
+            for found, value, seen in self.marks[after:]:
+                if found == name:
+                    return value, seen
+            if self.process.poll() is not None:
+                self._poll_console()
+                if not any(found == name for found, _v, _s in self.marks[after:]):
+                    raise AssertionError(f"the VMM exited before MARK {name}:\n{self.log[-3000:]}\n{self.process.stderr.read() if self.process.stderr else ''}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no MARK {name} within {timeout:.0f} s:\n{self.log[-3000:]}")
+            time.sleep(0.2)
+
+    def values(self, name: str) -> list[str]:
+        self._poll_console()
+        return [value for found, value, _s in self.marks if found == name]
+
+    @property
+    def log(self) -> str:
+        self._poll_console()
+        return self._seen
+
+    def ctl(self, command: str, **arguments: str) -> dict[str, Any]:
+        reply = request(self.socket, command, arguments)
+        assert reply.get("ok"), reply
+        return reply
+
+    def finish(self, timeout: float = 120.0) -> tuple[int, str, str]:
+        """Wait for the VMM to exit by itself; returns (code, stdout, stderr)."""
+        try:
+            stdout, stderr = self.process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"the VMM did not exit within {timeout:.0f} s:\n{self.log[-3000:]}") from None
+        self._poll_console()
+        return self.process.returncode, stdout, stderr
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)

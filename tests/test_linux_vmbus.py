@@ -1,0 +1,149 @@
+"""Linux's own Hyper-V drivers (hv_vmbus, hv_utils, hv_storvsc) against our VMBus devices.
+
+Debian's unmodified kernel and its modules, loaded by our /init; everything
+asserted comes from what the guest itself prints (sysfs, /dev, dmesg), or
+from the host image after the VMM is gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from mshvstack.vmbus.providers.heartbeat import Heartbeat
+from mshvstack.vmbus.providers.kvp import Kvp
+from mshvstack.vmbus.providers.shutdown import Shutdown
+from mshvstack.vmbus.providers.storage import Storage
+from mshvstack.vmbus.providers.timesync import TimeSync
+from mshvstack.vmm.linuxguest import busybox_initramfs, kernel_modules
+
+from linuxvm import LinuxVm, require_debian_guest
+
+MODULES = ("hv_vmbus", "hv_utils", "hv_storvsc", "sd_mod")
+DISK_BYTES = 16 << 20
+WRITE_OFFSET, WRITE_BYTES = 2 << 20, 256 << 10
+
+INIT = """#!/bin/sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+exec >/dev/kmsg 2>&1
+for module in $(cat /modules.order); do insmod /lib/modules/$module.ko || echo "MARK insmod_failed $module"; done
+n=0; while [ ! -b /dev/sda ] && [ $n -lt 60 ]; do sleep 1; n=$((n + 1)); done
+for d in /sys/bus/vmbus/devices/*; do
+    echo "MARK device $(cat $d/class_id) $(basename "$(readlink $d/driver)")"
+done
+echo "MARK sda_sectors $(cat /sys/block/sda/size)"
+echo "MARK sda_sha256 $(dd if=/dev/sda bs=1M count=1 2>/dev/null | sha256sum | cut -d' ' -f1)"
+dd if=/dev/urandom of=/tmp/random bs=4096 count=%(write_blocks)d 2>/dev/null
+dd if=/tmp/random of=/dev/sda bs=4096 seek=%(write_block)d conv=fsync 2>/dev/null
+sync
+echo "MARK synced $(sha256sum /tmp/random | cut -d' ' -f1)"
+if grep -q mshvtest=hold /proc/cmdline; then while true; do sleep 60; done; fi
+[ -c /dev/ptp0 ] && echo "MARK ptp $(cat /sys/class/ptp/ptp0/clock_name)"
+date -s "@$(( $(date +%%s) - 3600 ))" >/dev/null
+echo "MARK clock_set $(date +%%s)"
+while true; do echo "MARK clock $(date +%%s)"; sleep 1; done
+""" % {"write_blocks": WRITE_BYTES // 4096, "write_block": WRITE_OFFSET // 4096}
+
+# hv_utils runs /sbin/poweroff for the shutdown IC; busybox's would signal our
+# shell /init, so this one powers off directly, saying it was asked to.
+POWEROFF = """#!/bin/sh
+echo "MARK poweroff_requested" >/dev/kmsg
+exec /bin/busybox poweroff -f
+"""
+
+
+@pytest.fixture(scope="module")
+def initrd(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    linux = require_debian_guest()
+    modules = kernel_modules(linux, MODULES)
+    files = {f"lib/modules/{name}.ko": image for name, image in modules}
+    files["modules.order"] = "\n".join(name for name, _ in modules).encode() + b"\n"
+    files["sbin/poweroff"] = POWEROFF.encode()
+    path = tmp_path_factory.mktemp("linux-vmbus") / "initrd.cpio"
+    path.write_bytes(busybox_initramfs(linux.busybox, INIT, files))
+    return linux.kernel, path
+
+
+def _disk(path: Path) -> bytes:
+    image = os.urandom(DISK_BYTES)
+    path.write_bytes(image)
+    return image
+
+
+def _written(path: Path) -> str:
+    with path.open("rb") as f:
+        f.seek(WRITE_OFFSET)
+        return hashlib.sha256(f.read(WRITE_BYTES)).hexdigest()
+
+
+def test_linux_drivers_use_our_vmbus_devices(initrd: tuple[Path, Path], tmp_path: Path) -> None:
+    kernel, ramdisk = initrd
+    disk = tmp_path / "disk.img"
+    image = _disk(disk)
+    vm = LinuxVm(tmp_path, kernel, ramdisk, "--disk", str(disk))
+    try:
+        synced, _ = vm.wait_for("synced", timeout=400)
+        log = vm.log
+        assert re.search(r"hv_vmbus: Vmbus version:\d+\.\d+", log), log[-3000:]
+        assert not vm.values("insmod_failed")
+        bound = dict(value.split(" ", 1) for value in vm.values("device"))
+        expected = {Heartbeat.class_id: "hv_utils", Shutdown.class_id: "hv_utils", TimeSync.class_id: "hv_utils",
+                    Kvp.class_id: "hv_utils", Storage.class_id: "hv_storvsc"}
+        assert bound == {f"{{{uuid}}}": driver for uuid, driver in expected.items()}, bound
+        assert int(vm.values("sda_sectors")[0]) * 512 == DISK_BYTES
+        assert vm.values("sda_sha256")[0] == hashlib.sha256(image[: 1 << 20]).hexdigest()
+        assert _written(disk) == synced   # in the host image while the guest still runs
+
+        ptp, _ = vm.wait_for("ptp")
+        assert ptp == "hyperv"
+        # Heartbeat: the host's sequence advances and the guest answers.
+        first = vm.ctl("status")["vmbus"]["heartbeat"]
+        time.sleep(11)
+        second = vm.ctl("status")["vmbus"]["heartbeat"]
+        assert second["sequence"] > first["sequence"] and (second["acknowledged"] or 0) > first["sequence"]
+        assert second["guest_alive"]
+
+        # Time sync: an hour wrong, then one SYNC sample brings the guest back.
+        wrong, seen = vm.wait_for("clock_set")
+        assert abs(int(wrong) - (seen - 3600)) < 30
+        after = len(vm.marks)
+        vm.ctl("timesync")
+        deadline = time.monotonic() + 60
+        while True:
+            value, seen = vm.wait_for("clock", after=after)
+            after = next(i for i in range(after, len(vm.marks)) if vm.marks[i][0] == "clock") + 1
+            if abs(int(value) - seen) <= 2:
+                break
+            assert time.monotonic() < deadline, f"guest clock {value} vs host {seen:.0f} after the sync"
+
+        # Graceful shutdown: hv_utils runs the guest's /sbin/poweroff.
+        vm.ctl("shutdown")
+        vm.wait_for("poweroff_requested", timeout=60)
+        code, stdout, stderr = vm.finish()
+    finally:
+        vm.kill()
+    log = vm.log
+    assert code == 0, f"{stdout}\n{stderr}"
+    assert "guest powered off (ACPI S5)" in stdout
+    assert _written(disk) == synced
+    assert "Kernel panic" not in log and "BUG:" not in log and "WARNING:" not in log
+
+
+def test_a_synced_write_survives_sigkill(initrd: tuple[Path, Path], tmp_path: Path) -> None:
+    kernel, ramdisk = initrd
+    disk = tmp_path / "disk.img"
+    _disk(disk)
+    vm = LinuxVm(tmp_path, kernel, ramdisk, "--disk", str(disk), cmdline="console=ttyS0 mshvtest=hold")
+    try:
+        synced, _ = vm.wait_for("synced", timeout=400)
+    finally:
+        vm.kill()   # at once, the moment the guest's sync returned
+    assert _written(disk) == synced
