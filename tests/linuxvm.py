@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,22 @@ class LinuxVm:
                 "--api-socket", str(self.socket), "--json", *extra]
         # Not the checkout's root: run the installed package, as a user would.
         self.process = subprocess.Popen(args, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Follow the console continuously, so each mark is stamped when the guest printed it.
+        self._lock = threading.Lock()
+        self._follower = threading.Thread(target=self._follow, daemon=True)
+        self._follower.start()
+
+    def _follow(self) -> None:
+        while self.process.poll() is None:
+            self._poll_console()
+            time.sleep(0.05)
+        self._poll_console()
 
     def _poll_console(self) -> None:
+        with self._lock:
+            self._poll_console_locked()
+
+    def _poll_console_locked(self) -> None:
         if not self.console.exists():
             return
         with self.console.open("rb") as f:

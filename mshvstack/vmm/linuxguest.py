@@ -273,3 +273,77 @@ def busybox_initramfs(busybox: bytes, init: str, files: dict[str, bytes] | None 
                 made.add(directory)
         entries.append(CpioEntry(path, data, 0o100755 if data.startswith((b"#!", b"\x7fELF")) else 0o100644))
     return newc_archive(entries)
+
+
+def _members(archive: tarfile.TarFile) -> dict[str, bytes]:
+    """Every regular file of a package by path, and every symlink by its own path
+    with its target's bytes (followed inside the package)."""
+    members = {m.name.lstrip("./"): m for m in archive.getmembers()}
+
+    def resolve(path: str, hops: int = 0) -> tarfile.TarInfo | None:
+        member = members.get(path)
+        if member is None or not member.issym() or hops > 8:
+            return member
+        link = member.linkname
+        return resolve(link.lstrip("/") if link.startswith("/") else str(Path(path).parent / link), hops + 1)
+
+    out: dict[str, bytes] = {}
+    for path in members:
+        member = resolve(path)
+        if member is not None and member.isfile():
+            handle = archive.extractfile(member)
+            assert handle is not None
+            out[path] = handle.read()
+    return out
+
+
+def _elf_needs(image: bytes) -> tuple[str | None, list[str]]:
+    """(PT_INTERP path, DT_NEEDED names) of an ELF executable or library."""
+    from elftools.elf.dynamic import DynamicSection
+    from elftools.elf.elffile import ELFFile
+
+    elf = ELFFile(io.BytesIO(image))
+    interpreter = None
+    for segment in elf.iter_segments():
+        if segment["p_type"] == "PT_INTERP":
+            interpreter = segment.get_interp_name()
+    needed = [tag.needed for section in elf.iter_sections() if isinstance(section, DynamicSection)
+              for tag in section.iter_tags() if tag.entry.d_tag == "DT_NEEDED"]
+    return interpreter, needed
+
+
+LIBRARY_DIRECTORIES = ("lib/x86_64-linux-gnu", "usr/lib/x86_64-linux-gnu", "lib64", "lib")
+
+
+def debian_program(package: str, path: str, library_packages: Iterable[str] = ("libc6",),
+                   directory: Path | None = None) -> dict[str, bytes]:
+    """``path`` from ``package`` with its ELF interpreter and shared libraries, as initramfs files.
+
+    Libraries are looked up in ``library_packages`` (fetched and checked like
+    every package) under the multiarch directories the dynamic loader searches.
+    """
+    with deb_data(fetch(package, directory)) as archive:
+        program = _members(archive).get(path.lstrip("/"))
+    if program is None:
+        raise GuestUnavailable(f"{package} ships no {path}")
+    libraries: dict[str, bytes] = {}
+    for library_package in library_packages:
+        with deb_data(fetch(library_package, directory)) as archive:
+            libraries.update(_members(archive))
+    files = {path.lstrip("/"): program}
+    pending = [program]
+    while pending:
+        interpreter, needed = _elf_needs(pending.pop())
+        wanted = [interpreter.lstrip("/")] if interpreter else []
+        for name in needed:
+            found = next((f"{d}/{name}" for d in LIBRARY_DIRECTORIES if f"{d}/{name}" in libraries), None)
+            if found is None:
+                raise GuestUnavailable(f"{path} needs {name}, which {', '.join(library_packages)} do not ship")
+            wanted.append(found)
+        for library in wanted:
+            if library not in files:
+                if library not in libraries:
+                    raise GuestUnavailable(f"{path} needs {library}, which {', '.join(library_packages)} do not ship")
+                files[library] = libraries[library]
+                pending.append(libraries[library])
+    return files

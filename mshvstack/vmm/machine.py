@@ -339,7 +339,7 @@ class Machine:
                 send()
             return self.kvp.wait_reply(timeout)
 
-        if operation == "list":
+        def enumerate_pool() -> list[dict[str, Any]]:
             pairs = []
             for index in range(256):
                 reply = ask(functools.partial(self.kvp.enumerate, number, index))
@@ -347,6 +347,16 @@ class Machine:
                     break
                 pairs.append({"key": reply.key, "value": reply.value})
             return pairs
+
+        if operation == "list":
+            return enumerate_pool()
+        if operation == "get" and number == KVP_POOLS["auto"]:
+            # The guest generates its intrinsic items (host name, OS, addresses) only when
+            # the pool is enumerated, as Hyper-V reads them; a get finds the key that way.
+            found = [pair for pair in enumerate_pool() if pair["key"] == key]
+            if not found:
+                raise MachineError(f"the guest reports no intrinsic KVP item {key!r}")
+            return found
         if operation not in ("get", "set", "delete"):
             raise MachineError(f"unknown KVP operation {operation!r}: get, set, delete or list")
         send = {"get": lambda: self.kvp.get(number, key), "set": lambda: self.kvp.set(number, key, value),

@@ -133,12 +133,16 @@ class IcProvider:
                     self.negotiation_failed = True
                 else:
                     self.framework, self.version = chosen
+                    self.on_negotiated()
             else:
                 self.last_response = message
                 self.on_response(message)
             self.cond.notify_all()
 
     # ---- for subclasses and users
+    def on_negotiated(self) -> None:
+        """The guest accepted a version: a device that speaks first does so here."""
+
     def on_response(self, message: IcMessage) -> None:
         """A response to one of our requests (after negotiation)."""
 

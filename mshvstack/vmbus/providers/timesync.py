@@ -41,5 +41,10 @@ class TimeSync(IcProvider):
             body = struct.pack("<QQQB", now, 0, 0, flags)
         self.send_request(body)
 
+    def on_negotiated(self) -> None:
+        # Hyper-V steps the clock when the IC connects: the guest's wall clock ran on
+        # its boot-time clocksource until now, which loses the ticks a slow boot misses.
+        self.sample(sync=True)
+
     def on_response(self, message: IcMessage) -> None:
         self.samples_acknowledged += 1
