@@ -55,6 +55,8 @@ date -s "@$(( $(date +%%s) - 3600 ))" >/dev/null
 echo "MARK clock_set $(date +%%s)"
 while true; do
     echo "MARK clock $(date +%%s)"
+    echo "through the interrupt-driven 8250" >/dev/ttyS0
+    echo "MARK irq4 $(grep -E '^ *4:' /proc/interrupts)"
     pool=/var/lib/hyperv/.kvp_pool_0
     [ -s $pool ] && echo "MARK kvp_pool $(strings $pool | tr '\n' ' ')"
     sleep 1
@@ -78,6 +80,8 @@ def initrd(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     files["sbin/poweroff"] = POWEROFF.encode()
     files.update(debian_program("hyperv-daemons", "/usr/sbin/hv_kvp_daemon"))
     files["etc/os-release"] = f'NAME="{OS_NAME}"\nVERSION_ID="12"\n'.encode()
+    files["etc/hosts"] = b"127.0.0.1 localhost\n127.0.1.1 mshvstack-guest.example mshvstack-guest\n"
+    files["etc/nsswitch.conf"] = b"hosts: files\n"   # no resolver in the guest: names come from /etc/hosts
     path = tmp_path_factory.mktemp("linux-vmbus") / "initrd.cpio"
     path.write_bytes(busybox_initramfs(linux.busybox, INIT, files))
     return linux.kernel, path
@@ -137,13 +141,18 @@ def test_linux_drivers_use_our_vmbus_devices(initrd: tuple[Path, Path], tmp_path
 
         # KVP through Debian's hv_kvp_daemon: the guest's intrinsic items, and a host key in its pool.
         fqdn = vm.ctl("kvp", operation="get", pool="auto", key="FullyQualifiedDomainName")["pairs"][0]["value"]
-        assert fqdn.split(".")[0] == "mshvstack-guest"
+        assert fqdn == "mshvstack-guest.example"
         assert vm.ctl("kvp", operation="get", pool="auto", key="OSName")["pairs"][0]["value"] == OS_NAME
         vm.ctl("kvp", operation="set", pool="external", key="mshvstack-key", value="set-by-the-host")
         deadline = time.monotonic() + 30
         while "mshvstack-key set-by-the-host" not in " ".join(vm.values("kvp_pool")):
             assert time.monotonic() < deadline, vm.values("kvp_pool")[-1:]
             time.sleep(0.5)
+
+        # The 8250 console is interrupt-driven through our I/O APIC (MSI routes + irqfd).
+        irq4 = [line.split() for line in vm.values("irq4") if line]
+        assert irq4 and irq4[-1][2:4] == ["IO-APIC", "4-edge"] and irq4[-1][4] == "ttyS0", irq4[-1:]
+        assert int(irq4[-1][1]) > int(irq4[0][1]) > 0
 
         # Graceful shutdown: hv_utils runs the guest's /sbin/poweroff.
         vm.ctl("shutdown")

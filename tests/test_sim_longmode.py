@@ -90,3 +90,25 @@ def test_hvprobe_guest(tmp_path: Path) -> None:
         assert bytes(g.ram[0x7200 + 16 : 0x7200 + 21]) == b"hello"
     finally:
         g.close()
+
+
+def test_unmapped_gpa_behind_a_non_identity_mapping(tmp_path: Path) -> None:
+    """Unicorn reports the physical address of an unmapped access; the message must
+    carry it as the GPA and the operand's linear address as the GVA (found by Linux
+    touching its I/O APIC through a fixmap address)."""
+    from guests import assemble
+    from simhelpers import PD3
+
+    image, _ = assemble("mov $0xD0200000, %rbx\nmov $2, %rsi\nmovl %eax, 0x10(%rbx,%rsi,4)\nhlt", tmp_path)
+    backend = SimBackend()
+    g = long_mode_guest(backend, image)
+    try:
+        g.ram[PD3 + 0x81 * 8 : PD3 + 0x82 * 8] = (0xD0000000 | 0x83).to_bytes(8, "little")  # VA 0xD0200000 -> GPA 0xD0000000
+        msg = g.run()
+        assert msg.header.message_type == lib.HVMSG_UNMAPPED_GPA
+        mem = ffi.cast("struct hv_x64_memory_intercept_message *", ffi.addressof(msg.u))
+        assert mem.guest_physical_address == 0xD0000018
+        assert mem.guest_virtual_address == 0xD0200018 and mem.memory_access_info.bits.gva_valid
+        assert mem.header.intercept_access_type == lib.HV_INTERCEPT_ACCESS_WRITE
+    finally:
+        g.close()

@@ -197,9 +197,13 @@ def test_acpi_tables_are_well_formed(memory) -> None:  # type: ignore[no-untyped
     madt = table(signatures[b"APIC"])
     entries, offset = [], 44
     while offset < len(madt):
-        entries.append(madt[offset])
+        entries.append(madt[offset : offset + madt[offset + 1]])
         offset += madt[offset + 1]
-    assert entries == [0, 0, 0]
+    assert [e[0] for e in entries] == [0, 0, 0, 1]
+    assert struct.unpack_from("<II", entries[3], 4) == (0xFEC00000, 0)   # the I/O APIC, from GSI 0
+    # COM1: EisaId("PNP0501") and a _CRS with its ports and IRQ 4 (the only way a reduced platform says it)
+    assert b"COM1" in dsdt and bytes.fromhex("0c41d00501") in dsdt
+    assert bytes.fromhex("4701f803f80301082210007900") in dsdt
     # AML: Name(\_S5_, Package() {5, 0}), then Scope(\_SB) whose package length covers the rest
     assert dsdt[36:48] == bytes.fromhex("085c5f53355f1205020a0500")
     assert struct.unpack_from("<BBBBQ", fadt, 244) == (1, 8, 0, 1, 0x604)   # sleep control: an I/O byte

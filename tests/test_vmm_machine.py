@@ -195,6 +195,8 @@ def test_disks_and_kvp_over_the_control_api(tmp_path: Path) -> None:
         assert status["vmbus"]["disks"][0]["read_only"] is True
         reply = request(path, "kvp", {"operation": "get", "key": "x"})
         assert reply["ok"] is False and "KVP channel" in reply["error"]  # the spinning guest never opened it
+        reply = request(path, "timesync")
+        assert reply["ok"] is False and "time-sync channel" in reply["error"]
     finally:
         machine.poweroff()
         server.close()

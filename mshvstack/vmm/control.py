@@ -79,8 +79,10 @@ class ControlServer:
                 args = {k: str(request.get(k, "")) for k in ("operation", "pool", "key", "value")}
                 pairs = self.machine.kvp_request(args["operation"], args["pool"] or "external", args["key"], args["value"])
                 return {"ok": True, "pairs": pairs}
-            if command != "status":
-                getattr(self.machine, command)()
+            actions = {"pause": self.machine.pause, "resume": self.machine.resume, "shutdown": self.machine.shutdown,
+                       "poweroff": self.machine.poweroff, "timesync": self.machine.sync_time}
+            if command in actions:
+                actions[command]()
         except MshvError as exc:
             return {"ok": False, "error": str(exc)}
         return {"ok": True, **self.machine.status()}

@@ -26,6 +26,9 @@ from mshvstack.partition.exits import ExceptionIntercept, SintDeliverable
 from mshvstack.vmm.bus import Bus
 from mshvstack.vmm.config import MachineConfig
 from mshvstack.vmm.devices.simple import AcpiSleepControl, CmosRtc, DebugExit, I8042, Scratch
+from mshvstack.vmm.devices.ioapic import BASE as IOAPIC_BASE
+from mshvstack.vmm.devices.ioapic import SIZE as IOAPIC_SIZE
+from mshvstack.vmm.devices.ioapic import IoApic
 from mshvstack.vmm.devices.uart import Uart16550
 from mshvstack.vmm.loader import LoaderError
 from mshvstack.vmm.loader import acpi
@@ -50,7 +53,6 @@ from mshvstack.vmbus.synic import SynicHost
 log = logging.getLogger(__name__)
 HOUSEKEEPING_PERIOD = 5.0
 
-COM1, COM1_SIZE = 0x3F8, 8
 I8042_BASE, I8042_SIZE = 0x60, 5
 CMOS_BASE, CMOS_SIZE = 0x70, 2
 DEBUG_EXIT_PORT = 0xF4
@@ -116,8 +118,10 @@ class Machine:
         self.partition = self.mshv.create_partition(PartitionConfig(lapic=True))
         self.partition.initialize()
         self.partition.map_memory(0, config.memory)
-        self.uart = Uart16550(self.console)
-        self.pio.register(COM1, COM1_SIZE, self.uart, "16550 UART (COM1)")
+        self.ioapic = IoApic(self.partition)
+        self.mmio.register(IOAPIC_BASE, IOAPIC_SIZE, self.ioapic, "I/O APIC")
+        self.uart = Uart16550(self.console, functools.partial(self.ioapic.pulse, acpi.COM1_IRQ))
+        self.pio.register(acpi.COM1_PORT, acpi.COM1_PORTS, self.uart, "16550 UART (COM1)")
         self.pio.register(I8042_BASE, I8042_SIZE, I8042(lambda: self.stop(StopReason(StopKind.RESET, 0, "guest requested reset"))), "i8042")
         self.pio.register(CMOS_BASE, CMOS_SIZE, CmosRtc(memory_mb=config.memory >> 20), "CMOS/RTC")
         self.pio.register(DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit), "debug exit")
@@ -280,7 +284,7 @@ class Machine:
 
         threading.Thread(target=fallback, name="shutdown-fallback", daemon=True).start()
 
-    def timesync(self) -> None:
+    def sync_time(self) -> None:
         """Step the guest's clock to the host's (a SYNC sample, as Hyper-V sends after a resume)."""
         if self.vmbus is None or not self.timesync.ready:
             raise MachineError("the guest has not opened the time-sync channel")
@@ -292,6 +296,7 @@ class Machine:
             self.poweroff()
         for thread in self._threads:
             thread.join(timeout=5)
+        self.ioapic.close()
         if not self.partition.closed:
             self.partition.close()
         for disk in getattr(self, "disks", []):

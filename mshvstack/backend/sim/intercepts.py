@@ -121,17 +121,18 @@ def io_port(cpu: InterceptedCpu, insn: Instruction) -> bytes:
     return to_bytes(msg)
 
 
-def memory(cpu: InterceptedCpu, stop: EngineStop, gpa: int) -> bytes:
-    """UNMAPPED_GPA or GPA_INTERCEPT for an access the GPA map does not allow."""
+def memory(cpu: InterceptedCpu, stop: EngineStop, gpa: int, gva: int | None) -> bytes:
+    """UNMAPPED_GPA or GPA_INTERCEPT for an access the GPA map does not allow
+    (``gva`` None: the virtual address is not known, and flagged invalid)."""
     kind = lib.HVMSG_UNMAPPED_GPA if stop.kind is StopKind.UNMAPPED else lib.HVMSG_GPA_INTERCEPT
     msg, payload = new_message(kind, "struct hv_x64_memory_intercept_message")
     access = lib.HV_INTERCEPT_ACCESS_EXECUTE if stop.execute else (lib.HV_INTERCEPT_ACCESS_WRITE if stop.write else lib.HV_INTERCEPT_ACCESS_READ)
     insn = stop.instruction
     fill_header(cpu, payload.header, insn.length if insn else 0, access)
-    payload.guest_virtual_address = stop.address
+    payload.guest_virtual_address = gva or 0
     payload.guest_physical_address = gpa
-    payload.memory_access_info.bits.gva_valid = 1
-    payload.memory_access_info.bits.gva_gpa_valid = 1
+    payload.memory_access_info.bits.gva_valid = int(gva is not None)
+    payload.memory_access_info.bits.gva_gpa_valid = int(gva is not None)
     if insn is not None:
         payload.instruction_byte_count = len(insn.raw[:16])
         ffi.memmove(payload.instruction_bytes, insn.raw[:16], len(insn.raw[:16]))

@@ -398,17 +398,7 @@ class SimVp:
         return intercepts.header_only(self, lib.HVMSG_UNRECOVERABLE_EXCEPTION)  # triple fault
 
     def _memory_exit(self, stop: EngineStop) -> bytes | None:
-        gpa = stop.address
-        if self.reg(R.HV_X64_REGISTER_CR0) & x86.CR0_PG:
-            t = x86.translate(self.partition.memory, self.reg(R.HV_X64_REGISTER_CR0), self.reg(R.HV_X64_REGISTER_CR3),
-                              self.reg(R.HV_X64_REGISTER_CR4), self.reg(R.HV_X64_REGISTER_EFER), stop.address,
-                              x86.Access.WRITE if stop.write else x86.Access.READ)
-            if t.result not in (x86.TranslateResult.SUCCESS, x86.TranslateResult.GPA_UNMAPPED):
-                # The page tables changed under the access: the guest takes the page fault.
-                self.set_reg(R.HV_X64_REGISTER_CR2, stop.address)
-                self._ensure_engine().inject_exception(x86.VECTOR_PF, t.error_code)
-                return None
-            gpa = t.gpa if t.result is x86.TranslateResult.SUCCESS else stop.address
+        gpa = stop.address   # the engine reports the physical address: the guest's paging already succeeded
         if stop.kind is StopKind.PROTECTION and stop.write and self.partition.track_write(gpa):
             return None  # dirty-page tracking fault: recorded, page writable again, retry
         if stop.kind is StopKind.UNMAPPED and stop.write and stop.instruction is not None:
@@ -416,7 +406,7 @@ class SimVp:
                 # An ioeventfd took the write: the guest continues, no exit.
                 self.set_reg(R.HV_X64_REGISTER_RIP, stop.instruction.rip + stop.instruction.length)
                 return None
-        return intercepts.memory(self, stop, gpa)
+        return intercepts.memory(self, stop, gpa, stop.linear)
 
     def _special_exit(self, insn: Instruction) -> bytes:
         if insn.kind is Special.HLT:

@@ -1,6 +1,9 @@
-"""ACPI tables written by our code: RSDP, XSDT, FADT (hardware-reduced), MADT, and a
-DSDT carrying the VMBus device that Linux's hv_vmbus looks for (_HID "VMBUS"
-with a _CRS of MMIO windows for synthetic devices)."""
+"""ACPI tables written by our code: RSDP, XSDT, FADT (hardware-reduced), MADT (local
+APICs and the I/O APIC), and a DSDT carrying the VMBus device that Linux's
+hv_vmbus looks for (_HID "VMBUS" with a _CRS of MMIO windows for synthetic
+devices) and COM1 with its interrupt.  A hardware-reduced platform has no
+legacy PIC, so the guest learns IRQ 4 of the UART only from the DSDT (as on a
+Hyper-V generation-2 VM)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import struct
 from dataclasses import dataclass
 
 from mshvstack.partition.memory import GuestMemory
+from mshvstack.vmm.devices.ioapic import BASE as IOAPIC_BASE
 
 RSDP_GPA = 0xE0000          # in the BIOS area Linux scans without EFI
 TABLES_GPA = 0xE0040
@@ -15,6 +19,7 @@ OEM_ID = b"MSHVST"
 OEM_TABLE_ID = b"MSHVSTCK"
 CREATOR_ID = b"MSVS"
 LAPIC_BASE = 0xFEE00000
+COM1_PORT, COM1_PORTS, COM1_IRQ = 0x3F8, 8, 4
 FADT_HW_REDUCED_ACPI = 1 << 20
 FADT_LOW_POWER_S0_IDLE = 1 << 21
 # Hardware-reduced ACPI sleep registers (FADT SLEEP_CONTROL_REG/SLEEP_STATUS_REG):
@@ -80,12 +85,35 @@ def _buffer(data: bytes) -> bytes:
     return b"\x11" + _pkg_length(len(content)) + content
 
 
+def _device(name: str, body: bytes) -> bytes:
+    content = name.encode() + body
+    return b"\x5b\x82" + _pkg_length(len(content)) + content
+
+
+def _eisa_id(text: str) -> bytes:
+    """EisaId("PNP0501"): three letters in 5 bits each, then four hex digits."""
+    letters = [ord(c) - 0x40 for c in text[:3]]
+    high = (letters[0] << 10) | (letters[1] << 5) | letters[2]
+    return b"\x0c" + struct.pack(">HH", high, int(text[3:], 16))
+
+
 def vmbus_aml(windows: tuple[MmioWindow, ...] = DEFAULT_WINDOWS) -> bytes:
-    """Scope(\\_SB) { Device(VMBS) { _HID "VMBUS", _UID 0, _CRS <windows> } }"""
+    """Device(VMBS) { _HID "VMBUS", _UID 0, _CRS <windows> }"""
     crs = b"".join(_qword_memory(w) for w in windows) + b"\x79\x00"
-    device_body = b"VMBS" + _name("_HID", _string("VMBUS")) + _name("_UID", b"\x00") + _name("_CRS", _buffer(crs))
-    device = b"\x5b\x82" + _pkg_length(len(device_body)) + device_body
-    scope_body = b"\\_SB_" + device
+    return _device("VMBS", _name("_HID", _string("VMBUS")) + _name("_UID", b"\x00") + _name("_CRS", _buffer(crs)))
+
+
+def com1_aml() -> bytes:
+    """Device(COM1) { _HID EisaId("PNP0501"), _UID 1, _CRS { IO(Decode16, 0x3F8, 0x3F8, 1, 8), IRQNoFlags() {4} } }"""
+    io = struct.pack("<BBHHBB", 0x47, 1, COM1_PORT, COM1_PORT, 1, COM1_PORTS)
+    irq = struct.pack("<BH", 0x22, 1 << COM1_IRQ)
+    crs = io + irq + b"\x79\x00"
+    return _device("COM1", _name("_HID", _eisa_id("PNP0501")) + _name("_UID", b"\x01") + _name("_CRS", _buffer(crs)))
+
+
+def system_bus_aml(windows: tuple[MmioWindow, ...] = DEFAULT_WINDOWS) -> bytes:
+    """Scope(\\_SB) { VMBus, COM1 }"""
+    scope_body = b"\\_SB_" + vmbus_aml(windows) + com1_aml()
     return b"\x10" + _pkg_length(len(scope_body)) + scope_body
 
 
@@ -121,6 +149,7 @@ def _madt(vcpus: int) -> bytes:
             body += struct.pack("<BBBBI", 0, 8, cpu, cpu, 1)        # Processor Local APIC, enabled
         else:
             body += struct.pack("<BBHIII", 9, 16, 0, cpu, 1, cpu)   # Processor Local x2APIC
+    body += struct.pack("<BBBBII", 1, 12, vcpus & 0xFF, 0, IOAPIC_BASE, 0)   # I/O APIC at GSI 0
     return _table(b"APIC", 5, body)
 
 
@@ -144,7 +173,7 @@ def write_acpi_tables(memory: GuestMemory, vcpus: int, windows: tuple[MmioWindow
         cursor = (cursor + len(table) + 15) & ~15
         return address
 
-    dsdt = place(_table(b"DSDT", 2, sleep_states_aml() + vmbus_aml(windows)))
+    dsdt = place(_table(b"DSDT", 2, sleep_states_aml() + system_bus_aml(windows)))
     fadt = place(_fadt(dsdt))
     madt = place(_madt(vcpus))
     xsdt = place(_table(b"XSDT", 1, struct.pack("<QQ", fadt, madt)))

@@ -52,13 +52,14 @@ class StopKind(enum.Enum):
 class EngineStop:
     kind: StopKind
     instruction: Instruction | None = None
-    address: int = 0            # faulting address (virtual when paging is on)
+    address: int = 0            # faulting address: physical for UNMAPPED/PROTECTION
     write: bool = False
     execute: bool = False
     size: int = 0
     value: int = 0
     vector: int = 0
     error_code: int | None = None
+    linear: int | None = None   # the access's linear address, where the engine knows it
 
 
 # Returns None to stop at this instruction (before it executes), CONTINUE to

@@ -158,6 +158,7 @@ class UnicornEngine:
     def __init__(self, on_special: SpecialHandler, code: CodeReader, acknowledge: InterruptAcknowledge) -> None:
         self._uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
         self._disassemblers = {bits: capstone.Cs(capstone.CS_ARCH_X86, mode) for bits, mode in _CS_MODE.items()}
+        self._operand_decoders: dict[int, capstone.Cs] = {}   # with operand detail, built on first use
         self._on_special = on_special
         self._code = code
         self._acknowledge = acknowledge
@@ -482,14 +483,51 @@ class UnicornEngine:
     def _on_unmapped(self, uc: Any, access: int, address: int, size: int, value: int, _data: Any) -> bool:
         write = access in (unicorn.UC_MEM_WRITE_UNMAPPED, unicorn.UC_MEM_WRITE)
         fetch = access == unicorn.UC_MEM_FETCH_UNMAPPED
-        self._stop = EngineStop(StopKind.UNMAPPED, self._current(), address, write, fetch, size, value)
+        insn = self._current()
+        self._stop = EngineStop(StopKind.UNMAPPED, insn, address, write, fetch, size, value,
+                                linear=self._access_linear(insn, fetch))
         return False
 
     def _on_protection(self, uc: Any, access: int, address: int, size: int, value: int, _data: Any) -> bool:
         write = access == unicorn.UC_MEM_WRITE_PROT
         fetch = access == unicorn.UC_MEM_FETCH_PROT
-        self._stop = EngineStop(StopKind.PROTECTION, self._current(), address, write, fetch, size, value)
+        insn = self._current()
+        self._stop = EngineStop(StopKind.PROTECTION, insn, address, write, fetch, size, value,
+                                linear=self._access_linear(insn, fetch))
         return False
+
+    def _access_linear(self, insn: Instruction | None, fetch: bool) -> int | None:
+        """The linear address of the instruction's one memory operand (Unicorn's memory
+        hooks give only the physical one); None where there is not exactly one."""
+        if insn is None:
+            return None
+        if fetch:
+            return insn.address
+        bits = self.code_bits()
+        decoder = self._operand_decoders.get(bits)
+        if decoder is None:
+            decoder = self._operand_decoders[bits] = capstone.Cs(capstone.CS_ARCH_X86, _CS_MODE[bits])
+            decoder.detail = True
+        for decoded in decoder.disasm(insn.raw, insn.address, count=1):
+            memory = [op.mem for op in decoded.operands if op.type == cx.X86_OP_MEM]
+            if len(memory) != 1:
+                return None
+            operand = memory[0]
+            address = operand.disp
+            if operand.base == cx.X86_REG_RIP:
+                address += insn.rip + decoded.size
+            elif operand.base:
+                address += self._uc.reg_read(getattr(ux, f"UC_X86_REG_{decoded.reg_name(operand.base).upper()}"))
+            if operand.index:
+                address += operand.scale * self._uc.reg_read(getattr(ux, f"UC_X86_REG_{decoded.reg_name(operand.index).upper()}"))
+            segment = operand.segment or (cx.X86_REG_SS if operand.base in (cx.X86_REG_RSP, cx.X86_REG_RBP, cx.X86_REG_ESP,
+                                                                            cx.X86_REG_EBP, cx.X86_REG_SP, cx.X86_REG_BP)
+                                          else cx.X86_REG_DS)
+            name = decoded.reg_name(segment).upper()
+            if bits < 64 or name in ("FS", "GS"):
+                address += self.segment(getattr(lib, f"HV_X64_REGISTER_{name}"))[0]
+            return address & ((1 << (64 if bits == 64 else 32)) - 1)
+        return None
 
     def _current(self) -> Instruction | None:
         """Decode the instruction at PC (for messages that carry its bytes)."""
