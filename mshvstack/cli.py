@@ -96,7 +96,8 @@ def _stats_table(stats: dict[str, dict[str, float]]) -> Table:
 @app.command()
 def run(
     kernel: Optional[Path] = typer.Argument(None, help="Kernel to boot: an ELF (PVH or 64-bit entry) or a Linux bzImage."),
-    demo: bool = typer.Option(False, "--demo", help="Run the built-in demo guest instead of a KERNEL."),
+    demo: bool = typer.Option(False, "--demo", help="Run a demo guest instead of a KERNEL: --demo [hello|iotest|pioloop|linux] "
+                              "(linux: Debian's kernel and its Hyper-V drivers to a shell; fetched with apt-get, then cached)."),
     demo_guest: str = typer.Option("hello", "--demo-guest", help="Which built-in guest --demo runs: hello, iotest or pioloop."),
     memory: str = typer.Option("256M", "--memory", help="Guest RAM, e.g. 256M or 1G."),
     vcpus: int = typer.Option(1, "--vcpus", help="Number of virtual processors."),
@@ -113,10 +114,24 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON (console goes to stderr)."),
 ) -> None:
     """Boot a guest and run it until it stops; the guest's console is live."""
-    from mshvstack.vmm.config import ConfigError, DiskSpec, MachineConfig, parse_size
+    from mshvstack.vmm.config import DEMO_GUESTS, LINUX_DEMO, ConfigError, DiskSpec, MachineConfig, parse_size
     from mshvstack.vmm.control import ControlServer
     from mshvstack.vmm.machine import Machine
 
+    linux_demo = None
+    if demo and kernel is not None and not kernel.exists() and str(kernel) in (*DEMO_GUESTS, LINUX_DEMO):
+        demo_guest, kernel = str(kernel), None   # `--demo NAME`
+    if demo and demo_guest == LINUX_DEMO:
+        from mshvstack.vmm import linuxdemo
+        from mshvstack.vmm.linuxguest import GuestUnavailable
+
+        try:
+            linux_demo = linuxdemo.prepare()
+        except GuestUnavailable as exc:
+            _fail(f"--demo linux: {exc}")
+        assert linux_demo is not None
+        demo, kernel, initrd, extract = False, linux_demo.kernel, linux_demo.initrd, True
+        memory, disk = "512M" if memory == "256M" else memory, [*disk, str(linux_demo.disk)]
     try:
         if demo and kernel is not None:
             raise ConfigError("give either a KERNEL file or --demo, not both")
@@ -146,6 +161,8 @@ def run(
     finally:
         if server is not None:
             server.close()
+        if linux_demo is not None:
+            linuxdemo.cleanup(linux_demo)
     close_console()
     summary: dict[str, Any] = {**machine.status(), "exit_code": reason.exit_code, "reason": reason.kind.value,
                                "detail": reason.detail, "stats": machine.stats.as_dict()}

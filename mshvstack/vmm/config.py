@@ -14,6 +14,7 @@ MAX_MEMORY = 3 << 30  # one region below the 32-bit MMIO hole
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 DEMO_GUESTS = ("hello", "iotest", "pioloop")
+LINUX_DEMO = "linux"   # not built in: Debian's kernel, fetched and cached (vmm.linuxdemo)
 
 
 class ConfigError(MshvError):

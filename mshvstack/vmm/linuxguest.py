@@ -37,7 +37,8 @@ def cache_dir() -> Path:
 
 def _apt(*args: str) -> str:
     if shutil.which(args[0]) is None:
-        raise GuestUnavailable(f"{args[0]} is not installed: pass a kernel and initramfs of your own instead")
+        raise GuestUnavailable(f"{args[0]} is not installed: boot a kernel of your own instead "
+                               "(mshvstack run VMLINUZ --extract-vmlinux --initrd INITRD)")
     result = subprocess.run(args, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise GuestUnavailable(f"{' '.join(args)} failed: {result.stderr.strip().splitlines()[-1:] or result.returncode}")
@@ -60,20 +61,35 @@ def resolve_kernel_package() -> str:
     raise GuestUnavailable(f"{KERNEL_METAPACKAGE} depends on no kernel image")
 
 
+@dataclass(frozen=True)
+class PackageRecord:
+    """What apt-cache knows of a package's candidate version."""
+    package: str
+    version: str
+    sha256: str
+    filename: str
+    size: int
+
+
+def package_record(package: str) -> PackageRecord:
+    record = _apt("apt-cache", "show", "--no-all-versions", package)
+    return PackageRecord(package, _field(record, "Version"), _field(record, "SHA256").lower(),
+                         _field(record, "Filename").rsplit("/", 1)[-1], int(_field(record, "Size")))
+
+
 def fetch(package: str, directory: Path | None = None) -> Path:
     """Download ``package`` (candidate version) into the cache; verify its SHA256."""
     directory = directory or cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    record = _apt("apt-cache", "show", "--no-all-versions", package)
-    version, expected = _field(record, "Version"), _field(record, "SHA256").lower()
-    filename = _field(record, "Filename").rsplit("/", 1)[-1]
-    path = directory / filename
+    record = package_record(package)
+    expected = record.sha256
+    path = directory / record.filename
     if not path.exists() or _sha256(path) != expected:
-        subprocess.run(["apt-get", "download", f"{package}={version}"], cwd=directory, capture_output=True, timeout=600)
+        subprocess.run(["apt-get", "download", f"{package}={record.version}"], cwd=directory, capture_output=True, timeout=600)
         candidates = sorted(directory.glob(f"{package}_*.deb"))
         found = [p for p in candidates if _sha256(p) == expected]
         if not found:
-            raise GuestUnavailable(f"apt-get download {package}={version} gave no file with SHA256 {expected}")
+            raise GuestUnavailable(f"apt-get download {package}={record.version} gave no file with SHA256 {expected}")
         if found[0] != path:
             found[0].rename(path)
     if _sha256(path) != expected:
@@ -232,7 +248,7 @@ def kernel_modules(guest: LinuxGuest, wanted: Iterable[str]) -> list[tuple[str, 
             return name
         candidates = sorted(m for m, info in index.items() if name in info["alias"])
         generic = [m for m in candidates if m.endswith("_generic")]
-        return (generic or candidates or [None])[0]
+        return next(iter(generic or candidates), None)
 
     def place(name: str, chain: tuple[str, ...]) -> None:
         if name in order:

@@ -526,7 +526,7 @@ class UnicornEngine:
             name = decoded.reg_name(segment).upper()
             if bits < 64 or name in ("FS", "GS"):
                 address += self.segment(getattr(lib, f"HV_X64_REGISTER_{name}"))[0]
-            return address & ((1 << (64 if bits == 64 else 32)) - 1)
+            return int(address) & ((1 << (64 if bits == 64 else 32)) - 1)
         return None
 
     def _current(self) -> Instruction | None:
