@@ -71,3 +71,16 @@ def test_disk_and_kvp_arguments_are_checked(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "kvp needs one of" in result.output
     result = runner.invoke(app, ["ctl", "/no.sock", "kvp", "set", "onlykey"])
     assert result.exit_code == 2 and "takes 2 argument" in result.output
+
+
+def test_linux_demo_without_apt_is_one_clear_line(tmp_path: Path) -> None:
+    """Where apt is absent, --demo linux says so in one line and names what to pass instead."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "mshvstack.cli", "run", "--demo", "linux"], capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path, env={"PATH": str(tmp_path), "HOME": str(tmp_path)})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "--demo linux" in lines[0] and "not installed" in lines[0] and "--initrd" in lines[0]
