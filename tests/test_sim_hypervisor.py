@@ -553,3 +553,33 @@ def test_time_freeze_stops_reference_time(tmp_path: Path) -> None:
         assert t2 - t1 >= 150_000  # >= 15 ms in 100 ns units
     finally:
         g.close()
+
+
+def test_one_router_for_ipis_hypercalls_and_msis() -> None:
+    """IPIs (with shorthands and logical destinations), HvAssertVirtualInterrupt and
+    irqfd MSIs all reach VPs through the partition's one router."""
+    from mshvstack.backend.sim.hypervisor import SimPartition
+    from mshvstack.backend.sim.vp import SimVp
+
+    partition = SimPartition(0, (0, 0), 0)
+    vps = [SimVp(partition, index) for index in range(3)]
+    partition.vps.update({vp.index: vp for vp in vps})
+
+    def pending() -> list[bool]:
+        taken = [bool(vp.lapic.irr & (1 << 0x40)) for vp in vps]
+        for vp in vps:
+            vp.lapic.irr = 0
+        return taken
+
+    vps[1].lapic.write_icr64(0x40 | (3 << 18))               # all but self, from VP 1
+    assert pending() == [True, False, True]
+    vps[0].lapic.write_icr64(0x40 | (1 << 11) | (0b110 << 32))  # logical: VPs 1 and 2
+    assert pending() == [False, True, True]
+    vps[2].lapic.write_icr64(0x40 | (1 << 18))               # self
+    assert pending() == [False, False, True]
+    assert partition.route_interrupt(2, 0x40, lib.HV_X64_INTERRUPT_TYPE_FIXED) == [vps[2]]
+    assert len(partition.route_interrupt(0b11, 0x40, lib.HV_X64_INTERRUPT_TYPE_LOWESTPRIORITY, logical=True)) == 1
+    assert pending() == [True, False, True]
+    assert partition.route_interrupt(7, 0x40, lib.HV_X64_INTERRUPT_TYPE_FIXED) == []   # no such VP
+    for vp in vps:
+        vp.close()

@@ -103,14 +103,7 @@ class IrqfdWorker:
             route = self.routes.get(irqfd.gsi) if irqfd else None
         if route is None:
             return  # no valid route for this GSI: the driver ignores it
-        targets = [vp for vp in self.partition.vps.values() if route.logical or vp.index == route.destination]
-        if route.logical:
-            targets = [vp for vp in targets if (1 << vp.index) & route.destination]
-        for vp in targets[:1] if route.delivery_mode == 1 else targets:
-            if route.delivery_mode == 4:
-                vp.queue_nmi()
-            else:
-                vp.queue_interrupt(route.vector)
+        self.partition.route_interrupt(route.destination, route.vector, route.delivery_mode, route.logical)
 
     def _on_eoi(self, vector: int) -> None:
         with self._lock:

@@ -187,20 +187,31 @@ class SimPartition:
             if vp.engine is not None:
                 vp.engine.flush_code(gpa, size)
 
-    def send_ipi(self, destination: int, vector: int, mode: int) -> None:
-        """Deliver an IPI from a VP's LAPIC (ICR write) to its targets."""
-        shorthand, mode = mode >> 4, mode & 7
-        if shorthand == 2 or destination in (0xFF, 0xFFFFFFFF):
-            targets = list(self.vps.values())
+    def route_interrupt(self, destination: int, vector: int, mode: int, logical: bool = False,
+                        exclude: int | None = None) -> list[Any]:
+        """The partition's one interrupt router (IPIs, HvAssertVirtualInterrupt, irqfd MSIs).
+
+        ``destination`` is an APIC id (0xFF/0xFFFFFFFF: broadcast) or, with
+        ``logical``, a flat-model bit mask; ``mode`` an HV_X64_INTERRUPT_TYPE_*
+        (the APIC's delivery modes).  Returns the VPs it reached.
+        """
+        vps = [vp for vp in self.vps.values() if vp.index != exclude]
+        if logical:
+            targets = [vp for vp in vps if destination & (1 << vp.index)]
+        elif destination in (0xFF, 0xFFFFFFFF):
+            targets = vps
         else:
-            targets = [vp for vp in self.vps.values() if vp.index == destination]
+            targets = [vp for vp in vps if vp.index == destination]
+        if mode == lib.HV_X64_INTERRUPT_TYPE_LOWESTPRIORITY:
+            targets = targets[:1]
         for vp in targets:
-            if mode in (0, 1):
+            if mode in (lib.HV_X64_INTERRUPT_TYPE_FIXED, lib.HV_X64_INTERRUPT_TYPE_LOWESTPRIORITY):
                 vp.queue_interrupt(vector)
-            elif mode == 4:
+            elif mode == lib.HV_X64_INTERRUPT_TYPE_NMI:
                 vp.queue_nmi()
-            elif mode == 6:
+            elif mode == lib.HV_X64_INTERRUPT_TYPE_SIPI:
                 vp.start_at_sipi(vector)
+        return targets
 
     # ---- dirty-page tracking (write protection, as hardware-assisted logging does)
     @property
@@ -398,13 +409,8 @@ class SimPartition:
         vector = int(inp.vector)
         if kind != lib.HV_X64_INTERRUPT_TYPE_NMI and not 16 <= vector <= 255:
             return HvResult(int(lib.HV_STATUS_INVALID_PARAMETER))
-        targets = [vp for vp in self.vps.values() if vp.index == int(inp.dest_addr)]
-        if not targets:
+        if not self.route_interrupt(int(inp.dest_addr), vector, kind, bool(inp.control.bits.logical_dest_mode)):
             return HvResult(int(lib.HV_STATUS_INVALID_VP_INDEX))
-        if kind == lib.HV_X64_INTERRUPT_TYPE_NMI:
-            targets[0].queue_nmi()
-        else:
-            targets[0].queue_interrupt(vector)
         return HvResult(HV_OK)
 
     def _clear_interrupt(self, data: bytes, reps: int, start: int) -> HvResult:

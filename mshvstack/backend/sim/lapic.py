@@ -30,7 +30,10 @@ TIMER_HZ = 1_000_000_000
 # Divide configuration: bits 0, 1 and 3 form a 3-bit code.
 _DIVIDERS = {0b000: 2, 0b001: 4, 0b010: 8, 0b011: 16, 0b100: 32, 0b101: 64, 0b110: 128, 0b111: 1}
 
-IpiSender = Callable[[int, int, int], None]  # (destination, vector, delivery mode)
+# (destination, vector, delivery mode, logical destination, APIC id to leave out)
+IpiSender = Callable[[int, int, int, bool, "int | None"], object]
+SHORTHAND_SELF, SHORTHAND_ALL, SHORTHAND_ALL_BUT_SELF = 1, 2, 3
+BROADCAST = 0xFFFFFFFF
 
 
 class Lapic:
@@ -214,6 +217,9 @@ class Lapic:
         destination = icr >> 32
         if destination > 0xFF and destination != 0xFFFFFFFF:
             destination >>= 24  # xAPIC form: destination in bits 56-63
-        if shorthand == 1:
+        logical = bool(icr & (1 << 11)) and not shorthand
+        if shorthand == SHORTHAND_SELF:
             destination = self.apic_id
-        self._send_ipi(destination if shorthand != 2 else 0xFFFFFFFF, vector, mode | (shorthand << 4))
+        elif shorthand in (SHORTHAND_ALL, SHORTHAND_ALL_BUT_SELF):
+            destination = BROADCAST
+        self._send_ipi(destination, vector, mode, logical, self.apic_id if shorthand == SHORTHAND_ALL_BUT_SELF else None)

@@ -94,7 +94,7 @@ class SimVp:
         self._state: dict[int, int] = self._reset_state()
         self._segments = self._reset_segments()
         self._wake = threading.Condition()
-        self.lapic = Lapic(index, partition.send_ipi, self._notify)
+        self.lapic = Lapic(index, partition.route_interrupt, self._notify)
         self.hv = HvEmulator(index, self.lapic, _HvServices(self))
         self.machine_check = MachineCheck()
         self._kick = False

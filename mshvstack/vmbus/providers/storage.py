@@ -21,7 +21,7 @@ from mshvstack.abi import ffi, lib
 from mshvstack.partition.memory import GuestMemory, GuestMemoryError
 from mshvstack.vmbus.errors import VmbusProtocolError
 from mshvstack.vmbus.packets import GPA_DIRECT, INBAND, Packet
-from mshvstack.vmbus.providers.scsi import INQUIRY, REPORT_LUNS, DiskImage, ScsiResult, absent_lun
+from mshvstack.vmbus.providers.scsi import INQUIRY, MAX_TRANSFER as MAX_TRANSFER_BYTES, REPORT_LUNS, DiskImage, ScsiResult, absent_lun
 
 if TYPE_CHECKING:
     from mshvstack.vmbus.channel import Channel
@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 PACKET = ffi.sizeof("struct vstor_packet")
 PAGE = 4096
 ACCEPTED_VERSIONS = (int(lib.VSTOR_PROTOCOL_WIN8_1), int(lib.VSTOR_PROTOCOL_WIN8))
-MAX_TRANSFER_BYTES = 0x40000
 
 
 class Storage:
@@ -132,17 +131,21 @@ class Storage:
         gpa_range = packet.ranges[0]
         if length > gpa_range.byte_count or length > MAX_TRANSFER_BYTES:
             raise VmbusProtocolError(f"transfer of {length} bytes exceeds the {gpa_range.byte_count}-byte buffer")
-        pieces, done, offset = [], 0, gpa_range.byte_offset
+        pieces: list[tuple[int, int]] = []
+        done, offset = 0, gpa_range.byte_offset
         for pfn in gpa_range.pfns:
             if done >= length:
                 break
             n = min(PAGE - offset, length - done)
             gpa = pfn * PAGE + offset
             try:
-                memory.view(gpa, n)
+                memory.view(gpa, n)   # page by page: a buffer may straddle two memory regions
             except GuestMemoryError:
                 raise VmbusProtocolError(f"buffer page {pfn:#x} is not guest RAM") from None
-            pieces.append((gpa, n))
+            if pieces and pieces[-1][0] + pieces[-1][1] == gpa:
+                pieces[-1] = (pieces[-1][0], pieces[-1][1] + n)   # contiguous pages: one piece
+            else:
+                pieces.append((gpa, n))
             done += n
             offset = 0
         if done < length:
