@@ -14,8 +14,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from mshvstack.vmm.linuxguest import (BUSYBOX_PACKAGE, GuestUnavailable, busybox_initramfs, cache_dir, debian_guest,
-                                      kernel_modules, package_record, resolve_kernel_package)
+from mshvstack.vmm.linuxguest import (BUSYBOX_PACKAGE, busybox_initramfs, cache_dir, debian_guest, kernel_modules,
+                                      package_record, resolve_kernel_package)
 
 MODULES = ("hv_vmbus", "hv_utils", "hv_storvsc", "sd_mod")
 SCRATCH_DISK_BYTES = 64 << 20
@@ -114,5 +114,3 @@ def cleanup(demo: LinuxDemo) -> None:
     except OSError:
         pass
 
-
-__all__ = ["GuestUnavailable", "LinuxDemo", "cleanup", "prepare"]
