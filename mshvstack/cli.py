@@ -232,9 +232,30 @@ def _kvp_arguments(args: list[str], pool: str) -> dict[str, str]:
     return {"operation": operation, "pool": pool, "key": rest[0] if rest else "", "value": rest[1] if len(rest) > 1 else ""}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from mshvstack import __version__
+
+        typer.echo(f"mshvstack {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version, help="Print the version and exit."),
+    verbose: int = typer.Option(0, "-v", "--verbose", count=True, help="-v: what the VMM does (INFO); -vv: more detail (DEBUG)."),
+    log_file: Optional[Path] = typer.Option(None, "--log-file", help="Write the log to FILE instead of standard error."),
+) -> None:
     """mshvstack: create partitions, map memory, run VPs on /dev/mshv or its simulator."""
+    import logging
+
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    try:
+        handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    except OSError as exc:
+        _fail(f"--log-file {str(log_file)!r}: {exc.strerror}")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def main() -> None:

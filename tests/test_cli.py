@@ -84,3 +84,39 @@ def test_linux_demo_without_apt_is_one_clear_line(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "--demo linux" in lines[0] and "not installed" in lines[0] and "--initrd" in lines[0]
+
+
+def test_version_verbose_and_log_file(tmp_path: Path) -> None:
+    version = runner.invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.output.startswith("mshvstack ")
+    import logging
+
+    log = tmp_path / "vmm.log"
+    root = logging.getLogger()
+    saved = root.level, list(root.handlers)
+    try:
+        result = runner.invoke(app, ["-v", "--log-file", str(log), "run", "--demo"])
+    finally:   # the CLI configures the process's logging: give the rest of the session its own back
+        for handler in root.handlers:
+            handler.close()
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+    assert result.exit_code == 0, result.output
+    text = log.read_text()
+    assert "partition created" in text and "I/O APIC" in text and "machine stopped: debug-exit" in text
+
+
+def test_the_checkout_root_is_no_trap() -> None:
+    """After the README's (development) install, the package, its compiled binding and the
+    README's example work from the checkout's root, where the source tree is on sys.path."""
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    example = re.search(r"<!-- example:begin -->\s*```python\n(.*?)```\s*<!-- example:end -->", readme, re.S)
+    assert example is not None
+    for code in ("import mshvstack.abi._mshv, mshvstack.backend.sim.engines._fastpath", example.group(1)):
+        result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]

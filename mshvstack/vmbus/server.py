@@ -98,6 +98,7 @@ class VmbusServer:
         if message_type != MESSAGE_TYPE or len(payload) < HEADER:
             return INVALID_INPUT
         (msgtype,) = struct.unpack_from("<I", payload)
+        log.debug("VMBus: channel message type %d, %d bytes", msgtype, len(payload))
         handler = self._handlers.get(msgtype)
         if handler is None or len(payload) < MIN_SIZES.get(msgtype, HEADER):
             self._protocol_error(f"message type {msgtype} ({len(payload)} bytes) not accepted")
@@ -137,6 +138,9 @@ class VmbusServer:
         if supported:
             self.version = version
             self.state = ConnectionState.CONNECTED
+            log.info("VMBus: the guest connected with protocol %d.%d", version >> 16, version & 0xFFFF)
+        else:
+            log.info("VMBus: the guest asked for protocol %#x, which is not offered", version)
         self._send("vmbus_channel_version_response", header=self._header(lib.CHANNELMSG_VERSION_RESPONSE),
                    version_supported=int(supported), connection_state=0 if supported else 2,
                    msg_conn_id=int(lib.VMBUS_MESSAGE_CONNECTION_ID))
@@ -148,6 +152,7 @@ class VmbusServer:
         for channel in self.channels.values():
             if channel.state is not ChannelState.RESCINDED:
                 self._offer(channel)
+                log.info("VMBus: offered channel %d (%s)", channel.relid, channel.provider.name)
         self._send("vmbus_channel_message_header", msgtype=lib.CHANNELMSG_ALLOFFERS_DELIVERED)
 
     def _offer(self, channel: Channel) -> None:
@@ -226,6 +231,7 @@ class VmbusServer:
             self._send("vmbus_channel_open_result", header=self._header(lib.CHANNELMSG_OPENCHANNEL_RESULT),
                        child_relid=relid, openid=open_id, status=status)
         if status == 0:
+            log.info("VMBus: the guest opened channel %d (%s)", relid, channel.provider.name)
             channel.provider.on_opened(channel)  # host-first devices (ICs) speak now
 
     def _close_channel(self, payload: bytes) -> None:

@@ -118,6 +118,7 @@ class Machine:
         self.partition = self.mshv.create_partition(PartitionConfig(lapic=True))
         self.partition.initialize()
         self.partition.map_memory(0, config.memory)
+        log.info("partition created on the %s backend; %d MiB of RAM mapped at GPA 0", self.mshv.backend_name, config.memory >> 20)
         self.ioapic = IoApic(self.partition)
         self.mmio.register(IOAPIC_BASE, IOAPIC_SIZE, self.ioapic, "I/O APIC")
         self.uart = Uart16550(self.console, functools.partial(self.ioapic.pulse, acpi.COM1_IRQ))
@@ -136,6 +137,9 @@ class Machine:
         if config.vmbus:
             self._build_vmbus()
         boot = self._load()
+        for bus in (self.pio, self.mmio):
+            for base, length, name in bus.devices():
+                log.info("%s device %s at %#x (%d bytes)", bus.name, name, base, length)
         self.vps: list[Vp] = []
         for index in range(config.vcpus):
             vp = self.partition.create_vp(index)
@@ -262,6 +266,7 @@ class Machine:
             if self.state is RunState.STOPPED:
                 return
             self.reason = reason
+        log.info("machine stopped: %s", reason)
         self._set_state(RunState.STOPPED)
         for vp in self.vps:
             vp.kick()
