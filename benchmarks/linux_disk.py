@@ -20,18 +20,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mshvstack.vmm.linuxguest import GuestUnavailable, busybox_initramfs, debian_guest, kernel_modules
+from mshvstack.vmm.linuxguest import (INIT_PROLOGUE, LOAD_MODULES, GuestUnavailable, busybox_initramfs, debian_guest,
+                                      kernel_modules, module_files)
 
 DISK_MIB = 64
 MODULES = ("hv_vmbus", "hv_storvsc", "sd_mod", "virtio_pci", "virtio_blk")
-INIT = """#!/bin/sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-exec >/dev/kmsg 2>&1
-for module in $(cat /modules.order); do insmod /lib/modules/$module.ko 2>/dev/null; done
-n=0; while [ ! -b /dev/sda ] && [ ! -b /dev/vda ] && [ $n -lt 60 ]; do sleep 1; n=$((n + 1)); done
+INIT = INIT_PROLOGUE + "exec >/dev/kmsg 2>&1\n" + LOAD_MODULES + """n=0; while [ ! -b /dev/sda ] && [ ! -b /dev/vda ] && [ $n -lt 60 ]; do sleep 1; n=$((n + 1)); done
 disk=/dev/sda; [ -b /dev/vda ] && disk=/dev/vda
 dd if=$disk of=/dev/null bs=1M count=8 2>/dev/null
 start=$(cut -d' ' -f1 /proc/uptime)
@@ -65,8 +59,7 @@ def main() -> int:
         print(f"skipped: {exc}")
         return 0
     work = Path(tempfile.mkdtemp())
-    files = {f"lib/modules/{name}.ko": image for name, image in modules}
-    files["modules.order"] = "\n".join(name for name, _ in modules).encode() + b"\n"
+    files = module_files(modules)
     initrd = work / "initrd.cpio"
     initrd.write_bytes(busybox_initramfs(linux.busybox, INIT, files))
     disk = work / "disk.img"

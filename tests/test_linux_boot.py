@@ -21,14 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from mshvstack.vmm.linuxguest import GuestUnavailable, busybox_initramfs, debian_guest
+from mshvstack.vmm.linuxguest import INIT_PROLOGUE, GuestUnavailable, busybox_initramfs, debian_guest
 
-INIT = """#!/bin/sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-exec >/dev/kmsg 2>&1
+INIT = INIT_PROLOGUE + """exec >/dev/kmsg 2>&1
 echo "MARK mounts $(grep -c -E ' (proc|sysfs|devtmpfs) ' /proc/mounts)"
 echo "MARK pipe $(seq 1 3000 | tr 0-9 a-j | sort -r | uniq | wc -l)"
 cat /payload.bin | dd of=/tmp/copy bs=4096 2>/dev/null

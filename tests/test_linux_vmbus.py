@@ -20,7 +20,7 @@ from mshvstack.vmbus.providers.kvp import Kvp
 from mshvstack.vmbus.providers.shutdown import Shutdown
 from mshvstack.vmbus.providers.storage import Storage
 from mshvstack.vmbus.providers.timesync import TimeSync
-from mshvstack.vmm.linuxguest import busybox_initramfs, debian_program, kernel_modules
+from mshvstack.vmm.linuxguest import INIT_PROLOGUE, LOAD_MODULES, busybox_initramfs, debian_program, kernel_modules, module_files
 
 from linuxvm import LinuxVm, require_debian_guest
 
@@ -29,14 +29,7 @@ DISK_BYTES = 16 << 20
 WRITE_OFFSET, WRITE_BYTES = 2 << 20, 256 << 10
 OS_NAME = "Debian GNU/Linux"
 
-INIT = """#!/bin/sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-exec >/dev/kmsg 2>&1
-for module in $(cat /modules.order); do insmod /lib/modules/$module.ko || echo "MARK insmod_failed $module"; done
-n=0; while [ ! -b /dev/sda ] && [ $n -lt 60 ]; do sleep 1; n=$((n + 1)); done
+INIT = INIT_PROLOGUE + "exec >/dev/kmsg 2>&1\n" + LOAD_MODULES + """n=0; while [ ! -b /dev/sda ] && [ $n -lt 60 ]; do sleep 1; n=$((n + 1)); done
 for d in /sys/bus/vmbus/devices/*; do
     echo "MARK device $(cat $d/class_id) $(basename "$(readlink $d/driver)")"
 done
@@ -74,9 +67,7 @@ exec /bin/busybox poweroff -f
 @pytest.fixture(scope="module")
 def initrd(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     linux = require_debian_guest()
-    modules = kernel_modules(linux, MODULES)
-    files = {f"lib/modules/{name}.ko": image for name, image in modules}
-    files["modules.order"] = "\n".join(name for name, _ in modules).encode() + b"\n"
+    files = module_files(kernel_modules(linux, MODULES))
     files["sbin/poweroff"] = POWEROFF.encode()
     files.update(debian_program("hyperv-daemons", "/usr/sbin/hv_kvp_daemon"))
     files["etc/os-release"] = f'NAME="{OS_NAME}"\nVERSION_ID="12"\n'.encode()

@@ -14,20 +14,13 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from mshvstack.vmm.linuxguest import (BUSYBOX_PACKAGE, busybox_initramfs, cache_dir, debian_guest, kernel_modules,
-                                      package_record, resolve_kernel_package)
+from mshvstack.vmm.linuxguest import (BUSYBOX_PACKAGE, INIT_PROLOGUE, LOAD_MODULES, busybox_initramfs, cache_dir,
+                                      debian_guest, kernel_modules, module_files, package_record, resolve_kernel_package)
 
 MODULES = ("hv_vmbus", "hv_utils", "hv_storvsc", "sd_mod")
 SCRATCH_DISK_BYTES = 64 << 20
 
-INIT = """#!/bin/sh
-/bin/busybox --install -s /bin
-export PATH=/sbin:/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-for module in $(cat /modules.order); do insmod /lib/modules/$module.ko; done
-n=0; while [ ! -b /dev/sda ] && [ $n -lt 30 ]; do sleep 1; n=$((n + 1)); done
+INIT = INIT_PROLOGUE + "export PATH=/sbin:/bin\n" + LOAD_MODULES + """n=0; while [ ! -b /dev/sda ] && [ $n -lt 30 ]; do sleep 1; n=$((n + 1)); done
 hostname mshvstack-demo
 cat <<'EOF'
 
@@ -88,9 +81,7 @@ def prepare(workdir: Path | None = None) -> LinuxDemo:
         if progress is not None:
             progress[0].set()
             progress[1].join()
-    modules = kernel_modules(linux, MODULES)
-    files = {f"lib/modules/{name}.ko": image for name, image in modules}
-    files["modules.order"] = "\n".join(name for name, _ in modules).encode() + b"\n"
+    files = module_files(kernel_modules(linux, MODULES))
     files["sbin/poweroff"] = POWEROFF.encode()
     # busybox's shell runs its own poweroff applet first; the login shell's profile points it at ours.
     files["etc/profile"] = b"alias poweroff=/sbin/poweroff\nalias halt=/sbin/poweroff\n"

@@ -273,6 +273,24 @@ def kernel_modules(guest: LinuxGuest, wanted: Iterable[str]) -> list[tuple[str, 
     return [(name, (directory / f"{name}.ko").read_bytes()) for name in order]
 
 
+# The start of every /init built here: busybox's applets, then proc, sysfs and devtmpfs.
+INIT_PROLOGUE = """#!/bin/sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+"""
+# Loads what module_files() put into the initramfs, in dependency order.
+LOAD_MODULES = 'for module in $(cat /modules.order); do insmod /lib/modules/$module.ko || echo "MARK insmod_failed $module"; done\n'
+
+
+def module_files(modules: list[tuple[str, bytes]]) -> dict[str, bytes]:
+    """Initramfs files for kernel_modules()' answer: the images and their load order."""
+    files = {f"lib/modules/{name}.ko": image for name, image in modules}
+    files["modules.order"] = "\n".join(name for name, _ in modules).encode() + b"\n"
+    return files
+
+
 def busybox_initramfs(busybox: bytes, init: str, files: dict[str, bytes] | None = None) -> bytes:
     """An initramfs with busybox as /bin/sh and friends, ``init`` as /init."""
     entries = [CpioEntry(d, mode=0o040755) for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "etc", "lib", "mnt")]

@@ -109,6 +109,8 @@ class Machine:
         try:
             self._build()
         except BaseException:
+            if hasattr(self, "ioapic"):
+                self.ioapic.close()   # its resample thread and eventfds
             self.mshv.close()
             raise
 
