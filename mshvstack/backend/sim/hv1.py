@@ -117,10 +117,9 @@ class HvEmulator:
     reference_tsc: int = 0
     timers: list[SyntheticTimer] = field(default_factory=lambda: [SyntheticTimer() for _ in range(STIMER_COUNT)])
 
-    # ---- MSR access
-    def read(self, index: int) -> int | MsrFault:
-        synic = self.synic
-        simple: dict[int, Callable[[], int]] = {
+    def __post_init__(self) -> None:
+        # The MSRs read straight from state, built once (read() is on every MSR exit).
+        self._readers: dict[int, Callable[[], int]] = {
             MSR_GUEST_OS_ID: lambda: self.guest_os_id,
             MSR_HYPERCALL: lambda: self.hypercall,
             MSR_VP_INDEX: lambda: self.index,
@@ -129,16 +128,21 @@ class HvEmulator:
             MSR_TSC_FREQUENCY: self.services.tsc_hz,
             MSR_APIC_FREQUENCY: lambda: TIMER_HZ,
             MSR_VP_ASSIST_PAGE: lambda: self.vp_assist_page,
-            MSR_SCONTROL: lambda: synic.scontrol,
+            MSR_SCONTROL: lambda: self.synic.scontrol,
             MSR_SVERSION: lambda: int(lib.HV_SYNIC_VERSION_1),
-            MSR_SIMP: lambda: synic.simp,
-            MSR_SIEFP: lambda: synic.siefp,
+            MSR_SIMP: lambda: self.synic.simp,
+            MSR_SIEFP: lambda: self.synic.siefp,
             MSR_EOM: lambda: 0,
             MSR_TPR: lambda: self.lapic.tpr,
             MSR_ICR: lambda: self.lapic.icr,
         }
-        if index in simple:
-            return simple[index]()
+
+    # ---- MSR access
+    def read(self, index: int) -> int | MsrFault:
+        reader = self._readers.get(index)
+        if reader is not None:
+            return reader()
+        synic = self.synic
         if MSR_SINT0 <= index < MSR_SINT0 + 16:
             return synic.sints[index - MSR_SINT0]
         if MSR_STIMER0_CONFIG <= index < MSR_STIMER0_CONFIG + 2 * STIMER_COUNT:
