@@ -108,14 +108,14 @@ def run(
     profile: str = typer.Option("newest", "--profile", help="Kernel ABI profile for the simulator: newest, 6.15, azure."),
     no_vmbus: bool = typer.Option(False, "--no-vmbus", help="Offer no VMBus devices."),
     disk: list[str] = typer.Option([], "--disk", help="A raw disk image for the guest's synthetic SCSI controller: IMG or IMG,ro (repeatable)."),
-    api_socket: Optional[Path] = typer.Option(None, "--api-socket", help="Serve the JSON control API on this UNIX socket."),
+    api_socket: Optional[Path] = typer.Option(None, "--api-socket", help="Serve QMP (the QEMU Machine Protocol) on this UNIX socket, for `mshvstack ctl` or any QMP client."),
     console_target: str = typer.Option("stdio", "--console", help="Where the guest's serial console goes: stdio or a FILE."),
     show_stats: bool = typer.Option(False, "--stats", help="Print a table of exits by type."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON (console goes to stderr)."),
 ) -> None:
     """Boot a guest and run it until it stops; the guest's console is live."""
     from mshvstack.vmm.config import DEMO_GUESTS, LINUX_DEMO, ConfigError, DiskSpec, MachineConfig, parse_size
-    from mshvstack.vmm.control import ControlServer
+    from mshvstack.vmm.qmp import QmpServer
     from mshvstack.vmm.machine import Machine
 
     linux_demo = None
@@ -147,12 +147,12 @@ def run(
         machine = Machine(config, console=write)
         if api_socket is not None:
             try:
-                server = ControlServer(machine, api_socket)
+                server = QmpServer(machine, api_socket)
             except MshvError:
                 machine.close()
                 raise
         if console_target == "stdio":
-            _feed_stdin(machine.uart.feed)
+            _feed_stdin(machine.feed_console)
         reason = machine.run()
     except (MshvError, ValueError) as exc:
         close_console()
@@ -179,19 +179,21 @@ def run(
 @app.command()
 def ctl(
     socket_path: Path = typer.Argument(..., metavar="SOCKET", help="The machine's --api-socket."),
-    command: str = typer.Argument(..., help="status, pause, resume, shutdown, poweroff, timesync (step the guest clock to the host's), or kvp."),
+    command: str = typer.Argument(..., help="status, pause, resume, shutdown (ask the guest), poweroff, reset, "
+                                  "timesync (step the guest clock to the host's), or kvp."),
     args: list[str] = typer.Argument(None, help="For kvp: get KEY | set KEY VALUE | delete KEY | list [POOL]."),
     pool: str = typer.Option("external", "--pool", help="KVP pool: external, guest, auto, auto_external."),
     as_json: bool = typer.Option(False, "--json", help="Print the raw JSON reply."),
+    timeout: float = typer.Option(30.0, "--timeout", help="Seconds to wait for the machine's answer."),
 ) -> None:
-    """Control a running machine through its API socket."""
-    from mshvstack.vmm.control import COMMANDS, ControlError, request
+    """Control a running machine through its API socket (each verb is one QMP command)."""
+    from mshvstack.vmm.control import VERBS, ControlError, request
 
-    if command not in COMMANDS:
-        _fail(f"unknown command {command!r}: one of {', '.join(COMMANDS)}")
+    if command not in VERBS:
+        _fail(f"unknown command {command!r}: one of {', '.join(VERBS)}")
     arguments = _kvp_arguments(args or [], pool) if command == "kvp" else {}
     try:
-        reply = request(socket_path, command, arguments)
+        reply = request(socket_path, command, arguments, timeout=timeout)
     except ControlError as exc:
         _fail(str(exc), 1)
         return

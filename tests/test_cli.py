@@ -120,3 +120,53 @@ def test_the_checkout_root_is_no_trap() -> None:
     for code in ("import mshvstack.abi._mshv, mshvstack.backend.sim.engines._fastpath", example.group(1)):
         result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_guest_panic_is_a_clear_failure(tmp_path: Path) -> None:
+    from guests import assemble_elf
+    from test_vmm_qmp import CRASH_GUEST
+
+    result = runner.invoke(app, ["run", str(assemble_elf(CRASH_GUEST, tmp_path)), "--backend", "sim", "--memory", "32M"])
+    assert result.exit_code == 4, result.output
+    assert "guest-panic (exit code 4): guest panicked: Kernel panic - not syncing: the test guest gave up" in result.output
+
+
+@pytest.mark.parametrize("behaviour, message", [
+    ("close", "closed the connection"),
+    ("silent", "did not answer within 0.5 s"),
+    ("garbage", "is not a QMP server"),
+    ("list", "is not a QMP server"),
+    ("greet-then-close", "closed the connection"),
+])
+def test_ctl_against_a_misbehaving_server_is_one_line(tmp_path: Path, behaviour: str, message: str) -> None:
+    import socket
+    import threading
+
+    path = tmp_path / "bad.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def serve() -> None:
+        client, _ = listener.accept()
+        with client:
+            if behaviour == "garbage":
+                client.sendall(b"\x00\xffnot json at all\n")
+            elif behaviour == "list":
+                client.sendall(b"[1, 2, 3]\n")
+            elif behaviour == "greet-then-close":
+                client.sendall(b'{"QMP": {"version": {}, "capabilities": []}}\n')
+                client.recv(100)
+            elif behaviour == "silent":
+                client.recv(100)
+                threading.Event().wait(1.5)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        result = runner.invoke(app, ["ctl", str(path), "status", "--timeout", "0.5"])
+    finally:
+        thread.join(timeout=5)
+        listener.close()
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1

@@ -1,125 +1,161 @@
-"""Control API: JSON lines over a UNIX socket (`mshvstack ctl SOCKET ...`).
+"""The client side of the control socket: a small synchronous QMP client and
+the ``mshvstack ctl`` verbs on top of it.
 
-Request: {"command": "status" | "pause" | "resume" | "shutdown" | "poweroff" | "timesync" | "kvp", ...}
-Reply:   {"ok": true, ...} or {"ok": false, "error": "one line"}
+Every verb is a QMP command (``pause`` is QEMU's ``stop``, ``poweroff`` is
+``quit``, ...), so whatever ``ctl`` does, any QMP client can do too.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import socket
-import stat
-import threading
 from pathlib import Path
 from typing import Any
 
-from mshvstack.errors import MshvError
-from mshvstack.vmm.machine import Machine
+from mshvstack.vmm.qmp import VENDOR, ControlError
 
-COMMANDS = ("status", "pause", "resume", "shutdown", "poweroff", "timesync", "kvp")
-MAX_REQUEST = 64 * 1024
+# verb → the QMP command it sends
+VERBS = {
+    "status": VENDOR + "query-machine",
+    "pause": "stop",
+    "resume": "cont",
+    "shutdown": "system_powerdown",
+    "poweroff": "quit",
+    "reset": "system_reset",
+    "timesync": VENDOR + "timesync",
+    "kvp": None,   # VENDOR + "kvp-<operation>"
+}
+KVP_OPERATIONS = ("get", "set", "delete", "list")
+MAX_REPLY = 1 << 20
+
+__all__ = ["ControlError", "QmpClient", "QmpCommandError", "VERBS", "request"]
 
 
-class ControlError(MshvError):
-    """The control socket cannot be created or reached."""
+class QmpCommandError(ControlError):
+    """The machine answered a command with a QMP error."""
+
+    def __init__(self, error_class: str, desc: str) -> None:
+        super().__init__(desc)
+        self.error_class, self.desc = error_class, desc
 
 
-class ControlServer:
-    def __init__(self, machine: Machine, path: Path) -> None:
-        self.machine = machine
-        self.path = path
-        if path.exists() or path.is_symlink():
-            if not stat.S_ISSOCK(path.lstat().st_mode) or _alive(path):
-                raise ControlError(f"--api-socket {str(path)!r} is taken (a file or a live socket is there)")
-            path.unlink()  # a stale socket left by a crashed run
+class QmpClient:
+    """Connect, read the greeting, negotiate; then ``execute`` commands one at a time
+    (events that arrive meanwhile are kept in ``events``)."""
+
+    def __init__(self, path: Path, timeout: float = 30.0) -> None:
+        self.path, self.timeout = path, timeout
+        self.events: list[dict[str, Any]] = []
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        self._buffer = b""
+        self._next_id = 0
         try:
-            self._sock.bind(str(path))
+            self._sock.connect(str(path))
         except OSError as exc:
             self._sock.close()
-            raise ControlError(f"--api-socket {str(path)!r}: {exc.strerror}") from None
-        os.chmod(path, 0o600)
-        self._sock.listen(8)
-        self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                client, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._client, args=(client,), daemon=True).start()
-
-    def _client(self, client: socket.socket) -> None:
+            raise ControlError(f"cannot reach {str(path)!r}: {exc.strerror or exc}") from None
         try:
-            with client, client.makefile("rwb") as stream:
-                while True:
-                    line = stream.readline(MAX_REQUEST + 1)
-                    if not line:
-                        return  # client went away (possibly mid-request)
-                    stream.write(json.dumps(self.handle(line)).encode() + b"\n")
-                    stream.flush()
-        except OSError:
-            pass  # the client disconnected; nothing to answer
+            greeting = self._receive()
+            if not isinstance(greeting.get("QMP"), dict):
+                raise ControlError(f"{str(path)!r} is not a QMP server (its greeting is {_short(greeting)})")
+            self.greeting = greeting["QMP"]
+            self.execute("qmp_capabilities")
+        except BaseException:
+            self.close()
+            raise
 
-    def handle(self, line: bytes) -> dict[str, Any]:
-        if len(line) > MAX_REQUEST:
-            return {"ok": False, "error": "request too long"}
-        try:
-            request = json.loads(line)
-            command = request["command"] if isinstance(request, dict) else None
-        except (ValueError, KeyError):
-            return {"ok": False, "error": 'bad request: send one JSON object per line, e.g. {"command": "status"}'}
-        if command not in COMMANDS:
-            return {"ok": False, "error": f"unknown command {command!r}: one of {', '.join(COMMANDS)}"}
-        try:
-            if command == "kvp":
-                args = {k: str(request.get(k, "")) for k in ("operation", "pool", "key", "value")}
-                pairs = self.machine.kvp_request(args["operation"], args["pool"] or "external", args["key"], args["value"])
-                return {"ok": True, "pairs": pairs}
-            actions = {"pause": self.machine.pause, "resume": self.machine.resume, "shutdown": self.machine.shutdown,
-                       "poweroff": self.machine.poweroff, "timesync": self.machine.sync_time}
-            if command in actions:
-                actions[command]()
-        except MshvError as exc:
-            return {"ok": False, "error": str(exc)}
-        return {"ok": True, **self.machine.status()}
+    def __enter__(self) -> "QmpClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         self._sock.close()
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """The command's return value; a QMP error raises QmpCommandError."""
+        self._next_id += 1
+        request_id = f"ctl-{self._next_id}"
+        message: dict[str, Any] = {"execute": command, "id": request_id}
+        if arguments:
+            message["arguments"] = arguments
         try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+            self._sock.sendall(json.dumps(message).encode() + b"\n")
+        except OSError as exc:
+            raise ControlError(f"{str(self.path)!r} closed the connection ({exc.strerror or exc})") from None
+        while True:
+            reply = self._receive()
+            if "event" in reply:
+                self.events.append(reply)
+                continue
+            if reply.get("id") != request_id:
+                raise ControlError(f"{str(self.path)!r} answered something else: {_short(reply)}")
+            if "return" in reply:
+                return reply["return"]
+            error = reply.get("error")
+            if isinstance(error, dict):
+                raise QmpCommandError(str(error.get("class", "GenericError")), str(error.get("desc", "")))
+            raise ControlError(f"{str(self.path)!r} sent a reply that is not QMP: {_short(reply)}")
+
+    def _receive(self) -> dict[str, Any]:
+        """One newline-terminated JSON object from the server."""
+        while b"\n" not in self._buffer:
+            if len(self._buffer) > MAX_REPLY:
+                raise ControlError(f"{str(self.path)!r} sent more than {MAX_REPLY} bytes without a line end")
+            try:
+                data = self._sock.recv(65536)
+            except socket.timeout:
+                raise ControlError(f"{str(self.path)!r} did not answer within {self.timeout:g} s") from None
+            except OSError as exc:
+                raise ControlError(f"{str(self.path)!r} closed the connection ({exc.strerror or exc})") from None
+            if not data:
+                raise ControlError(f"{str(self.path)!r} closed the connection without a reply")
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        try:
+            message = json.loads(line)
+        except ValueError:
+            raise ControlError(f"{str(self.path)!r} is not a QMP server (it sent {_short(line)})") from None
+        if not isinstance(message, dict):
+            raise ControlError(f"{str(self.path)!r} is not a QMP server (it sent {_short(message)})")
+        return message
 
 
-def _alive(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
+def _short(value: object) -> str:
+    text = value.decode(errors="replace") if isinstance(value, bytes) else json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
-def request(path: Path, command: str, arguments: dict[str, str] | None = None, timeout: float = 30.0) -> dict[str, Any]:
-    """Send one command (with arguments) to a running machine's control socket."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(str(path))
-    except OSError as exc:
-        sock.close()
-        raise ControlError(f"cannot reach {str(path)!r}: {exc.strerror or exc}") from None
-    with sock, sock.makefile("rwb") as stream:
-        stream.write(json.dumps({"command": command, **(arguments or {})}).encode() + b"\n")
-        stream.flush()
-        line = stream.readline()
-    if not line:
-        raise ControlError(f"{str(path)!r} closed the connection without a reply")
-    reply: dict[str, Any] = json.loads(line)
-    return reply
+def request(path: Path, verb: str, arguments: dict[str, str] | None = None, timeout: float = 30.0) -> dict[str, Any]:
+    """Run one ``ctl`` verb: {"ok": True, **the machine's status} (kvp: {"ok": True, "pairs": [...]}),
+    or {"ok": False, "error": ...} when the machine refuses; ControlError when it cannot be asked."""
+    if verb not in VERBS:
+        raise ControlError(f"unknown command {verb!r}: one of {', '.join(VERBS)}")
+    arguments = dict(arguments or {})
+    with QmpClient(path, timeout) as client:
+        try:
+            if verb == "kvp":
+                return {"ok": True, "pairs": _kvp(client, arguments)}
+            command = VERBS[verb]
+            assert command is not None
+            if command != VENDOR + "query-machine":
+                client.execute(command)
+            status = client.execute(VENDOR + "query-machine")
+        except QmpCommandError as exc:
+            return {"ok": False, "error": exc.desc, "class": exc.error_class}
+        return {"ok": True, **status}
+
+
+def _kvp(client: QmpClient, arguments: dict[str, str]) -> list[dict[str, Any]]:
+    operation = arguments.pop("operation", "")
+    if operation not in KVP_OPERATIONS:
+        raise QmpCommandError("GenericError", f"unknown KVP operation {operation!r}: {', '.join(KVP_OPERATIONS)}")
+    wanted = {"get": ("key", "pool"), "set": ("key", "value", "pool"), "delete": ("key", "pool"), "list": ("pool",)}[operation]
+    result = client.execute(f"{VENDOR}kvp-{operation}", {k: v for k, v in arguments.items() if k in wanted and v != ""})
+    if operation == "get":
+        return [result]
+    if operation == "list":
+        return list(result)
+    return [{"key": arguments.get("key", ""), "value": arguments.get("value", "")}]

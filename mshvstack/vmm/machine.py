@@ -1,9 +1,12 @@
 """Machine: a partition, its memory and VPs (one thread each), devices, and a lifecycle.
 
-    created → running ⇄ paused → stopped
+    created → running ⇄ paused → stopped      (reset: rebuilt, same state)
 
 Exits are dispatched here to the buses and policies; a guest triple fault,
-reset request or debug-exit write ends the run with a reason and exit code.
+reset request, power-off, panic report or debug-exit write ends the run with
+a reason and exit code.  Lifecycle changes are announced to listeners as
+events named as QMP names them (STOP, RESUME, POWERDOWN, RESET, SHUTDOWN,
+GUEST_PANICKED).
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ SCRATCH_MMIO = 0xD0000000
 RFLAGS_IF = 1 << 9
 DEMO_STACK = 0x80000
 STRING_BATCH = 4096
+MSR_CRASH_CTL = int(lib.HV_MSR_CRASH_CTL)
+CRASH_MESSAGE_MAX = 4096   # Linux leaves at most one page of kernel log
+CRASH_REGISTERS = [HvRegister.GUEST_CRASH_P0 + i for i in range(5)]
 
 
 class RunState(enum.Enum):
@@ -75,7 +81,31 @@ class StopKind(enum.Enum):
     RESET = "reset"
     POWEROFF = "poweroff"
     HALTED = "halted"
+    PANIC = "guest-panic"
     ERROR = "error"
+
+
+class ShutdownCause(enum.Enum):
+    """Who ended the run, in QMP's ShutdownCause names (the SHUTDOWN event's reason)."""
+
+    HOST_ERROR = "host-error"
+    HOST_QMP_QUIT = "host-qmp-quit"
+    HOST_SIGNAL = "host-signal"
+    HOST_UI = "host-ui"
+    GUEST_SHUTDOWN = "guest-shutdown"
+    GUEST_RESET = "guest-reset"
+    GUEST_PANIC = "guest-panic"
+
+    @property
+    def by_guest(self) -> bool:
+        return self.value.startswith("guest-")
+
+
+_CAUSE_OF = {StopKind.DEBUG_EXIT: ShutdownCause.GUEST_SHUTDOWN, StopKind.TRIPLE_FAULT: ShutdownCause.GUEST_RESET,
+             StopKind.RESET: ShutdownCause.GUEST_RESET, StopKind.POWEROFF: ShutdownCause.GUEST_SHUTDOWN,
+             StopKind.HALTED: ShutdownCause.GUEST_SHUTDOWN, StopKind.PANIC: ShutdownCause.GUEST_PANIC,
+             StopKind.ERROR: ShutdownCause.HOST_ERROR}
+PANIC_EXIT_CODE = 4
 
 
 @dataclass(frozen=True)
@@ -83,9 +113,36 @@ class StopReason:
     kind: StopKind
     exit_code: int
     detail: str = ""
+    cause: ShutdownCause | None = None   # None: the kind's usual cause
+
+    @property
+    def shutdown_cause(self) -> ShutdownCause:
+        return self.cause or _CAUSE_OF[self.kind]
 
     def __str__(self) -> str:
         return f"{self.kind.value} (exit code {self.exit_code}){': ' + self.detail if self.detail else ''}"
+
+
+@dataclass(frozen=True)
+class GuestCrash:
+    """What a guest reported through the Hyper-V crash MSRs (P0..P4, and the message it left)."""
+
+    parameters: tuple[int, int, int, int, int]
+    message: str = ""
+
+    @property
+    def summary(self) -> str:
+        """The panic line of the message (Linux: "Kernel panic - not syncing: ..."), else its last line."""
+        lines = [line.strip() for line in self.message.splitlines() if line.strip()]
+        panic = [line for line in lines if "panic" in line.lower()]
+        return (panic or lines or [""])[-1]
+
+    def __str__(self) -> str:
+        words = " ".join(f"P{i}={value:#x}" for i, value in enumerate(self.parameters))
+        return f"guest panicked: {self.summary} ({words})" if self.summary else f"guest panicked ({words})"
+
+
+Listener = Callable[[str, dict[str, Any]], None]
 
 
 class MachineError(MshvError):
@@ -102,9 +159,12 @@ class Machine:
         self.reason: StopReason | None = None
         self._state_changed = threading.Condition()
         self._threads: list[threading.Thread] = []
+        self._vp_threads: list[threading.Thread] = []
         self._halted: set[int] = set()
-        self.pio = Bus("port I/O")
-        self.mmio = Bus("MMIO")
+        self._listeners: list[Listener] = []
+        self._lifecycle = threading.RLock()   # pause/resume/reset/status never see a half-built machine
+        self._resetting = False
+        self.crash: GuestCrash | None = None
         self.mshv = Mshv.open(config.backend, config.profile)
         try:
             self._build()
@@ -117,8 +177,12 @@ class Machine:
     # ---- construction
     def _build(self) -> None:
         config = self.config
+        self.pio = Bus("port I/O")
+        self.mmio = Bus("MMIO")
         self.partition = self.mshv.create_partition(PartitionConfig(lapic=True))
         self.partition.initialize()
+        # Guest crash reports (HV_X64_MSR_CRASH_CTL writes) come to the VMM; the parameters stay in the hypervisor.
+        self.partition.install_intercept(lib.HV_INTERCEPT_TYPE_X64_MSR_INDEX, lib.HV_INTERCEPT_ACCESS_MASK_WRITE, MSR_CRASH_CTL)
         self.partition.map_memory(0, config.memory)
         log.info("partition created on the %s backend; %d MiB of RAM mapped at GPA 0", self.mshv.backend_name, config.memory >> 20)
         self.ioapic = IoApic(self.partition)
@@ -173,16 +237,17 @@ class Machine:
         while self.state is not RunState.STOPPED:
             with self._state_changed:
                 self._state_changed.wait_for(lambda: self.state is RunState.STOPPED, HOUSEKEEPING_PERIOD)
-            if self.state is not RunState.RUNNING or self.vmbus is None:
-                continue
-            with self.vmbus.lock:
-                try:
-                    if self.heartbeat.ready:
-                        self.heartbeat.beat()
-                    if self.timesync.ready:
-                        self.timesync.sample()
-                except MshvError as exc:
-                    log.warning("VMBus housekeeping: %s", exc)
+            with self._lifecycle:
+                if self.state is not RunState.RUNNING or self.vmbus is None:
+                    continue
+                with self.vmbus.lock:
+                    try:
+                        if self.heartbeat.ready:
+                            self.heartbeat.beat()
+                        if self.timesync.ready:
+                            self.timesync.sample()
+                    except MshvError as exc:
+                        log.warning("VMBus housekeeping: %s", exc)
 
     def _load(self) -> BootState:
         memory = self.partition.memory
@@ -220,6 +285,18 @@ class Machine:
         return result.gpa
 
     # ---- lifecycle
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener(event, data)`` on every lifecycle event; returns the unsubscribe."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def _emit(self, event: str, **data: Any) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event, data)
+            except Exception:  # noqa: BLE001 - a listener's failure is its own, never the guest's
+                log.exception("event listener failed on %s", event)
+
     def start(self) -> None:
         if self.state is not RunState.CREATED:
             raise MachineError(f"cannot start a machine that is {self.state.value}")
@@ -229,15 +306,23 @@ class Machine:
             housekeeping = threading.Thread(target=self._housekeeping, name="vmbus-housekeeping", daemon=True)
             self._threads.append(housekeeping)
             housekeeping.start()
-        for vp in self.vps:
-            thread = threading.Thread(target=self._vp_thread, args=(vp,), name=f"vp{vp.index}", daemon=True)
-            self._threads.append(thread)
+        self._start_vps()
+
+    def _start_vps(self) -> None:
+        self._vp_threads = [threading.Thread(target=self._vp_thread, args=(vp,), name=f"vp{vp.index}", daemon=True)
+                            for vp in self.vps]
+        for thread in self._vp_threads:
             thread.start()
+
+    @property
+    def vp_thread_ids(self) -> list[int | None]:
+        """The host thread id running each VP (what QMP's query-cpus-fast reports)."""
+        return [thread.native_id for thread in self._vp_threads]
 
     def wait(self, timeout: float | None = None) -> StopReason | None:
         with self._state_changed:
             self._state_changed.wait_for(lambda: self.state is RunState.STOPPED, timeout)
-        for thread in self._threads:
+        for thread in [*self._threads, *self._vp_threads]:
             thread.join(timeout=5)
         return self.reason
 
@@ -250,18 +335,22 @@ class Machine:
         return reason
 
     def pause(self) -> None:
-        if self.state is not RunState.RUNNING:
-            raise MachineError(f"cannot pause a machine that is {self.state.value}")
-        self.partition.pause()
-        self._set_state(RunState.PAUSED)
-        for vp in self.vps:
-            vp.kick()
+        with self._lifecycle:
+            if self.state is not RunState.RUNNING:
+                raise MachineError(f"cannot pause a machine that is {self.state.value}")
+            self.partition.pause()
+            self._set_state(RunState.PAUSED)
+            for vp in self.vps:
+                vp.kick()
+        self._emit("STOP")
 
     def resume(self) -> None:
-        if self.state is not RunState.PAUSED:
-            raise MachineError(f"cannot resume a machine that is {self.state.value}")
-        self.partition.resume()
-        self._set_state(RunState.RUNNING)
+        with self._lifecycle:
+            if self.state is not RunState.PAUSED:
+                raise MachineError(f"cannot resume a machine that is {self.state.value}")
+            self.partition.resume()
+            self._set_state(RunState.RUNNING)
+        self._emit("RESUME")
 
     def stop(self, reason: StopReason) -> None:
         with self._state_changed:
@@ -272,13 +361,16 @@ class Machine:
         self._set_state(RunState.STOPPED)
         for vp in self.vps:
             vp.kick()
+        cause = reason.shutdown_cause
+        self._emit("SHUTDOWN", guest=cause.by_guest, reason=cause.value)
 
-    def poweroff(self) -> None:
-        self.stop(StopReason(StopKind.POWEROFF, 0, "powered off by the host"))
+    def poweroff(self, cause: ShutdownCause = ShutdownCause.HOST_UI) -> None:
+        self.stop(StopReason(StopKind.POWEROFF, 0, "powered off by the host", cause))
 
     def shutdown(self) -> None:
         """Ask the guest to power off through the shutdown IC; power off if it cannot
         be asked or has not stopped within the timeout."""
+        self._emit("POWERDOWN")
         if self.vmbus is None or not self.shutdown_ic.ready:
             self.poweroff()
             return
@@ -291,6 +383,36 @@ class Machine:
 
         threading.Thread(target=fallback, name="shutdown-fallback", daemon=True).start()
 
+    def reset(self) -> None:
+        """A hard reset: the partition, its devices and VPs are built afresh from the
+        config and the guest boots again; a paused machine stays paused."""
+        if threading.current_thread() in self._vp_threads:
+            raise MachineError("a VP cannot reset its own machine")
+        with self._lifecycle:
+            if self.state not in (RunState.RUNNING, RunState.PAUSED):
+                raise MachineError(f"cannot reset a machine that is {self.state.value}")
+            self._resetting = True
+            with self._state_changed:
+                self._state_changed.notify_all()
+            for vp in self.vps:
+                vp.kick()
+            for thread in self._vp_threads:
+                thread.join()
+            self._resetting = False
+            self._halted.clear()
+            self.crash = None
+            self._teardown()
+            try:
+                self._build()
+                if self.state is RunState.PAUSED:
+                    self.partition.pause()
+            except Exception as exc:  # noqa: BLE001 - the old machine is gone: the run ends here
+                self.stop(StopReason(StopKind.ERROR, 1, f"reset failed: {exc}"))
+                return
+            log.info("machine reset")
+            self._start_vps()
+        self._emit("RESET", guest=False, reason="host-qmp-system-reset")
+
     def sync_time(self) -> None:
         """Step the guest's clock to the host's (a SYNC sample, as Hyper-V sends after a resume)."""
         if self.vmbus is None or not self.timesync.ready:
@@ -298,17 +420,26 @@ class Machine:
         with self.vmbus.lock:
             self.timesync.sample(sync=True)
 
+    def feed_console(self, data: bytes) -> None:
+        """Input for the guest's serial console (the current UART, across resets)."""
+        self.uart.feed(data)
+
     def close(self) -> None:
         if self.state is not RunState.STOPPED:
             self.poweroff()
-        for thread in self._threads:
+        for thread in [*self._threads, *self._vp_threads]:
             thread.join(timeout=5)
+        with self._lifecycle:
+            self._teardown()
+        self.mshv.close()
+
+    def _teardown(self) -> None:
+        """Release what _build made: the I/O APIC's thread, the partition, the disk images."""
         self.ioapic.close()
         if not self.partition.closed:
             self.partition.close()
         for disk in getattr(self, "disks", []):
             disk.close()
-        self.mshv.close()
 
     def _set_state(self, state: RunState) -> None:
         with self._state_changed:
@@ -316,6 +447,10 @@ class Machine:
             self._state_changed.notify_all()
 
     def status(self) -> dict[str, Any]:
+        with self._lifecycle:
+            return self._status()
+
+    def _status(self) -> dict[str, Any]:
         uptime = time.monotonic() - self.started_at if self.started_at else 0.0
         return {
             "state": self.state.value,
@@ -327,6 +462,7 @@ class Machine:
             "exit_counts": {k: int(v["count"]) for k, v in self.stats.as_dict().items()},
             "console_bytes": self.uart.bytes_out,
             "reason": str(self.reason) if self.reason else None,
+            "crash": {"parameters": list(self.crash.parameters), "message": self.crash.message} if self.crash else None,
             "vmbus": self._vmbus_status(),
         }
 
@@ -381,10 +517,10 @@ class Machine:
     # ---- VP threads and exit dispatch
     def _vp_thread(self, vp: Vp) -> None:
         try:
-            while self.state is not RunState.STOPPED:
+            while self.state is not RunState.STOPPED and not self._resetting:
                 if self.state is RunState.PAUSED:
                     with self._state_changed:
-                        self._state_changed.wait_for(lambda: self.state is not RunState.PAUSED, 0.5)
+                        self._state_changed.wait_for(lambda: self.state is not RunState.PAUSED or self._resetting, 0.5)
                     continue
                 exit_ = vp.run()
                 started = time.perf_counter()
@@ -406,6 +542,8 @@ class Machine:
                               HvRegister.RCX: exit_.default_result_rcx, HvRegister.RDX: exit_.default_result_rdx,
                               HvRegister.RIP: exit_.header.next_rip})
         elif isinstance(exit_, MsrIntercept):
+            if exit_.msr_number == MSR_CRASH_CTL and exit_.is_write:
+                self._guest_crash_report(vp, exit_.value)
             values = {HvRegister.RIP: exit_.header.next_rip}
             if not exit_.is_write:
                 values.update({HvRegister.RAX: 0, HvRegister.RDX: 0})
@@ -476,7 +614,27 @@ class Machine:
             self.stop(StopReason(StopKind.HALTED, 0, "every VP halted with interrupts disabled"))
         else:
             with self._state_changed:
-                self._state_changed.wait_for(lambda: self.state is RunState.STOPPED)
+                self._state_changed.wait_for(lambda: self.state is RunState.STOPPED or self._resetting)
+
+    def _guest_crash_report(self, vp: Vp, control: int) -> None:
+        """The guest wrote CRASH_CTL: with NOTIFY set it has crashed; stop with what it reported."""
+        if not control & lib.HV_CRASH_CTL_CRASH_NOTIFY:
+            return
+        p0, p1, p2, p3, p4 = vp.get_registers(CRASH_REGISTERS)
+        message = ""
+        if control & lib.HV_CRASH_CTL_CRASH_NOTIFY_MSG and 0 < p4:
+            try:   # the guest's own buffer: P3 its GPA, P4 its length (untrusted, so bounded and checked)
+                raw = self.partition.memory.read(p3, min(p4, CRASH_MESSAGE_MAX))
+                message = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+            except MshvError:
+                log.warning("VP %d reported a crash message at unmapped GPA %#x", vp.index, p3)
+        self.crash = GuestCrash((p0, p1, p2, p3, p4), message)
+        log.error("VP %d: %s", vp.index, self.crash)
+        if message:
+            log.info("the guest's crash message:\n%s", message)
+        info = {"type": "hyper-v", **{f"arg{i + 1}": value for i, value in enumerate(self.crash.parameters)}}
+        self._emit("GUEST_PANICKED", action="poweroff", info=info)
+        self.stop(StopReason(StopKind.PANIC, PANIC_EXIT_CODE, str(self.crash)))
 
     def _debug_exit(self, value: int) -> None:
         self.stop(StopReason(StopKind.DEBUG_EXIT, value & 0xFF, "guest wrote to the debug-exit port"))

@@ -1,8 +1,8 @@
 """The per-VP Hyper-V emulator: the synthetic MSRs the hypervisor implements.
 
 Guest OS id, hypercall page, VP index, reference counter and reference TSC
-page, frequency MSRs, VP assist page, SynIC, synthetic timers and the
-Hyper-V aliases of the LAPIC's EOI/ICR/TPR.  ``read``/``write`` return the
+page, frequency MSRs, VP assist page, SynIC, synthetic timers, the guest
+crash MSRs and the Hyper-V aliases of the LAPIC's EOI/ICR/TPR.  ``read``/``write`` return the
 value (or None for a write) or a typed ``MsrFault`` the caller turns into
 a guest #GP; nothing here knows how the CPU is executed.
 """
@@ -44,6 +44,13 @@ MSR_EOI = int(lib.HV_X64_MSR_EOI)
 MSR_ICR = int(lib.HV_X64_MSR_ICR)
 MSR_TPR = int(lib.HV_X64_MSR_TPR)
 STIMER_COUNT = int(lib.HV_SYNIC_STIMER_COUNT)
+MSR_CRASH_P0 = int(lib.HV_MSR_CRASH_P0)
+MSR_CRASH_CTL = int(lib.HV_MSR_CRASH_CTL)
+CRASH_PARAMETERS = MSR_CRASH_CTL - MSR_CRASH_P0
+# What a read of CRASH_CTL reports: the notifications this hypervisor accepts.
+CRASH_CTL_CAPABILITIES = int(lib.HV_CRASH_CTL_CRASH_NOTIFY | lib.HV_CRASH_CTL_CRASH_NOTIFY_MSG)
+# Every MSR the hypervisor implements itself (the VMM intercepts one only by its index).
+SYNTHETIC_MSRS = range(0x40000000, MSR_CRASH_CTL + 1)
 
 _TSC_PAGE_SIZE = ffi.sizeof("struct hv_reference_tsc_page")
 _TIMER_MESSAGE_SIZE = ffi.sizeof("struct hv_timer_message_payload")
@@ -116,6 +123,8 @@ class HvEmulator:
     vp_assist_page: int = 0
     reference_tsc: int = 0
     timers: list[SyntheticTimer] = field(default_factory=lambda: [SyntheticTimer() for _ in range(STIMER_COUNT)])
+    crash: list[int] = field(default_factory=lambda: [0] * CRASH_PARAMETERS)   # P0..P4, the guest's crash report
+    crash_ctl: int = 0
 
     def __post_init__(self) -> None:
         # The MSRs read straight from state, built once (read() is on every MSR exit).
@@ -135,6 +144,7 @@ class HvEmulator:
             MSR_EOM: lambda: 0,
             MSR_TPR: lambda: self.lapic.tpr,
             MSR_ICR: lambda: self.lapic.icr,
+            MSR_CRASH_CTL: lambda: CRASH_CTL_CAPABILITIES,
         }
 
     # ---- MSR access
@@ -148,6 +158,8 @@ class HvEmulator:
         if MSR_STIMER0_CONFIG <= index < MSR_STIMER0_CONFIG + 2 * STIMER_COUNT:
             timer = self.timers[(index - MSR_STIMER0_CONFIG) // 2]
             return timer.count if (index - MSR_STIMER0_CONFIG) & 1 else timer.config
+        if MSR_CRASH_P0 <= index < MSR_CRASH_CTL:
+            return self.crash[index - MSR_CRASH_P0]
         return MsrFault.GP
 
     def write(self, index: int, value: int) -> None | MsrFault:
@@ -183,6 +195,11 @@ class HvEmulator:
             self.lapic.write_icr64(value)
         elif index == MSR_TPR:
             self.lapic.tpr = value & 0xFF
+        elif MSR_CRASH_P0 <= index < MSR_CRASH_CTL:
+            self.crash[index - MSR_CRASH_P0] = value
+        elif index == MSR_CRASH_CTL:
+            # The notification itself reaches the VMM only through its MSR-index intercept.
+            self.crash_ctl = value
         else:
             return MsrFault.GP  # read-only (VP index, counters, frequencies) or unknown
         return None

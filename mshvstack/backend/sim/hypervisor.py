@@ -16,6 +16,7 @@ from typing import Any, Callable
 from mshvstack.abi import ffi, lib
 from mshvstack.backend.sim import x86
 from mshvstack.backend.sim.engines.unicorn import read_tsc, tsc_hz
+from mshvstack.backend.sim.hv1 import SYNTHETIC_MSRS
 from mshvstack.backend.sim.memory import PAGE_SHIFT, GpaMap
 from mshvstack.backend.sim.vp import VECTOR_REGISTERS, SimVp
 
@@ -130,8 +131,7 @@ class SimPartition:
 
     def intercepts_msr(self, index: int, write: bool) -> bool:
         mask = self.msr_intercepts.get(index, self.all_msrs_intercepted)
-        synthetic = 0x40000000 <= index < 0x40000100
-        if synthetic and index not in self.msr_intercepts:
+        if index in SYNTHETIC_MSRS and index not in self.msr_intercepts:
             return False
         return bool(mask & (lib.HV_INTERCEPT_ACCESS_MASK_WRITE if write else lib.HV_INTERCEPT_ACCESS_MASK_READ))
 
@@ -168,7 +168,8 @@ class SimPartition:
             return 0x00004A42, 0x000A0000, 0, 0  # build 19010 (21H2 compat), version 10.0
         if leaf == 0x40000003:
             return _PRIVILEGES_LOW, _PRIVILEGES_HIGH, 0, int(lib.HV_X64_GUEST_IDLE_STATE_AVAILABLE | lib.HV_FEATURE_FREQUENCY_MSRS_AVAILABLE
-                                                             | lib.HV_STIMER_DIRECT_MODE_AVAILABLE)
+                                                             | lib.HV_STIMER_DIRECT_MODE_AVAILABLE
+                                                             | lib.HV_FEATURE_GUEST_CRASH_MSR_AVAILABLE)
         if leaf == 0x40000004:
             return 0, 0xFFFFFFFF, 0, 0
         if leaf == 0x40000005:
@@ -625,4 +626,5 @@ _MSR_BACKED = {
     int(lib.HV_REGISTER_TIME_REF_COUNT): int(lib.HV_X64_MSR_TIME_REF_COUNT),
     int(lib.HV_REGISTER_REFERENCE_TSC): int(lib.HV_X64_MSR_REFERENCE_TSC),
     **{int(lib.HV_REGISTER_STIMER0_CONFIG) + i: int(lib.HV_MSR_STIMER0_CONFIG) + i for i in range(8)},
+    **{int(lib.HV_REGISTER_GUEST_CRASH_P0) + i: int(lib.HV_MSR_CRASH_P0) + i for i in range(6)},
 }

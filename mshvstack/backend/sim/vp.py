@@ -20,7 +20,7 @@ from mshvstack.abi import ffi, lib
 from mshvstack.backend.sim import intercepts, x86
 from mshvstack.backend.sim.engines.base import CONTINUE, Engine, EngineStop, Instruction, Special, StopKind
 from mshvstack.backend.sim.engines.unicorn import UnicornEngine
-from mshvstack.backend.sim.hv1 import HvEmulator, MsrFault
+from mshvstack.backend.sim.hv1 import SYNTHETIC_MSRS, HvEmulator, MsrFault
 from mshvstack.backend.sim.lapic import X2APIC_MSR_BASE, XAPIC_BASE, Lapic
 from mshvstack.backend.sim.mca import MachineCheck
 from mshvstack.backend.sim.messages import new_message, to_bytes
@@ -65,7 +65,6 @@ _NATIVE_MSR_NAMES = {
 }
 NATIVE_MSRS = frozenset(_NATIVE_MSR_NAMES.values())
 MTRR_VARIABLE_AND_FIXED_RANGE = 0x200  # 0x200..0x2FF
-_SYNTHETIC_MSRS = range(0x40000000, 0x40000100)
 
 # HV_REGISTER_INTERNAL_ACTIVITY_STATE bit: the VP waits for a SIPI.
 STARTUP_SUSPEND = 1
@@ -471,7 +470,7 @@ class SimVp:
 
     def read_msr(self, index: int) -> int | None:
         """An MSR the hypervisor implements, or None (#GP)."""
-        if index in _SYNTHETIC_MSRS:
+        if index in SYNTHETIC_MSRS:
             value = self.hv.read(index)
             return None if isinstance(value, MsrFault) else value
         if MachineCheck.handles(index):
@@ -487,7 +486,7 @@ class SimVp:
 
     def write_msr(self, index: int, value: int) -> int | None:
         """0 when the write is taken, None for #GP."""
-        if index in _SYNTHETIC_MSRS:
+        if index in SYNTHETIC_MSRS:
             return None if isinstance(self.hv.write(index, value), MsrFault) else 0
         if MachineCheck.handles(index):
             return 0 if self.machine_check.write(index, value) else None
