@@ -7,11 +7,14 @@ from the host image after the VMM is gone.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,7 +32,11 @@ DISK_BYTES = 16 << 20
 WRITE_OFFSET, WRITE_BYTES = 2 << 20, 256 << 10
 OS_NAME = "Debian GNU/Linux"
 
-INIT = INIT_PROLOGUE + "exec >/dev/kmsg 2>&1\n" + LOAD_MODULES + """n=0; while [ ! -b /dev/sda ] && [ $n -lt 60 ]; do sleep 1; n=$((n + 1)); done
+INIT = INIT_PROLOGUE + "exec >/dev/kmsg 2>&1\n" + LOAD_MODULES + """if grep -q mshvtest=panic /proc/cmdline; then
+    echo "MARK panicking"
+    echo c >/proc/sysrq-trigger
+fi
+n=0; while [ ! -b /dev/sda ] && [ $n -lt 60 ]; do sleep 1; n=$((n + 1)); done
 for d in /sys/bus/vmbus/devices/*; do
     echo "MARK device $(cat $d/class_id) $(basename "$(readlink $d/driver)")"
 done
@@ -171,3 +178,40 @@ def test_a_synced_write_survives_sigkill(initrd: tuple[Path, Path], tmp_path: Pa
     finally:
         vm.kill()   # at once, the moment the guest's sync returned
     assert _written(disk) == synced
+
+
+def test_a_guest_panic_reaches_the_operator(initrd: tuple[Path, Path], tmp_path: Path) -> None:
+    """Linux's hv_vmbus reports its panic through the crash MSRs, with the kernel log's
+    last page: the run ends with exit code 4 and the panic line, and a QMP client
+    (qemu.qmp) hears GUEST_PANICKED with Hyper-V's five parameters, then SHUTDOWN."""
+    qmp = pytest.importorskip("qemu.qmp", reason="the qemu.qmp client is part of the test extras")
+    kernel, ramdisk = initrd
+    vm = LinuxVm(tmp_path, kernel, ramdisk, cmdline="console=ttyS0 mshvtest=panic")
+
+    async def watch() -> list[dict[str, Any]]:
+        client = qmp.QMPClient("panic-watch")
+        deadline = time.monotonic() + 60
+        while not vm.socket.exists():   # connected before the guest boots: no event can be missed
+            assert time.monotonic() < deadline and vm.process.poll() is None, "the VMM never opened its socket"
+            await asyncio.sleep(0.05)
+        await client.connect(str(vm.socket))
+        with client.listener(("GUEST_PANICKED", "SHUTDOWN")) as events:
+            found = [dict(await asyncio.wait_for(events.get(), 400)) for _ in range(2)]
+        await client.disconnect()
+        return found
+
+    try:
+        panicked, shutdown = asyncio.run(watch())
+        code, stdout, stderr = vm.finish()
+    finally:
+        vm.kill()
+    assert vm.values("panicking") == [""], vm.log[-3000:]
+    assert code == 4, f"{stdout}\n{stderr}"
+    summary = json.loads(stdout[stdout.index("{"):])
+    assert summary["reason"] == "guest-panic"
+    assert "guest panicked: Kernel panic - not syncing: sysrq triggered crash" in summary["detail"], summary["detail"]
+    assert "sysrq triggered crash" in summary["crash"]["message"]
+    assert panicked["event"] == "GUEST_PANICKED" and panicked["data"]["action"] == "poweroff"
+    info = panicked["data"]["info"]
+    assert info["type"] == "hyper-v" and info["arg5"] == summary["crash"]["parameters"][4] > 0  # P4: the message's length
+    assert shutdown["data"] == {"guest": True, "reason": "guest-panic"}

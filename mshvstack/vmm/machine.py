@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import functools
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ DEMO_STACK = 0x80000
 STRING_BATCH = 4096
 MSR_CRASH_CTL = int(lib.HV_MSR_CRASH_CTL)
 CRASH_MESSAGE_MAX = 4096   # Linux leaves at most one page of kernel log
+_PRINTK_TIME = re.compile(r"^\[\s*\d+\.\d+\]")
 CRASH_REGISTERS = [HvRegister.GUEST_CRASH_P0 + i for i in range(5)]
 
 
@@ -133,8 +135,9 @@ class GuestCrash:
     @property
     def summary(self) -> str:
         """The panic line of the message (Linux: "Kernel panic - not syncing: ..."), else its last line."""
-        lines = [line.strip() for line in self.message.splitlines() if line.strip()]
-        panic = [line for line in lines if "panic" in line.lower()]
+        lines = [_PRINTK_TIME.sub("", line).strip() for line in self.message.splitlines()]
+        lines = [line for line in lines if line]
+        panic = [line for line in lines if "Kernel panic" in line]
         return (panic or lines or [""])[-1]
 
     def __str__(self) -> str:
