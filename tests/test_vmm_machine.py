@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from mshvstack.abi import lib
 from mshvstack.vmm.config import ConfigError, MachineConfig, parse_size
 from mshvstack.vmm.control import ControlError, request
 from mshvstack.vmm.qmp import QmpServer
@@ -175,3 +176,59 @@ def test_disks_and_kvp_over_the_control_api(tmp_path: Path) -> None:
         MachineConfig(demo="hello", disks=(DiskSpec(tmp_path / "nope"),)).validate()
     with pytest.raises(ConfigError, match="ro or rw"):
         DiskSpec.parse("disk.img,fast")
+
+
+UD_HANDLER_GUEST = """
+lea ud_handler(%rip), %rax
+lea idt+6*16(%rip), %rdi
+mov %ax, (%rdi)
+mov %cs, %bx
+mov %bx, 2(%rdi)
+movw $0x8E00, 4(%rdi)
+shr $16, %rax
+mov %ax, 6(%rdi)
+shr $16, %rax
+mov %eax, 8(%rdi)
+lidt idtr(%rip)
+mov $0xC0000000, %rax
+{instruction}
+mov $1, %al
+out %al, $0xf4
+ud_handler:
+mov (%rsp), %rbx
+lea faulting(%rip), %rcx
+cmp %rbx, %rcx
+jne 1f
+mov $0x42, %al
+out %al, $0xf4
+1: mov $2, %al
+out %al, $0xf4
+.align 16
+idt: .fill 32, 16, 0
+idtr: .word 32*16-1
+.quad idt
+"""
+
+
+@pytest.mark.parametrize("instruction", ["mov (%rax), %es", "movss (%rax), %xmm0", "movshdup (%rax), %xmm1"])
+def test_an_mmio_instruction_the_vmm_cannot_emulate_is_ud_in_the_guest(tmp_path: Path, instruction: str) -> None:
+    kernel = assemble_elf(UD_HANDLER_GUEST.replace("{instruction}", f"faulting: {instruction}"), tmp_path)
+    machine, _ = _machine(kernel=kernel)
+    reason = machine.run()
+    assert (reason.kind, reason.exit_code) == (StopKind.DEBUG_EXIT, 0x42), reason   # #UD at the instruction itself
+
+
+def test_a_huge_rep_stos_into_mmio_does_not_hold_the_vmm(tmp_path: Path) -> None:
+    kernel = assemble_elf("mov $0xC0000000, %rdi\nmov $0x10000000000, %rcx\nrep stosq\nmov $1, %al\nout %al, $0xf4", tmp_path)
+    machine, _ = _machine(kernel=kernel)
+    machine.start()
+    deadline = time.monotonic() + 30
+    while machine.stats.total < 5:   # exits keep coming: each does a bounded part of the instruction
+        assert time.monotonic() < deadline and machine.state is RunState.RUNNING, machine.reason
+        time.sleep(0.01)
+    machine.pause()
+    (rcx,) = machine.vps[0].get_registers([int(lib.HV_X64_REGISTER_RCX)])
+    assert 0 < rcx < 0x10000000000 and rcx % 4096 == 0
+    machine.poweroff()
+    machine.close()
+    assert machine.reason is not None and machine.reason.kind is StopKind.POWEROFF

@@ -187,3 +187,37 @@ def test_moffs_and_unsupported_forms() -> None:
         MmioEmulator(bus.read, bus.write).emulate(cpu, MmioAccess(MMIO_BASE, 0x1000, b"\x0f\x0b", 64))  # ud2
     with pytest.raises(MmioError):
         MmioEmulator(bus.read, bus.write).emulate(cpu, MmioAccess(MMIO_BASE, 0x1000, b"", 64))
+
+
+@pytest.mark.parametrize("code, what", [
+    (b"\x8e\x00", "mov es, [rax]"),
+    (b"\x8e\x10", "mov ss, [rax]"),
+    (b"\xf3\x0f\x10\x00", "movss xmm0, [rax]"),
+    (b"\xf2\x0f\x10\x00", "movsd xmm0, [rax] (SSE2, not the string op)"),
+    (b"\xf3\x0f\x16\x00", "movshdup xmm0, [rax]"),
+    (b"\x0f\x28\x08", "movaps xmm1, [rax]"),
+    (b"\x0f\x22\x00", "mov cr0, rax (no memory operand)"),
+])
+def test_instructions_it_cannot_perform_are_unsupported_not_a_crash(code: bytes, what: str) -> None:
+    from mshvstack.vmm.mmio import MmioUnsupported
+
+    bus = FakeBus()
+    cpu = FakeCpu({RFLAGS: 2, int(lib.HV_X64_REGISTER_RAX): MMIO_BASE})
+    with pytest.raises(MmioUnsupported):
+        MmioEmulator(bus.read, bus.write).emulate(cpu, MmioAccess(MMIO_BASE, 0x1000, code, 64))
+    assert RIP not in cpu.regs, what   # the instruction did not complete
+
+
+@settings(max_examples=30, deadline=None)
+@given(size=st.sampled_from([1, 8]), count=st.integers(4097, 1 << 63), value=u64)
+def test_rep_stos_with_a_huge_count_is_done_in_bounded_steps(size: int, count: int, value: int) -> None:
+    from mshvstack.vmm.mmio import STRING_BATCH
+
+    code = b"\xf3" + _prefix(size) + bytes([0xAA if size == 1 else 0xAB])
+    rax, rcx, rdi = int(lib.HV_X64_REGISTER_RAX), int(lib.HV_X64_REGISTER_RCX), int(lib.HV_X64_REGISTER_RDI)
+    cpu = FakeCpu({rax: value, rcx: count, rdi: MMIO_BASE, RFLAGS: 2, RIP: 0x1000})
+    bus = FakeBus()
+    MmioEmulator(bus.read, bus.write).emulate(cpu, MmioAccess(MMIO_BASE, 0x1000, code, 64))
+    assert len(bus.log) == STRING_BATCH
+    assert cpu.regs[rcx] == count - STRING_BATCH and cpu.regs[rdi] == MMIO_BASE + STRING_BATCH * size
+    assert cpu.regs[RIP] == 0x1000   # still on the instruction: the guest resumes it

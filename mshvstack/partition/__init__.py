@@ -9,7 +9,7 @@ from mshvstack.partition.memory import GuestMemory, GuestMemoryError, MemoryRegi
 from mshvstack.partition.mshv import Mshv
 from mshvstack.partition.partition import MsiRoute, Partition, PartitionConfig
 from mshvstack.partition.registers import FpuRegisters, SpecialRegisters, StandardRegisters, TableRegister
-from mshvstack.partition.vp import Vp, VpStateKind
+from mshvstack.partition.vp import ExceptionVector, Vp, VpStateKind
 
 __all__ = [
     "ApicEoi", "CpuidIntercept", "ExceptionIntercept", "Halt", "HypercallIntercept", "InterceptHeader", "Interrupted",
@@ -17,5 +17,5 @@ __all__ = [
     "SintDeliverable", "SipiIntercept", "TimerExpired", "UnknownExit", "UnmappedGpa", "UnrecoverableException",
     "UnsupportedFeature", "VpExit", "decode", "encode", "GuestMemory", "GuestMemoryError", "MemoryRegion", "Mshv",
     "MsiRoute", "Partition", "PartitionConfig", "FpuRegisters", "SpecialRegisters", "StandardRegisters", "TableRegister", "Vp",
-    "VpStateKind",
+    "VpStateKind", "ExceptionVector",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import errno
 import threading
 import weakref
@@ -25,6 +26,14 @@ _GENERAL_BIT = 1 << lib.HV_X64_REGISTER_CLASS_GENERAL
 _IP_BIT = 1 << lib.HV_X64_REGISTER_CLASS_IP
 _FLAGS_BIT = 1 << lib.HV_X64_REGISTER_CLASS_FLAGS
 _CONTROL_HV = {"cr0": "CR0", "cr2": "CR2", "cr3": "CR3", "cr4": "CR4", "cr8": "CR8", "efer": "EFER", "apic_base": "APIC_BASE"}
+
+
+class ExceptionVector(enum.IntEnum):
+    """x86 exception vectors (architectural, so not in the mshv headers)."""
+
+    DE, DB, NMI, BP, OF, BR, UD, NM, DF = range(9)
+    TS, NP, SS, GP, PF = range(10, 15)
+    MF, AC, MC, XM = range(16, 20)
 
 
 class VpStateKind:
@@ -223,6 +232,18 @@ class Vp:
         thread = self._run_thread
         if thread is not None and not self.closed:
             self.partition.backend.kick(self.fd, thread)
+
+    def inject_exception(self, vector: int, error_code: int | None = None) -> None:
+        """Deliver an exception when the VP next runs (HV_REGISTER_PENDING_INTERRUPTION),
+        e.g. #UD for an instruction the VMM cannot emulate."""
+        pending = ffi.new("union hv_x64_pending_interruption_register *")
+        pending.bits.interruption_pending = 1
+        pending.bits.interruption_type = lib.HV_X64_PENDING_EXCEPTION
+        pending.bits.interruption_vector = vector
+        if error_code is not None:
+            pending.bits.deliver_error_code = 1
+            pending.bits.error_code = error_code
+        self.set_registers({lib.HV_REGISTER_PENDING_INTERRUPTION: int(pending.as_uint64)})
 
     # ---- VP state
     def get_state(self, kind: int) -> bytes:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from mshvstack.abi import lib
 from mshvstack.errors import MshvError
 from mshvstack.hvcall import HvRegister, calls
-from mshvstack.partition import (CpuidIntercept, Halt, HypercallIntercept, Interrupted, IoPortIntercept,
+from mshvstack.partition import (CpuidIntercept, ExceptionVector, Halt, HypercallIntercept, Interrupted, IoPortIntercept,
                                  MemoryIntercept, Mshv, MsrIntercept, PartitionConfig, UnknownExit,
                                  UnrecoverableException, Vp, VpExit)
 from mshvstack.partition.exits import ExceptionIntercept, SintDeliverable
@@ -41,7 +41,7 @@ from mshvstack.vmm.loader.bzimage import extract_vmlinux, is_bzimage, load_bzima
 from mshvstack.vmm.loader.elf import load_elf
 from mshvstack.vmm.loader.pvh import write_start_info
 from mshvstack.vmm.loader.x86boot import BootState, long_mode, protected_mode
-from mshvstack.vmm.mmio import MmioAccess, MmioEmulator, MmioError
+from mshvstack.vmm.mmio import MmioAccess, MmioEmulator, MmioError, MmioUnsupported
 from mshvstack.vmm.stats import ExitStats
 from mshvstack.vmbus.providers.base import Provider
 from mshvstack.vmbus.providers.heartbeat import Heartbeat
@@ -537,7 +537,11 @@ class Machine:
             self._port_io(vp, exit_)
         elif isinstance(exit_, MemoryIntercept):
             bits = 64 if exit_.header.efer_lma and exit_.header.cs.long_mode else 32 if exit_.header.cr0_pe else 16
-            self.mmio_emulator.emulate(vp, MmioAccess(exit_.gpa, exit_.header.rip, exit_.instruction_bytes, bits))
+            try:
+                self.mmio_emulator.emulate(vp, MmioAccess(exit_.gpa, exit_.header.rip, exit_.instruction_bytes, bits))
+            except MmioUnsupported as exc:
+                log.warning("VP %d: %s: the guest gets #UD", vp.index, exc)
+                vp.inject_exception(ExceptionVector.UD)
         elif isinstance(exit_, Halt):
             self._halt(vp, exit_)
         elif isinstance(exit_, CpuidIntercept):

@@ -6,7 +6,10 @@ platform we run on, and the simulator's engine already uses it), performs
 the access on the MMIO bus and writes results back to the VP's registers,
 flags included.  Covers the forms device drivers use: MOV (all sizes,
 immediates, moffs), MOVZX/MOVSX/MOVSXD, AND/OR/XOR/ADD/SUB/CMP/TEST with a
-memory operand, XCHG, STOS and MOVS (REP too).
+memory operand, XCHG, STOS and MOVS (REP too).  An instruction outside that
+set raises MmioUnsupported, for which the guest gets #UD; a REP string
+instruction does at most STRING_BATCH elements per exit and leaves RIP on
+itself, so the guest resumes it (as hardware does after an interrupt).
 """
 
 from __future__ import annotations
@@ -25,8 +28,16 @@ FLAG_CF, FLAG_PF, FLAG_AF, FLAG_ZF, FLAG_SF, FLAG_DF, FLAG_OF = 1 << 0, 1 << 2, 
 ARITH_FLAGS = FLAG_CF | FLAG_PF | FLAG_AF | FLAG_ZF | FLAG_SF | FLAG_OF
 
 
+STRING_BATCH = 4096
+PAGE = 4096
+
+
 class MmioError(MshvError):
-    """The instruction at an MMIO exit cannot be emulated."""
+    """The MMIO access cannot be completed (the device or guest memory refused it)."""
+
+
+class MmioUnsupported(MmioError):
+    """The instruction is not one the emulator performs (the guest gets #UD)."""
 
 
 class CpuAccess(Protocol):
@@ -159,20 +170,21 @@ class MmioEmulator:
     def decode(self, access: MmioAccess) -> capstone.CsInsn:
         for insn in self._decoders[access.bits].disasm(access.instruction, access.rip, count=1):
             return insn
-        raise MmioError(f"undecodable instruction bytes {access.instruction.hex()} at {access.rip:#x}")
+        raise MmioUnsupported(f"undecodable instruction bytes {access.instruction.hex()} at {access.rip:#x}")
 
     def emulate(self, cpu: CpuAccess, access: MmioAccess) -> None:
         """Perform the instruction's MMIO access and advance RIP past it."""
         insn = self.decode(access)
         state = _RegisterState(cpu)
         base = insn.mnemonic.split()[-1]
-        if base.startswith("stos"):
-            self._string(insn, access, state, store=True)
-        elif base.startswith("movs") and base not in ("movsx", "movsxd"):
-            self._string(insn, access, state, store=False)
+        done = True
+        string = insn.opcode[0] in _STRING_OPCODES   # by opcode: SSE2's movsd shares the mnemonic
+        if string:
+            done = self._string(insn, access, state, store=base.startswith("stos"))
         else:
             self._simple(insn, access, state)
-        state.values[RIP] = (access.rip + insn.size) & U64
+        if done:
+            state.values[RIP] = (access.rip + insn.size) & U64
         state.flush()
 
     def _operand_value(self, op: capstone.x86.X86Op, insn: capstone.CsInsn, state: "_RegisterState") -> int:
@@ -180,13 +192,13 @@ class MmioEmulator:
             return int(op.imm) & U64
         if op.type == cx.X86_OP_REG:
             return state.get_reg(insn.reg_name(op.reg))
-        raise MmioError(f"{insn.mnemonic}: unexpected operand")
+        raise MmioUnsupported(f"{insn.mnemonic} {insn.op_str}: unexpected operand")
 
     def _simple(self, insn: capstone.CsInsn, access: MmioAccess, state: "_RegisterState") -> None:
         ops = list(insn.operands)
         mem = [i for i, op in enumerate(ops) if op.type == cx.X86_OP_MEM]
         if len(mem) != 1:
-            raise MmioError(f"{insn.mnemonic} {insn.op_str}: expected one memory operand")
+            raise MmioUnsupported(f"{insn.mnemonic} {insn.op_str}: expected one memory operand")
         m = mem[0]
         size = ops[m].size
         name = insn.mnemonic
@@ -219,14 +231,17 @@ class MmioEmulator:
             self.write(gpa, size, state.get_reg(insn.reg_name(reg.reg)))
             state.set_reg(insn.reg_name(reg.reg), old)
         else:
-            raise MmioError(f"cannot emulate {name} {insn.op_str} on MMIO at {gpa:#x}")
+            raise MmioUnsupported(f"cannot emulate {name} {insn.op_str} on MMIO at {gpa:#x}")
 
-    def _string(self, insn: capstone.CsInsn, access: MmioAccess, state: "_RegisterState", store: bool) -> None:
-        size = {"b": 1, "w": 2, "d": 4, "q": 8}[insn.mnemonic.split()[-1][-1]]
+    def _string(self, insn: capstone.CsInsn, access: MmioAccess, state: "_RegisterState", store: bool) -> bool:
+        """STOS/MOVS, at most STRING_BATCH elements; True when the instruction is complete."""
+        size = _STRING_SIZES[insn.mnemonic.split()[-1]]
         rep = insn.mnemonic.startswith("rep")
-        count = state.get(RCX) & _mask(8 if access.bits == 64 else 4 if access.bits == 32 else 2) if rep else 1
-        step = -size if state.get(RFLAGS) & FLAG_DF else size
         address_mask = _mask(access.bits // 8)
+        total = state.get(RCX) & address_mask if rep else 1
+        count = min(total, STRING_BATCH)
+        step = -size if state.get(RFLAGS) & FLAG_DF else size
+        rdi = state.get(RDI)
         if store:
             value = state.get(RAX) & _mask(size)
             for i in range(count):
@@ -234,19 +249,45 @@ class MmioEmulator:
         else:
             if self.translate is None or self.ram_read is None or self.ram_write is None:
                 raise MmioError("MOVS on MMIO needs guest memory access")
-            rsi, rdi = state.get(RSI), state.get(RDI)
-            src_gpa = self.translate(rsi, False)
-            dst_gpa = self.translate(rdi, True)
-            from_mmio = src_gpa == access.gpa
+            rsi = state.get(RSI)
+            from_mmio = self.translate(rsi, False) == access.gpa
+            ram = _PageTranslations(self.translate, write=from_mmio)
             for i in range(count):
+                src, dst = (rsi + i * step) & address_mask, (rdi + i * step) & address_mask
                 if from_mmio:
-                    self.ram_write(dst_gpa + i * step, size, self.read(src_gpa + i * step, size))
+                    self.ram_write(ram.gpa(dst), size, self.read(access.gpa + i * step, size))
                 else:
-                    self.write(dst_gpa + i * step, size, self.ram_read(src_gpa + i * step, size))
+                    self.write(access.gpa + i * step, size, self.ram_read(ram.gpa(src), size))
             state.values[RSI] = (rsi + count * step) & address_mask
-        state.values[RDI] = (state.get(RDI) + count * step) & address_mask
+        state.values[RDI] = (rdi + count * step) & address_mask
         if rep:
-            state.values[RCX] = 0
+            state.values[RCX] = (state.get(RCX) & ~address_mask) | (total - count)
+        return total == count
+
+
+_STRING_OPCODES = frozenset({0xA4, 0xA5, 0xAA, 0xAB})   # MOVS, STOS
+_STRING_SIZES = {f"{op}{suffix}": size for op in ("stos", "movs") for suffix, size in (("b", 1), ("w", 2), ("d", 4), ("q", 8))}
+
+
+class _PageTranslations:
+    """The RAM side of MOVS: each guest page translated once (the string may cross pages)."""
+
+    def __init__(self, translate: Translate, write: bool) -> None:
+        self.translate, self.write = translate, write
+        self._pages: dict[int, int] = {}
+
+    def gpa(self, gva: int) -> int:
+        page = gva & ~(PAGE - 1)
+        if page not in self._pages:
+            self._pages[page] = self.translate(page, self.write) & ~(PAGE - 1)
+        return self._pages[page] | (gva & (PAGE - 1))
+
+
+def _register(reg_name: str) -> tuple[int, int, int]:
+    try:
+        return _REGISTERS[reg_name]
+    except KeyError:   # segment, SSE, control registers...
+        raise MmioUnsupported(f"register {reg_name} cannot take part in MMIO emulation") from None
 
 
 class _RegisterState:
@@ -263,14 +304,11 @@ class _RegisterState:
         return self.values[name]
 
     def get_reg(self, reg_name: str) -> int:
-        try:
-            hv, shift, width = _REGISTERS[reg_name]
-        except KeyError:
-            raise MmioError(f"register {reg_name} cannot take part in MMIO emulation") from None
+        hv, shift, width = _register(reg_name)
         return (self.get(hv) >> shift) & _mask(width)
 
     def set_reg(self, reg_name: str, value: int) -> None:
-        hv, shift, width = _REGISTERS[reg_name]
+        hv, shift, width = _register(reg_name)
         value &= _mask(width)
         if width == 4 and shift == 0:
             new = value  # 32-bit writes zero-extend

@@ -332,11 +332,28 @@ class SimVp:
         if self._halted and not self._wait_for_interrupt():
             return None
         engine = self._ensure_engine()
+        self._deliver_pending_interruption(engine)
         self._offer_events(engine)
         self._snap = None
         stop = engine.run(self._deadline_ns())
         self._snap = engine.snapshot()
         return self._handle_stop(stop)
+
+    def _deliver_pending_interruption(self, engine: Any) -> None:
+        """An event the VMM queued in HV_REGISTER_PENDING_INTERRUPTION is taken on entry."""
+        raw = self._state.get(R.HV_REGISTER_PENDING_INTERRUPTION, 0)
+        if not raw & 1:
+            return
+        self._state[R.HV_REGISTER_PENDING_INTERRUPTION] = 0
+        pending = ffi.new("union hv_x64_pending_interruption_register *", {"as_uint64": raw})
+        kind = pending.bits.interruption_type
+        if kind == R.HV_X64_PENDING_EXCEPTION:
+            engine.inject_exception(int(pending.bits.interruption_vector),
+                                    int(pending.bits.error_code) if pending.bits.deliver_error_code else None)
+        elif kind == R.HV_X64_PENDING_NMI:
+            engine.inject_nmi()
+        elif kind == R.HV_X64_PENDING_INTERRUPT:
+            self.lapic.accept(int(pending.bits.interruption_vector) & 0xFF)
 
     # ---- time and events
     def _poll_timers(self) -> None:
