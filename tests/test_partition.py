@@ -286,3 +286,65 @@ def test_fpu_registers_round_trip_and_reach_the_guest(tmp_path: Path) -> None:
         assert isinstance(exit_, IoPortIntercept) and exit_.rax == 0x11223344
         back = vp.fpu
         assert back.xmm[3] == fpu.xmm[3] and back.mxcsr == 0x1F80 and back.fcw == 0x037F
+
+
+# Every public method with arguments that would work on an open object.
+PARTITION_CALLS = {
+    "initialize": (), "pause": (), "resume": (), "get_property": (lib.HV_PARTITION_PROPERTY_TIME_FREEZE,),
+    "set_property": (lib.HV_PARTITION_PROPERTY_TIME_FREEZE, 0), "install_intercept": (lib.HV_INTERCEPT_TYPE_HYPERCALL,),
+    "map_memory": (0x100000, 0x1000), "unmap_memory": None, "dirty_pages": (0, 0x1000), "enable_dirty_tracking": (),
+    "set_msi_routing": ([MsiRoute.fixed(0, 0x30, 0)],), "irqfd": None, "remove_irqfd": None, "ioeventfd": None,
+    "assert_interrupt": (0x30,), "create_vp": (1,),
+}
+VP_CALLS = {
+    "get_registers": ([HvRegister.RAX],), "set_registers": ({HvRegister.RAX: 1},), "get_msrs": ([0xC0000080],),
+    "set_msrs": ({0xC0000080: 0},), "run": (), "inject_exception": (6,), "get_state": (VpStateKind.LAPIC,),
+    "set_state": (VpStateKind.LAPIC, bytes(1024)),
+}
+
+
+def _public_methods(cls: type) -> set[str]:
+    return {name for name, value in vars(cls).items() if callable(value) and not name.startswith("_")} - {"close", "kick"}
+
+
+def test_a_closed_object_never_touches_the_fd_number_it_had() -> None:
+    """After a.close() the next partition gets a's fd number; no method of a (or of its
+    VP, or of a's hypercall target kept from before) may reach it: ClosedError, and b
+    is left exactly as it was."""
+    from mshvstack.backend.handle import ClosedError
+    from mshvstack.partition import Partition, Vp
+
+    assert _public_methods(Partition) == set(PARTITION_CALLS), "a new public method needs a row here"
+    assert _public_methods(Vp) == set(VP_CALLS), "a new public method needs a row here"
+    with Mshv.open("sim") as mshv:
+        a = mshv.create_partition(PartitionConfig(lapic=True))
+        a.initialize()
+        region = a.map_memory(0, 0x10000)
+        vp = a.create_vp(0)
+        target, number = a.hv, a.fd
+        a.close()
+        b = mshv.create_partition(PartitionConfig(lapic=True))
+        assert b.fd == number   # the kernel (and the simulator) hand out the lowest free number
+        efd = os.eventfd(0)
+        try:
+            dynamic = {"unmap_memory": (region,), "irqfd": (efd, 0), "remove_irqfd": (efd, 0), "ioeventfd": (efd, 0xD0000000, 4)}
+            for name, args in PARTITION_CALLS.items():
+                with pytest.raises(ClosedError, match="partition is closed"):
+                    getattr(a, name)(*(args if args is not None else dynamic[name]))
+            for name, args in VP_CALLS.items():
+                with pytest.raises(ClosedError, match="VP 0 is closed"):
+                    getattr(vp, name)(*args)
+            with pytest.raises(ClosedError):
+                vp.regs
+            with pytest.raises(ClosedError):
+                from mshvstack.hvcall import calls
+                calls.get_partition_property(target, lib.HV_PARTITION_PROPERTY_TIME_FREEZE)
+            vp.kick()   # a no-op on a closed VP, never a signal to someone else's thread
+            # b never saw any of it: still uninitialized, so its first initialize works.
+            b.initialize()
+            b.irqfd(efd, 0)   # nothing of a's was bound to b
+        finally:
+            os.close(efd)
+            b.close()
+    with pytest.raises(ClosedError, match="/dev/mshv is closed"):
+        mshv.create_partition(PartitionConfig())

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from mshvstack.errors import MshvError
 from mshvstack.abi import ffi, lib
 from mshvstack.vmbus import packets
 from mshvstack.vmbus.providers.scsi import ASC_WRITE_PROTECTED, DATA_PROTECT, DiskImage
@@ -215,6 +216,6 @@ def test_fuzzed_storvsp_packets(disk, payload: bytes, gpa_direct: bool) -> None:
 def test_disk_image_validation(tmp_path: Path) -> None:
     tiny = tmp_path / "tiny"
     tiny.write_bytes(b"x" * 100)
-    with pytest.raises(ValueError, match="smaller than one"):
+    with pytest.raises(MshvError, match="smaller than one"):
         DiskImage(tiny)
     assert os.path.getsize(tiny) == 100

@@ -232,3 +232,40 @@ def test_a_huge_rep_stos_into_mmio_does_not_hold_the_vmm(tmp_path: Path) -> None
     machine.poweroff()
     machine.close()
     assert machine.reason is not None and machine.reason.kind is StopKind.POWEROFF
+
+
+def test_machines_that_fail_to_build_leak_nothing(tmp_path: Path) -> None:
+    """A kernel that does not load, with disks attached: every fd and thread is given back."""
+    import os
+    import threading
+
+    from mshvstack.vmm.config import DiskSpec
+    from mshvstack.vmm.loader import LoaderError
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    bad = tmp_path / "bad.elf"
+    bad.write_bytes(b"\x7fELF" + b"\0" * 60)
+    fds, threads = len(os.listdir("/proc/self/fd")), threading.active_count()
+    for _ in range(30):
+        with pytest.raises(LoaderError):
+            _machine(kernel=bad, disks=(DiskSpec(image), DiskSpec(image, read_only=True)))
+    assert len(os.listdir("/proc/self/fd")) <= fds and threading.active_count() <= threads
+
+
+def test_a_disk_that_cannot_be_opened_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from mshvstack.vmbus.providers.scsi import DiskError, DiskImage
+
+    with pytest.raises(DiskError, match="Is a directory"):
+        DiskImage(tmp_path)
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4096))
+
+    def refuse(path: object, flags: int, *args: object) -> int:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "open", refuse)   # root ignores file modes, so the refusal is simulated
+    with pytest.raises(DiskError, match=r"Permission denied \(add ,ro to attach it read-only\)"):
+        DiskImage(image)

@@ -10,6 +10,7 @@ from typing import Any, Callable
 from mshvstack.abi import ffi, lib
 from mshvstack.abi.profiles import AbiProfile, first_profile_allowing
 from mshvstack.backend.base import Backend
+from mshvstack.backend.handle import FdHandle
 from mshvstack.errors import ErrnoError
 from mshvstack.hvcall.errors import HvCallNotAllowed, HvError
 
@@ -20,12 +21,20 @@ _TIME_OUT = int(lib.HV_STATUS_TIME_OUT)
 
 @dataclass(frozen=True)
 class HvTarget:
-    """Where hypercalls go: a backend fd (device, partition or VP) and its driver profile."""
+    """Where hypercalls go: a device, partition or VP fd and its driver profile
+    (the fd through its handle, so a closed object's target refuses to issue)."""
 
-    backend: Backend
-    fd: int
+    handle: FdHandle
     profile: AbiProfile
     on_device: bool = False
+
+    @property
+    def backend(self) -> Backend:
+        return self.handle.backend
+
+    @property
+    def fd(self) -> int:
+        return self.handle.fd
 
 
 def _issue_once(target: HvTarget, code: int, data: bytes, reps: int, out_size: int) -> tuple[int, int, bytes]:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import weakref
 from typing import Literal
 
 from mshvstack.abi import ffi, lib
 from mshvstack.abi.profiles import AbiProfile, profile as lookup_profile
 from mshvstack.backend.base import Backend
+from mshvstack.backend.handle import FdHandle
 from mshvstack.backend.host import HostBackend
 from mshvstack.errors import DeviceUnavailable, MshvError
 from mshvstack.hvcall import calls
@@ -24,8 +24,16 @@ class Mshv:
         self.backend = backend
         self.profile = profile
         self.reason = reason
-        self.fd = backend.open()
-        self._finalizer = weakref.finalize(self, backend.close, self.fd)
+        self._handle = FdHandle(backend, backend.open(), "/dev/mshv")
+        self._device_target = HvTarget(self._handle, profile, on_device=True)
+
+    @property
+    def fd(self) -> int:
+        return self._handle.fd
+
+    @property
+    def closed(self) -> bool:
+        return self._handle.closed
 
     @classmethod
     def open(cls, backend: BackendChoice | str | Backend = "auto", profile: str | AbiProfile = "newest") -> "Mshv":
@@ -55,8 +63,7 @@ class Mshv:
 
     def create_partition(self, config: PartitionConfig = PartitionConfig()) -> Partition:
         """MSHV_CREATE_PARTITION (v2 when the config disables CPU/xsave features)."""
-        if not self._finalizer.alive:
-            raise MshvError("/dev/mshv is closed")
+        fd = self.fd   # refuses a closed device
         if config.uses_v2 and not self.profile.supports_v2_create():
             raise MshvError(f"disabling processor/xsave features needs mshv_create_partition_v2, "
                             f"which the {self.profile.name} driver does not accept (newer kernels do)")
@@ -70,15 +77,14 @@ class Mshv:
             arg = ffi.new("struct mshv_create_partition *")
         arg.pt_flags = config.pt_flags()
         arg.pt_isolation = lib.MSHV_PT_ISOLATION_NONE
-        fd = self.backend.ioctl(self.fd, lib.MSHV_CREATE_PARTITION, arg)
-        return Partition(self, fd, config)
+        return Partition(self, self.backend.ioctl(fd, lib.MSHV_CREATE_PARTITION, arg), config)
 
     def root_property(self, code: int) -> int:
         """A property of the root partition (HVCALL_GET_PARTITION_PROPERTY on /dev/mshv; newest kernels)."""
-        return calls.get_partition_property(HvTarget(self.backend, self.fd, self.profile, on_device=True), code)
+        return calls.get_partition_property(self._device_target, code)
 
     def close(self) -> None:
-        self._finalizer()
+        self._handle.close()
 
     def __enter__(self) -> "Mshv":
         return self

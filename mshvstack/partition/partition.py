@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import mmap
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
 from mshvstack.abi import ffi, lib
 from mshvstack.abi.profiles import AbiProfile
 from mshvstack.backend.base import Backend
+from mshvstack.backend.handle import FdHandle
 from mshvstack.errors import MshvError
 from mshvstack.hvcall import calls
 from mshvstack.hvcall.call import HvTarget
@@ -69,13 +69,12 @@ class Partition:
         self.mshv = mshv
         self.backend: Backend = mshv.backend
         self.profile: AbiProfile = mshv.profile
-        self.fd = fd
+        self._handle = FdHandle(self.backend, fd, "partition")
         self.config = config
         self.memory = GuestMemory()
         self.vps: dict[int, Vp] = {}
         self.initialized = False
-        self._target = HvTarget(self.backend, fd, self.profile)
-        self._finalizer = weakref.finalize(self, self.backend.close, fd)
+        self._target = HvTarget(self._handle, self.profile)
 
     @property
     def hv(self) -> HvTarget:
@@ -83,17 +82,17 @@ class Partition:
         return self._target
 
     @property
-    def closed(self) -> bool:
-        return not self._finalizer.alive
+    def fd(self) -> int:
+        """The partition fd; ClosedError once closed (every ioctl and hypercall comes through here)."""
+        return self._handle.fd
 
-    def _check_open(self) -> None:
-        if self.closed:
-            raise MshvError("partition is closed")
+    @property
+    def closed(self) -> bool:
+        return self._handle.closed
 
     # ---- lifecycle
     def initialize(self) -> None:
         """MSHV_INITIALIZE_PARTITION (after early properties, before VPs)."""
-        self._check_open()
         self.backend.ioctl(self.fd, lib.MSHV_INITIALIZE_PARTITION, 0)
         self.initialized = True
 
@@ -108,21 +107,17 @@ class Partition:
 
     # ---- properties and intercepts
     def get_property(self, code: int) -> int:
-        self._check_open()
         return calls.get_partition_property(self._target, code)
 
     def set_property(self, code: int, value: int) -> None:
-        self._check_open()
         calls.set_partition_property(self._target, code, value)
 
     def install_intercept(self, intercept_type: int, access: int = 0, parameter: int = 0) -> None:
-        self._check_open()
         calls.install_intercept(self._target, intercept_type, access, parameter)
 
     # ---- memory
     def map_memory(self, gpa: int, size: int, writable: bool = True, executable: bool = True) -> MemoryRegion:
         """Back [gpa, gpa+size) with fresh anonymous memory (MSHV_SET_GUEST_MEMORY)."""
-        self._check_open()
         if gpa % PAGE or size <= 0 or size % PAGE:
             raise GuestMemoryError(f"guest memory must be page aligned and non-empty: gpa {gpa:#x}, size {size:#x}")
         host = mmap.mmap(-1, size)
@@ -136,12 +131,12 @@ class Partition:
         return region
 
     def unmap_memory(self, region: MemoryRegion) -> None:
-        self._check_open()
         self._set_memory(region, unmap=True)
         self.memory._remove(region)
         region.host.close()
 
     def _set_memory(self, region: MemoryRegion, unmap: bool) -> None:
+        fd = self.fd   # first: a closed partition's regions are closed too
         arg = ffi.new("struct mshv_user_mem_region *")
         arg.size, arg.guest_pfn = region.size, region.gpa // PAGE
         # The address of the mmap, without holding a buffer export on it.
@@ -154,11 +149,10 @@ class Partition:
         if unmap:
             flags |= 1 << lib.MSHV_SET_MEM_BIT_UNMAP
         arg.flags = flags
-        self.backend.ioctl(self.fd, lib.MSHV_SET_GUEST_MEMORY, arg)
+        self.backend.ioctl(fd, lib.MSHV_SET_GUEST_MEMORY, arg)
 
     def dirty_pages(self, gpa: int, size: int, clear: bool = True) -> list[int]:
         """GPAs of pages written since the last clear (needs the access-tracking property)."""
-        self._check_open()
         count = (size + PAGE - 1) // PAGE
         bitmap = ffi.new("unsigned char[]", (count + 7) // 8)
         req = ffi.new("struct mshv_gpap_access_bitmap *")
@@ -215,7 +209,6 @@ class Partition:
     # ---- VPs
     def create_vp(self, index: int) -> Vp:
         """MSHV_CREATE_VP: a new VP fd with its register page mapped."""
-        self._check_open()
         if not 0 <= index < MAX_VPS:
             raise MshvError(f"VP index {index} out of range 0..{MAX_VPS - 1}")
         arg = ffi.new("struct mshv_create_vp *")
@@ -230,7 +223,7 @@ class Partition:
         for vp in self.vps.values():
             vp.close()
         self.vps.clear()
-        self._finalizer()
+        self._handle.close()
         for region in self.memory.regions:
             self.memory._remove(region)
             region.host.close()

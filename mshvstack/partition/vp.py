@@ -5,10 +5,10 @@ from __future__ import annotations
 import enum
 import errno
 import threading
-import weakref
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from mshvstack.abi import ffi, lib
+from mshvstack.backend.handle import FdHandle
 from mshvstack.errors import ErrnoError, MshvError
 from mshvstack.hvcall import calls
 from mshvstack.hvcall.call import HvTarget
@@ -58,9 +58,9 @@ class Vp:
     def __init__(self, partition: "Partition", index: int, fd: int) -> None:
         self.partition = partition
         self.index = index
-        self.fd = fd
         backend = partition.backend
-        self._target = HvTarget(backend, fd, partition.profile)
+        self._handle = FdHandle(backend, fd, f"VP {index}")
+        self._target = HvTarget(self._handle, partition.profile)
         self._run_arg = ffi.new("struct mshv_run_vp *")
         self._page_view: memoryview | None = None
         self._page: Any = None
@@ -71,15 +71,15 @@ class Vp:
             self._page = None  # no register page (e.g. SNP): hypercalls only
         self._kick_requested = threading.Event()
         self._run_thread: int | None = None
-        self._finalizer = weakref.finalize(self, backend.close, fd)
+
+    @property
+    def fd(self) -> int:
+        """The VP fd; ClosedError once closed (every ioctl and hypercall comes through here)."""
+        return self._handle.fd
 
     @property
     def closed(self) -> bool:
-        return not self._finalizer.alive
-
-    def _check_open(self) -> None:
-        if self.closed:
-            raise MshvError(f"VP {self.index} is closed")
+        return self._handle.closed
 
     # ---- registers
     def _page_valid(self) -> bool:
@@ -87,7 +87,6 @@ class Vp:
 
     def get_registers(self, names: Iterable[int]) -> list[int]:
         """Values of hv_register_names (64-bit views), any number of them."""
-        self._check_open()
         names = [int(n) for n in names]
         result: dict[int, int] = {}
         if self._page_valid():
@@ -101,7 +100,6 @@ class Vp:
 
     def set_registers(self, values: Mapping[int, int]) -> None:
         """Write hv_register_names; GPRs/RIP/RFLAGS through the page when valid."""
-        self._check_open()
         rest: dict[int, int] = {}
         dirty = 0
         page_ok = self._page_valid()
@@ -128,7 +126,6 @@ class Vp:
 
     @property
     def sregs(self) -> SpecialRegisters:
-        self._check_open()
         segments = [hv_name(n) for n in SEGMENT_NAMES]
         tables = [int(lib.HV_X64_REGISTER_GDTR), int(lib.HV_X64_REGISTER_IDTR)]
         controls = [int(getattr(lib, f"HV_X64_REGISTER_{_CONTROL_HV[n]}")) for n in CONTROL_NAMES]
@@ -144,7 +141,6 @@ class Vp:
 
     @sregs.setter
     def sregs(self, sregs: SpecialRegisters) -> None:
-        self._check_open()
         values: dict[int, Any] = {}
         for name in SEGMENT_NAMES:
             value = ffi.new("union hv_register_value *")
@@ -162,7 +158,6 @@ class Vp:
     @property
     def fpu(self) -> FpuRegisters:
         """XMM, x87/MMX and the FPU/SSE control and status registers."""
-        self._check_open()
         names = list(XMM_NAMES + FPR_NAMES) + [FP_CONTROL_STATUS, XMM_CONTROL_STATUS]
         values = calls.get_vp_registers(self._target, self.index, names)
         wide = [int(v.reg128.low_part) | int(v.reg128.high_part) << 64 for v in values]
@@ -173,7 +168,6 @@ class Vp:
 
     @fpu.setter
     def fpu(self, fpu: FpuRegisters) -> None:
-        self._check_open()
         values: dict[int, Any] = {}
         for name, wide in zip(XMM_NAMES + FPR_NAMES, fpu.xmm[:16] + fpu.fpr[:8]):
             value = ffi.new("union hv_register_value *")
@@ -209,7 +203,6 @@ class Vp:
         A kick() makes it return Interrupted(); other EINTRs (stray signals)
         are retried transparently, as the driver expects.
         """
-        self._check_open()
         self._run_thread = threading.get_ident()
         try:
             while True:
@@ -248,7 +241,6 @@ class Vp:
     # ---- VP state
     def get_state(self, kind: int) -> bytes:
         """MSHV_GET_VP_STATE, negotiating the buffer size with the driver."""
-        self._check_open()
         size = PAGE
         for _ in range(2):
             buf = _PageBuffer(size)
@@ -265,7 +257,6 @@ class Vp:
         raise MshvError("MSHV_GET_VP_STATE kept asking for a bigger buffer")
 
     def set_state(self, kind: int, data: bytes) -> None:
-        self._check_open()
         size = max(PAGE, (len(data) + PAGE - 1) // PAGE * PAGE)
         buf = _PageBuffer(size)
         buf.fill(data)
@@ -276,7 +267,7 @@ class Vp:
     def close(self) -> None:
         self._page = None
         self._page_view = None
-        self._finalizer()
+        self._handle.close()
 
     def __enter__(self) -> "Vp":
         return self

@@ -172,8 +172,7 @@ class Machine:
         try:
             self._build()
         except BaseException:
-            if hasattr(self, "ioapic"):
-                self.ioapic.close()   # its resample thread and eventfds
+            self._teardown()   # whatever was built: threads, fds, disk images
             self.mshv.close()
             raise
 
@@ -230,7 +229,9 @@ class Machine:
         self.partition.install_intercept(lib.HV_INTERCEPT_TYPE_HYPERCALL)
         self.synic = SynicHost(self.partition.hv, self.partition.memory, lambda index: self.vps[index])
         self.heartbeat, self.shutdown_ic, self.timesync, self.kvp = Heartbeat(), Shutdown(), TimeSync(), Kvp()
-        self.disks = [DiskImage(d.path, d.read_only, serial=f"MSHVSTACK{i:04d}") for i, d in enumerate(self.config.disks)]
+        self.disks: list[DiskImage] = []
+        for i, spec in enumerate(self.config.disks):
+            self.disks.append(DiskImage(spec.path, spec.read_only, serial=f"MSHVSTACK{i:04d}"))
         providers: list[Provider] = [self.heartbeat, self.shutdown_ic, self.timesync, self.kvp]
         providers += [Storage(disk) for disk in self.disks]
         self.vmbus = VmbusServer(self.synic, self.partition.memory, providers)
@@ -437,12 +438,15 @@ class Machine:
         self.mshv.close()
 
     def _teardown(self) -> None:
-        """Release what _build made: the I/O APIC's thread, the partition, the disk images."""
-        self.ioapic.close()
-        if not self.partition.closed:
+        """Release what _build made (or the part it got to): the I/O APIC's thread,
+        the partition, the disk images."""
+        if hasattr(self, "ioapic"):
+            self.ioapic.close()
+        if hasattr(self, "partition") and not self.partition.closed:
             self.partition.close()
         for disk in getattr(self, "disks", []):
             disk.close()
+        self.disks = []
 
     def _set_state(self, state: RunState) -> None:
         with self._state_changed:

@@ -12,6 +12,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from mshvstack.errors import MshvError
+
 BLOCK = 512
 GOOD, CHECK_CONDITION = 0x00, 0x02
 # Sense keys / additional sense codes
@@ -52,6 +54,10 @@ def absent_lun(cdb: bytes, allocation: int) -> ScsiResult:
     return _check(ILLEGAL_REQUEST, ASC_INVALID_FIELD)
 
 
+class DiskError(MshvError):
+    """A disk image cannot be opened as asked."""
+
+
 class DiskImage:
     """A raw image as a LUN; read-only images refuse writes (DATA PROTECT)."""
 
@@ -59,11 +65,15 @@ class DiskImage:
         self.path = path
         self.read_only = read_only
         self.serial = serial
-        self.fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+        try:
+            self.fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+        except OSError as exc:
+            hint = " (add ,ro to attach it read-only)" if isinstance(exc, PermissionError) and not read_only else ""
+            raise DiskError(f"disk image {str(path)!r}: {exc.strerror}{hint}") from None
         self.size = os.fstat(self.fd).st_size
         if self.size < BLOCK:
             os.close(self.fd)
-            raise ValueError(f"disk image {str(path)!r} is smaller than one {BLOCK}-byte block")
+            raise DiskError(f"disk image {str(path)!r} is smaller than one {BLOCK}-byte block")
         self.blocks = self.size // BLOCK
         self.flushes = 0
 

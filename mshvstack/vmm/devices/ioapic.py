@@ -221,6 +221,8 @@ class IoApic:
                     self._eoi(self.entries[key.data] & Entry.VECTOR)
 
     def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
         os.eventfd_write(self._wakeup, 1)
         self._thread.join(timeout=2)
