@@ -107,3 +107,20 @@ def test_typed_wrappers(vm) -> None:  # type: ignore[no-untyped-def]
         calls.post_message_direct(part.hv, 0, 2, 1, b"x" * 241)
     calls.clear_virtual_interrupt(part.hv)
     calls.install_intercept(part.hv, lib.HV_INTERCEPT_TYPE_X64_CPUID, 0, 0x1234)
+
+
+def test_synic_pages_outside_ram_give_a_status_not_an_exception(vm) -> None:  # type: ignore[no-untyped-def]
+    """A guest may point SIMP/SIEFP anywhere; delivery there is a typed HV status."""
+    from mshvstack.hvcall import HvRegister
+
+    _mshv, part, vp = vm
+    part.map_memory(0, 0x10000)
+    outside = 0x7FFF_0000
+    vp.set_registers({HvRegister.SCONTROL: 1, HvRegister.SIMP: outside | 1, HvRegister.SIEFP: outside | 1,
+                      HvRegister.SINT0 + 2: 0x50})
+    with pytest.raises(HvError) as info:
+        calls.post_message_direct(part.hv, 0, 2, 1, b"x")
+    assert info.value.status == lib.HV_STATUS_INVALID_VP_STATE
+    with pytest.raises(HvError) as info:
+        calls.signal_event_direct(part.hv, 0, 2, 5)
+    assert info.value.status == lib.HV_STATUS_INVALID_VP_STATE

@@ -24,7 +24,7 @@ from mshvstack.backend.sim.engines.unicorn import tsc_hz
 from mshvstack.backend.sim.eventfds import Irqfd, IrqfdWorker, MsiRoute
 from mshvstack.backend.sim.faults import FaultPlan
 from mshvstack.backend.sim.hypervisor import Doorbell, SimPartition
-from mshvstack.backend.sim.memory import PAGE_SHIFT, PAGE_SIZE
+from mshvstack.backend.sim.memory import PAGE_SHIFT, PAGE_SIZE, GpaUnmapped
 from mshvstack.abi.profiles import AbiProfile, profile as lookup_profile
 from mshvstack.backend.sim.vp import Kicked, SimVp
 from mshvstack.errors import ErrnoError
@@ -401,10 +401,13 @@ class SimBackend:
             page = vp.synic.message_slot(0) if kind == lib.MSHV_VP_STATE_SIMP else vp.synic.flags_base(0)
             if page is None:
                 raise _Fail(errno.EIO)
-            if write:
-                memory.write(page, bytes(ffi.buffer(buf, PAGE_SIZE)))
-            else:
-                ffi.memmove(buf, memory.read(page, PAGE_SIZE), PAGE_SIZE)
+            try:
+                if write:
+                    memory.write(page, bytes(ffi.buffer(buf, PAGE_SIZE)))
+                else:
+                    ffi.memmove(buf, memory.read(page, PAGE_SIZE), PAGE_SIZE)
+            except GpaUnmapped:
+                raise _Fail(errno.EIO) from None   # the guest put the page outside RAM: the hypercall fails
         elif kind == lib.MSHV_VP_STATE_LAPIC and not write:
             state = ffi.cast("struct hv_local_interrupt_controller_state *", buf)
             ffi.memmove(buf, b"\0" * PAGE_SIZE, PAGE_SIZE)

@@ -566,13 +566,16 @@ class SimVp:
         if slot is None or vector is None or not self.synic.enabled:
             return int(lib.HV_STATUS_INVALID_VP_STATE)
         memory = self.partition.memory
-        current_type = int.from_bytes(memory.read(slot, 4), "little")
-        if current_type != lib.HVMSG_NONE:
-            flags = memory.read(slot + 5, 1)[0] | 1  # msg_pending
-            memory.write(slot + 5, bytes([flags]))
-            return int(lib.HV_STATUS_INSUFFICIENT_BUFFERS)
-        memory.write(slot + 4, message[4:SLOT])
-        memory.write(slot, message[:4])  # type last: the guest polls it
+        try:
+            current_type = int.from_bytes(memory.read(slot, 4), "little")
+            if current_type != lib.HVMSG_NONE:
+                flags = memory.read(slot + 5, 1)[0] | 1  # msg_pending
+                memory.write(slot + 5, bytes([flags]))
+                return int(lib.HV_STATUS_INSUFFICIENT_BUFFERS)
+            memory.write(slot + 4, message[4:SLOT])
+            memory.write(slot, message[:4])  # type last: the guest polls it
+        except GpaUnmapped:
+            return int(lib.HV_STATUS_INVALID_VP_STATE)   # a SIMP outside RAM (overlays there are not modelled)
         self.queue_interrupt(vector)
         return int(lib.HV_STATUS_SUCCESS)
 
@@ -582,10 +585,14 @@ class SimVp:
         if base is None or vector is None or flag >= lib.HV_EVENT_FLAGS_COUNT:
             return int(lib.HV_STATUS_INVALID_VP_STATE if flag < lib.HV_EVENT_FLAGS_COUNT else lib.HV_STATUS_INVALID_PARAMETER), False
         memory = self.partition.memory
-        byte = memory.read(base + flag // 8, 1)[0]
-        newly = not byte & (1 << (flag % 8))
+        try:
+            byte = memory.read(base + flag // 8, 1)[0]
+            newly = not byte & (1 << (flag % 8))
+            if newly:
+                memory.write(base + flag // 8, bytes([byte | 1 << (flag % 8)]))
+        except GpaUnmapped:
+            return int(lib.HV_STATUS_INVALID_VP_STATE), False   # a SIEFP outside RAM
         if newly:
-            memory.write(base + flag // 8, bytes([byte | 1 << (flag % 8)]))
             self.queue_interrupt(vector)
         return int(lib.HV_STATUS_SUCCESS), newly
 
@@ -597,7 +604,7 @@ class SimVp:
         free = 0
         for sint in range(16):
             slot = self.synic.message_slot(sint)
-            if wanted & (1 << sint) and slot is not None and int.from_bytes(self.partition.memory.read(slot, 4), "little") == 0:
+            if wanted & (1 << sint) and slot is not None and self._slot_free(slot):
                 free |= 1 << sint
         if free:
             self.synic.deliverability &= ~free
@@ -605,6 +612,12 @@ class SimVp:
             intercepts.fill_header(self, payload.header)
             payload.deliverable_sints = free
             self._pending_exit = to_bytes(msg)
+
+    def _slot_free(self, slot: int) -> bool:
+        try:
+            return int.from_bytes(self.partition.memory.read(slot, 4), "little") == lib.HVMSG_NONE
+        except GpaUnmapped:
+            return False
 
     def start_at_sipi(self, vector: int) -> None:
         """SIPI: an AP starts in real mode at vector << 12 (no VMM intercept installed)."""
