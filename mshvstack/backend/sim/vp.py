@@ -615,7 +615,7 @@ class SimVp:
 
     def _slot_free(self, slot: int) -> bool:
         try:
-            return int.from_bytes(self.partition.memory.read(slot, 4), "little") == lib.HVMSG_NONE
+            return int.from_bytes(self.partition.memory.read(slot, 4), "little") == int(lib.HVMSG_NONE)
         except GpaUnmapped:
             return False
 
