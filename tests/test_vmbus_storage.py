@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -46,11 +47,11 @@ def _request(channel: GuestChannel, payload: bytes, trans_id: int) -> object:
     return ffi.from_buffer("struct vstor_packet *", bytearray(reply.payload[:64]))
 
 
-def _initialize(guest: VmbusGuest) -> GuestChannel:
+def _initialize(guest: VmbusGuest, ring_pages: int = 32) -> GuestChannel:
     guest.connect()
     offer = next(parse_offer(o) for o in guest.request_offers()[:-1])
     assert str(offer["class"]) == "ba6163d9-04a1-4d29-b605-72e2ffb1dc7f"
-    channel, status = guest.open_channel(offer["relid"], offer["connection_id"], ring_pages=32)
+    channel, status = guest.open_channel(offer["relid"], offer["connection_id"], ring_pages=ring_pages)
     assert status == 0 and channel is not None
     assert _request(channel, _vstor(lib.VSTOR_OPERATION_BEGIN_INITIALIZATION), INIT_ID).status == 0
     refused = _request(channel, _vstor(lib.VSTOR_OPERATION_QUERY_PROTOCOL_VERSION, version=0x0602), INIT_ID)
@@ -219,3 +220,93 @@ def test_disk_image_validation(tmp_path: Path) -> None:
     with pytest.raises(MshvError, match="smaller than one"):
         DiskImage(tiny)
     assert os.path.getsize(tiny) == 100
+
+
+READ_ONE_PAGE = bytes([0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0])
+
+
+def test_dma_into_the_channels_own_ring_is_refused(disk) -> None:  # type: ignore[no-untyped-def]
+    """A READ whose buffer is the guest→host ring's control page would put the ring's
+    indices back with every completion (and drain the same packet forever)."""
+    guest, channel, _path, _image_ = disk
+    for ring in (channel.send_ring, channel.receive_ring):
+        control = ring.mem.pfns[0] * 4096
+        before = guest.memory.read(control, 4096)
+        reply = _io(guest, channel, READ_ONE_PAGE, control, 4096, 1)
+        assert reply.vm_srb.srb_status == lib.SRB_STATUS_INVALID_REQUEST
+        after = guest.memory.read(control, 4096)
+        assert after[16:] == before[16:]   # only the indices moved, by the ring protocol itself
+    assert _io(guest, channel, READ_ONE_PAGE, BUFFER, 4096, 1).vm_srb.srb_status == lib.SRB_STATUS_SUCCESS
+
+
+def _drain(guest: VmbusGuest, channel: GuestChannel, replies: list[int]) -> None:
+    """Read every completion, signalling the host when the ring says it waits for room (as Linux does)."""
+    while (item := channel.receive_ring.read()) is not None:
+        raw, signal = item
+        replies.append(packets.parse(raw).transaction_id)
+        if signal:
+            guest.signal_event(channel.connection_id)
+
+
+def test_a_guest_that_does_not_read_completions_gets_back_pressure_not_a_crash(tmp_path: Path) -> None:
+    """One-page rings: requests faster than completions are read.  The host keeps its
+    replies in order until the guest makes room, takes no new requests meanwhile, and
+    every request gets exactly one completion."""
+    from mshvstack.vmbus.errors import RingFull
+
+    image = DiskImage(_image(tmp_path))
+    guest = VmbusGuest([Storage(image)], tmp_path)
+    try:
+        channel = _initialize(guest, ring_pages=2)
+        inquiry = _srb(bytes([0x00, 0, 0, 0, 0, 0]), 0, 0)   # TEST UNIT READY: no data
+        sent: list[int] = []
+        replies: list[int] = []
+        for trans_id in range(1, 400):
+            try:
+                channel.send_ring.write(packets.inband(bytes(ffi.buffer(inquiry)), trans_id, completion_requested=True))
+            except RingFull:
+                break
+            sent.append(trans_id)
+            assert guest.signal_event(channel.connection_id) == 0
+        assert len(sent) > 60, "the guest's ring should hold more requests than one ring page of completions"
+        deadline = time.monotonic() + 30
+        while len(replies) < len(sent):
+            _drain(guest, channel, replies)
+            assert time.monotonic() < deadline, (len(replies), len(sent))
+            time.sleep(0.01)
+        assert replies == sent
+    finally:
+        guest.close()
+        image.close()
+
+
+def test_a_doorbell_does_a_bounded_amount_of_work(disk) -> None:  # type: ignore[no-untyped-def]
+    """Many packets behind one doorbell: the first budget is handled in the hypercall,
+    the rest by the server's worker, so no guest holds the VMBus lock for long."""
+    from mshvstack.vmbus.channel import DRAIN_BUDGET
+
+    guest, channel, _path, _image_ = disk
+    packet = packets.inband(bytes(ffi.buffer(_srb(bytes(6), 0, 0))), 0, completion_requested=True)
+    count = 3 * DRAIN_BUDGET
+    for trans_id in range(1, count + 1):
+        channel.send_ring.write(packets.inband(packet[16:], trans_id, completion_requested=True))
+    assert guest.signal_event(channel.connection_id) == 0   # one doorbell for all of them
+    replies: list[int] = []
+    deadline = time.monotonic() + 30
+    while len(replies) < count:
+        _drain(guest, channel, replies)
+        assert time.monotonic() < deadline, len(replies)
+        time.sleep(0.01)
+    assert replies == list(range(1, count + 1))
+
+
+def test_gpadls_are_bounded_per_channel(disk) -> None:  # type: ignore[no-untyped-def]
+    from mshvstack.vmbus.gpadl import MAX_GPADLS_PER_CHANNEL
+
+    guest, channel, _path, _image_ = disk
+    statuses = []
+    for _ in range(MAX_GPADLS_PER_CHANNEL + 2):
+        _id, replies = guest.create_gpadl(channel.relid, guest.allocate(1))
+        statuses.append(struct.unpack_from("<IIIII", replies[-1])[4])
+    assert statuses.count(0) == MAX_GPADLS_PER_CHANNEL - 1   # the ring's GPADL is one of them
+    assert all(status != 0 for status in statuses[MAX_GPADLS_PER_CHANNEL - 1:])

@@ -1,11 +1,21 @@
-"""One offered channel: its state, rings and doorbells."""
+"""One offered channel: its state, rings and doorbells.
+
+Both directions are bounded, so no guest can hold the host: a doorbell
+drains at most DRAIN_BUDGET packets and hands the rest to the server's
+worker (``defer``), which takes the VMBus lock again for each budget; a
+packet for a full host→guest ring waits in a bounded backlog, the ring's
+pending-send-size asking the guest to signal once it has made room, and
+while replies wait no new requests are taken (the guest's own producer
+then stalls, as on Hyper-V).  A guest that never reads loses the channel.
+"""
 
 from __future__ import annotations
 
 import enum
 import logging
 import struct
-from typing import TYPE_CHECKING
+from collections import deque
+from typing import TYPE_CHECKING, Callable
 
 from mshvstack.abi import lib
 from mshvstack.partition.memory import GuestMemory
@@ -13,7 +23,8 @@ from mshvstack.vmbus import packets
 from mshvstack.vmbus.errors import VmbusProtocolError
 from mshvstack.vmbus.gpadl import Gpadl, GpadlRingMem
 from mshvstack.vmbus.providers.base import Provider
-from mshvstack.vmbus.ring import IncomingRing, OutgoingRing
+from mshvstack.vmbus.ring import TRAILER, IncomingRing, OutgoingRing
+from mshvstack.vmbus.errors import RingFull
 
 if TYPE_CHECKING:
     from mshvstack.vmbus.synic import SynicHost
@@ -21,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 EVENT_CONNECTION_BASE = 0x2000   # guest -> host doorbell id = base + relid (OpenVMM's VTL0 choice)
 NO_INTERRUPT = int(lib.VMBUS_VP_INDEX_DISABLE_INTERRUPT)
+DRAIN_BUDGET = 64          # guest packets handled per doorbell (or per deferred pass)
+BACKLOG_LIMIT = 256        # host packets waiting for room in the guest's ring
 
 
 class ChannelState(enum.Enum):
@@ -42,9 +55,12 @@ class Channel:
         self.ring_gpadl: Gpadl | None = None
         self.incoming: IncomingRing | None = None
         self.outgoing: OutgoingRing | None = None
+        self.ring_pages: frozenset[int] = frozenset()   # the rings' own pfns: never a DMA target
         self.packets_in = 0
         self.packets_out = 0
         self.protocol_errors = 0
+        self.defer: Callable[["Channel"], None] = lambda channel: None   # the server's "drain again later"
+        self._backlog: deque[bytes] = deque()
 
     def open(self, gpadl: Gpadl, downstream_offset: int, target_vp: int) -> None:
         if downstream_offset < 2 or gpadl.pages - downstream_offset < 2:
@@ -55,6 +71,7 @@ class Channel:
         self.outgoing.start()
         self.incoming.start()
         self.ring_gpadl = gpadl
+        self.ring_pages = frozenset(gpadl.pfns)
         self.target_vp = target_vp
         self.state = ChannelState.OPEN
         self.synic.register_event_port(self.connection_id, self.on_doorbell)
@@ -68,15 +85,51 @@ class Channel:
                 self.state = ChannelState.OFFERED
                 self.incoming = self.outgoing = None
                 self.ring_gpadl = None
+                self.ring_pages = frozenset()
+                self._backlog.clear()
 
     # ---- data path
     def send(self, packet: bytes) -> None:
-        """Queue a packet to the guest and ring its doorbell if needed."""
+        """Queue a packet to the guest and ring its doorbell if needed; with the ring
+        full it waits in the backlog (a guest that lets the backlog fill loses the channel)."""
         if self.outgoing is None:
             raise VmbusProtocolError(f"channel {self.relid} is not open")
-        if self.outgoing.write(packet):
-            self.signal_guest()
+        if self._backlog or not self._write(packet):
+            if len(self._backlog) >= BACKLOG_LIMIT:
+                log.warning("channel %d (%s): the guest does not read its ring; closing it", self.relid, self.provider.name)
+                self.protocol_errors += 1
+                self.close()
+                return
+            self._backlog.append(packet)
+            self._ask_for_room()
+
+    def _write(self, packet: bytes) -> bool:
+        assert self.outgoing is not None
+        try:
+            if self.outgoing.write(packet):
+                self.signal_guest()
+        except RingFull:
+            return False
         self.packets_out += 1
+        return True
+
+    def _ask_for_room(self) -> None:
+        """Publish the first waiting packet's size as pending-send-size; the guest signals
+        once that much is free (True from wait_for_space: it already is)."""
+        assert self.outgoing is not None
+        if self.outgoing.wait_for_space(len(self._backlog[0]) + TRAILER):
+            self.defer(self)
+
+    def _flush_backlog(self) -> bool:
+        """Send what waits, in order; True when nothing is left waiting."""
+        while self._backlog and self.outgoing is not None:
+            if not self._write(self._backlog[0]):
+                self._ask_for_room()
+                return False
+            self._backlog.popleft()
+            if not self._backlog and self.outgoing is not None:
+                self.outgoing.wait_for_space(0)   # withdraw the pending-send-size: nothing waits now
+        return True
 
     def send_inband(self, payload: bytes, transaction_id: int = 0, completion_requested: bool = False) -> None:
         self.send(packets.inband(payload, transaction_id, completion_requested))
@@ -89,19 +142,25 @@ class Channel:
             self.synic.signal_event(self.target_vp, self.sint, self.relid)
 
     def on_doorbell(self) -> None:
-        """The guest signalled: drain its ring.  A corrupt ring closes the channel."""
+        """The guest signalled: send what waited for room, then drain its ring (at most a
+        budget; the rest is deferred).  A corrupt ring closes the channel."""
         if self.incoming is None:
             return
         try:
-            while self.incoming is not None:
+            if not self._flush_backlog():
+                return   # our replies wait: take no new requests until the guest reads them
+            for _ in range(DRAIN_BUDGET):
+                if self.incoming is None or self._backlog:
+                    return
                 item = self.incoming.read()
                 if item is None:
-                    break
+                    return
                 raw, signal = item
                 if signal:
                     self.signal_guest()
                 self.packets_in += 1
                 self.provider.on_packet(self, packets.parse(raw))
+            self.defer(self)   # budget spent: more may be waiting
         except (VmbusProtocolError, struct.error, ValueError, IndexError) as exc:
             # Anything a guest can make a provider trip over is a protocol error.
             self.protocol_errors += 1
@@ -110,5 +169,6 @@ class Channel:
 
     def describe(self) -> dict[str, object]:
         return {"relid": self.relid, "device": self.provider.name, "state": self.state.value,
-                "packets_in": self.packets_in, "packets_out": self.packets_out, "protocol_errors": self.protocol_errors}
+                "packets_in": self.packets_in, "packets_out": self.packets_out, "protocol_errors": self.protocol_errors,
+                "backlog": len(self._backlog)}
 

@@ -16,6 +16,9 @@ from mshvstack.vmbus.errors import VmbusProtocolError
 PAGE = 4096
 MAX_GPADL_PAGES = 65536           # 256 MiB per GPADL
 MAX_PENDING_GPADLS = 64
+MAX_GPADLS_PER_CHANNEL = 64       # Linux uses 1-3 (ring, netvsc's send and receive buffers)
+MAX_GPADLS = 1024                 # per connection
+MAX_TOTAL_PAGES = 1 << 20         # every GPADL of a connection together: 4 GiB of guest pages
 _HEADER = ffi.sizeof("struct vmbus_channel_gpadl_header")
 _BODY = ffi.sizeof("struct vmbus_channel_gpadl_body")
 
@@ -62,6 +65,12 @@ class GpadlTable:
             raise VmbusProtocolError(f"GPADL {gpadl_id:#x}: range_buflen {buflen} invalid")
         if len(self._pending) >= MAX_PENDING_GPADLS:
             raise VmbusProtocolError("too many GPADLs in progress")
+        pages = (buflen - 8) // 8
+        relids = [g.relid for g in self.established.values()] + [p.relid for p in self._pending.values()]
+        if relids.count(relid) >= MAX_GPADLS_PER_CHANNEL or len(relids) >= MAX_GPADLS:
+            raise VmbusProtocolError(f"GPADL {gpadl_id:#x}: the guest holds too many GPADLs already")
+        if self.total_pages() + pages > MAX_TOTAL_PAGES:
+            raise VmbusProtocolError(f"GPADL {gpadl_id:#x}: {pages} more pages exceed the {MAX_TOTAL_PAGES}-page limit")
         pending = _Pending(relid, buflen, count)
         pending.data += message[_HEADER : _HEADER + buflen]
         self._pending[gpadl_id] = pending
@@ -98,6 +107,9 @@ class GpadlTable:
         gpadl = Gpadl(gpadl_id, pending.relid, byte_count, byte_offset, tuple(pfns))
         self.established[gpadl_id] = gpadl
         return gpadl
+
+    def total_pages(self) -> int:
+        return sum(g.pages for g in self.established.values()) + sum((p.range_buflen - 8) // 8 for p in self._pending.values())
 
     def abandon(self, gpadl_id: int) -> None:
         self._pending.pop(gpadl_id, None)

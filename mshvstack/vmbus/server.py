@@ -77,6 +77,12 @@ class VmbusServer:
         self.protocol_errors = 0
         for relid, provider in enumerate(providers, start=1):
             self.channels[relid] = Channel(relid, provider, synic, memory)
+            self.channels[relid].defer = self._defer
+        # Channels whose doorbell work was cut at its budget, drained by a worker one budget at a time.
+        self._work = threading.Condition(self.lock)
+        self._deferred: set[int] = set()
+        self._worker: threading.Thread | None = None
+        self._closed = False
         self._handlers: dict[int, Callable[[bytes], None]] = {
             lib.CHANNELMSG_INITIATE_CONTACT: self._initiate_contact,
             lib.CHANNELMSG_REQUESTOFFERS: self._request_offers,
@@ -264,6 +270,38 @@ class VmbusServer:
         self.offers_requested = False
         self.state = ConnectionState.DISCONNECTED
         self.version = 0
+
+    # ---- deferred doorbells
+    def _defer(self, channel: Channel) -> None:
+        with self._work:
+            if self._closed:
+                return
+            self._deferred.add(channel.relid)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._drain_deferred, name="vmbus-drain", daemon=True)
+                self._worker.start()
+            self._work.notify()
+
+    def _drain_deferred(self) -> None:
+        while True:
+            with self._work:   # the VMBus lock, released between passes
+                while not self._deferred and not self._closed:
+                    self._work.wait()
+                if self._closed:
+                    return
+                relids, self._deferred = sorted(self._deferred), set()
+                for relid in relids:
+                    channel = self.channels.get(relid)
+                    if channel is not None:
+                        channel.on_doorbell()
+
+    def close(self) -> None:
+        """Stop the deferred-drain worker (the channels go with their partition)."""
+        with self._work:
+            self._closed = True
+            self._work.notify_all()
+        if self._worker is not None:
+            self._worker.join(timeout=5)
 
     # ---- host-initiated
     def rescind(self, relid: int) -> None:

@@ -440,6 +440,9 @@ class Machine:
     def _teardown(self) -> None:
         """Release what _build made (or the part it got to): the I/O APIC's thread,
         the partition, the disk images."""
+        vmbus: VmbusServer | None = getattr(self, "vmbus", None)
+        if vmbus is not None:
+            vmbus.close()
         if hasattr(self, "ioapic"):
             self.ioapic.close()
         if hasattr(self, "partition") and not self.partition.closed:

@@ -78,7 +78,7 @@ class Storage:
         elif operation == lib.VSTOR_OPERATION_END_INITIALIZATION:
             self.initialized = True
         elif operation == lib.VSTOR_OPERATION_EXECUTE_SRB:
-            self._execute(channel.memory, packet, request, reply)
+            self._execute(channel, packet, request, reply)
         elif operation not in (lib.VSTOR_OPERATION_BEGIN_INITIALIZATION, lib.VSTOR_OPERATION_RESET_LUN,
                                lib.VSTOR_OPERATION_RESET_ADAPTER, lib.VSTOR_OPERATION_RESET_BUS):
             reply.status = lib.VSTOR_STATUS_INVALID_PARAMETER
@@ -86,7 +86,8 @@ class Storage:
             channel.send_completion(packet.transaction_id, bytes(ffi.buffer(reply)))
 
     # ---- SCSI requests
-    def _execute(self, memory: GuestMemory, packet: Packet, request: Any, reply: Any) -> None:
+    def _execute(self, channel: "Channel", packet: Packet, request: Any, reply: Any) -> None:
+        memory = channel.memory
         srb = request.vm_srb
         out = reply.vm_srb
         out.length = srb.length
@@ -100,7 +101,7 @@ class Storage:
             self.errors += 1
             return
         try:
-            buffer = self._buffer(memory, packet, length) if direction != lib.VMSCSI_NO_DATA and length else None
+            buffer = self._buffer(channel, packet, length) if direction != lib.VMSCSI_NO_DATA and length else None
         except VmbusProtocolError as exc:
             log.warning("storvsp: %s", exc)
             out.srb_status, self.errors = lib.SRB_STATUS_INVALID_REQUEST, self.errors + 1
@@ -124,8 +125,10 @@ class Storage:
             out.sense_info_length = min(len(result.sense), lib.VMSCSI_SENSE_SIZE)
             ffi.memmove(out.sense_data, result.sense, out.sense_info_length)
 
-    def _buffer(self, memory: GuestMemory, packet: Packet, length: int) -> list[tuple[int, int]]:
-        """(gpa, size) pieces of the guest buffer, every page checked against RAM."""
+    def _buffer(self, channel: "Channel", packet: Packet, length: int) -> list[tuple[int, int]]:
+        """(gpa, size) pieces of the guest buffer, every page checked against RAM and
+        against the channel's own rings (DMA there would rewrite the ring indices)."""
+        memory = channel.memory
         if packet.type != GPA_DIRECT or len(packet.ranges) != 1:
             raise VmbusProtocolError("data transfer without exactly one GPA-direct range")
         gpa_range = packet.ranges[0]
@@ -137,6 +140,8 @@ class Storage:
             if done >= length:
                 break
             n = min(PAGE - offset, length - done)
+            if pfn in channel.ring_pages:
+                raise VmbusProtocolError(f"buffer page {pfn:#x} is one of the channel's ring pages")
             gpa = pfn * PAGE + offset
             try:
                 memory.view(gpa, n)   # page by page: a buffer may straddle two memory regions
