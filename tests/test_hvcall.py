@@ -61,6 +61,7 @@ def test_root_partition_property_on_newest() -> None:
 def test_register_batching_round_trip(picks: list[int], seed: int) -> None:
     with Mshv.open("sim") as mshv:
         part = mshv.create_partition()
+        part.initialize()
         part.create_vp(0)
         expected = {int(name): (seed * (i + 7)) & ((1 << 64) - 1) for i, name in enumerate(GPRS)}
         calls.set_vp_registers(part.hv, 0, expected)

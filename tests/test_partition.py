@@ -272,6 +272,7 @@ def test_fpu_registers_round_trip_and_reach_the_guest(tmp_path: Path) -> None:
     # movq %xmm3, %rax; out %eax, $0x10; hlt
     image, _ = assemble("movq %xmm3, %rax\nout %eax, $0x10\nhlt", tmp_path, origin=0x200000)
     with Mshv.open("sim") as mshv, mshv.create_partition() as part:
+        part.initialize()
         part.map_memory(0, 4 << 20)
         part.memory.write(0x200000, image)
         vp = part.create_vp(0)

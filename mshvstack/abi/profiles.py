@@ -8,6 +8,7 @@ the differences.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 from mshvstack.abi import lib
@@ -45,7 +46,11 @@ class AbiProfile:
     async_hvcalls: frozenset[int]       # refused on VP fds
     output_copied_on_failure: bool      # 6.15 copied the output page even on failure
     reps_continued_in_kernel: bool      # newest re-issues rep calls until done
-    uaddr_overlap_allowed: bool         # newest allows overlapping userspace ranges
+    overlap_endpoints_only: bool        # 6.15 looked up the new region's first and last page (frames and
+                                        # user addresses); newest checks the frame interval, not addresses
+    missing_unmap_errno: int            # unmapping where no region is: ENOENT (newest), EINVAL (6.15)
+    resample_checked_first: bool        # 6.15 refused every RESAMPLE irqfd (EINVAL) before the busy check
+    deposit_retried: bool               # newest deposits and retries INSUFFICIENT_MEMORY; 6.15 returned EAGAIN
 
     def allows(self, code: int, on_device: bool) -> bool:
         return code in (self.device_hvcalls if on_device else self.partition_hvcalls)
@@ -67,7 +72,10 @@ PROFILE_6_15 = AbiProfile(
     async_hvcalls=_codes("HVCALL_SET_PARTITION_PROPERTY"),
     output_copied_on_failure=True,
     reps_continued_in_kernel=False,
-    uaddr_overlap_allowed=False,
+    overlap_endpoints_only=True,
+    missing_unmap_errno=errno.EINVAL,
+    resample_checked_first=True,
+    deposit_retried=False,
 )
 
 PROFILE_NEWEST = AbiProfile(
@@ -78,7 +86,10 @@ PROFILE_NEWEST = AbiProfile(
     async_hvcalls=_codes("HVCALL_SET_PARTITION_PROPERTY"),
     output_copied_on_failure=False,
     reps_continued_in_kernel=True,
-    uaddr_overlap_allowed=True,
+    overlap_endpoints_only=False,
+    missing_unmap_errno=errno.ENOENT,
+    resample_checked_first=False,
+    deposit_retried=True,
 )
 
 # Downstream (Azure-style) kernels also pass these through; useful with --profile azure.
@@ -90,7 +101,10 @@ PROFILE_AZURE = AbiProfile(
     async_hvcalls=PROFILE_NEWEST.async_hvcalls,
     output_copied_on_failure=False,
     reps_continued_in_kernel=True,
-    uaddr_overlap_allowed=True,
+    overlap_endpoints_only=False,
+    missing_unmap_errno=errno.ENOENT,
+    resample_checked_first=False,
+    deposit_retried=True,
 )
 
 PROFILES = {p.name: p for p in (PROFILE_6_15, PROFILE_NEWEST, PROFILE_AZURE)}

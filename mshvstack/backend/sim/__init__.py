@@ -21,11 +21,13 @@ from typing import Any
 from mshvstack.abi import ffi, lib
 from mshvstack.backend.ioctls import FdKind, explain, request_name
 from mshvstack.backend.sim.engines.unicorn import tsc_hz
-from mshvstack.backend.sim.eventfds import Irqfd, IrqfdWorker, MsiRoute
+from mshvstack.backend.sim.eventfds import IrqfdWorker, MsiRoute, NotAnEventfd, eventfd_context
 from mshvstack.backend.sim.faults import FaultPlan
 from mshvstack.backend.sim.hypervisor import Doorbell, SimPartition
 from mshvstack.backend.sim.memory import PAGE_SHIFT, PAGE_SIZE, GpaUnmapped
 from mshvstack.abi.profiles import AbiProfile, profile as lookup_profile
+from mshvstack.backend.sim.usercopy import (UserFault, access_ok, address_of, copy_from_user, copy_to_user,
+                                            user_range_writable)
 from mshvstack.backend.sim.vp import Kicked, SimVp
 from mshvstack.errors import ErrnoError
 
@@ -34,11 +36,73 @@ __all__ = ["SimBackend"]
 MAX_VPS = 256
 MAX_GSIS = 4096
 MAX_HVCALL_BYTES = 4096
+# HV_{GET,SET}_VP_STATE_BATCH_SIZE: the pfns that fit in one hypercall input page.
+DEPOSIT_RETRIES = 64
+VP_STATE_PAGE_LIMIT = (4096 - ffi.sizeof("struct hv_input_get_vp_state")) // ffi.sizeof("uint64_t")
 
 
 class _Fail(Exception):
     def __init__(self, err: int) -> None:
         self.err = err
+
+
+# The struct each ioctl's argument points at, and whether the driver copies it in
+# (an _IOR request such as MSHV_RUN_VP is only written, after the call).
+_ARG_STRUCTS: dict[str, tuple[str | None, bool]] = {
+    "MSHV_CREATE_PARTITION": ("struct mshv_create_partition", True),
+    "MSHV_ROOT_HVCALL": ("struct mshv_root_hvcall", True),
+    "MSHV_INITIALIZE_PARTITION": (None, False),
+    "MSHV_CREATE_VP": ("struct mshv_create_vp", True),
+    "MSHV_SET_GUEST_MEMORY": ("struct mshv_user_mem_region", True),
+    "MSHV_IRQFD": ("struct mshv_user_irqfd", True),
+    "MSHV_IOEVENTFD": ("struct mshv_user_ioeventfd", True),
+    "MSHV_SET_MSI_ROUTING": ("struct mshv_user_irq_table", True),   # the header; entries follow
+    "MSHV_GET_GPAP_ACCESS_BITMAP": ("struct mshv_gpap_access_bitmap", True),
+    "MSHV_RUN_VP": ("struct mshv_run_vp", False),
+    "MSHV_GET_VP_STATE": ("struct mshv_get_set_vp_state", True),
+    "MSHV_SET_VP_STATE": ("struct mshv_get_set_vp_state", True),
+}
+
+
+class _UserArg:
+    """An ioctl argument as the driver handles it: the caller's address, and the
+    struct copied in with copy_from_user (EFAULT for NULL or unmapped memory)."""
+
+    def __init__(self, arg: Any, ctype: str | None, copy_in: bool) -> None:
+        self.address = address_of(arg)
+        self.ctype = ctype
+        self.kernel: Any = ffi.new(f"{ctype} *") if ctype else None
+        if ctype and copy_in:
+            self.kernel = self.copy_in(ctype)
+
+    def copy_in(self, ctype: str, offset: int = 0, count: int = 1) -> Any:
+        """copy_from_user of ``count`` ``ctype``s at ``offset`` bytes into the argument."""
+        size = ffi.sizeof(ctype) * count
+        try:
+            data = copy_from_user(self.address + offset, size)
+        except UserFault:
+            raise _Fail(errno.EFAULT) from None
+        copy = ffi.new(f"{ctype}[]", count) if count != 1 else ffi.new(f"{ctype} *")
+        ffi.memmove(copy, data, size)
+        return copy
+
+    def copy_out(self, data: bytes, offset: int = 0) -> None:
+        """copy_to_user at ``offset`` bytes into the argument."""
+        _copy_to(self.address + offset, data)
+
+
+def _copy_to(address: int, data: bytes) -> None:
+    try:
+        copy_to_user(address, data)
+    except UserFault:
+        raise _Fail(errno.EFAULT) from None
+
+
+def _copy_from(address: int, size: int) -> bytes:
+    try:
+        return copy_from_user(address, size)
+    except UserFault:
+        raise _Fail(errno.EFAULT) from None
 
 
 @dataclass
@@ -124,16 +188,21 @@ class SimBackend:
         try:
             entry = self._entry(fd)
         except _Fail:
-            raise ErrnoError(errno.EBADF, request_name(request), explain(request_name(request), errno.EBADF)) from None
+            # An open fd of something else (a file, /dev/null) does not know the request: ENOTTY.
+            err = errno.ENOTTY if _is_open(fd) else errno.EBADF
+            raise ErrnoError(err, request_name(request), explain(request_name(request), err)) from None
         name = request_name(request, entry.kind)
         handler = self._handlers(entry.kind).get(name)
+        if entry.kind is FdKind.DEVICE and name == "MSHV_ROOT_HVCALL" and not self.profile.device_hvcalls:
+            handler = None   # kernels before the /dev/mshv passthrough (6.15) do not know the request there
         try:
             if handler is None:
                 raise _Fail(errno.ENOTTY)
             injected = self.faults.ioctl_errno(name)
             if injected is not None:
                 raise _Fail(injected)
-            return int(handler(self, entry, arg))
+            ctype, copy_in = _ARG_STRUCTS.get(name, (None, False))
+            return int(handler(self, entry, _UserArg(arg, ctype, copy_in)))
         except _Fail as exc:
             raise ErrnoError(exc.err, name, explain(name, exc.err)) from None
 
@@ -142,14 +211,16 @@ class SimBackend:
         return _HANDLERS[kind]
 
     # -- /dev/mshv
-    def _create_partition(self, entry: _Fd, arg: Any) -> int:
-        v1 = ffi.cast("struct mshv_create_partition *", arg)
+    def _create_partition(self, entry: _Fd, arg: _UserArg) -> int:
+        v1 = arg.kernel
         flags = int(v1.pt_flags)
         if flags & ~self.profile.pt_flags_mask or v1.pt_isolation >= lib.MSHV_PT_ISOLATION_COUNT:
             raise _Fail(errno.EINVAL)
         fbanks, xsave = (0, 0), 0
         if flags & (1 << lib.MSHV_PT_BIT_CPU_AND_XSAVE_FEATURES):
-            v2 = ffi.cast("struct mshv_create_partition_v2 *", arg)
+            v2 = arg.copy_in("struct mshv_create_partition_v2")   # the driver copies the v2 struct again
+            if v2.pt_flags != v1.pt_flags or v2.pt_isolation != v1.pt_isolation:
+                raise _Fail(errno.EINVAL)   # changed between the copies
             if v2.pt_num_cpu_fbanks != lib.MSHV_NUM_CPU_FEATURES_BANKS or any(v2.pt_rsvd) or any(v2.pt_rsvd1):
                 raise _Fail(errno.EINVAL)
             fbanks, xsave = (int(v2.pt_cpu_fbanks[0]), int(v2.pt_cpu_fbanks[1])), int(v2.pt_disabled_xsave)
@@ -165,49 +236,57 @@ class SimBackend:
         return self._new_fd(_Fd(FdKind.PARTITION, partition, irqfd=IrqfdWorker(partition)))
 
     # -- partition fd
-    def _initialize(self, entry: _Fd, arg: Any) -> int:
+    def _initialize(self, entry: _Fd, arg: _UserArg) -> int:
         assert entry.partition is not None
         entry.partition.initialized = True
         return 0
 
-    def _create_vp(self, entry: _Fd, arg: Any) -> int:
+    def _create_vp(self, entry: _Fd, arg: _UserArg) -> int:
         partition = entry.partition
         assert partition is not None
-        index = int(ffi.cast("struct mshv_create_vp *", arg).vp_index)
+        index = int(arg.kernel.vp_index)
         if index >= MAX_VPS:
             raise _Fail(errno.EINVAL)
         with partition.lock:
             if index in partition.vps:
                 raise _Fail(errno.EEXIST)
+            if not partition.initialized:
+                raise _Fail(_status_errno(int(lib.HV_STATUS_INVALID_PARTITION_STATE)))   # HvCreateVp refuses
             vp = SimVp(partition, index)
             partition.vps[index] = vp
         return self._new_fd(_Fd(FdKind.VP, partition, vp))
 
-    def _set_guest_memory(self, entry: _Fd, arg: Any) -> int:
+    def _set_guest_memory(self, entry: _Fd, arg: _UserArg) -> int:
         partition = entry.partition
         assert partition is not None
-        region = ffi.cast("struct mshv_user_mem_region *", arg)
+        region = arg.kernel
         size, gfn, uaddr, flags = int(region.size), int(region.guest_pfn), int(region.userspace_addr), int(region.flags)
         if not size or size % mmap.PAGESIZE or uaddr % mmap.PAGESIZE or flags & ~lib.MSHV_SET_MEM_FLAGS_MASK or any(region.rsvd):
             raise _Fail(errno.EINVAL)
         pages = size >> PAGE_SHIFT
         memory = partition.memory
         if flags & (1 << lib.MSHV_SET_MEM_BIT_UNMAP):
-            existing = memory.find_by_pfn(gfn)
+            existing = memory.containing_pfn(gfn)
             if existing is None:
-                raise _Fail(errno.ENOENT)
-            if existing.userspace_addr != uaddr or existing.pages != pages:
+                raise _Fail(self.profile.missing_unmap_errno)
+            if existing.guest_pfn != gfn or existing.userspace_addr != uaddr or existing.pages != pages:
                 raise _Fail(errno.EINVAL)
             for vp in partition.vps.values():
                 vp.unmap_region(existing.gpa, existing.size)
             memory.remove(existing)
             return 0
-        if uaddr + size > 1 << 47 or not _in_vma(uaddr):
-            raise _Fail(errno.EINVAL)
-        if memory.overlaps_guest(gfn, pages):
+        if not access_ok(uaddr, size) or not _in_vma(uaddr):
+            raise _Fail(errno.EINVAL)   # access_ok, then vma_lookup of the first byte
+        if self.profile.overlap_endpoints_only:
+            # 6.15: the new region's first and last frame and byte, looked up in the old regions.
+            last = gfn + pages - 1
+            if (memory.containing_pfn(gfn) or memory.containing_pfn(last) or memory.containing_user(uaddr)
+                    or memory.containing_user(uaddr + size - 1)):
+                raise _Fail(errno.EEXIST)
+        elif memory.overlaps_guest(gfn, pages):
             raise _Fail(errno.EEXIST)
-        if not self.profile.uaddr_overlap_allowed and memory.overlaps_user(uaddr, size):
-            raise _Fail(errno.EEXIST)
+        if not user_range_writable(uaddr, size):
+            raise _Fail(errno.EFAULT)   # the pages cannot be pinned (FOLL_WRITE)
         writable = bool(flags & (1 << lib.MSHV_SET_MEM_BIT_WRITABLE))
         executable = bool(flags & (1 << lib.MSHV_SET_MEM_BIT_EXECUTABLE))
         new = memory.add(gfn, pages, uaddr, writable, executable)
@@ -215,39 +294,36 @@ class SimBackend:
             vp.map_region(new.gpa, new.size, uaddr, writable, executable)
         return 0
 
-    def _irqfd(self, entry: _Fd, arg: Any) -> int:
-        req = ffi.cast("struct mshv_user_irqfd *", arg)
+    def _irqfd(self, entry: _Fd, arg: _UserArg) -> int:
+        req = arg.kernel
         flags = int(req.flags)
         if flags & ~lib.MSHV_IRQFD_FLAGS_MASK:
             raise _Fail(errno.EINVAL)
-        fd, gsi = int(req.fd), int(req.gsi)
+        gsi = int(req.gsi)
         worker = entry.irqfd
         assert worker is not None
-        try:
-            os.fstat(fd)
-        except OSError:
-            raise _Fail(errno.EBADF) from None
-        if not _is_eventfd(fd):
-            raise _Fail(errno.EINVAL)
+        context = _eventfd(int(req.fd))
         if flags & (1 << lib.MSHV_IRQFD_BIT_DEASSIGN):
-            worker.deassign(fd, gsi)
+            worker.deassign(context, gsi)
             return 0
-        if fd in worker.irqfds:
-            raise _Fail(errno.EBUSY)
         resamplefd = None
         if flags & (1 << lib.MSHV_IRQFD_BIT_RESAMPLE):
             resamplefd = int(req.resamplefd)
-            if not _is_eventfd(resamplefd):
-                raise _Fail(errno.EINVAL)
+            _eventfd(resamplefd)
+            if self.profile.resample_checked_first:
+                raise _Fail(errno.EINVAL)   # 6.15 tested the route's trigger mode before looking the route up
+        if worker.bound(context):
+            raise _Fail(errno.EBUSY)   # this eventfd (or a dup of it) is bound already, to any GSI
+        if resamplefd is not None:
             route = worker.routes.get(gsi)
             if route is None or not route.level_triggered:
                 raise _Fail(errno.EINVAL)
-        worker.assign(Irqfd(fd, gsi, resamplefd))
+        worker.assign(int(req.fd), context, gsi, resamplefd)
         return 0
 
-    def _ioeventfd(self, entry: _Fd, arg: Any) -> int:
-        req = ffi.cast("struct mshv_user_ioeventfd *", arg)
-        flags, length = int(req.flags), int(req.len)
+    def _ioeventfd(self, entry: _Fd, arg: _UserArg) -> int:
+        req = arg.kernel
+        flags, length, address = int(req.flags), int(req.len), int(req.addr)
         if flags & ~lib.MSHV_IOEVENTFD_FLAGS_MASK or any(req.rsvd):
             raise _Fail(errno.EINVAL)
         if flags & (1 << lib.MSHV_IOEVENTFD_BIT_PIO):
@@ -255,31 +331,33 @@ class SimBackend:
         assert entry.partition is not None
         doorbells = entry.partition.doorbells
         matching = int(req.datamatch) if flags & (1 << lib.MSHV_IOEVENTFD_BIT_DATAMATCH) else None
-        doorbell = Doorbell(int(req.addr), length, int(req.fd), matching)
         if flags & (1 << lib.MSHV_IOEVENTFD_BIT_DEASSIGN):
-            if doorbell not in doorbells:
-                raise _Fail(errno.ENOENT)
-            doorbells.remove(doorbell)
-            return 0
-        if length not in (0, 1, 2, 4, 8) or int(req.addr) + length > (1 << 64) - 1:
+            context = _eventfd(int(req.fd))
+            for doorbell in doorbells:
+                if (doorbell.context, doorbell.address, doorbell.length, doorbell.datamatch) == (context, address, length, matching):
+                    doorbells.remove(doorbell)
+                    os.close(doorbell.fd)
+                    return 0
+            raise _Fail(errno.ENOENT)
+        if length not in (0, 1, 2, 4, 8) or address + length > (1 << 64) - 1:
             raise _Fail(errno.EINVAL)
-        if not _is_eventfd(int(req.fd)):
-            raise _Fail(errno.EBADF)
-        for other in doorbells:
-            if (other.address, other.length) == (doorbell.address, length) and (
+        context = _eventfd(int(req.fd))
+        for other in doorbells:   # which eventfd does not matter: the same trigger is taken
+            if (other.address, other.length) == (address, length) and (
                     other.datamatch is None or matching is None or other.datamatch == matching):
                 raise _Fail(errno.EEXIST)
-        doorbells.append(doorbell)
+        doorbells.append(Doorbell(address, length, os.dup(int(req.fd)), context, matching))
         return 0
 
-    def _msi_routing(self, entry: _Fd, arg: Any) -> int:
-        table = ffi.cast("struct mshv_user_irq_table *", arg)
+    def _msi_routing(self, entry: _Fd, arg: _UserArg) -> int:
+        table = arg.kernel
         count = int(table.nr)
         if count > MAX_GSIS or table.rsvd:
             raise _Fail(errno.EINVAL)
+        entries = arg.copy_in("struct mshv_user_irq_entry", ffi.sizeof("struct mshv_user_irq_table"), count) if count else []
         routes: dict[int, MsiRoute] = {}
         for i in range(count):
-            e = table.entries[i]
+            e = entries[i]
             if e.gsi >= MAX_GSIS or e.address_hi or int(e.gsi) in routes:
                 raise _Fail(errno.EINVAL)
             routes[int(e.gsi)] = MsiRoute(int(e.address_lo), int(e.data))
@@ -287,10 +365,10 @@ class SimBackend:
         entry.irqfd.set_routes(routes)
         return 0
 
-    def _gpap_bitmap(self, entry: _Fd, arg: Any) -> int:
+    def _gpap_bitmap(self, entry: _Fd, arg: _UserArg) -> int:
         partition = entry.partition
         assert partition is not None
-        req = ffi.cast("struct mshv_gpap_access_bitmap *", arg)
+        req = arg.kernel
         if (req.access_type >= lib.MSHV_GPAP_ACCESS_TYPE_COUNT or req.access_op >= lib.MSHV_GPAP_ACCESS_OP_COUNT
                 or any(req.rsvd) or not req.page_count or not req.bitmap_ptr):
             raise _Fail(errno.EINVAL)
@@ -316,11 +394,11 @@ class SimBackend:
         for i, state in enumerate(result.output):
             if state & bit:
                 bitmap[i // 8] |= 1 << (i % 8)
-        ffi.memmove(ffi.cast("void *", int(req.bitmap_ptr)), bytes(bitmap), len(bitmap))
+        _copy_to(int(req.bitmap_ptr), bytes(bitmap))
         return 0
 
-    def _root_hvcall(self, entry: _Fd, arg: Any) -> int:
-        call = ffi.cast("struct mshv_root_hvcall *", arg)
+    def _root_hvcall(self, entry: _Fd, arg: _UserArg) -> int:
+        call = arg.kernel
         code = int(call.code)
         on_device = entry.kind is FdKind.DEVICE
         if (call.status or not call.in_ptr or call.in_sz < 8 or call.in_sz > MAX_HVCALL_BYTES or any(call.rsvd)
@@ -328,19 +406,42 @@ class SimBackend:
                 or not self.profile.allows(code, on_device)
                 or (code in self.profile.async_hvcalls and entry.kind is not FdKind.PARTITION)):
             raise _Fail(errno.EINVAL)
-        data = bytearray(ffi.buffer(ffi.cast("char *", int(call.in_ptr)), int(call.in_sz)))
+        data = bytearray(_copy_from(int(call.in_ptr), int(call.in_sz)))
         partition_id = (1 << 64) - 1 if on_device else id(entry.partition)
         data[0:8] = partition_id.to_bytes(8, "little")
         reps = int(call.reps)
+        for _attempt in range(DEPOSIT_RETRIES):
+            status, output, done = self._issue(entry, code, bytes(data), reps, on_device)
+            if status == lib.HV_STATUS_CALL_PENDING and code not in self.profile.async_hvcalls:
+                raise _Fail(errno.EBADFD)   # "this shouldn't happen": nothing is copied back
+            if status != lib.HV_STATUS_INSUFFICIENT_MEMORY or not self.profile.deposit_retried:
+                break
+            # The newest driver deposits memory into the partition and issues the call again.
+        else:
+            raise _Fail(errno.ENOMEM)   # the hypervisor kept asking for memory: the deposit failed
+        call.status = status & 0xFFFF
+        call.reps = done if reps else 0
+        arg.copy_out(bytes(ffi.buffer(call)))   # status and reps go back even when the call failed
+        if call.out_ptr and (status == 0 or self.profile.output_copied_on_failure):
+            out = output[: int(call.out_sz)].ljust(int(call.out_sz), b"\0")  # the whole output page slice
+            _copy_to(int(call.out_ptr), out)
+        if status == 0:
+            return 0
+        if status == lib.HV_STATUS_INSUFFICIENT_MEMORY:
+            raise _Fail(errno.EAGAIN)   # 6.15: one page deposited, the caller retries
+        raise _Fail(_status_errno(status))
+
+    def _issue(self, entry: _Fd, code: int, data: bytes, reps: int, on_device: bool) -> tuple[int, bytes, int]:
+        """One passthrough hypercall: (status, output, reps done)."""
         injected = self.faults.hvcall_status(code)
         limit = self.faults.rep_limit(code)
         if injected is not None:
             status, output, done = injected, b"", 0
         elif on_device:
-            status, output, done = self._root_partition_property(bytes(data))
+            status, output, done = self._root_partition_property(data)
         else:
             assert entry.partition is not None
-            result = entry.partition.hypercall(code, bytes(data), max(reps, 1) if reps else 1, 0)
+            result = entry.partition.hypercall(code, data, max(reps, 1) if reps else 1, 0)
             status, output, done = result.status, result.output, result.reps
             if limit is not None and reps and limit < done:
                 done = limit
@@ -348,14 +449,7 @@ class SimBackend:
                 status = int(lib.HV_STATUS_TIME_OUT)
             if not self.profile.reps_continued_in_kernel and reps and status == 0 and done < reps:
                 status = int(lib.HV_STATUS_TIME_OUT)
-        call.status = status & 0xFFFF
-        call.reps = done if reps else 0
-        if call.out_ptr and (status == 0 or self.profile.output_copied_on_failure):
-            out = output[: int(call.out_sz)].ljust(int(call.out_sz), b"\0")  # the whole output page slice
-            ffi.memmove(ffi.cast("void *", int(call.out_ptr)), out, len(out))
-        if status == 0:
-            return 0
-        raise _Fail(_status_errno(status))
+        return status, output, done
 
     def _root_partition_property(self, data: bytes) -> tuple[int, bytes, int]:
         code = int.from_bytes(data[8:12], "little")
@@ -366,35 +460,43 @@ class SimBackend:
         return int(lib.HV_STATUS_UNKNOWN_PROPERTY), b"", 0
 
     # -- VP fd
-    def _run_vp(self, entry: _Fd, arg: Any) -> int:
+    def _run_vp(self, entry: _Fd, arg: _UserArg) -> int:
         vp = entry.vp
         assert vp is not None
-        if not vp.lock.acquire(blocking=False):
-            raise _Fail(errno.EBUSY)
+        vp.lock.acquire()   # a second MSHV_RUN_VP waits on the VP's mutex, as in the driver
         try:
             message = vp.run()
         except Kicked:
             raise _Fail(errno.EINTR) from None
         finally:
             vp.lock.release()
-        out = ffi.cast("struct mshv_run_vp *", arg)
-        ffi.memmove(out.msg_buf, message, len(message))
+        arg.copy_out(message.ljust(ffi.sizeof("struct mshv_run_vp"), b"\0"))   # after the run, as the driver does
         return 0
 
-    def _vp_state(self, entry: _Fd, arg: Any, write: bool) -> int:
+    def _vp_state(self, entry: _Fd, arg: _UserArg, write: bool) -> int:
         vp = entry.vp
         assert vp is not None
-        req = ffi.cast("struct mshv_get_set_vp_state *", arg)
+        req = arg.kernel
         kind = int(req.type)
         if kind >= lib.MSHV_VP_STATE_COUNT or any(req.rsvd) or not req.buf_sz or req.buf_sz % PAGE_SIZE or req.buf_ptr % PAGE_SIZE:
             raise _Fail(errno.EINVAL)
         required = {int(lib.MSHV_VP_STATE_XSAVE): vp.partition.properties[lib.HV_PARTITION_PROPERTY_MAX_XSAVE_DATA_SIZE],
                     int(lib.MSHV_VP_STATE_SYNTHETIC_TIMERS): ffi.sizeof("struct hv_synthetic_timers_state")}.get(kind, PAGE_SIZE)
         given = int(req.buf_sz)
+        if not access_ok(int(req.buf_ptr), given):
+            raise _Fail(errno.EFAULT)
         req.buf_sz = required
+        arg.copy_out(bytes(ffi.buffer(ffi.addressof(req, "buf_sz"), ffi.sizeof("uint32_t"))), ffi.offsetof("struct mshv_get_set_vp_state", "buf_sz"))
         if given < required:
             raise _Fail(errno.EINVAL)
-        buf = ffi.cast("char *", int(req.buf_ptr))
+        if given // PAGE_SIZE > VP_STATE_PAGE_LIMIT:
+            raise _Fail(errno.EINVAL)   # the hypercall's page list holds no more
+        user = int(req.buf_ptr)
+        if not user_range_writable(user, given):
+            raise _Fail(errno.EFAULT)   # pin_user_pages_fast(FOLL_WRITE), for GET and SET alike
+        buf = ffi.new("char[]", given)
+        if write:
+            ffi.memmove(buf, _copy_from(user, given), given)
         memory = vp.partition.memory
         if kind in (lib.MSHV_VP_STATE_SIMP, lib.MSHV_VP_STATE_SIEFP):
             # The SynIC pages live in guest RAM at the GPAs the guest chose.
@@ -416,14 +518,14 @@ class SimBackend:
             state.apic_spurious = 0xFF
             state.apic_lvt_timer = state.apic_lvt_thermal = state.apic_lvt_perfmon = 0x10000
             state.apic_lvt_lint0 = state.apic_lvt_lint1 = state.apic_lvt_error = 0x10000
-        elif not write:
-            ffi.memmove(buf, b"\0" * min(given, required), min(given, required))
+        if not write:
+            _copy_to(user, bytes(ffi.buffer(buf, min(given, required))))
         return 0
 
-    def _get_vp_state(self, entry: _Fd, arg: Any) -> int:
+    def _get_vp_state(self, entry: _Fd, arg: _UserArg) -> int:
         return self._vp_state(entry, arg, write=False)
 
-    def _set_vp_state(self, entry: _Fd, arg: Any) -> int:
+    def _set_vp_state(self, entry: _Fd, arg: _UserArg) -> int:
         return self._vp_state(entry, arg, write=True)
 
     # ---- helpers for users of the simulator (tests, the machine)
@@ -439,11 +541,20 @@ class SimBackend:
         self.vp_of(vp_fd).kick()
 
 
-def _is_eventfd(fd: int) -> bool:
+def _is_open(fd: int) -> bool:
     try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+        os.fstat(fd)
     except OSError:
         return False
+    return True
+
+
+def _eventfd(fd: int) -> int:
+    """The eventfd's context, or the driver's errno for an fd that is none (EBADF, EINVAL)."""
+    try:
+        return eventfd_context(fd)
+    except NotAnEventfd as exc:
+        raise _Fail(exc.err) from None
 
 
 def _status_errno(status: int) -> int:

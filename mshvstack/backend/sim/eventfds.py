@@ -4,10 +4,16 @@ A worker thread waits on every assigned eventfd; a signal reads the
 counter, looks up the MSI route of the irqfd's GSI and asserts the decoded
 interrupt.  Level-triggered routes with a resample fd get it signalled when
 the guest EOIs that vector.
+
+The driver identifies an eventfd by its context, not by the fd number: a
+dup() of a bound eventfd is the same eventfd.  ``eventfd_context`` gives that
+identity, and the worker holds its own duplicate of each fd, as the driver
+holds a reference to the context.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import selectors
 import threading
@@ -42,9 +48,31 @@ class MsiRoute:
         return bool((self.address_lo >> 2) & 1)
 
 
+class NotAnEventfd(Exception):
+    def __init__(self, err: int) -> None:
+        self.err = err
+
+
+def eventfd_context(fd: int) -> int:
+    """The eventfd's identity (its context, shared by dups); NotAnEventfd(EBADF) for a
+    closed fd, NotAnEventfd(EINVAL) for an fd that is not an eventfd (a pipe, a socket)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as info:
+            lines = info.read().splitlines()
+    except OSError:
+        raise NotAnEventfd(errno.EBADF) from None
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    if "eventfd-count" not in fields:
+        raise NotAnEventfd(errno.EINVAL)
+    if "eventfd-id" in fields:
+        return int(fields["eventfd-id"])
+    return os.stat(f"/proc/self/fd/{fd}").st_ino << 32 | fd   # kernels before eventfd-id: the fd itself
+
+
 @dataclass(frozen=True)
 class Irqfd:
-    fd: int
+    fd: int              # the worker's own duplicate
+    context: int
     gsi: int
     resamplefd: int | None
 
@@ -64,7 +92,12 @@ class IrqfdWorker:
         self._thread: threading.Thread | None = None
         partition.eoi_listeners.append(self._on_eoi)
 
-    def assign(self, irqfd: Irqfd) -> None:
+    def bound(self, context: int) -> bool:
+        with self._lock:
+            return any(i.context == context for i in self.irqfds.values())
+
+    def assign(self, fd: int, context: int, gsi: int, resamplefd: int | None) -> None:
+        irqfd = Irqfd(os.dup(fd), context, gsi, os.dup(resamplefd) if resamplefd is not None else None)
         with self._lock:
             self.irqfds[irqfd.fd] = irqfd
             self._selector.register(irqfd.fd, selectors.EVENT_READ)
@@ -73,14 +106,16 @@ class IrqfdWorker:
                 self._thread.start()
         os.eventfd_write(self._wakeup, 1)
 
-    def deassign(self, fd: int, gsi: int) -> None:
+    def deassign(self, context: int, gsi: int) -> None:
+        """Every irqfd of this eventfd on this GSI (none is no error, as in the driver)."""
         with self._lock:
-            irqfd = self.irqfds.get(fd)
-            if irqfd is None or irqfd.gsi != gsi:
-                return
-            del self.irqfds[fd]
-            self._selector.unregister(fd)
+            gone = [i for i in self.irqfds.values() if i.context == context and i.gsi == gsi]
+            for irqfd in gone:
+                del self.irqfds[irqfd.fd]
+                self._selector.unregister(irqfd.fd)
         os.eventfd_write(self._wakeup, 1)
+        for irqfd in gone:
+            _close(irqfd)
 
     def set_routes(self, routes: dict[int, MsiRoute]) -> None:
         with self._lock:
@@ -120,3 +155,12 @@ class IrqfdWorker:
             self._thread.join(timeout=2)
         self._selector.close()
         os.close(self._wakeup)
+        for irqfd in self.irqfds.values():
+            _close(irqfd)
+        self.irqfds.clear()
+
+
+def _close(irqfd: Irqfd) -> None:
+    os.close(irqfd.fd)
+    if irqfd.resamplefd is not None:
+        os.close(irqfd.resamplefd)

@@ -29,7 +29,8 @@ class Doorbell:
 
     address: int
     length: int          # 0: any access size
-    fd: int
+    fd: int              # the partition's own duplicate of the caller's eventfd
+    context: int         # the eventfd's identity (dups share it)
     datamatch: int | None
 
     def matches(self, gpa: int, size: int, value: int) -> bool:
@@ -545,6 +546,9 @@ class SimPartition:
         for vp in self.vps.values():
             vp.close()
         self.vps.clear()
+        for doorbell in self.doorbells:
+            os.close(doorbell.fd)
+        self.doorbells.clear()
         for region in self.memory.regions:
             self.memory.remove(region)
 

@@ -83,9 +83,14 @@ class GpaMap:
             self._regions.sort(key=lambda r: r.guest_pfn)
         return region
 
-    def find_by_pfn(self, guest_pfn: int) -> Region | None:
+    def containing_pfn(self, guest_pfn: int) -> Region | None:
+        """The region whose frames include ``guest_pfn`` (the driver's region_by_gfn)."""
         with self._lock:
-            return next((r for r in self._regions if r.guest_pfn == guest_pfn), None)
+            return next((r for r in self._regions if r.guest_pfn <= guest_pfn < r.guest_pfn + r.pages), None)
+
+    def containing_user(self, address: int) -> Region | None:
+        with self._lock:
+            return next((r for r in self._regions if r.userspace_addr <= address < r.userspace_addr + r.size), None)
 
     def remove(self, region: Region) -> None:
         with self._lock:

@@ -171,7 +171,12 @@ class IoApic:
             self.partition.irqfd(self._trigger[pin], pin, self._resample[pin] if level else None)
             self._resampled[pin] = level
         except MshvError as exc:
-            log.warning("I/O APIC: cannot bind pin %d: %s", pin, exc)
+            # Some drivers refuse resample irqfds (6.15 refuses all): keep the pin as an edge.
+            log.warning("I/O APIC: pin %d bound without resampling: %s", pin, exc)
+            try:
+                self.partition.irqfd(self._trigger[pin], pin)
+            except MshvError as again:
+                log.warning("I/O APIC: cannot bind pin %d: %s", pin, again)
 
     # ---- device side
     def set_line(self, pin: int, high: bool) -> None:

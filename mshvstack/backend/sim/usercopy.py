@@ -1,0 +1,108 @@
+"""copy_from_user / copy_to_user for the simulated driver.
+
+The driver never dereferences a caller's pointer: it copies through
+copy_from_user/copy_to_user, which fail with EFAULT on NULL, unmapped,
+read-only (for writes) or kernel addresses.  The simulator runs in the
+caller's process, so it does the same with process_vm_readv/writev on
+itself: the kernel checks the pages, and a bad pointer is an errno, never a
+SIGSEGV.  Where those system calls are refused (some seccomp profiles), the
+check falls back to /proc/self/maps.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from typing import Any
+
+from mshvstack.abi import ffi
+
+USER_TOP = 1 << 47   # x86-64 user addresses end here (4-level paging); access_ok refuses the rest
+
+
+class UserFault(Exception):
+    """The caller's buffer cannot be read or written (EFAULT)."""
+
+    errno = errno.EFAULT
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("length", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+for _name in ("process_vm_readv", "process_vm_writev"):
+    getattr(_libc, _name).restype = ctypes.c_ssize_t
+_vm_calls_work: bool | None = None
+
+
+def access_ok(address: int, size: int) -> bool:
+    return 0 <= address and address + size <= USER_TOP
+
+
+def address_of(arg: Any) -> int:
+    """An ioctl argument as a user address: a cffi pointer, an int, or None (NULL)."""
+    if arg is None:
+        return 0
+    if isinstance(arg, int):
+        return arg
+    return int(ffi.cast("uintptr_t", arg))
+
+
+def _transfer(address: int, buffer: Any, size: int, write: bool) -> None:
+    global _vm_calls_work
+    if size == 0:
+        return
+    if not address or not access_ok(address, size):
+        raise UserFault()
+    if _vm_calls_work is not False:
+        local = _Iovec(ctypes.cast(buffer, ctypes.c_void_p), size)
+        remote = _Iovec(address, size)
+        call = _libc.process_vm_writev if write else _libc.process_vm_readv
+        done = call(os.getpid(), ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        if done == size:
+            _vm_calls_work = True
+            return
+        failure = ctypes.get_errno()
+        if done >= 0 or failure == errno.EFAULT or _vm_calls_work:
+            raise UserFault()
+        _vm_calls_work = False   # ENOSYS/EPERM: not allowed here; check the mappings instead
+    if not _mapped(address, size, write):
+        raise UserFault()
+    if write:
+        ctypes.memmove(address, buffer, size)
+    else:
+        ctypes.memmove(buffer, address, size)
+
+
+def _mapped(address: int, size: int, write: bool) -> bool:
+    """[address, address+size) lies in mappings with the needed permission (no gaps)."""
+    end, cursor = address + size, address
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            span, perms = line.split()[:2]
+            start, stop = (int(x, 16) for x in span.split("-"))
+            if start <= cursor < stop and perms[0] == "r" and (not write or perms[1] == "w"):
+                cursor = stop
+                if cursor >= end:
+                    return True
+    return False
+
+
+def copy_from_user(address: int, size: int) -> bytes:
+    buffer = ctypes.create_string_buffer(size)
+    _transfer(address, buffer, size, write=False)
+    return buffer.raw
+
+
+def copy_to_user(address: int, data: bytes) -> None:
+    buffer = ctypes.create_string_buffer(data, len(data))
+    _transfer(address, buffer, len(data), write=True)
+
+
+def user_range_writable(address: int, size: int) -> bool:
+    """Every page of the range is mapped writable (what pinning a guest-memory region needs)."""
+    if not access_ok(address, size):
+        return False
+    return _mapped(address, size, write=True)
