@@ -386,3 +386,13 @@ def test_the_device_passthrough_exists_only_in_the_newest_driver(guest: Guest) -
         assert _errno(guest.backend, guest.dev, lib.MSHV_ROOT_HVCALL, refused) == errno.EINVAL
     else:
         assert _errno(guest.backend, guest.dev, lib.MSHV_ROOT_HVCALL, 0) == errno.ENOTTY   # before any copy
+
+
+def test_the_hypercall_layer_retries_a_6_15_eagain() -> None:
+    """6.15 answers INSUFFICIENT_MEMORY with a deposit and EAGAIN; its callers issue again."""
+    from mshvstack.hvcall import calls
+    from mshvstack.partition import Mshv, PartitionConfig
+
+    with Mshv.open(SimBackend(profile="6.15"), "6.15") as mshv, mshv.create_partition(PartitionConfig()) as part:
+        mshv.backend.faults.fail_hvcall(int(lib.HVCALL_GET_PARTITION_PROPERTY), int(lib.HV_STATUS_INSUFFICIENT_MEMORY), times=2)
+        assert calls.get_partition_property(part.hv, lib.HV_PARTITION_PROPERTY_PRIVILEGE_FLAGS) != 0

@@ -15,6 +15,7 @@ from mshvstack.errors import ErrnoError
 from mshvstack.hvcall.errors import HvCallNotAllowed, HvError
 
 MAX_PAGE = 4096
+DEPOSIT_RETRIES = 64
 _SUCCESS = int(lib.HV_STATUS_SUCCESS)
 _TIME_OUT = int(lib.HV_STATUS_TIME_OUT)
 
@@ -38,19 +39,30 @@ class HvTarget:
 
 
 def _issue_once(target: HvTarget, code: int, data: bytes, reps: int, out_size: int) -> tuple[int, int, bytes]:
-    """One MSHV_ROOT_HVCALL: returns (status, reps done, output)."""
+    """One MSHV_ROOT_HVCALL: returns (status, reps done, output).
+
+    EAGAIN (the 6.15 driver deposited memory the hypervisor asked for) is
+    retried here, as that driver expects of its caller; a rep call that made
+    progress first reports TIME_OUT, so the caller continues from there.
+    """
     inp = ffi.from_buffer(bytearray(data.ljust(8, b"\0")))
     out = ffi.new("char[]", max(out_size, 1))
     call = ffi.new("struct mshv_root_hvcall *")
-    call.code, call.reps, call.in_sz = code, reps, len(inp)
-    call.in_ptr = int(ffi.cast("uintptr_t", inp))
-    if out_size:
-        call.out_sz, call.out_ptr = out_size, int(ffi.cast("uintptr_t", out))
-    try:
-        target.backend.ioctl(target.fd, lib.MSHV_ROOT_HVCALL, call)
-    except ErrnoError as exc:
-        if call.status == _SUCCESS or exc.errno in (errno.EFAULT, errno.EBADFD):
-            raise
+    for _attempt in range(DEPOSIT_RETRIES):
+        call.code, call.reps, call.in_sz, call.status = code, reps, len(inp), 0
+        call.in_ptr = int(ffi.cast("uintptr_t", inp))
+        if out_size:
+            call.out_sz, call.out_ptr = out_size, int(ffi.cast("uintptr_t", out))
+        try:
+            target.backend.ioctl(target.fd, lib.MSHV_ROOT_HVCALL, call)
+        except ErrnoError as exc:
+            if exc.errno == errno.EAGAIN:
+                if reps and call.reps:
+                    return _TIME_OUT, int(call.reps), bytes(ffi.buffer(out, out_size)) if out_size else b""
+                continue
+            if call.status == _SUCCESS or exc.errno in (errno.EFAULT, errno.EBADFD):
+                raise
+        break
     return int(call.status), int(call.reps), bytes(ffi.buffer(out, out_size)) if out_size else b""
 
 
