@@ -349,3 +349,46 @@ def test_a_closed_object_never_touches_the_fd_number_it_had() -> None:
             b.close()
     with pytest.raises(ClosedError, match="/dev/mshv is closed"):
         mshv.create_partition(PartitionConfig())
+
+
+def test_a_32_bit_guests_hypercall_uses_the_32_bit_convention(tmp_path: Path) -> None:
+    """EDX:EAX carries the control word, EBX:ECX the input GPA, and the result comes
+    back in EDX:EAX: HvPostMessage from a 32-bit guest is a hypercall intercept."""
+    from guests import assemble
+    from mshvstack.partition import Halt, HypercallIntercept
+    from mshvstack.vmm.loader.x86boot import protected_mode
+
+    source = """
+    xor %edx, %edx
+    mov $0x5c, %eax      /* HVCALL_POST_MESSAGE, slow */
+    xor %ebx, %ebx
+    mov $0x3000, %ecx    /* the input GPA */
+    xor %edi, %edi
+    xor %esi, %esi
+    vmcall
+    hlt
+    """
+    image, _ = assemble(source, tmp_path, origin=0x200000, bits=32)
+    for intercepted in (True, False):
+        with Mshv.open("sim") as mshv, mshv.create_partition() as part:
+            part.initialize()
+            part.map_memory(0, 4 << 20)
+            part.memory.write(0x200000, image)
+            if intercepted:
+                part.install_intercept(lib.HV_INTERCEPT_TYPE_HYPERCALL)
+            vp = part.create_vp(0)
+            boot = protected_mode(part.memory, 0x200000, ebx=0)
+            boot.sregs.apic_base = vp.sregs.apic_base
+            vp.sregs, vp.regs = boot.sregs, boot.regs
+            exit_ = vp.run()
+            if intercepted:
+                assert isinstance(exit_, HypercallIntercept) and not exit_.long_mode
+                assert (exit_.call_code, exit_.fast, exit_.input_value) == (lib.HVCALL_POST_MESSAGE, False, 0x3000)
+                vp.set_registers({**exit_.result_registers(0x1234_0000_0012), HvRegister.RIP: exit_.header.next_rip})
+                exit_ = vp.run()
+                expected = (0x12, 0x1234)
+            else:   # the hypervisor answers itself: nobody listens on the connection
+                expected = (int(lib.HV_STATUS_INVALID_CONNECTION_ID), 0)
+            assert isinstance(exit_, Halt)
+            rax, rdx = vp.get_registers([HvRegister.RAX, HvRegister.RDX])
+            assert (rax & 0xFFFFFFFF, rdx & 0xFFFFFFFF) == expected

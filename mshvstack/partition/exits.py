@@ -217,13 +217,43 @@ class HypercallIntercept(VpExit):
     rsi: int
     rdi: int
 
+    # The TLFS calling conventions: a 64-bit caller passes the control word in RCX,
+    # the input in RDX and the output in R8, and gets the result in RAX; a 32-bit
+    # caller uses EDX:EAX, EBX:ECX and EDI:ESI, and gets the result in EDX:EAX.
+    @property
+    def long_mode(self) -> bool:
+        return bool(self.header.efer_lma and self.header.cs.long_mode)
+
+    @property
+    def control(self) -> int:
+        return self.rcx if self.long_mode else _pair(self.rdx, self.rax)
+
+    @property
+    def input_value(self) -> int:
+        """The input GPA (or, for a fast call, the first input value)."""
+        return self.rdx if self.long_mode else _pair(self.rbx, self.rcx)
+
+    @property
+    def output_value(self) -> int:
+        return self.r8 if self.long_mode else _pair(self.rdi, self.rsi)
+
     @property
     def call_code(self) -> int:
-        return self.rcx & 0xFFFF
+        return self.control & 0xFFFF
 
     @property
     def fast(self) -> bool:
-        return bool(self.rcx & lib.HV_HYPERCALL_FAST_BIT)
+        return bool(self.control & lib.HV_HYPERCALL_FAST_BIT)
+
+    def result_registers(self, status: int) -> dict[int, int]:
+        """The registers that carry the hypercall's result back to this caller."""
+        if self.long_mode:
+            return {int(lib.HV_X64_REGISTER_RAX): status}
+        return {int(lib.HV_X64_REGISTER_RAX): status & 0xFFFFFFFF, int(lib.HV_X64_REGISTER_RDX): status >> 32}
+
+
+def _pair(high: int, low: int) -> int:
+    return (high & 0xFFFFFFFF) << 32 | (low & 0xFFFFFFFF)
 
 
 @_exit(lib.HVMSG_X64_APIC_EOI, "struct hv_x64_apic_eoi_message")

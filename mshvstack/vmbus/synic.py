@@ -73,12 +73,12 @@ class SynicHost:
             status = int(lib.HV_STATUS_INVALID_HYPERCALL_CODE)
         if status != OK:
             self.rejected += 1
-        vp.set_registers({HvRegister.RAX: status, HvRegister.RIP: exit_.header.next_rip})
+        vp.set_registers({**exit_.result_registers(status), HvRegister.RIP: exit_.header.next_rip})
 
     def _post_message(self, exit_: HypercallIntercept) -> int:
         if exit_.fast:
             return int(lib.HV_STATUS_INVALID_HYPERCALL_CODE)
-        gpa = exit_.rdx
+        gpa = exit_.input_value
         if gpa % 8:
             return int(lib.HV_STATUS_INVALID_ALIGNMENT)
         try:
@@ -102,10 +102,10 @@ class SynicHost:
 
     def _signal_event(self, exit_: HypercallIntercept) -> int:
         if exit_.fast:
-            value = exit_.rdx
+            value = exit_.input_value
         else:
             try:
-                value = int.from_bytes(self.memory.read(exit_.rdx, 8), "little")
+                value = int.from_bytes(self.memory.read(exit_.input_value, 8), "little")
             except GuestMemoryError:
                 return int(lib.HV_STATUS_INVALID_PARAMETER)
         connection_id, flag, reserved = value & 0xFFFFFFFF, (value >> 32) & 0xFFFF, value >> 48

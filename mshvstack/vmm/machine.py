@@ -567,7 +567,8 @@ class Machine:
                 with self.vmbus.lock:
                     self.synic.handle_hypercall(vp, exit_)
             else:
-                vp.set_registers({HvRegister.RAX: lib.HV_STATUS_INVALID_CONNECTION_ID, HvRegister.RIP: exit_.header.next_rip})
+                vp.set_registers({**exit_.result_registers(int(lib.HV_STATUS_INVALID_CONNECTION_ID)),
+                                  HvRegister.RIP: exit_.header.next_rip})
         elif isinstance(exit_, SintDeliverable):
             if self.synic is not None and self.vmbus is not None:
                 with self.vmbus.lock:

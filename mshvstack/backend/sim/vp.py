@@ -529,24 +529,34 @@ class SimVp:
 
     # ---- guest hypercalls (vmcall through the hypercall page)
     def _hypercall(self, insn: Instruction, next_rip: int) -> int | None:
-        control = self.reg(R.HV_X64_REGISTER_RCX)
+        # TLFS conventions: 64-bit callers RCX (control), RDX (input), result in RAX;
+        # 32-bit callers EDX:EAX, EBX:ECX, result in EDX:EAX.
+        long_mode = self.code_bits() == 64
+        control = self.reg(R.HV_X64_REGISTER_RCX) if long_mode else self._pair(R.HV_X64_REGISTER_RDX, R.HV_X64_REGISTER_RAX)
         code = control & 0xFFFF
         fast = bool(control & lib.HV_HYPERCALL_FAST_BIT)
-        status = lib.HV_STATUS_INVALID_HYPERCALL_CODE
+        status = int(lib.HV_STATUS_INVALID_HYPERCALL_CODE)
         if code in (lib.HVCALL_POST_MESSAGE, lib.HVCALL_SIGNAL_EVENT):
             if self.partition.intercepts_hypercalls:
                 return None  # HYPERCALL_INTERCEPT: the VMM answers and advances RIP
-            status = self._validate_synic_hypercall(code, fast)
+            gpa = self.reg(R.HV_X64_REGISTER_RDX) if long_mode else self._pair(R.HV_X64_REGISTER_RBX, R.HV_X64_REGISTER_RCX)
+            status = self._validate_synic_hypercall(code, fast, gpa)
             if status == lib.HV_STATUS_SUCCESS:
-                status = lib.HV_STATUS_INVALID_CONNECTION_ID
-        self.set_reg(R.HV_X64_REGISTER_RAX, status)
+                status = int(lib.HV_STATUS_INVALID_CONNECTION_ID)
+        if long_mode:
+            self.set_reg(R.HV_X64_REGISTER_RAX, status)
+        else:
+            self.set_reg(R.HV_X64_REGISTER_RAX, status & 0xFFFFFFFF)
+            self.set_reg(R.HV_X64_REGISTER_RDX, status >> 32)
         return next_rip
 
-    def _validate_synic_hypercall(self, code: int, fast: bool) -> int:
+    def _pair(self, high: int, low: int) -> int:
+        return (self.reg(high) & 0xFFFFFFFF) << 32 | (self.reg(low) & 0xFFFFFFFF)
+
+    def _validate_synic_hypercall(self, code: int, fast: bool, gpa: int) -> int:
         if code == lib.HVCALL_POST_MESSAGE:
             if fast:
                 return int(lib.HV_STATUS_INVALID_HYPERCALL_INPUT)
-            gpa = self.reg(R.HV_X64_REGISTER_RDX)
             if gpa & 7:
                 return int(lib.HV_STATUS_INVALID_ALIGNMENT)
             try:
