@@ -465,12 +465,19 @@ def test_msr_intercept(tmp_path: Path) -> None:
 
 
 def test_exception_intercept_and_triple_fault(tmp_path: Path) -> None:
-    backend, g, _ = _guest(tmp_path, "ud2\nhlt")
+    setup = "".join(f"mov ${0x1100 + i:#x}, %r{i}\n" for i in range(8, 16))
+    backend, g, symbols = _guest(tmp_path, setup + "mov $0x5555, %rsi\nfault: ud2\nhlt")
     try:
         install_intercept(backend, g, lib.HV_INTERCEPT_TYPE_EXCEPTION, parameter=6)
         msg = g.run()
         assert msg.header.message_type == lib.HVMSG_X64_EXCEPTION_INTERCEPT
-        assert payload(msg, "struct hv_x64_exception_intercept_message").exception_vector == 6
+        m = payload(msg, "struct hv_x64_exception_intercept_message")
+        assert m.exception_vector == 6 and m.header.rip == symbols["fault"]
+        # Every field the hypervisor defines: all sixteen GPRs, DS and SS, the instruction.
+        assert [getattr(m, f"r{i}") for i in range(8, 16)] == [0x1100 + i for i in range(8, 16)] and m.rsi == 0x5555
+        assert m.ds_segment.selector == 0x10 and m.ss_segment.selector == 0x10 and m.ss_segment.attributes
+        assert m.instruction_byte_count >= 2 and bytes(m.instruction_bytes)[:2] == b"\x0f\x0b"
+        assert not m.exception_info.bits.error_code_valid   # #UD pushes none
     finally:
         g.close()
     backend, g, _ = _guest(tmp_path, "ud2\nhlt")  # no IDT: #UD -> #DF -> shutdown
