@@ -228,3 +228,53 @@ def test_pvh_start_info(memory) -> None:  # type: ignore[no-untyped-def]
     assert memory.read(address, size) == b"RAMDISK!"
     kinds = [struct.unpack_from("<QQI", memory.read(memmap + 24 * i, 24))[2] for i in range(entries)]
     assert kinds.count(1) == 2
+
+
+def test_a_decompression_bomb_stops_at_the_guests_memory() -> None:
+    """A 1 GiB payload that compresses to a few MiB is refused after the guest's
+    memory worth of output, not decompressed whole."""
+    import resource
+    import zlib
+
+    from mshvstack.vmm.loader.bzimage import extract_vmlinux
+
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = bytes(64 << 20)
+    bomb = b"".join(compressor.compress(zeros) for _ in range(16)) + compressor.flush()   # 1 GiB of zeros
+    del zeros
+    assert len(bomb) < 8 << 20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(LoaderError, match="decompresses to more than the guest's 32 MiB"):
+        extract_vmlinux(_bzimage_with_payload(bomb + struct.pack("<I", 0)), "bomb", limit=32 << 20)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 256 << 10   # KiB: well under the 1 GiB
+
+
+@pytest.mark.parametrize("compress", ["zstd", "xz", "bzip2", "lz4"])
+def test_corrupt_payloads_are_one_line(compress: str) -> None:
+    from mshvstack.vmm.loader.bzimage import extract_vmlinux
+
+    magic = {"zstd": b"\x28\xb5\x2f\xfd", "xz": b"\xfd7zXZ\x00", "bzip2": b"BZh", "lz4": b"\x02\x21\x4c\x18"}[compress]
+    if compress == "zstd":
+        pytest.importorskip("zstandard", reason="zstandard is optional")
+    if compress == "lz4":
+        pytest.importorskip("lz4.block", reason="lz4 is optional")
+    garbage = magic + struct.pack("<I", 24) + bytes(range(24)) * 2
+    with pytest.raises(LoaderError) as info:
+        extract_vmlinux(_bzimage_with_payload(garbage), "vmlinuz")
+    assert str(info.value).startswith("vmlinuz: ") and "\n" not in str(info.value)
+
+
+def test_elf_headers_that_overflow_or_lie_are_one_line(memory) -> None:  # type: ignore[no-untyped-def]
+    huge = bytearray(make_elf([(0x200000, b"x" * 16, 16)], 0x200000))
+    phoff = struct.unpack_from("<Q", huge, 0x20)[0]
+    struct.pack_into("<QQ", huge, phoff + 0x18, (1 << 64) - 0x1000, 0x10)          # p_paddr near the top
+    struct.pack_into("<Q", huge, phoff + 0x28, (1 << 63))                         # p_memsz: the sum overflows 64 bits
+    with pytest.raises(LoaderError, match="outside guest RAM"):
+        load_elf(bytes(huge), memory, "vmlinux")
+    short_note = make_elf([(0x200000, b"x", 1)], 0x200000, pvh_entry=0x100000)
+    index = short_note.index(b"Xen\x00")
+    bad = bytearray(short_note)
+    struct.pack_into("<I", bad, index - 8, 2)   # n_descsz (namesz, descsz, type, then the name): 2 bytes
+    with pytest.raises(LoaderError) as info:
+        load_elf(bytes(bad), memory, "vmlinux")
+    assert str(info.value).startswith("vmlinux: ") and "\n" not in str(info.value)

@@ -73,6 +73,8 @@ class MachineConfig:
         for label, path in (("kernel", self.kernel), ("initrd", self.initrd)):
             if path is not None and not path.is_file():
                 raise ConfigError(f"{label} {str(path)!r}: no such file")
+            if path is not None and path.stat().st_size > self.memory:
+                raise ConfigError(f"{label} {str(path)!r} ({path.stat().st_size >> 20} MiB) is larger than --memory")
         for disk in self.disks:
             if not disk.path.is_file():
                 raise ConfigError(f"--disk {str(disk.path)!r}: no such file")

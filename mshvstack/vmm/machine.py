@@ -273,7 +273,7 @@ class Machine:
             return long_mode(memory, loaded.entry, stack=DEMO_STACK)
         if is_bzimage(image):
             if self.config.extract_vmlinux:
-                loaded = load_elf(extract_vmlinux(image, name), memory, f"{name} (vmlinux)")
+                loaded = load_elf(extract_vmlinux(image, name, limit=self.config.memory), memory, f"{name} (vmlinux)")
                 if not loaded.pvh:
                     raise LoaderError(f"{name}: the extracted vmlinux has no PVH entry note (CONFIG_PVH); boot the bzImage itself")
                 start_info = write_start_info(memory, self.config.cmdline, initrd, acpi.rsdp, loaded.end)

@@ -83,14 +83,14 @@ _COMPRESSORS = (
 LZ4_LEGACY_BLOCK = 8 << 20
 
 
-def _lz4_legacy(payload: bytes, name: str) -> bytes:
+def _lz4_legacy(payload: bytes, name: str, limit: int) -> bytes:
     """The kernel's lz4 'legacy' framing: magic, then (u32 size, block) until the end."""
     try:
         import lz4.block
     except ImportError:
         raise LoaderError(f"{name}: lz4 payload; pip install lz4 to extract it (or boot the bzImage itself)") from None
     out, offset = bytearray(), 4
-    while offset + 4 <= len(payload):
+    while offset + 4 <= len(payload) and len(out) <= limit:
         (size,) = struct.unpack_from("<I", payload, offset)
         if size == 0x184C2102:  # a new frame starts (concatenated streams)
             offset += 4
@@ -98,24 +98,51 @@ def _lz4_legacy(payload: bytes, name: str) -> bytes:
         block = payload[offset + 4 : offset + 4 + size]
         if len(block) != size:
             break  # the trailing uncompressed-size word
-        try:
-            out += lz4.block.decompress(block, uncompressed_size=LZ4_LEGACY_BLOCK)
-        except lz4.block.LZ4BlockError as exc:
-            raise LoaderError(f"{name}: corrupt lz4 payload ({exc})") from None
+        out += lz4.block.decompress(block, uncompressed_size=LZ4_LEGACY_BLOCK)
         offset += 4 + size
     return bytes(out)
 
 
-def extract_vmlinux(image: bytes, name: str = "bzImage") -> bytes:
-    """The vmlinux ELF inside a bzImage's compressed payload.
+def _zstd(payload: bytes, name: str, limit: int) -> bytes:
+    try:
+        import zstandard
+    except ImportError:
+        raise LoaderError(f"{name}: zstd payload; pip install zstandard to extract it (or boot the bzImage itself)") from None
+    # Fed a little at a time: one block of input can expand ~40000-fold, so output stays near the limit.
+    decompressor, out = zstandard.ZstdDecompressor().decompressobj(), bytearray()
+    for start in range(0, len(payload), 1024):
+        if len(out) > limit or decompressor.eof:
+            break   # past the limit, or the frame ended (the size word follows it)
+        out += decompressor.decompress(payload[start : start + 1024])
+    return bytes(out)
 
-    On slow engines running the in-kernel decompressor costs minutes to hours
-    (engines.md); decompressing on the host takes well under a second.
-    """
+
+def _decompress(kind: str | None, payload: bytes, name: str, limit: int) -> bytes:
+    """At most ``limit`` + 1 bytes of the decompressed payload (a bomb stops there)."""
     import bz2
     import lzma
     import zlib
 
+    if kind == "gzip":
+        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload, limit + 1)
+    if kind in ("xz", "lzma"):
+        return lzma.LZMADecompressor(lzma.FORMAT_XZ if kind == "xz" else lzma.FORMAT_ALONE).decompress(payload, limit + 1)
+    if kind == "bzip2":
+        return bz2.BZ2Decompressor().decompress(payload, limit + 1)
+    if kind == "lz4":
+        return _lz4_legacy(payload, name, limit)
+    if kind == "zstd":
+        return _zstd(payload, name, limit)
+    raise LoaderError(f"{name}: unsupported payload compression ({kind or 'unknown'})")
+
+
+def extract_vmlinux(image: bytes, name: str = "bzImage", limit: int = 1 << 30) -> bytes:
+    """The vmlinux ELF inside a bzImage's compressed payload, at most ``limit`` bytes
+    (the guest's memory: a vmlinux bigger than that could not be loaded anyway).
+
+    On slow engines running the in-kernel decompressor costs minutes to hours
+    (engines.md); decompressing on the host takes well under a second.
+    """
     if not is_bzimage(image):
         raise LoaderError(f"{name}: not a Linux bzImage")
     setup_sects = image[0x1F1] or 4
@@ -126,24 +153,13 @@ def extract_vmlinux(image: bytes, name: str = "bzImage") -> bytes:
         raise LoaderError(f"{name}: payload offset/length point outside the file")
     kind = next((k for magic, k in _COMPRESSORS if payload.startswith(magic)), None)
     try:
-        if kind == "gzip":
-            data = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(payload)
-        elif kind in ("xz", "lzma"):
-            data = lzma.LZMADecompressor(lzma.FORMAT_XZ if kind == "xz" else lzma.FORMAT_ALONE).decompress(payload)
-        elif kind == "bzip2":
-            data = bz2.BZ2Decompressor().decompress(payload)
-        elif kind == "lz4":
-            data = _lz4_legacy(payload, name)
-        elif kind == "zstd":
-            try:
-                import zstandard
-            except ImportError:
-                raise LoaderError(f"{name}: zstd payload; pip install zstandard to extract it (or boot the bzImage itself)") from None
-            data = zstandard.ZstdDecompressor().decompressobj().decompress(payload)
-        else:
-            raise LoaderError(f"{name}: unsupported payload compression ({kind or 'unknown'})")
-    except (zlib.error, lzma.LZMAError, OSError, ValueError, RuntimeError) as exc:
+        data = _decompress(kind, payload, name, limit)
+    except LoaderError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every decompressor has its own error types
         raise LoaderError(f"{name}: corrupt {kind} payload ({exc})") from None
+    if len(data) > limit:
+        raise LoaderError(f"{name}: the payload decompresses to more than the guest's {limit >> 20} MiB")
     if data[:4] != b"\x7fELF":
         raise LoaderError(f"{name}: the decompressed payload is not an ELF vmlinux")
     return data
