@@ -128,6 +128,8 @@ def test_qmp_errors_use_qemus_classes(vm: tuple[Machine, Path, bytearray]) -> No
             (VENDOR + "kvp-set", {"key": "k"}, "GenericError", "Parameter 'value' is missing"),
             (VENDOR + "kvp-get", {"key": 7}, "GenericError", "expected: string"),
             ("qmp_capabilities", None, "CommandNotFound", "already complete"),
+            (VENDOR + "kvp-set", {"key": "k" * 256, "value": "v"}, "GenericError", "at most 255 characters"),
+            (VENDOR + "kvp-set", {"key": "k", "value": "v" * 1024}, "GenericError", "at most 1023 characters"),
         ]
         for name, arguments, error_class, text in cases:
             with pytest.raises(qmp.ExecuteError) as refused:

@@ -65,6 +65,8 @@ RFLAGS_IF = 1 << 9
 DEMO_STACK = 0x80000
 STRING_BATCH = 4096
 MSR_CRASH_CTL = int(lib.HV_MSR_CRASH_CTL)
+KVP_KEY_CHARS = int(lib.KVP_MAX_KEY_SIZE) // 2 - 1       # UTF-16, with its terminator
+KVP_VALUE_CHARS = int(lib.KVP_MAX_VALUE_SIZE) // 2 - 1
 CRASH_MESSAGE_MAX = 4096   # Linux leaves at most one page of kernel log
 _PRINTK_TIME = re.compile(r"^\[\s*\d+\.\d+\]")
 CRASH_REGISTERS = [HvRegister.GUEST_CRASH_P0 + i for i in range(5)]
@@ -486,6 +488,9 @@ class Machine:
     def kvp_request(self, operation: str, pool: str = "external", key: str = "", value: str = "",
                     timeout: float = 10.0) -> list[dict[str, Any]]:
         """KVP get/set/delete, or list (enumerate) a pool; waits for the guest's answers."""
+        for what, text, limit in (("key", key, KVP_KEY_CHARS), ("value", value, KVP_VALUE_CHARS)):
+            if len(text.encode("utf-16-le")) // 2 > limit:
+                raise MachineError(f"a KVP {what} holds at most {limit} characters, not {len(text)}")
         if self.vmbus is None or not self.kvp.ready:
             raise MachineError("the guest has not opened the KVP channel (is hv_utils loaded?)")
         if pool not in KVP_POOLS:
