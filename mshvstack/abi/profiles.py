@@ -45,7 +45,6 @@ class AbiProfile:
     device_hvcalls: frozenset[int]      # ... on /dev/mshv (empty: ENOTTY there)
     async_hvcalls: frozenset[int]       # refused on VP fds
     output_copied_on_failure: bool      # 6.15 copied the output page even on failure
-    reps_continued_in_kernel: bool      # newest re-issues rep calls until done
     overlap_endpoints_only: bool        # 6.15 looked up the new region's first and last page (frames and
                                         # user addresses); newest checks the frame interval, not addresses
     missing_unmap_errno: int            # unmapping where no region is: ENOENT (newest), EINVAL (6.15)
@@ -71,7 +70,6 @@ PROFILE_6_15 = AbiProfile(
     device_hvcalls=frozenset(),
     async_hvcalls=_codes("HVCALL_SET_PARTITION_PROPERTY"),
     output_copied_on_failure=True,
-    reps_continued_in_kernel=False,
     overlap_endpoints_only=True,
     missing_unmap_errno=errno.EINVAL,
     resample_checked_first=True,
@@ -85,7 +83,6 @@ PROFILE_NEWEST = AbiProfile(
     device_hvcalls=_codes("HVCALL_GET_PARTITION_PROPERTY", "HVCALL_GET_PARTITION_PROPERTY_EX"),
     async_hvcalls=_codes("HVCALL_SET_PARTITION_PROPERTY"),
     output_copied_on_failure=False,
-    reps_continued_in_kernel=True,
     overlap_endpoints_only=False,
     missing_unmap_errno=errno.ENOENT,
     resample_checked_first=False,
@@ -100,7 +97,6 @@ PROFILE_AZURE = AbiProfile(
     device_hvcalls=PROFILE_NEWEST.device_hvcalls,
     async_hvcalls=PROFILE_NEWEST.async_hvcalls,
     output_copied_on_failure=False,
-    reps_continued_in_kernel=True,
     overlap_endpoints_only=False,
     missing_unmap_errno=errno.ENOENT,
     resample_checked_first=False,

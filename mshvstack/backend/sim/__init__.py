@@ -443,11 +443,18 @@ class SimBackend:
             assert entry.partition is not None
             result = entry.partition.hypercall(code, data, max(reps, 1) if reps else 1, 0)
             status, output, done = result.status, result.output, result.reps
+            # hv_do_rep_hypercall (both drivers) re-issues from the completed count while
+            # the hypervisor returns success with reps left.
+            while reps and status == 0 and done < reps:
+                more = entry.partition.hypercall(code, data, reps, done)
+                if more.reps <= done:
+                    break   # no progress: report what was done
+                element = len(more.output) // reps
+                output = output[: done * element] + more.output[done * element :]
+                status, done = more.status, more.reps
             if limit is not None and reps and limit < done:
                 done = limit
                 output = output[: len(output) * limit // max(reps, 1)]
-                status = int(lib.HV_STATUS_TIME_OUT)
-            if not self.profile.reps_continued_in_kernel and reps and status == 0 and done < reps:
                 status = int(lib.HV_STATUS_TIME_OUT)
         return status, output, done
 
