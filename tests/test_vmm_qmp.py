@@ -333,3 +333,24 @@ def test_a_crash_message_outside_ram_is_refused_not_read(tmp_path: Path) -> None
     reason = machine.run()
     assert reason.kind is StopKind.PANIC and machine.crash is not None
     assert machine.crash.message == "" and "P3=0xfffff00000" in reason.detail
+
+
+def test_embedders_running_machines_with_a_socket_leak_nothing(tmp_path: Path) -> None:
+    """Machine + QMP server, run and closed, many times over: threads and fds come back."""
+    import os
+    import threading
+
+    def one_run(i: int) -> None:
+        machine = Machine(MachineConfig(demo="hello", backend="sim", memory=32 << 20))
+        server = QmpServer(machine, tmp_path / f"run{i}.sock")
+        with QmpClient(tmp_path / f"run{i}.sock") as client:
+            client.execute("query-status")
+            machine.run()
+        server.close()
+
+    one_run(0)   # warm up what is created once per process
+    fds, threads = len(os.listdir("/proc/self/fd")), threading.active_count()
+    for i in range(1, 21):
+        one_run(i)
+    _wait(lambda: threading.active_count() <= threads)
+    assert len(os.listdir("/proc/self/fd")) <= fds
