@@ -396,3 +396,39 @@ def test_the_hypercall_layer_retries_a_6_15_eagain() -> None:
     with Mshv.open(SimBackend(profile="6.15"), "6.15") as mshv, mshv.create_partition(PartitionConfig()) as part:
         mshv.backend.faults.fail_hvcall(int(lib.HVCALL_GET_PARTITION_PROPERTY), int(lib.HV_STATUS_INSUFFICIENT_MEMORY), times=2)
         assert calls.get_partition_property(part.hv, lib.HV_PARTITION_PROPERTY_PRIVILEGE_FLAGS) != 0
+
+
+# ---- what the hypervisor decides
+def test_rep_counts_must_match_the_kind_of_hypercall(newest: Guest) -> None:
+    """A simple hypercall with a rep count, or a rep hypercall without one, is
+    HV_STATUS_INVALID_HYPERCALL_INPUT (EINVAL from the driver)."""
+    call, _inp, _out = _property_call(newest)
+    call.reps = 1   # GET_PARTITION_PROPERTY is a simple call
+    assert _errno(newest.backend, newest.part, lib.MSHV_ROOT_HVCALL, call) == errno.EINVAL
+    assert call.status == lib.HV_STATUS_INVALID_HYPERCALL_INPUT
+    inp = ffi.new("struct hv_input_get_vp_registers *")
+    inp.vp_index = 0
+    raw = bytes(ffi.buffer(inp)) + int(lib.HV_X64_REGISTER_RAX).to_bytes(4, "little") + bytes(4)
+    buf = ffi.from_buffer(bytearray(raw))
+    out = ffi.new("char[16]")
+    rep = ffi.new("struct mshv_root_hvcall *")
+    rep.code, rep.in_sz, rep.in_ptr = lib.HVCALL_GET_VP_REGISTERS, len(raw), int(ffi.cast("uintptr_t", buf))
+    rep.out_sz, rep.out_ptr, rep.reps = 16, int(ffi.cast("uintptr_t", out)), 0   # a rep call without a count
+    assert _errno(newest.backend, newest.part, lib.MSHV_ROOT_HVCALL, rep) == errno.EINVAL
+    assert rep.status == lib.HV_STATUS_INVALID_HYPERCALL_INPUT
+    rep.status, rep.reps = 0, 1
+    newest.backend.ioctl(newest.part, lib.MSHV_ROOT_HVCALL, rep)
+    assert rep.status == 0 and rep.reps == 1
+
+
+def test_privilege_flags_are_fixed_once_initialized() -> None:
+    from mshvstack.hvcall import HvError, calls
+    from mshvstack.partition import Mshv, PartitionConfig
+
+    with Mshv.open("sim") as mshv, mshv.create_partition(PartitionConfig()) as part:
+        flags = calls.get_partition_property(part.hv, lib.HV_PARTITION_PROPERTY_PRIVILEGE_FLAGS)
+        calls.set_partition_property(part.hv, lib.HV_PARTITION_PROPERTY_PRIVILEGE_FLAGS, flags)   # before: allowed
+        part.initialize()
+        with pytest.raises(HvError) as info:
+            calls.set_partition_property(part.hv, lib.HV_PARTITION_PROPERTY_PRIVILEGE_FLAGS, flags)
+        assert info.value.status == lib.HV_STATUS_INVALID_PARTITION_STATE

@@ -441,7 +441,7 @@ class SimBackend:
             status, output, done = self._root_partition_property(data)
         else:
             assert entry.partition is not None
-            result = entry.partition.hypercall(code, data, max(reps, 1) if reps else 1, 0)
+            result = entry.partition.hypercall(code, data, max(reps, 1), 0, rep_count_given=bool(reps))
             status, output, done = result.status, result.output, result.reps
             # hv_do_rep_hypercall (both drivers) re-issues from the completed count while
             # the hypervisor returns success with reps left.

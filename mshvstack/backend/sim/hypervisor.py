@@ -23,6 +23,10 @@ from mshvstack.backend.sim.vp import VECTOR_REGISTERS, SimVp
 HV_OK = int(lib.HV_STATUS_SUCCESS)
 
 
+REP_HYPERCALLS = frozenset(int(getattr(lib, f"HVCALL_{name}")) for name in (
+    "GET_VP_REGISTERS", "SET_VP_REGISTERS", "GET_GPA_PAGES_ACCESS_STATES", "GET_VP_CPUID_VALUES"))
+
+
 @dataclass(frozen=True)
 class Doorbell:
     """An MMIO doorbell port (what MSHV_IOEVENTFD installs)."""
@@ -274,10 +278,14 @@ class SimPartition:
         vp.end_of_message()
 
     # ---- hypercalls issued by the root (MSHV_ROOT_HVCALL)
-    def hypercall(self, code: int, data: bytes, reps: int, rep_start: int) -> HvResult:
+    def hypercall(self, code: int, data: bytes, reps: int, rep_start: int, rep_count_given: bool | None = None) -> HvResult:
+        """``rep_count_given``: whether the caller's control word had a rep count (None: not
+        checked; the hypervisor refuses a rep count on a simple call and none on a rep call)."""
         handler = self._HANDLERS.get(code)
         if handler is None:
             return HvResult(int(lib.HV_STATUS_INVALID_HYPERCALL_CODE))
+        if rep_count_given is not None and rep_count_given != (code in REP_HYPERCALLS):
+            return HvResult(int(lib.HV_STATUS_INVALID_HYPERCALL_INPUT))
         with self.lock:
             return handler(self, data, reps, rep_start)
 
@@ -302,6 +310,8 @@ class SimPartition:
         code, value = int(inp.property_code), int(inp.property_value)
         if code not in self.properties:
             return HvResult(int(lib.HV_STATUS_UNKNOWN_PROPERTY))
+        if code == lib.HV_PARTITION_PROPERTY_PRIVILEGE_FLAGS and self.initialized:
+            return HvResult(int(lib.HV_STATUS_INVALID_PARTITION_STATE))   # fixed once the partition is initialized
         if code == lib.HV_PARTITION_PROPERTY_UNIMPLEMENTED_MSR_ACTION and value >= lib.HV_UNIMPLEMENTED_MSR_ACTION_COUNT:
             return HvResult(int(lib.HV_STATUS_PROPERTY_VALUE_OUT_OF_RANGE))
         if code == lib.HV_PARTITION_PROPERTY_TIME_FREEZE:
