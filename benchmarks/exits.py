@@ -37,13 +37,16 @@ def _sim_guest(code: bytes) -> tuple[SimBackend, int, int, int, mmap.mmap, objec
     backend.ioctl(part, lib.MSHV_SET_GUEST_MEMORY, region)
     vp = backend.ioctl(part, lib.MSHV_CREATE_VP, ffi.new("struct mshv_create_vp *"))
     page = ffi.from_buffer("struct hv_vp_register_page *", backend.mmap(vp, 4096, 0))
-    # Set RIP/RFLAGS through the register page: it is valid once published; use a hypercall first.
-    raw = ffi.new("char[]", ffi.sizeof("struct hv_input_set_vp_registers") + 2 * ffi.sizeof("struct hv_register_assoc"))
+    # CS at 0 (the VP starts at the reset vector, CS base 0xFFFF0000), RIP and RFLAGS, by hypercall.
+    raw = ffi.new("char[]", ffi.sizeof("struct hv_input_set_vp_registers") + 3 * ffi.sizeof("struct hv_register_assoc"))
     inp = ffi.cast("struct hv_input_set_vp_registers *", raw)
     inp.elements[0].name, inp.elements[0].value.reg64 = lib.HV_X64_REGISTER_RIP, 0x1000
     inp.elements[1].name, inp.elements[1].value.reg64 = lib.HV_X64_REGISTER_RFLAGS, 2
+    cs = inp.elements[2]
+    cs.name = lib.HV_X64_REGISTER_CS
+    cs.value.segment.base, cs.value.segment.limit, cs.value.segment.selector, cs.value.segment.attributes = 0, 0xFFFF, 0, 0x9B
     call = ffi.new("struct mshv_root_hvcall *")
-    call.code, call.reps, call.in_sz, call.in_ptr = lib.HVCALL_SET_VP_REGISTERS, 2, len(ffi.buffer(raw)), int(ffi.cast("uintptr_t", raw))
+    call.code, call.reps, call.in_sz, call.in_ptr = lib.HVCALL_SET_VP_REGISTERS, 3, len(ffi.buffer(raw)), int(ffi.cast("uintptr_t", raw))
     backend.ioctl(vp, lib.MSHV_ROOT_HVCALL, call)
     return backend, dev, part, vp, ram, page
 
@@ -55,6 +58,7 @@ def sim_exit_rate(n: int) -> float:
     io = ffi.cast("struct hv_x64_io_port_intercept_message *", ffi.addressof(msg.u))
     dirty_ip = 1 << lib.HV_X64_REGISTER_CLASS_IP
     backend.ioctl(vp, lib.MSHV_RUN_VP, run)  # warm up (translation)
+    assert msg.header.message_type == lib.HVMSG_X64_IO_PORT_INTERCEPT and io.port_number == 0x10, "not the IO loop"
     start = time.perf_counter()
     for _ in range(n):
         page.rip = io.header.rip + io.header.instruction_length  # emulate: skip the OUT
@@ -92,7 +96,10 @@ def sim_compute_rate(n: int) -> float:
     run = ffi.new("struct mshv_run_vp *")
     start = time.perf_counter()
     backend.ioctl(vp, lib.MSHV_RUN_VP, run)
-    return 2 * n / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    msg = ffi.cast("struct hv_message *", run)
+    assert msg.header.message_type == lib.HVMSG_X64_IO_PORT_INTERCEPT, "the loop did not run to its OUT"
+    return 2 * n / elapsed
 
 
 def bare_compute_rate(n: int) -> float:

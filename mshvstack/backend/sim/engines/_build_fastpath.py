@@ -48,6 +48,7 @@ void mshvstack_cpu_free(struct mshvstack_cpu *c);
 void mshvstack_filter_forget(struct mshvstack_cpu *f, uint64_t start, uint64_t end);
 void mshvstack_get_segment(struct mshvstack_cpu *c, int index, struct mshvstack_segment *out);
 void mshvstack_set_segment(struct mshvstack_cpu *c, int index, const struct mshvstack_segment *in);
+void mshvstack_read_registers(struct mshvstack_cpu *c, const int *ids, uint64_t *values, int count);
 uint64_t mshvstack_get_efer(struct mshvstack_cpu *c);
 void mshvstack_set_efer(struct mshvstack_cpu *c, uint64_t value);
 uint32_t mshvstack_hflags(struct mshvstack_cpu *c);

@@ -127,6 +127,7 @@ def _plain_registers() -> dict[int, int]:
 
 
 _REGS = _plain_registers()
+_SNAPSHOT_IDS = core_ffi.new("int[]", list(_REGS.values()))
 _VECTORS = {int(getattr(lib, f"HV_X64_REGISTER_XMM{i}")): getattr(ux, f"UC_X86_REG_XMM{i}") for i in range(16)}
 
 
@@ -170,6 +171,7 @@ class UnicornEngine:
         self._deferred: list[Callable[[], None]] = []
         self._deferred_lock = threading.Lock()
         self._segment = core_ffi.new("struct mshvstack_segment *")
+        self._snapshot = core_ffi.new("uint64_t[]", len(_REGS))
         uc = self._uc
         # Run until stopped, with no "until" address: Unicorn implements
         # "until" through CPU state that leaks into CR2 (seen with 2.1.4).
@@ -337,9 +339,9 @@ class UnicornEngine:
         return 64 if hflags & _HF_CS64 else 32 if hflags & _HF_CS32 else 16
 
     def snapshot(self) -> dict[int, int]:
-        """All plain registers in one call (about a microsecond)."""
-        values = self._uc.reg_read_batch(list(_REGS.values()))
-        return dict(zip(_REGS, (int(v) for v in values)))
+        """All plain registers in one call into the C core (a few microseconds)."""
+        core.mshvstack_read_registers(self._cpu, _SNAPSHOT_IDS, self._snapshot, len(_REGS))
+        return dict(zip(_REGS, core_ffi.unpack(self._snapshot, len(_REGS))))
 
     # ---- events ----
     def offer_interrupt(self, vector: int) -> None:

@@ -502,6 +502,15 @@ void mshvstack_set_segment(struct mshvstack_cpu *c, int index, const struct mshv
     c->api.update_hflags(c->env);
 }
 
+/* Many registers in one call from Python: the VP's snapshot after every stop. */
+void mshvstack_read_registers(struct mshvstack_cpu *c, const int *ids, uint64_t *values, int count)
+{
+    for (int i = 0; i < count; i++) {
+        values[i] = 0;
+        c->api.reg_read(c->uc, ids[i], &values[i]);
+    }
+}
+
 uint64_t mshvstack_get_efer(struct mshvstack_cpu *c)
 {
     return c->env->efer;
