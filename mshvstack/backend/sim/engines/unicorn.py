@@ -172,6 +172,7 @@ class UnicornEngine:
         self._deferred_lock = threading.Lock()
         self._segment = core_ffi.new("struct mshvstack_segment *")
         self._snapshot = core_ffi.new("uint64_t[]", len(_REGS))
+        self._segments: dict[int, tuple[int, int, int, int]] = {}
         uc = self._uc
         # Run until stopped, with no "until" address: Unicorn implements
         # "until" through CPU state that leaks into CR2 (seen with 2.1.4).
@@ -323,12 +324,21 @@ class UnicornEngine:
             raise KeyError(f"register {name:#x} is not held by the engine")
 
     def segment(self, name: int) -> tuple[int, int, int, int]:
-        """(base, limit, selector, hv attributes) from the CPU's segment cache."""
+        """(base, limit, selector, hv attributes) from the CPU's segment cache (kept
+        until the CPU runs again: a stop's encoding reads the same segments often)."""
+        running = self._running is not None   # inside the run (a hook): the CPU may still change them
+        cached = None if running else self._segments.get(name)
+        if cached is not None:
+            return cached
         s = self._segment
         core.mshvstack_get_segment(self._cpu, _SEGMENT_INDEX[name], s)
-        return int(s.base), int(s.limit), int(s.selector), hv_attributes(int(s.flags))
+        value = int(s.base), int(s.limit), int(s.selector), hv_attributes(int(s.flags))
+        if not running:
+            self._segments[name] = value
+        return value
 
     def set_segment(self, name: int, base: int, limit: int, selector: int, attributes: int) -> None:
+        self._segments.clear()
         s = self._segment
         s.base, s.limit, s.selector, s.flags = base, limit, selector, qemu_flags(attributes)
         core.mshvstack_set_segment(self._cpu, _SEGMENT_INDEX[name], s)
@@ -394,6 +404,7 @@ class UnicornEngine:
             return EngineStop(StopKind.CANCELLED)
         self._check_code_pages()
         cpu.deadline_ns = deadline_ns
+        self._segments.clear()
         self._running = threading.get_ident()
         try:
             self._uc.emu_start(self.reg(_RIP), 0)
