@@ -8,6 +8,7 @@ from its name, the path; the codec does the rest through the binding.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -26,7 +27,7 @@ class Segment:
 
     @classmethod
     def from_c(cls, seg: Any) -> "Segment":
-        return cls(int(seg.base), int(seg.limit), int(seg.selector), int(seg.attributes))
+        return _segment(_SEGMENT_FIELDS(seg))
 
     def to_c(self, seg: Any) -> None:
         seg.base, seg.limit, seg.selector, seg.attributes = self.base, self.limit, self.selector, self.attributes
@@ -54,10 +55,12 @@ class InterceptHeader:
 
     @classmethod
     def from_c(cls, h: Any) -> "InterceptHeader":
-        state = h.execution_state.bits
-        return cls(int(h.vp_index), int(h.instruction_length), int(h.intercept_access_type), int(h.cr8),
-                   int(state.cpl), bool(state.cr0_pe), bool(state.efer_lma), bool(state.interrupt_shadow),
-                   Segment.from_c(h.cs_segment), int(h.rip), int(h.rflags))
+        (vp_index, length, access, cr8, cpl, pe, lma, shadow, base, limit, selector, attributes, rip,
+         rflags) = _HEADER_FIELDS(h)
+        cs = _segment((base, limit, selector, attributes))
+        return _built(cls, {"vp_index": vp_index, "instruction_length": length, "access": access, "cr8": cr8,
+                            "cpl": cpl, "cr0_pe": bool(pe), "efer_lma": bool(lma), "interrupt_shadow": bool(shadow),
+                            "cs": cs, "rip": rip, "rflags": rflags})
 
     def to_c(self, h: Any) -> None:
         h.vp_index, h.instruction_length, h.intercept_access_type, h.cr8 = self.vp_index, self.instruction_length, self.access, self.cr8
@@ -70,6 +73,40 @@ class InterceptHeader:
     def next_rip(self) -> int:
         """RIP after the intercepted instruction (what an emulating VMM sets)."""
         return self.rip + self.instruction_length
+
+
+_T = typing.TypeVar("_T")
+
+
+def _built(cls: type[_T], values: dict[str, Any]) -> _T:
+    """A frozen dataclass from all its field values, without its per-field __init__
+    (decode runs on every exit; these classes have no __post_init__ or slots)."""
+    obj: _T = object.__new__(cls)
+    obj.__dict__.update(values)
+    return obj
+
+
+_SEGMENTS: dict[tuple[int, int, int, int], Segment] = {}
+
+
+def _segment(fields: tuple[int, int, int, int]) -> Segment:
+    """Segments repeat from exit to exit and are immutable: one instance per value."""
+    segment = _SEGMENTS.get(fields)
+    if segment is None:
+        if len(_SEGMENTS) >= 4096:
+            _SEGMENTS.clear()
+        base, limit, selector, attributes = fields
+        segment = _SEGMENTS[fields] = _built(Segment, {"base": base, "limit": limit, "selector": selector,
+                                                       "attributes": attributes})
+    return segment
+
+
+# Field readers built once (C-level attribute chains: decode runs on every exit).
+_SEGMENT_FIELDS = operator.attrgetter("base", "limit", "selector", "attributes")
+_HEADER_FIELDS = operator.attrgetter(
+    "vp_index", "instruction_length", "intercept_access_type", "cr8", "execution_state.bits.cpl",
+    "execution_state.bits.cr0_pe", "execution_state.bits.efer_lma", "execution_state.bits.interrupt_shadow",
+    "cs_segment.base", "cs_segment.limit", "cs_segment.selector", "cs_segment.attributes", "rip", "rflags")
 
 
 class VpExit:
@@ -327,6 +364,7 @@ def _assign(obj: Any, path: str, value: Any) -> None:
 
 
 _PLANS: dict[type, tuple[tuple[str, tuple[str, ...], Any], ...]] = {}
+_READERS: dict[type, tuple[tuple[str, ...], Any, Any, tuple[tuple[int, Any], ...]]] = {}
 
 
 def _plan(cls: type[VpExit]) -> tuple[tuple[str, tuple[str, ...], Any], ...]:
@@ -340,32 +378,55 @@ def _plan(cls: type[VpExit]) -> tuple[tuple[str, tuple[str, ...], Any], ...]:
     return plan
 
 
+def _instruction_bytes(source: Any, payload: Any) -> bytes:
+    return bytes(source)[: int(payload.instruction_byte_count) or 16]
+
+
+_CONVERTERS: dict[Any, Any] = {
+    InterceptHeader: lambda source, payload: InterceptHeader.from_c(source),
+    Segment: lambda source, payload: Segment.from_c(source),
+    bytes: _instruction_bytes,
+    bool: lambda source, payload: bool(source),
+}
+
+
+def _reader(cls: type[VpExit]) -> tuple[tuple[str, ...], Any, Any, tuple[tuple[int, Any], ...]]:
+    """Built once per class: the field names, the payload pointer type, one getter for
+    every field's C value (integers come out as they are) and the fields to convert."""
+    reader = _READERS.get(cls)
+    if reader is None:
+        plan = _plan(cls)
+        names = tuple(name for name, _path, _type in plan)
+        paths = [".".join(path) for _name, path, _type in plan]
+        getter = operator.attrgetter(*paths) if len(paths) > 1 else (
+            (lambda payload, get=operator.attrgetter(paths[0]): (get(payload),)) if paths else (lambda payload: ()))
+        converts = tuple((i, _CONVERTERS[t]) for i, (_n, _p, t) in enumerate(plan) if t in _CONVERTERS)
+        reader = _READERS[cls] = names, ffi.typeof(f"{cls.payload_ctype} *"), getter, converts
+    return reader
+
+
+_PAYLOAD_OFFSET = ffi.offsetof("struct hv_message", "u")
+
+
 def decode(raw: bytes | bytearray | memoryview) -> VpExit:
     """The typed exit for one hv_message."""
     if len(raw) < MESSAGE_SIZE:
         raise ValueError(f"hv_message is {MESSAGE_SIZE} bytes, got {len(raw)}")
-    msg = ffi.from_buffer("struct hv_message *", bytes(raw[:MESSAGE_SIZE]))
-    kind = int(msg.header.message_type)
+    return decode_message(ffi.from_buffer("struct hv_message *", bytes(raw[:MESSAGE_SIZE])))
+
+
+def decode_message(msg: Any) -> VpExit:
+    """The typed exit for a ``struct hv_message *`` (its values are copied out)."""
+    kind = msg.header.message_type
     cls = _REGISTRY.get(kind)
     if cls is None:
-        return UnknownExit(kind, bytes(raw[:MESSAGE_SIZE]))
-    payload = ffi.cast(f"{cls.payload_ctype} *", ffi.addressof(msg.u))
-    values: dict[str, Any] = {}
-    for name, path, field_type in _plan(cls):
-        source = payload
-        for part in path:
-            source = getattr(source, part)
-        if field_type is InterceptHeader:
-            values[name] = InterceptHeader.from_c(source)
-        elif field_type is Segment:
-            values[name] = Segment.from_c(source)
-        elif field_type is bytes:
-            values[name] = bytes(source)[: int(payload.instruction_byte_count) or 16]
-        elif field_type is bool:
-            values[name] = bool(source)
-        else:
-            values[name] = int(source)
-    return cls(**values)
+        return UnknownExit(int(kind), bytes(ffi.buffer(msg, MESSAGE_SIZE)))
+    names, ctype, getter, converts = _reader(cls)
+    payload = ffi.cast(ctype, ffi.cast("char *", msg) + _PAYLOAD_OFFSET)
+    values = list(getter(payload))
+    for index, convert in converts:
+        values[index] = convert(values[index], payload)
+    return _built(cls, dict(zip(names, values)))
 
 
 def encode(exit_: VpExit) -> bytes:

@@ -92,9 +92,19 @@ class GuestMemory:
         """Bytes at [gpa, gpa+length), possibly spanning adjacent regions."""
         if length < 0:
             raise GuestMemoryError(f"negative length {length}")
+        for region in self._regions:   # the common case first: one region holds it all
+            offset = gpa - region.gpa
+            if 0 <= offset and offset + length <= region.size:
+                return region.host[offset : offset + length]
         return b"".join(bytes(r.host[o : o + n]) for r, o, n in self._pieces(gpa, length))
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        length = len(data)
+        for region in self._regions:
+            offset = gpa - region.gpa
+            if 0 <= offset and offset + length <= region.size:
+                region.host[offset : offset + length] = data
+                return
         data = bytes(data)
         pieces = self._pieces(gpa, len(data))  # checks the whole range before writing anything
         done = 0

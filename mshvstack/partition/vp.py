@@ -12,7 +12,7 @@ from mshvstack.backend.handle import FdHandle
 from mshvstack.errors import ErrnoError, MshvError
 from mshvstack.hvcall import calls
 from mshvstack.hvcall.call import HvTarget
-from mshvstack.partition.exits import Interrupted, Segment, VpExit, decode
+from mshvstack.partition.exits import Interrupted, Segment, VpExit, decode_message
 from mshvstack.partition.registers import (CONTROL_NAMES, FP_CONTROL_STATUS, FPR_NAMES, GPR_NAMES, MSR_REGISTERS,
                                            SEGMENT_NAMES, XMM_CONTROL_STATUS, XMM_NAMES, FpuRegisters, SpecialRegisters,
                                            StandardRegisters, TableRegister, hv_name)
@@ -62,6 +62,7 @@ class Vp:
         self._handle = FdHandle(backend, fd, f"VP {index}")
         self._target = HvTarget(self._handle, partition.profile)
         self._run_arg = ffi.new("struct mshv_run_vp *")
+        self._run_message = ffi.cast("struct hv_message *", self._run_arg)
         self._page_view: memoryview | None = None
         self._page: Any = None
         try:
@@ -215,7 +216,7 @@ class Vp:
                     if exc.errno == errno.EINTR:
                         continue
                     raise
-                return decode(bytes(ffi.buffer(self._run_arg)))
+                return decode_message(self._run_message)
         finally:
             self._run_thread = None
 

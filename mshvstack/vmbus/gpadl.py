@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from mshvstack.abi import ffi
 from mshvstack.partition.memory import GuestMemory, GuestMemoryError
@@ -19,6 +20,7 @@ MAX_PENDING_GPADLS = 64
 MAX_GPADLS_PER_CHANNEL = 64       # Linux uses 1-3 (ring, netvsc's send and receive buffers)
 MAX_GPADLS = 1024                 # per connection
 MAX_TOTAL_PAGES = 1 << 20         # every GPADL of a connection together: 4 GiB of guest pages
+_U32 = struct.Struct("<I")
 _HEADER = ffi.sizeof("struct vmbus_channel_gpadl_header")
 _BODY = ffi.sizeof("struct vmbus_channel_gpadl_body")
 
@@ -126,39 +128,73 @@ class GpadlTable:
 
 
 class GpadlRingMem:
-    """One ring (control page + data pages) inside a GPADL, read through guest memory."""
+    """One ring (control page + data pages) inside a GPADL, in guest RAM.
+
+    The pages were checked against RAM when the GPADL was built; here each is
+    located once in its memory region, and pages that follow each other in
+    the same region are one run, accessed with one slice (Linux allocates its
+    rings contiguously, so a ring is usually one run).  If the VMM takes the
+    memory away, an access raises ValueError, a protocol error for the channel.
+    """
 
     def __init__(self, memory: GuestMemory, pfns: tuple[int, ...]) -> None:
         if len(pfns) < 2:
             raise VmbusProtocolError("a ring needs at least two pages")
         self.memory = memory
         self.pfns = pfns
+        self._control = self._locate(pfns[0])
+        self._runs: list[tuple[int, Any, int, int]] = []   # (data offset, host mmap, host offset, length)
+        for index, pfn in enumerate(pfns[1:]):
+            host, offset = self._locate(pfn)
+            if self._runs:
+                start, last_host, last_offset, length = self._runs[-1]
+                if last_host is host and last_offset + length == offset:
+                    self._runs[-1] = (start, host, last_offset, length + PAGE)
+                    continue
+            self._runs.append((index * PAGE, host, offset, PAGE))
+
+    def _locate(self, pfn: int) -> tuple[Any, int]:
+        try:
+            region = self.memory.region_at(pfn * PAGE)
+        except GuestMemoryError:
+            raise VmbusProtocolError(f"ring page {pfn:#x} is not guest RAM") from None
+        return region.host, pfn * PAGE - region.gpa
 
     @property
     def data_size(self) -> int:
         return (len(self.pfns) - 1) * PAGE
 
-    def _gpa(self, ring_offset: int) -> int:
-        return self.pfns[ring_offset // PAGE] * PAGE + ring_offset % PAGE
-
     def read_control(self, offset: int) -> int:
-        return int.from_bytes(self.memory.read(self._gpa(offset), 4), "little")
+        host, base = self._control
+        return int(_U32.unpack_from(host, base + offset)[0])
 
     def write_control(self, offset: int, value: int) -> None:
-        self.memory.write(self._gpa(offset), (value & 0xFFFFFFFF).to_bytes(4, "little"))
+        host, base = self._control
+        _U32.pack_into(host, base + offset, value & 0xFFFFFFFF)
 
-    def _pieces(self, offset: int, length: int) -> list[tuple[int, int, int]]:
+    def _pieces(self, offset: int, length: int) -> list[tuple[Any, int, int, int]]:
+        """(host, host offset, done, n) pieces of [offset, offset+length) of the data area."""
         pieces, done = [], 0
-        position = PAGE + offset
-        while done < length:
-            n = min(length - done, PAGE - (position + done) % PAGE)
-            pieces.append((self._gpa(position + done), done, n))
-            done += n
+        for start, host, host_offset, run in self._runs:
+            if done >= length:
+                break
+            position = offset + done
+            if start <= position < start + run:
+                n = min(length - done, start + run - position)
+                pieces.append((host, host_offset + position - start, done, n))
+                done += n
+        if done < length:
+            raise ValueError(f"ring access {offset:#x}+{length:#x} outside its {self.data_size:#x}-byte data area")
         return pieces
 
     def read_data(self, offset: int, length: int) -> bytes:
-        return b"".join(self.memory.read(gpa, n) for gpa, _d, n in self._pieces(offset, length))
+        pieces = self._pieces(offset, length)
+        if len(pieces) == 1:
+            host, at, _done, n = pieces[0]
+            return bytes(host[at : at + n])
+        return b"".join(host[at : at + n] for host, at, _done, n in pieces)
 
     def write_data(self, offset: int, data: bytes) -> None:
-        for gpa, done, n in self._pieces(offset, len(data)):
-            self.memory.write(gpa, data[done : done + n])
+        view = memoryview(data)
+        for host, at, done, n in self._pieces(offset, len(data)):
+            host[at : at + n] = view[done : done + n]
