@@ -24,17 +24,19 @@ class FdHandle:
     def __init__(self, backend: Backend, fd: int, what: str) -> None:
         self.backend, self.what = backend, what
         self._fd = fd
-        self._finalizer = weakref.finalize(self, backend.close, fd)
+        self._closed = False
+        self._finalizer = weakref.finalize(self, backend.close, fd)   # an owner dropped unclosed
 
     @property
     def fd(self) -> int:
-        if not self._finalizer.alive:
+        if self._closed:
             raise ClosedError(f"{self.what} is closed")
         return self._fd
 
     @property
     def closed(self) -> bool:
-        return not self._finalizer.alive
+        return self._closed
 
     def close(self) -> None:
+        self._closed = True
         self._finalizer()

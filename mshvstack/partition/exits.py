@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import struct
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from mshvstack.abi import ffi, lib
+from mshvstack.partition import fastdecode
 
 MESSAGE_SIZE = int(lib.HV_MESSAGE_SIZE)
 
@@ -408,21 +410,62 @@ def _reader(cls: type[VpExit]) -> tuple[tuple[str, ...], Any, Any, tuple[tuple[i
 _PAYLOAD_OFFSET = ffi.offsetof("struct hv_message", "u")
 
 
+_FAST_KINDS = {
+    "header": InterceptHeader,
+    "header_fields": (("vp_index", ("vp_index",), False), ("instruction_length", ("instruction_length",), False),
+                      ("access", ("intercept_access_type",), False), ("cr8", ("cr8",), False),
+                      ("cpl", ("execution_state", "bits", "cpl"), False),
+                      ("cr0_pe", ("execution_state", "bits", "cr0_pe"), True),
+                      ("efer_lma", ("execution_state", "bits", "efer_lma"), True),
+                      ("interrupt_shadow", ("execution_state", "bits", "interrupt_shadow"), True),
+                      ("cs", ("cs_segment",), False), ("rip", ("rip",), False), ("rflags", ("rflags",), False)),
+    "segment": Segment,
+    "segment_fields": ("base", "limit", "selector", "attributes"),
+}
+_FAST: dict[type, Any] = {}
+_UNBUILT = object()
+_MESSAGE_TYPE = struct.Struct("<I")
+
+
+def fast_decoder(cls: type[VpExit]) -> Any:
+    """The class's compiled decoder (fastdecode.py), or None where its layout needs the attribute path."""
+    if cls not in _FAST:
+        _FAST[cls] = fastdecode.build(_plan(cls), ffi.typeof(cls.payload_ctype), _FAST_KINDS,
+                                      {"_built": _built, "_segment": _segment, "Header": InterceptHeader})
+    return _FAST[cls]
+
+
 def decode(raw: bytes | bytearray | memoryview) -> VpExit:
     """The typed exit for one hv_message."""
     if len(raw) < MESSAGE_SIZE:
         raise ValueError(f"hv_message is {MESSAGE_SIZE} bytes, got {len(raw)}")
-    return decode_message(ffi.from_buffer("struct hv_message *", bytes(raw[:MESSAGE_SIZE])))
+    raw = bytes(raw[:MESSAGE_SIZE])
+    return decode_message(ffi.from_buffer("struct hv_message *", raw), buffer=raw)
 
 
-def decode_message(msg: Any) -> VpExit:
-    """The typed exit for a ``struct hv_message *`` (its values are copied out)."""
-    kind = msg.header.message_type
+def decode_message(msg: Any, payloads: dict[type, Any] | None = None, buffer: Any = None) -> VpExit:
+    """The typed exit for a ``struct hv_message *`` (its values are copied out).
+    ``buffer``: the message's bytes as a buffer (the compiled decoders read it);
+    ``payloads``: a cache of the message's payload pointers by exit class, for a
+    caller that decodes the same buffer again and again (a VP's run buffer)."""
+    kind = _MESSAGE_TYPE.unpack_from(buffer)[0] if buffer is not None else msg.header.message_type
     cls = _REGISTRY.get(kind)
     if cls is None:
         return UnknownExit(int(kind), bytes(ffi.buffer(msg, MESSAGE_SIZE)))
+    if buffer is not None:
+        fast = _FAST.get(cls, _UNBUILT)
+        if fast is _UNBUILT:
+            fast = fast_decoder(cls)
+        if fast is not None:
+            exit_: VpExit = object.__new__(cls)
+            exit_.__dict__.update(fast(buffer, _PAYLOAD_OFFSET))
+            return exit_
     names, ctype, getter, converts = _reader(cls)
-    payload = ffi.cast(ctype, ffi.cast("char *", msg) + _PAYLOAD_OFFSET)
+    payload = payloads.get(cls) if payloads is not None else None
+    if payload is None:
+        payload = ffi.cast(ctype, ffi.cast("char *", msg) + _PAYLOAD_OFFSET)
+        if payloads is not None:
+            payloads[cls] = payload
     values = list(getter(payload))
     for index, convert in converts:
         values[index] = convert(values[index], payload)

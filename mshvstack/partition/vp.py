@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from mshvstack.partition.partition import Partition
 
 PAGE = 4096
+_RUN_VP = int(lib.MSHV_RUN_VP)
 _PAGE_FAST = {hv_name(n): n for n in GPR_NAMES}  # registers the page holds
 _GENERAL_BIT = 1 << lib.HV_X64_REGISTER_CLASS_GENERAL
 _IP_BIT = 1 << lib.HV_X64_REGISTER_CLASS_IP
@@ -48,6 +49,10 @@ def _page_bit(register: str) -> int:
     return int(_IP_BIT if register == "rip" else _FLAGS_BIT if register == "rflags" else _GENERAL_BIT)
 
 
+_PAGE_SLOTS = {name: (register, _page_bit(register)) for name, register in _PAGE_FAST.items()}   # name -> (field, dirty bit)
+_U64 = (1 << 64) - 1
+
+
 class Vp:
     """A VP of a partition (created by Partition.create_vp).
 
@@ -63,6 +68,8 @@ class Vp:
         self._target = HvTarget(self._handle, partition.profile)
         self._run_arg = ffi.new("struct mshv_run_vp *")
         self._run_message = ffi.cast("struct hv_message *", self._run_arg)
+        self._run_payloads: dict[type, Any] = {}   # decode's pointers into the run buffer
+        self._run_buffer = ffi.buffer(self._run_arg)
         self._page_view: memoryview | None = None
         self._page: Any = None
         try:
@@ -103,12 +110,12 @@ class Vp:
         """Write hv_register_names; GPRs/RIP/RFLAGS through the page when valid."""
         rest: dict[int, int] = {}
         dirty = 0
-        page_ok = self._page_valid()
+        page = self._page if self._page_valid() else None
         for name, value in values.items():
-            register = _PAGE_FAST.get(int(name))
-            if page_ok and register is not None:
-                setattr(self._page, register, value & ((1 << 64) - 1))
-                dirty |= _page_bit(register)
+            slot = _PAGE_SLOTS.get(name) if page is not None else None
+            if slot is not None:
+                setattr(page, slot[0], value & _U64)
+                dirty |= slot[1]
             else:
                 rest[int(name)] = value
         if dirty:
@@ -211,12 +218,12 @@ class Vp:
                     self._kick_requested.clear()
                     return Interrupted()
                 try:
-                    self.partition.backend.ioctl(self.fd, lib.MSHV_RUN_VP, self._run_arg)
+                    self.partition.backend.ioctl(self.fd, _RUN_VP, self._run_arg)
                 except ErrnoError as exc:
                     if exc.errno == errno.EINTR:
                         continue
                     raise
-                return decode_message(self._run_message)
+                return decode_message(self._run_message, self._run_payloads, self._run_buffer)
         finally:
             self._run_thread = None
 

@@ -231,9 +231,13 @@ static int discover(struct mshvstack_cpu *c, const uint64_t probe[16], int reg_r
     c->cs = c->api.get_cpu(c->uc, -1);   /* unicorn leaves its one CPU's index at -1 */
     if (!c->cs)
         c->cs = c->api.get_cpu(c->uc, 0);
-    if (!cpuw || !c->cs || safe_read(cpuw, c->cs, CPU_WORDS * 8) < 0)
+    int words = 0;
+    if (!cpuw || !c->cs)
         goto out;
-    for (int j = 0; j < CPU_WORDS; j++) {
+    /* Page by page: the CPU object may end near the end of its mapping. */
+    while (words < CPU_WORDS && safe_read(cpuw + words, (uint64_t *)c->cs + words, 512 * 8) == 0)
+        words += 512;
+    for (int j = 0; j < words; j++) {
         uint64_t e = cpuw[j], p = (uint64_t)c->cs;
         if (e <= p || e - p > (1u << 20) || (e & 7))
             continue;
