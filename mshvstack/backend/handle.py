@@ -40,3 +40,18 @@ class FdHandle:
     def close(self) -> None:
         self._closed = True
         self._finalizer()
+
+
+class FdOwner:
+    """What Mshv, Partition and Vp share: their fd, reached only through the handle."""
+
+    _handle: FdHandle
+
+    @property
+    def fd(self) -> int:
+        """The fd; ClosedError once closed (every ioctl and hypercall comes through here)."""
+        return self._handle.fd
+
+    @property
+    def closed(self) -> bool:
+        return self._handle.closed

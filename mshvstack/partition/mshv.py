@@ -7,7 +7,7 @@ from typing import Literal
 from mshvstack.abi import ffi, lib
 from mshvstack.abi.profiles import AbiProfile, profile as lookup_profile
 from mshvstack.backend.base import Backend
-from mshvstack.backend.handle import FdHandle
+from mshvstack.backend.handle import FdHandle, FdOwner
 from mshvstack.backend.host import HostBackend
 from mshvstack.errors import DeviceUnavailable, MshvError
 from mshvstack.hvcall import calls
@@ -17,7 +17,7 @@ from mshvstack.partition.partition import Partition, PartitionConfig
 BackendChoice = Literal["auto", "host", "sim"]
 
 
-class Mshv:
+class Mshv(FdOwner):
     """An open /dev/mshv.  Mshv.open() picks the backend; use as a context manager."""
 
     def __init__(self, backend: Backend, profile: AbiProfile, reason: str) -> None:
@@ -26,14 +26,6 @@ class Mshv:
         self.reason = reason
         self._handle = FdHandle(backend, backend.open(), "/dev/mshv")
         self._device_target = HvTarget(self._handle, profile, on_device=True)
-
-    @property
-    def fd(self) -> int:
-        return self._handle.fd
-
-    @property
-    def closed(self) -> bool:
-        return self._handle.closed
 
     @classmethod
     def open(cls, backend: BackendChoice | str | Backend = "auto", profile: str | AbiProfile = "newest") -> "Mshv":

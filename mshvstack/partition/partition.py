@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Iterable
 from mshvstack.abi import ffi, lib
 from mshvstack.abi.profiles import AbiProfile
 from mshvstack.backend.base import Backend
-from mshvstack.backend.handle import FdHandle
+from mshvstack.backend.handle import FdHandle, FdOwner
 from mshvstack.errors import MshvError
 from mshvstack.hvcall import calls
 from mshvstack.hvcall.call import HvTarget
@@ -62,7 +62,7 @@ class MsiRoute:
         return cls(gsi, 0xFEE00000 | (apic_id << 12), vector | (int(level) << 15))
 
 
-class Partition:
+class Partition(FdOwner):
     """A partition created by Mshv.create_partition; owns its fd and memory."""
 
     def __init__(self, mshv: "Mshv", fd: int, config: PartitionConfig) -> None:
@@ -80,15 +80,6 @@ class Partition:
     def hv(self) -> HvTarget:
         """Where this partition's hypercalls go (for mshvstack.hvcall.calls)."""
         return self._target
-
-    @property
-    def fd(self) -> int:
-        """The partition fd; ClosedError once closed (every ioctl and hypercall comes through here)."""
-        return self._handle.fd
-
-    @property
-    def closed(self) -> bool:
-        return self._handle.closed
 
     # ---- lifecycle
     def initialize(self) -> None:

@@ -8,7 +8,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from mshvstack.abi import ffi, lib
-from mshvstack.backend.handle import FdHandle
+from mshvstack.backend.handle import FdHandle, FdOwner
 from mshvstack.errors import ErrnoError, MshvError
 from mshvstack.hvcall import calls
 from mshvstack.hvcall.call import HvTarget
@@ -53,7 +53,7 @@ _PAGE_SLOTS = {name: (register, _page_bit(register)) for name, register in _PAGE
 _U64 = (1 << 64) - 1
 
 
-class Vp:
+class Vp(FdOwner):
     """A VP of a partition (created by Partition.create_vp).
 
     Register reads and writes use the shared register page when the
@@ -79,15 +79,6 @@ class Vp:
             self._page = None  # no register page (e.g. SNP): hypercalls only
         self._kick_requested = threading.Event()
         self._run_thread: int | None = None
-
-    @property
-    def fd(self) -> int:
-        """The VP fd; ClosedError once closed (every ioctl and hypercall comes through here)."""
-        return self._handle.fd
-
-    @property
-    def closed(self) -> bool:
-        return self._handle.closed
 
     # ---- registers
     def _page_valid(self) -> bool:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import enum
 import functools
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from mshvstack.partition import (CpuidIntercept, ExceptionVector, Halt, Hypercal
                                  MemoryIntercept, Mshv, MsrIntercept, PartitionConfig, UnknownExit,
                                  UnrecoverableException, Vp, VpExit)
 from mshvstack.partition.exits import ExceptionIntercept, SintDeliverable
+from mshvstack.vmm.crash import MSR_CRASH_CTL, GuestCrash, read_report
 from mshvstack.vmm.bus import Bus
 from mshvstack.vmm.config import MachineConfig
 from mshvstack.vmm.devices.simple import AcpiSleepControl, CmosRtc, DebugExit, I8042, Scratch
@@ -64,12 +64,8 @@ SCRATCH_MMIO = 0xD0000000
 RFLAGS_IF = 1 << 9
 DEMO_STACK = 0x80000
 STRING_BATCH = 4096
-MSR_CRASH_CTL = int(lib.HV_MSR_CRASH_CTL)
 KVP_KEY_CHARS = int(lib.KVP_MAX_KEY_SIZE) // 2 - 1       # UTF-16, with its terminator
 KVP_VALUE_CHARS = int(lib.KVP_MAX_VALUE_SIZE) // 2 - 1
-CRASH_MESSAGE_MAX = 4096   # Linux leaves at most one page of kernel log
-_PRINTK_TIME = re.compile(r"^\[\s*\d+\.\d+\]")
-CRASH_REGISTERS = [HvRegister.GUEST_CRASH_P0 + i for i in range(5)]
 
 
 class RunState(enum.Enum):
@@ -94,7 +90,6 @@ class ShutdownCause(enum.Enum):
 
     HOST_ERROR = "host-error"
     HOST_QMP_QUIT = "host-qmp-quit"
-    HOST_SIGNAL = "host-signal"
     HOST_UI = "host-ui"
     GUEST_SHUTDOWN = "guest-shutdown"
     GUEST_RESET = "guest-reset"
@@ -125,26 +120,6 @@ class StopReason:
 
     def __str__(self) -> str:
         return f"{self.kind.value} (exit code {self.exit_code}){': ' + self.detail if self.detail else ''}"
-
-
-@dataclass(frozen=True)
-class GuestCrash:
-    """What a guest reported through the Hyper-V crash MSRs (P0..P4, and the message it left)."""
-
-    parameters: tuple[int, int, int, int, int]
-    message: str = ""
-
-    @property
-    def summary(self) -> str:
-        """The panic line of the message (Linux: "Kernel panic - not syncing: ..."), else its last line."""
-        lines = [_PRINTK_TIME.sub("", line).strip() for line in self.message.splitlines()]
-        lines = [line for line in lines if line]
-        panic = [line for line in lines if "Kernel panic" in line]
-        return (panic or lines or [""])[-1]
-
-    def __str__(self) -> str:
-        words = " ".join(f"P{i}={value:#x}" for i, value in enumerate(self.parameters))
-        return f"guest panicked: {self.summary} ({words})" if self.summary else f"guest panicked ({words})"
 
 
 Listener = Callable[[str, dict[str, Any]], None]
@@ -638,23 +613,15 @@ class Machine:
 
     def _guest_crash_report(self, vp: Vp, control: int) -> None:
         """The guest wrote CRASH_CTL: with NOTIFY set it has crashed; stop with what it reported."""
-        if not control & lib.HV_CRASH_CTL_CRASH_NOTIFY:
+        report = read_report(vp, self.partition.memory, control)
+        if report is None:
             return
-        p0, p1, p2, p3, p4 = vp.get_registers(CRASH_REGISTERS)
-        message = ""
-        if control & lib.HV_CRASH_CTL_CRASH_NOTIFY_MSG and 0 < p4:
-            try:   # the guest's own buffer: P3 its GPA, P4 its length (untrusted, so bounded and checked)
-                raw = self.partition.memory.read(p3, min(p4, CRASH_MESSAGE_MAX))
-                message = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
-            except MshvError:
-                log.warning("VP %d reported a crash message at unmapped GPA %#x", vp.index, p3)
-        self.crash = GuestCrash((p0, p1, p2, p3, p4), message)
-        log.error("VP %d: %s", vp.index, self.crash)
-        if message:
-            log.info("the guest's crash message:\n%s", message)
-        info = {"type": "hyper-v", **{f"arg{i + 1}": value for i, value in enumerate(self.crash.parameters)}}
-        self._emit("GUEST_PANICKED", action="poweroff", info=info)
-        self.stop(StopReason(StopKind.PANIC, PANIC_EXIT_CODE, str(self.crash)))
+        self.crash = report
+        log.error("VP %d: %s", vp.index, report)
+        if report.message:
+            log.info("the guest's crash message:\n%s", report.message)
+        self._emit("GUEST_PANICKED", action="poweroff", info=report.qmp_info)
+        self.stop(StopReason(StopKind.PANIC, PANIC_EXIT_CODE, str(report)))
 
     def _debug_exit(self, value: int) -> None:
         self.stop(StopReason(StopKind.DEBUG_EXIT, value & 0xFF, "guest wrote to the debug-exit port"))

@@ -224,6 +224,11 @@ class Session:
             self._writer.join(timeout=5)
             self.sock.close()
 
+    def negotiate(self) -> None:
+        """Capabilities agreed: commands are taken and the machine's events come to this client."""
+        self.negotiated = True
+        self._unsubscribe = self.machine.subscribe(self._event)
+
     def _event(self, event: str, data: dict[str, Any]) -> None:
         message: dict[str, Any] = {"event": event, "timestamp": _timestamp()}
         if data:
@@ -297,8 +302,7 @@ def _qmp_capabilities(session: Session, args: dict[str, Any]) -> Any:
         raise QmpError("Capabilities negotiation is already complete, command ignored", ErrorClass.COMMAND_NOT_FOUND)
     for capability in args.get("enable", []):
         raise QmpError(f"Capability '{capability}' not available")
-    session.negotiated = True
-    session._unsubscribe = session.machine.subscribe(session._event)
+    session.negotiate()
     return {}
 
 
