@@ -116,6 +116,10 @@ class GpaMap:
             done += n
 
     def read(self, gpa: int, size: int) -> bytes:
+        for region in self._regions:   # the common case first: one region holds it all
+            offset = gpa - region.gpa
+            if 0 <= offset and offset + size <= region.size:
+                return region.view[offset : offset + size].tobytes()
         out = bytearray(size)
         for region, offset, done, n in self._chunks(gpa, size, False):
             out[done : done + n] = region.view[offset : offset + n]

@@ -198,8 +198,12 @@ class SimVp:
 
     # ---- code access for the engine (CodeReader)
     def translate(self, linear: int) -> int | None:
-        t = x86.translate(self.partition.memory, self.reg(R.HV_X64_REGISTER_CR0), self.reg(R.HV_X64_REGISTER_CR3),
-                          self.reg(R.HV_X64_REGISTER_CR4), self.reg(R.HV_X64_REGISTER_EFER), linear, x86.Access.READ)
+        if self.engine is not None:
+            cr0, cr3, cr4, efer = self.engine.paging()
+        else:
+            cr0, cr3, cr4, efer = (self.reg(n) for n in (R.HV_X64_REGISTER_CR0, R.HV_X64_REGISTER_CR3,
+                                                         R.HV_X64_REGISTER_CR4, R.HV_X64_REGISTER_EFER))
+        t = x86.translate(self.partition.memory, cr0, cr3, cr4, efer, linear, x86.Access.READ)
         return t.gpa if t.result is x86.TranslateResult.SUCCESS else None
 
     def read_physical(self, gpa: int, size: int) -> bytes | None:
@@ -207,6 +211,10 @@ class SimVp:
             return self.partition.memory.read(gpa, size)
         except GpaUnmapped:
             return None
+
+    def host_address(self, gpa: int) -> int | None:
+        region = self.partition.memory.lookup(gpa)
+        return None if region is None else region.userspace_addr + gpa - region.gpa
 
     def map_region(self, gpa: int, size: int, address: int, writable: bool, executable: bool) -> None:
         if self.engine is not None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import threading
 import time
-import zlib
 from typing import Any, Callable
 
 import capstone
@@ -128,6 +127,7 @@ def _plain_registers() -> dict[int, int]:
 
 _REGS = _plain_registers()
 _SNAPSHOT_IDS = core_ffi.new("int[]", list(_REGS.values()))
+_PAGING_IDS = core_ffi.new("int[]", [ux.UC_X86_REG_CR0, ux.UC_X86_REG_CR3, ux.UC_X86_REG_CR4])
 _VECTORS = {int(getattr(lib, f"HV_X64_REGISTER_XMM{i}")): getattr(ux, f"UC_X86_REG_XMM{i}") for i in range(16)}
 
 
@@ -166,12 +166,14 @@ class UnicornEngine:
         self._hooked: set[int] = set()
         self._specials: dict[int, Instruction] = {}
         self._stop: EngineStop | None = None
-        self._code_pages: dict[tuple[int, int], int] = {}  # (linear page, guest page) -> crc32 at translation
+        self._code_pages: dict[tuple[int, int], bytes] = {}  # (linear page, guest page) -> its bytes at translation
+        self._tracked: tuple[list[tuple[int, int]], Any, Any] | None = None   # the same, as arrays for the C check
         self._running: int | None = None                    # thread id inside emu_start
         self._deferred: list[Callable[[], None]] = []
         self._deferred_lock = threading.Lock()
         self._segment = core_ffi.new("struct mshvstack_segment *")
         self._snapshot = core_ffi.new("uint64_t[]", len(_REGS))
+        self._paging = core_ffi.new("uint64_t[3]")
         self._segments: dict[int, tuple[int, int, int, int]] = {}
         uc = self._uc
         # Run until stopped, with no "until" address: Unicorn implements
@@ -267,21 +269,29 @@ class UnicornEngine:
         core.mshvstack_filter_forget(self._cpu, linear, linear + 0x1000)
         for key in [k for k in self._code_pages if k[0] == linear]:
             del self._code_pages[key]
+            self._tracked = None
 
     def _check_code_pages(self) -> None:
         """Retranslate pages whose bytes changed since translation.
 
         The host can rewrite guest code through its own mapping at any time
         (the real hypervisor sees such writes at once); Unicorn would keep
-        running the stale translation, so compare checksums before each run.
+        running the stale translation, so compare each translated page with
+        its bytes at translation before each run (one memcmp per page, in C).
         Bounded: beyond MAX_TRACKED_CODE_PAGES the check is skipped.
         """
-        if len(self._code_pages) > MAX_TRACKED_CODE_PAGES:
+        if len(self._code_pages) > MAX_TRACKED_CODE_PAGES or not self._code_pages:
             return
-        for (linear, gpa), crc in list(self._code_pages.items()):
-            data = self._code.read_physical(gpa, 0x1000)
-            if data is not None and zlib.crc32(data) != crc:
-                self._forget_linear_page(linear)
+        if self._tracked is None:   # rebuilt when the set of pages changes
+            keys = [k for k in self._code_pages if self._code.host_address(k[1]) is not None]
+            addresses = core_ffi.new("uint64_t[]", [self._code.host_address(gpa) or 0 for _l, gpa in keys])
+            saved = core_ffi.from_buffer(b"".join(self._code_pages[k] for k in keys))
+            self._tracked = (keys, addresses, saved)
+        keys, addresses, saved = self._tracked
+        changed = core.mshvstack_first_changed_page(addresses, saved, len(keys), 0x1000) if keys else -1
+        if changed >= 0:
+            self._forget_linear_page(keys[changed][0])   # the arrays are rebuilt without it
+            self._check_code_pages()                     # and the rest checked again
 
     # ---- registers ----
     def holds(self, name: int) -> bool:
@@ -347,6 +357,11 @@ class UnicornEngine:
         """The width of the code being executed (16, 32 or 64)."""
         hflags = int(core.mshvstack_hflags(self._cpu))
         return 64 if hflags & _HF_CS64 else 32 if hflags & _HF_CS32 else 16
+
+    def paging(self) -> tuple[int, int, int, int]:
+        """(CR0, CR3, CR4, EFER) now, in one call into the C core (page walks need them often)."""
+        core.mshvstack_read_registers(self._cpu, _PAGING_IDS, self._paging, 3)
+        return int(self._paging[0]), int(self._paging[1]), int(self._paging[2]), int(core.mshvstack_get_efer(self._cpu))
 
     def snapshot(self) -> dict[int, int]:
         """All plain registers in one call into the C core (a few microseconds)."""
@@ -459,7 +474,8 @@ class UnicornEngine:
             if gpa is not None and (page, gpa) not in self._code_pages:
                 data = self._code.read_physical(gpa, 0x1000)
                 if data is not None:
-                    self._code_pages[(page, gpa)] = zlib.crc32(data)
+                    self._code_pages[(page, gpa)] = data
+                    self._tracked = None
         found = False
         for insn in self._disassemblers[self.code_bits()].disasm(code, address):
             kind = _SPECIAL_IDS.get(insn.id)

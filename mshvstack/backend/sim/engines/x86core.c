@@ -506,6 +506,16 @@ void mshvstack_set_segment(struct mshvstack_cpu *c, int index, const struct mshv
     c->api.update_hflags(c->env);
 }
 
+/* The first tracked code page whose bytes differ from those saved at translation (-1: none).
+ * Host memory of mapped regions only: the engine drops a region's pages when it is unmapped. */
+int mshvstack_first_changed_page(const uint64_t *addresses, const uint8_t *saved, int count, uint64_t page_size)
+{
+    for (int i = 0; i < count; i++)
+        if (memcmp((const void *)(uintptr_t)addresses[i], saved + (uint64_t)i * page_size, page_size) != 0)
+            return i;
+    return -1;
+}
+
 /* Many registers in one call from Python: the VP's snapshot after every stop. */
 void mshvstack_read_registers(struct mshvstack_cpu *c, const int *ids, uint64_t *values, int count)
 {
