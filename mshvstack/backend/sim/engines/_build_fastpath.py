@@ -48,6 +48,8 @@ void mshvstack_cpu_free(struct mshvstack_cpu *c);
 void mshvstack_filter_forget(struct mshvstack_cpu *f, uint64_t start, uint64_t end);
 void mshvstack_get_segment(struct mshvstack_cpu *c, int index, struct mshvstack_segment *out);
 void mshvstack_set_segment(struct mshvstack_cpu *c, int index, const struct mshvstack_segment *in);
+size_t mshvstack_read_code(struct mshvstack_cpu *c, uint64_t linear, uint8_t *out, size_t size);
+int mshvstack_translate(struct mshvstack_cpu *c, uint64_t linear, uint64_t *gpa);
 int mshvstack_first_changed_page(const uint64_t *addresses, const uint8_t *saved, int count, uint64_t page_size);
 void mshvstack_read_registers(struct mshvstack_cpu *c, const int *ids, uint64_t *values, int count);
 uint64_t mshvstack_get_efer(struct mshvstack_cpu *c);

@@ -174,6 +174,8 @@ class UnicornEngine:
         self._segment = core_ffi.new("struct mshvstack_segment *")
         self._snapshot = core_ffi.new("uint64_t[]", len(_REGS))
         self._paging = core_ffi.new("uint64_t[3]")
+        self._code_buffer = core_ffi.new("uint8_t[]", 4096)   # blocks are shorter than a page
+        self._gpa = core_ffi.new("uint64_t *")
         self._segments: dict[int, tuple[int, int, int, int]] = {}
         uc = self._uc
         # Run until stopped, with no "until" address: Unicorn implements
@@ -451,18 +453,14 @@ class UnicornEngine:
         return self.segment(lib.HV_X64_REGISTER_CS)[0]
 
     def _read_linear(self, address: int, size: int) -> bytes | None:
-        """Guest code bytes at a linear address (the guest's page tables decide)."""
-        data = bytearray()
-        while len(data) < size:
-            at = address + len(data)
-            gpa = self._code.translate(at)
-            if gpa is None:
-                return bytes(data) if data else None
-            chunk = self._code.read_physical(gpa, min(size - len(data), 0x1000 - at % 0x1000))
-            if chunk is None:
-                return bytes(data) if data else None
-            data += chunk
-        return bytes(data)
+        """Guest code bytes at a linear address (the guest's page tables decide; one C call)."""
+        buffer = self._code_buffer if size <= len(self._code_buffer) else core_ffi.new("uint8_t[]", size)
+        done = core.mshvstack_read_code(self._cpu, address, buffer, size)
+        return bytes(core_ffi.buffer(buffer, done)) if done else None
+
+    def _physical_page(self, linear: int) -> int | None:
+        gpa = self._gpa
+        return int(gpa[0]) & ~0xFFF if core.mshvstack_translate(self._cpu, linear, gpa) else None
 
     def _scan_block(self, address: int, size: int) -> None:
         uc = self._uc
@@ -470,7 +468,7 @@ class UnicornEngine:
         if code is None:
             return
         for page in range(address & ~0xFFF, address + size, 0x1000):
-            gpa = self._code.translate(page)
+            gpa = self._physical_page(page)
             if gpa is not None and (page, gpa) not in self._code_pages:
                 data = self._code.read_physical(gpa, 0x1000)
                 if data is not None:

@@ -103,6 +103,7 @@ struct mshvstack_api {
     void (*update_hflags)(void *env);
     void (*tlb_flush)(void *cs);
     int (*vmem_read)(void *uc, uint64_t address, int prot, void *bytes, size_t size);
+    int (*vmem_translate)(void *uc, uint64_t address, int prot, uint64_t *paddress);
     uint64_t (*get_tsc)(void *env);
     void *(*get_cpu)(void *uc, int index);
 };
@@ -196,6 +197,7 @@ static int resolve(struct mshvstack_api *api, const char *library)
     SYM(update_hflags, "x86_update_hflags_x86_64")
     SYM(tlb_flush, "tlb_flush_x86_64")
     SYM(vmem_read, "uc_vmem_read")
+    SYM(vmem_translate, "uc_vmem_translate")
     SYM(get_tsc, "cpu_get_tsc_x86_64")
     SYM(get_cpu, "qemu_get_cpu_x86_64")
 #undef SYM
@@ -504,6 +506,28 @@ void mshvstack_set_segment(struct mshvstack_cpu *c, int index, const struct mshv
     s->selector = in->selector;
     s->flags = in->flags;
     c->api.update_hflags(c->env);
+}
+
+/* Guest code at a linear address through the guest's own page tables (no fault is raised):
+ * the bytes up to the first page that does not translate; returns how many. */
+size_t mshvstack_read_code(struct mshvstack_cpu *c, uint64_t linear, uint8_t *out, size_t size)
+{
+    size_t done = 0;
+    while (done < size) {
+        size_t n = 0x1000 - ((linear + done) & 0xFFF);
+        if (n > size - done)
+            n = size - done;
+        if (c->api.vmem_read(c->uc, linear + done, 4 /* UC_PROT_EXEC */, out + done, n) != 0)
+            break;
+        done += n;
+    }
+    return done;
+}
+
+/* The guest-physical address of a linear one (no fault); 0 when it does not translate. */
+int mshvstack_translate(struct mshvstack_cpu *c, uint64_t linear, uint64_t *gpa)
+{
+    return c->api.vmem_translate(c->uc, linear, 4 /* UC_PROT_EXEC */, gpa) == 0;
 }
 
 /* The first tracked code page whose bytes differ from those saved at translation (-1: none).
