@@ -48,6 +48,13 @@ _PAGE_SEGMENTS = ("es", "cs", "ss", "ds", "fs", "gs")
 _PAGE_GPR_OFFSET = ffi.offsetof("struct hv_vp_register_page", "gp_registers")
 _PAGE_SEGMENT_OFFSETS = tuple(ffi.offsetof("struct hv_vp_register_page", s) for s in _PAGE_SEGMENTS)
 _PAGE_CR0_OFFSET = ffi.offsetof("struct hv_vp_register_page", "cr0")
+_PAGE_GPR_ORDER = (*_GPR_NAMES, R.HV_X64_REGISTER_RIP, R.HV_X64_REGISTER_RFLAGS)
+_PAGE_CONTROL_ORDER = (R.HV_X64_REGISTER_CR0, R.HV_X64_REGISTER_CR3, R.HV_X64_REGISTER_CR4, R.HV_X64_REGISTER_CR8,
+                       R.HV_X64_REGISTER_EFER, R.HV_X64_REGISTER_DR7)
+_PACK_GPRS = struct.Struct(f"<{len(_PAGE_GPR_ORDER)}Q").pack_into
+_PACK_SEGMENT = struct.Struct("<QIHH").pack_into
+_PACK_CONTROL = struct.Struct(f"<{len(_PAGE_CONTROL_ORDER)}Q").pack_into
+_PAGE_VERSION = int(lib.HV_VP_REGISTER_PAGE_VERSION_1)
 
 APIC_BASE_ENABLE = 1 << 11
 APIC_BASE_X2APIC = 1 << 10
@@ -88,6 +95,7 @@ class SimVp:
         self.index = index
         self.lock = threading.Lock()                 # one MSHV_RUN_VP at a time
         self.register_page = mmap.mmap(-1, PAGE)
+        self._page_cdata: Any = None
         self.intercept_page = mmap.mmap(-1, PAGE)
         self.engine: Engine | None = None
         self._state: dict[int, int] = self._reset_state()
@@ -226,22 +234,20 @@ class SimVp:
 
     # ------------------------------------------------------------------ register page
     def _page(self) -> Any:
-        return ffi.from_buffer("struct hv_vp_register_page *", self.register_page)
+        if self._page_cdata is None:
+            self._page_cdata = ffi.from_buffer("struct hv_vp_register_page *", self.register_page)
+        return self._page_cdata
 
     def _publish_register_page(self) -> None:
         """Refresh the shared register page, as the hypervisor does on an intercept."""
         page = self._page()
         reg = self.reg
         # GPRs, RIP, RFLAGS are contiguous from gp_registers: one pack.
-        struct.pack_into(f"<{len(_GPR_NAMES) + 2}Q", self.register_page, _PAGE_GPR_OFFSET,
-                         *[reg(n) for n in _GPR_NAMES], reg(R.HV_X64_REGISTER_RIP), reg(R.HV_X64_REGISTER_RFLAGS))
+        _PACK_GPRS(self.register_page, _PAGE_GPR_OFFSET, *[reg(n) for n in _PAGE_GPR_ORDER])
         for offset, name in zip(_PAGE_SEGMENT_OFFSETS, _SEGMENT_NAMES):
-            base, limit, selector, attributes = self.segment(name)
-            struct.pack_into("<QIHH", self.register_page, offset, base, limit, selector, attributes)
-        struct.pack_into("<6Q", self.register_page, _PAGE_CR0_OFFSET,
-                         *[reg(n) for n in (R.HV_X64_REGISTER_CR0, R.HV_X64_REGISTER_CR3, R.HV_X64_REGISTER_CR4,
-                                            R.HV_X64_REGISTER_CR8, R.HV_X64_REGISTER_EFER, R.HV_X64_REGISTER_DR7)])
-        page.version = lib.HV_VP_REGISTER_PAGE_VERSION_1
+            _PACK_SEGMENT(self.register_page, offset, *self.segment(name))
+        _PACK_CONTROL(self.register_page, _PAGE_CR0_OFFSET, *[reg(n) for n in _PAGE_CONTROL_ORDER])
+        page.version = _PAGE_VERSION
         page.dirty = 0
         page.isvalid = 1
 
