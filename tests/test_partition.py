@@ -392,3 +392,43 @@ def test_a_32_bit_guests_hypercall_uses_the_32_bit_convention(tmp_path: Path) ->
             assert isinstance(exit_, Halt)
             rax, rdx = vp.get_registers([HvRegister.RAX, HvRegister.RDX])
             assert (rax & 0xFFFFFFFF, rdx & 0xFFFFFFFF) == expected
+
+
+def test_a_vmm_rflags_write_replaces_the_guests_lazy_flags(tmp_path: Path) -> None:
+    """The guest's last arithmetic left flags pending in the engine's lazy state; what
+    the VMM writes to RFLAGS at the exit is what the guest then sees (pushfq, jumps)."""
+    from guests import assemble
+    from mshvstack.vmm.loader.x86boot import long_mode
+
+    source = """
+    mov $7, %eax
+    cmp $1, %eax        /* a compare: ZF=0 CF=0, kept lazily */
+    out %al, $0x10      /* the VMM writes RFLAGS here */
+    pushfq
+    pop %rbx
+    mov %ebx, %eax
+    out %eax, $0x11
+    hlt
+    """
+    image, _ = assemble(source, tmp_path, origin=0x200000)
+    with Mshv.open("sim") as mshv, mshv.create_partition(PartitionConfig()) as part:
+        part.initialize()
+        part.map_memory(0, 4 << 20)
+        part.memory.write(0x200000, image)
+        vp = part.create_vp(0)
+        boot = long_mode(part.memory, 0x200000, stack=0x80000)
+        boot.sregs.apic_base = vp.sregs.apic_base
+        vp.sregs, vp.regs = boot.sregs, boot.regs
+        for via_page in (True, False):
+            exit_ = vp.run()
+            assert isinstance(exit_, IoPortIntercept) and exit_.port_number == 0x10
+            flags = 0x2 | 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x800   # CF PF AF ZF SF OF
+            if via_page:
+                vp.set_registers({HvRegister.RIP: exit_.header.next_rip, HvRegister.RFLAGS: flags})
+            else:   # through HvSetVpRegisters
+                from mshvstack.hvcall import calls
+                calls.set_vp_registers(part.hv, 0, {HvRegister.RIP: exit_.header.next_rip, HvRegister.RFLAGS: flags})
+            exit_ = vp.run()
+            assert isinstance(exit_, IoPortIntercept) and exit_.port_number == 0x11
+            assert exit_.rax & 0xFFF == flags
+            vp.set_registers({HvRegister.RIP: 0x200000, HvRegister.RFLAGS: 2})
