@@ -9,9 +9,9 @@ import struct
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
-from typing import Any, Callable
 
 from mshvstack.abi import ffi, lib
 from mshvstack.backend.sim import SimBackend
