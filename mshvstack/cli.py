@@ -110,7 +110,7 @@ def run(
     disk: list[str] = typer.Option([], "--disk", help="A raw disk image for the guest's synthetic SCSI controller: IMG or IMG,ro (repeatable)."),
     api_socket: Optional[Path] = typer.Option(None, "--api-socket", help="Serve QMP (the QEMU Machine Protocol) on this UNIX socket, for `mshvstack ctl` or any QMP client."),
     console_target: str = typer.Option("stdio", "--console", help="Where the guest's serial console goes: stdio or a FILE."),
-    show_stats: bool = typer.Option(False, "--stats", help="Print a table of exits by type."),
+    show_stats: bool = typer.Option(False, "--stats", help="Print a table of exits by type and where the time went."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON (console goes to stderr)."),
 ) -> None:
     """Boot a guest and run it until it stops; the guest's console is live."""
@@ -165,7 +165,7 @@ def run(
             linuxdemo.cleanup(linux_demo)
     close_console()
     summary: dict[str, Any] = {**machine.status(), "exit_code": reason.exit_code, "reason": reason.kind.value,
-                               "detail": reason.detail, "stats": machine.stats.as_dict()}
+                               "detail": reason.detail, "stats": machine.stats.as_dict(), "engine": machine.engine_time}
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
     else:
@@ -173,6 +173,12 @@ def run(
                       f"{summary['exits']} exits", highlight=False)
         if show_stats:
             console.print(_stats_table(summary["stats"]))
+            engine = summary["engine"]
+            if engine:
+                handled = sum(s["seconds"] for s in summary["stats"].values())
+                console.print(f"time: {engine['engine_s']:.1f} s in the engine running guest code (of it "
+                              f"{engine['block_scan_s']:.1f} s scanning {int(engine['blocks'])} new blocks in Python), "
+                              f"{handled:.1f} s handling exits in the VMM", highlight=False)
     raise typer.Exit(reason.exit_code)
 
 

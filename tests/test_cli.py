@@ -18,6 +18,7 @@ def test_run_demo_prints_greeting_and_summary() -> None:
     assert result.exit_code == 0, result.output
     assert "Hello from an mshvstack guest" in result.output
     assert "debug-exit (exit code 0)" in result.output and "IoPortIntercept" in result.output
+    assert "in the engine running guest code" in result.output and "new blocks" in result.output
 
 
 def test_run_json_summary() -> None:

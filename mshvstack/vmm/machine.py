@@ -145,6 +145,7 @@ class Machine:
         self._lifecycle = threading.RLock()   # pause/resume/reset/status never see a half-built machine
         self._resetting = False
         self.crash: GuestCrash | None = None
+        self.engine_time: dict[str, float] = {}   # the simulator's engine: where its time went (sim backend only)
         self.mshv = Mshv.open(config.backend, config.profile)
         try:
             self._build()
@@ -417,6 +418,10 @@ class Machine:
     def _teardown(self) -> None:
         """Release what _build made (or the part it got to): the I/O APIC's thread,
         the partition, the disk images."""
+        engine_time = getattr(self.mshv.backend, "engine_time", None)
+        if callable(engine_time) and hasattr(self, "partition") and not self.partition.closed:
+            for key, value in engine_time().items():   # before the VPs (and their engines) go
+                self.engine_time[key] = self.engine_time.get(key, 0.0) + value
         vmbus: VmbusServer | None = getattr(self, "vmbus", None)
         if vmbus is not None:
             vmbus.close()

@@ -543,6 +543,13 @@ class SimBackend:
             raise ValueError(f"fd {fd} is not a VP fd")
         return entry.vp
 
+    def engine_time(self) -> dict[str, float]:
+        """Seconds every VP's engine ran (of those, in Python scanning new blocks), for --stats."""
+        with self._lock:
+            engines = [e.vp.engine for e in self._fds.values() if e.vp is not None and e.vp.engine is not None]
+        return {"engine_s": sum(e.time.running for e in engines), "block_scan_s": sum(e.time.scanning for e in engines),
+                "blocks": float(sum(e.time.blocks for e in engines))}
+
     def kick(self, vp_fd: int, thread_id: int = 0) -> None:
         """What a signal to the thread in MSHV_RUN_VP does on the real driver."""
         self.vp_of(vp_fd).kick()

@@ -81,7 +81,18 @@ class CodeReader(Protocol):
     def host_address(self, gpa: int) -> int | None: ...   # where the page's bytes live in this process
 
 
+@dataclass
+class EngineTime:
+    """Where a VP's engine time went: running guest code, and of that, scanning new blocks."""
+
+    running: float = 0.0
+    scanning: float = 0.0
+    blocks: int = 0
+
+
 class Engine(Protocol):
+    time: EngineTime
+
     def map(self, gpa: int, size: int, host_address: int, writable: bool, executable: bool) -> None: ...
     def unmap(self, gpa: int, size: int) -> None: ...
     def protect(self, gpa: int, size: int, writable: bool, executable: bool) -> None: ...

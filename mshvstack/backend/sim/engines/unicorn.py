@@ -31,7 +31,7 @@ from unicorn.unicorn_py3.unicorn import uclib
 from mshvstack.abi import lib
 from mshvstack.backend.sim.engines._fastpath import ffi as core_ffi, lib as core
 from mshvstack.backend.sim.engines.base import (
-    CONTINUE, CodeReader, EngineStop, InterruptAcknowledge, Instruction, MmioRead, MmioWrite, Special,
+    CONTINUE, CodeReader, EngineStop, EngineTime, InterruptAcknowledge, Instruction, MmioRead, MmioWrite, Special,
     SpecialHandler, StopKind)
 
 _SPECIAL_IDS: dict[int, Special] = {
@@ -177,6 +177,7 @@ class UnicornEngine:
         self._code_buffer = core_ffi.new("uint8_t[]", 4096)   # blocks are shorter than a page
         self._gpa = core_ffi.new("uint64_t *")
         self._segments: dict[int, tuple[int, int, int, int]] = {}
+        self.time = EngineTime()
         uc = self._uc
         # Run until stopped, with no "until" address: Unicorn implements
         # "until" through CPU state that leaks into CR2 (seen with 2.1.4).
@@ -424,7 +425,11 @@ class UnicornEngine:
         self._segments.clear()
         self._running = threading.get_ident()
         try:
-            self._uc.emu_start(self.reg(_RIP), 0)
+            started = time.perf_counter()
+            try:
+                self._uc.emu_start(self.reg(_RIP), 0)
+            finally:
+                self.time.running += time.perf_counter() - started
         except unicorn.UcError as exc:
             if self._stop is None:
                 raise RuntimeError(f"unicorn stopped without a reason the engine knows: {exc}") from None
@@ -463,6 +468,14 @@ class UnicornEngine:
         return int(gpa[0]) & ~0xFFF if core.mshvstack_translate(self._cpu, linear, gpa) else None
 
     def _scan_block(self, address: int, size: int) -> None:
+        started = time.perf_counter()
+        try:
+            self._scan_new_block(address, size)
+        finally:
+            self.time.scanning += time.perf_counter() - started
+            self.time.blocks += 1
+
+    def _scan_new_block(self, address: int, size: int) -> None:
         uc = self._uc
         code = self._read_linear(address, size)
         if code is None:
