@@ -11,7 +11,6 @@ counts say where its time goes.
 
 from __future__ import annotations
 
-import re
 import os
 import shutil
 import subprocess

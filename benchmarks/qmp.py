@@ -33,7 +33,7 @@ def echo_rate(path: Path, seconds: float) -> float:
     def serve() -> None:
         conn, _ = listener.accept()
         with conn, conn.makefile("rwb") as stream:
-            while line := stream.readline():
+            while stream.readline():
                 stream.write(b'{"return": {"running": true, "status": "running", "singlestep": false}, "id": 1}\r\n')
                 stream.flush()
 

@@ -20,11 +20,10 @@ from typing import TYPE_CHECKING, Callable
 from mshvstack.abi import lib
 from mshvstack.partition.memory import GuestMemory
 from mshvstack.vmbus import packets
-from mshvstack.vmbus.errors import VmbusProtocolError
+from mshvstack.vmbus.errors import RingFull, VmbusProtocolError
 from mshvstack.vmbus.gpadl import Gpadl, GpadlRingMem
 from mshvstack.vmbus.providers.base import Provider
 from mshvstack.vmbus.ring import TRAILER, IncomingRing, OutgoingRing
-from mshvstack.vmbus.errors import RingFull
 
 if TYPE_CHECKING:
     from mshvstack.vmbus.synic import SynicHost

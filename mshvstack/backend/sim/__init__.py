@@ -36,8 +36,8 @@ __all__ = ["SimBackend"]
 MAX_VPS = 256
 MAX_GSIS = 4096
 MAX_HVCALL_BYTES = 4096
+DEPOSIT_RETRIES = 64   # the newest driver's deposit-and-retry loop, bounded here
 # HV_{GET,SET}_VP_STATE_BATCH_SIZE: the pfns that fit in one hypercall input page.
-DEPOSIT_RETRIES = 64
 VP_STATE_PAGE_LIMIT = (4096 - ffi.sizeof("struct hv_input_get_vp_state")) // ffi.sizeof("uint64_t")
 
 
@@ -70,10 +70,9 @@ class _UserArg:
 
     def __init__(self, arg: Any, ctype: str | None, copy_in: bool) -> None:
         self.address = address_of(arg)
-        self.ctype = ctype
-        self.kernel: Any = ffi.new(f"{ctype} *") if ctype else None
-        if ctype and copy_in:
-            self.kernel = self.copy_in(ctype)
+        self.kernel: Any = None
+        if ctype:
+            self.kernel = self.copy_in(ctype) if copy_in else ffi.new(f"{ctype} *")
 
     def copy_in(self, ctype: str, offset: int = 0, count: int = 1) -> Any:
         """copy_from_user of ``count`` ``ctype``s at ``offset`` bytes into the argument."""
