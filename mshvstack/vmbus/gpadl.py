@@ -21,6 +21,9 @@ MAX_GPADLS_PER_CHANNEL = 64       # Linux uses 1-3 (ring, netvsc's send and rece
 MAX_GPADLS = 1024                 # per connection
 MAX_TOTAL_PAGES = 1 << 20         # every GPADL of a connection together: 4 GiB of guest pages
 _U32 = struct.Struct("<I")
+_WRITE_INDEX = ffi.offsetof("struct vmbus_ring_control", "write_index")
+assert ffi.offsetof("struct vmbus_ring_control", "read_index") == _WRITE_INDEX + 4   # adjacent: one read serves both
+_INDICES = struct.Struct("<II")
 _HEADER = ffi.sizeof("struct vmbus_channel_gpadl_header")
 _BODY = ffi.sizeof("struct vmbus_channel_gpadl_body")
 
@@ -167,6 +170,12 @@ class GpadlRingMem:
     def read_control(self, offset: int) -> int:
         host, base = self._control
         return int(_U32.unpack_from(host, base + offset)[0])
+
+    def read_indices(self) -> tuple[int, int]:
+        """(write_index, read_index): the control page's first two words, in one read."""
+        host, base = self._control
+        write, read = _INDICES.unpack_from(host, base + _WRITE_INDEX)
+        return int(write), int(read)
 
     def write_control(self, offset: int, value: int) -> None:
         host, base = self._control

@@ -37,6 +37,7 @@ class RingMem(Protocol):
     @property
     def data_size(self) -> int: ...
     def read_control(self, offset: int) -> int: ...            # u32
+    def read_indices(self) -> tuple[int, int]: ...             # (write_index, read_index)
     def write_control(self, offset: int, value: int) -> None: ...
     def read_data(self, offset: int, length: int) -> bytes: ...  # no wrap; caller splits
     def write_data(self, offset: int, data: bytes) -> None: ...
@@ -57,6 +58,9 @@ class FlatRingMem:
     def read_control(self, offset: int) -> int:
         return int(struct.unpack_from("<I", self.buffer, offset)[0])
 
+    def read_indices(self) -> tuple[int, int]:
+        return self.read_control(_OFF_WRITE), self.read_control(_OFF_READ)
+
     def write_control(self, offset: int, value: int) -> None:
         struct.pack_into("<I", self.buffer, offset, value & 0xFFFFFFFF)
 
@@ -74,6 +78,13 @@ class _Ring:
         if self.size < PAGE or self.size % 8:
             raise CorruptRing(f"ring data area of {self.size} bytes is not usable")
         self.lock = threading.Lock()
+
+    def _indices(self) -> tuple[int, int]:
+        """(write, read), validated: one read of the control page's first eight bytes."""
+        write, read = self.mem.read_indices()
+        if write >= self.size or write % 8 or read >= self.size or read % 8:
+            raise CorruptRing(f"indices write {write:#x}, read {read:#x} invalid for a {self.size:#x}-byte ring")
+        return write, read
 
     def _index(self, offset: int, what: str) -> int:
         value = self.mem.read_control(offset)
@@ -118,8 +129,7 @@ class OutgoingRing(_Ring):
         if len(packet) % 8 or not packet:
             raise ValueError("packets are a non-empty multiple of 8 bytes")
         with self.lock:
-            write = self._index(_OFF_WRITE, "write")
-            read = self._index(_OFF_READ, "read")
+            write, read = self._indices()
             free = self.size - (write - read) % self.size - TRAILER
             if len(packet) + TRAILER > free:
                 raise RingFull(f"{len(packet) + TRAILER} bytes needed, {free} free")
@@ -151,8 +161,7 @@ class IncomingRing(_Ring):
         """One packet (descriptor + data, trailer removed) and whether the guest
         must be signalled (it was waiting for the space this read freed)."""
         with self.lock:
-            write = self._index(_OFF_WRITE, "write")
-            read = self._index(_OFF_READ, "read")
+            write, read = self._indices()
             available = (write - read) % self.size
             if available == 0:
                 return None
