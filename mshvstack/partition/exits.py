@@ -425,6 +425,7 @@ _FAST_KINDS = {
 _FAST: dict[type, Any] = {}
 _UNBUILT = object()
 _MESSAGE_TYPE = struct.Struct("<I")
+_MESSAGE_TYPE_OFFSET = ffi.offsetof("struct hv_message", "header") + ffi.offsetof("struct hv_message_header", "message_type")
 
 
 def fast_decoder(cls: type[VpExit]) -> Any:
@@ -443,12 +444,11 @@ def decode(raw: bytes | bytearray | memoryview) -> VpExit:
     return decode_message(ffi.from_buffer("struct hv_message *", raw), buffer=raw)
 
 
-def decode_message(msg: Any, payloads: dict[type, Any] | None = None, buffer: Any = None) -> VpExit:
+def decode_message(msg: Any, buffer: Any = None) -> VpExit:
     """The typed exit for a ``struct hv_message *`` (its values are copied out).
-    ``buffer``: the message's bytes as a buffer (the compiled decoders read it);
-    ``payloads``: a cache of the message's payload pointers by exit class, for a
-    caller that decodes the same buffer again and again (a VP's run buffer)."""
-    kind = _MESSAGE_TYPE.unpack_from(buffer)[0] if buffer is not None else msg.header.message_type
+    ``buffer``: the message's bytes as a buffer, which the compiled decoders read;
+    without it, cffi's attribute access reads every field (the reference path)."""
+    kind = _MESSAGE_TYPE.unpack_from(buffer, _MESSAGE_TYPE_OFFSET)[0] if buffer is not None else msg.header.message_type
     cls = _REGISTRY.get(kind)
     if cls is None:
         return UnknownExit(int(kind), bytes(ffi.buffer(msg, MESSAGE_SIZE)))
@@ -457,15 +457,9 @@ def decode_message(msg: Any, payloads: dict[type, Any] | None = None, buffer: An
         if fast is _UNBUILT:
             fast = fast_decoder(cls)
         if fast is not None:
-            exit_: VpExit = object.__new__(cls)
-            exit_.__dict__.update(fast(buffer, _PAYLOAD_OFFSET))
-            return exit_
+            return _built(cls, fast(buffer, _PAYLOAD_OFFSET))
     names, ctype, getter, converts = _reader(cls)
-    payload = payloads.get(cls) if payloads is not None else None
-    if payload is None:
-        payload = ffi.cast(ctype, ffi.cast("char *", msg) + _PAYLOAD_OFFSET)
-        if payloads is not None:
-            payloads[cls] = payload
+    payload = ffi.cast(ctype, ffi.cast("char *", msg) + _PAYLOAD_OFFSET)
     values = list(getter(payload))
     for index, convert in converts:
         values[index] = convert(values[index], payload)

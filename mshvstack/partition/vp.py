@@ -68,7 +68,6 @@ class Vp(FdOwner):
         self._target = HvTarget(self._handle, partition.profile)
         self._run_arg = ffi.new("struct mshv_run_vp *")
         self._run_message = ffi.cast("struct hv_message *", self._run_arg)
-        self._run_payloads: dict[type, Any] = {}   # decode's pointers into the run buffer
         self._run_buffer = ffi.buffer(self._run_arg)
         self._page_view: memoryview | None = None
         self._page: Any = None
@@ -214,7 +213,7 @@ class Vp(FdOwner):
                     if exc.errno == errno.EINTR:
                         continue
                     raise
-                return decode_message(self._run_message, self._run_payloads, self._run_buffer)
+                return decode_message(self._run_message, self._run_buffer)
         finally:
             self._run_thread = None
 
