@@ -44,6 +44,11 @@ _SPECIAL_IDS: dict[int, Special] = {
 }
 
 MAX_TRACKED_CODE_PAGES = 512
+# Unicorn's translation buffer (1 GiB by default).  Generated code calls into
+# the library at every block start, directly only within 2 GiB of it: a buffer
+# mapped further away (a second engine, a large guest mapped first) halved
+# guest speed.  A Debian boot translates well under this.
+TCG_BUFFER_SIZE = 256 << 20
 
 # env->error_code in unicorn 2.1.4's CPUX86State (pinned in setup.py); it is
 # used only when the engine's saved context has the size of that version.
@@ -179,6 +184,7 @@ class UnicornEngine:
         self._segments: dict[int, tuple[int, int, int, int]] = {}
         self.time = EngineTime()
         uc = self._uc
+        uc.ctl_set_tcg_buffer_size(TCG_BUFFER_SIZE)
         # Run until stopped, with no "until" address: Unicorn implements
         # "until" through CPU state that leaks into CR2 (seen with 2.1.4).
         uc.ctl_exits_enabled(True)
