@@ -1,8 +1,8 @@
 """cffi builder for the Unicorn engine's C core (x86core.c, compiled at install).
 
 Everything that must run inside the emulator thread at a precise point is
-C: the per-block filter and stop/deadline check, interrupt and exception
-delivery through QEMU's own x86 code, SYSCALL.  See x86core.c for why.
+C: the new-block filter, stops and the deadline timer, interrupt and
+exception delivery through QEMU's own x86 code, SYSCALL.  See x86core.c.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ struct mshvstack_cpu {
     uint64_t used;
     void *owner;
     ...;
+    uint64_t resume_rip;
     volatile int stop_request;
-    int64_t deadline_ns;
     int pending_vector;
     int pending_nmi;
     int pending_exception;
@@ -41,9 +41,20 @@ struct mshvstack_segment {
 #define REASON_CANCELLED ...
 #define REASON_DEADLINE ...
 #define REASON_EXCEPTION ...
+#define REASON_ENGINE ...
+#define SPECIAL_CONTINUE ...
+#define SPECIAL_STOP ...
+#define SPECIAL_RESUME ...
 int mshvstack_cpu_init(struct mshvstack_cpu *c, void *owner, void *uc, const char *library, const uint64_t *probe,
                        int reg_eflags, int reg_msr, int reg_rax);
-int mshvstack_cpu_hooks(struct mshvstack_cpu *c, int block_type, int intr_type, int invalid_type, int insn_type, int syscall_insn);
+int mshvstack_cpu_hooks(struct mshvstack_cpu *c, int edge_type, int intr_type, int invalid_type, int insn_type,
+                        int syscall_insn, int code_type, int memory_fault_types);
+int mshvstack_quiet_exit_checks(struct mshvstack_cpu *c, uint32_t tcg_buffer_size);
+int mshvstack_hook_special(struct mshvstack_cpu *c, uint64_t address);
+void mshvstack_enter(struct mshvstack_cpu *c, int64_t deadline_ns);
+void mshvstack_leave(struct mshvstack_cpu *c);
+void mshvstack_set_deadline(struct mshvstack_cpu *c, int64_t deadline_ns);
+void mshvstack_cancel(struct mshvstack_cpu *c);
 void mshvstack_cpu_free(struct mshvstack_cpu *c);
 void mshvstack_filter_forget(struct mshvstack_cpu *f, uint64_t start, uint64_t end);
 void mshvstack_get_segment(struct mshvstack_cpu *c, int index, struct mshvstack_segment *out);
@@ -62,15 +73,17 @@ int mshvstack_interrupt_shadow(struct mshvstack_cpu *c);
 void mshvstack_end_interrupt_shadow(struct mshvstack_cpu *c);
 int mshvstack_nmi_blocked(struct mshvstack_cpu *c);
 void mshvstack_set_nmi_blocked(struct mshvstack_cpu *c, int blocked);
-extern "Python" void mshvstack_on_new_block(void *owner, uint64_t address, uint32_t size);
+extern "Python" int mshvstack_on_new_block(void *owner, uint64_t address, uint32_t size);
 extern "Python" int mshvstack_on_injected(void *owner, int vector);
+extern "Python" int mshvstack_on_special(void *owner, uint64_t address);
+extern "Python" void mshvstack_on_memory_fault(void *owner, int access, uint64_t address, int size, int64_t value);
 """
 
 SOURCE = (Path(__file__).with_name("x86core.c")).read_text(encoding="utf-8")
 
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF)
-ffibuilder.set_source("mshvstack.backend.sim.engines._fastpath", SOURCE, libraries=["dl"],
+ffibuilder.set_source("mshvstack.backend.sim.engines._fastpath", SOURCE, libraries=["dl", "pthread"],
                       extra_compile_args=["-O2", "-Wall"])
 
 if __name__ == "__main__":

@@ -8,11 +8,11 @@ reach are set through the C core (x86core.c), which also delivers
 interrupts and exceptions with QEMU's own x86 code and takes every stop at
 a precise point.
 
-Exits are exact: a block filter in C decodes each new translation block
-once (capstone, in Python) and puts a code hook on exactly the
-instructions the hypervisor must see (IN/OUT/INS/OUTS, RDMSR/WRMSR, CPUID,
-HLT, VMCALL/VMMCALL); a code hook that stops does so before its
-instruction.
+Exits are exact: each new translation block is decoded once, when it is
+translated (capstone, in Python, called from the C core), and gets a code
+hook on exactly the instructions the hypervisor must see (IN/OUT/INS/OUTS,
+RDMSR/WRMSR, CPUID, HLT, VMCALL/VMMCALL); a code hook that stops does so
+before its instruction.  Nothing runs per executed block.
 """
 
 from __future__ import annotations
@@ -145,10 +145,22 @@ def qemu_flags(attributes: int) -> int:
     return (attributes & 0xFF) << 8 | (attributes & 0xF000) << 8
 
 
+@core_ffi.def_extern(error=0)  # type: ignore[untyped-decorator]
+def mshvstack_on_new_block(owner: object, address: int, size: int) -> int:
+    """Called from the C core before a new block first runs; 1: it must be translated again."""
+    return int(core_ffi.from_handle(owner)._scan_block(address, size))
+
+
+@core_ffi.def_extern(error=core.SPECIAL_STOP)  # type: ignore[untyped-decorator]
+def mshvstack_on_special(owner: object, address: int) -> int:
+    """A special instruction is about to run: continue, stop, or resume at cpu.resume_rip."""
+    return int(core_ffi.from_handle(owner)._on_special_code(address))
+
+
 @core_ffi.def_extern()  # type: ignore[untyped-decorator]
-def mshvstack_on_new_block(owner: object, address: int, size: int) -> None:
-    """Called from the C block filter the first time a block runs."""
-    core_ffi.from_handle(owner)._scan_block(address, size)
+def mshvstack_on_memory_fault(owner: object, access: int, address: int, size: int, value: int) -> None:
+    """An unmapped or protected access: the core stops at the instruction after this."""
+    core_ffi.from_handle(owner)._on_memory_fault(access, address, size, value)
 
 
 @core_ffi.def_extern(error=-1)  # type: ignore[untyped-decorator]
@@ -190,8 +202,6 @@ class UnicornEngine:
         uc.ctl_exits_enabled(True)
         uc.ctl_set_exits([])
         self._start_core()
-        uc.hook_add(unicorn.UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
-        uc.hook_add(unicorn.UC_HOOK_MEM_PROT, self._on_protection)
 
     def _start_core(self) -> None:
         uc = self._uc
@@ -208,12 +218,29 @@ class UnicornEngine:
                                     f"(status {status}); install the pinned version (pip install 'unicorn==2.1.4')")
         if uc.context_save().size == _CONTEXT_SIZE:
             self._cpu.error_code_offset = _ERROR_CODE_OFFSET
-        status = core.mshvstack_cpu_hooks(self._cpu, unicorn.UC_HOOK_BLOCK, unicorn.UC_HOOK_INTR,
-                                          unicorn.UC_HOOK_INSN_INVALID, unicorn.UC_HOOK_INSN, ux.UC_X86_INS_SYSCALL)
+        self._run_first_block()
+        if core.mshvstack_quiet_exit_checks(self._cpu, TCG_BUFFER_SIZE) != 0:
+            raise EngineUnavailable(f"unicorn {unicorn.__version__}: the engine core cannot find its exit-check flag; "
+                                    "install the pinned version (pip install 'unicorn==2.1.4')")
+        status = core.mshvstack_cpu_hooks(self._cpu, unicorn.UC_HOOK_EDGE_GENERATED, unicorn.UC_HOOK_INTR,
+                                          unicorn.UC_HOOK_INSN_INVALID, unicorn.UC_HOOK_INSN, ux.UC_X86_INS_SYSCALL,
+                                          unicorn.UC_HOOK_CODE, unicorn.UC_HOOK_MEM_UNMAPPED | unicorn.UC_HOOK_MEM_PROT)
         if status != 0:
             raise EngineUnavailable(f"unicorn refused the engine's hooks (status {status})")
         for name in _GPRS:
             uc.reg_write(getattr(ux, f"UC_X86_REG_{name}"), 0)
+
+    def _run_first_block(self) -> None:
+        """Unicorn reports a new block (the core's edge hook) as an edge from the last
+        block run, so only once one has run: run one, on a scratch page, before any
+        guest code (nop; jmp to the next instruction; hlt), then forget it."""
+        uc = self._uc
+        uc.mem_map(0, 0x1000)
+        uc.mem_write(0, bytes.fromhex("90eb00f4"))
+        uc.emu_start(0, 0)
+        uc.mem_unmap(0, 0x1000)
+        uc.ctl_flush_tb()
+        uc.reg_write(ux.UC_X86_REG_RIP, 0)
 
     # ---- cross-thread requests: Unicorn is not thread-safe, so changes asked
     # for while the VP runs are applied by the VP's thread at its next stop.
@@ -412,11 +439,11 @@ class UnicornEngine:
     # ---- execution ----
     def set_deadline(self, deadline_ns: int) -> None:
         """Move the running engine's deadline (a timer was armed by the guest)."""
-        self._cpu.deadline_ns = deadline_ns
+        core.mshvstack_set_deadline(self._cpu, deadline_ns)
 
     def cancel(self) -> None:
-        """Stop at the next block boundary (any thread; a flag the core reads)."""
-        self._cpu.stop_request = 1
+        """Stop at the next block boundary (any thread: a flag, and the CPU kicked)."""
+        core.mshvstack_cancel(self._cpu)
 
     def run(self, deadline_ns: int = 0) -> EngineStop:
         cpu = self._cpu
@@ -427,15 +454,17 @@ class UnicornEngine:
             cpu.stop_request = 0
             return EngineStop(StopKind.CANCELLED)
         self._check_code_pages()
-        cpu.deadline_ns = deadline_ns
         self._segments.clear()
+        rip = self.reg(_RIP)
         self._running = threading.get_ident()
+        core.mshvstack_enter(cpu, deadline_ns)
         try:
             started = time.perf_counter()
             try:
-                self._uc.emu_start(self.reg(_RIP), 0)
+                self._uc.emu_start(rip, 0)
             finally:
                 self.time.running += time.perf_counter() - started
+                core.mshvstack_leave(cpu)
         except unicorn.UcError as exc:
             if self._stop is None:
                 raise RuntimeError(f"unicorn stopped without a reason the engine knows: {exc}") from None
@@ -456,8 +485,8 @@ class UnicornEngine:
         return EngineStop(StopKind.SHUTDOWN)  # QEMU gave up delivering: triple fault
 
     def close(self) -> None:
+        core.mshvstack_cpu_free(self._cpu)   # first: its timer thread kicks the CPU
         del self._uc  # the Uc finalizer closes the engine and its hooks
-        core.mshvstack_cpu_free(self._cpu)
 
     # ---- hooks ----
     def _cs_base(self) -> int:
@@ -473,19 +502,21 @@ class UnicornEngine:
         gpa = self._gpa
         return int(gpa[0]) & ~0xFFF if core.mshvstack_translate(self._cpu, linear, gpa) else None
 
-    def _scan_block(self, address: int, size: int) -> None:
+    def _scan_block(self, address: int, size: int) -> bool:
         started = time.perf_counter()
         try:
-            self._scan_new_block(address, size)
+            return self._scan_new_block(address, size)
         finally:
             self.time.scanning += time.perf_counter() - started
             self.time.blocks += 1
 
-    def _scan_new_block(self, address: int, size: int) -> None:
+    def _scan_new_block(self, address: int, size: int) -> bool:
+        """Hook the block's special instructions; True when it must be translated again
+        (the core then leaves the block before it runs)."""
         uc = self._uc
         code = self._read_linear(address, size)
         if code is None:
-            return
+            return False
         for page in range(address & ~0xFFF, address + size, 0x1000):
             gpa = self._physical_page(page)
             if gpa is not None and (page, gpa) not in self._code_pages:
@@ -497,50 +528,43 @@ class UnicornEngine:
         for insn in self._disassemblers[self.code_bits()].disasm(code, address):
             kind = _SPECIAL_IDS.get(insn.id)
             if kind is None:
+                self._specials.pop(insn.address, None)   # the code there changed, or was decoded otherwise
                 continue
             self._specials[insn.address] = Instruction(insn.address, 0, insn.size, bytes(insn.bytes), kind, insn.mnemonic, insn.op_str)
             if insn.address not in self._hooked:
                 self._hooked.add(insn.address)
-                uc.hook_add(unicorn.UC_HOOK_CODE, self._on_special_code, None, insn.address, insn.address)
+                if core.mshvstack_hook_special(self._cpu, insn.address) != 0:
+                    raise RuntimeError(f"unicorn refused a code hook at {insn.address:#x}")
                 found = True
         if found:
             # Re-translate this block so the new code hooks are compiled in.
             uc.ctl_remove_cache(address, address + size)
-            uc.reg_write(ux.UC_X86_REG_RIP, address - self._cs_base())
+        return found
 
-    def _on_special_code(self, uc: Any, address: int, size: int, _data: Any) -> None:
+    def _on_special_code(self, address: int) -> int:
         template = self._specials.get(address)
         if template is None:
-            return
+            return int(core.SPECIAL_CONTINUE)
         rip = address - self._cs_base()
         insn = Instruction(address, rip, template.length, template.raw, template.kind, template.mnemonic, template.op_str)
         resume_at = self._on_special(insn)
         if resume_at == CONTINUE:
-            return
+            return int(core.SPECIAL_CONTINUE)
         if resume_at is None:
             self._stop = EngineStop(StopKind.SPECIAL, insn)
-            uc.reg_write(ux.UC_X86_REG_RIP, rip)
-            uc.emu_stop()
-        else:
-            uc.reg_write(ux.UC_X86_REG_RIP, resume_at)
-            if resume_at != rip:
-                core.mshvstack_end_interrupt_shadow(self._cpu)  # the emulated instruction completed
+            return int(core.SPECIAL_STOP)
+        if resume_at != rip:
+            core.mshvstack_end_interrupt_shadow(self._cpu)  # the emulated instruction completed
+        self._cpu.resume_rip = resume_at
+        return int(core.SPECIAL_RESUME)
 
-    def _on_unmapped(self, uc: Any, access: int, address: int, size: int, value: int, _data: Any) -> bool:
-        write = access in (unicorn.UC_MEM_WRITE_UNMAPPED, unicorn.UC_MEM_WRITE)
-        fetch = access == unicorn.UC_MEM_FETCH_UNMAPPED
+    def _on_memory_fault(self, access: int, address: int, size: int, value: int) -> None:
+        write = access in (unicorn.UC_MEM_WRITE_UNMAPPED, unicorn.UC_MEM_WRITE_PROT)
+        fetch = access in (unicorn.UC_MEM_FETCH_UNMAPPED, unicorn.UC_MEM_FETCH_PROT)
+        kind = StopKind.PROTECTION if access in (unicorn.UC_MEM_WRITE_PROT, unicorn.UC_MEM_READ_PROT,
+                                                 unicorn.UC_MEM_FETCH_PROT) else StopKind.UNMAPPED
         insn = self._current()
-        self._stop = EngineStop(StopKind.UNMAPPED, insn, address, write, fetch, size, value,
-                                linear=self._access_linear(insn, fetch))
-        return False
-
-    def _on_protection(self, uc: Any, access: int, address: int, size: int, value: int, _data: Any) -> bool:
-        write = access == unicorn.UC_MEM_WRITE_PROT
-        fetch = access == unicorn.UC_MEM_FETCH_PROT
-        insn = self._current()
-        self._stop = EngineStop(StopKind.PROTECTION, insn, address, write, fetch, size, value,
-                                linear=self._access_linear(insn, fetch))
-        return False
+        self._stop = EngineStop(kind, insn, address, write, fetch, size, value, linear=self._access_linear(insn, fetch))
 
     def _access_linear(self, insn: Instruction | None, fetch: bool) -> int | None:
         """The linear address of the instruction's one memory operand (Unicorn's memory

@@ -13,10 +13,17 @@
  * must be called from inside the CPU loop, because a fault while pushing
  * a frame unwinds with longjmp; Python frames cannot be unwound that way.
  *
- * So every stop and every event is taken here, at the start of a
- * translation block (nothing of the block has run, and the PC is synced),
- * or in the exception hook (the state is that of the faulting instruction).
- * Other threads only set flags that this code reads.
+ * So every stop and every event is taken where QEMU itself takes
+ * interrupts: in the CPU's interrupt hook (CPUClass.cpu_exec_interrupt,
+ * which the core wraps), called from the CPU loop between translation
+ * blocks, where the PC is precise and nothing of the next block has run.
+ * QEMU reaches it whenever a block exits to the loop: after every
+ * instruction that can make an interrupt deliverable (STI, POPF, IRET,
+ * MOV SS, ...), and at the next block start once anyone calls cpu_exit().
+ * Other threads only set flags and call cpu_exit(); a timer thread does so
+ * at the deadline.  Nothing runs per executed block: new blocks are found
+ * when they are translated (Unicorn's edge-generated hook, called before a
+ * new block runs), so the guest's hot loops run at Unicorn's own speed.
  *
  * The head of QEMU's CPUX86State is mirrored below; unicorn is pinned and
  * the layout is verified against the public register API when an engine
@@ -26,6 +33,9 @@
 #define _GNU_SOURCE
 #endif
 #include <dlfcn.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,6 +70,7 @@ struct qemu_x86_head {
 /* QEMU's constants (target/i386/cpu.h, include/exec/cpu-all.h). */
 #define CPU_INTERRUPT_HARD 0x0002
 #define CPU_INTERRUPT_NMI 0x0200
+#define CPU_INTERRUPT_TGT_EXT_0 0x0008   /* unused by QEMU's x86: the core's own request */
 #define HF2_NMI_MASK (1u << 2)
 #define CC_OP_EFLAGS 1   /* QEMU's lazy-flags state: CC_SRC holds the flags */
 #define EXCP_NMI 2
@@ -88,6 +99,14 @@ enum mshvstack_reason {
     REASON_CANCELLED = 1,  /* stop_request seen at a block boundary */
     REASON_DEADLINE = 2,   /* the deadline passed */
     REASON_EXCEPTION = 3,  /* an intercepted exception, not delivered */
+    REASON_ENGINE = 4,     /* a stop the Python half recorded (a special instruction, a memory fault) */
+};
+
+/* What the Python half decides at a special instruction. */
+enum mshvstack_special {
+    SPECIAL_CONTINUE = 0,   /* let the engine execute it */
+    SPECIAL_STOP = 1,       /* stop before it */
+    SPECIAL_RESUME = 2,     /* emulated: resume at resume_rip (after it, or at it to take a fault) */
 };
 
 struct mshvstack_api {
@@ -106,6 +125,16 @@ struct mshvstack_api {
     int (*vmem_translate)(void *uc, uint64_t address, int prot, uint64_t *paddress);
     uint64_t (*get_tsc)(void *env);
     void *(*get_cpu)(void *uc, int index);
+    void (*cpu_exit)(void *cs);
+    void (**interrupt_handler)(void *cs, int mask);
+    bool (*exec_interrupt)(void *cs, int request);
+};
+
+/* Unicorn's uc_tb (unicorn.h): what the edge-generated hook says of a new block. */
+struct uc_tb {
+    uint64_t pc;
+    uint16_t icount;
+    uint16_t size;
 };
 
 struct mshvstack_cpu {
@@ -119,10 +148,17 @@ struct mshvstack_cpu {
     struct qemu_x86_head *env;
     struct mshvstack_api api;
     int reg_eflags, reg_msr;
-    unsigned tick;
+    bool (**exec_interrupt_slot)(void *cs, int request);
+    int code_hook_type;
+    uint64_t resume_rip;        /* set by the Python half with SPECIAL_RESUME */
+    /* the deadline timer thread (started at the first deadline) */
+    pthread_mutex_t timer_lock;
+    pthread_cond_t timer_cond;
+    pthread_t timer;
+    int timer_started, timer_quit, running;
     /* requests (any thread may set stop_request; the rest is set by the VP's own thread) */
     volatile int stop_request;
-    int64_t deadline_ns;
+    volatile int64_t deadline_ns;
     int pending_vector;
     int pending_nmi;
     int pending_exception;
@@ -136,8 +172,10 @@ struct mshvstack_cpu {
     size_t error_code_offset;   /* env->error_code, deep in CPUX86State (0: unknown) */
 };
 
-static void mshvstack_on_new_block(void *owner, uint64_t address, uint32_t size);
+static int mshvstack_on_new_block(void *owner, uint64_t address, uint32_t size);
 static int mshvstack_on_injected(void *owner, int vector);
+static int mshvstack_on_special(void *owner, uint64_t address);
+static void mshvstack_on_memory_fault(void *owner, int access, uint64_t address, int size, int64_t value);
 
 static uint64_t mix(uint64_t x)
 {
@@ -200,6 +238,9 @@ static int resolve(struct mshvstack_api *api, const char *library)
     SYM(vmem_translate, "uc_vmem_translate")
     SYM(get_tsc, "cpu_get_tsc_x86_64")
     SYM(get_cpu, "qemu_get_cpu_x86_64")
+    SYM(cpu_exit, "cpu_exit")
+    SYM(interrupt_handler, "cpu_interrupt_handler")
+    SYM(exec_interrupt, "x86_cpu_exec_interrupt_x86_64")
 #undef SYM
     return 0;
 }
@@ -250,6 +291,24 @@ static int discover(struct mshvstack_cpu *c, const uint64_t probe[16], int reg_r
             break;
         }
     }
+    /* The CPU's class is embedded in the CPU object, after its registers: its interrupt
+     * hook is the first word there equal to QEMU's x86 hook, and the CPU's class
+     * pointer (before the registers) points at the class just below it. */
+    if (found == 0) {
+        int first = (int)(((uint64_t *)c->env - (uint64_t *)c->cs));
+        found = -3;
+        for (int j = first; j < words && found == -3; j++) {
+            if (cpuw[j] != (uint64_t)(uintptr_t)c->api.exec_interrupt)
+                continue;
+            uint64_t slot = (uint64_t)(uintptr_t)((uint64_t *)c->cs + j);
+            for (int k = 0; k < first; k++)
+                if (cpuw[k] <= slot && slot - cpuw[k] < 1024 && cpuw[k] > (uint64_t)(uintptr_t)c->env) {
+                    c->exec_interrupt_slot = (bool (**)(void *, int))(uintptr_t)slot;
+                    found = 0;
+                    break;
+                }
+        }
+    }
 out:
     free(cpuw);
     return found;
@@ -267,15 +326,37 @@ int mshvstack_cpu_init(struct mshvstack_cpu *c, void *owner, void *uc, const cha
     c->pending_exception = -1;
     if (resolve(&c->api, library) < 0)
         return -1;
-    if (discover(c, probe, reg_rax) < 0)
-        return -2;
+    int status = discover(c, probe, reg_rax);
+    if (status < 0)
+        return status == -3 ? -4 : -2;
     c->mask = 4095;
     c->slots = calloc(c->mask + 1, sizeof(uint64_t));
-    return c->slots ? 0 : -3;
+    if (!c->slots)
+        return -3;
+    pthread_condattr_t attributes;
+    pthread_condattr_init(&attributes);
+    pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC);
+    pthread_cond_init(&c->timer_cond, &attributes);
+    pthread_condattr_destroy(&attributes);
+    pthread_mutex_init(&c->timer_lock, NULL);
+    return 0;
 }
 
+/* Stop the timer thread (before the engine closes: it kicks the CPU) and free. */
 void mshvstack_cpu_free(struct mshvstack_cpu *c)
 {
+    if (c->timer_started) {
+        pthread_mutex_lock(&c->timer_lock);
+        c->timer_quit = 1;
+        pthread_cond_signal(&c->timer_cond);
+        pthread_mutex_unlock(&c->timer_lock);
+        pthread_join(c->timer, NULL);
+        c->timer_started = 0;
+    }
+    if (c->slots) {
+        pthread_cond_destroy(&c->timer_cond);
+        pthread_mutex_destroy(&c->timer_lock);
+    }
     free(c->slots);
     c->slots = NULL;
 }
@@ -334,26 +415,213 @@ static void inject(struct mshvstack_cpu *c)
     }
 }
 
-void mshvstack_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
+/* Scan a block not seen before; when the scan hooked instructions in it, leave
+ * the block before it runs (nothing of it has run) so it is translated again. */
+static void new_block(struct mshvstack_cpu *c, uint64_t address, uint32_t size)
 {
-    struct mshvstack_cpu *c = user_data;
-    (void)uc;
-    if (c->stop_request) {
-        stop(c, REASON_CANCELLED);
-        return;
-    }
-    if (c->deadline_ns && (++c->tick & 15) == 0 && now_ns() >= c->deadline_ns) {
-        stop(c, REASON_DEADLINE);
-        return;
-    }
-    if (c->pending_vector >= 0 || c->pending_nmi || c->pending_exception >= 0)
-        inject(c);
     if (!c->slots)
         return;
     if (c->used * 2 >= c->mask && grow(c) < 0)
         return;
-    if (insert(c, address + 1))
-        mshvstack_on_new_block(c->owner, address, size);
+    if (insert(c, address + 1) && mshvstack_on_new_block(c->owner, address, size))
+        c->api.cpu_exit(c->cs);
+}
+
+/*
+ * A block was translated and is about to run for the first time (Unicorn
+ * reports it as an edge from the last block run, and so only once a block
+ * has run: the engine runs one when it starts).
+ */
+void mshvstack_edge_hook(void *uc, struct uc_tb *current, struct uc_tb *previous, void *user_data)
+{
+    (void)uc;
+    (void)previous;
+    new_block(user_data, current->pc, current->size);
+}
+
+/* QEMU's x86 interrupt hook (the same function in every engine). */
+static bool (*original_exec_interrupt)(void *cs, int request);
+
+/* The VP thread's engine while it runs (the interrupt hook is called with QEMU's CPU only). */
+static __thread struct mshvstack_cpu *entered;
+
+/*
+ * QEMU's interrupt hook, wrapped: called from the CPU loop between blocks.
+ * Stops first (asked for, or the deadline), then what is pending and
+ * deliverable now, then QEMU's own x86 requests.
+ */
+static bool core_exec_interrupt(void *cs, int request)
+{
+    struct mshvstack_cpu *c = entered;
+    if (c && c->cs == cs) {
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);   /* the loop cleared its exit flag: read requests after */
+        if (c->stop_request) {
+            stop(c, REASON_CANCELLED);
+            return false;
+        }
+        int64_t deadline = c->deadline_ns;
+        if (deadline && now_ns() >= deadline) {
+            stop(c, REASON_DEADLINE);
+            return false;
+        }
+        if (c->pending_vector >= 0 || c->pending_nmi || c->pending_exception >= 0)
+            inject(c);   /* does not return when it delivers */
+        return c->api.exec_interrupt(cs, request);
+    }
+    /* not the engine this thread entered (none can be running here): QEMU's own hook */
+    return original_exec_interrupt(cs, request);
+}
+
+static void *timer_main(void *argument)
+{
+    struct mshvstack_cpu *c = argument;
+    pthread_mutex_lock(&c->timer_lock);
+    int64_t fired = 0;   /* the deadline already kicked for */
+    while (!c->timer_quit) {
+        int64_t deadline = c->deadline_ns;
+        if (!deadline || deadline == fired || !c->running) {
+            pthread_cond_wait(&c->timer_cond, &c->timer_lock);
+            continue;
+        }
+        if (now_ns() < deadline) {
+            struct timespec at = {(time_t)(deadline / 1000000000), (long)(deadline % 1000000000)};
+            pthread_cond_timedwait(&c->timer_cond, &c->timer_lock, &at);
+            continue;
+        }
+        fired = deadline;
+        c->api.cpu_exit(c->cs);   /* the CPU loop then sees the deadline */
+    }
+    pthread_mutex_unlock(&c->timer_lock);
+    return NULL;
+}
+
+/* Move the deadline (any thread); the timer thread starts with the first one. */
+void mshvstack_set_deadline(struct mshvstack_cpu *c, int64_t deadline_ns)
+{
+    if (c->deadline_ns == deadline_ns)
+        return;
+    pthread_mutex_lock(&c->timer_lock);
+    c->deadline_ns = deadline_ns;
+    if (deadline_ns && !c->timer_started && pthread_create(&c->timer, NULL, timer_main, c) == 0)
+        c->timer_started = 1;
+    pthread_cond_signal(&c->timer_cond);
+    pthread_mutex_unlock(&c->timer_lock);
+}
+
+/* The VP thread is about to run the engine: the interrupt hook is to be called between blocks. */
+void mshvstack_enter(struct mshvstack_cpu *c, int64_t deadline_ns)
+{
+    entered = c;
+    (*c->api.interrupt_handler)(c->cs, CPU_INTERRUPT_TGT_EXT_0);
+    mshvstack_set_deadline(c, deadline_ns);
+    pthread_mutex_lock(&c->timer_lock);
+    c->running = 1;
+    pthread_cond_signal(&c->timer_cond);
+    pthread_mutex_unlock(&c->timer_lock);
+}
+
+void mshvstack_leave(struct mshvstack_cpu *c)
+{
+    pthread_mutex_lock(&c->timer_lock);
+    c->running = 0;
+    pthread_mutex_unlock(&c->timer_lock);
+}
+
+/* Stop at the next block boundary (any thread). */
+void mshvstack_cancel(struct mshvstack_cpu *c)
+{
+    c->stop_request = 1;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    pthread_mutex_lock(&c->timer_lock);
+    if (c->running)
+        c->api.cpu_exit(c->cs);
+    pthread_mutex_unlock(&c->timer_lock);
+}
+
+/*
+ * Unicorn checks for exit requests after every guest memory access as well
+ * as at block starts; one seen after a store restarts the instruction, so
+ * a store ran twice (an MMIO write, a locked increment).  Only the block
+ * start check is precise: turn the others off with the flag Unicorn keeps
+ * for that (uc_struct.no_exit_request).  It is found next to fields whose
+ * values are known (uc_priv.h, unicorn 2.1.4): ... bool no_exit_request;
+ * bool init_done; sigjmp_buf jmp_bufs[64]; int nested_level;
+ * TranslationBlock *last_tb; FlatView *empty_view; uint32_t
+ * tcg_buffer_size; ...  Call after a first block ran (last_tb set), before
+ * guest code is translated.
+ */
+int mshvstack_quiet_exit_checks(struct mshvstack_cpu *c, uint32_t tcg_buffer_size)
+{
+    enum { WORDS = 16384, NESTED = 64 };
+    const size_t jump_buffers = NESTED * sizeof(sigjmp_buf);
+    uint64_t *w = calloc(WORDS, 8);
+    int words = 0, matches = 0;
+    unsigned char *flag = NULL;
+    if (!w)
+        return -1;
+    while (words < WORDS && safe_read(w + words, (uint64_t *)c->uc + words, 512 * 8) == 0)
+        words += 512;
+    for (int j = 0; j < words; j++) {
+        size_t t = (size_t)j * 8;
+        if ((uint32_t)w[j] != tcg_buffer_size || t < jump_buffers + 32)
+            continue;
+        unsigned char *base = (unsigned char *)w;
+        uint64_t last_tb;
+        int nested;
+        memcpy(&last_tb, base + t - 16, 8);
+        memcpy(&nested, base + t - 24, 4);
+        size_t buffers = t - 24 - jump_buffers;
+        const unsigned char *bools = base + buffers - 8;   /* hook_insert, first_tb, no_exit_request, init_done */
+        if (last_tb && !(last_tb & 7) && nested == 0 && bools[0] == 0 && bools[1] <= 1 && bools[2] == 0 && bools[3] == 1) {
+            flag = (unsigned char *)c->uc + buffers - 6;
+            matches++;
+        }
+    }
+    free(w);
+    if (matches != 1)
+        return -2;
+    *flag = 1;
+    return 0;
+}
+
+/* Leave the block now, from a hook (never a Python frame: this longjmps);
+ * Unicorn synced the PC and flags to the instruction before calling it. */
+static void leave_block(struct mshvstack_cpu *c)
+{
+    c->api.loop_exit(c->cs);
+}
+
+/* A code hook on a special instruction: the Python half decides. */
+void mshvstack_special_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
+{
+    struct mshvstack_cpu *c = user_data;
+    (void)uc;
+    (void)size;
+    int action = mshvstack_on_special(c->owner, address);
+    if (action == SPECIAL_CONTINUE)
+        return;
+    if (action == SPECIAL_STOP)
+        stop(c, REASON_ENGINE);
+    else
+        c->env->eip = c->resume_rip;
+    leave_block(c);
+}
+
+int mshvstack_hook_special(struct mshvstack_cpu *c, uint64_t address)
+{
+    size_t h;
+    return c->api.hook_add(c->uc, &h, c->code_hook_type, (void *)mshvstack_special_hook, c, address, address);
+}
+
+/* An unmapped or protected access: recorded by the Python half, then a stop at the instruction. */
+bool mshvstack_memory_hook(void *uc, int access, uint64_t address, int size, int64_t value, void *user_data)
+{
+    struct mshvstack_cpu *c = user_data;
+    (void)uc;
+    mshvstack_on_memory_fault(c->owner, access, address, size, value);
+    stop(c, REASON_ENGINE);
+    leave_block(c);
+    return false;
 }
 
 /* An exception raised by guest code (or injected): intercept it or deliver it. */
@@ -604,10 +872,14 @@ void mshvstack_set_nmi_blocked(struct mshvstack_cpu *c, int blocked)
 }
 
 /* Install the hooks, all in C (none of them may be a Python frame: they can longjmp). */
-int mshvstack_cpu_hooks(struct mshvstack_cpu *c, int block_type, int intr_type, int invalid_type, int insn_type, int syscall_insn)
+int mshvstack_cpu_hooks(struct mshvstack_cpu *c, int edge_type, int intr_type, int invalid_type, int insn_type,
+                        int syscall_insn, int code_type, int memory_fault_types)
 {
     size_t h;
-    if (c->api.hook_add(c->uc, &h, block_type, (void *)mshvstack_block_hook, c, 1, 0) != 0)
+    c->code_hook_type = code_type;
+    if (c->api.hook_add(c->uc, &h, memory_fault_types, (void *)mshvstack_memory_hook, c, 1, 0) != 0)
+        return -5;
+    if (c->api.hook_add(c->uc, &h, edge_type, (void *)mshvstack_edge_hook, c, 1, 0) != 0)
         return -1;
     if (c->api.hook_add(c->uc, &h, intr_type, (void *)mshvstack_intr_hook, c, 1, 0) != 0)
         return -2;
@@ -615,5 +887,7 @@ int mshvstack_cpu_hooks(struct mshvstack_cpu *c, int block_type, int intr_type, 
         return -3;
     if (c->api.hook_add(c->uc, &h, insn_type, (void *)mshvstack_syscall_hook, c, 1, 0, syscall_insn) != 0)
         return -4;
+    original_exec_interrupt = c->api.exec_interrupt;
+    *c->exec_interrupt_slot = core_exec_interrupt;
     return 0;
 }
