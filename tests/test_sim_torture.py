@@ -363,3 +363,56 @@ def test_user_mode_syscall_interrupts_and_faults(tmp_path: Path, attempt: int) -
         assert cr2 == 0x40000000
     finally:
         g.close()
+
+
+def test_a_stop_asked_for_by_an_mmio_store_does_not_replay_it() -> None:
+    """An MMIO write whose device asks the engine to stop (the xAPIC does, when the
+    write makes an interrupt deliverable): the stop comes after the instruction, which
+    runs once.  Unicorn's own exit checks after each memory access restarted it."""
+    import ctypes
+    import mmap
+
+    from mshvstack.backend.sim.engines.unicorn import UnicornEngine
+    from mshvstack.backend.sim.engines.base import StopKind
+
+    ram = mmap.mmap(-1, 0x8000)
+    # Real mode at 0x1000: inc word [0x8000] (MMIO: read, then write) ; inc bx ; jmp 0x1000
+    code = bytes.fromhex("ff060080") + bytes.fromhex("43") + bytes.fromhex("ebf9")
+    ram[0x1000 : 0x1000 + len(code)] = code
+    host = ctypes.addressof(ctypes.c_char.from_buffer(ram))
+
+    class Code:
+        def translate(self, linear: int) -> int | None:
+            return linear
+
+        def read_physical(self, gpa: int, size: int) -> bytes | None:
+            return bytes(ram[gpa : gpa + size]) if gpa + size <= len(ram) else None
+
+        def host_address(self, gpa: int) -> int | None:
+            return host + gpa if gpa < len(ram) else None
+
+    counter = [0]
+    writes: list[int] = []
+    engine = UnicornEngine(lambda insn: None, Code(), lambda vector: -1)
+
+    def write(offset: int, size: int, value: int) -> None:
+        writes.append(value)
+        counter[0] = value
+        if len(writes) % 3 == 0:
+            engine.cancel()
+
+    try:
+        engine.map(0, len(ram), host, True, True)
+        engine.map_mmio(0x8000, 0x1000, lambda offset, size: counter[0], write)
+        engine.set_segment(lib.HV_X64_REGISTER_CS, 0, 0xFFFF, 0, 0x9B)
+        for name in ("DS", "ES", "SS"):
+            engine.set_segment(getattr(lib, f"HV_X64_REGISTER_{name}"), 0, 0xFFFF, 0, 0x93)
+        engine.set_reg(lib.HV_X64_REGISTER_CR0, 0x10)
+        engine.set_reg(lib.HV_X64_REGISTER_RFLAGS, 2)
+        engine.set_reg(lib.HV_X64_REGISTER_RIP, 0x1000)
+        for stop in range(1, 6):
+            assert engine.run().kind is StopKind.CANCELLED
+            assert writes == list(range(1, 3 * stop + 1))          # each increment once, none replayed
+            assert engine.reg(lib.HV_X64_REGISTER_RBX) == 3 * stop  # the instruction after it ran too
+    finally:
+        engine.close()

@@ -219,8 +219,9 @@ class UnicornEngine:
         if uc.context_save().size == _CONTEXT_SIZE:
             self._cpu.error_code_offset = _ERROR_CODE_OFFSET
         self._run_first_block()
-        if core.mshvstack_quiet_exit_checks(self._cpu, TCG_BUFFER_SIZE) != 0:
-            raise EngineUnavailable(f"unicorn {unicorn.__version__}: the engine core cannot find its exit-check flag; "
+        status = core.mshvstack_quiet_exit_checks(self._cpu, TCG_BUFFER_SIZE)
+        if status != 0:
+            raise EngineUnavailable(f"unicorn {unicorn.__version__}: the engine core cannot find its exit-check flag ({status}); "
                                     "install the pinned version (pip install 'unicorn==2.1.4')")
         status = core.mshvstack_cpu_hooks(self._cpu, unicorn.UC_HOOK_EDGE_GENERATED, unicorn.UC_HOOK_INTR,
                                           unicorn.UC_HOOK_INSN_INVALID, unicorn.UC_HOOK_INSN, ux.UC_X86_INS_SYSCALL,

@@ -555,13 +555,13 @@ int mshvstack_quiet_exit_checks(struct mshvstack_cpu *c, uint32_t tcg_buffer_siz
     enum { WORDS = 16384, NESTED = 64 };
     const size_t jump_buffers = NESTED * sizeof(sigjmp_buf);
     uint64_t *w = calloc(WORDS, 8);
-    int words = 0, matches = 0;
-    unsigned char *flag = NULL;
+    int words = 0;
+    unsigned char *flag = NULL;   /* the first match: others lie past the end of this uc_struct */
     if (!w)
         return -1;
     while (words < WORDS && safe_read(w + words, (uint64_t *)c->uc + words, 512 * 8) == 0)
         words += 512;
-    for (int j = 0; j < words; j++) {
+    for (int j = 0; j < words && !flag; j++) {
         size_t t = (size_t)j * 8;
         if ((uint32_t)w[j] != tcg_buffer_size || t < jump_buffers + 32)
             continue;
@@ -574,11 +574,10 @@ int mshvstack_quiet_exit_checks(struct mshvstack_cpu *c, uint32_t tcg_buffer_siz
         const unsigned char *bools = base + buffers - 8;   /* hook_insert, first_tb, no_exit_request, init_done */
         if (last_tb && !(last_tb & 7) && nested == 0 && bools[0] == 0 && bools[1] <= 1 && bools[2] == 0 && bools[3] == 1) {
             flag = (unsigned char *)c->uc + buffers - 6;
-            matches++;
         }
     }
     free(w);
-    if (matches != 1)
+    if (!flag)
         return -2;
     *flag = 1;
     return 0;
