@@ -52,6 +52,7 @@ _PAGE_GPR_ORDER = (*_GPR_NAMES, R.HV_X64_REGISTER_RIP, R.HV_X64_REGISTER_RFLAGS)
 _PAGE_CONTROL_ORDER = (R.HV_X64_REGISTER_CR0, R.HV_X64_REGISTER_CR3, R.HV_X64_REGISTER_CR4, R.HV_X64_REGISTER_CR8,
                        R.HV_X64_REGISTER_EFER, R.HV_X64_REGISTER_DR7)
 _PACK_GPRS = struct.Struct(f"<{len(_PAGE_GPR_ORDER)}Q").pack_into
+_UNPACK_GPRS = struct.Struct(f"<{len(_GPR_NAMES)}Q").unpack_from
 _PACK_SEGMENT = struct.Struct("<QIHH").pack_into
 _PACK_CONTROL = struct.Struct(f"<{len(_PAGE_CONTROL_ORDER)}Q").pack_into
 _PAGE_VERSION = int(lib.HV_VP_REGISTER_PAGE_VERSION_1)
@@ -258,8 +259,11 @@ class SimVp:
         if not page.isvalid or not dirty:
             return
         if dirty & (1 << lib.HV_X64_REGISTER_CLASS_GENERAL):
-            for i, name in enumerate(_GPR_NAMES):
-                self.set_reg(name, page.gp_registers[i])
+            # The VMM usually changed one or two: only those reach the engine.
+            reg = self.reg
+            for name, value in zip(_GPR_NAMES, _UNPACK_GPRS(self.register_page, _PAGE_GPR_OFFSET)):
+                if value != reg(name):
+                    self.set_reg(name, value)
         if dirty & (1 << lib.HV_X64_REGISTER_CLASS_IP):
             self.set_reg(R.HV_X64_REGISTER_RIP, page.rip)
         if dirty & (1 << lib.HV_X64_REGISTER_CLASS_FLAGS):

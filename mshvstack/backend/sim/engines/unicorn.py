@@ -184,7 +184,11 @@ class UnicornEngine:
         self._specials: dict[int, Instruction] = {}
         self._stop: EngineStop | None = None
         self._code_pages: dict[tuple[int, int], bytes] = {}  # (linear page, guest page) -> its bytes at translation
-        self._tracked: tuple[list[tuple[int, int]], Any, Any] | None = None   # the same, as arrays for the C check
+        # The same, as the C check reads them: keys in order, host addresses, saved bytes (page i at i * 4 KiB).
+        self._tracked_keys: list[tuple[int, int]] = []
+        self._tracked_hosts = core_ffi.new("uint64_t[]", MAX_TRACKED_CODE_PAGES)
+        self._tracked_saved = bytearray(MAX_TRACKED_CODE_PAGES * 0x1000)
+        self._tracked_saved_c = core_ffi.from_buffer("uint8_t[]", self._tracked_saved)
         self._running: int | None = None                    # thread id inside emu_start
         self._deferred: list[Callable[[], None]] = []
         self._deferred_lock = threading.Lock()
@@ -304,9 +308,13 @@ class UnicornEngine:
         if self._code.translate(linear) is not None:
             self._uc.ctl_remove_cache(linear, linear + 0x1000)
         core.mshvstack_filter_forget(self._cpu, linear, linear + 0x1000)
-        for key in [k for k in self._code_pages if k[0] == linear]:
+        forgotten = [k for k in self._code_pages if k[0] == linear]
+        for key in forgotten:
             del self._code_pages[key]
-            self._tracked = None
+        if forgotten:
+            self._tracked_keys = []
+            for key, data in self._code_pages.items():
+                self._track(key, data)
 
     def _check_code_pages(self) -> None:
         """Retranslate pages whose bytes changed since translation.
@@ -319,16 +327,21 @@ class UnicornEngine:
         """
         if len(self._code_pages) > MAX_TRACKED_CODE_PAGES or not self._code_pages:
             return
-        if self._tracked is None:   # rebuilt when the set of pages changes
-            keys = [k for k in self._code_pages if self._code.host_address(k[1]) is not None]
-            addresses = core_ffi.new("uint64_t[]", [self._code.host_address(gpa) or 0 for _l, gpa in keys])
-            saved = core_ffi.from_buffer(b"".join(self._code_pages[k] for k in keys))
-            self._tracked = (keys, addresses, saved)
-        keys, addresses, saved = self._tracked
-        changed = core.mshvstack_first_changed_page(addresses, saved, len(keys), 0x1000) if keys else -1
+        keys = self._tracked_keys
+        changed = core.mshvstack_first_changed_page(self._tracked_hosts, self._tracked_saved_c, len(keys), 0x1000) if keys else -1
         if changed >= 0:
-            self._forget_linear_page(keys[changed][0])   # the arrays are rebuilt without it
+            self._forget_linear_page(keys[changed][0])   # the page is tracked again when translated again
             self._check_code_pages()                     # and the rest checked again
+
+    def _track(self, key: tuple[int, int], data: bytes) -> None:
+        """Add a translated page to the arrays the C check reads (the first MAX_TRACKED_CODE_PAGES)."""
+        index = len(self._tracked_keys)
+        host = self._code.host_address(key[1])
+        if index >= MAX_TRACKED_CODE_PAGES or host is None:
+            return
+        self._tracked_keys.append(key)
+        self._tracked_hosts[index] = host
+        self._tracked_saved[index * 0x1000 : (index + 1) * 0x1000] = data
 
     # ---- registers ----
     def holds(self, name: int) -> bool:
@@ -524,7 +537,7 @@ class UnicornEngine:
                 data = self._code.read_physical(gpa, 0x1000)
                 if data is not None:
                     self._code_pages[(page, gpa)] = data
-                    self._tracked = None
+                    self._track((page, gpa), data)
         found = False
         for insn in self._disassemblers[self.code_bits()].disasm(code, address):
             kind = _SPECIAL_IDS.get(insn.id)
