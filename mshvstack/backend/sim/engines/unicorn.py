@@ -488,6 +488,8 @@ class UnicornEngine:
         if self._stop is not None:
             return self._stop
         reason = cpu.reason
+        if reason == core.REASON_ENGINE:   # a hook stopped without saying why: it raised
+            raise RuntimeError("an engine hook failed (its traceback is above)")
         if reason == core.REASON_CANCELLED:
             return EngineStop(StopKind.CANCELLED)
         if reason == core.REASON_DEADLINE:

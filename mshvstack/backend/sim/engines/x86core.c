@@ -522,6 +522,7 @@ void mshvstack_enter(struct mshvstack_cpu *c, int64_t deadline_ns)
 
 void mshvstack_leave(struct mshvstack_cpu *c)
 {
+    entered = NULL;
     pthread_mutex_lock(&c->timer_lock);
     c->running = 0;
     pthread_mutex_unlock(&c->timer_lock);
