@@ -155,7 +155,7 @@ struct mshvstack_cpu {
     pthread_mutex_t timer_lock;
     pthread_cond_t timer_cond;
     pthread_t timer;
-    int timer_started, timer_quit, running;
+    int timer_started, timer_quit, timer_idle, running;
     /* requests (any thread may set stop_request; the rest is set by the VP's own thread) */
     volatile int stop_request;
     volatile int64_t deadline_ns;
@@ -215,6 +215,16 @@ static int safe_read(void *dst, const void *src, size_t n)
 {
     struct iovec local = {dst, n}, remote = {(void *)src, n};
     return process_vm_readv(getpid(), &local, 1, &remote, 1, 0) == (ssize_t)n ? 0 : -1;
+}
+
+/* Up to max words of our own memory from src, page by page: an object may end
+ * near the end of its mapping.  Returns how many words were read. */
+static int read_words(uint64_t *dst, const void *src, int max)
+{
+    int words = 0;
+    while (words < max && safe_read(dst + words, (const uint64_t *)src + words, 512 * 8) == 0)
+        words += 512;
+    return words;
 }
 
 static int resolve(struct mshvstack_api *api, const char *library)
@@ -277,9 +287,7 @@ static int discover(struct mshvstack_cpu *c, const uint64_t probe[16], int reg_r
     int words = 0;
     if (!cpuw || !c->cs)
         goto out;
-    /* Page by page: the CPU object may end near the end of its mapping. */
-    while (words < CPU_WORDS && safe_read(cpuw + words, (uint64_t *)c->cs + words, 512 * 8) == 0)
-        words += 512;
+    words = read_words(cpuw, c->cs, CPU_WORDS);
     for (int j = 0; j < words; j++) {
         uint64_t e = cpuw[j], p = (uint64_t)c->cs;
         if (e <= p || e - p > (1u << 20) || (e & 7))
@@ -480,7 +488,9 @@ static void *timer_main(void *argument)
     while (!c->timer_quit) {
         int64_t deadline = c->deadline_ns;
         if (!deadline || deadline == fired || !c->running) {
+            c->timer_idle = 1;   /* woken by a new deadline or the next run */
             pthread_cond_wait(&c->timer_cond, &c->timer_lock);
+            c->timer_idle = 0;
             continue;
         }
         if (now_ns() < deadline) {
@@ -495,28 +505,37 @@ static void *timer_main(void *argument)
     return NULL;
 }
 
-/* Move the deadline (any thread); the timer thread starts with the first one. */
+/* With the timer lock held: a new deadline (the timer thread starts with the first one). */
+static void change_deadline(struct mshvstack_cpu *c, int64_t deadline_ns)
+{
+    c->deadline_ns = deadline_ns;
+    if (deadline_ns && !c->timer_started && pthread_create(&c->timer, NULL, timer_main, c) == 0)
+        c->timer_started = 1;
+    pthread_cond_signal(&c->timer_cond);
+}
+
+/* Move the deadline (any thread). */
 void mshvstack_set_deadline(struct mshvstack_cpu *c, int64_t deadline_ns)
 {
     if (c->deadline_ns == deadline_ns)
         return;
     pthread_mutex_lock(&c->timer_lock);
-    c->deadline_ns = deadline_ns;
-    if (deadline_ns && !c->timer_started && pthread_create(&c->timer, NULL, timer_main, c) == 0)
-        c->timer_started = 1;
-    pthread_cond_signal(&c->timer_cond);
+    change_deadline(c, deadline_ns);
     pthread_mutex_unlock(&c->timer_lock);
 }
 
-/* The VP thread is about to run the engine: the interrupt hook is to be called between blocks. */
+/* The VP thread is about to run the engine: the interrupt hook is to be called between
+ * blocks; the timer thread is woken only when the deadline changed or it waits for a run. */
 void mshvstack_enter(struct mshvstack_cpu *c, int64_t deadline_ns)
 {
     entered = c;
     (*c->api.interrupt_handler)(c->cs, CPU_INTERRUPT_TGT_EXT_0);
-    mshvstack_set_deadline(c, deadline_ns);
     pthread_mutex_lock(&c->timer_lock);
     c->running = 1;
-    pthread_cond_signal(&c->timer_cond);
+    if (c->deadline_ns != deadline_ns)
+        change_deadline(c, deadline_ns);
+    else if (c->timer_idle)
+        pthread_cond_signal(&c->timer_cond);
     pthread_mutex_unlock(&c->timer_lock);
 }
 
@@ -556,12 +575,10 @@ int mshvstack_quiet_exit_checks(struct mshvstack_cpu *c, uint32_t tcg_buffer_siz
     enum { WORDS = 16384, NESTED = 64 };
     const size_t jump_buffers = NESTED * sizeof(sigjmp_buf);
     uint64_t *w = calloc(WORDS, 8);
-    int words = 0;
     unsigned char *flag = NULL;   /* the first match: others lie past the end of this uc_struct */
     if (!w)
         return -1;
-    while (words < WORDS && safe_read(w + words, (uint64_t *)c->uc + words, 512 * 8) == 0)
-        words += 512;
+    int words = read_words(w, c->uc, WORDS);
     for (int j = 0; j < words && !flag; j++) {
         size_t t = (size_t)j * 8;
         if ((uint32_t)w[j] != tcg_buffer_size || t < jump_buffers + 32)
