@@ -1,15 +1,17 @@
 """Exit round trips and guest compute speed on the simulated /dev/mshv,
 each against bare Unicorn doing the same work, measured in the same run.
 
-    python benchmarks/exits.py [--exits N] [--loop N]
+    python benchmarks/exits.py [--exits N] [--rounds N] [--loop N]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import mmap
 import time
+from typing import Callable
 
 import unicorn
 import unicorn.x86_const as ux
@@ -56,7 +58,8 @@ def _sim_guest(code: bytes) -> tuple[SimBackend, int, int, int, mmap.mmap, objec
     return backend, dev, part, vp, ram, page
 
 
-def sim_exit_rate(n: int) -> float:
+def sim_exit_loop(stack: contextlib.ExitStack) -> Callable[[int], float]:
+    """The raw loop: MSHV_RUN_VP, skip the OUT through the register page, run again."""
     backend, _dev, _part, vp, _ram, page = _sim_guest(IO_LOOP)
     run = ffi.new("struct mshv_run_vp *")
     msg = ffi.cast("struct hv_message *", run)
@@ -64,44 +67,53 @@ def sim_exit_rate(n: int) -> float:
     dirty_ip = 1 << lib.HV_X64_REGISTER_CLASS_IP
     backend.ioctl(vp, lib.MSHV_RUN_VP, run)  # warm up (translation)
     assert msg.header.message_type == lib.HVMSG_X64_IO_PORT_INTERCEPT and io.port_number == 0x10, "not the IO loop"
-    start = time.perf_counter()
-    for _ in range(n):
-        page.rip = io.header.rip + io.header.instruction_length  # emulate: skip the OUT
-        page.dirty = dirty_ip
-        backend.ioctl(vp, lib.MSHV_RUN_VP, run)
-    return n / (time.perf_counter() - start)
+
+    def loop(n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            page.rip = io.header.rip + io.header.instruction_length  # emulate: skip the OUT
+            page.dirty = dirty_ip
+            backend.ioctl(vp, lib.MSHV_RUN_VP, run)
+        return time.perf_counter() - start
+    return loop
 
 
-def api_exit_rate(n: int, backend_free: bool = False) -> float:
+def api_exit_loop(stack: contextlib.ExitStack, backend_free: bool = False) -> Callable[[int], float]:
     """The loop a user writes with the public API: run, a typed IoPortIntercept, set RIP.
     ``backend_free``: the ioctl returns at once with the last message in place, so what
     is timed is only the stack above the backend (what a user pays on real /dev/mshv)."""
     from mshvstack.hvcall import HvRegister
     from mshvstack.partition import IoPortIntercept, Mshv, PartitionConfig, Segment
 
-    with Mshv.open("sim") as mshv, mshv.create_partition(PartitionConfig()) as part:
-        part.initialize()
-        part.map_memory(0, 0x10000)
-        part.memory.write(0x1000, IO_LOOP)
-        vp = part.create_vp(0)
-        sregs = vp.sregs
-        sregs.cs = Segment(base=0, limit=0xFFFF, selector=0, attributes=0x9B)
-        vp.sregs = sregs
-        vp.set_registers({HvRegister.RIP: 0x1000, HvRegister.RFLAGS: 2})
-        exit_ = vp.run()
-        assert isinstance(exit_, IoPortIntercept) and exit_.port_number == 0x10, exit_
-        backend = part.backend
-        if backend_free:
-            backend.ioctl = lambda fd, request, arg: 0   # type: ignore[method-assign]
+    mshv = stack.enter_context(Mshv.open("sim"))
+    part = stack.enter_context(mshv.create_partition(PartitionConfig()))
+    part.initialize()
+    part.map_memory(0, 0x10000)
+    part.memory.write(0x1000, IO_LOOP)
+    vp = part.create_vp(0)
+    sregs = vp.sregs
+    sregs.cs = Segment(base=0, limit=0xFFFF, selector=0, attributes=0x9B)
+    vp.sregs = sregs
+    vp.set_registers({HvRegister.RIP: 0x1000, HvRegister.RFLAGS: 2})
+    first = vp.run()
+    assert isinstance(first, IoPortIntercept) and first.port_number == 0x10, first
+    backend = part.backend
+    if backend_free:
+        backend.ioctl = lambda fd, request, arg: 0   # type: ignore[method-assign]
+        stack.callback(delattr, backend, "ioctl")   # the class's own again
+    last = [first]
+
+    def loop(n: int) -> float:
+        exit_ = last[0]
         start = time.perf_counter()
         for _ in range(n):
             vp.set_registers({HvRegister.RIP: exit_.header.next_rip})
             exit_ = vp.run()
         elapsed = time.perf_counter() - start
-        if backend_free:
-            del backend.ioctl   # the class's own again
         assert isinstance(exit_, IoPortIntercept)
-    return n / elapsed
+        last[0] = exit_
+        return elapsed
+    return loop
 
 
 def _bare(code: bytes) -> tuple[unicorn.Uc, mmap.mmap]:
@@ -115,7 +127,7 @@ def _bare(code: bytes) -> tuple[unicorn.Uc, mmap.mmap]:
     return uc, ram
 
 
-def bare_exit_rate(n: int) -> float:
+def bare_exit_loop(stack: contextlib.ExitStack) -> Callable[[int], float]:
     """The same exact-instruction exit on Unicorn alone: code hook, stop, skip, restart."""
     uc, _ram = _bare(IO_LOOP)
 
@@ -125,10 +137,23 @@ def bare_exit_rate(n: int) -> float:
 
     uc.hook_add(unicorn.UC_HOOK_CODE, on_out, None, 0x1000, 0x1000)
     uc.emu_start(0x1000, 0x10000)
-    start = time.perf_counter()
-    for _ in range(n):
-        uc.emu_start(uc.reg_read(ux.UC_X86_REG_EIP) + 2, 0x10000)
-    return n / (time.perf_counter() - start)
+
+    def loop(n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            uc.emu_start(uc.reg_read(ux.UC_X86_REG_EIP) + 2, 0x10000)
+        return time.perf_counter() - start
+    return loop
+
+
+def best_rates(loops: dict[str, Callable[[int], float]], exits: int, rounds: int) -> dict[str, float]:
+    """Exits per second of each loop at its best round; the loops take turns, so a
+    slow spell of this (shared, virtual) machine falls on all of them alike."""
+    best = dict.fromkeys(loops, float("inf"))
+    for _ in range(rounds):
+        for name, loop in loops.items():
+            best[name] = min(best[name], loop(exits))
+    return {name: exits / elapsed for name, elapsed in best.items()}
 
 
 def sim_compute_rate(n: int) -> float:
@@ -160,19 +185,22 @@ def bare_compute_rate(n: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--exits", type=int, default=20000)
+    parser.add_argument("--exits", type=int, default=4000, help="exits per round")
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--loop", type=int, default=20_000_000)
     args = parser.parse_args()
-    sim_exits, bare_exits = sim_exit_rate(args.exits), bare_exit_rate(args.exits)
-    api_exits = api_exit_rate(args.exits)
+    with contextlib.ExitStack() as stack:
+        rates = best_rates({"bare": bare_exit_loop(stack), "sim": sim_exit_loop(stack), "api": api_exit_loop(stack),
+                            "above": api_exit_loop(stack, backend_free=True)}, args.exits, args.rounds)
     sim_ips, bare_ips = sim_compute_rate(args.loop), bare_compute_rate(args.loop)
-    above = 1e6 / api_exit_rate(args.exits, backend_free=True)
-    print(f"IO exit round trips, public API (Vp.run, IoPortIntercept, set_registers): {api_exits:,.0f}/s, "
-          f"ratio {api_exits / bare_exits:.3f} to bare Unicorn")
-    print(f"IO exit round trips, raw ioctls + register page: simulator {sim_exits:,.0f}/s, bare Unicorn {bare_exits:,.0f}/s, "
-          f"ratio {sim_exits / bare_exits:.3f}")
-    print(f"stack above the backend: {above:.1f} us per exit (the public API loop with an ioctl that returns at once)")
+    bare, sim, api = rates["bare"], rates["sim"], rates["api"]
+    print(f"IO exit round trips, public API (Vp.run, IoPortIntercept, set_registers): {api:,.0f}/s, "
+          f"bare Unicorn {bare:,.0f}/s, ratio {api / bare:.3f}")
+    print(f"IO exit round trips, raw ioctls + register page: simulator {sim:,.0f}/s, ratio {sim / bare:.3f}")
+    print(f"stack above the backend: {1e6 / rates['above']:.1f} us per exit (the public API loop with an ioctl "
+          "that returns at once)")
     print(f"guest compute:       simulator {sim_ips / 1e6:,.1f} M insn/s, bare Unicorn {bare_ips / 1e6:,.1f} M insn/s, ratio {sim_ips / bare_ips:.3f}")
+    print(f"(exit rates: the best of {args.rounds} interleaved rounds of {args.exits:,} exits each)")
 
 
 if __name__ == "__main__":

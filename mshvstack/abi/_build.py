@@ -47,13 +47,77 @@ _STUB_IOCTL = "/* ioctl macros only appear in #defines */\n"
 _GLUE_CDEF = """
 static const char MSHVSTACK_IOCTL_NAMES[];
 int mshvstack_ioctl(int fd, unsigned long request, uintptr_t arg);
+long mshvstack_self_copy(uintptr_t remote, const void *local, size_t size, int write);
 """
 _GLUE_SOURCE = """
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <sys/ioctl.h>
+#include <sys/uio.h>
+#include <unistd.h>
 static int mshvstack_ioctl(int fd, unsigned long request, uintptr_t arg)
 {
 	return ioctl(fd, request, arg);
+}
+
+/* A pipe through which small copies pass: the kernel's own copy_from_user
+ * (write) and copy_to_user (read) check the caller's side, at a third of
+ * the cost of process_vm_writev.  One per process (reset in a fork child). */
+static pthread_mutex_t copy_lock = PTHREAD_MUTEX_INITIALIZER;
+static int copy_pipe[2] = {-1, -1};
+static int copy_pipe_state;   /* 0 untried, 1 open, -1 unavailable */
+
+static void copy_pipe_forget(void)
+{
+	if (copy_pipe_state == 1) {
+		close(copy_pipe[0]);
+		close(copy_pipe[1]);
+	}
+	copy_pipe[0] = copy_pipe[1] = -1;
+	copy_pipe_state = 0;
+}
+
+static long pipe_copy(uintptr_t remote, const void *local, size_t size, int write_to_remote)
+{
+	char drain[PIPE_BUF];
+	long result;
+	if (copy_pipe_state == 0) {
+		copy_pipe_state = pipe2(copy_pipe, O_CLOEXEC | O_NONBLOCK) == 0 ? 1 : -1;
+		if (copy_pipe_state == 1)
+			pthread_atfork(NULL, NULL, copy_pipe_forget);
+	}
+	if (copy_pipe_state != 1)
+		return -ENOSYS;
+	ssize_t in = write(copy_pipe[1], write_to_remote ? local : (const void *)remote, size);
+	if (in < 0)
+		return -errno;   /* EFAULT: the caller's buffer cannot be read */
+	ssize_t out = read(copy_pipe[0], write_to_remote ? (void *)remote : (void *)local, (size_t)in);
+	result = out < 0 ? -errno : (long)out;
+	if (out != in)   /* EFAULT while copying out: the bytes stay in the pipe */
+		while (read(copy_pipe[0], drain, sizeof drain) > 0)
+			;
+	return in < (ssize_t)size && result >= 0 ? (long)in : result;
+}
+
+/* The simulator's copy_{from,to}_user on this process's own memory, so a bad
+ * address is an errno, not a SIGSEGV.  Returns the bytes copied, or -errno. */
+static long mshvstack_self_copy(uintptr_t remote, const void *local, size_t size, int write_to_remote)
+{
+	if (size <= PIPE_BUF) {
+		pthread_mutex_lock(&copy_lock);
+		long done = pipe_copy(remote, local, size, write_to_remote);
+		pthread_mutex_unlock(&copy_lock);
+		if (done != -ENOSYS)
+			return done;
+	}
+	struct iovec mine = {(void *)local, size}, theirs = {(void *)remote, size};
+	ssize_t done = write_to_remote ? process_vm_writev(getpid(), &mine, 1, &theirs, 1, 0)
+				       : process_vm_readv(getpid(), &mine, 1, &theirs, 1, 0);
+	return done < 0 ? -errno : (long)done;
 }
 """
 

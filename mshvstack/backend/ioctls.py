@@ -35,16 +35,18 @@ _NAMES_BY_KIND: dict[FdKind, tuple[str, ...]] = {
 }
 
 
+_REQUESTS_BY_KIND = {kind: {int(getattr(lib, name)): name for name in names} for kind, names in _NAMES_BY_KIND.items()}
+
+
 def requests_for(kind: FdKind) -> dict[int, str]:
     """Request number → ioctl name for one fd kind."""
-    return {int(getattr(lib, name)): name for name in _NAMES_BY_KIND[kind]}
+    return dict(_REQUESTS_BY_KIND[kind])
 
 
 def request_name(request: int, kind: FdKind | None = None) -> str:
     """The ioctl's name, given which fd it was issued on (if known)."""
-    kinds = [kind] if kind is not None else list(FdKind)
-    for k in kinds:
-        name = requests_for(k).get(request)
+    for k in (kind,) if kind is not None else FdKind:
+        name = _REQUESTS_BY_KIND[k].get(request)
         if name is not None:
             return name
     return f"ioctl {request:#x}"

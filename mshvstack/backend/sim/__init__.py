@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mshvstack.abi import ffi, lib
-from mshvstack.backend.ioctls import FdKind, explain, request_name
+from mshvstack.backend.ioctls import FdKind, explain, request_name, requests_for
 from mshvstack.backend.sim.engines.unicorn import tsc_hz
 from mshvstack.backend.sim.eventfds import IrqfdWorker, MsiRoute, NotAnEventfd, eventfd_context
 from mshvstack.backend.sim.faults import FaultPlan
@@ -47,7 +47,7 @@ class _Fail(Exception):
 
 
 # The struct each ioctl's argument points at, and whether the driver copies it in
-# (an _IOR request such as MSHV_RUN_VP is only written, after the call).
+# (MSHV_RUN_VP's struct mshv_run_vp is only written, after the call: nothing to copy).
 _ARG_STRUCTS: dict[str, tuple[str | None, bool]] = {
     "MSHV_CREATE_PARTITION": ("struct mshv_create_partition", True),
     "MSHV_ROOT_HVCALL": ("struct mshv_root_hvcall", True),
@@ -58,7 +58,7 @@ _ARG_STRUCTS: dict[str, tuple[str | None, bool]] = {
     "MSHV_IOEVENTFD": ("struct mshv_user_ioeventfd", True),
     "MSHV_SET_MSI_ROUTING": ("struct mshv_user_irq_table", True),   # the header; entries follow
     "MSHV_GET_GPAP_ACCESS_BITMAP": ("struct mshv_gpap_access_bitmap", True),
-    "MSHV_RUN_VP": ("struct mshv_run_vp", False),
+    "MSHV_RUN_VP": (None, False),
     "MSHV_GET_VP_STATE": ("struct mshv_get_set_vp_state", True),
     "MSHV_SET_VP_STATE": ("struct mshv_get_set_vp_state", True),
 }
@@ -144,8 +144,7 @@ class SimBackend:
         return fd
 
     def _entry(self, fd: int) -> _Fd:
-        with self._lock:
-            entry = self._fds.get(fd)
+        entry = self._fds.get(fd)   # one dict read: atomic under the GIL (writers take the lock)
         if entry is None:
             raise _Fail(errno.EBADF)
         return entry
@@ -190,24 +189,18 @@ class SimBackend:
             # An open fd of something else (a file, /dev/null) does not know the request: ENOTTY.
             err = errno.ENOTTY if _is_open(fd) else errno.EBADF
             raise ErrnoError(err, request_name(request), explain(request_name(request), err)) from None
-        name = request_name(request, entry.kind)
-        handler = self._handlers(entry.kind).get(name)
-        if entry.kind is FdKind.DEVICE and name == "MSHV_ROOT_HVCALL" and not self.profile.device_hvcalls:
-            handler = None   # kernels before the /dev/mshv passthrough (6.15) do not know the request there
+        route = _ROUTES[entry.kind].get(request)
+        name = route.name if route is not None else request_name(request, entry.kind)
         try:
-            if handler is None:
+            if route is None or (route.device_hvcall and not self.profile.device_hvcalls):
+                # (kernels before the /dev/mshv passthrough, 6.15, do not know MSHV_ROOT_HVCALL there)
                 raise _Fail(errno.ENOTTY)
             injected = self.faults.ioctl_errno(name)
             if injected is not None:
                 raise _Fail(injected)
-            ctype, copy_in = _ARG_STRUCTS.get(name, (None, False))
-            return int(handler(self, entry, _UserArg(arg, ctype, copy_in)))
+            return int(route.handler(self, entry, _UserArg(arg, route.ctype, route.copy_in)))
         except _Fail as exc:
             raise ErrnoError(exc.err, name, explain(name, exc.err)) from None
-
-    @staticmethod
-    def _handlers(kind: FdKind) -> dict[str, Any]:
-        return _HANDLERS[kind]
 
     # -- /dev/mshv
     def _create_partition(self, entry: _Fd, arg: _UserArg) -> int:
@@ -598,4 +591,23 @@ _HANDLERS: dict[FdKind, dict[str, Any]] = {
         "MSHV_SET_VP_STATE": SimBackend._set_vp_state,
         "MSHV_ROOT_HVCALL": SimBackend._root_hvcall,
     },
+}
+
+
+@dataclass(frozen=True)
+class _Route:
+    """Where one ioctl on one fd kind goes, resolved once (ioctl runs per VP exit)."""
+
+    name: str
+    handler: Any
+    ctype: str | None
+    copy_in: bool
+    device_hvcall: bool   # MSHV_ROOT_HVCALL on /dev/mshv: only on kernels with the passthrough
+
+
+_ROUTES: dict[FdKind, dict[int, _Route]] = {
+    kind: {request: _Route(name, _HANDLERS[kind][name], *_ARG_STRUCTS.get(name, (None, False)),
+                           device_hvcall=kind is FdKind.DEVICE and name == "MSHV_ROOT_HVCALL")
+           for request, name in requests_for(kind).items() if name in _HANDLERS[kind]}
+    for kind in FdKind
 }

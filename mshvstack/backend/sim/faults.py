@@ -60,6 +60,8 @@ class FaultPlan:
         return int(rule.value)
 
     def ioctl_errno(self, name: str) -> int | None:
+        if not self._ioctl:   # nothing armed (the common case): no lock
+            return None
         with self._lock:
             return self._take(self._ioctl, name)
 

@@ -255,6 +255,8 @@ class HvEmulator:
 
     def poll_timers(self) -> None:
         """Fire the timers whose expiry has passed."""
+        if all(t.expiry is None or t.undelivered for t in self.timers):
+            return   # none armed (the common case): no clock read
         now = self.services.reference_time()
         for n, timer in enumerate(self.timers):
             if timer.expiry is None or timer.undelivered or now < timer.expiry:

@@ -123,6 +123,8 @@ class SimPartition:
 
     def wait_unfrozen(self, vp: SimVp) -> None:
         """A frozen partition's VPs do not run (they can still be kicked)."""
+        if self._unfrozen.is_set():
+            return
         while not self._unfrozen.wait(0.05):
             if vp._kick:
                 return

@@ -74,6 +74,8 @@ class Lapic:
     def deliverable(self) -> int | None:
         """The vector the CPU would take now (IRR above the processor priority)."""
         self.poll_timer()
+        if not self.irr:   # an int read is atomic; a concurrent accept() also notifies the VP
+            return None
         with self._lock:
             if not self.irr:
                 return None

@@ -11,12 +11,10 @@ check falls back to /proc/self/maps.
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import os
 from typing import Any
 
-from mshvstack.abi import ffi
+from mshvstack.abi import ffi, lib
 
 USER_TOP = 1 << 47   # x86-64 user addresses end here (4-level paging); access_ok refuses the rest
 
@@ -27,14 +25,7 @@ class UserFault(Exception):
     errno = errno.EFAULT
 
 
-class _Iovec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("length", ctypes.c_size_t)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-for _name in ("process_vm_readv", "process_vm_writev"):
-    getattr(_libc, _name).restype = ctypes.c_ssize_t
-_vm_calls_work: bool | None = None
+_vm_calls_work: bool | None = None   # None: not tried yet; False: refused here (seccomp)
 
 
 def access_ok(address: int, size: int) -> bool:
@@ -51,29 +42,27 @@ def address_of(arg: Any) -> int:
 
 
 def _transfer(address: int, buffer: Any, size: int, write: bool) -> None:
+    """Copy between the caller's ``address`` and ``buffer`` (anything cffi can point at)."""
     global _vm_calls_work
     if size == 0:
         return
     if not address or not access_ok(address, size):
         raise UserFault()
+    local = ffi.from_buffer(buffer)
     if _vm_calls_work is not False:
-        local = _Iovec(ctypes.cast(buffer, ctypes.c_void_p), size)
-        remote = _Iovec(address, size)
-        call = _libc.process_vm_writev if write else _libc.process_vm_readv
-        done = call(os.getpid(), ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        done = lib.mshvstack_self_copy(address, local, size, int(write))
         if done == size:
             _vm_calls_work = True
             return
-        failure = ctypes.get_errno()
-        if done >= 0 or failure == errno.EFAULT or _vm_calls_work:
+        if done >= 0 or -done == errno.EFAULT or _vm_calls_work:
             raise UserFault()
         _vm_calls_work = False   # ENOSYS/EPERM: not allowed here; check the mappings instead
     if not _mapped(address, size, write):
         raise UserFault()
     if write:
-        ctypes.memmove(address, buffer, size)
+        ffi.memmove(ffi.cast("void *", address), local, size)
     else:
-        ctypes.memmove(buffer, address, size)
+        ffi.memmove(local, ffi.cast("void *", address), size)
 
 
 def _mapped(address: int, size: int, write: bool) -> bool:
@@ -91,14 +80,13 @@ def _mapped(address: int, size: int, write: bool) -> bool:
 
 
 def copy_from_user(address: int, size: int) -> bytes:
-    buffer = ctypes.create_string_buffer(size)
+    buffer = bytearray(size)
     _transfer(address, buffer, size, write=False)
-    return buffer.raw
+    return bytes(buffer)
 
 
-def copy_to_user(address: int, data: bytes) -> None:
-    buffer = ctypes.create_string_buffer(data, len(data))
-    _transfer(address, buffer, len(data), write=True)
+def copy_to_user(address: int, data: bytes | memoryview) -> None:
+    _transfer(address, data, len(data), write=True)
 
 
 def user_range_writable(address: int, size: int) -> bool:

@@ -86,6 +86,16 @@ _RESET_CS = (0xFFFF0000, 0xFFFF, 0xF000, 0x9B)
 _RESET_DATA_SEGMENT = (0, 0xFFFF, 0, 0x93)
 
 
+MESSAGE_SIZE = ffi.sizeof("struct hv_message")
+
+
+class _EngineWrote:
+    """The engine wrote the intercept message and the register page itself."""
+
+
+ENGINE_WROTE = _EngineWrote()
+
+
 class Kicked(Exception):
     """run() was interrupted (MSHV_RUN_VP returns EINTR)."""
 
@@ -108,8 +118,9 @@ class SimVp:
         self._kick = False
         self._halted = False
         self._pending_exit: bytes | None = None      # e.g. SINT deliverable, raised outside run
-        # Registers read in one batch after the engine stops; valid until it runs again.
+        # Registers read in one batch after the engine stops (at the first read); valid until it runs again.
         self._snap: dict[int, int] | None = None
+        self._snap_due = False
         self._publish_register_page()
 
     @property
@@ -138,6 +149,9 @@ class SimVp:
     # ------------------------------------------------------------------ registers
     def reg(self, name: int) -> int:
         snap = self._snap
+        if snap is None and self._snap_due and self.engine is not None:
+            snap = self._snap = self.engine.snapshot()
+            self._snap_due = False
         if snap is not None and name in snap:
             return snap[name]
         if self.engine is not None and self.engine.holds(name):
@@ -202,6 +216,8 @@ class SimVp:
         interrupt_state = self._state.get(R.HV_REGISTER_INTERRUPT_STATE, 0)
         engine.set_interrupt_state(bool(interrupt_state & INTERRUPT_SHADOW), bool(interrupt_state & NMI_MASKED))
         engine.intercept_exceptions(self.partition.exception_bitmap())
+        engine.attach_vp(self.index, int(ffi.cast("uintptr_t", self._page())),
+                         int(ffi.cast("uintptr_t", ffi.from_buffer(self.intercept_page))))
         self.engine = engine
         return engine
 
@@ -241,6 +257,9 @@ class SimVp:
 
     def _publish_register_page(self) -> None:
         """Refresh the shared register page, as the hypervisor does on an intercept."""
+        if self.engine is not None:
+            self.engine.publish_registers()
+            return
         page = self._page()
         reg = self.reg
         # GPRs, RIP, RFLAGS are contiguous from gp_registers: one pack.
@@ -254,6 +273,12 @@ class SimVp:
 
     def _consume_register_page(self) -> None:
         """Apply what the VMM wrote through the page (dirty classes only)."""
+        engine = self.engine
+        if engine is not None:
+            self._snap = None   # the engine's registers change under it
+            if engine.consume_registers():
+                self._consume_page_segments()
+            return
         page = self._page()
         dirty = page.dirty
         if not page.isvalid or not dirty:
@@ -269,9 +294,14 @@ class SimVp:
         if dirty & (1 << lib.HV_X64_REGISTER_CLASS_FLAGS):
             self.set_reg(R.HV_X64_REGISTER_RFLAGS, page.rflags)
         if dirty & (1 << lib.HV_X64_REGISTER_CLASS_SEGMENT):
-            for attr, name in zip(_PAGE_SEGMENTS, _SEGMENT_NAMES):
-                seg = getattr(page, attr)
-                self.set_segment(name, seg.base, seg.limit, seg.selector, seg.attributes)
+            self._consume_page_segments()
+        page.dirty = 0
+
+    def _consume_page_segments(self) -> None:
+        page = self._page()
+        for attr, name in zip(_PAGE_SEGMENTS, _SEGMENT_NAMES):
+            seg = getattr(page, attr)
+            self.set_segment(name, seg.base, seg.limit, seg.selector, seg.attributes)
         page.dirty = 0
 
     # ------------------------------------------------------------------ run
@@ -327,19 +357,23 @@ class SimVp:
         self._consume_register_page()
         self.partition.wait_unfrozen(self)
         while True:
-            with self._wake:
-                if self._kick:
-                    self._kick = False
-                    raise Kicked()
-                exit_msg, self._pending_exit = self._pending_exit, None
+            exit_msg: bytes | _EngineWrote | None = None
+            if self._kick or self._pending_exit is not None:   # a kick missed here stops the engine at once
+                with self._wake:
+                    if self._kick:
+                        self._kick = False
+                        raise Kicked()
+                    exit_msg, self._pending_exit = self._pending_exit, None
             if exit_msg is None:
                 exit_msg = self._step()
+            if isinstance(exit_msg, _EngineWrote):
+                return self.intercept_page[:MESSAGE_SIZE]
             if exit_msg is not None:
                 self.intercept_page[: len(exit_msg)] = exit_msg
                 self._publish_register_page()
                 return exit_msg
 
-    def _step(self) -> bytes | None:
+    def _step(self) -> bytes | _EngineWrote | None:
         if self._state.get(R.HV_REGISTER_INTERNAL_ACTIVITY_STATE, 0) & STARTUP_SUSPEND:
             # An AP waiting for INIT/SIPI: nothing runs until start_at_sipi().
             with self._wake:
@@ -353,8 +387,11 @@ class SimVp:
         self._deliver_pending_interruption(engine)
         self._offer_events(engine)
         self._snap = None
+        self._snap_due = False
         stop = engine.run(self._deadline_ns())
-        self._snap = engine.snapshot()
+        if stop.kind is StopKind.WRITTEN:
+            return ENGINE_WROTE
+        self._snap_due = True
         return self._handle_stop(stop)
 
     def _deliver_pending_interruption(self, engine: Any) -> None:

@@ -30,6 +30,11 @@ struct mshvstack_cpu {
     uint32_t error_code;
     uint64_t injected;
     size_t error_code_offset;
+    ...;
+    const uint64_t *code_hosts;
+    const uint8_t *code_saved;
+    int code_pages;
+    int changed_page;
 };
 struct mshvstack_segment {
     uint64_t base;
@@ -42,6 +47,11 @@ struct mshvstack_segment {
 #define REASON_DEADLINE ...
 #define REASON_EXCEPTION ...
 #define REASON_ENGINE ...
+#define REASON_IO ...
+#define RUN_CODE_CHANGED ...
+#define SPECIAL_KIND_NONE ...
+#define SPECIAL_KIND_IO ...
+#define SPECIAL_KIND_OTHER ...
 #define SPECIAL_CONTINUE ...
 #define SPECIAL_STOP ...
 #define SPECIAL_RESUME ...
@@ -51,6 +61,12 @@ int mshvstack_cpu_hooks(struct mshvstack_cpu *c, int edge_type, int intr_type, i
                         int syscall_insn, int code_type, int memory_fault_types);
 int mshvstack_quiet_exit_checks(struct mshvstack_cpu *c, uint32_t tcg_buffer_size);
 int mshvstack_hook_special(struct mshvstack_cpu *c, uint64_t address);
+int mshvstack_set_special(struct mshvstack_cpu *c, uint64_t address, int kind, const uint8_t *raw, int length);
+void mshvstack_attach_vp(struct mshvstack_cpu *c, uint32_t vp_index, void *register_page, void *message_page,
+                         const int register_ids[6]);
+int mshvstack_run(struct mshvstack_cpu *c, int64_t deadline_ns);
+void mshvstack_publish_registers(struct mshvstack_cpu *c);
+uint32_t mshvstack_consume_registers(struct mshvstack_cpu *c);
 void mshvstack_enter(struct mshvstack_cpu *c, int64_t deadline_ns);
 void mshvstack_leave(struct mshvstack_cpu *c);
 void mshvstack_set_deadline(struct mshvstack_cpu *c, int64_t deadline_ns);
@@ -61,7 +77,6 @@ void mshvstack_get_segment(struct mshvstack_cpu *c, int index, struct mshvstack_
 void mshvstack_set_segment(struct mshvstack_cpu *c, int index, const struct mshvstack_segment *in);
 size_t mshvstack_read_code(struct mshvstack_cpu *c, uint64_t linear, uint8_t *out, size_t size);
 int mshvstack_translate(struct mshvstack_cpu *c, uint64_t linear, uint64_t *gpa);
-int mshvstack_first_changed_page(const uint64_t *addresses, const uint8_t *saved, int count, uint64_t page_size);
 void mshvstack_read_registers(struct mshvstack_cpu *c, const int *ids, uint64_t *values, int count);
 uint64_t mshvstack_get_efer(struct mshvstack_cpu *c);
 void mshvstack_set_efer(struct mshvstack_cpu *c, uint64_t value);
@@ -79,11 +94,14 @@ extern "Python" int mshvstack_on_special(void *owner, uint64_t address);
 extern "Python" void mshvstack_on_memory_fault(void *owner, int access, uint64_t address, int size, int64_t value);
 """
 
-SOURCE = (Path(__file__).with_name("x86core.c")).read_text(encoding="utf-8")
+HERE = Path(__file__).parent
+INCLUDE = HERE.parents[3] / "include"
+# One unit: the intercept writer (x86exits.c) uses the core's CPU state.
+SOURCE = "".join((HERE / name).read_text(encoding="utf-8") for name in ("x86core.c", "x86exits.c"))
 
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF)
-ffibuilder.set_source("mshvstack.backend.sim.engines._fastpath", SOURCE, libraries=["dl", "pthread"],
+ffibuilder.set_source("mshvstack.backend.sim.engines._fastpath", SOURCE, libraries=["dl", "pthread"], include_dirs=[str(INCLUDE)],
                       extra_compile_args=["-O2", "-Wall"])
 
 if __name__ == "__main__":

@@ -34,6 +34,11 @@ from mshvstack.backend.sim.engines.base import (
     CONTINUE, CodeReader, EngineStop, EngineTime, InterruptAcknowledge, Instruction, MmioRead, MmioWrite, Special,
     SpecialHandler, StopKind)
 
+# Stops with nothing to describe (one object each).
+_WRITTEN = EngineStop(StopKind.WRITTEN)   # the core wrote the intercept message and the register page
+_CANCELLED = EngineStop(StopKind.CANCELLED)
+_DEADLINE = EngineStop(StopKind.DEADLINE)
+
 _SPECIAL_IDS: dict[int, Special] = {
     cx.X86_INS_IN: Special.IO, cx.X86_INS_OUT: Special.IO,
     cx.X86_INS_INSB: Special.IO, cx.X86_INS_INSW: Special.IO, cx.X86_INS_INSD: Special.IO,
@@ -133,6 +138,8 @@ def _plain_registers() -> dict[int, int]:
 _REGS = _plain_registers()
 _SNAPSHOT_IDS = core_ffi.new("int[]", list(_REGS.values()))
 _PAGING_IDS = core_ffi.new("int[]", [ux.UC_X86_REG_CR0, ux.UC_X86_REG_CR3, ux.UC_X86_REG_CR4])
+_PAGE_REGISTER_IDS = core_ffi.new("int[6]", [ux.UC_X86_REG_RFLAGS, ux.UC_X86_REG_CR0, ux.UC_X86_REG_CR3,
+                                             ux.UC_X86_REG_CR4, ux.UC_X86_REG_CR8, ux.UC_X86_REG_DR7])
 _VECTORS = {int(getattr(lib, f"HV_X64_REGISTER_XMM{i}")): getattr(ux, f"UC_X86_REG_XMM{i}") for i in range(16)}
 
 
@@ -222,6 +229,8 @@ class UnicornEngine:
                                     f"(status {status}); install the pinned version (pip install 'unicorn==2.1.4')")
         if uc.context_save().size == _CONTEXT_SIZE:
             self._cpu.error_code_offset = _ERROR_CODE_OFFSET
+        self._cpu.code_hosts = self._tracked_hosts
+        self._cpu.code_saved = self._tracked_saved_c
         self._run_first_block()
         status = core.mshvstack_quiet_exit_checks(self._cpu, TCG_BUFFER_SIZE)
         if status != 0:
@@ -315,24 +324,15 @@ class UnicornEngine:
             self._tracked_keys = []
             for key, data in self._code_pages.items():
                 self._track(key, data)
+            self._sync_code_check()
 
-    def _check_code_pages(self) -> None:
-        """Retranslate pages whose bytes changed since translation.
-
-        The host can rewrite guest code through its own mapping at any time
-        (the real hypervisor sees such writes at once); Unicorn would keep
-        running the stale translation, so compare each translated page with
-        its bytes at translation before each run (one memcmp per page, in C).
-        Bounded: beyond MAX_TRACKED_CODE_PAGES the check is skipped.
-        """
-        if len(self._code_pages) > MAX_TRACKED_CODE_PAGES or not self._code_pages:
-            return
-        keys = self._tracked_keys
-        changed = core.mshvstack_first_changed_page(self._tracked_hosts, self._tracked_saved_c, len(keys), 0x1000) if keys else -1
-        if changed >= 0:
-            self._forget_linear_page(keys[changed][0])   # the page is tracked again when translated again
-            self._check_code_pages()                     # and the rest checked again
-
+    # The host can rewrite guest code through its own mapping at any time (the
+    # real hypervisor sees such writes at once); Unicorn would keep running the
+    # stale translation.  So the core compares each translated page with its
+    # bytes at translation before each run (one memcmp per page) and runs
+    # nothing when one changed (RUN_CODE_CHANGED): the page is dropped, and
+    # tracked again when translated again.  Bounded: beyond
+    # MAX_TRACKED_CODE_PAGES the check is skipped.
     def _track(self, key: tuple[int, int], data: bytes) -> None:
         """Add a translated page to the arrays the C check reads (the first MAX_TRACKED_CODE_PAGES)."""
         index = len(self._tracked_keys)
@@ -342,6 +342,10 @@ class UnicornEngine:
         self._tracked_keys.append(key)
         self._tracked_hosts[index] = host
         self._tracked_saved[index * 0x1000 : (index + 1) * 0x1000] = data
+
+    def _sync_code_check(self) -> None:
+        """How many tracked pages the core compares before a run (none past the bound)."""
+        self._cpu.code_pages = len(self._tracked_keys) if len(self._code_pages) <= MAX_TRACKED_CODE_PAGES else 0
 
     # ---- registers ----
     def holds(self, name: int) -> bool:
@@ -461,44 +465,56 @@ class UnicornEngine:
 
     def run(self, deadline_ns: int = 0) -> EngineStop:
         cpu = self._cpu
+        if self._deferred:
+            self._apply_deferred()
         self._stop = None
-        cpu.reason = core.REASON_NONE
-        self._apply_deferred()
-        if cpu.stop_request:
-            cpu.stop_request = 0
-            return EngineStop(StopKind.CANCELLED)
-        self._check_code_pages()
         self._segments.clear()
-        rip = self.reg(_RIP)
+        uc = self._uc
+        uc._hook_exception = None   # a Python MMIO callback that raised (Unicorn's binding keeps it here)
         self._running = threading.get_ident()
-        core.mshvstack_enter(cpu, deadline_ns)
+        started = time.perf_counter()
         try:
-            started = time.perf_counter()
-            try:
-                self._uc.emu_start(rip, 0)
-            finally:
-                self.time.running += time.perf_counter() - started
-                core.mshvstack_leave(cpu)
-        except unicorn.UcError as exc:
-            if self._stop is None:
-                raise RuntimeError(f"unicorn stopped without a reason the engine knows: {exc}") from None
+            while (status := core.mshvstack_run(cpu, deadline_ns)) == core.RUN_CODE_CHANGED:
+                self._forget_linear_page(self._tracked_keys[cpu.changed_page][0])
         finally:
+            self.time.running += time.perf_counter() - started
             self._running = None
-        cpu.stop_request = 0
+        if uc._hook_exception is not None:
+            raise uc._hook_exception
+        reason = cpu.reason
+        if reason == core.REASON_IO:
+            return _WRITTEN
         if self._stop is not None:
             return self._stop
-        reason = cpu.reason
+        if status != unicorn.UC_ERR_OK:
+            raise RuntimeError(f"unicorn stopped without a reason the engine knows: {unicorn.UcError(status)}")
         if reason == core.REASON_ENGINE:   # a hook stopped without saying why: it raised
             raise RuntimeError("an engine hook failed (its traceback is above)")
         if reason == core.REASON_CANCELLED:
-            return EngineStop(StopKind.CANCELLED)
+            return _CANCELLED
         if reason == core.REASON_DEADLINE:
-            return EngineStop(StopKind.DEADLINE)
+            return _DEADLINE
         if reason == core.REASON_EXCEPTION:
             vector = int(cpu.vector)
             address = self.reg(lib.HV_X64_REGISTER_CR2) if vector == 14 else 0
             return EngineStop(StopKind.EXCEPTION, self._current(), address, vector=vector, error_code=int(cpu.error_code))
         return EngineStop(StopKind.SHUTDOWN)  # QEMU gave up delivering: triple fault
+
+    # ---- the VP's pages, written by the core
+    def attach_vp(self, vp_index: int, register_page: int, message_page: int) -> None:
+        """Let the core write the register page at every stop and the IO intercept
+        message itself (the addresses stay valid until close())."""
+        core.mshvstack_attach_vp(self._cpu, vp_index, core_ffi.cast("void *", register_page),
+                                 core_ffi.cast("void *", message_page), _PAGE_REGISTER_IDS)
+
+    def publish_registers(self) -> None:
+        core.mshvstack_publish_registers(self._cpu)
+
+    def consume_registers(self) -> bool:
+        """Apply the register page's dirty GPRs, RIP and RFLAGS; True when its
+        segments are dirty too (left for the caller, page still marked)."""
+        self._segments.clear()
+        return bool(core.mshvstack_consume_registers(self._cpu))
 
     def close(self) -> None:
         core.mshvstack_cpu_free(self._cpu)   # first: its timer thread kicks the CPU
@@ -540,13 +556,19 @@ class UnicornEngine:
                 if data is not None:
                     self._code_pages[(page, gpa)] = data
                     self._track((page, gpa), data)
+                    self._sync_code_check()
         found = False
         for insn in self._disassemblers[self.code_bits()].disasm(code, address):
             kind = _SPECIAL_IDS.get(insn.id)
             if kind is None:
-                self._specials.pop(insn.address, None)   # the code there changed, or was decoded otherwise
+                if self._specials.pop(insn.address, None) is not None:   # the code there changed, or was decoded otherwise
+                    core.mshvstack_set_special(self._cpu, insn.address, core.SPECIAL_KIND_NONE, b"", 0)
                 continue
-            self._specials[insn.address] = Instruction(insn.address, 0, insn.size, bytes(insn.bytes), kind, insn.mnemonic, insn.op_str)
+            raw = bytes(insn.bytes)
+            self._specials[insn.address] = Instruction(insn.address, 0, insn.size, raw, kind, insn.mnemonic, insn.op_str)
+            core_kind = core.SPECIAL_KIND_IO if kind is Special.IO else core.SPECIAL_KIND_OTHER
+            if core.mshvstack_set_special(self._cpu, insn.address, core_kind, raw, len(raw)) != 0:
+                raise MemoryError("the engine core cannot grow its table of special instructions")
             if insn.address not in self._hooked:
                 self._hooked.add(insn.address)
                 if core.mshvstack_hook_special(self._cpu, insn.address) != 0:

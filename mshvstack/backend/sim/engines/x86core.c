@@ -91,6 +91,7 @@ struct qemu_x86_head {
 #define DESC_G (1u << 23)
 #define HF_INHIBIT_IRQ (1u << 3)
 #define HF_LMA (1u << 14)
+#define HF_CS32 (1u << 4)
 #define HF_CS64 (1u << 15)
 #define RFLAGS_RF (1u << 16)
 
@@ -100,6 +101,7 @@ enum mshvstack_reason {
     REASON_DEADLINE = 2,   /* the deadline passed */
     REASON_EXCEPTION = 3,  /* an intercepted exception, not delivered */
     REASON_ENGINE = 4,     /* a stop the Python half recorded (a special instruction, a memory fault) */
+    REASON_IO = 5,         /* at an IO instruction: the core wrote its intercept message (x86exits.c) */
 };
 
 /* What the Python half decides at a special instruction. */
@@ -110,6 +112,7 @@ enum mshvstack_special {
 };
 
 struct mshvstack_api {
+    int (*emu_start)(void *uc, uint64_t begin, uint64_t until, uint64_t timeout, size_t count);
     int (*emu_stop)(void *uc);
     int (*reg_read)(void *uc, int regid, void *value);
     int (*reg_write)(void *uc, int regid, const void *value);
@@ -128,6 +131,20 @@ struct mshvstack_api {
     void (*cpu_exit)(void *cs);
     void (**interrupt_handler)(void *cs, int mask);
     bool (*exec_interrupt)(void *cs, int request);
+};
+
+/* What the Python half found at a hooked address when it last decoded the code there. */
+enum mshvstack_special_kind {
+    SPECIAL_KIND_NONE = 0,    /* no longer a special instruction: run it */
+    SPECIAL_KIND_IO = 1,      /* IN/OUT/INS/OUTS: always an intercept, encoded by the core */
+    SPECIAL_KIND_OTHER = 2,   /* the Python half decides */
+};
+
+struct special_entry {
+    uint64_t key;             /* address + 1; 0: empty */
+    uint8_t kind;
+    uint8_t length;
+    uint8_t raw[15];
 };
 
 /* Unicorn's uc_tb (unicorn.h): what the edge-generated hook says of a new block. */
@@ -170,7 +187,23 @@ struct mshvstack_cpu {
     uint32_t error_code;
     uint64_t injected;
     size_t error_code_offset;   /* env->error_code, deep in CPUX86State (0: unknown) */
+    /* special instructions by linear address (open addressing, as the block filter) */
+    struct special_entry *specials;
+    uint64_t specials_mask, specials_used;
+    struct special_entry stopped_at;   /* the special instruction of a REASON_IO stop */
+    /* the VP's pages, where the core writes intercepts it encodes itself (x86exits.c) */
+    uint32_t vp_index;
+    void *register_page;
+    void *message_page;
+    int reg_rflags, reg_cr0, reg_cr3, reg_cr4, reg_cr8, reg_dr7;
+    /* translated code pages, compared with their bytes at translation before each run */
+    const uint64_t *code_hosts;   /* host address of each page */
+    const uint8_t *code_saved;    /* page i's bytes at i * 4 KiB */
+    int code_pages;               /* how many to compare (0: none, or too many to track) */
+    int changed_page;             /* the page a RUN_CODE_CHANGED found */
 };
+
+#define RUN_CODE_CHANGED (-1)
 
 static int mshvstack_on_new_block(void *owner, uint64_t address, uint32_t size);
 static int mshvstack_on_injected(void *owner, int vector);
@@ -233,6 +266,7 @@ static int resolve(struct mshvstack_api *api, const char *library)
     if (!h)
         return -1;
 #define SYM(field, name) if (!(*(void **)&api->field = dlsym(h, name))) return -2;
+    SYM(emu_start, "uc_emu_start")
     SYM(emu_stop, "uc_emu_stop")
     SYM(reg_read, "uc_reg_read")
     SYM(reg_write, "uc_reg_write")
@@ -339,7 +373,9 @@ int mshvstack_cpu_init(struct mshvstack_cpu *c, void *owner, void *uc, const cha
         return status == -3 ? -4 : -2;
     c->mask = 4095;
     c->slots = calloc(c->mask + 1, sizeof(uint64_t));
-    if (!c->slots)
+    c->specials_mask = 1023;
+    c->specials = calloc(c->specials_mask + 1, sizeof *c->specials);
+    if (!c->slots || !c->specials)
         return -3;
     pthread_condattr_t attributes;
     pthread_condattr_init(&attributes);
@@ -367,6 +403,8 @@ void mshvstack_cpu_free(struct mshvstack_cpu *c)
     }
     free(c->slots);
     c->slots = NULL;
+    free(c->specials);
+    c->specials = NULL;
 }
 
 /* Forget blocks starting in [start, end) so they are scanned again. */
@@ -608,12 +646,65 @@ static void leave_block(struct mshvstack_cpu *c)
     c->api.loop_exit(c->cs);
 }
 
-/* A code hook on a special instruction: the Python half decides. */
+static struct special_entry *special_slot(struct special_entry *table, uint64_t mask, uint64_t address)
+{
+    uint64_t i = mix(address + 1) & mask;
+    while (table[i].key && table[i].key != address + 1)
+        i = (i + 1) & mask;
+    return &table[i];
+}
+
+static int grow_specials(struct mshvstack_cpu *c)
+{
+    uint64_t size = (c->specials_mask + 1) * 2;
+    struct special_entry *fresh = calloc(size, sizeof *fresh);
+    if (!fresh)
+        return -1;
+    for (uint64_t i = 0; i <= c->specials_mask; i++)
+        if (c->specials[i].key)
+            *special_slot(fresh, size - 1, c->specials[i].key - 1) = c->specials[i];
+    free(c->specials);
+    c->specials = fresh;
+    c->specials_mask = size - 1;
+    return 0;
+}
+
+/* What the special instruction at a linear address is now (decoded by the Python half):
+ * kind SPECIAL_KIND_NONE when the code there is no longer special.  0, or -1 out of memory. */
+int mshvstack_set_special(struct mshvstack_cpu *c, uint64_t address, int kind, const uint8_t *raw, int length)
+{
+    if (c->specials_used * 2 >= c->specials_mask && grow_specials(c) < 0)
+        return -1;
+    struct special_entry *e = special_slot(c->specials, c->specials_mask, address);
+    if (!e->key) {
+        e->key = address + 1;
+        c->specials_used++;
+    }
+    e->kind = (uint8_t)kind;
+    e->length = (uint8_t)(length > (int)sizeof e->raw ? (int)sizeof e->raw : length);
+    memset(e->raw, 0, sizeof e->raw);
+    memcpy(e->raw, raw, e->length);
+    return 0;
+}
+
+/*
+ * A code hook on a special instruction.  IO is always an intercept: where
+ * the VP's pages are attached the core stops and encodes it without Python;
+ * the rest the Python half decides.
+ */
 void mshvstack_special_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
 {
     struct mshvstack_cpu *c = user_data;
     (void)uc;
     (void)size;
+    struct special_entry *e = special_slot(c->specials, c->specials_mask, address);
+    if (!e->key || e->kind == SPECIAL_KIND_NONE)
+        return;
+    if (e->kind == SPECIAL_KIND_IO && c->message_page) {
+        c->stopped_at = *e;
+        stop(c, REASON_IO);
+        leave_block(c);
+    }
     int action = mshvstack_on_special(c->owner, address);
     if (action == SPECIAL_CONTINUE)
         return;
@@ -817,7 +908,7 @@ int mshvstack_translate(struct mshvstack_cpu *c, uint64_t linear, uint64_t *gpa)
 
 /* The first tracked code page whose bytes differ from those saved at translation (-1: none).
  * Host memory of mapped regions only: the engine drops a region's pages when it is unmapped. */
-int mshvstack_first_changed_page(const uint64_t *addresses, const uint8_t *saved, int count, uint64_t page_size)
+static int mshvstack_first_changed_page(const uint64_t *addresses, const uint8_t *saved, int count, uint64_t page_size)
 {
     for (int i = 0; i < count; i++)
         if (memcmp((const void *)(uintptr_t)addresses[i], saved + (uint64_t)i * page_size, page_size) != 0)
