@@ -462,14 +462,12 @@ class SimBackend:
     def _run_vp(self, entry: _Fd, arg: _UserArg) -> int:
         vp = entry.vp
         assert vp is not None
-        vp.lock.acquire()   # a second MSHV_RUN_VP waits on the VP's mutex, as in the driver
-        try:
-            message = vp.run()
-        except Kicked:
-            raise _Fail(errno.EINTR) from None
-        finally:
-            vp.lock.release()
-        arg.copy_out(message.ljust(ffi.sizeof("struct mshv_run_vp"), b"\0"))   # after the run, as the driver does
+        with vp.lock:   # a second MSHV_RUN_VP waits on the VP's mutex, as in the driver
+            try:
+                message = vp.run()
+            except Kicked:
+                raise _Fail(errno.EINTR) from None
+        arg.copy_out(message)   # after the run, as the driver does (struct mshv_run_vp is the message)
         return 0
 
     def _vp_state(self, entry: _Fd, arg: _UserArg, write: bool) -> int:

@@ -250,14 +250,21 @@ class HvEmulator:
 
     def next_timer_expiry(self) -> int | None:
         """The earliest armed expiry (reference time), for the run loop's deadline."""
-        expiries = [t.expiry for t in self.timers if t.expiry is not None and not t.undelivered]
-        return min(expiries) if expiries else None
+        earliest = None
+        for timer in self.timers:
+            expiry = timer.expiry
+            if expiry is not None and not timer.undelivered and (earliest is None or expiry < earliest):
+                earliest = expiry
+        return earliest
 
     def poll_timers(self) -> None:
         """Fire the timers whose expiry has passed."""
-        if all(t.expiry is None or t.undelivered for t in self.timers):
+        earliest = self.next_timer_expiry()
+        if earliest is None:
             return   # none armed (the common case): no clock read
         now = self.services.reference_time()
+        if now < earliest:
+            return
         for n, timer in enumerate(self.timers):
             if timer.expiry is None or timer.undelivered or now < timer.expiry:
                 continue

@@ -256,10 +256,15 @@ class SimVp:
         return self._page_cdata
 
     def _publish_register_page(self) -> None:
-        """Refresh the shared register page, as the hypervisor does on an intercept."""
+        """Refresh the shared register page, as the hypervisor does on an intercept
+        (the engine's core writes it from the CPU once there is one)."""
         if self.engine is not None:
             self.engine.publish_registers()
-            return
+        else:
+            self._write_register_page()
+
+    def _write_register_page(self) -> None:
+        """The register page from this VP's register file (the reference for the core's)."""
         page = self._page()
         reg = self.reg
         # GPRs, RIP, RFLAGS are contiguous from gp_registers: one pack.
@@ -417,9 +422,12 @@ class SimVp:
 
     def _deadline_ns(self) -> int:
         """When the engine must stop for the next timer expiry (0: no timer armed)."""
-        deadlines = [d for d in (self.lapic.timer_deadline(),
-                                 self.partition.reference_to_monotonic(self.hv.next_timer_expiry())) if d is not None]
-        return min(deadlines) if deadlines else 0
+        lapic = self.lapic.timer_deadline()
+        expiry = self.hv.next_timer_expiry()
+        hv = None if expiry is None else self.partition.reference_to_monotonic(expiry)
+        if hv is None or lapic is None:
+            return lapic or hv or 0
+        return min(lapic, hv)
 
     def _offer_events(self, engine: Engine) -> None:
         """Tell the engine what to deliver once the guest can take it (IF, shadows, NMI blocking)."""
