@@ -409,3 +409,35 @@ high:
         assert g.ram[0x5000:0x5010] != bytes(16), "the hypercall page was not written"
     finally:
         g.close()
+
+
+def test_a_page_written_at_full_speed_is_tracked_once_protected_again() -> None:
+    """Stores to plain RAM bypass the engine's fault hooks (the TLB makes them plain host
+    stores); protecting the page again, here a whole one-page region (no region split
+    inside Unicorn), must bring its stores back to the dirty log."""
+    # Real mode, DS based at the one-page region: mov byte [0],1 ; out 0x10,al ; mov byte [0],2 ; out 0x11,al ; hlt
+    code = bytes.fromhex("c606000001" "e610" "c606000002" "e611" "f4")
+    backend = SimBackend()
+    g = Guest(backend)
+    page = mmap.mmap(-1, 0x1000)
+    try:
+        g.ram[0x1000 : 0x1000 + len(code)] = code
+        region = ffi.new("struct mshv_user_mem_region *")
+        region.size, region.guest_pfn = 0x1000, 0x20
+        region.userspace_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(page)))
+        region.flags = (1 << lib.MSHV_SET_MEM_BIT_WRITABLE) | (1 << lib.MSHV_SET_MEM_BIT_EXECUTABLE)
+        backend.ioctl(g.part, lib.MSHV_SET_GUEST_MEMORY, region)
+        from simhelpers import set_segment
+        set_segment(backend, g.vp, lib.HV_X64_REGISTER_DS, 0x20000, 0xFFFF, 0x2000, 0x93)
+        set_registers(backend, g.vp, {lib.HV_X64_REGISTER_RIP: 0x1000, lib.HV_X64_REGISTER_RFLAGS: 2})
+        advance(backend, g, expect_io(g.run(), 0x10).header)   # the first store, untracked: a fast TLB entry
+        assert page[0] == 1
+        dirty, clear = lib.MSHV_GPAP_ACCESS_TYPE_DIRTY, lib.MSHV_GPAP_ACCESS_OP_CLEAR
+        set_property(backend, g, lib.HV_PARTITION_PROPERTY_GPA_PAGE_ACCESS_TRACKING, 1)
+        _bitmap(backend, g, 0x20, 1, clear, dirty)   # start clean: the page is write-protected
+        expect_io(g.run(), 0x11)
+        assert page[0] == 2
+        assert _bitmap(backend, g, 0x20, 1, clear, dirty) == 1
+    finally:
+        g.close()
+        page.close()

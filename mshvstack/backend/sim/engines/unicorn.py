@@ -30,6 +30,7 @@ from unicorn.unicorn_py3.unicorn import uclib
 
 from mshvstack.abi import lib
 from mshvstack.backend.sim.engines._fastpath import ffi as core_ffi, lib as core
+from mshvstack.backend.sim.engines.plainram import PlainRam
 from mshvstack.backend.sim.engines.base import (
     CONTINUE, CodeReader, EngineStop, EngineTime, InterruptAcknowledge, Instruction, MmioRead, MmioWrite, Special,
     SpecialHandler, StopKind)
@@ -206,6 +207,8 @@ class UnicornEngine:
         self._gpa = core_ffi.new("uint64_t *")
         self._segments: dict[int, tuple[int, int, int, int]] = {}
         self.time = EngineTime()
+        self._plain = PlainRam()
+        self._fault_ranges_stale = False
         uc = self._uc
         uc.ctl_set_tcg_buffer_size(TCG_BUFFER_SIZE)
         # Run until stopped, with no "until" address: Unicorn implements
@@ -279,11 +282,15 @@ class UnicornEngine:
             return
         perms = unicorn.UC_PROT_READ | (unicorn.UC_PROT_WRITE if writable else 0) | (unicorn.UC_PROT_EXEC if executable else 0)
         self._uc.mem_map_ptr(gpa, size, perms, host_address)
+        self._plain.map(gpa, size, writable and executable)
+        self._fault_ranges_stale = True
 
     def unmap(self, gpa: int, size: int) -> None:
         if self._in_other_thread(lambda: self.unmap(gpa, size)):
             return
         self._uc.mem_unmap(gpa, size)
+        self._plain.unmap(gpa, size)
+        self._fault_ranges_stale = True
         self.flush_code(gpa, size)
 
     def protect(self, gpa: int, size: int, writable: bool, executable: bool) -> None:
@@ -291,6 +298,18 @@ class UnicornEngine:
             return
         perms = unicorn.UC_PROT_READ | (unicorn.UC_PROT_WRITE if writable else 0) | (unicorn.UC_PROT_EXEC if executable else 0)
         self._uc.mem_protect(gpa, size, perms)
+        self._plain.protect(gpa, size, writable and executable)
+        self._fault_ranges_stale = True
+
+    def _hook_memory_faults(self) -> None:
+        """Hook memory faults where they can happen: everywhere but plain RAM (plainram.py)."""
+        ranges = self._plain.fault_ranges()
+        if len(ranges) > core.MAX_FAULT_RANGES:   # fragmented (page-by-page protection): hook everything
+            ranges = [(0, (1 << 64) - 1)]
+        bounds = core_ffi.new("uint64_t[]", [bound for pair in ranges for bound in pair])
+        if core.mshvstack_memory_fault_ranges(self._cpu, bounds, len(ranges)) != 0:
+            raise RuntimeError("unicorn refused the engine's memory-fault hooks")
+        self._fault_ranges_stale = False
 
     def map_mmio(self, gpa: int, size: int, read: MmioRead, write: MmioWrite) -> None:
         """Emulate [gpa, gpa+size) with callbacks, inside the engine (no exit).
@@ -467,6 +486,8 @@ class UnicornEngine:
         cpu = self._cpu
         if self._deferred:
             self._apply_deferred()
+        if self._fault_ranges_stale:
+            self._hook_memory_faults()
         self._stop = None
         self._segments.clear()
         uc = self._uc

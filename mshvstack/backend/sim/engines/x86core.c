@@ -95,6 +95,8 @@ struct qemu_x86_head {
 #define HF_CS64 (1u << 15)
 #define RFLAGS_RF (1u << 16)
 
+#define MAX_FAULT_RANGES 64
+
 enum mshvstack_reason {
     REASON_NONE = 0,
     REASON_CANCELLED = 1,  /* stop_request seen at a block boundary */
@@ -114,6 +116,7 @@ enum mshvstack_special {
 struct mshvstack_api {
     int (*emu_start)(void *uc, uint64_t begin, uint64_t until, uint64_t timeout, size_t count);
     int (*emu_stop)(void *uc);
+    int (*hook_del)(void *uc, size_t hh);
     int (*reg_read)(void *uc, int regid, void *value);
     int (*reg_write)(void *uc, int regid, const void *value);
     int (*hook_add)(void *uc, size_t *hh, int type, void *callback, void *user_data, uint64_t begin, uint64_t end, ...);
@@ -201,6 +204,10 @@ struct mshvstack_cpu {
     const uint8_t *code_saved;    /* page i's bytes at i * 4 KiB */
     int code_pages;               /* how many to compare (0: none, or too many to track) */
     int changed_page;             /* the page a RUN_CODE_CHANGED found */
+    /* the memory-fault hooks, over every guest-physical range that is not plain RAM */
+    int memory_fault_types;
+    int fault_hook_count;
+    size_t fault_hooks[MAX_FAULT_RANGES];
 };
 
 #define RUN_CODE_CHANGED (-1)
@@ -268,6 +275,7 @@ static int resolve(struct mshvstack_api *api, const char *library)
 #define SYM(field, name) if (!(*(void **)&api->field = dlsym(h, name))) return -2;
     SYM(emu_start, "uc_emu_start")
     SYM(emu_stop, "uc_emu_stop")
+    SYM(hook_del, "uc_hook_del")
     SYM(reg_read, "uc_reg_read")
     SYM(reg_write, "uc_reg_write")
     SYM(hook_add, "uc_hook_add")
@@ -979,13 +987,45 @@ void mshvstack_set_nmi_blocked(struct mshvstack_cpu *c, int blocked)
         c->env->hflags2 &= ~HF2_NMI_MASK;
 }
 
+/*
+ * Where memory faults are hooked: each [begin, end] pair (inclusive), the
+ * guest-physical ranges that are not plain RAM (unmapped, MMIO, or mapped
+ * with less than read/write/execute somewhere).  Why not everywhere:
+ * Unicorn never marks a page's TLB entry dirty while a memory hook covers
+ * the page, so every store to it takes the slow path (an address-space
+ * lookup and a translated-code check per store); over plain RAM a store is
+ * a plain host store.  So the CPU's TLB is flushed here too: an entry made
+ * fast while its page was plain RAM must not outlive the page's protection,
+ * whatever Unicorn's own protection change flushes.
+ * Called whenever the mapping changed, before the next run.  0, or -1 for
+ * too many ranges (none are hooked then).
+ */
+int mshvstack_memory_fault_ranges(struct mshvstack_cpu *c, const uint64_t *bounds, int count)
+{
+    for (int i = 0; i < c->fault_hook_count; i++)
+        c->api.hook_del(c->uc, c->fault_hooks[i]);
+    c->fault_hook_count = 0;
+    c->api.tlb_flush(c->cs);
+    if (count > MAX_FAULT_RANGES)
+        return -1;
+    for (int i = 0; i < count; i++) {
+        size_t h;
+        if (c->api.hook_add(c->uc, &h, c->memory_fault_types, (void *)mshvstack_memory_hook, c,
+                            bounds[2 * i], bounds[2 * i + 1]) != 0)
+            return -1;
+        c->fault_hooks[c->fault_hook_count++] = h;
+    }
+    return 0;
+}
+
 /* Install the hooks, all in C (none of them may be a Python frame: they can longjmp). */
 int mshvstack_cpu_hooks(struct mshvstack_cpu *c, int edge_type, int intr_type, int invalid_type, int insn_type,
                         int syscall_insn, int code_type, int memory_fault_types)
 {
     size_t h;
     c->code_hook_type = code_type;
-    if (c->api.hook_add(c->uc, &h, memory_fault_types, (void *)mshvstack_memory_hook, c, 1, 0) != 0)
+    c->memory_fault_types = memory_fault_types;
+    if (mshvstack_memory_fault_ranges(c, (const uint64_t[]){0, UINT64_MAX}, 1) != 0)
         return -5;
     if (c->api.hook_add(c->uc, &h, edge_type, (void *)mshvstack_edge_hook, c, 1, 0) != 0)
         return -1;
