@@ -94,9 +94,11 @@ class Guest:
         set_segment(backend, self.vp, lib.HV_X64_REGISTER_CS, 0, 0xFFFF, 0, 0x9B)
 
     def run(self) -> Any:
-        run = ffi.new("struct mshv_run_vp *")
-        self.backend.ioctl(self.vp, lib.MSHV_RUN_VP, run)
-        return ffi.cast("struct hv_message *", run)
+        # The message owns the buffer the run fills: a cast of the run argument would
+        # not keep it alive, and the next allocation of its size reused it.
+        msg = ffi.new("struct hv_message *")
+        self.backend.ioctl(self.vp, lib.MSHV_RUN_VP, ffi.cast("struct mshv_run_vp *", msg))
+        return msg
 
     def close(self) -> None:
         for fd in (self.vp, self.part, self.dev):
@@ -141,7 +143,12 @@ def long_mode_guest(backend: SimBackend, image: bytes, gates: dict[int, int] | N
 
 
 def payload(msg: Any, ctype: str) -> Any:
-    return ffi.cast(f"{ctype} *", ffi.addressof(msg.u))
+    """A copy of the message's payload: a pointer into msg would not keep msg alive
+    (expect_io(g.run(), ...) drops it at once, and its memory is soon reused)."""
+    assert ffi.sizeof(ctype) <= ffi.sizeof(msg.u)
+    copy = ffi.new(f"{ctype} *")
+    ffi.memmove(copy, ffi.addressof(msg.u), ffi.sizeof(ctype))
+    return copy
 
 
 def expect_io(msg: Any, port: int) -> Any:

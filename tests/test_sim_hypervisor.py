@@ -487,6 +487,21 @@ def test_exception_intercept_and_triple_fault(tmp_path: Path) -> None:
         g.close()
 
 
+def test_intercepted_page_fault_carries_its_error_code_and_address(tmp_path: Path) -> None:
+    """A not-present write from CPL0: #PF with error code 2 (W, not P) and the address."""
+    backend, g, symbols = _guest(tmp_path, "fault: movl $1, 0x40000000\nhlt")
+    try:
+        install_intercept(backend, g, lib.HV_INTERCEPT_TYPE_EXCEPTION, parameter=14)
+        msg = g.run()
+        assert msg.header.message_type == lib.HVMSG_X64_EXCEPTION_INTERCEPT
+        m = payload(msg, "struct hv_x64_exception_intercept_message")
+        assert m.exception_vector == 14 and m.header.rip == symbols["fault"]
+        assert m.exception_info.bits.error_code_valid and m.error_code == 2
+        assert m.exception_parameter == 0x40000000
+    finally:
+        g.close()
+
+
 def test_translate_virtual_address(tmp_path: Path) -> None:
     backend, g, _ = _guest(tmp_path, "hlt")
     try:

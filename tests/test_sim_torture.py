@@ -18,7 +18,7 @@ from mshvstack.backend.sim import SimBackend
 from mshvstack.errors import ErrnoError
 
 from guests import assemble
-from simhelpers import PD0, PD3, Guest, advance, expect_io, get_registers, get_registers_call, long_mode_guest, set_registers, set_segment
+from simhelpers import ENTRY, PD0, PD3, Guest, advance, expect_io, get_registers, get_registers_call, long_mode_guest, set_registers, set_segment
 
 LAPIC = 1 << lib.MSHV_PT_BIT_LAPIC
 R = lib
@@ -323,7 +323,7 @@ vector_0xe:
 """
 
 
-@pytest.mark.parametrize("attempt", range(5))   # the #PF part was once delivered wrongly about one run in two
+@pytest.mark.parametrize("attempt", range(5))   # it once failed one run in five (see the test below)
 def test_user_mode_syscall_interrupts_and_faults(tmp_path: Path, attempt: int) -> None:
     """iretq to CPL3, syscall/sysret with swapgs, int n from CPL3 through a DPL3
     gate on the TSS's RSP0 stack, and, after that handler exited to the VMM and
@@ -361,6 +361,35 @@ def test_user_mode_syscall_interrupts_and_faults(tmp_path: Path, attempt: int) -
         assert error_code == 0x4 and fault.header.execution_state.bits.cpl == 0   # U/S set, not present, a read
         cr2, = get_registers(backend, g.vp, [R.HV_X64_REGISTER_CR2])
         assert cr2 == 0x40000000
+    finally:
+        g.close()
+
+
+def test_a_run_message_outlives_the_allocations_after_it(tmp_path: Path) -> None:
+    """A run's message, and the payload expect_io returns, are still the message after
+    the host allocates more (get_registers does).  The user-mode test above once
+    resumed at a RIP read from a message already freed and reused by an allocation of
+    its size: the guest ran at a garbage RIP (#GP, #DF through an empty IDT, a triple
+    fault), or at a small one, about one run in five."""
+    image, _ = assemble("out %al, $0x10\nout %al, $0x11\nhlt", tmp_path)
+    backend = SimBackend()
+    g = long_mode_guest(backend, image)
+
+    def reuse_freed_messages() -> None:
+        fillers = [ffi.new("struct hv_message *") for _ in range(16)]   # freed blocks of that size are reused first
+        for filler in fillers:
+            ffi.memmove(filler, b"\xa5" * ffi.sizeof(filler[0]), ffi.sizeof(filler[0]))
+
+    try:
+        msg = g.run()
+        seen = bytes(ffi.buffer(msg))
+        reuse_freed_messages()
+        assert bytes(ffi.buffer(msg)) == seen
+        io = expect_io(msg, 0x10)
+        advance(backend, g, io.header)
+        io = expect_io(g.run(), 0x11)   # as the user-mode test does: the message itself is not kept
+        reuse_freed_messages()
+        assert (io.header.rip, io.header.instruction_length, io.port_number) == (ENTRY + 2, 2, 0x11)
     finally:
         g.close()
 

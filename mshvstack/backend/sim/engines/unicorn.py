@@ -58,7 +58,7 @@ TCG_BUFFER_SIZE = 256 << 20
 
 # env->error_code in unicorn 2.1.4's CPUX86State (pinned in setup.py); it is
 # used only when the engine's saved context has the size of that version.
-_ERROR_CODE_OFFSET = 5424
+_ERROR_CODE_OFFSET = 5384
 _CONTEXT_SIZE = 5608
 
 # QEMU's hidden flags (target/i386/cpu.h): the code segment's width.
