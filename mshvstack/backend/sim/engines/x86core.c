@@ -175,7 +175,7 @@ struct mshvstack_cpu {
     pthread_mutex_t timer_lock;
     pthread_cond_t timer_cond;
     pthread_t timer;
-    int timer_started, timer_quit, timer_idle, running;
+    int timer_started, timer_quit, running;
     /* requests (any thread may set stop_request; the rest is set by the VP's own thread) */
     volatile int stop_request;
     volatile int64_t deadline_ns;
@@ -533,10 +533,8 @@ static void *timer_main(void *argument)
     int64_t fired = 0;   /* the deadline already kicked for */
     while (!c->timer_quit) {
         int64_t deadline = c->deadline_ns;
-        if (!deadline || deadline == fired || !c->running) {
-            c->timer_idle = 1;   /* woken by a new deadline or the next run */
-            pthread_cond_wait(&c->timer_cond, &c->timer_lock);
-            c->timer_idle = 0;
+        if (!deadline || deadline == fired) {
+            pthread_cond_wait(&c->timer_cond, &c->timer_lock);   /* woken by a new deadline */
             continue;
         }
         if (now_ns() < deadline) {
@@ -545,7 +543,8 @@ static void *timer_main(void *argument)
             continue;
         }
         fired = deadline;
-        c->api.cpu_exit(c->cs);   /* the CPU loop then sees the deadline */
+        if (c->running)   /* the CPU loop then sees the deadline; a run entered later sees it at once */
+            c->api.cpu_exit(c->cs);
     }
     pthread_mutex_unlock(&c->timer_lock);
     return NULL;
@@ -571,7 +570,8 @@ void mshvstack_set_deadline(struct mshvstack_cpu *c, int64_t deadline_ns)
 }
 
 /* The VP thread is about to run the engine: the interrupt hook is to be called between
- * blocks; the timer thread is woken only when the deadline changed or it waits for a run. */
+ * blocks (the first boundary checks the deadline: one passed while stopped stops it there);
+ * the timer thread is woken only when the deadline changed. */
 void mshvstack_enter(struct mshvstack_cpu *c, int64_t deadline_ns)
 {
     entered = c;
@@ -580,8 +580,6 @@ void mshvstack_enter(struct mshvstack_cpu *c, int64_t deadline_ns)
     c->running = 1;
     if (c->deadline_ns != deadline_ns)
         change_deadline(c, deadline_ns);
-    else if (c->timer_idle)
-        pthread_cond_signal(&c->timer_cond);
     pthread_mutex_unlock(&c->timer_lock);
 }
 
