@@ -1,7 +1,7 @@
 """VMBus ring throughput host -> guest, against a plain memoryview copy of the
 same bytes measured in the same run.
 
-    python benchmarks/ring.py [--seconds S]
+    python benchmarks/ring.py [--seconds S] [--rounds N]
 """
 
 from __future__ import annotations
@@ -56,13 +56,21 @@ def copy_rate(payload: int, seconds: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=1.0)
+    parser.add_argument("--seconds", type=float, default=0.25, help="per round")
+    parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
     for payload in (64 * 1024, 256):
-        mbs, pps = ring_rate(payload, args.seconds)
-        base = copy_rate(payload, args.seconds)
+        # Ring and baseline take turns and each keeps its best round, so a slow
+        # spell of this (shared, virtual) machine falls on both alike.
+        mbs = pps = base = 0.0
+        for _ in range(args.rounds):
+            ring_mbs, ring_pps = ring_rate(payload, args.seconds)
+            if ring_mbs > mbs:
+                mbs, pps = ring_mbs, ring_pps
+            base = max(base, copy_rate(payload, args.seconds))
         print(f"{payload:>6}-byte packets: ring {mbs:8.1f} MB/s, {pps:9,.0f} packets/s; "
               f"memoryview copy {base:8.1f} MB/s; ratio {mbs / base:.3f}")
+    print(f"(the best of {args.rounds} interleaved rounds of {args.seconds:g} s each)")
 
 
 if __name__ == "__main__":

@@ -145,6 +145,7 @@ class GpadlRingMem:
             raise VmbusProtocolError("a ring needs at least two pages")
         self.memory = memory
         self.pfns = pfns
+        self._data_size = (len(pfns) - 1) * PAGE
         self._control = self._locate(pfns[0])
         self._runs: list[tuple[int, Any, int, int]] = []   # (data offset, host mmap, host offset, length)
         for index, pfn in enumerate(pfns[1:]):
@@ -155,6 +156,8 @@ class GpadlRingMem:
                     self._runs[-1] = (start, host, last_offset, length + PAGE)
                     continue
             self._runs.append((index * PAGE, host, offset, PAGE))
+        # One run (the usual case): accesses are one bounds check and one slice.
+        self._single = self._runs[0][1:3] if len(self._runs) == 1 else None
 
     def _locate(self, pfn: int) -> tuple[Any, int]:
         try:
@@ -165,7 +168,7 @@ class GpadlRingMem:
 
     @property
     def data_size(self) -> int:
-        return (len(self.pfns) - 1) * PAGE
+        return self._data_size
 
     def read_control(self, offset: int) -> int:
         host, base = self._control
@@ -197,6 +200,10 @@ class GpadlRingMem:
         return pieces
 
     def read_data(self, offset: int, length: int) -> bytes:
+        single = self._single
+        if single is not None and 0 <= offset and offset + length <= self.data_size:
+            host, base = single
+            return bytes(host[base + offset : base + offset + length])
         pieces = self._pieces(offset, length)
         if len(pieces) == 1:
             host, at, _done, n = pieces[0]
@@ -204,6 +211,11 @@ class GpadlRingMem:
         return b"".join(host[at : at + n] for host, at, _done, n in pieces)
 
     def write_data(self, offset: int, data: bytes) -> None:
+        single = self._single
+        if single is not None and 0 <= offset and offset + len(data) <= self.data_size:
+            host, base = single
+            host[base + offset : base + offset + len(data)] = data
+            return
         view = memoryview(data)
         for host, at, done, n in self._pieces(offset, len(data)):
             host[at : at + n] = view[done : done + n]
