@@ -117,3 +117,26 @@ def test_packet_parsing_validates_gpa_direct() -> None:
         packets.parse(bad + ranges + payload)
     with pytest.raises(CorruptRing):
         packets.parse(struct.pack("<HHHHQ", 0x4, 2, 2, 0, 0))  # type not accepted
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3 * PAGE - 1), st.binary(min_size=1, max_size=PAGE)), min_size=1, max_size=12))
+def test_gpadl_ring_memory_reads_and_writes_alike_in_one_run_or_scattered(
+        accesses: list[tuple[int, bytes]]) -> None:
+    """A ring whose pages are contiguous in guest RAM is accessed with single slices,
+    one scattered over RAM piece by piece: both see and write the same bytes."""
+    from mshvstack.partition import Mshv
+    from mshvstack.vmbus.gpadl import GpadlRingMem
+
+    with Mshv.open("sim") as mshv, mshv.create_partition() as part:
+        part.map_memory(0, 64 * PAGE)
+        contiguous = GpadlRingMem(part.memory, (1, 2, 3, 4))
+        scattered = GpadlRingMem(part.memory, (10, 20, 15, 30))
+        for offset, data in accesses:
+            data = data[: 3 * PAGE - offset]
+            contiguous.write_data(offset, data)
+            scattered.write_data(offset, data)
+            assert contiguous.read_data(offset, len(data)) == scattered.read_data(offset, len(data)) == data
+        assert contiguous.read_data(0, 3 * PAGE) == scattered.read_data(0, 3 * PAGE)
+        with pytest.raises(ValueError):
+            contiguous.read_data(3 * PAGE - 8, 16)
