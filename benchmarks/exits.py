@@ -99,7 +99,7 @@ def api_exit_loop(stack: contextlib.ExitStack, backend_free: bool = False) -> Ca
     assert isinstance(first, IoPortIntercept) and first.port_number == 0x10, first
     backend = part.backend
     if backend_free:
-        backend.ioctl = lambda fd, request, arg: 0   # type: ignore[method-assign]
+        backend.ioctl = lambda fd, request, arg: 0   # type: ignore[method-assign,assignment]
         stack.callback(delattr, backend, "ioctl")   # the class's own again
     last = [first]
 
@@ -108,7 +108,7 @@ def api_exit_loop(stack: contextlib.ExitStack, backend_free: bool = False) -> Ca
         start = time.perf_counter()
         for _ in range(n):
             vp.set_registers({HvRegister.RIP: exit_.header.next_rip})
-            exit_ = vp.run()
+            exit_ = vp.run()   # type: ignore[assignment]   # the IO loop: checked after the loop
         elapsed = time.perf_counter() - start
         assert isinstance(exit_, IoPortIntercept)
         last[0] = exit_
