@@ -192,7 +192,9 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         rates = best_rates({"bare": bare_exit_loop(stack), "sim": sim_exit_loop(stack), "api": api_exit_loop(stack),
                             "above": api_exit_loop(stack, backend_free=True)}, args.exits, args.rounds)
-    sim_ips, bare_ips = sim_compute_rate(args.loop), bare_compute_rate(args.loop)
+    sim_ips = bare_ips = 0.0
+    for _ in range(3):   # taking turns too, each at its best
+        sim_ips, bare_ips = max(sim_ips, sim_compute_rate(args.loop)), max(bare_ips, bare_compute_rate(args.loop))
     bare, sim, api = rates["bare"], rates["sim"], rates["api"]
     print(f"IO exit round trips, public API (Vp.run, IoPortIntercept, set_registers): {api:,.0f}/s, "
           f"bare Unicorn {bare:,.0f}/s, ratio {api / bare:.3f}")
@@ -200,7 +202,7 @@ def main() -> None:
     print(f"stack above the backend: {1e6 / rates['above']:.1f} us per exit (the public API loop with an ioctl "
           "that returns at once)")
     print(f"guest compute:       simulator {sim_ips / 1e6:,.1f} M insn/s, bare Unicorn {bare_ips / 1e6:,.1f} M insn/s, ratio {sim_ips / bare_ips:.3f}")
-    print(f"(exit rates: the best of {args.rounds} interleaved rounds of {args.exits:,} exits each)")
+    print(f"(exit rates: the best of {args.rounds} interleaved rounds of {args.exits:,} exits each; compute: of 3)")
 
 
 if __name__ == "__main__":

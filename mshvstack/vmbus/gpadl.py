@@ -210,7 +210,7 @@ class GpadlRingMem:
             return bytes(host[at : at + n])
         return b"".join(host[at : at + n] for host, at, _done, n in pieces)
 
-    def write_data(self, offset: int, data: bytes) -> None:
+    def write_data(self, offset: int, data: bytes | memoryview) -> None:
         single = self._single
         if single is not None and 0 <= offset and offset + len(data) <= self.data_size:
             host, base = single

@@ -29,6 +29,7 @@ _OFF_MASK = ffi.offsetof("struct vmbus_ring_control", "interrupt_mask")
 _OFF_PENDING = ffi.offsetof("struct vmbus_ring_control", "pending_send_sz")
 _OFF_FEATURES = ffi.offsetof("struct vmbus_ring_control", "feature_bits")
 DESCRIPTOR = ffi.sizeof("struct vmpacket_descriptor")
+_TRAILER = struct.Struct("<Q")
 
 
 class RingMem(Protocol):
@@ -40,7 +41,7 @@ class RingMem(Protocol):
     def read_indices(self) -> tuple[int, int]: ...             # (write_index, read_index)
     def write_control(self, offset: int, value: int) -> None: ...
     def read_data(self, offset: int, length: int) -> bytes: ...  # no wrap; caller splits
-    def write_data(self, offset: int, data: bytes) -> None: ...
+    def write_data(self, offset: int, data: bytes | memoryview) -> None: ...
 
 
 class FlatRingMem:
@@ -67,7 +68,7 @@ class FlatRingMem:
     def read_data(self, offset: int, length: int) -> bytes:
         return bytes(self.buffer[PAGE + offset : PAGE + offset + length])
 
-    def write_data(self, offset: int, data: bytes) -> None:
+    def write_data(self, offset: int, data: bytes | memoryview) -> None:
         self.buffer[PAGE + offset : PAGE + offset + len(data)] = data
 
 
@@ -100,10 +101,13 @@ class _Ring:
         return data
 
     def _write_wrapped(self, offset: int, data: bytes) -> None:
-        first = min(len(data), self.size - offset)
-        self.mem.write_data(offset, data[:first])
-        if first < len(data):
-            self.mem.write_data(0, data[first:])
+        first = self.size - offset
+        if len(data) <= first:
+            self.mem.write_data(offset, data)
+            return
+        view = memoryview(data)
+        self.mem.write_data(offset, view[:first])
+        self.mem.write_data(0, view[first:])
 
     def used(self) -> int:
         return (self._index(_OFF_WRITE, "write") - self._index(_OFF_READ, "read")) % self.size
@@ -133,7 +137,8 @@ class OutgoingRing(_Ring):
             free = self.size - (write - read) % self.size - TRAILER
             if len(packet) + TRAILER > free:
                 raise RingFull(f"{len(packet) + TRAILER} bytes needed, {free} free")
-            self._write_wrapped(write, packet + struct.pack("<Q", write << 32))
+            self._write_wrapped(write, packet)   # then its trailer: no copy of a large packet to join them
+            self._write_wrapped((write + len(packet)) % self.size, _TRAILER.pack(write << 32))
             new_write = (write + len(packet) + TRAILER) % self.size
             self.mem.write_control(_OFF_WRITE, new_write)
             # Signal only on empty -> non-empty, and only if the reader wants interrupts.
