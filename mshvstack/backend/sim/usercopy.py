@@ -3,10 +3,12 @@
 The driver never dereferences a caller's pointer: it copies through
 copy_from_user/copy_to_user, which fail with EFAULT on NULL, unmapped,
 read-only (for writes) or kernel addresses.  The simulator runs in the
-caller's process, so it does the same with process_vm_readv/writev on
-itself: the kernel checks the pages, and a bad pointer is an errno, never a
-SIGSEGV.  Where those system calls are refused (some seccomp profiles), the
-check falls back to /proc/self/maps.
+caller's process, so it has the kernel copy on itself
+(mshvstack_self_copy, in the binding's C glue): up to a page through a
+pipe, so the kernel's own copy_from_user/copy_to_user check the caller's
+side, larger copies with process_vm_readv/writev.  A bad pointer is an
+errno, never a SIGSEGV.  Where process_vm_* is refused (some seccomp
+profiles), the check falls back to /proc/self/maps.
 """
 
 from __future__ import annotations

@@ -223,14 +223,43 @@ static uint64_t mix(uint64_t x)
     return x;
 }
 
+/*
+ * Open addressing, shared by the block filter and the special-instruction
+ * table: entries of `stride` bytes that start with their uint64_t key
+ * (address + 1; 0 is an empty slot), mask + 1 of them (a power of two).
+ */
+static uint64_t slot_of(const void *table, size_t stride, uint64_t mask, uint64_t key)
+{
+    for (uint64_t i = mix(key) & mask;; i = (i + 1) & mask) {
+        uint64_t k;
+        memcpy(&k, (const char *)table + i * stride, sizeof k);
+        if (!k || k == key)
+            return i;
+    }
+}
+
+/* The table with twice the slots, its entries rehashed (NULL: out of memory, nothing changed). */
+static void *doubled(const void *table, size_t stride, uint64_t mask)
+{
+    uint64_t size = (mask + 1) * 2;
+    char *fresh = calloc(size, stride);
+    if (!fresh)
+        return NULL;
+    for (uint64_t i = 0; i <= mask; i++) {
+        const char *entry = (const char *)table + i * stride;
+        uint64_t key;
+        memcpy(&key, entry, sizeof key);
+        if (key)
+            memcpy(fresh + slot_of(fresh, stride, size - 1, key) * stride, entry, stride);
+    }
+    return fresh;
+}
+
 static int insert(struct mshvstack_cpu *f, uint64_t key)
 {
-    uint64_t i = mix(key) & f->mask;
-    while (f->slots[i]) {
-        if (f->slots[i] == key)
-            return 0;
-        i = (i + 1) & f->mask;
-    }
+    uint64_t i = slot_of(f->slots, sizeof *f->slots, f->mask, key);
+    if (f->slots[i])
+        return 0;
     f->slots[i] = key;
     f->used++;
     return 1;
@@ -238,15 +267,12 @@ static int insert(struct mshvstack_cpu *f, uint64_t key)
 
 static int grow(struct mshvstack_cpu *f)
 {
-    uint64_t old_size = f->mask + 1, *old = f->slots;
-    f->slots = calloc(old_size * 2, sizeof(uint64_t));
-    if (!f->slots) { f->slots = old; return -1; }
-    f->mask = old_size * 2 - 1;
-    f->used = 0;
-    for (uint64_t i = 0; i < old_size; i++)
-        if (old[i])
-            insert(f, old[i]);
-    free(old);
+    uint64_t *fresh = doubled(f->slots, sizeof *f->slots, f->mask);
+    if (!fresh)
+        return -1;
+    free(f->slots);
+    f->slots = fresh;
+    f->mask = f->mask * 2 + 1;
     return 0;
 }
 
@@ -652,26 +678,19 @@ static void leave_block(struct mshvstack_cpu *c)
     c->api.loop_exit(c->cs);
 }
 
-static struct special_entry *special_slot(struct special_entry *table, uint64_t mask, uint64_t address)
+static struct special_entry *special_slot(struct mshvstack_cpu *c, uint64_t address)
 {
-    uint64_t i = mix(address + 1) & mask;
-    while (table[i].key && table[i].key != address + 1)
-        i = (i + 1) & mask;
-    return &table[i];
+    return &c->specials[slot_of(c->specials, sizeof *c->specials, c->specials_mask, address + 1)];
 }
 
 static int grow_specials(struct mshvstack_cpu *c)
 {
-    uint64_t size = (c->specials_mask + 1) * 2;
-    struct special_entry *fresh = calloc(size, sizeof *fresh);
+    struct special_entry *fresh = doubled(c->specials, sizeof *c->specials, c->specials_mask);
     if (!fresh)
         return -1;
-    for (uint64_t i = 0; i <= c->specials_mask; i++)
-        if (c->specials[i].key)
-            *special_slot(fresh, size - 1, c->specials[i].key - 1) = c->specials[i];
     free(c->specials);
     c->specials = fresh;
-    c->specials_mask = size - 1;
+    c->specials_mask = c->specials_mask * 2 + 1;
     return 0;
 }
 
@@ -681,7 +700,7 @@ int mshvstack_set_special(struct mshvstack_cpu *c, uint64_t address, int kind, c
 {
     if (c->specials_used * 2 >= c->specials_mask && grow_specials(c) < 0)
         return -1;
-    struct special_entry *e = special_slot(c->specials, c->specials_mask, address);
+    struct special_entry *e = special_slot(c, address);
     if (!e->key) {
         e->key = address + 1;
         c->specials_used++;
@@ -703,7 +722,7 @@ void mshvstack_special_hook(void *uc, uint64_t address, uint32_t size, void *use
     struct mshvstack_cpu *c = user_data;
     (void)uc;
     (void)size;
-    struct special_entry *e = special_slot(c->specials, c->specials_mask, address);
+    struct special_entry *e = special_slot(c, address);
     if (!e->key || e->kind == SPECIAL_KIND_NONE)
         return;
     if (e->kind == SPECIAL_KIND_IO && c->message_page) {
