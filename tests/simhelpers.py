@@ -114,10 +114,12 @@ IDT, GDT, PML4, PDPT, PD0, PD3 = 0x3000, 0x4000, 0x8000, 0x9000, 0xA000, 0xB000
 STACK = 0xF000
 
 
-def long_mode_guest(backend: SimBackend, image: bytes, gates: dict[int, int] | None = None, pt_flags: int = 1) -> Guest:
-    """RAM 0-64 KiB identity mapped (2 MiB page), 0xD0000000 mapped to a GPA
-    with no RAM; IDT gates for ``gates`` (vector -> handler address)."""
-    g = Guest(backend, ram_size=0x10000, pt_flags=pt_flags)
+def long_mode_guest(backend: SimBackend, image: bytes, gates: dict[int, int] | None = None, pt_flags: int = 1,
+                    ram_size: int = 0x10000) -> Guest:
+    """RAM from GPA 0 (64 KiB unless ``ram_size``) identity mapped (2 MiB page),
+    0xD0000000 mapped to a GPA with no RAM; IDT gates for ``gates`` (vector ->
+    handler address)."""
+    g = Guest(backend, ram_size=ram_size, pt_flags=pt_flags)
     ram = g.ram
     ram[ENTRY : ENTRY + len(image)] = image
     struct.pack_into("<Q", ram, PML4, PDPT | 3)

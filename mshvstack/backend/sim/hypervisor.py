@@ -18,6 +18,7 @@ from mshvstack.backend.sim import x86
 from mshvstack.backend.sim.engines.unicorn import read_tsc, tsc_hz
 from mshvstack.backend.sim.hv1 import SYNTHETIC_MSRS
 from mshvstack.backend.sim.memory import PAGE_SHIFT, GpaMap
+from mshvstack.backend.sim.engines.unicorn import EngineGroup
 from mshvstack.backend.sim.vp import VECTOR_REGISTERS, SimVp
 
 HV_OK = int(lib.HV_STATUS_SUCCESS)
@@ -67,6 +68,7 @@ class SimPartition:
         self.initialized = False
         self.memory = GpaMap()
         self.vps: dict[int, SimVp] = {}
+        self.engines = EngineGroup()   # the VPs' engines run as one SMP machine
         self.properties: dict[int, int] = {
             int(lib.HV_PARTITION_PROPERTY_UNIMPLEMENTED_MSR_ACTION): int(lib.HV_UNIMPLEMENTED_MSR_ACTION_FAULT),
             int(lib.HV_PARTITION_PROPERTY_TIME_FREEZE): 0,

@@ -197,7 +197,7 @@ class SimVp:
     def _ensure_engine(self) -> Engine:
         if self.engine is not None:
             return self.engine
-        engine = UnicornEngine(self._on_special, self, self._acknowledge_interrupt)
+        engine = UnicornEngine(self._on_special, self, self._acknowledge_interrupt, self.partition.engines)
         for region in self.partition.memory.regions:
             engine.map(region.gpa, region.size, region.userspace_addr, region.writable, region.executable)
         if self.partition.lapic_enabled and not self.partition.memory.lookup(XAPIC_BASE):

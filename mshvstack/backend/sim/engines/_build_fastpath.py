@@ -35,7 +35,25 @@ struct mshvstack_cpu {
     const uint8_t *code_saved;
     int code_pages;
     int changed_page;
+    int parallel;
+    uint64_t serial_steps;
+    ...;
 };
+struct mshvstack_world { ...; };
+struct mshvstack_library {
+    void *tr_ops;
+    void *init_disas_context;
+    void *tb_stop;
+    void *stop_interrupt;
+    void *xchg[4];
+    void *cmpxchg_mmu[4];
+};
+void mshvstack_world_init(struct mshvstack_world *w);
+void mshvstack_world_destroy(struct mshvstack_world *w);
+int mshvstack_parallel_install(const struct mshvstack_library *lib);
+int mshvstack_parallel_attach(struct mshvstack_cpu *c, struct mshvstack_world *w, const struct mshvstack_library *lib);
+int mshvstack_parallel_ready(struct mshvstack_cpu *c);
+void mshvstack_translating_for(struct mshvstack_cpu *c);
 struct mshvstack_segment {
     uint64_t base;
     uint32_t limit;
@@ -64,6 +82,7 @@ int mshvstack_memory_fault_ranges(struct mshvstack_cpu *c, const uint64_t *bound
 int mshvstack_quiet_exit_checks(struct mshvstack_cpu *c, uint32_t tcg_buffer_size);
 int mshvstack_hook_special(struct mshvstack_cpu *c, uint64_t address);
 int mshvstack_set_special(struct mshvstack_cpu *c, uint64_t address, int kind, const uint8_t *raw, int length);
+int mshvstack_guard_code(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host);
 void mshvstack_attach_vp(struct mshvstack_cpu *c, uint32_t vp_index, void *register_page, void *message_page,
                          const int register_ids[6]);
 int mshvstack_run(struct mshvstack_cpu *c, int64_t deadline_ns);
@@ -98,8 +117,8 @@ extern "Python" void mshvstack_on_memory_fault(void *owner, int access, uint64_t
 
 HERE = Path(__file__).parent
 INCLUDE = HERE.parents[3] / "include"
-# One unit: the intercept writer (x86exits.c) uses the core's CPU state.
-SOURCE = "".join((HERE / name).read_text(encoding="utf-8") for name in ("x86core.c", "x86exits.c"))
+# One unit: parallel execution (x86parallel.c) and the intercept writer (x86exits.c) use the core's CPU state.
+SOURCE = "".join((HERE / name).read_text(encoding="utf-8") for name in ("x86core.c", "x86parallel.c", "x86exits.c"))
 
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF)

@@ -31,6 +31,7 @@ from unicorn.unicorn_py3.unicorn import uclib
 from mshvstack.abi import lib
 from mshvstack.backend.sim.engines._fastpath import ffi as core_ffi, lib as core
 from mshvstack.backend.sim.engines.plainram import PlainRam
+from mshvstack.backend.sim.engines.unicornsyms import SymbolsMissing, exported_addresses, library_addresses
 from mshvstack.backend.sim.engines.base import (
     CONTINUE, CodeReader, EngineStop, EngineTime, InterruptAcknowledge, Instruction, MmioRead, MmioWrite, Special,
     SpecialHandler, StopKind)
@@ -155,7 +156,8 @@ def qemu_flags(attributes: int) -> int:
 
 @core_ffi.def_extern(error=0)  # type: ignore[untyped-decorator]
 def mshvstack_on_new_block(owner: object, address: int, size: int) -> int:
-    """Called from the C core before a new block first runs; 1: it must be translated again."""
+    """Called from the C core before a block whose code it has not scanned runs (and at
+    a hooked instruction whose code changed); 1: it must be translated again."""
     return int(core_ffi.from_handle(owner)._scan_block(address, size))
 
 
@@ -178,10 +180,50 @@ def mshvstack_on_injected(owner: object, vector: int) -> int:
     return int(engine._acknowledge(vector))
 
 
+@functools.cache
+def _library() -> Any:
+    """The libunicorn internals the core patches, its translator wrapped once per process."""
+    try:
+        addresses = library_addresses()
+        exported = exported_addresses()
+    except (OSError, SymbolsMissing) as exc:
+        raise EngineUnavailable(f"unicorn {unicorn.__version__}: {exc}; install the pinned version "
+                                "(pip install 'unicorn==2.1.4')") from None
+    library = core_ffi.new("struct mshvstack_library *")
+    for field, address in addresses.items():
+        setattr(library, field, core_ffi.cast("void *", address))
+    for field, functions in exported.items():
+        for i, address in enumerate(functions):
+            getattr(library, field)[i] = core_ffi.cast("void *", address)
+    status = core.mshvstack_parallel_install(library)
+    if status != 0:
+        raise EngineUnavailable(f"unicorn {unicorn.__version__}: its x86 translator is not the one the engine core "
+                                f"knows (status {status}); install the pinned version (pip install 'unicorn==2.1.4')")
+    return library
+
+
+class EngineGroup:
+    """The engines of one partition, run as one SMP machine (x86parallel.c).
+
+    Each engine translates guest code with host atomics, so locked
+    instructions are atomic between VPs; an instruction no host atomic can
+    do runs while every other engine of the group is parked.
+    """
+
+    def __init__(self) -> None:
+        self.world = core_ffi.new("struct mshvstack_world *")
+        core.mshvstack_world_init(self.world)
+
+    def __del__(self) -> None:   # engines hold a reference: none is attached any more
+        core.mshvstack_world_destroy(self.world)
+
+
 class UnicornEngine:
     """One VP's CPU on Unicorn."""
 
-    def __init__(self, on_special: SpecialHandler, code: CodeReader, acknowledge: InterruptAcknowledge) -> None:
+    def __init__(self, on_special: SpecialHandler, code: CodeReader, acknowledge: InterruptAcknowledge,
+                 group: EngineGroup | None = None) -> None:
+        self._group = group if group is not None else EngineGroup()
         self._uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
         self._disassemblers = {bits: capstone.Cs(capstone.CS_ARCH_X86, mode) for bits, mode in _CS_MODE.items()}
         self._operand_decoders: dict[int, capstone.Cs] = {}   # with operand detail, built on first use
@@ -189,6 +231,7 @@ class UnicornEngine:
         self._code = code
         self._acknowledge = acknowledge
         self._hooked: set[int] = set()
+        self._guarded: set[int] = set()   # guest pages with code, guarded (mshvstack_guard_code)
         self._specials: dict[int, Instruction] = {}
         self._stop: EngineStop | None = None
         self._code_pages: dict[tuple[int, int], bytes] = {}  # (linear page, guest page) -> its bytes at translation
@@ -234,7 +277,18 @@ class UnicornEngine:
             self._cpu.error_code_offset = _ERROR_CODE_OFFSET
         self._cpu.code_hosts = self._tracked_hosts
         self._cpu.code_saved = self._tracked_saved_c
-        self._run_first_block()
+        status = core.mshvstack_parallel_attach(self._cpu, self._group.world, _library())
+        if status != 0:
+            raise EngineUnavailable(f"unicorn {unicorn.__version__}: the engine core does not recognise its CPU state "
+                                    f"or hooks (status {status}); install the pinned version (pip install 'unicorn==2.1.4')")
+        core.mshvstack_translating_for(self._cpu)
+        try:
+            self._run_first_block()
+        finally:
+            core.mshvstack_translating_for(core_ffi.NULL)
+        if not core.mshvstack_parallel_ready(self._cpu):
+            raise EngineUnavailable(f"unicorn {unicorn.__version__}: the engine core cannot find the translator's context; "
+                                    "install the pinned version (pip install 'unicorn==2.1.4')")
         status = core.mshvstack_quiet_exit_checks(self._cpu, TCG_BUFFER_SIZE)
         if status != 0:
             raise EngineUnavailable(f"unicorn {unicorn.__version__}: the engine core cannot find its exit-check flag ({status}); "
@@ -320,22 +374,30 @@ class UnicornEngine:
                           lambda uc, off, sz, value, _d: write(off, sz, value), None)
 
     def flush_code(self, gpa: int, size: int) -> None:
-        """Drop translations of guest code in [gpa, gpa+size), wherever it is mapped.
-
-        Unicorn's cache is indexed by linear address, and asking it to drop
-        an address the guest's page tables do not map makes it raise a page
-        fault inside the guest; so flush the linear pages recorded when each
-        block was translated, and only those still mapped.
-        """
+        """Drop translations of guest code in [gpa, gpa+size), wherever it is mapped:
+        the linear pages recorded when each block was translated from it."""
         if self._in_other_thread(lambda: self.flush_code(gpa, size)):
             return
         for linear in {linear for linear, page in self._code_pages if gpa <= page < gpa + size}:
             self._forget_linear_page(linear)
 
     def _forget_linear_page(self, linear: int) -> None:
-        if self._code.translate(linear) is not None:
+        """Drop the translations of the guest pages whose code was translated at a
+        linear page, and scan every block on it again when next translated.
+
+        Unicorn drops translations by the guest page a linear address maps to
+        now (and asking for one the page tables do not map raises a page fault
+        inside the guest).  Where the page no longer maps the one guest page
+        its code came from (the guest remapped or unmapped it) that would drop
+        the wrong page and keep the stale one, found again when the page maps
+        it back: drop every translation then (rare)."""
+        gpas = {gpa for page, gpa in self._code_pages if page == linear}
+        if gpas and gpas == {self._physical_page(linear)}:
             self._uc.ctl_remove_cache(linear, linear + 0x1000)
-        core.mshvstack_filter_forget(self._cpu, linear, linear + 0x1000)
+        elif gpas:
+            self._uc.ctl_flush_tb()
+        # A block starting on the page before can run into this one.
+        core.mshvstack_filter_forget(self._cpu, max(linear - 0x1000, 0), linear + 0x1000)
         forgotten = [k for k in self._code_pages if k[0] == linear]
         for key in forgotten:
             del self._code_pages[key]
@@ -564,37 +626,66 @@ class UnicornEngine:
             self.time.blocks += 1
 
     def _scan_new_block(self, address: int, size: int) -> bool:
-        """Hook the block's special instructions; True when it must be translated again
-        (the core then leaves the block before it runs)."""
+        """Hook the special instructions of the code at [address, address + size);
+        True when it must be translated again (the core then leaves the block
+        before it runs, or the instruction it stopped at).
+
+        The core calls this for every block whose code it has not scanned as
+        it is now (x86core.c's block filter: a new start, or changed code), and
+        for one instruction whose code changed under its hook.  What was
+        decoded before anywhere in the range is forgotten first: it described
+        code that is no longer there.  An address with a hook gets the
+        instruction found there now (special or not, with its bytes, which the
+        core checks before acting on it); a hooked address inside one of the
+        new instructions stays unknown, decoded again if a block runs it."""
         uc = self._uc
         code = self._read_linear(address, size)
         if code is None:
             return False
+        hooked = self._hooked
+        for stale in range(address, address + len(code)):
+            if stale in hooked:
+                self._specials.pop(stale, None)
+                core.mshvstack_set_special(self._cpu, stale, core.SPECIAL_KIND_NONE, b"", 0)
         for page in range(address & ~0xFFF, address + size, 0x1000):
             gpa = self._physical_page(page)
+            if gpa is not None and gpa not in self._guarded:
+                # Stores to it must drop its translations, through any mapping (x86core.c).
+                host = self._code.host_address(gpa)
+                if host is not None:
+                    if core.mshvstack_guard_code(self._cpu, gpa, host) != 0:
+                        raise RuntimeError(f"the engine core cannot guard the code page at {gpa:#x}")
+                    self._guarded.add(gpa)
             if gpa is not None and (page, gpa) not in self._code_pages:
                 data = self._code.read_physical(gpa, 0x1000)
                 if data is not None:
                     self._code_pages[(page, gpa)] = data
                     self._track((page, gpa), data)
                     self._sync_code_check()
-        found = False
+        found = decoded = False
         for insn in self._disassemblers[self.code_bits()].disasm(code, address):
+            decoded = True
             kind = _SPECIAL_IDS.get(insn.id)
             if kind is None:
-                if self._specials.pop(insn.address, None) is not None:   # the code there changed, or was decoded otherwise
-                    core.mshvstack_set_special(self._cpu, insn.address, core.SPECIAL_KIND_NONE, b"", 0)
+                if insn.address in hooked:   # it was special once: the hook lets this instruction run
+                    raw = bytes(insn.bytes)
+                    if core.mshvstack_set_special(self._cpu, insn.address, core.SPECIAL_KIND_NONE, raw, len(raw)) != 0:
+                        raise MemoryError("the engine core cannot grow its table of special instructions")
                 continue
             raw = bytes(insn.bytes)
             self._specials[insn.address] = Instruction(insn.address, 0, insn.size, raw, kind, insn.mnemonic, insn.op_str)
             core_kind = core.SPECIAL_KIND_IO if kind is Special.IO else core.SPECIAL_KIND_OTHER
             if core.mshvstack_set_special(self._cpu, insn.address, core_kind, raw, len(raw)) != 0:
                 raise MemoryError("the engine core cannot grow its table of special instructions")
-            if insn.address not in self._hooked:
-                self._hooked.add(insn.address)
+            if insn.address not in hooked:
+                hooked.add(insn.address)
                 if core.mshvstack_hook_special(self._cpu, insn.address) != 0:
                     raise RuntimeError(f"unicorn refused a code hook at {insn.address:#x}")
                 found = True
+        if address in hooked and not decoded:
+            # Nothing capstone decodes starts here: the CPU runs it (and faults if it must),
+            # and the hook lets it pass while these bytes stay.
+            core.mshvstack_set_special(self._cpu, address, core.SPECIAL_KIND_NONE, code[:1], 1)
         if found:
             # Re-translate this block so the new code hooks are compiled in.
             uc.ctl_remove_cache(address, address + size)

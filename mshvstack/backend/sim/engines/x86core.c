@@ -39,6 +39,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -127,6 +128,7 @@ struct mshvstack_api {
     void (*raise_exception_err)(void *env, int intno, int error_code);
     void (*update_hflags)(void *env);
     void (*tlb_flush)(void *cs);
+    void (*tlb_reset_dirty)(void *cs, uint64_t host_start, uint64_t length);
     int (*vmem_read)(void *uc, uint64_t address, int prot, void *bytes, size_t size);
     int (*vmem_translate)(void *uc, uint64_t address, int prot, uint64_t *paddress);
     uint64_t (*get_tsc)(void *env);
@@ -143,11 +145,46 @@ enum mshvstack_special_kind {
     SPECIAL_KIND_OTHER = 2,   /* the Python half decides */
 };
 
+/* A range of guest pages with translated code, hooked (mshvstack_guard_code). */
+struct code_guard {
+    uint64_t begin, end;      /* guest-physical, inclusive */
+    size_t hook;
+};
+
+/*
+ * The instruction that starts at a hooked address, as last decoded: valid
+ * while the code there still has these bytes and runs at this width (the
+ * hook checks both before acting on it).  length 0: not known (the code
+ * around it changed), decoded again when the hook is reached.
+ */
 struct special_entry {
     uint64_t key;             /* address + 1; 0: empty */
     uint8_t kind;
     uint8_t length;
     uint8_t raw[15];
+    uint8_t width;            /* the code width it was decoded at (QEMU's HF_CS32/HF_CS64 bits, shifted) */
+};
+
+/* A VP's turn to run alone (x86parallel.c). */
+enum mshvstack_exclusive {
+    EXCLUSIVE_NONE = 0,
+    EXCLUSIVE_ACQUIRED = 1,   /* the others are parked; the serial step is next */
+    EXCLUSIVE_STEPPING = 2,   /* the serial step runs; the next block boundary ends the turn */
+};
+
+struct mshvstack_cpu;
+
+/*
+ * The partition's engines as one machine (x86parallel.c).  The lock guards
+ * everything here; owner is also read without it at block boundaries.
+ */
+struct mshvstack_world {
+    pthread_mutex_t lock;
+    pthread_cond_t changed;
+    int running;                     /* engines inside a run and not parked */
+    struct mshvstack_cpu *owner;     /* the engine running alone (NULL: none) */
+    struct mshvstack_cpu **members;
+    int count, capacity;
 };
 
 /* Unicorn's uc_tb (unicorn.h): what the edge-generated hook says of a new block. */
@@ -158,7 +195,8 @@ struct uc_tb {
 };
 
 struct mshvstack_cpu {
-    /* block filter: open addressing, 0 = empty, otherwise address + 1 */
+    /* block filter: open addressing, pairs of (address + 1, stamp of the code scanned
+     * there: its bytes, pages and width); key 0 = empty */
     uint64_t *slots;
     uint64_t mask;
     uint64_t used;
@@ -194,6 +232,9 @@ struct mshvstack_cpu {
     struct special_entry *specials;
     uint64_t specials_mask, specials_used;
     struct special_entry stopped_at;   /* the special instruction of a REASON_IO stop */
+    /* guest pages with translated code, hooked in merged ranges (mshvstack_guard_code) */
+    struct code_guard *guards;
+    int guard_count, guard_capacity;
     /* the VP's pages, where the core writes intercepts it encodes itself (x86exits.c) */
     uint32_t vp_index;
     void *register_page;
@@ -208,6 +249,13 @@ struct mshvstack_cpu {
     int memory_fault_types;
     int fault_hook_count;
     size_t fault_hooks[MAX_FAULT_RANGES];
+    /* parallel execution (x86parallel.c) */
+    struct mshvstack_world *world;
+    int in_world;                /* inside a run (under the world's lock) */
+    int exclusive;               /* enum mshvstack_exclusive: set by the VP's own thread */
+    int parallel;                /* blocks are translated with host atomics */
+    char *tcg_ctx;               /* Unicorn's TCG context for this engine */
+    uint64_t serial_steps;       /* instructions run alone (EXCP_ATOMIC) */
 };
 
 #define RUN_CODE_CHANGED (-1)
@@ -216,6 +264,10 @@ static int mshvstack_on_new_block(void *owner, uint64_t address, uint32_t size);
 static int mshvstack_on_injected(void *owner, int vector);
 static int mshvstack_on_special(void *owner, uint64_t address);
 static void mshvstack_on_memory_fault(void *owner, int access, uint64_t address, int size, int64_t value);
+static bool world_boundary(struct mshvstack_cpu *c);
+static void world_enter(struct mshvstack_cpu *c);
+static void world_leave(struct mshvstack_cpu *c);
+static void world_forget(struct mshvstack_cpu *c);
 
 static uint64_t mix(uint64_t x)
 {
@@ -255,19 +307,27 @@ static void *doubled(const void *table, size_t stride, uint64_t mask)
     return fresh;
 }
 
-static int insert(struct mshvstack_cpu *f, uint64_t key)
+/* The block filter's entries: (address + 1, stamp) pairs. */
+#define FILTER_STRIDE (2 * sizeof(uint64_t))
+
+/* Record the stamp of the code at a block start; 1 when it differs from the one
+ * recorded (a new start, or the code there changed): the block is to be scanned. */
+static int insert(struct mshvstack_cpu *f, uint64_t key, uint64_t stamp)
 {
-    uint64_t i = slot_of(f->slots, sizeof *f->slots, f->mask, key);
-    if (f->slots[i])
+    uint64_t *entry = f->slots + 2 * slot_of(f->slots, FILTER_STRIDE, f->mask, key);
+    if (entry[0] && entry[1] == stamp)
         return 0;
-    f->slots[i] = key;
-    f->used++;
+    if (!entry[0]) {
+        entry[0] = key;
+        f->used++;
+    }
+    entry[1] = stamp;
     return 1;
 }
 
 static int grow(struct mshvstack_cpu *f)
 {
-    uint64_t *fresh = doubled(f->slots, sizeof *f->slots, f->mask);
+    uint64_t *fresh = doubled(f->slots, FILTER_STRIDE, f->mask);
     if (!fresh)
         return -1;
     free(f->slots);
@@ -312,6 +372,7 @@ static int resolve(struct mshvstack_api *api, const char *library)
     SYM(raise_exception_err, "raise_exception_err_x86_64")
     SYM(update_hflags, "x86_update_hflags_x86_64")
     SYM(tlb_flush, "tlb_flush_x86_64")
+    SYM(tlb_reset_dirty, "tlb_reset_dirty_x86_64")
     SYM(vmem_read, "uc_vmem_read")
     SYM(vmem_translate, "uc_vmem_translate")
     SYM(get_tsc, "cpu_get_tsc_x86_64")
@@ -406,7 +467,7 @@ int mshvstack_cpu_init(struct mshvstack_cpu *c, void *owner, void *uc, const cha
     if (status < 0)
         return status == -3 ? -4 : -2;
     c->mask = 4095;
-    c->slots = calloc(c->mask + 1, sizeof(uint64_t));
+    c->slots = calloc(c->mask + 1, FILTER_STRIDE);
     c->specials_mask = 1023;
     c->specials = calloc(c->specials_mask + 1, sizeof *c->specials);
     if (!c->slots || !c->specials)
@@ -423,6 +484,7 @@ int mshvstack_cpu_init(struct mshvstack_cpu *c, void *owner, void *uc, const cha
 /* Stop the timer thread (before the engine closes: it kicks the CPU) and free. */
 void mshvstack_cpu_free(struct mshvstack_cpu *c)
 {
+    world_forget(c);
     if (c->timer_started) {
         pthread_mutex_lock(&c->timer_lock);
         c->timer_quit = 1;
@@ -439,21 +501,19 @@ void mshvstack_cpu_free(struct mshvstack_cpu *c)
     c->slots = NULL;
     free(c->specials);
     c->specials = NULL;
+    free(c->guards);
+    c->guards = NULL;
 }
 
-/* Forget blocks starting in [start, end) so they are scanned again. */
+/* Forget blocks starting in [start, end) so they are scanned again when next
+ * translated (their stamp becomes 0, which no code has). */
 void mshvstack_filter_forget(struct mshvstack_cpu *f, uint64_t start, uint64_t end)
 {
-    uint64_t size = f->mask + 1, *old = f->slots;
-    uint64_t *fresh = calloc(size, sizeof(uint64_t));
-    if (!fresh)
-        return;
-    f->slots = fresh;
-    f->used = 0;
-    for (uint64_t i = 0; i < size; i++)
-        if (old[i] && !(old[i] - 1 >= start && old[i] - 1 < end))
-            insert(f, old[i]);
-    free(old);
+    for (uint64_t i = 0; i <= f->mask; i++) {
+        uint64_t *entry = f->slots + 2 * i;
+        if (entry[0] && entry[0] - 1 >= start && entry[0] - 1 < end)
+            entry[1] = 0;
+    }
 }
 
 static int64_t now_ns(void)
@@ -495,15 +555,60 @@ static void inject(struct mshvstack_cpu *c)
     }
 }
 
-/* Scan a block not seen before; when the scan hooked instructions in it, leave
- * the block before it runs (nothing of it has run) so it is translated again. */
+/* The width code is decoded at now (QEMU's HF_CS32 and HF_CS64 as bits 0 and 1). */
+static uint8_t code_width(struct mshvstack_cpu *c)
+{
+    uint32_t hflags = c->env->hflags;
+    return (uint8_t)(((hflags & HF_CS32) ? 1 : 0) | ((hflags & HF_CS64) ? 2 : 0));
+}
+
+/*
+ * What a block's scan depends on: its bytes, the guest pages they are read
+ * from (a linear page remapped to other code, or to the same code on another
+ * page whose rewrites must be tracked) and the width they are decoded at.
+ * Read through the guest's page tables as the translator just did; never 0.
+ */
+static uint64_t block_stamp(struct mshvstack_cpu *c, uint64_t address, uint32_t size)
+{
+    uint64_t h = mix(0x9E3779B97F4A7C15ULL ^ ((uint64_t)code_width(c) << 32) ^ size);
+    uint64_t end = address + (size ? size : 1);
+    for (uint64_t page = address & ~0xFFFULL; page < end; page += 0x1000) {
+        uint64_t gpa = 0;
+        if (c->api.vmem_translate(c->uc, page, 4 /* UC_PROT_EXEC */, &gpa) != 0)
+            gpa = ~0ULL;
+        h = mix((h ^ gpa) * 0x9E3779B97F4A7C15ULL);
+    }
+    uint8_t chunk[512];
+    for (uint64_t at = address; at < address + size;) {
+        size_t n = address + size - at < sizeof chunk ? (size_t)(address + size - at) : sizeof chunk;
+        if (c->api.vmem_read(c->uc, at, 4 /* UC_PROT_EXEC */, chunk, n) != 0) {
+            h = mix(h ^ at);   /* unreadable now: a stamp of where it stopped */
+            break;
+        }
+        for (size_t j = 0; j < n; j += 8) {
+            uint64_t word = 0;
+            memcpy(&word, chunk + j, n - j < 8 ? n - j : 8);
+            h = mix((h ^ word) * 0x9E3779B97F4A7C15ULL);
+        }
+        at += n;
+    }
+    return h ? h : 1;
+}
+
+/*
+ * Scan a block whose code was not scanned before as it is now: a new start,
+ * or the code at a known one changed (rewritten through any mapping, its
+ * linear page remapped, run at another width).  Per translated block, never
+ * per executed one.  When the scan hooked instructions in it, leave the block
+ * before it runs (nothing of it has run) so it is translated again.
+ */
 static void new_block(struct mshvstack_cpu *c, uint64_t address, uint32_t size)
 {
     if (!c->slots)
         return;
     if (c->used * 2 >= c->mask && grow(c) < 0)
         return;
-    if (insert(c, address + 1) && mshvstack_on_new_block(c->owner, address, size))
+    if (insert(c, address + 1, block_stamp(c, address, size)) && mshvstack_on_new_block(c->owner, address, size))
         c->api.cpu_exit(c->cs);
 }
 
@@ -535,6 +640,8 @@ static bool core_exec_interrupt(void *cs, int request)
     struct mshvstack_cpu *c = entered;
     if (c && c->cs == cs) {
         __atomic_thread_fence(__ATOMIC_SEQ_CST);   /* the loop cleared its exit flag: read requests after */
+        if (world_boundary(c))
+            return false;   /* the next block is this VP's serial step: nothing before it */
         if (c->stop_request) {
             stop(c, REASON_CANCELLED);
             return false;
@@ -600,6 +707,7 @@ void mshvstack_set_deadline(struct mshvstack_cpu *c, int64_t deadline_ns)
  * the timer thread is woken only when the deadline changed. */
 void mshvstack_enter(struct mshvstack_cpu *c, int64_t deadline_ns)
 {
+    world_enter(c);
     entered = c;
     (*c->api.interrupt_handler)(c->cs, CPU_INTERRUPT_TGT_EXT_0);
     pthread_mutex_lock(&c->timer_lock);
@@ -612,6 +720,7 @@ void mshvstack_enter(struct mshvstack_cpu *c, int64_t deadline_ns)
 void mshvstack_leave(struct mshvstack_cpu *c)
 {
     entered = NULL;
+    world_leave(c);
     pthread_mutex_lock(&c->timer_lock);
     c->running = 0;
     pthread_mutex_unlock(&c->timer_lock);
@@ -694,8 +803,9 @@ static int grow_specials(struct mshvstack_cpu *c)
     return 0;
 }
 
-/* What the special instruction at a linear address is now (decoded by the Python half):
- * kind SPECIAL_KIND_NONE when the code there is no longer special.  0, or -1 out of memory. */
+/* What the instruction at a linear address is now, decoded by the Python half at the
+ * current code width: its bytes and kind (SPECIAL_KIND_NONE when it is not special);
+ * length 0 when it is not known.  0, or -1 out of memory. */
 int mshvstack_set_special(struct mshvstack_cpu *c, uint64_t address, int kind, const uint8_t *raw, int length)
 {
     if (c->specials_used * 2 >= c->specials_mask && grow_specials(c) < 0)
@@ -706,16 +816,32 @@ int mshvstack_set_special(struct mshvstack_cpu *c, uint64_t address, int kind, c
         c->specials_used++;
     }
     e->kind = (uint8_t)kind;
-    e->length = (uint8_t)(length > (int)sizeof e->raw ? (int)sizeof e->raw : length);
+    e->length = (uint8_t)(length < 0 ? 0 : length > (int)sizeof e->raw ? (int)sizeof e->raw : length);
+    e->width = code_width(c);
     memset(e->raw, 0, sizeof e->raw);
     memcpy(e->raw, raw, e->length);
     return 0;
 }
 
+/* The entry still describes the code at its address: the same bytes, run at the same width. */
+static int special_is_current(struct mshvstack_cpu *c, const struct special_entry *e, uint64_t address)
+{
+    uint8_t code[sizeof e->raw];
+    if (!e->length || e->width != code_width(c))
+        return 0;
+    return c->api.vmem_read(c->uc, address, 4 /* UC_PROT_EXEC */, code, e->length) == 0 &&
+           memcmp(code, e->raw, e->length) == 0;
+}
+
 /*
- * A code hook on a special instruction.  IO is always an intercept: where
- * the VP's pages are attached the core stops and encodes it without Python;
- * the rest the Python half decides.
+ * A code hook on a special instruction.  What was decoded here is used only
+ * while the code here is still what was decoded (hooks stay when code
+ * changes, and a block whose own bytes did not change is not scanned again
+ * when code it overlaps changed): otherwise the instruction is decoded again
+ * first, and when that hooks new instructions the block is left to be
+ * translated again from here.  IO is always an intercept: where the VP's
+ * pages are attached the core stops and encodes it without Python; the rest
+ * the Python half decides.
  */
 void mshvstack_special_hook(void *uc, uint64_t address, uint32_t size, void *user_data)
 {
@@ -723,7 +849,16 @@ void mshvstack_special_hook(void *uc, uint64_t address, uint32_t size, void *use
     (void)uc;
     (void)size;
     struct special_entry *e = special_slot(c, address);
-    if (!e->key || e->kind == SPECIAL_KIND_NONE)
+    if (!e->key)
+        return;
+    if (!special_is_current(c, e, address)) {
+        if (mshvstack_on_new_block(c->owner, address, sizeof e->raw))
+            leave_block(c);
+        e = special_slot(c, address);   /* the scan may have grown the table */
+        if (!e->key || !special_is_current(c, e, address))
+            return;   /* not decodable here: let the CPU run it (and fault) */
+    }
+    if (e->kind == SPECIAL_KIND_NONE)
         return;
     if (e->kind == SPECIAL_KIND_IO && c->message_page) {
         c->stopped_at = *e;
@@ -755,6 +890,74 @@ bool mshvstack_memory_hook(void *uc, int access, uint64_t address, int size, int
     stop(c, REASON_ENGINE);
     leave_block(c);
     return false;
+}
+
+/*
+ * Guest stores must drop the translations of the code they overwrite.
+ * Unicorn (2.1.4) checks a store for code only through a TLB entry marked
+ * not dirty: every entry starts so, but the first store through an entry
+ * that cannot fetch (a no-execute mapping: Linux writes module code, and
+ * anything through its direct map, so) drops only the translations of the
+ * bytes it wrote and then marks the entry dirty, and making a page code
+ * does not clear the marks (tlb_protect_code does nothing).  So a page
+ * copied over code through such a mapping kept its other translations, and
+ * the old code ran where it had run before (Linux: a freed module's init
+ * code ran for the module loaded at its address).  Unicorn never marks an
+ * entry dirty while a memory hook covers its page: every guest page with
+ * translated code gets one (fetch from unmapped memory, which never fires
+ * on RAM; the memory-fault handler if it does), and the marks of the
+ * entries already dirty for it are cleared.  Unicorn walks every memory
+ * hook when it first stores through an entry, so ranges closer than
+ * GUARD_GAP are merged (a Debian boot: 1583 code pages in 397 runs, 27
+ * ranges; a store to a page in a gap is checked, never wrong).  Stores to
+ * other pages stay at host speed.  Called for each guest page the first
+ * time code on it is scanned (host: where its bytes are); 0, or -1 (out of
+ * memory, or Unicorn refused the hook).
+ */
+#define GUARD_HOOK_TYPE (1 << 6)   /* UC_HOOK_MEM_FETCH_UNMAPPED (unicorn.h) */
+#ifndef GUARD_GAP
+#define GUARD_GAP (16 * 0x1000ULL)
+#endif
+
+int mshvstack_guard_code(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host)
+{
+    uint64_t begin = gpa & ~0xFFFULL, end = begin + 0xFFF;
+    int touching[2], count = 0;
+    for (int i = 0; i < c->guard_count; i++) {
+        const struct code_guard *g = &c->guards[i];
+        if (begin >= g->begin && end <= g->end) {
+            /* In a range already (a gap merged into it): entries marked before may remain. */
+            c->api.tlb_reset_dirty(c->cs, host & ~0xFFFULL, 0x1000);
+            return 0;
+        }
+        if (begin <= g->end + 1 + GUARD_GAP && g->begin <= end + 1 + GUARD_GAP && count < 2)
+            touching[count++] = i;   /* merged with it: at most one range on each side */
+    }
+    uint64_t from = begin, to = end;
+    for (int k = 0; k < count; k++) {
+        const struct code_guard *g = &c->guards[touching[k]];
+        from = g->begin < from ? g->begin : from;
+        to = g->end > to ? g->end : to;
+    }
+    if (c->guard_count == c->guard_capacity) {
+        int capacity = c->guard_capacity ? 2 * c->guard_capacity : 64;
+        struct code_guard *fresh = realloc(c->guards, (size_t)capacity * sizeof *fresh);
+        if (!fresh)
+            return -1;
+        c->guards = fresh;
+        c->guard_capacity = capacity;
+    }
+    size_t h;
+    if (c->api.hook_add(c->uc, &h, GUARD_HOOK_TYPE, (void *)mshvstack_memory_hook, c, from, to) != 0)
+        return -1;
+    c->guards[c->guard_count++] = (struct code_guard){from, to, h};
+    for (int k = count - 1; k >= 0; k--) {   /* the higher index first: removal moves the last range */
+        int i = touching[k];
+        c->api.hook_del(c->uc, c->guards[i].hook);
+        c->guards[i] = c->guards[--c->guard_count];
+    }
+    c->api.tlb_reset_dirty(c->cs, host & ~0xFFFULL, 0x1000);
+    return 0;
 }
 
 /* An exception raised by guest code (or injected): intercept it or deliver it. */

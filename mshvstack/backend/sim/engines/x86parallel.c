@@ -1,0 +1,420 @@
+/*
+ * VPs that run in parallel, exactly: the partition's engines as one SMP machine.
+ *
+ * Each VP is its own Unicorn instance on its own host thread, all over the
+ * same host memory.  Unicorn builds QEMU's TCG with its parallel mode
+ * compiled in but never selected (curr_cflags() is 0), so a locked
+ * read-modify-write is translated as a plain load and store: another VP's
+ * update in between is lost, and a failed cmpxchg even stores the old value
+ * back over another VP's plain store.  QEMU's parallel mode (CF_PARALLEL in
+ * the TB being translated) turns every locked instruction, XCHG with memory
+ * and CMPXCHG8B/16B into a host atomic, and MFENCE/locked instructions into
+ * host barriers; x86 hosts keep the rest of x86-TSO by themselves.
+ *
+ * So the core wraps two of the x86 translator's hooks (i386_tr_ops, found
+ * through the library's symbol table): the first marks each block being
+ * translated for one of our engines as parallel, in the TCG context and
+ * the TB, the second clears the TB's mark again after translation, so the
+ * block is looked up as Unicorn expects (its lookups never ask for
+ * CF_PARALLEL).
+ *
+ * What a host atomic cannot do (QEMU's "stop the world" cases: an atomic
+ * that is misaligned, or that reaches MMIO or an unmapped GPA) raises
+ * EXCP_ATOMIC.  Unicorn 2.1.4 has no handler for it (its loop would retry the
+ * instruction forever), so the core wraps the engine's stop_interrupt hook,
+ * which sees every exception index, and runs the instruction alone: every
+ * other VP of the partition parks at its next block boundary (the "world"
+ * below), and the instruction runs in a one-instruction serial block
+ * (count 1, CF_LAST_IO as a private hash class: nothing else asks for it,
+ * so a serial block is never found by a parallel lookup).  The next block
+ * boundary releases the others.
+ */
+
+#define CF_COUNT_MASK 0x00007fff
+#define CF_LAST_IO 0x00008000
+#define CF_NOCACHE 0x00010000
+#define CF_PARALLEL 0x00080000
+#define EXCP_ATOMIC 0x10005
+
+/* QEMU's TranslationBlock head (include/exec/exec-all.h, unicorn 2.1.4). */
+struct qemu_tb {
+    uint64_t pc;
+    uint64_t cs_base;
+    uint32_t flags;
+    uint16_t size;
+    uint16_t icount;
+    uint32_t cflags;
+    uint32_t trace_vcpu_dstate;
+    void *tc_ptr;
+};
+
+/* QEMU's DisasContextBase head: the TB and its first PC. */
+struct qemu_disas_base {
+    struct qemu_tb *tb;
+    uint64_t pc_first;
+};
+
+/* TCGContext (include/tcg/tcg.h): where the current TB's cflags and the code pointer live. */
+#define TCG_TB_CFLAGS 100
+#define TCG_CODE_GEN_PTR 192
+/* CPUState (include/hw/core/cpu.h) */
+#define CPU_CFLAGS_NEXT_TB 24
+#define CPU_ENV_PTR 296
+
+struct mshvstack_library {
+    void *tr_ops;               /* i386_tr_ops: TranslatorOps, init_disas_context first, tb_stop sixth */
+    void *init_disas_context;   /* i386_tr_init_disas_context */
+    void *tb_stop;              /* i386_tr_tb_stop */
+    void *stop_interrupt;       /* x86_stop_interrupt */
+    void *xchg[4];              /* helper_atomic_xchg{b,w_le,l_le,q_le} */
+    void *cmpxchg_mmu[4];       /* helper_atomic_cmpxchg{b,w_le,l_le,q_le}_mmu */
+};
+
+/*
+ * Unicorn's XCHG helpers are a plain load and a plain store (its
+ * atomic_template.h, even in parallel mode), so an XCHG spinlock loses a
+ * release stored between them and deadlocks.  The core sends them to its
+ * own XCHG, a compare-and-exchange loop over Unicorn's atomic CMPXCHG
+ * (which also does the guest's TLB lookup, faults and dirty tracking).
+ * Entered by a jump from the helper's first bytes, so the return address
+ * is the generated code's, as the lookup needs to restore the guest state.
+ */
+typedef uint64_t (*cmpxchg_mmu_fn)(void *env, uint64_t addr, uint64_t cmp, uint64_t value, uint32_t oi, uintptr_t ra);
+static cmpxchg_mmu_fn cmpxchg_mmu[4];
+
+#define ATOMIC_XCHG(name, index, width_mask)                                                         \
+    __attribute__((noinline)) static uint64_t name(void *env, uint64_t addr, uint64_t value, uint32_t oi) \
+    {                                                                                                \
+        uintptr_t ra = (uintptr_t)__builtin_return_address(0);                                      \
+        uint64_t seen = 0;                                                                           \
+        value &= (width_mask);                                                                       \
+        for (;;) {                                                                                   \
+            uint64_t old = cmpxchg_mmu[index](env, addr, seen, value, oi, ra) & (width_mask);        \
+            if (old == seen)                                                                         \
+                return old;                                                                          \
+            seen = old;                                                                              \
+        }                                                                                            \
+    }
+ATOMIC_XCHG(atomic_xchg8, 0, 0xFFull)
+ATOMIC_XCHG(atomic_xchg16, 1, 0xFFFFull)
+ATOMIC_XCHG(atomic_xchg32, 2, 0xFFFFFFFFull)
+ATOMIC_XCHG(atomic_xchg64, 3, ~0ull)
+#undef ATOMIC_XCHG
+
+/* Make a function jump to another: movabs $target, %rax; jmp *%rax (rax is free at a call). */
+static int redirect(void *function, void *target)
+{
+    unsigned char code[12] = {0x48, 0xB8};
+    uint64_t address = (uint64_t)(uintptr_t)target;
+    memcpy(code + 2, &address, 8);
+    code[10] = 0xFF;
+    code[11] = 0xE0;
+    if (memcmp(function, code, sizeof code) == 0)
+        return 0;
+    long page = sysconf(_SC_PAGESIZE);
+    uintptr_t start = (uintptr_t)function & ~(uintptr_t)(page - 1);
+    size_t length = (uintptr_t)function + sizeof code - start;
+    if (mprotect((void *)start, length, PROT_READ | PROT_WRITE | PROT_EXEC) != 0)
+        return -1;
+    memcpy(function, code, sizeof code);
+    __builtin___clear_cache((char *)function, (char *)function + sizeof code);
+    return mprotect((void *)start, length, PROT_READ | PROT_EXEC);
+}
+
+enum { OPS_INIT_DISAS = 0, OPS_TB_STOP = 5, OPS_COUNT = 7 };
+
+static void (*original_init_disas)(void *db, void *cpu);
+static void (*original_tb_stop)(void *db, void *cpu);
+static bool (*original_stop_interrupt)(void *uc, int intno);
+
+/* ---- the world: who runs; one VP at a time may run alone ---- */
+
+void mshvstack_world_init(struct mshvstack_world *w)
+{
+    memset(w, 0, sizeof *w);
+    pthread_mutex_init(&w->lock, NULL);
+    pthread_cond_init(&w->changed, NULL);
+}
+
+void mshvstack_world_destroy(struct mshvstack_world *w)
+{
+    pthread_cond_destroy(&w->changed);
+    pthread_mutex_destroy(&w->lock);
+    free(w->members);
+    w->members = NULL;
+}
+
+static int world_join(struct mshvstack_world *w, struct mshvstack_cpu *c)
+{
+    pthread_mutex_lock(&w->lock);
+    if (w->count == w->capacity) {
+        int capacity = w->capacity ? w->capacity * 2 : 8;
+        struct mshvstack_cpu **members = realloc(w->members, (size_t)capacity * sizeof *members);
+        if (!members) {
+            pthread_mutex_unlock(&w->lock);
+            return -1;
+        }
+        w->members = members;
+        w->capacity = capacity;
+    }
+    w->members[w->count++] = c;
+    c->world = w;
+    pthread_mutex_unlock(&w->lock);
+    return 0;
+}
+
+static void world_forget(struct mshvstack_cpu *c)
+{
+    struct mshvstack_world *w = c->world;
+    if (!w)
+        return;
+    pthread_mutex_lock(&w->lock);
+    for (int i = 0; i < w->count; i++)
+        if (w->members[i] == c) {
+            w->members[i] = w->members[--w->count];
+            break;
+        }
+    c->world = NULL;
+    pthread_mutex_unlock(&w->lock);
+}
+
+/* The VP's thread enters the engine (waits while another VP runs alone). */
+static void world_enter(struct mshvstack_cpu *c)
+{
+    struct mshvstack_world *w = c->world;
+    if (!w)
+        return;
+    pthread_mutex_lock(&w->lock);
+    while (w->owner && w->owner != c)
+        pthread_cond_wait(&w->changed, &w->lock);
+    w->running++;
+    c->in_world = 1;
+    pthread_mutex_unlock(&w->lock);
+}
+
+static void release_locked(struct mshvstack_cpu *c)
+{
+    struct mshvstack_world *w = c->world;
+    if (w->owner == c) {
+        __atomic_store_n(&w->owner, NULL, __ATOMIC_RELEASE);
+        uint32_t *next = (uint32_t *)((char *)c->cs + CPU_CFLAGS_NEXT_TB);
+        if (*next == (1 | CF_LAST_IO | CF_NOCACHE))   /* not consumed: the step did not happen */
+            *next = UINT32_MAX;
+    }
+    c->exclusive = EXCLUSIVE_NONE;
+    pthread_cond_broadcast(&w->changed);
+}
+
+static void world_leave(struct mshvstack_cpu *c)
+{
+    struct mshvstack_world *w = c->world;
+    if (!w)
+        return;
+    pthread_mutex_lock(&w->lock);
+    release_locked(c);
+    w->running--;
+    c->in_world = 0;
+    pthread_cond_broadcast(&w->changed);
+    pthread_mutex_unlock(&w->lock);
+}
+
+/* Another VP runs alone: wait at this block boundary until it is done. */
+static void world_park(struct mshvstack_cpu *c)
+{
+    struct mshvstack_world *w = c->world;
+    pthread_mutex_lock(&w->lock);
+    w->running--;
+    pthread_cond_broadcast(&w->changed);
+    while (w->owner && w->owner != c)
+        pthread_cond_wait(&w->changed, &w->lock);
+    w->running++;
+    pthread_mutex_unlock(&w->lock);
+}
+
+/* Run alone: every other VP of the partition parks at its next block boundary. */
+static void world_acquire(struct mshvstack_cpu *c)
+{
+    struct mshvstack_world *w = c->world;
+    pthread_mutex_lock(&w->lock);
+    while (w->owner && w->owner != c) {   /* another VP runs alone first: park meanwhile */
+        w->running--;
+        pthread_cond_broadcast(&w->changed);
+        pthread_cond_wait(&w->changed, &w->lock);
+        w->running++;
+    }
+    __atomic_store_n(&w->owner, c, __ATOMIC_RELEASE);
+    for (int i = 0; i < w->count; i++)
+        if (w->members[i] != c && w->members[i]->in_world)
+            w->members[i]->api.cpu_exit(w->members[i]->cs);
+    while (w->running > 1)
+        pthread_cond_wait(&w->changed, &w->lock);
+    pthread_mutex_unlock(&w->lock);
+}
+
+/* From the interrupt hook, at a block boundary: park for another VP, or end our own turn. */
+static bool world_boundary(struct mshvstack_cpu *c)
+{
+    struct mshvstack_world *w = c->world;
+    if (!w)
+        return false;
+    if (c->exclusive == EXCLUSIVE_ACQUIRED) {   /* the serial step is the next block: let it run */
+        c->exclusive = EXCLUSIVE_STEPPING;
+        return true;
+    }
+    if (c->exclusive == EXCLUSIVE_STEPPING) {
+        pthread_mutex_lock(&w->lock);
+        release_locked(c);
+        pthread_mutex_unlock(&w->lock);
+        return false;
+    }
+    struct mshvstack_cpu *owner = __atomic_load_n(&w->owner, __ATOMIC_ACQUIRE);
+    if (owner && owner != c)
+        world_park(c);
+    return false;
+}
+
+/* ---- the translator's hooks ---- */
+
+/* The TCG context behind the engine: the uc_struct field whose context holds the
+ * TB being translated now (its cflags and its code pointer). */
+static void discover_tcg(struct mshvstack_cpu *c, const struct qemu_tb *tb)
+{
+    enum { WORDS = 4096 };
+    uint64_t *w = calloc(WORDS, 8);
+    if (!w)
+        return;
+    int words = read_words(w, c->uc, WORDS);
+    for (int j = 0; j < words; j++) {
+        uint64_t p = w[j], code = 0;
+        uint32_t cflags = 0;
+        if (!p || (p & 7))
+            continue;
+        if (safe_read(&cflags, (char *)(uintptr_t)p + TCG_TB_CFLAGS, 4) == 0 &&
+            safe_read(&code, (char *)(uintptr_t)p + TCG_CODE_GEN_PTR, 8) == 0 &&
+            cflags == tb->cflags && code == (uint64_t)(uintptr_t)tb->tc_ptr && code) {
+            c->tcg_ctx = (char *)(uintptr_t)p;
+            break;
+        }
+    }
+    free(w);
+}
+
+static void core_init_disas(void *db, void *cpu)
+{
+    original_init_disas(db, cpu);
+    struct mshvstack_cpu *c = entered;
+    if (!c || c->cs != cpu)
+        return;
+    struct qemu_tb *tb = ((struct qemu_disas_base *)db)->tb;
+    if (!c->tcg_ctx)
+        discover_tcg(c, tb);
+    if (!c->tcg_ctx || !c->parallel || (tb->cflags & CF_LAST_IO))
+        return;
+    *(uint32_t *)(c->tcg_ctx + TCG_TB_CFLAGS) |= CF_PARALLEL;
+    tb->cflags |= CF_PARALLEL;   /* the translator reads it too (CMPXCHG8B/16B) */
+}
+
+static void core_tb_stop(void *db, void *cpu)
+{
+    original_tb_stop(db, cpu);
+    struct mshvstack_cpu *c = entered;
+    if (c && c->cs == cpu)
+        ((struct qemu_disas_base *)db)->tb->cflags &= ~(uint32_t)CF_PARALLEL;
+}
+
+/* Every exception index passes here: EXCP_ATOMIC is run alone, serially. */
+static bool core_stop_interrupt(void *uc, int intno)
+{
+    struct mshvstack_cpu *c = entered;
+    if (intno == EXCP_ATOMIC && c && c->uc == uc && c->world) {
+        world_acquire(c);
+        c->exclusive = EXCLUSIVE_ACQUIRED;
+        c->serial_steps++;
+        *(uint32_t *)((char *)c->cs + CPU_CFLAGS_NEXT_TB) = 1 | CF_LAST_IO | CF_NOCACHE;
+        return false;
+    }
+    return original_stop_interrupt(uc, intno);
+}
+
+static int patch_pointer(void **slot, void *expected, void *replacement)
+{
+    if (*slot == replacement)
+        return 0;
+    if (*slot != expected)
+        return -1;
+    long page = sysconf(_SC_PAGESIZE);
+    uintptr_t start = (uintptr_t)slot & ~(uintptr_t)(page - 1);
+    if (mprotect((void *)start, (size_t)page * 2, PROT_READ | PROT_WRITE) != 0)
+        return -2;
+    *slot = replacement;
+    return 0;
+}
+
+/* Once per process: wrap the x86 translator's hooks (checked against the symbol table). */
+int mshvstack_parallel_install(const struct mshvstack_library *lib)
+{
+    void **ops = lib->tr_ops;
+    if (!ops || !lib->init_disas_context || !lib->tb_stop)
+        return -1;
+    if (ops[OPS_INIT_DISAS] == (void *)core_init_disas && ops[OPS_TB_STOP] == (void *)core_tb_stop)
+        return 0;
+    original_init_disas = (void (*)(void *, void *))lib->init_disas_context;
+    original_tb_stop = (void (*)(void *, void *))lib->tb_stop;
+    if (patch_pointer(&ops[OPS_INIT_DISAS], lib->init_disas_context, (void *)core_init_disas) != 0)
+        return -2;
+    if (patch_pointer(&ops[OPS_TB_STOP], lib->tb_stop, (void *)core_tb_stop) != 0)
+        return -3;
+    void *own[4] = {(void *)atomic_xchg8, (void *)atomic_xchg16, (void *)atomic_xchg32, (void *)atomic_xchg64};
+    for (int i = 0; i < 4; i++) {
+        if (!lib->xchg[i] || !lib->cmpxchg_mmu[i])
+            return -4;
+        cmpxchg_mmu[i] = (cmpxchg_mmu_fn)lib->cmpxchg_mmu[i];
+        if (redirect(lib->xchg[i], own[i]) != 0)
+            return -5;
+    }
+    return 0;
+}
+
+/*
+ * Attach an engine to its partition's world.  Checks what the core assumes
+ * of QEMU's CPUState (the env pointer and cflags_next_tb where the headers
+ * put them) and wraps the engine's stop_interrupt hook (the one uc_struct
+ * word equal to x86_stop_interrupt).
+ */
+int mshvstack_parallel_attach(struct mshvstack_cpu *c, struct mshvstack_world *w, const struct mshvstack_library *lib)
+{
+    void *env = NULL;
+    uint32_t next = 0;
+    if (safe_read(&env, (char *)c->cs + CPU_ENV_PTR, 8) != 0 || env != (void *)c->env)
+        return -1;
+    if (safe_read(&next, (char *)c->cs + CPU_CFLAGS_NEXT_TB, 4) != 0 || next != UINT32_MAX)
+        return -2;
+    enum { WORDS = 4096 };
+    uint64_t *words = calloc(WORDS, 8);
+    if (!words)
+        return -3;
+    /* the first match: another engine's uc_struct may lie just past this one */
+    int n = read_words(words, c->uc, WORDS), found = -1;
+    for (int j = 0; j < n && found < 0; j++)
+        if (words[j] == (uint64_t)(uintptr_t)lib->stop_interrupt || words[j] == (uint64_t)(uintptr_t)core_stop_interrupt)
+            found = j;
+    free(words);
+    if (found < 0)
+        return -4;
+    original_stop_interrupt = (bool (*)(void *, int))lib->stop_interrupt;
+    ((void **)c->uc)[found] = (void *)core_stop_interrupt;
+    c->parallel = 1;
+    return world_join(w, c) == 0 ? 0 : -3;
+}
+
+/* The translation that attach() could not check: the TCG context was found at the first block. */
+int mshvstack_parallel_ready(struct mshvstack_cpu *c)
+{
+    return c->tcg_ctx != NULL;
+}
+
+/* Make the thread's engine the one being translated for (engine set-up, outside a run). */
+void mshvstack_translating_for(struct mshvstack_cpu *c)
+{
+    entered = c;
+}
