@@ -586,6 +586,8 @@ def test_one_router_for_ipis_hypercalls_and_msis() -> None:
     partition = SimPartition(0, (0, 0), 0)
     vps = [SimVp(partition, index) for index in range(3)]
     partition.vps.update({vp.index: vp for vp in vps})
+    for vp in vps:   # x2APIC mode: 64-bit ICR writes carry a 32-bit destination, LDRs follow from the APIC ids
+        vp.set_reg(lib.HV_X64_REGISTER_APIC_BASE, 0xFEE00000 | (1 << 11) | (1 << 10))
 
     def pending() -> list[bool]:
         taken = [bool(vp.lapic.irr & (1 << 0x40)) for vp in vps]
@@ -595,7 +597,7 @@ def test_one_router_for_ipis_hypercalls_and_msis() -> None:
 
     vps[1].lapic.write_icr64(0x40 | (3 << 18))               # all but self, from VP 1
     assert pending() == [True, False, True]
-    vps[0].lapic.write_icr64(0x40 | (1 << 11) | (0b110 << 32))  # logical: VPs 1 and 2
+    vps[0].lapic.write_icr64(0x40 | (1 << 11) | (0b110 << 32))  # logical, cluster 0: VPs 1 and 2
     assert pending() == [False, True, True]
     vps[2].lapic.write_icr64(0x40 | (1 << 18))               # self
     assert pending() == [False, False, True]

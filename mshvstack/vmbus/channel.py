@@ -75,6 +75,14 @@ class Channel:
         self.state = ChannelState.OPEN
         self.synic.register_event_port(self.connection_id, self.on_doorbell)
 
+    def retarget(self, target_vp: int) -> None:
+        """MODIFYCHANNEL: interrupts go to ``target_vp`` from now on.  One is sent there at
+        once when the guest has packets waiting, so none is lost to the move (the guest's
+        old VP may have taken the last interrupt before it switched, or never got it)."""
+        self.target_vp = target_vp
+        if self.outgoing is not None and self.outgoing.used():
+            self.signal_guest()
+
     def close(self) -> None:
         if self.state is ChannelState.OPEN:
             self.synic.unregister_event_port(self.connection_id)

@@ -30,6 +30,18 @@ _OFF_PENDING = ffi.offsetof("struct vmbus_ring_control", "pending_send_sz")
 _OFF_FEATURES = ffi.offsetof("struct vmbus_ring_control", "feature_bits")
 DESCRIPTOR = ffi.sizeof("struct vmpacket_descriptor")
 _TRAILER = struct.Struct("<Q")
+_BARRIER = threading.Lock()
+
+
+def full_barrier() -> None:
+    """A full memory barrier between our store of one ring field and the load of
+    another that the guest, on another CPU, stores the other way round (x86 lets a
+    load pass an earlier store; the guest's side has its own barrier): acquiring a
+    lock is a locked instruction.  Without it an index update and the check of the
+    guest's mask or pending size could both miss the other side's change, and the
+    wakeup is lost."""
+    with _BARRIER:
+        pass
 
 
 class RingMem(Protocol):
@@ -141,6 +153,7 @@ class OutgoingRing(_Ring):
             self._write_wrapped((write + len(packet)) % self.size, _TRAILER.pack(write << 32))
             new_write = (write + len(packet) + TRAILER) % self.size
             self.mem.write_control(_OFF_WRITE, new_write)
+            full_barrier()
             # Signal only on empty -> non-empty, and only if the reader wants interrupts.
             if self.mem.read_control(_OFF_MASK):
                 return False
@@ -150,6 +163,7 @@ class OutgoingRing(_Ring):
         """Publish pending_send_sz; True if the space is already there (no need to wait)."""
         with self.lock:
             self.mem.write_control(_OFF_PENDING, (needed + 7) & ~7)
+            full_barrier()
             if self.free() >= needed:
                 self.mem.write_control(_OFF_PENDING, 0)
                 return True
@@ -181,6 +195,7 @@ class IncomingRing(_Ring):
             old_free = self.size - available - TRAILER
             new_read = (read + length + TRAILER) % self.size
             self.mem.write_control(_OFF_READ, new_read)
+            full_barrier()
             pending = self.mem.read_control(_OFF_PENDING) & ~7
             new_free = old_free + length + TRAILER
             signal = bool(pending) and old_free < pending <= new_free

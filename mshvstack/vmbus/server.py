@@ -28,13 +28,16 @@ SUPPORTED_VERSIONS = tuple(int(getattr(lib, f"VMBUS_VERSION_{n}")) for n in (
     "WIN8", "WIN8_1", "WIN10", "WIN10_V4_1", "WIN10_V5", "WIN10_V5_1", "WIN10_V5_2", "WIN10_V5_3"))
 VERSION_5_0 = int(lib.VMBUS_VERSION_WIN10_V5)
 VERSION_3_0 = int(lib.VMBUS_VERSION_WIN8_1)
-VERSION_5_3 = int(lib.VMBUS_VERSION_WIN10_V5_3)
+VERSION_4_1 = int(lib.VMBUS_VERSION_WIN10_V4_1)    # MODIFYCHANNEL
+VERSION_5_3 = int(lib.VMBUS_VERSION_WIN10_V5_3)    # MODIFYCHANNEL_RESPONSE
+NO_INTERRUPT = int(lib.VMBUS_VP_INDEX_DISABLE_INTERRUPT)
 MESSAGE_TYPE = int(lib.VMBUS_SYNIC_MESSAGE_TYPE)
 OK = int(lib.HV_STATUS_SUCCESS)
 INVALID_INPUT = int(lib.HV_STATUS_INVALID_HYPERCALL_INPUT)
 INSUFFICIENT_BUFFERS = int(lib.HV_STATUS_INSUFFICIENT_BUFFERS)
 GPADL_FAILED = 0x8000FFFF
 OPEN_FAILED = 0x8000FFFF
+MODIFY_FAILED = 0x8000FFFF
 HEADER = 8
 
 
@@ -63,9 +66,12 @@ def _message(ctype: str, **fields: Any) -> bytes:
 
 
 class VmbusServer:
-    def __init__(self, synic: SynicHost, memory: GuestMemory, providers: list[Provider]) -> None:
+    """``vp_count``: the partition's VPs (target VPs beyond them are refused; None: not checked)."""
+
+    def __init__(self, synic: SynicHost, memory: GuestMemory, providers: list[Provider], vp_count: int | None = None) -> None:
         self.synic = synic
         self.memory = memory
+        self.vp_count = vp_count
         self.lock = threading.RLock()
         self.state = ConnectionState.DISCONNECTED
         self.version = 0
@@ -119,6 +125,9 @@ class VmbusServer:
                 self._protocol_error(str(exc))
         return OK
 
+    def _vp_exists(self, vp_index: int) -> bool:
+        return vp_index < (self.vp_count if self.vp_count is not None else int(lib.HV_MAX_VP_INDEX) + 1)
+
     def _protocol_error(self, what: str) -> None:
         self.protocol_errors += 1
         log.warning("VMBus: %s", what)
@@ -139,8 +148,12 @@ class VmbusServer:
             self._reset()  # a new INITIATE_CONTACT implicitly unloads (kexec, firmware hand-over)
         target_vp = int(msg.target_vcpu) if version >= VERSION_3_0 else 0
         sint = int(msg.target.msg_sint) if version >= VERSION_5_0 else int(lib.VMBUS_MESSAGE_SINT)
-        self.message_vp, self.message_sint = target_vp, sint if 0 < sint < 16 else int(lib.VMBUS_MESSAGE_SINT)
-        supported = version in SUPPORTED_VERSIONS and target_vp < 2048
+        known_vp = self._vp_exists(target_vp)
+        # Messages go to the VP the guest named (from 3.0), on its SIMP; a VP that does not exist hears nothing.
+        self.message_vp, self.message_sint = target_vp if known_vp else 0, sint if 0 < sint < 16 else int(lib.VMBUS_MESSAGE_SINT)
+        supported = version in SUPPORTED_VERSIONS and known_vp
+        if not known_vp:
+            log.warning("VMBus: INITIATE_CONTACT names VP %d, which does not exist", target_vp)
         if supported:
             self.version = version
             self.state = ConnectionState.CONNECTED
@@ -228,6 +241,8 @@ class VmbusServer:
             if gpadl is None:
                 raise VmbusProtocolError(f"OPENCHANNEL {relid}: unknown ring GPADL {int(msg.ringbuffer_gpadlhandle):#x}")
             target_vp = int(msg.target_vp) if self.version >= int(lib.VMBUS_VERSION_WIN8) else 0
+            if target_vp != NO_INTERRUPT and not self._vp_exists(target_vp):
+                raise VmbusProtocolError(f"OPENCHANNEL {relid}: target VP {target_vp} does not exist")
             channel.open(gpadl, int(msg.downstream_ringbuffer_pageoffset), target_vp)
             if channel.provider.on_open(channel):
                 status = 0
@@ -252,12 +267,25 @@ class VmbusServer:
         del self.channels[relid]
 
     def _modify_channel(self, payload: bytes) -> None:
+        """Rebind an open channel's interrupts to another VP (from 4.1; answered from 5.3)."""
         (_t, _p, relid, target_vp) = struct.unpack_from("<IIII", payload)
+        if self.version < VERSION_4_1:
+            raise VmbusProtocolError(f"MODIFYCHANNEL on protocol {self.version >> 16}.{self.version & 0xFFFF}, "
+                                     "which does not have it")
         channel = self._channel(relid)
-        channel.target_vp = target_vp
+        problem = None
+        if channel.state is not ChannelState.OPEN:
+            problem = f"MODIFYCHANNEL for channel {relid} which is {channel.state.value}"
+        elif target_vp != NO_INTERRUPT and not self._vp_exists(target_vp):
+            problem = f"MODIFYCHANNEL {relid}: target VP {target_vp} does not exist"
+        else:
+            channel.retarget(target_vp)
+            log.info("VMBus: channel %d (%s) now interrupts VP %d", relid, channel.provider.name, target_vp)
         if self.version >= VERSION_5_3:
             self._send("vmbus_channel_modifychannel_response", header=self._header(lib.CHANNELMSG_MODIFYCHANNEL_RESPONSE),
-                       child_relid=relid, status=0)
+                       child_relid=relid, status=MODIFY_FAILED if problem else 0)
+        if problem:
+            raise VmbusProtocolError(problem)
 
     def _unload(self, payload: bytes) -> None:
         self._reset()

@@ -131,15 +131,23 @@ class SynicHost:
             self._flush(vp_index, sint)
 
     def _flush(self, vp_index: int, sint: int) -> None:
+        """Post what waits for (VP, SINT), in order, until its slot is busy.  The guest
+        runs meanwhile on its own VP: it may free the slot and write EOM after our post
+        failed but before the deliverability notification is armed, and that EOM then
+        tells nobody.  So once armed, the post is tried again."""
         queue = self._outgoing.get((vp_index, sint))
+        armed = False
         while queue:
             message_type, payload = queue[0]
             try:
                 calls.post_message_direct(self.target, vp_index, sint, message_type, payload)
             except HvError as exc:
                 if exc.status == lib.HV_STATUS_INSUFFICIENT_BUFFERS:
+                    if armed:
+                        return   # the EOM that frees the slot will be notified
                     self._want_deliverable(vp_index, sint)
-                    return
+                    armed = True
+                    continue
                 log.warning("dropping VMBus message for VP %d SINT %d: %s", vp_index, sint, exc)
             queue.popleft()
 

@@ -198,7 +198,7 @@ class Machine:
             # APs wait for INIT/SIPI from the BSP (startup-suspend).
             ap.set_registers({HvRegister.INTERNAL_ACTIVITY_STATE: 1})
         memory = self.partition.memory
-        self.mmio_emulator = MmioEmulator(self.mmio.read, self.mmio.write, self._translate,
+        self.mmio_emulator = MmioEmulator(self.mmio.read, self.mmio.write, None,
                                           lambda gpa, size: int.from_bytes(memory.read(gpa, size), "little"),
                                           lambda gpa, size, value: memory.write(gpa, value.to_bytes(size, "little")))
 
@@ -212,7 +212,7 @@ class Machine:
             self.disks.append(DiskImage(spec.path, spec.read_only, serial=f"MSHVSTACK{i:04d}"))
         providers: list[Provider] = [self.heartbeat, self.shutdown_ic, self.timesync, self.kvp]
         providers += [Storage(disk) for disk in self.disks]
-        self.vmbus = VmbusServer(self.synic, self.partition.memory, providers)
+        self.vmbus = VmbusServer(self.synic, self.partition.memory, providers, vp_count=self.config.vcpus)
 
     def _housekeeping(self) -> None:
         """Heartbeats and time samples while the guest runs (what Hyper-V sends periodically)."""
@@ -259,9 +259,10 @@ class Machine:
             return load_bzimage(image, memory, self.config.cmdline, initrd, name, rsdp=acpi.rsdp)
         raise LoaderError(f"{name}: neither an ELF file nor a Linux bzImage")
 
-    def _translate(self, gva: int, write: bool) -> int:
+    def _translate(self, vp_index: int, gva: int, write: bool) -> int:
+        """``gva`` through VP ``vp_index``'s own page tables (each VP may use its own)."""
         flags = lib.HV_TRANSLATE_GVA_VALIDATE_READ | (lib.HV_TRANSLATE_GVA_VALIDATE_WRITE if write else 0)
-        result = calls.translate_virtual_address(self.partition.hv, 0, gva, flags)
+        result = calls.translate_virtual_address(self.partition.hv, vp_index, gva, flags)
         if not result.ok:
             raise MmioError(f"guest address {gva:#x} does not translate (result {result.result})")
         return result.gpa
@@ -530,7 +531,8 @@ class Machine:
         elif isinstance(exit_, MemoryIntercept):
             bits = 64 if exit_.header.efer_lma and exit_.header.cs.long_mode else 32 if exit_.header.cr0_pe else 16
             try:
-                self.mmio_emulator.emulate(vp, MmioAccess(exit_.gpa, exit_.header.rip, exit_.instruction_bytes, bits))
+                self.mmio_emulator.emulate(vp, MmioAccess(exit_.gpa, exit_.header.rip, exit_.instruction_bytes, bits),
+                                           functools.partial(self._translate, vp.index))
             except MmioUnsupported as exc:
                 log.warning("VP %d: %s: the guest gets #UD", vp.index, exc)
                 vp.inject_exception(ExceptionVector.UD)
@@ -593,7 +595,7 @@ class Machine:
         memory = self.partition.memory
         pointer = io.rsi if io.is_write else io.rdi
         for i in range(count):
-            gpa = self._translate(pointer + i * step, not io.is_write)
+            gpa = self._translate(vp.index, pointer + i * step, not io.is_write)
             if io.is_write:
                 self.pio.write(io.port_number, size, int.from_bytes(memory.read(gpa, size), "little"))
             else:

@@ -172,15 +172,17 @@ class MmioEmulator:
             return insn
         raise MmioUnsupported(f"undecodable instruction bytes {access.instruction.hex()} at {access.rip:#x}")
 
-    def emulate(self, cpu: CpuAccess, access: MmioAccess) -> None:
-        """Perform the instruction's MMIO access and advance RIP past it."""
+    def emulate(self, cpu: CpuAccess, access: MmioAccess, translate: Translate | None = None) -> None:
+        """Perform the instruction's MMIO access and advance RIP past it.  ``translate``:
+        the address translation of the VP that made the access (its own page tables),
+        instead of the emulator's default."""
         insn = self.decode(access)
         state = _RegisterState(cpu)
         base = insn.mnemonic.split()[-1]
         done = True
         string = insn.opcode[0] in _STRING_OPCODES   # by opcode: SSE2's movsd shares the mnemonic
         if string:
-            done = self._string(insn, access, state, store=base.startswith("stos"))
+            done = self._string(insn, access, state, base.startswith("stos"), translate or self.translate)
         else:
             self._simple(insn, access, state)
         if done:
@@ -233,7 +235,8 @@ class MmioEmulator:
         else:
             raise MmioUnsupported(f"cannot emulate {name} {insn.op_str} on MMIO at {gpa:#x}")
 
-    def _string(self, insn: capstone.CsInsn, access: MmioAccess, state: "_RegisterState", store: bool) -> bool:
+    def _string(self, insn: capstone.CsInsn, access: MmioAccess, state: "_RegisterState", store: bool,
+                translate: Translate | None) -> bool:
         """STOS/MOVS, at most STRING_BATCH elements; True when the instruction is complete."""
         size = _STRING_SIZES[insn.mnemonic.split()[-1]]
         rep = insn.mnemonic.startswith("rep")
@@ -247,11 +250,11 @@ class MmioEmulator:
             for i in range(count):
                 self.write(access.gpa + i * step, size, value)
         else:
-            if self.translate is None or self.ram_read is None or self.ram_write is None:
+            if translate is None or self.ram_read is None or self.ram_write is None:
                 raise MmioError("MOVS on MMIO needs guest memory access")
             rsi = state.get(RSI)
-            from_mmio = self.translate(rsi, False) == access.gpa
-            ram = _PageTranslations(self.translate, write=from_mmio)
+            from_mmio = translate(rsi, False) == access.gpa
+            ram = _PageTranslations(translate, write=from_mmio)
             for i in range(count):
                 src, dst = (rsi + i * step) & address_mask, (rdi + i * step) & address_mask
                 if from_mmio:

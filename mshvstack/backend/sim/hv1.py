@@ -5,12 +5,19 @@ page, frequency MSRs, VP assist page, SynIC, synthetic timers, the guest
 crash MSRs and the Hyper-V aliases of the LAPIC's EOI/ICR/TPR.  ``read``/``write`` return the
 value (or None for a write) or a typed ``MsrFault`` the caller turns into
 a guest #GP; nothing here knows how the CPU is executed.
+
+The TLFS makes some of them partition-wide: the guest OS id, the hypercall
+page, the reference TSC page and the crash MSRs are written once (Linux
+does so on the boot CPU) and read the same on every VP; they live in one
+``PartitionMsrs`` the partition's emulators share.  The VP index, VP assist
+page, SynIC and timers are per VP.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -113,18 +120,48 @@ class SyntheticTimer:
 
 
 @dataclass
+class PartitionMsrs:
+    """The partition-wide synthetic MSRs (one per partition, shared by its VPs' emulators)."""
+
+    guest_os_id: int = 0
+    hypercall: int = 0
+    reference_tsc: int = 0
+    crash: list[int] = field(default_factory=lambda: [0] * CRASH_PARAMETERS)   # P0..P4, the guest's crash report
+    crash_ctl: int = 0
+    # Writes that read one shared value to compute another (the hypercall page needs the OS id).
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+
+@dataclass
 class HvEmulator:
     index: int
     lapic: Lapic
     services: Services
+    shared: PartitionMsrs = field(default_factory=PartitionMsrs)
     synic: SynIc = field(default_factory=SynIc)
-    guest_os_id: int = 0
-    hypercall: int = 0
     vp_assist_page: int = 0
-    reference_tsc: int = 0
     timers: list[SyntheticTimer] = field(default_factory=lambda: [SyntheticTimer() for _ in range(STIMER_COUNT)])
-    crash: list[int] = field(default_factory=lambda: [0] * CRASH_PARAMETERS)   # P0..P4, the guest's crash report
-    crash_ctl: int = 0
+
+    # The partition-wide MSRs, read and written through the shared record.
+    @property
+    def guest_os_id(self) -> int:
+        return self.shared.guest_os_id
+
+    @property
+    def hypercall(self) -> int:
+        return self.shared.hypercall
+
+    @property
+    def reference_tsc(self) -> int:
+        return self.shared.reference_tsc
+
+    @property
+    def crash(self) -> list[int]:
+        return self.shared.crash
+
+    @property
+    def crash_ctl(self) -> int:
+        return self.shared.crash_ctl
 
     def __post_init__(self) -> None:
         # The MSRs read straight from state, built once (read() is on every MSR exit).
@@ -165,11 +202,11 @@ class HvEmulator:
     def write(self, index: int, value: int) -> None | MsrFault:
         synic = self.synic
         if index == MSR_GUEST_OS_ID:
-            self.guest_os_id = value
+            self.shared.guest_os_id = value
         elif index == MSR_HYPERCALL:
             self._set_hypercall_page(value)
         elif index == MSR_REFERENCE_TSC:
-            self.reference_tsc = value
+            self.shared.reference_tsc = value
             self.refresh_tsc_page()
         elif index == MSR_VP_ASSIST_PAGE:
             if value & ~(lib.HV_X64_MSR_VP_ASSIST_PAGE_ADDRESS_MASK | lib.HV_X64_MSR_VP_ASSIST_PAGE_ENABLE):
@@ -196,19 +233,20 @@ class HvEmulator:
         elif index == MSR_TPR:
             self.lapic.tpr = value & 0xFF
         elif MSR_CRASH_P0 <= index < MSR_CRASH_CTL:
-            self.crash[index - MSR_CRASH_P0] = value
+            self.shared.crash[index - MSR_CRASH_P0] = value
         elif index == MSR_CRASH_CTL:
             # The notification itself reaches the VMM only through its MSR-index intercept.
-            self.crash_ctl = value
+            self.shared.crash_ctl = value
         else:
             return MsrFault.GP  # read-only (VP index, counters, frequencies) or unknown
         return None
 
     def _set_hypercall_page(self, value: int) -> None:
         # The guest must set a guest OS id first; otherwise the enable is ignored.
-        if not self.guest_os_id:
-            value &= ~int(lib.HV_X64_MSR_HYPERCALL_ENABLE)
-        self.hypercall = value
+        with self.shared.lock:
+            if not self.shared.guest_os_id:
+                value &= ~int(lib.HV_X64_MSR_HYPERCALL_ENABLE)
+            self.shared.hypercall = value
         if value & lib.HV_X64_MSR_HYPERCALL_ENABLE:
             gpa = value & ~0xFFF & U64
             page = HYPERCALL_PAGE_CODE + b"\xcc" * (PAGE - len(HYPERCALL_PAGE_CODE))

@@ -16,12 +16,18 @@ from typing import Any, Callable
 from mshvstack.abi import ffi, lib
 from mshvstack.backend.sim import x86
 from mshvstack.backend.sim.engines.unicorn import read_tsc, tsc_hz
-from mshvstack.backend.sim.hv1 import SYNTHETIC_MSRS
+from mshvstack.backend.sim.hv1 import SYNTHETIC_MSRS, PartitionMsrs
+from mshvstack.backend.sim.lapic import XAPIC_BROADCAST, DeliveryMode, Shorthand
 from mshvstack.backend.sim.memory import PAGE_SHIFT, GpaMap
 from mshvstack.backend.sim.engines.unicorn import EngineGroup
 from mshvstack.backend.sim.vp import VECTOR_REGISTERS, SimVp
 
 HV_OK = int(lib.HV_STATUS_SUCCESS)
+
+# The router takes HV_X64_INTERRUPT_TYPE_* and the LAPIC sends its ICR's delivery mode: one numbering.
+assert all(int(getattr(lib, f"HV_X64_INTERRUPT_TYPE_{name}")) == mode for name, mode in (
+    ("FIXED", DeliveryMode.FIXED), ("LOWESTPRIORITY", DeliveryMode.LOWEST_PRIORITY), ("SMI", DeliveryMode.SMI),
+    ("NMI", DeliveryMode.NMI), ("INIT", DeliveryMode.INIT), ("SIPI", DeliveryMode.STARTUP), ("EXTINT", DeliveryMode.EXTINT)))
 
 
 REP_HYPERCALLS = frozenset(int(getattr(lib, f"HVCALL_{name}")) for name in (
@@ -68,6 +74,7 @@ class SimPartition:
         self.initialized = False
         self.memory = GpaMap()
         self.vps: dict[int, SimVp] = {}
+        self.hv_msrs = PartitionMsrs()   # the partition-wide synthetic MSRs (guest OS id, hypercall page, ...)
         self.engines = EngineGroup()   # the VPs' engines run as one SMP machine
         self.properties: dict[int, int] = {
             int(lib.HV_PARTITION_PROPERTY_UNIMPLEMENTED_MSR_ACTION): int(lib.HV_UNIMPLEMENTED_MSR_ACTION_FAULT),
@@ -197,30 +204,47 @@ class SimPartition:
             if vp.engine is not None:
                 vp.engine.flush_code(gpa, size)
 
-    def route_interrupt(self, destination: int, vector: int, mode: int, logical: bool = False,
-                        exclude: int | None = None) -> list[Any]:
+    def route_interrupt(self, destination: int, vector: int, mode: int, logical: bool = False, *,
+                        wide: bool | None = None, shorthand: Shorthand = Shorthand.NONE,
+                        source: int | None = None) -> list[SimVp]:
         """The partition's one interrupt router (IPIs, HvAssertVirtualInterrupt, irqfd MSIs).
 
-        ``destination`` is an APIC id (0xFF/0xFFFFFFFF: broadcast) or, with
-        ``logical``, a flat-model bit mask; ``mode`` an HV_X64_INTERRUPT_TYPE_*
-        (the APIC's delivery modes).  Returns the VPs it reached.
+        ``destination`` is an APIC id (physical) or a logical destination
+        (``logical``), matched by each VP's LAPIC in its own mode (xAPIC flat
+        or cluster through its DFR and LDR, x2APIC cluster); ``wide`` says the
+        destination is a 32-bit x2APIC one (None: when it does not fit 8 bits).
+        ``shorthand`` (an ICR's, from VP ``source``) replaces the destination.
+        ``mode`` is an HV_X64_INTERRUPT_TYPE_* (the APIC's delivery modes).
+        Returns the VPs it reached: a fixed interrupt, an NMI, INIT or SIPI
+        reaches every addressed VP once; lowest priority exactly one of them.
         """
-        vps = [vp for vp in self.vps.values() if vp.index != exclude]
-        if logical:
-            targets = [vp for vp in vps if destination & (1 << vp.index)]
-        elif destination in (0xFF, 0xFFFFFFFF):
+        vps = sorted(self.vps.values(), key=lambda vp: vp.index)
+        if shorthand is Shorthand.SELF:
+            targets = [vp for vp in vps if vp.index == source]
+        elif shorthand is Shorthand.ALL_INCLUDING_SELF:
             targets = vps
+        elif shorthand is Shorthand.ALL_EXCLUDING_SELF:
+            targets = [vp for vp in vps if vp.index != source]
         else:
-            targets = [vp for vp in vps if vp.index == destination]
-        if mode == lib.HV_X64_INTERRUPT_TYPE_LOWESTPRIORITY:
-            targets = targets[:1]
-        for vp in targets:
-            if mode in (lib.HV_X64_INTERRUPT_TYPE_FIXED, lib.HV_X64_INTERRUPT_TYPE_LOWESTPRIORITY):
+            wide = destination > XAPIC_BROADCAST if wide is None else wide
+            targets = [vp for vp in vps if vp.lapic.accepts(destination, logical, wide)]
+        if mode == DeliveryMode.LOWEST_PRIORITY and len(targets) > 1:
+            # Arbitration: the lowest processor priority wins; the lowest APIC id breaks ties.
+            targets = [min(targets, key=lambda vp: (vp.lapic.processor_priority(), vp.index))]
+        if mode in (DeliveryMode.FIXED, DeliveryMode.LOWEST_PRIORITY):
+            for vp in targets:
                 vp.queue_interrupt(vector)
-            elif mode == lib.HV_X64_INTERRUPT_TYPE_NMI:
+        elif mode == DeliveryMode.NMI:
+            for vp in targets:
                 vp.queue_nmi()
-            elif mode == lib.HV_X64_INTERRUPT_TYPE_SIPI:
-                vp.start_at_sipi(vector)
+        elif mode == DeliveryMode.INIT:
+            for vp in targets:
+                vp.queue_init()
+        elif mode == DeliveryMode.STARTUP:
+            for vp in targets:
+                vp.queue_startup(vector)
+        else:
+            return []   # SMI, remote read, ExtINT: not modelled, nothing delivered
         return targets
 
     # ---- dirty-page tracking (write protection, as hardware-assisted logging does)
@@ -611,7 +635,7 @@ def register_file_set(vp: SimVp, name: int, value: Any) -> int:
     elif name in _TABLE_REGS:
         vp.set_segment(name, int(value.table.base), int(value.table.limit), 0, 0)
     elif name == lib.HV_REGISTER_DELIVERABILITY_NOTIFICATIONS:
-        vp.synic.deliverability = int(value.reg64) & 0xFFFF
+        vp.set_deliverability(int(value.reg64))
     elif name == lib.HV_REGISTER_SCONTROL:
         vp.synic.scontrol = int(value.reg64)
     elif name == lib.HV_REGISTER_SIMP:
@@ -623,6 +647,8 @@ def register_file_set(vp: SimVp, name: int, value: Any) -> int:
     elif name in _MSR_BACKED:
         if vp.write_msr(_MSR_BACKED[name], int(value.reg64)) is None:
             return int(lib.HV_STATUS_INVALID_PARAMETER)
+        if name in _TIMER_REGISTERS:
+            vp.timers_changed()   # the VP may be running with the old deadline
     elif name in VECTOR_REGISTERS:
         vp.set_reg(name, int(value.reg128.low_part) | int(value.reg128.high_part) << 64)
     elif name in _CONTROL_STATUS:
@@ -636,6 +662,7 @@ def register_file_set(vp: SimVp, name: int, value: Any) -> int:
 
 
 _CONTROL_STATUS = {int(lib.HV_X64_REGISTER_FP_CONTROL_STATUS), int(lib.HV_X64_REGISTER_XMM_CONTROL_STATUS)}
+_TIMER_REGISTERS = frozenset(int(lib.HV_REGISTER_STIMER0_CONFIG) + i for i in range(8))
 
 _MSR_BACKED = {
     int(lib.HV_REGISTER_GUEST_OS_ID): int(lib.HV_X64_MSR_GUEST_OS_ID),

@@ -8,9 +8,10 @@ Hyper-V EOI/ICR/TPR MSRs.
 
 from __future__ import annotations
 
+import enum
 import threading
 import time
-from typing import Callable
+from typing import Callable, Protocol
 
 XAPIC_BASE = 0xFEE00000
 X2APIC_MSR_BASE = 0x800
@@ -30,10 +31,65 @@ TIMER_HZ = 1_000_000_000
 # Divide configuration: bits 0, 1 and 3 form a 3-bit code.
 _DIVIDERS = {0b000: 2, 0b001: 4, 0b010: 8, 0b011: 16, 0b100: 32, 0b101: 64, 0b110: 128, 0b111: 1}
 
-# (destination, vector, delivery mode, logical destination, APIC id to leave out)
-IpiSender = Callable[[int, int, int, bool, "int | None"], object]
-SHORTHAND_SELF, SHORTHAND_ALL, SHORTHAND_ALL_BUT_SELF = 1, 2, 3
-BROADCAST = 0xFFFFFFFF
+# The interrupt command register (SDM vol. 3A, 10.6.1).
+ICR_VECTOR = 0xFF
+ICR_MODE_SHIFT = 8
+ICR_LOGICAL = 1 << 11
+ICR_LEVEL_ASSERT = 1 << 14
+ICR_TRIGGER_LEVEL = 1 << 15
+ICR_SHORTHAND_SHIFT = 18
+XAPIC_DESTINATION_SHIFT = 56     # xAPIC: an 8-bit destination in ICR bits 56-63
+X2APIC_DESTINATION_SHIFT = 32    # x2APIC: a 32-bit destination in ICR bits 32-63
+XAPIC_BROADCAST = 0xFF
+X2APIC_BROADCAST = 0xFFFFFFFF
+# DFR bits 28-31: the logical destination model of an xAPIC.
+DFR_MODEL_SHIFT = 28
+DFR_RESERVED_ONES = 0x0FFFFFFF
+# x2APIC logical ids: cluster (id / 16) in bits 16-31, one bit of 16 within the cluster.
+X2APIC_CLUSTER_MEMBERS = 16
+
+
+class DeliveryMode(enum.IntEnum):
+    """ICR / MSI delivery modes (the same numbers as HV_X64_INTERRUPT_TYPE_*)."""
+
+    FIXED = 0
+    LOWEST_PRIORITY = 1
+    SMI = 2
+    REMOTE_READ = 3
+    NMI = 4
+    INIT = 5
+    STARTUP = 6
+    EXTINT = 7
+
+
+class Shorthand(enum.IntEnum):
+    """ICR bits 18-19."""
+
+    NONE = 0
+    SELF = 1
+    ALL_INCLUDING_SELF = 2
+    ALL_EXCLUDING_SELF = 3
+
+
+class DestinationModel(enum.IntEnum):
+    """xAPIC DFR bits 28-31."""
+
+    CLUSTER = 0x0
+    FLAT = 0xF
+
+
+class IpiSender(Protocol):
+    """The partition's interrupt router, as a LAPIC sends through it."""
+
+    def __call__(self, destination: int, vector: int, mode: int, logical: bool = False, *,
+                 wide: bool | None = None, shorthand: Shorthand = Shorthand.NONE,
+                 source: int | None = None) -> object: ...
+
+
+def x2apic_logical_id(apic_id: int) -> int:
+    """The x2APIC LDR, derived from the APIC id (SDM vol. 3A, 10.12.10.2)."""
+    cluster, member = divmod(apic_id, X2APIC_CLUSTER_MEMBERS)
+    return (cluster << 16) | (1 << member)
 
 
 class Lapic:
@@ -42,10 +98,16 @@ class Lapic:
         self._send_ipi = send_ipi
         self._wake = wake
         self._lock = threading.Lock()
-        self.irr = 0  # 256-bit sets as ints
-        self.isr = 0
-        # Vectors of SINTs with auto-EOI: taken without entering service (no EOI follows).
-        self.auto_eoi = 0
+        self.x2apic = False   # the mode APIC_BASE selects (set by the VP)
+        self.auto_eoi = 0     # vectors of SINTs with auto-EOI: taken without entering service (no EOI follows)
+        self.reset()
+
+    def reset(self) -> None:
+        """Power-up and INIT state: everything but the APIC id, the mode and the
+        auto-EOI vectors (SynIC state) returns to its reset value (SDM vol. 3A, 10.4.7.1)."""
+        with self._lock:
+            self.irr = 0  # 256-bit sets as ints
+            self.isr = 0
         self.tpr = 0
         self.svr = 0xFF
         self.ldr = 0
@@ -59,6 +121,39 @@ class Lapic:
         self._timer_start = 0
         self._timer_deadline: int | None = None
         self.nmi_pending = False
+
+    # ---- addressing
+    @property
+    def logical_id(self) -> int:
+        """The LDR as the guest reads it (x2APIC: derived from the APIC id, read-only)."""
+        return x2apic_logical_id(self.apic_id) if self.x2apic else self.ldr
+
+    def accepts(self, destination: int, logical: bool, wide: bool) -> bool:
+        """Whether an interrupt addressed to ``destination`` is for this APIC.
+
+        ``wide``: a 32-bit x2APIC destination (x2APIC ICR), else an 8-bit
+        xAPIC one (xAPIC ICR, MSI address).  Physical: the APIC id, or the
+        broadcast id.  Logical: xAPIC flat (a bit of the LDR's top byte) or
+        cluster (the top nibble names the cluster, the low nibble members),
+        x2APIC cluster (bits 16-31 the cluster, 0-15 members)."""
+        if destination == (X2APIC_BROADCAST if wide else XAPIC_BROADCAST):
+            return True
+        if not logical:
+            return destination == self.apic_id
+        if self.x2apic:
+            ldr = self.logical_id
+            return destination >> 16 == ldr >> 16 and bool(destination & ldr & 0xFFFF)
+        destination &= 0xFF
+        mine = self.ldr >> 24
+        if self.dfr >> DFR_MODEL_SHIFT == DestinationModel.FLAT:
+            return bool(destination & mine)
+        if self.dfr >> DFR_MODEL_SHIFT == DestinationModel.CLUSTER:
+            return destination >> 4 == mine >> 4 and bool(destination & mine & 0xF)
+        return False   # a reserved model matches nothing
+
+    def processor_priority(self) -> int:
+        with self._lock:
+            return max(self.tpr & 0xF0, self._highest(self.isr) & 0xF0 if self.isr else 0)
 
     # ---- interrupt flow
     def accept(self, vector: int) -> None:
@@ -142,15 +237,15 @@ class Lapic:
     # ---- register access (offset in the xAPIC page)
     def read(self, offset: int) -> int:
         if offset == ID:
-            return self.apic_id << 24
+            return self.apic_id if self.x2apic else self.apic_id << 24
         if offset == VERSION:
             return VERSION_VALUE
         if offset == TPR:
             return self.tpr
         if offset == PPR:
-            return max(self.tpr & 0xF0, self._highest(self.isr) & 0xF0 if self.isr else 0)
+            return self.processor_priority()
         if offset == LDR:
-            return self.ldr
+            return self.logical_id
         if offset == DFR:
             return self.dfr
         if offset == SVR:
@@ -184,9 +279,11 @@ class Lapic:
         elif offset == EOI:
             self.eoi()
         elif offset == LDR:
-            self.ldr = value & 0xFF000000
+            if not self.x2apic:   # read-only in x2APIC mode
+                self.ldr = value & 0xFF000000
         elif offset == DFR:
-            self.dfr = value | 0x0FFFFFFF
+            if not self.x2apic:   # no DFR in x2APIC mode
+                self.dfr = value | DFR_RESERVED_ONES
         elif offset == SVR:
             self.svr = value & 0x13FF
         elif offset == ESR:
@@ -208,20 +305,18 @@ class Lapic:
         self._wake()
 
     def write_icr64(self, value: int) -> None:
-        """x2APIC ICR write (one 64-bit MSR; destination in bits 32-63)."""
-        self.icr = value
-        self._ipi(value)
+        """A 64-bit ICR write (x2APIC MSR 0x830, or Hyper-V's ICR MSR): the
+        destination is in bits 32-63 in x2APIC mode, bits 56-63 in xAPIC mode."""
+        self.icr = value & ((1 << 64) - 1)
+        self._ipi(self.icr)
 
     def _ipi(self, icr: int) -> None:
-        vector = icr & 0xFF
-        mode = (icr >> 8) & 7
-        shorthand = (icr >> 18) & 3
-        destination = icr >> 32
-        if destination > 0xFF and destination != 0xFFFFFFFF:
-            destination >>= 24  # xAPIC form: destination in bits 56-63
-        logical = bool(icr & (1 << 11)) and not shorthand
-        if shorthand == SHORTHAND_SELF:
-            destination = self.apic_id
-        elif shorthand in (SHORTHAND_ALL, SHORTHAND_ALL_BUT_SELF):
-            destination = BROADCAST
-        self._send_ipi(destination, vector, mode, logical, self.apic_id if shorthand == SHORTHAND_ALL_BUT_SELF else None)
+        mode = (icr >> ICR_MODE_SHIFT) & 7
+        if mode == DeliveryMode.INIT and icr & ICR_TRIGGER_LEVEL and not icr & ICR_LEVEL_ASSERT:
+            return   # INIT level de-assert: no effect since the Pentium 4
+        if self.x2apic:
+            destination, wide = icr >> X2APIC_DESTINATION_SHIFT, True
+        else:
+            destination, wide = (icr >> XAPIC_DESTINATION_SHIFT) & 0xFF, False
+        self._send_ipi(destination, icr & ICR_VECTOR, mode, bool(icr & ICR_LOGICAL), wide=wide,
+                       shorthand=Shorthand((icr >> ICR_SHORTHAND_SHIFT) & 3), source=self.apic_id)

@@ -57,10 +57,11 @@ _PACK_SEGMENT = struct.Struct("<QIHH").pack_into
 _PACK_CONTROL = struct.Struct(f"<{len(_PAGE_CONTROL_ORDER)}Q").pack_into
 _PAGE_VERSION = int(lib.HV_VP_REGISTER_PAGE_VERSION_1)
 
+APIC_BASE_BSP = 1 << 8
 APIC_BASE_ENABLE = 1 << 11
 APIC_BASE_X2APIC = 1 << 10
 MSR_APIC_BASE = 0x1B
-X2APIC_ID, X2APIC_ICR, X2APIC_EOI = 0x20, 0x300, 0xB0
+X2APIC_ICR, X2APIC_EOI = 0x300, 0xB0
 
 # Architectural MSRs the CPU engine implements; they run natively unless intercepted.
 MSR_TSC = 0x10
@@ -87,6 +88,24 @@ _RESET_DATA_SEGMENT = (0, 0xFFFF, 0, 0x93)
 
 
 MESSAGE_SIZE = ffi.sizeof("struct hv_message")
+MESSAGE_FLAGS_OFFSET = ffi.offsetof("struct hv_message_header", "message_flags")
+
+
+def _message_pending_bit() -> int:
+    flags = ffi.new("union hv_message_flags *")
+    flags.bits.msg_pending = 1
+    return int(flags.asu8)
+
+
+MESSAGE_PENDING = _message_pending_bit()
+_BARRIER = threading.Lock()
+
+
+def full_barrier() -> None:
+    """A full memory barrier for this thread's guest-memory stores and later loads
+    (x86 lets a load pass an earlier store): acquiring a lock is a locked instruction."""
+    with _BARRIER:
+        pass
 
 
 class _EngineWrote:
@@ -113,11 +132,14 @@ class SimVp:
         self._segments = self._reset_segments()
         self._wake = threading.Condition()
         self.lapic = Lapic(index, partition.route_interrupt, self._notify)
-        self.hv = HvEmulator(index, self.lapic, _HvServices(self))
+        self.hv = HvEmulator(index, self.lapic, _HvServices(self), partition.hv_msrs)
         self.machine_check = MachineCheck()
         self._kick = False
         self._halted = False
+        self._init_pending = False                   # INIT and SIPI arrive from other VPs' threads ...
+        self._sipi_vector: int | None = None         # ... and are taken on this VP's own (see _startup)
         self._pending_exit: bytes | None = None      # e.g. SINT deliverable, raised outside run
+        self._synic_lock = threading.Lock()          # host writers of this VP's SIMP slots, SIEF flags, deliverability
         # Registers read in one batch after the engine stops (at the first read); valid until it runs again.
         self._snap: dict[int, int] | None = None
         self._snap_due = False
@@ -127,13 +149,15 @@ class SimVp:
     def synic(self) -> SynIc:
         return self.hv.synic
 
-    @staticmethod
-    def _reset_state() -> dict[int, int]:
+    def _reset_state(self) -> dict[int, int]:
+        """Registers of a new VP (SDM vol. 3A, 9.1.1, but for EDX, which stays 0 for
+        the VMM to set up); VP 0 is the bootstrap processor (APIC_BASE.BSP)."""
         state = {n: 0 for n in _GPR_NAMES}
+        apic_base = XAPIC_BASE | APIC_BASE_ENABLE | (APIC_BASE_BSP if self.index == 0 else 0)
         state.update({R.HV_X64_REGISTER_RIP: 0xFFF0, R.HV_X64_REGISTER_RFLAGS: 2,
                       R.HV_X64_REGISTER_CR0: 0x60000010, R.HV_X64_REGISTER_CR2: 0, R.HV_X64_REGISTER_CR3: 0,
                       R.HV_X64_REGISTER_CR4: 0, R.HV_X64_REGISTER_CR8: 0, R.HV_X64_REGISTER_EFER: 0,
-                      R.HV_X64_REGISTER_APIC_BASE: 0xFEE00900, R.HV_X64_REGISTER_PAT: 0x0007040600070406,
+                      R.HV_X64_REGISTER_APIC_BASE: apic_base, R.HV_X64_REGISTER_PAT: 0x0007040600070406,
                       R.HV_X64_REGISTER_XFEM: 3, R.HV_X64_REGISTER_DR6: 0xFFFF0FF0, R.HV_X64_REGISTER_DR7: 0x400})
         return state
 
@@ -163,6 +187,8 @@ class SimVp:
     def set_reg(self, name: int, value: int) -> None:
         value &= U128 if name in VECTOR_REGISTERS else U64
         self._state[name] = value
+        if name == R.HV_X64_REGISTER_APIC_BASE:
+            self.lapic.x2apic = bool(value & APIC_BASE_ENABLE and value & APIC_BASE_X2APIC)
         snap = self._snap
         if snap is not None and name in snap:
             snap[name] = value
@@ -326,11 +352,33 @@ class SimVp:
         if self.engine is not None:
             self.engine.cancel()
 
+    def timers_changed(self) -> None:
+        """A timer was armed from outside the VP's thread (the VMM set its registers): a
+        running engine stops and a halted VP wakes, so the run loop takes the new deadline."""
+        self._notify()
+
     def queue_interrupt(self, vector: int) -> None:
         self.lapic.accept(vector)
 
     def queue_nmi(self) -> None:
         self.lapic.nmi_pending = True
+        self._notify()
+
+    def queue_init(self) -> None:
+        """INIT from another VP (any thread): taken by this VP's thread before it runs again."""
+        with self._wake:
+            self._init_pending = True
+            self._sipi_vector = None    # a SIPI that came before this INIT is void
+        self._notify()
+
+    def queue_startup(self, vector: int) -> None:
+        """SIPI (any thread): starts a VP that waits for one; ignored otherwise, so
+        only the first of the usual two SIPIs starts it."""
+        with self._wake:
+            waiting = self._init_pending or self._state.get(R.HV_REGISTER_INTERNAL_ACTIVITY_STATE, 0) & STARTUP_SUSPEND
+            if not waiting or self._sipi_vector is not None:
+                return
+            self._sipi_vector = vector & 0xFF
         self._notify()
 
     def _xapic_read(self, offset: int, size: int) -> int:
@@ -379,14 +427,11 @@ class SimVp:
                 return exit_msg
 
     def _step(self) -> bytes | _EngineWrote | None:
-        if self._state.get(R.HV_REGISTER_INTERNAL_ACTIVITY_STATE, 0) & STARTUP_SUSPEND:
-            # An AP waiting for INIT/SIPI: nothing runs until start_at_sipi().
-            with self._wake:
-                while self._state.get(R.HV_REGISTER_INTERNAL_ACTIVITY_STATE, 0) & STARTUP_SUSPEND and not self._kick:
-                    self._wake.wait(IDLE_WAIT_S)
-            return None
+        if self._init_pending or self._state.get(R.HV_REGISTER_INTERNAL_ACTIVITY_STATE, 0) & STARTUP_SUSPEND:
+            if not self._startup():
+                return None
         self._poll_timers()
-        if self._halted and not self._wait_for_interrupt():
+        if self._halted and (not self._wait_for_interrupt() or self._init_pending):
             return None
         engine = self._ensure_engine()
         self._deliver_pending_interruption(engine)
@@ -448,7 +493,8 @@ class SimVp:
         return bool(self.reg(R.HV_X64_REGISTER_RFLAGS) & x86.RFLAGS_IF)
 
     def _can_take_interrupt(self) -> bool:
-        return self.lapic.nmi_pending or (self._interruptible() and self.lapic.deliverable() is not None)
+        return (self.lapic.nmi_pending or self._init_pending
+                or (self._interruptible() and self.lapic.deliverable() is not None))
 
     def _wait_for_interrupt(self) -> bool:
         with self._wake:
@@ -561,7 +607,7 @@ class SimVp:
             return self.reg(R.HV_X64_REGISTER_APIC_BASE)
         if X2APIC_MSR_BASE <= index < X2APIC_MSR_BASE + 0x100 and self._x2apic_enabled():
             offset = (index - X2APIC_MSR_BASE) << 4
-            return self.lapic.icr if offset == X2APIC_ICR else self.index if offset == X2APIC_ID else self.lapic.read(offset)
+            return self.lapic.icr if offset == X2APIC_ICR else self.lapic.read(offset)
         return None
 
     def write_msr(self, index: int, value: int) -> int | None:
@@ -632,23 +678,33 @@ class SimVp:
         return int(lib.HV_STATUS_SUCCESS)
 
     # ---- SynIC delivery from the root
+    # Any thread posts and signals (the VMM answers on whichever VP's thread took
+    # the guest's hypercall; timers post on their own VP's): host writers take
+    # _synic_lock, and the guest, which runs meanwhile, frees slots and clears
+    # flags with its own atomics and barriers.
     def post_message(self, sint: int, message: bytes) -> int:
-        """HvPostMessageDirect: write into the SIMP slot or report it busy."""
+        """HvPostMessageDirect: write into the SIMP slot or report it busy.
+
+        A busy slot gets MessagePending, then is looked at again after a full
+        barrier: a guest that freed it meanwhile may have read the flags before
+        we set them and will write no EOM, so it gets the message now."""
         slot = self.synic.message_slot(sint)
         vector = self.synic.vector(sint)
         if slot is None or vector is None or not self.synic.enabled:
             return int(lib.HV_STATUS_INVALID_VP_STATE)
         memory = self.partition.memory
-        try:
-            current_type = int.from_bytes(memory.read(slot, 4), "little")
-            if current_type != lib.HVMSG_NONE:
-                flags = memory.read(slot + 5, 1)[0] | 1  # msg_pending
-                memory.write(slot + 5, bytes([flags]))
-                return int(lib.HV_STATUS_INSUFFICIENT_BUFFERS)
-            memory.write(slot + 4, message[4:SLOT])
-            memory.write(slot, message[:4])  # type last: the guest polls it
-        except GpaUnmapped:
-            return int(lib.HV_STATUS_INVALID_VP_STATE)   # a SIMP outside RAM (overlays there are not modelled)
+        with self._synic_lock:
+            try:
+                if not self._slot_free(slot):
+                    flags = memory.read(slot + MESSAGE_FLAGS_OFFSET, 1)[0] | MESSAGE_PENDING
+                    memory.write(slot + MESSAGE_FLAGS_OFFSET, bytes([flags]))
+                    full_barrier()
+                    if not self._slot_free(slot):
+                        return int(lib.HV_STATUS_INSUFFICIENT_BUFFERS)
+                memory.write(slot + 4, message[4:SLOT])
+                memory.write(slot, message[:4])  # type last: the guest polls it
+            except GpaUnmapped:
+                return int(lib.HV_STATUS_INVALID_VP_STATE)   # a SIMP outside RAM (overlays there are not modelled)
         self.queue_interrupt(vector)
         return int(lib.HV_STATUS_SUCCESS)
 
@@ -658,29 +714,36 @@ class SimVp:
         if base is None or vector is None or flag >= lib.HV_EVENT_FLAGS_COUNT:
             return int(lib.HV_STATUS_INVALID_VP_STATE if flag < lib.HV_EVENT_FLAGS_COUNT else lib.HV_STATUS_INVALID_PARAMETER), False
         memory = self.partition.memory
-        try:
-            byte = memory.read(base + flag // 8, 1)[0]
-            newly = not byte & (1 << (flag % 8))
-            if newly:
-                memory.write(base + flag // 8, bytes([byte | 1 << (flag % 8)]))
-        except GpaUnmapped:
-            return int(lib.HV_STATUS_INVALID_VP_STATE), False   # a SIEFP outside RAM
+        with self._synic_lock:   # the guest only clears flags: a set bit is never lost, at worst seen twice
+            try:
+                byte = memory.read(base + flag // 8, 1)[0]
+                newly = not byte & (1 << (flag % 8))
+                if newly:
+                    memory.write(base + flag // 8, bytes([byte | 1 << (flag % 8)]))
+            except GpaUnmapped:
+                return int(lib.HV_STATUS_INVALID_VP_STATE), False   # a SIEFP outside RAM
         if newly:
             self.queue_interrupt(vector)
         return int(lib.HV_STATUS_SUCCESS), newly
 
+    def set_deliverability(self, sints: int) -> None:
+        """HV_REGISTER_DELIVERABILITY_NOTIFICATIONS from the VMM (any thread)."""
+        with self._synic_lock:
+            self.synic.deliverability = sints & 0xFFFF
+
     def end_of_message(self) -> None:
         """Guest wrote EOM: tell the VMM which SINT slots are free if it asked."""
-        wanted = self.synic.deliverability
-        if not wanted:
-            return
-        free = 0
-        for sint in range(16):
-            slot = self.synic.message_slot(sint)
-            if wanted & (1 << sint) and slot is not None and self._slot_free(slot):
-                free |= 1 << sint
-        if free:
+        with self._synic_lock:
+            wanted = self.synic.deliverability
+            if not wanted:
+                return
+            free = 0
+            for sint in range(16):
+                slot = self.synic.message_slot(sint)
+                if wanted & (1 << sint) and slot is not None and self._slot_free(slot):
+                    free |= 1 << sint
             self.synic.deliverability &= ~free
+        if free:
             msg, payload = new_message(lib.HVMSG_SYNIC_SINT_DELIVERABLE, "struct hv_x64_sint_deliverable_message")
             intercepts.fill_header(self, payload.header)
             payload.deliverable_sints = free
@@ -692,19 +755,55 @@ class SimVp:
         except GpaUnmapped:
             return False
 
-    def start_at_sipi(self, vector: int) -> None:
-        """SIPI: an AP starts in real mode at vector << 12 (no VMM intercept installed)."""
+    # ---- INIT and SIPI (on the VP's own thread: its engine is not thread-safe)
+    def _startup(self) -> bool:
+        """Take a pending INIT, then wait in wait-for-SIPI; True once the VP may run."""
+        with self._wake:
+            init, self._init_pending = self._init_pending, False
+        if init:
+            self._take_init()
+        with self._wake:
+            while (self._sipi_vector is None and not self._kick and not self._init_pending
+                   and self._state.get(R.HV_REGISTER_INTERNAL_ACTIVITY_STATE, 0) & STARTUP_SUSPEND):
+                self._wake.wait(IDLE_WAIT_S)
+            if self._init_pending:
+                return False   # a new INIT first (a SIPI sent after it stays queued)
+            vector, self._sipi_vector = self._sipi_vector, None
+        if vector is not None:
+            self._start_at(vector)
+            return True
+        return False   # kicked, or the VMM ended the wait: the run loop decides
+
+    def _take_init(self) -> None:
+        """INIT: the reset state but for the APIC base and the MSRs, a reset
+        LAPIC, and the VP waits for a SIPI."""
+        self._apply_reset_state()
+        self.lapic.reset()
+        self._halted = False
+        self._state[R.HV_REGISTER_INTERNAL_ACTIVITY_STATE] = STARTUP_SUSPEND
+
+    def _start_at(self, vector: int) -> None:
+        """SIPI: the AP starts in real mode at vector << 12 (CS = vector << 8, IP 0)."""
+        self._apply_reset_state()
+        self.set_segment(R.HV_X64_REGISTER_CS, vector << 12, 0xFFFF, vector << 8, 0x9B)
+        self.set_reg(R.HV_X64_REGISTER_RIP, 0)
+        self._state[R.HV_REGISTER_INTERNAL_ACTIVITY_STATE] = 0
+        self._halted = False
+
+    def _apply_reset_state(self) -> None:
+        """The state INIT leaves (SDM vol. 3A, 9.1.1): EDX holds the processor signature."""
         state = self._reset_state()
-        state[R.HV_X64_REGISTER_RIP] = 0
-        state[R.HV_REGISTER_INTERNAL_ACTIVITY_STATE] = 0
-        segments = self._reset_segments()
-        segments[R.HV_X64_REGISTER_CS] = (vector << 12, 0xFFFF, vector << 8, 0x9B)
+        state[R.HV_X64_REGISTER_RDX] = self.partition.cpuid(self.index, 1, 0)[0]
+        for kept in (R.HV_X64_REGISTER_APIC_BASE, R.HV_X64_REGISTER_PAT):   # MSRs: INIT leaves them
+            del state[kept]
+        # Leave paging and long mode first: the mode follows from CR0, CR4 and EFER.
+        for name in (R.HV_X64_REGISTER_CR0, R.HV_X64_REGISTER_CR4, R.HV_X64_REGISTER_EFER, R.HV_X64_REGISTER_CR3):
+            self.set_reg(name, state.pop(name))
         for name, value in state.items():
             self.set_reg(name, value)
-        for name, segment in segments.items():
+        for name, segment in self._reset_segments().items():
             self.set_segment(name, *segment)
-        self._halted = False
-        self._notify()
+        self.set_reg(R.HV_REGISTER_INTERRUPT_STATE, 0)   # no STI shadow, NMIs unblocked
 
     def close(self) -> None:
         engine, self.engine = self.engine, None
