@@ -80,9 +80,9 @@ def _find_symbols(symbols: bytes, strings: bytes, wanted: set[str]) -> dict[str,
             start = strings.find(encoded, start + 1)
     found: dict[str, set[int]] = {}
     for st_name, _info, _other, _shndx, st_value, _size in _SYMBOL.iter_unpack(symbols):
-        name = offsets.get(st_name)
-        if name is not None and st_value:
-            found.setdefault(name, set()).add(st_value)
+        symbol = offsets.get(st_name)
+        if symbol is not None and st_value:
+            found.setdefault(symbol, set()).add(st_value)
     ambiguous = sorted(name for name, values in found.items() if len(values) > 1)
     if ambiguous:
         raise SymbolsMissing(f"libunicorn defines {', '.join(ambiguous)} more than once")
