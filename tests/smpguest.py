@@ -13,10 +13,12 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
+
+import pytest
 
 from mshvstack.hvcall import HvRegister
-from mshvstack.partition import Interrupted, IoPortIntercept, Partition, Segment, Vp, VpExit
+from mshvstack.partition import Interrupted, IoPortIntercept, Mshv, Partition, PartitionConfig, Segment, Vp, VpExit
 from mshvstack.partition.registers import TableRegister
 
 RAM = 4 << 20
@@ -34,6 +36,15 @@ VP_INDEX_FROM_RSP = f"""
     sub ${STACKS}, %rdx
     shr ${STACK_SHIFT}, %rdx
 """
+
+
+@pytest.fixture
+def part() -> Iterator[Partition]:
+    """A partition with the hypervisor's LAPIC and RAM mapped at GPA 0 (import it as a fixture)."""
+    with Mshv.open() as mshv, mshv.create_partition(PartitionConfig(lapic=True)) as part:
+        part.initialize()
+        part.map_memory(gpa=0, size=RAM)
+        yield part
 
 
 def prepare(part: Partition, image: bytes, gates: dict[int, int]) -> None:

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from mshvstack.abi import lib
 from mshvstack.hvcall import HvRegister
-from mshvstack.partition import IoPortIntercept, Mshv, Partition, PartitionConfig, Vp
+from mshvstack.partition import IoPortIntercept, Partition, Vp
 
 from guests import assemble
-from smpguest import CODE, DATA, RAM, Runner, long_mode_vp, prepare
+from smpguest import part, CODE, DATA, RAM, Runner, long_mode_vp, prepare
 
 HYPERCALL_PAGE = 0x300000
 TSC_PAGE = 0x301000
@@ -77,14 +76,6 @@ GUEST = f"""
 3:  hlt
     jmp 3b
 """
-
-
-@pytest.fixture
-def part() -> Iterator[Partition]:
-    with Mshv.open() as mshv, mshv.create_partition(PartitionConfig(lapic=True)) as part:
-        part.initialize()
-        part.map_memory(gpa=0, size=RAM)
-        yield part
 
 
 @pytest.mark.parametrize("vcpus", [2, 4])

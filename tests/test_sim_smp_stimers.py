@@ -16,16 +16,15 @@ from __future__ import annotations
 import struct
 import threading
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from mshvstack.abi import lib
-from mshvstack.partition import IoPortIntercept, Mshv, Partition, PartitionConfig, Vp
+from mshvstack.partition import IoPortIntercept, Partition, Vp
 
 from guests import assemble
 from mshvstack.hvcall import HvRegister
-from smpguest import (CODE, DATA, GDT, IDT, PML4, RAM, STACK_SHIFT, STACKS, VP_INDEX_FROM_RSP, Runner, long_mode_vp,
+from smpguest import (part, CODE, DATA, GDT, IDT, PML4, RAM, STACK_SHIFT, STACKS, VP_INDEX_FROM_RSP, Runner, long_mode_vp,
                        prepare)
 
 SIMP_BASE = 0x200000          # VP i: SIMP page at SIMP_BASE + i * 0x1000
@@ -267,14 +266,6 @@ direct:                                     /* EAX = vector */
     iretq
 {TRAMPOLINE if start_aps else ""}
 """
-
-
-@pytest.fixture
-def part() -> Iterator[Partition]:
-    with Mshv.open() as mshv, mshv.create_partition(PartitionConfig(lapic=True)) as part:
-        part.initialize()
-        part.map_memory(gpa=0, size=RAM)
-        yield part
 
 
 @pytest.mark.parametrize("vcpus, start_aps", [(1, False), (2, False), (4, False), (2, True), (4, True)])

@@ -24,7 +24,7 @@ import pytest
 
 from mshvstack.abi import ffi, lib
 from mshvstack.hvcall import HvRegister
-from mshvstack.partition import (HypercallIntercept, Interrupted, IoPortIntercept, Mshv, Partition, PartitionConfig,
+from mshvstack.partition import (HypercallIntercept, Interrupted, IoPortIntercept, Partition,
                                  SintDeliverable, Vp)
 from mshvstack.vmbus import packets
 from mshvstack.vmbus.channel import Channel, ChannelState
@@ -34,7 +34,7 @@ from mshvstack.vmbus.server import MESSAGE_TYPE, VmbusServer
 from mshvstack.vmbus.synic import SynicHost
 
 from guests import assemble
-from smpguest import CODE, DATA, RAM, VP_INDEX_FROM_RSP, long_mode_vp, prepare
+from smpguest import part, CODE, DATA, RAM, VP_INDEX_FROM_RSP, long_mode_vp, prepare
 
 MAILBOX = DATA + 0x8000          # VP i: 0x100 bytes
 INTS, CONSUME, RECEIVED_COUNT = DATA, DATA + 0x40, DATA + 0x80
@@ -340,14 +340,6 @@ class SmpVmbusGuest:
 
 def _msgtype(message: bytes) -> int:
     return int(struct.unpack_from("<I", message)[0])
-
-
-@pytest.fixture
-def part() -> Iterator[Partition]:
-    with Mshv.open() as mshv, mshv.create_partition(PartitionConfig(lapic=True)) as part:
-        part.initialize()
-        part.map_memory(gpa=0, size=RAM)
-        yield part
 
 
 @pytest.fixture

@@ -178,6 +178,23 @@ static void world_forget(struct mshvstack_cpu *c)
     pthread_mutex_unlock(&w->lock);
 }
 
+/* With the lock held: wait while another VP runs alone (not counted as running meanwhile
+ * when this VP was counted: the one running alone waits for the count to drop). */
+static void wait_for_turn(struct mshvstack_cpu *c, int counted)
+{
+    struct mshvstack_world *w = c->world;
+    if (!w->owner || w->owner == c)
+        return;
+    if (counted) {
+        w->running--;
+        pthread_cond_broadcast(&w->changed);
+    }
+    while (w->owner && w->owner != c)
+        pthread_cond_wait(&w->changed, &w->lock);
+    if (counted)
+        w->running++;
+}
+
 /* The VP's thread enters the engine (waits while another VP runs alone). */
 static void world_enter(struct mshvstack_cpu *c)
 {
@@ -185,8 +202,7 @@ static void world_enter(struct mshvstack_cpu *c)
     if (!w)
         return;
     pthread_mutex_lock(&w->lock);
-    while (w->owner && w->owner != c)
-        pthread_cond_wait(&w->changed, &w->lock);
+    wait_for_turn(c, 0);
     w->running++;
     c->in_world = 1;
     pthread_mutex_unlock(&w->lock);
@@ -211,10 +227,9 @@ static void world_leave(struct mshvstack_cpu *c)
     if (!w)
         return;
     pthread_mutex_lock(&w->lock);
-    release_locked(c);
     w->running--;
     c->in_world = 0;
-    pthread_cond_broadcast(&w->changed);
+    release_locked(c);   /* wakes the waiters */
     pthread_mutex_unlock(&w->lock);
 }
 
@@ -223,11 +238,7 @@ static void world_park(struct mshvstack_cpu *c)
 {
     struct mshvstack_world *w = c->world;
     pthread_mutex_lock(&w->lock);
-    w->running--;
-    pthread_cond_broadcast(&w->changed);
-    while (w->owner && w->owner != c)
-        pthread_cond_wait(&w->changed, &w->lock);
-    w->running++;
+    wait_for_turn(c, 1);
     pthread_mutex_unlock(&w->lock);
 }
 
@@ -236,12 +247,7 @@ static void world_acquire(struct mshvstack_cpu *c)
 {
     struct mshvstack_world *w = c->world;
     pthread_mutex_lock(&w->lock);
-    while (w->owner && w->owner != c) {   /* another VP runs alone first: park meanwhile */
-        w->running--;
-        pthread_cond_broadcast(&w->changed);
-        pthread_cond_wait(&w->changed, &w->lock);
-        w->running++;
-    }
+    wait_for_turn(c, 1);   /* another VP runs alone first */
     __atomic_store_n(&w->owner, c, __ATOMIC_RELEASE);
     for (int i = 0; i < w->count; i++)
         if (w->members[i] != c && w->members[i]->in_world)
