@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -246,3 +247,83 @@ def test_store_buffering_is_forbidden_across_a_fence(partition: Partition, tmp_p
     both_old = [r for r in range(1, ROUNDS + 1) if seen[0][r] < r and seen[1][r] < r]
     assert not both_old, f"{len(both_old)} rounds read both old values (first: {both_old[:5]})"
     assert all(seen[0][r] <= r and seen[1][r] <= r for r in range(1, ROUNDS + 1)), "a value from the future"
+
+
+PATCH = 0x30000          # the code VP 0 rewrites, on a page of its own
+PATCH_ROUNDS = 300
+FLAG = _line(20)         # the version VP 0 published last
+READY = _line(21)        # + 8 * VP: the rounds it ran
+
+
+def _patching(vcpus: int) -> str:
+    """VP 0 rewrites the function at PATCH (`mov $version, %eax; ret`) once every
+    other VP has run the previous version and said so; each of them records
+    what the function returned in each round."""
+    wait_for_runners = "\n".join(f"""
+2:  cmp {READY + 8 * runner}, %ecx       /* VP {runner} ran the version before */
+    jne 2b""" for runner in range(1, vcpus))
+    return f"""
+    test %rbx, %rbx
+    jnz 5f
+    mov $1, %ecx                      /* VP 0 writes versions 1.. */
+1:  {wait_for_runners}
+    movb $0xB8, {PATCH}               /* mov $version, %eax */
+    mov %ecx, {PATCH + 1}
+    movb $0xC3, {PATCH + 5}           /* ret */
+    mov %ecx, {FLAG}                  /* published: the code first, then the flag */
+    inc %ecx
+    cmp ${PATCH_ROUNDS}, %ecx
+    jb 1b
+    jmp 9f
+5:  mov %rbx, %r8                     /* the others run them */
+    shl $16, %r8
+    add ${RESULTS}, %r8
+    xor %ecx, %ecx
+6:  cmp {FLAG}, %ecx                  /* wait for version ecx */
+    jne 6b
+    call {PATCH}
+    mov %eax, (%r8,%rcx,4)
+    inc %ecx
+    mov %ecx, {READY}(,%rbx,8)
+    cmp ${PATCH_ROUNDS}, %ecx
+    jb 6b
+9:  out %al, ${DONE_PORT}
+    hlt
+"""
+
+
+@pytest.mark.parametrize("vcpus", [2, 4])
+def test_code_rewritten_by_another_vp_runs_as_rewritten(partition: Partition, tmp_path: Path, vcpus: int) -> None:
+    """A VP never runs its translation of code another VP has overwritten since
+    (each VP has its own translations: the writer's stores must reach them)."""
+    partition.memory.write(PATCH, b"\xB8" + bytes(4) + b"\xC3")   # version 0
+    image, _ = assemble(_patching(vcpus), tmp_path, origin=CODE)
+    _run_all(_start_vps(partition, image, vcpus))
+    for vp in range(1, vcpus):
+        seen = struct.unpack_from(f"<{PATCH_ROUNDS}I", partition.memory.read(RESULTS + (vp << 16), 4 * PATCH_ROUNDS))
+        stale = [(version, got) for version, got in enumerate(seen) if got != version]
+        assert not stale, f"VP {vp} ran old code in {len(stale)} rounds (round, version run): {stale[:5]}"
+
+
+def test_code_rewritten_by_the_host_runs_as_rewritten(partition: Partition, tmp_path: Path) -> None:
+    """The VMM rewrites code through the partition's memory while the VP runs it
+    (and never stops: no run boundary where the old bytes could be compared)."""
+    memory = partition.memory
+    memory.write(PATCH, b"\xB8" + bytes(4) + b"\xC3")   # version 0
+    image, _ = assemble(_patching(2).replace("test %rbx, %rbx\n    jnz 5f", "jmp 5f"), tmp_path, origin=CODE)
+    vp = _start_vps(partition, image, 2)[1]   # VP 1 runs; VP 0 (the guest writer) never does
+    runner = threading.Thread(target=_run_all, args=([vp],))
+    runner.start()
+    try:
+        for version in range(1, PATCH_ROUNDS):
+            deadline = time.monotonic() + 30
+            while _u32(partition, READY + 8) != version:
+                assert runner.is_alive() and time.monotonic() < deadline, "the VP stopped waiting for the next version"
+            memory.write(PATCH + 1, struct.pack("<I", version))
+            memory.write(FLAG, struct.pack("<I", version))
+    finally:
+        runner.join(timeout=60)
+    assert not runner.is_alive()
+    seen = struct.unpack_from(f"<{PATCH_ROUNDS}I", memory.read(RESULTS + (1 << 16), 4 * PATCH_ROUNDS))
+    stale = [(version, got) for version, got in enumerate(seen) if got != version]
+    assert not stale, f"the VP ran old code in {len(stale)} rounds (round, version run): {stale[:5]}"

@@ -35,3 +35,10 @@ class Backend(Protocol):
     def kick(self, vp_fd: int, thread_id: int) -> None:
         """Make MSHV_RUN_VP on ``vp_fd``, blocked in thread ``thread_id``, return EINTR."""
         ...
+
+    def host_wrote(self, partition_fd: int, address: int, length: int) -> None:
+        """This process wrote ``length`` bytes of the partition's RAM at host ``address``
+        (device DMA, a loader).  The real device needs nothing (x86 keeps such stores
+        coherent with the guest's instruction fetch); a simulator that translates
+        guest code drops what it translated from those bytes."""
+        ...

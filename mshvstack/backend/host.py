@@ -99,6 +99,9 @@ class HostBackend:
     def kick(self, vp_fd: int, thread_id: int) -> None:
         signal.pthread_kill(thread_id, KICK_SIGNAL)
 
+    def host_wrote(self, partition_fd: int, address: int, length: int) -> None:
+        """Nothing to do: the hypervisor's CPUs see the host's stores to guest RAM."""
+
     def close(self, fd: int) -> None:
         with self._lock:
             self._kinds.pop(fd, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 from dataclasses import dataclass, field
+from typing import Callable
 
 from mshvstack.errors import MshvError
 
@@ -21,6 +22,7 @@ class MemoryRegion:
     writable: bool
     executable: bool
     host: mmap.mmap = field(repr=False)
+    address: int = field(default=0, repr=False)   # where ``host`` is mapped in this process
 
     @property
     def end(self) -> int:
@@ -28,12 +30,6 @@ class MemoryRegion:
 
     def contains(self, gpa: int, length: int = 1) -> bool:
         return self.gpa <= gpa and gpa + length <= self.end
-
-    @property
-    def userspace_addr(self) -> int:
-        from mshvstack.abi import ffi
-
-        return int(ffi.cast("uintptr_t", ffi.from_buffer(self.host)))
 
 
 class GuestMemory:
@@ -43,8 +39,9 @@ class GuestMemory:
     GuestMemoryError and never touches host memory outside a region.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, written: Callable[[int, int], None] | None = None) -> None:
         self._regions: list[MemoryRegion] = []
+        self._written = written   # told (host address, length) after each write
 
     @property
     def regions(self) -> tuple[MemoryRegion, ...]:
@@ -104,12 +101,16 @@ class GuestMemory:
             offset = gpa - region.gpa
             if 0 <= offset and offset + length <= region.size:
                 region.host[offset : offset + length] = data
+                if self._written is not None:
+                    self._written(region.address + offset, length)
                 return
         data = bytes(data)
         pieces = self._pieces(gpa, len(data))  # checks the whole range before writing anything
         done = 0
         for region, offset, n in pieces:
             region.host[offset : offset + n] = data[done : done + n]
+            if self._written is not None:
+                self._written(region.address + offset, n)
             done += n
 
     def read_u64(self, gpa: int) -> int:

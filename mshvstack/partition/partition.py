@@ -71,7 +71,7 @@ class Partition(FdOwner):
         self.profile: AbiProfile = mshv.profile
         self._handle = FdHandle(self.backend, fd, "partition")
         self.config = config
-        self.memory = GuestMemory()
+        self.memory = GuestMemory(written=lambda address, length: self.backend.host_wrote(self.fd, address, length))
         self.vps: dict[int, Vp] = {}
         self.initialized = False
         self._target = HvTarget(self._handle, self.profile)
@@ -112,7 +112,7 @@ class Partition(FdOwner):
         if gpa % PAGE or size <= 0 or size % PAGE:
             raise GuestMemoryError(f"guest memory must be page aligned and non-empty: gpa {gpa:#x}, size {size:#x}")
         host = mmap.mmap(-1, size)
-        region = MemoryRegion(gpa, size, writable, executable, host)
+        region = MemoryRegion(gpa, size, writable, executable, host, _mmap_address(host))
         try:
             self._set_memory(region, unmap=False)
         except BaseException:
@@ -130,8 +130,7 @@ class Partition(FdOwner):
         fd = self.fd   # first: a closed partition's regions are closed too
         arg = ffi.new("struct mshv_user_mem_region *")
         arg.size, arg.guest_pfn = region.size, region.gpa // PAGE
-        # The address of the mmap, without holding a buffer export on it.
-        arg.userspace_addr = _mmap_address(region.host)
+        arg.userspace_addr = region.address
         flags = 0
         if region.writable:
             flags |= 1 << lib.MSHV_SET_MEM_BIT_WRITABLE

@@ -540,6 +540,12 @@ class SimBackend:
         return {"engine_s": sum(e.time.running for e in engines), "block_scan_s": sum(e.time.scanning for e in engines),
                 "blocks": float(sum(e.time.blocks for e in engines))}
 
+    def host_wrote(self, partition_fd: int, address: int, length: int) -> None:
+        """Every VP drops its translations of code in the bytes the host wrote."""
+        entry = self._fds.get(partition_fd)
+        if entry is not None and entry.partition is not None:
+            entry.partition.engines.code_written(address, length)
+
     def kick(self, vp_fd: int, thread_id: int = 0) -> None:
         """What a signal to the thread in MSHV_RUN_VP does on the real driver."""
         self.vp_of(vp_fd).kick()

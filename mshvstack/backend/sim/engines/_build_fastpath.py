@@ -47,9 +47,11 @@ struct mshvstack_library {
     void *stop_interrupt;
     void *xchg[4];
     void *cmpxchg_mmu[4];
+    void *code[5];
 };
 void mshvstack_world_init(struct mshvstack_world *w);
 void mshvstack_world_destroy(struct mshvstack_world *w);
+void mshvstack_world_code_written(struct mshvstack_world *w, uint64_t host, uint64_t length);
 int mshvstack_parallel_install(const struct mshvstack_library *lib);
 int mshvstack_parallel_attach(struct mshvstack_cpu *c, struct mshvstack_world *w, const struct mshvstack_library *lib);
 int mshvstack_parallel_ready(struct mshvstack_cpu *c);

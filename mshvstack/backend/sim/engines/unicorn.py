@@ -214,6 +214,11 @@ class EngineGroup:
         self.world = core_ffi.new("struct mshvstack_world *")
         core.mshvstack_world_init(self.world)
 
+    def code_written(self, host_address: int, length: int) -> None:
+        """The host wrote guest RAM: each engine drops its translations of code there
+        at its next block boundary (at once when running, else before it runs)."""
+        core.mshvstack_world_code_written(self.world, host_address, length)
+
     def __del__(self) -> None:   # engines hold a reference: none is attached any more
         core.mshvstack_world_destroy(self.world)
 

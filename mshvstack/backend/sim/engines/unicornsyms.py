@@ -30,6 +30,9 @@ _WIDTHS = ("b", "w_le", "l_le", "q_le")
 EXPORTED = {
     "xchg": [f"helper_atomic_xchg{w}_x86_64" for w in _WIDTHS],
     "cmpxchg_mmu": [f"helper_atomic_cmpxchg{w}_mmu_x86_64" for w in _WIDTHS],
+    # Translated code by RAM address, in x86parallel.c's enum code_function order.
+    "code": ["tb_invalidate_phys_page_fast_x86_64", "tb_invalidate_phys_range_x86_64", "qemu_map_ram_ptr_x86_64",
+             "qemu_ram_addr_from_host_x86_64", "tb_flush_x86_64"],
 }
 
 

@@ -185,6 +185,33 @@ struct mshvstack_world {
     struct mshvstack_cpu *owner;     /* the engine running alone (NULL: none) */
     struct mshvstack_cpu **members;
     int count, capacity;
+    uint64_t seq;                    /* counts engines entering and leaving runs */
+    uint64_t next_bit;
+    /* guest pages with translated code in some engine: insert-only, read without the lock */
+    struct code_owner *code;
+    uint64_t code_mask, code_used;
+    int code_full;                   /* no room left: a write to any code-capable page goes to all */
+};
+
+/* A guest page with translated code, and the engines (their world_bit) that translated it. */
+struct code_owner {
+    uint64_t host;                   /* host address of the page; 0: empty slot */
+    uint64_t gpa;
+    uint64_t engines;
+};
+
+/* What another thread asks of an engine about code (x86parallel.c). */
+enum code_event_kind {
+    CODE_EVENT_WRITTEN = 0,          /* drop translations of [host, host + length) */
+    CODE_EVENT_GUARD = 1,            /* guard the page (another engine translated code there) */
+    CODE_EVENT_GUARD_CHECKED = 2,    /* the same, then have the others translate it again */
+};
+
+struct code_event {
+    uint64_t host;
+    uint64_t gpa;
+    uint32_t length;
+    uint32_t kind;
 };
 
 /* Unicorn's uc_tb (unicorn.h): what the edge-generated hook says of a new block. */
@@ -256,6 +283,14 @@ struct mshvstack_cpu {
     int parallel;                /* blocks are translated with host atomics */
     char *tcg_ctx;               /* Unicorn's TCG context for this engine */
     uint64_t serial_steps;       /* instructions run alone (EXCP_ATOMIC) */
+    /* code written on one engine and translated on another (x86parallel.c); under the world's lock */
+    uint64_t world_bit;          /* this engine's bit in code_owner.engines */
+    uint64_t left_at;            /* world seq when it last left a run */
+    uint64_t translation_seq;    /* world seq when its last translation started */
+    struct code_event *events;
+    int event_count, event_capacity;
+    int events_lost;             /* too many writes queued: drop every translation instead */
+    volatile int events_pending;
 };
 
 #define RUN_CODE_CHANGED (-1)
@@ -268,6 +303,8 @@ static bool world_boundary(struct mshvstack_cpu *c);
 static void world_enter(struct mshvstack_cpu *c);
 static void world_leave(struct mshvstack_cpu *c);
 static void world_forget(struct mshvstack_cpu *c);
+static void world_take_code_events(struct mshvstack_cpu *c);
+static int world_guard_everywhere(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host);
 
 static uint64_t mix(uint64_t x)
 {
@@ -642,6 +679,7 @@ static bool core_exec_interrupt(void *cs, int request)
         __atomic_thread_fence(__ATOMIC_SEQ_CST);   /* the loop cleared its exit flag: read requests after */
         if (world_boundary(c))
             return false;   /* the next block is this VP's serial step: nothing before it */
+        world_take_code_events(c);
         if (c->stop_request) {
             stop(c, REASON_CANCELLED);
             return false;
@@ -708,6 +746,7 @@ void mshvstack_set_deadline(struct mshvstack_cpu *c, int64_t deadline_ns)
 void mshvstack_enter(struct mshvstack_cpu *c, int64_t deadline_ns)
 {
     world_enter(c);
+    world_take_code_events(c);
     entered = c;
     (*c->api.interrupt_handler)(c->cs, CPU_INTERRUPT_TGT_EXT_0);
     pthread_mutex_lock(&c->timer_lock);
@@ -919,7 +958,7 @@ bool mshvstack_memory_hook(void *uc, int access, uint64_t address, int size, int
 #define GUARD_GAP (16 * 0x1000ULL)
 #endif
 
-int mshvstack_guard_code(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host)
+static int guard_page(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host)
 {
     uint64_t begin = gpa & ~0xFFFULL, end = begin + 0xFFF;
     int touching[2], count = 0;
@@ -958,6 +997,14 @@ int mshvstack_guard_code(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host)
     }
     c->api.tlb_reset_dirty(c->cs, host & ~0xFFFULL, 0x1000);
     return 0;
+}
+
+/* Guard a page this engine translated code on, here and (x86parallel.c) in every other engine. */
+int mshvstack_guard_code(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host)
+{
+    if (guard_page(c, gpa, host) != 0)
+        return -1;
+    return world_guard_everywhere(c, gpa, host);
 }
 
 /* An exception raised by guest code (or injected): intercept it or deliver it. */

@@ -68,7 +68,24 @@ struct mshvstack_library {
     void *stop_interrupt;       /* x86_stop_interrupt */
     void *xchg[4];              /* helper_atomic_xchg{b,w_le,l_le,q_le} */
     void *cmpxchg_mmu[4];       /* helper_atomic_cmpxchg{b,w_le,l_le,q_le}_mmu */
+    void *code[5];              /* enum code_function */
 };
+
+/* Unicorn's functions over translated code by RAM address (exported). */
+enum code_function {
+    CODE_INVALIDATE_PAGE_FAST = 0,   /* tb_invalidate_phys_page_fast: a store hit a page with code */
+    CODE_INVALIDATE_RANGE = 1,       /* tb_invalidate_phys_range */
+    CODE_MAP_RAM_PTR = 2,            /* qemu_map_ram_ptr: RAM address -> host address */
+    CODE_RAM_ADDR_FROM_HOST = 3,     /* qemu_ram_addr_from_host */
+    CODE_TB_FLUSH = 4,               /* tb_flush */
+};
+typedef void (*invalidate_fast_fn)(void *uc, void *pages, uint64_t start, int len, uintptr_t retaddr);
+static invalidate_fast_fn original_invalidate_fast;   /* the trampoline: its first instructions, then a jump back */
+static void (*invalidate_range)(void *uc, uint64_t start, uint64_t end);
+static void *(*map_ram_ptr)(void *uc, void *block, uint64_t addr);
+static uint64_t (*ram_addr_from_host)(void *uc, void *host);
+static void (*tb_flush)(void *cpu);
+#define RAM_ADDR_INVALID UINT64_MAX
 
 /*
  * Unicorn's XCHG helpers are a plain load and a plain store (its
@@ -121,19 +138,75 @@ static int redirect(void *function, void *target)
     return mprotect((void *)start, length, PROT_READ | PROT_EXEC);
 }
 
+/*
+ * Wrap a function whose first instructions are known: a trampoline runs
+ * them, then jumps to the rest of the function, and the function's start
+ * jumps to the wrapper.  The bytes are checked (they must be the whole,
+ * position-independent instructions named), so another build is refused.
+ */
+static void *trampoline(void *function, const unsigned char *prologue, size_t length)
+{
+    if (memcmp(function, prologue, length) != 0)
+        return NULL;
+    unsigned char *code = mmap(NULL, 64, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (code == MAP_FAILED)
+        return NULL;
+    static const unsigned char jump[6] = {0xFF, 0x25, 0, 0, 0, 0};   /* jmp *0(%rip), the address after it */
+    uint64_t rest = (uint64_t)(uintptr_t)function + length;
+    memcpy(code, prologue, length);
+    memcpy(code + length, jump, sizeof jump);
+    memcpy(code + length + sizeof jump, &rest, 8);
+    if (mprotect(code, 64, PROT_READ | PROT_EXEC) != 0)
+        return NULL;
+    return code;
+}
+
+/* tb_invalidate_phys_page_fast's first instructions in unicorn 2.1.4's x86_64 build:
+ * push %r15; push %r14; mov %r8,%r14; push %r13; mov %rsi,%r13 (12 bytes, as redirect() needs). */
+static const unsigned char invalidate_fast_prologue[12] = {0x41, 0x57, 0x41, 0x56, 0x4D, 0x89, 0xC6,
+                                                           0x41, 0x55, 0x49, 0x89, 0xF5};
+
+static void core_invalidate_page_fast(void *uc, void *pages, uint64_t start, int len, uintptr_t retaddr);
+
+static int wrap_code_checks(const struct mshvstack_library *lib)
+{
+    for (int i = 0; i < 5; i++)
+        if (!lib->code[i])
+            return -1;
+    invalidate_range = (void (*)(void *, uint64_t, uint64_t))lib->code[CODE_INVALIDATE_RANGE];
+    map_ram_ptr = (void *(*)(void *, void *, uint64_t))lib->code[CODE_MAP_RAM_PTR];
+    ram_addr_from_host = (uint64_t (*)(void *, void *))lib->code[CODE_RAM_ADDR_FROM_HOST];
+    tb_flush = (void (*)(void *))lib->code[CODE_TB_FLUSH];
+    void *fast = lib->code[CODE_INVALIDATE_PAGE_FAST];
+    void *through = trampoline(fast, invalidate_fast_prologue, sizeof invalidate_fast_prologue);
+    if (!through)
+        return -2;
+    original_invalidate_fast = (invalidate_fast_fn)through;
+    return redirect(fast, (void *)core_invalidate_page_fast) == 0 ? 0 : -3;
+}
+
 enum { OPS_INIT_DISAS = 0, OPS_TB_STOP = 5, OPS_COUNT = 7 };
 
 static void (*original_init_disas)(void *db, void *cpu);
 static void (*original_tb_stop)(void *db, void *cpu);
 static bool (*original_stop_interrupt)(void *uc, int intno);
 
+static void post_locked(struct mshvstack_cpu *c, struct code_event event);
+
 /* ---- the world: who runs; one VP at a time may run alone ---- */
+
+#ifndef CODE_OWNER_SLOTS
+#define CODE_OWNER_SLOTS (1u << 16)   /* 256 MiB of guest code pages before code_full */
+#endif
 
 void mshvstack_world_init(struct mshvstack_world *w)
 {
     memset(w, 0, sizeof *w);
     pthread_mutex_init(&w->lock, NULL);
     pthread_cond_init(&w->changed, NULL);
+    w->code = calloc(CODE_OWNER_SLOTS, sizeof *w->code);
+    w->code_mask = CODE_OWNER_SLOTS - 1;
+    w->code_full = w->code == NULL;
 }
 
 void mshvstack_world_destroy(struct mshvstack_world *w)
@@ -142,6 +215,8 @@ void mshvstack_world_destroy(struct mshvstack_world *w)
     pthread_mutex_destroy(&w->lock);
     free(w->members);
     w->members = NULL;
+    free(w->code);
+    w->code = NULL;
 }
 
 static int world_join(struct mshvstack_world *w, struct mshvstack_cpu *c)
@@ -159,6 +234,10 @@ static int world_join(struct mshvstack_world *w, struct mshvstack_cpu *c)
     }
     w->members[w->count++] = c;
     c->world = w;
+    c->world_bit = 1ULL << (w->next_bit++ % 64);
+    for (uint64_t i = 0; w->code && i <= w->code_mask; i++)   /* code the others translated already */
+        if (w->code[i].host)
+            post_locked(c, (struct code_event){w->code[i].host, w->code[i].gpa, 0x1000, CODE_EVENT_GUARD});
     pthread_mutex_unlock(&w->lock);
     return 0;
 }
@@ -175,6 +254,9 @@ static void world_forget(struct mshvstack_cpu *c)
             break;
         }
     c->world = NULL;
+    free(c->events);
+    c->events = NULL;
+    c->event_count = c->event_capacity = 0;
     pthread_mutex_unlock(&w->lock);
 }
 
@@ -204,6 +286,7 @@ static void world_enter(struct mshvstack_cpu *c)
     pthread_mutex_lock(&w->lock);
     wait_for_turn(c, 0);
     w->running++;
+    w->seq++;
     c->in_world = 1;
     pthread_mutex_unlock(&w->lock);
 }
@@ -229,6 +312,7 @@ static void world_leave(struct mshvstack_cpu *c)
     pthread_mutex_lock(&w->lock);
     w->running--;
     c->in_world = 0;
+    c->left_at = ++w->seq;
     release_locked(c);   /* wakes the waiters */
     pthread_mutex_unlock(&w->lock);
 }
@@ -279,6 +363,192 @@ static bool world_boundary(struct mshvstack_cpu *c)
     return false;
 }
 
+/* ---- code written on one engine and translated on another ----
+ *
+ * Each engine drops its own translations when its own stores hit them
+ * (x86core.c: stores to pages with code go through Unicorn's check), but
+ * not another engine's: a VP would run the old code another VP (or the
+ * host) overwrote, e.g. a module loaded on CPU 1 where CPU 0 once ran a
+ * freed one.  So the world keeps which engines translated code on which
+ * page, every engine guards every such page (its stores to it reach
+ * Unicorn's check, which the core wraps), and a store to one is sent to
+ * the engines that translated code there: each drops its translations of
+ * the bytes written at its next block boundary (or when it next enters a
+ * run), as the x86 rule for cross-modifying code allows (the new code is
+ * seen after the writer's store, before the next serializing event).
+ *
+ * An engine learns of a page only at its next boundary, and may have
+ * stored to it unchecked before: when it was running meanwhile, it then
+ * has the others translate the page again (CODE_EVENT_GUARD_CHECKED).
+ */
+static void kick(struct mshvstack_cpu *c)
+{
+    if (c->in_world)
+        c->api.cpu_exit(c->cs);
+}
+
+/* Queue an event for an engine (world lock held).  Past the bound, writes are summed up
+ * as "drop every translation"; a guard that finds no room is kept as that too. */
+enum { MAX_CODE_EVENTS = 4096 };
+static void post_locked(struct mshvstack_cpu *c, struct code_event event)
+{
+    if (c->event_count == c->event_capacity) {
+        int capacity = c->event_capacity ? c->event_capacity * 2 : 64;
+        struct code_event *fresh = capacity <= MAX_CODE_EVENTS || event.kind != CODE_EVENT_WRITTEN
+                                       ? realloc(c->events, (size_t)capacity * sizeof *fresh) : NULL;
+        if (!fresh) {
+            c->events_lost = 1;
+            __atomic_store_n(&c->events_pending, 1, __ATOMIC_RELEASE);
+            return;
+        }
+        c->events = fresh;
+        c->event_capacity = capacity;
+    }
+    c->events[c->event_count++] = event;
+    __atomic_store_n(&c->events_pending, 1, __ATOMIC_RELEASE);
+}
+
+static uint64_t code_slot(const struct mshvstack_world *w, uint64_t page)
+{
+    uint64_t i = mix(page) & w->code_mask;
+    while (w->code[i].host && w->code[i].host != page)
+        i = (i + 1) & w->code_mask;
+    return i;
+}
+
+/* Which engines translated code on a host page (read without the lock: slots are only ever filled). */
+static uint64_t code_engines(const struct mshvstack_world *w, uint64_t page)
+{
+    if (__atomic_load_n(&w->code_full, __ATOMIC_ACQUIRE))
+        return ~0ULL;
+    const struct code_owner *slot = &w->code[code_slot(w, page)];
+    return __atomic_load_n(&slot->host, __ATOMIC_ACQUIRE) == page ? __atomic_load_n(&slot->engines, __ATOMIC_RELAXED) : 0;
+}
+
+/* Send a write of [host, host + length) to the engines with code there, but `writer` (lock held). */
+static void send_write_locked(struct mshvstack_world *w, const struct mshvstack_cpu *writer, uint64_t host, uint64_t length)
+{
+    for (uint64_t page = host & ~0xFFFULL; page < host + length; page += 0x1000) {
+        uint64_t engines = code_engines(w, page);
+        if (!engines)
+            continue;
+        uint64_t from = page > host ? page : host, to = page + 0x1000 < host + length ? page + 0x1000 : host + length;
+        for (int i = 0; i < w->count; i++) {
+            struct mshvstack_cpu *m = w->members[i];
+            if (m != writer && (m->world_bit & engines)) {
+                post_locked(m, (struct code_event){from, 0, (uint32_t)(to - from), CODE_EVENT_WRITTEN});
+                kick(m);
+            }
+        }
+    }
+}
+
+static int any_code(const struct mshvstack_world *w, uint64_t host, uint64_t length)
+{
+    for (uint64_t page = host & ~0xFFFULL; page < host + length; page += 0x1000)
+        if (code_engines(w, page))
+            return 1;
+    return 0;
+}
+
+/* The host wrote guest memory (the VMM, device DMA): every engine drops what it translated there. */
+void mshvstack_world_code_written(struct mshvstack_world *w, uint64_t host, uint64_t length)
+{
+    if (!length || !any_code(w, host, length))
+        return;
+    pthread_mutex_lock(&w->lock);
+    send_write_locked(w, NULL, host, length);
+    pthread_mutex_unlock(&w->lock);
+}
+
+/* Unicorn's check of a store to a page that may hold code, wrapped: the other engines hear of it. */
+static void core_invalidate_page_fast(void *uc, void *pages, uint64_t start, int len, uintptr_t retaddr)
+{
+    struct mshvstack_cpu *c = entered;
+    if (c && c->uc == uc && c->world && len > 0) {
+        void *host = map_ram_ptr(uc, NULL, start);
+        struct mshvstack_world *w = c->world;
+        if (host && any_code(w, (uint64_t)(uintptr_t)host, (uint64_t)len)) {
+            pthread_mutex_lock(&w->lock);
+            send_write_locked(w, c, (uint64_t)(uintptr_t)host, (uint64_t)len);
+            pthread_mutex_unlock(&w->lock);
+        }
+    }
+    original_invalidate_fast(uc, pages, start, len, retaddr);
+}
+
+/* After an engine guarded a page it translated code on: the first to do so has every other
+ * engine guard it too (x86core.c's mshvstack_guard_code). */
+static int world_guard_everywhere(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host)
+{
+    struct mshvstack_world *w = c->world;
+    uint64_t page = host & ~0xFFFULL;
+    if (!w)
+        return 0;
+    pthread_mutex_lock(&w->lock);
+    if (!w->code_full) {
+        struct code_owner *slot = &w->code[code_slot(w, page)];
+        if (slot->host == page) {
+            __atomic_fetch_or(&slot->engines, c->world_bit, __ATOMIC_RELAXED);
+            pthread_mutex_unlock(&w->lock);
+            return 0;
+        }
+        if (++w->code_used * 4 > (w->code_mask + 1) * 3) {
+            __atomic_store_n(&w->code_full, 1, __ATOMIC_RELEASE);   /* from now on every write is sent */
+        } else {
+            slot->gpa = gpa & ~0xFFFULL;
+            slot->engines = c->world_bit;
+            __atomic_store_n(&slot->host, page, __ATOMIC_RELEASE);
+        }
+    }
+    for (int i = 0; i < w->count; i++) {
+        struct mshvstack_cpu *m = w->members[i];
+        if (m == c)
+            continue;
+        /* Out of a run since before this translation began: it cannot have stored to the page. */
+        int quiet = !m->in_world && m->left_at <= c->translation_seq;
+        post_locked(m, (struct code_event){page, gpa & ~0xFFFULL, 0x1000, quiet ? CODE_EVENT_GUARD : CODE_EVENT_GUARD_CHECKED});
+        kick(m);
+    }
+    pthread_mutex_unlock(&w->lock);
+    return 0;
+}
+
+/* On the engine's own thread, between blocks or before a run: what the others asked for. */
+static void world_take_code_events(struct mshvstack_cpu *c)
+{
+    struct mshvstack_world *w = c->world;
+    if (!w || !__atomic_load_n(&c->events_pending, __ATOMIC_ACQUIRE))
+        return;
+    pthread_mutex_lock(&w->lock);
+    struct code_event *events = c->events;
+    int count = c->event_count, lost = c->events_lost;
+    c->events = NULL;
+    c->event_count = c->event_capacity = 0;
+    c->events_lost = 0;
+    __atomic_store_n(&c->events_pending, 0, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&w->lock);
+    for (int i = 0; i < count; i++) {
+        const struct code_event *e = &events[i];
+        if (e->kind == CODE_EVENT_WRITTEN) {
+            uint64_t ram = lost ? RAM_ADDR_INVALID : ram_addr_from_host(c->uc, (void *)(uintptr_t)e->host);
+            if (ram != RAM_ADDR_INVALID)
+                invalidate_range(c->uc, ram, ram + e->length);
+            continue;
+        }
+        if (guard_page(c, e->gpa, e->host) != 0)
+            lost = 1;
+        if (e->kind == CODE_EVENT_GUARD_CHECKED) {
+            pthread_mutex_lock(&w->lock);
+            send_write_locked(w, c, e->host, 0x1000);
+            pthread_mutex_unlock(&w->lock);
+        }
+    }
+    free(events);
+    if (lost)
+        tb_flush(c->cs);
+}
+
 /* ---- the translator's hooks ---- */
 
 /* The TCG context behind the engine: the uc_struct field whose context holds the
@@ -312,6 +582,8 @@ static void core_init_disas(void *db, void *cpu)
     if (!c || c->cs != cpu)
         return;
     struct qemu_tb *tb = ((struct qemu_disas_base *)db)->tb;
+    if (c->world)
+        c->translation_seq = __atomic_load_n(&c->world->seq, __ATOMIC_ACQUIRE);
     if (!c->tcg_ctx)
         discover_tcg(c, tb);
     if (!c->tcg_ctx || !c->parallel || (tb->cflags & CF_LAST_IO))
@@ -378,7 +650,7 @@ int mshvstack_parallel_install(const struct mshvstack_library *lib)
         if (redirect(lib->xchg[i], own[i]) != 0)
             return -5;
     }
-    return 0;
+    return wrap_code_checks(lib) == 0 ? 0 : -6;
 }
 
 /*
