@@ -79,6 +79,7 @@ int mshvstack_cpu_init(struct mshvstack_cpu *c, void *owner, void *uc, const cha
                        int reg_eflags, int reg_msr, int reg_rax);
 int mshvstack_cpu_hooks(struct mshvstack_cpu *c, int edge_type, int intr_type, int invalid_type, int insn_type,
                         int syscall_insn, int code_type, int memory_fault_types);
+int mshvstack_check_mirror(struct mshvstack_cpu *c, const int *ids);
 int mshvstack_memory_fault_ranges(struct mshvstack_cpu *c, const uint64_t *bounds, int count);
 #define MAX_FAULT_RANGES ...
 int mshvstack_quiet_exit_checks(struct mshvstack_cpu *c, uint32_t tcg_buffer_size);

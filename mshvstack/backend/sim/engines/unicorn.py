@@ -96,6 +96,11 @@ _MODE_REGISTERS = frozenset({int(lib.HV_X64_REGISTER_CR0), int(lib.HV_X64_REGIST
 
 # Probe values written to RAX..R15 so the core can find QEMU's CPU state.
 _PROBE = [0x6D736876_00000000 | i << 8 | 0xA5 for i in range(16)]
+# The CPU state the core mirrors (x86core.c, enum mirror_field order): checked through
+# the register API when an engine starts (the GPRs are found with _PROBE).
+_MIRRORED_REGISTERS = {name: getattr(ux, f"UC_X86_REG_{name}")
+                       for name in ("RIP", "EFLAGS", "CR0", "CR3", "CR4", "FS_BASE", "GS_BASE", "GDTR", "IDTR")}
+_MIRRORED_OTHERS = ("EFER", "the long-mode hflags")
 
 
 class EngineUnavailable(RuntimeError):
@@ -278,6 +283,12 @@ class UnicornEngine:
         if status != 0:
             raise EngineUnavailable(f"unicorn {unicorn.__version__}: the engine core cannot attach to it "
                                     f"(status {status}); install the pinned version (pip install 'unicorn==2.1.4')")
+        ids = core_ffi.new("int[]", list(_MIRRORED_REGISTERS.values()))
+        mismatch = core.mshvstack_check_mirror(self._cpu, ids)
+        if mismatch:
+            field = (*_MIRRORED_REGISTERS, *_MIRRORED_OTHERS)[mismatch - 1]
+            raise EngineUnavailable(f"unicorn {unicorn.__version__}: its CPU state does not hold {field} where the engine core "
+                                    "reads it; install the pinned version (pip install 'unicorn==2.1.4')")
         if uc.context_save().size == _CONTEXT_SIZE:
             self._cpu.error_code_offset = _ERROR_CODE_OFFSET
         self._cpu.code_hosts = self._tracked_hosts

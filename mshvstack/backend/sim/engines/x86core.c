@@ -300,6 +300,7 @@ static int mshvstack_on_injected(void *owner, int vector);
 static int mshvstack_on_special(void *owner, uint64_t address);
 static void mshvstack_on_memory_fault(void *owner, int access, uint64_t address, int size, int64_t value);
 static bool world_boundary(struct mshvstack_cpu *c);
+static uint64_t read_msr(struct mshvstack_cpu *c, uint32_t index);
 static void world_enter(struct mshvstack_cpu *c);
 static void world_leave(struct mshvstack_cpu *c);
 static void world_forget(struct mshvstack_cpu *c);
@@ -515,6 +516,95 @@ int mshvstack_cpu_init(struct mshvstack_cpu *c, void *owner, void *uc, const cha
     pthread_cond_init(&c->timer_cond, &attributes);
     pthread_condattr_destroy(&attributes);
     pthread_mutex_init(&c->timer_lock, NULL);
+    return 0;
+}
+
+/*
+ * The mirrored CPU state the core reads and writes directly, checked
+ * against Unicorn's register API: each field is given a value through the
+ * API and must show it where the mirror says it is (then restored).  The
+ * GPR block was checked when the state was found (discover).  0, or the
+ * number of the first field that did not match (enum mirror_field + 1).
+ */
+enum mirror_field {
+    MIRROR_RIP, MIRROR_EFLAGS, MIRROR_CR0, MIRROR_CR3, MIRROR_CR4, MIRROR_FS_BASE, MIRROR_GS_BASE,
+    MIRROR_GDTR, MIRROR_IDTR, MIRROR_EFER, MIRROR_HFLAGS, MIRROR_FIELDS,
+};
+
+struct uc_table_register {   /* unicorn.h's uc_x86_mmr */
+    uint16_t selector;
+    uint64_t base;
+    uint32_t limit;
+    uint32_t flags;
+};
+
+#define EFER_MSR 0xC0000080u
+#define CR0_TS (1ULL << 3)
+#define CR4_OSFXSR (1ULL << 9)
+#define EFLAGS_IF (1ULL << 9)
+#define EFLAGS_DF (1ULL << 10)
+
+static int check_word(struct mshvstack_cpu *c, int id, const volatile uint64_t *field, uint64_t value)
+{
+    uint64_t saved = 0, seen;
+    c->api.reg_read(c->uc, id, &saved);
+    c->api.reg_write(c->uc, id, &value);
+    seen = *field;
+    c->api.reg_write(c->uc, id, &saved);
+    return seen == value && *field == saved;
+}
+
+static int check_table(struct mshvstack_cpu *c, int id, const volatile struct qemu_segment *field)
+{
+    struct uc_table_register saved = {0}, probe = {0, 0x5A5A5000ULL, 0x3F7, 0};
+    c->api.reg_read(c->uc, id, &saved);
+    c->api.reg_write(c->uc, id, &probe);
+    int ok = field->base == probe.base && field->limit == probe.limit;
+    c->api.reg_write(c->uc, id, &saved);
+    return ok && field->base == saved.base;
+}
+
+int mshvstack_check_mirror(struct mshvstack_cpu *c, const int *ids)
+{
+    struct qemu_x86_head *env = c->env;
+    uint64_t cr0 = 0, cr4 = 0, flags = 0;
+    if (!check_word(c, ids[MIRROR_RIP], &env->eip, 0x7FFF12345670ULL))
+        return MIRROR_RIP + 1;
+    /* EFLAGS: QEMU keeps the arithmetic flags apart; IF stays in env->eflags, DF becomes env->df */
+    c->api.reg_read(c->uc, ids[MIRROR_EFLAGS], &flags);
+    uint64_t probe = 0x2 | EFLAGS_IF | EFLAGS_DF;
+    c->api.reg_write(c->uc, ids[MIRROR_EFLAGS], &probe);
+    int eflags_ok = (env->eflags & EFLAGS_IF) && env->df == -1;
+    c->api.reg_write(c->uc, ids[MIRROR_EFLAGS], &flags);
+    if (!eflags_ok || (env->eflags & EFLAGS_IF) != (flags & EFLAGS_IF))
+        return MIRROR_EFLAGS + 1;
+    c->api.reg_read(c->uc, ids[MIRROR_CR0], &cr0);
+    if (!check_word(c, ids[MIRROR_CR0], &env->cr[0], cr0 ^ CR0_TS))
+        return MIRROR_CR0 + 1;
+    if (!check_word(c, ids[MIRROR_CR3], &env->cr[3], 0x1234000ULL))
+        return MIRROR_CR3 + 1;
+    c->api.reg_read(c->uc, ids[MIRROR_CR4], &cr4);
+    if (!check_word(c, ids[MIRROR_CR4], &env->cr[4], cr4 ^ CR4_OSFXSR))
+        return MIRROR_CR4 + 1;
+    if (!check_word(c, ids[MIRROR_FS_BASE], &env->segs[4].base, 0x7F0000001000ULL))
+        return MIRROR_FS_BASE + 1;
+    if (!check_word(c, ids[MIRROR_GS_BASE], &env->segs[5].base, 0x7F0000002000ULL))
+        return MIRROR_GS_BASE + 1;
+    if (!check_table(c, ids[MIRROR_GDTR], &env->gdt))
+        return MIRROR_GDTR + 1;
+    if (!check_table(c, ids[MIRROR_IDTR], &env->idt))
+        return MIRROR_IDTR + 1;
+    uint64_t efer = read_msr(c, EFER_MSR), seen;
+    struct { uint32_t rid; uint64_t value; } msr = {EFER_MSR, efer ^ EFER_SCE};
+    c->api.reg_write(c->uc, c->reg_msr, &msr);
+    seen = env->efer;
+    msr.value = efer;
+    c->api.reg_write(c->uc, c->reg_msr, &msr);
+    if (seen != (efer ^ EFER_SCE) || env->efer != efer)
+        return MIRROR_EFER + 1;
+    /* a 64-bit engine starts in long mode with a 64-bit code segment */
+    if ((env->hflags & (HF_LMA | HF_CS64)) != (HF_LMA | HF_CS64) || !(env->efer & EFER_LMA))
+        return MIRROR_HFLAGS + 1;
     return 0;
 }
 
