@@ -6,7 +6,7 @@ at once).  The simulator's column is the documented CLI; QEMU's is
 reason when QEMU is not installed.  The simulator's own exit and delivery
 counts say where its time goes.
 
-    python benchmarks/linux_boot.py
+    python benchmarks/linux_boot.py [VCPUS]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mshvstack.vmm.linuxguest import GuestUnavailable, busybox_initramfs, debian_guest
+from mshvstack.vmm.linuxguest import GuestUnavailable, LinuxGuest, busybox_initramfs, debian_guest
 
 INIT = "#!/bin/sh\n/bin/busybox mount -t devtmpfs devtmpfs /dev\necho BOOTED > /dev/kmsg\n/bin/busybox poweroff -f\n"
 MILESTONES = ("Run /init as init process", "BOOTED", "reboot: Power down")
@@ -49,23 +49,17 @@ def _timed(command: list[str], timeout: float) -> dict[str, float]:
     return seen
 
 
-def main() -> int:
-    try:
-        linux = debian_guest()
-    except GuestUnavailable as exc:
-        print(f"skipped: {exc}")
-        return 0
-    work = Path(tempfile.mkdtemp())
-    initrd = work / "initrd.cpio"
-    initrd.write_bytes(busybox_initramfs(linux.busybox, INIT))
+def compare(linux: LinuxGuest, initrd: Path, vcpus: int) -> None:
+    """Boot both with ``vcpus`` CPUs (QEMU with multi-threaded TCG) and print the milestones."""
     sim = _timed([sys.executable, "-m", "mshvstack.cli", "run", str(linux.kernel), "--extract-vmlinux", "--initrd", str(initrd),
-                  "--memory", "512M", "--cmdline", "console=ttyS0", "--stats"], 900)
+                  "--memory", "512M", "--vcpus", str(vcpus), "--cmdline", "console=ttyS0", "--stats"], 900)
     qemu_binary = shutil.which("qemu-system-x86_64")
     qemu: dict[str, float] | None = None
     if qemu_binary:
-        qemu = _timed([qemu_binary, "-machine", "q35,accel=tcg", "-m", "512", "-nographic", "-no-reboot", "-kernel", str(linux.kernel),
-                       "-initrd", str(initrd), "-append", "console=ttyS0 panic=-1"], 900)
-    print(f"Debian kernel {linux.version}, 1 vCPU, 512 MiB")
+        qemu = _timed([qemu_binary, "-machine", "q35", "-accel", "tcg,thread=multi", "-smp", str(vcpus), "-m", "512",
+                       "-nographic", "-no-reboot", "-kernel", str(linux.kernel), "-initrd", str(initrd),
+                       "-append", "console=ttyS0 panic=-1"], 900)
+    print(f"Debian kernel {linux.version}, {vcpus} vCPU{'s' if vcpus > 1 else ''}, 512 MiB")
     print(f"{'milestone':32} {'simulator s':>12} {'QEMU TCG s':>12} {'ratio':>8}")
     for milestone in MILESTONES + ("exit",):
         s = sim.get(milestone, float("nan"))
@@ -74,6 +68,22 @@ def main() -> int:
         print(f"{milestone:32} {s:12.1f} {q:12.1f} {ratio:8.2f}")
     if not qemu_binary:
         print("QEMU column skipped: qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+
+
+def boot_initrd(linux: LinuxGuest) -> Path:
+    initrd = Path(tempfile.mkdtemp()) / "initrd.cpio"
+    initrd.write_bytes(busybox_initramfs(linux.busybox, INIT))
+    return initrd
+
+
+def main() -> int:
+    vcpus = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+    try:
+        linux = debian_guest()
+    except GuestUnavailable as exc:
+        print(f"skipped: {exc}")
+        return 0
+    compare(linux, boot_initrd(linux), vcpus)
     return 0
 
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 from mshvstack.abi import lib
 from mshvstack.errors import ErrnoError, MshvError
 from mshvstack.hvcall import HvRegister
-from mshvstack.partition import (GuestMemoryError, Halt, Interrupted, IoPortIntercept, Mshv, MsiRoute, PartitionConfig,
+from mshvstack.partition import (GuestMemoryError, Halt, Interrupted, IoPortIntercept, MemoryIntercept, Mshv, MsiRoute, PartitionConfig,
                                  Segment, UnmappedGpa, VpStateKind)
 
 REAL_MODE_CS = Segment(base=0, limit=0xFFFF, selector=0, attributes=0x9B)
@@ -201,9 +201,18 @@ def test_interrupt_plumbing_through_the_partition_api() -> None:
         mshv.close()
 
 
-def test_dirty_pages_after_guest_writes() -> None:
-    # mov byte [0x5000], 1 ; out 0x10, al ; hlt
-    mshv, part, vp = _real_mode_vm(bytes.fromhex("c6060050 01e610f4".replace(" ", "")))
+# Each writes [0x5000] once, then out 0x10, al ; hlt.
+_WRITES = {
+    "mov byte": "c606005001",
+    "lock inc word": "f0ff060050",       # host atomics skip Unicorn's permission check:
+    "xchg byte": "86060050",             # the core redoes them alone, with the checked stores
+    "lock cmpxchg word": "31c0f00fb1060050",
+}
+
+
+@pytest.mark.parametrize("write", list(_WRITES))
+def test_dirty_pages_after_guest_writes(write: str) -> None:
+    mshv, part, vp = _real_mode_vm(bytes.fromhex(_WRITES[write] + "e610f4"))
     try:
         part.enable_dirty_tracking()
         part.dirty_pages(0, 0x10000)  # clear
@@ -432,3 +441,19 @@ def test_a_vmm_rflags_write_replaces_the_guests_lazy_flags(tmp_path: Path) -> No
             assert isinstance(exit_, IoPortIntercept) and exit_.port_number == 0x11
             assert exit_.rax & 0xFFF == flags
             vp.set_registers({HvRegister.RIP: 0x200000, HvRegister.RFLAGS: 2})
+
+
+@pytest.mark.parametrize("write", list(_WRITES))
+def test_a_write_to_read_only_memory_is_intercepted_and_not_done(write: str) -> None:
+    """A read-only region at 0x10000 (DS = 0x1000 - 0x5000 / 16: the write goes to GPA 0x10000)."""
+    mshv, part, vp = _real_mode_vm(bytes.fromhex("b8000b8ed8" + _WRITES[write] + "e610f4"))
+    try:
+        part.map_memory(0x10000, 0x1000, writable=False)
+        part.memory.write(0x10000, b"\x5A\x5A")
+        exit_ = vp.run()
+        assert isinstance(exit_, MemoryIntercept) and not isinstance(exit_, UnmappedGpa), exit_
+        assert exit_.is_write and exit_.gpa == 0x10000
+        assert part.memory.read(0x10000, 2) == b"\x5A\x5A"
+    finally:
+        part.close()
+        mshv.close()

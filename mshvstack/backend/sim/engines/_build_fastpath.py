@@ -47,7 +47,7 @@ struct mshvstack_library {
     void *stop_interrupt;
     void *xchg[4];
     void *cmpxchg_mmu[4];
-    void *code[5];
+    void *code[6];
 };
 void mshvstack_world_init(struct mshvstack_world *w);
 void mshvstack_world_destroy(struct mshvstack_world *w);
@@ -86,6 +86,7 @@ int mshvstack_quiet_exit_checks(struct mshvstack_cpu *c, uint32_t tcg_buffer_siz
 int mshvstack_hook_special(struct mshvstack_cpu *c, uint64_t address);
 int mshvstack_set_special(struct mshvstack_cpu *c, uint64_t address, int kind, const uint8_t *raw, int length);
 int mshvstack_guard_code(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host);
+int mshvstack_write_protect(struct mshvstack_cpu *c, uint64_t host, uint64_t size, int protect);
 void mshvstack_attach_vp(struct mshvstack_cpu *c, uint32_t vp_index, void *register_page, void *message_page,
                          const int register_ids[6]);
 int mshvstack_run(struct mshvstack_cpu *c, int64_t deadline_ns);

@@ -354,10 +354,14 @@ class UnicornEngine:
         self._uc.mem_map_ptr(gpa, size, perms, host_address)
         self._plain.map(gpa, size, writable and executable)
         self._fault_ranges_stale = True
+        self._write_protect(host_address, size, not writable)
 
     def unmap(self, gpa: int, size: int) -> None:
         if self._in_other_thread(lambda: self.unmap(gpa, size)):
             return
+        host = self._code.host_address(gpa)
+        if host is not None:
+            self._write_protect(host, size, False)
         self._uc.mem_unmap(gpa, size)
         self._plain.unmap(gpa, size)
         self._fault_ranges_stale = True
@@ -370,6 +374,14 @@ class UnicornEngine:
         self._uc.mem_protect(gpa, size, perms)
         self._plain.protect(gpa, size, writable and executable)
         self._fault_ranges_stale = True
+        host = self._code.host_address(gpa)
+        if host is not None:
+            self._write_protect(host, size, not writable)
+
+    def _write_protect(self, host: int, size: int, protect: bool) -> None:
+        """Tell the core which pages a host atomic must not write unchecked (x86parallel.c)."""
+        if core.mshvstack_write_protect(self._cpu, host, size, int(protect)) != 0:
+            raise MemoryError("the engine core cannot record write-protected pages")
 
     def _hook_memory_faults(self) -> None:
         """Hook memory faults where they can happen: everywhere but plain RAM (plainram.py)."""

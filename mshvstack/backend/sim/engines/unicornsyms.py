@@ -32,7 +32,7 @@ EXPORTED = {
     "cmpxchg_mmu": [f"helper_atomic_cmpxchg{w}_mmu_x86_64" for w in _WIDTHS],
     # Translated code by RAM address, in x86parallel.c's enum code_function order.
     "code": ["tb_invalidate_phys_page_fast_x86_64", "tb_invalidate_phys_range_x86_64", "qemu_map_ram_ptr_x86_64",
-             "qemu_ram_addr_from_host_x86_64", "tb_flush_x86_64"],
+             "qemu_ram_addr_from_host_x86_64", "tb_flush_x86_64", "cpu_loop_exit_atomic_x86_64"],
 }
 
 

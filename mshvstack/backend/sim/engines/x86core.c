@@ -291,6 +291,9 @@ struct mshvstack_cpu {
     int event_count, event_capacity;
     int events_lost;             /* too many writes queued: drop every translation instead */
     volatile int events_pending;
+    /* guest pages this engine write-protects (host page addresses; open addressing, 1: deleted) */
+    uint64_t *protected_pages;
+    uint64_t protected_mask, protected_used;
 };
 
 #define RUN_CODE_CHANGED (-1)
@@ -630,6 +633,8 @@ void mshvstack_cpu_free(struct mshvstack_cpu *c)
     c->specials = NULL;
     free(c->guards);
     c->guards = NULL;
+    free(c->protected_pages);
+    c->protected_pages = NULL;
 }
 
 /* Forget blocks starting in [start, end) so they are scanned again when next

@@ -68,7 +68,7 @@ struct mshvstack_library {
     void *stop_interrupt;       /* x86_stop_interrupt */
     void *xchg[4];              /* helper_atomic_xchg{b,w_le,l_le,q_le} */
     void *cmpxchg_mmu[4];       /* helper_atomic_cmpxchg{b,w_le,l_le,q_le}_mmu */
-    void *code[5];              /* enum code_function */
+    void *code[6];              /* enum code_function */
 };
 
 /* Unicorn's functions over translated code by RAM address (exported). */
@@ -78,6 +78,7 @@ enum code_function {
     CODE_MAP_RAM_PTR = 2,            /* qemu_map_ram_ptr: RAM address -> host address */
     CODE_RAM_ADDR_FROM_HOST = 3,     /* qemu_ram_addr_from_host */
     CODE_TB_FLUSH = 4,               /* tb_flush */
+    CODE_LOOP_EXIT_ATOMIC = 5,       /* cpu_loop_exit_atomic */
 };
 typedef void (*invalidate_fast_fn)(void *uc, void *pages, uint64_t start, int len, uintptr_t retaddr);
 static invalidate_fast_fn original_invalidate_fast;   /* the trampoline: its first instructions, then a jump back */
@@ -85,6 +86,7 @@ static void (*invalidate_range)(void *uc, uint64_t start, uint64_t end);
 static void *(*map_ram_ptr)(void *uc, void *block, uint64_t addr);
 static uint64_t (*ram_addr_from_host)(void *uc, void *host);
 static void (*tb_flush)(void *cpu);
+static void (*loop_exit_atomic)(void *cpu, uintptr_t retaddr);   /* cpu_loop_exit_atomic: raise EXCP_ATOMIC */
 #define RAM_ADDR_INVALID UINT64_MAX
 
 /*
@@ -170,9 +172,10 @@ static void core_invalidate_page_fast(void *uc, void *pages, uint64_t start, int
 
 static int wrap_code_checks(const struct mshvstack_library *lib)
 {
-    for (int i = 0; i < 5; i++)
+    for (int i = 0; i < 6; i++)
         if (!lib->code[i])
             return -1;
+    loop_exit_atomic = (void (*)(void *, uintptr_t))lib->code[CODE_LOOP_EXIT_ATOMIC];
     invalidate_range = (void (*)(void *, uint64_t, uint64_t))lib->code[CODE_INVALIDATE_RANGE];
     map_ram_ptr = (void *(*)(void *, void *, uint64_t))lib->code[CODE_MAP_RAM_PTR];
     ram_addr_from_host = (uint64_t (*)(void *, void *))lib->code[CODE_RAM_ADDR_FROM_HOST];
@@ -381,6 +384,85 @@ static bool world_boundary(struct mshvstack_cpu *c)
  * stored to it unchecked before: when it was running meanwhile, it then
  * has the others translate the page again (CODE_EVENT_GUARD_CHECKED).
  */
+/*
+ * Host atomics write through the TLB without Unicorn's permission check
+ * (its atomic_mmu_lookup), so a locked instruction on a page the
+ * simulator write-protects (a read-only region, a page under dirty
+ * tracking) wrote it with no intercept and no dirty bit.  Such pages are
+ * kept hooked, so an atomic on one reaches Unicorn's store check (wrapped
+ * above), where no plain store to them does (their permission fault leaves
+ * the block first): the atomic is then redone alone and serially, with the
+ * plain stores that do check.  Only pages that may hold code reach the
+ * check (Unicorn asks for executable memory only); read-only regions that
+ * are not executable are the gap that remains.
+ */
+enum { PROTECTED_DELETED = 1 };
+
+static uint64_t protected_slot(const struct mshvstack_cpu *c, uint64_t page, int for_insert)
+{
+    uint64_t i = mix(page) & c->protected_mask, tomb = UINT64_MAX;
+    for (;; i = (i + 1) & c->protected_mask) {
+        uint64_t k = c->protected_pages[i];
+        if (k == page)
+            return i;
+        if (k == PROTECTED_DELETED && tomb == UINT64_MAX)
+            tomb = i;
+        if (!k)
+            return for_insert && tomb != UINT64_MAX ? tomb : i;
+    }
+}
+
+static int is_protected(const struct mshvstack_cpu *c, uint64_t host)
+{
+    if (!c->protected_used)
+        return 0;
+    uint64_t page = host & ~0xFFFULL;
+    return c->protected_pages[protected_slot(c, page, 0)] == page;
+}
+
+/* Rebuild with room for `need` pages (tombstones dropped); -1: out of memory. */
+static int protected_resize(struct mshvstack_cpu *c, uint64_t need)
+{
+    uint64_t size = 1024;
+    while (size < need * 2)
+        size *= 2;
+    uint64_t *fresh = calloc(size, sizeof *fresh), *old = c->protected_pages, old_mask = c->protected_mask;
+    if (!fresh)
+        return -1;
+    c->protected_pages = fresh;
+    c->protected_mask = size - 1;
+    c->protected_used = 0;
+    for (uint64_t i = 0; old && i <= old_mask; i++)
+        if (old[i] > PROTECTED_DELETED) {
+            fresh[protected_slot(c, old[i], 1)] = old[i];
+            c->protected_used++;
+        }
+    free(old);
+    return 0;
+}
+
+/* The engine's own thread: [host, host + size) is write-protected now, or no longer. */
+int mshvstack_write_protect(struct mshvstack_cpu *c, uint64_t host, uint64_t size, int protect)
+{
+    for (uint64_t page = host & ~0xFFFULL; page < host + size; page += 0x1000) {
+        if (protect) {
+            if ((c->protected_used + 1) * 2 > (c->protected_pages ? c->protected_mask + 1 : 0) &&
+                protected_resize(c, c->protected_used + 1 + (host + size - page) / 0x1000) != 0)
+                return -1;
+            uint64_t *slot = &c->protected_pages[protected_slot(c, page, 1)];
+            if (*slot != page) {
+                *slot = page;
+                c->protected_used++;
+            }
+        } else if (c->protected_used) {
+            uint64_t *slot = &c->protected_pages[protected_slot(c, page, 0)];
+            if (*slot == page)
+                *slot = PROTECTED_DELETED;   /* still counted: the table's load includes tombstones */
+        }
+    }
+    return 0;
+}
+
 static void kick(struct mshvstack_cpu *c)
 {
     if (c->in_world)
@@ -468,6 +550,8 @@ static void core_invalidate_page_fast(void *uc, void *pages, uint64_t start, int
     if (c && c->uc == uc && c->world && len > 0) {
         void *host = map_ram_ptr(uc, NULL, start);
         struct mshvstack_world *w = c->world;
+        if (host && c->exclusive != EXCLUSIVE_STEPPING && is_protected(c, (uint64_t)(uintptr_t)host))
+            loop_exit_atomic(c->cs, retaddr);   /* a host atomic on a write-protected page: redo it serially */
         if (host && any_code(w, (uint64_t)(uintptr_t)host, (uint64_t)len)) {
             pthread_mutex_lock(&w->lock);
             send_write_locked(w, c, (uint64_t)(uintptr_t)host, (uint64_t)len);
