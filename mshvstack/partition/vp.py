@@ -78,6 +78,9 @@ class Vp(FdOwner):
             self._page = None  # no register page (e.g. SNP): hypercalls only
         self._kick_requested = threading.Event()
         self._run_thread: int | None = None
+        self._not_running = threading.Event()   # close() waits for a run in another thread to end
+        self._not_running.set()
+        self._closing = False
 
     # ---- registers
     def _page_valid(self) -> bool:
@@ -202,8 +205,11 @@ class Vp(FdOwner):
         are retried transparently, as the driver expects.
         """
         self._run_thread = threading.get_ident()
+        self._not_running.clear()
         try:
             while True:
+                if self._closing:
+                    raise MshvError(f"VP {self.index} is closed")
                 if self._kick_requested.is_set():
                     self._kick_requested.clear()
                     return Interrupted()
@@ -216,6 +222,7 @@ class Vp(FdOwner):
                 return decode_message(self._run_message, self._run_buffer)
         finally:
             self._run_thread = None
+            self._not_running.set()
 
     def kick(self) -> None:
         """Make a run() in another thread return Interrupted() soon."""
@@ -263,6 +270,13 @@ class Vp(FdOwner):
         self.partition.backend.ioctl(self.fd, lib.MSHV_SET_VP_STATE, req)
 
     def close(self) -> None:
+        """Close the VP; a run in another thread is kicked and waited for first, so it
+        never runs on (over the partition's memory) after the VP and partition are gone."""
+        self._closing = True
+        thread = self._run_thread
+        if thread is not None and thread != threading.get_ident():
+            while not self._not_running.wait(0.1):
+                self.kick()
         self._page = None
         self._page_view = None
         self._handle.close()
