@@ -8,7 +8,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from mshvstack.abi import ffi, lib
-from mshvstack.backend.handle import FdHandle, FdOwner
+from mshvstack.backend.handle import ClosedError, FdHandle, FdOwner
 from mshvstack.errors import ErrnoError, MshvError
 from mshvstack.hvcall import calls
 from mshvstack.hvcall.call import HvTarget
@@ -209,7 +209,7 @@ class Vp(FdOwner):
         try:
             while True:
                 if self._closing:
-                    raise MshvError(f"VP {self.index} is closed")
+                    raise ClosedError(f"VP {self.index} is closed")
                 if self._kick_requested.is_set():
                     self._kick_requested.clear()
                     return Interrupted()
