@@ -47,8 +47,14 @@ def get_vp_registers64(target: HvTarget, vp_index: int, names: Iterable[int]) ->
     return [int(v.reg64) for v in get_vp_registers(target, vp_index, names)]
 
 
+def get_vp_registers128(target: HvTarget, vp_index: int, names: Iterable[int]) -> list[int]:
+    """The registers' whole 128-bit values (XMM, x87, their control registers)."""
+    return [int(v.reg128.low_part) | int(v.reg128.high_part) << 64 for v in get_vp_registers(target, vp_index, names)]
+
+
 def set_vp_registers(target: HvTarget, vp_index: int, values: Mapping[int, int | RegisterValue]) -> None:
-    """HVCALL_SET_VP_REGISTERS: ints are written as reg64, cdata values whole."""
+    """HVCALL_SET_VP_REGISTERS: ints are written as reg128 (a 64-bit register takes the
+    low half), cdata values whole."""
     header = _struct("struct hv_input_set_vp_registers")
     header.vp_index = vp_index
     elements = []
@@ -56,7 +62,8 @@ def set_vp_registers(target: HvTarget, vp_index: int, values: Mapping[int, int |
         assoc = _struct(_ASSOC)
         assoc.name = int(name)
         if isinstance(value, int):
-            assoc.value.reg64 = value & ((1 << 64) - 1)
+            value &= (1 << 128) - 1
+            assoc.value.reg128.low_part, assoc.value.reg128.high_part = value & ((1 << 64) - 1), value >> 64
         else:
             ffi.memmove(ffi.addressof(assoc.value), ffi.addressof(value), ffi.sizeof(_VALUE))
         elements.append(_bytes(assoc))

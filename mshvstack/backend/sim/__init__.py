@@ -29,6 +29,8 @@ from mshvstack.abi.profiles import AbiProfile, profile as lookup_profile
 from mshvstack.backend.sim.usercopy import (UserFault, access_ok, address_of, copy_from_user, copy_to_user,
                                             user_range_writable)
 from mshvstack.backend.sim.vp import Kicked, SimVp
+from mshvstack.backend.sim import vpstate
+from mshvstack.backend.sim.vpstate import StateBlob, VpStateError
 from mshvstack.errors import ErrnoError
 
 __all__ = ["SimBackend"]
@@ -477,8 +479,7 @@ class SimBackend:
         kind = int(req.type)
         if kind >= lib.MSHV_VP_STATE_COUNT or any(req.rsvd) or not req.buf_sz or req.buf_sz % PAGE_SIZE or req.buf_ptr % PAGE_SIZE:
             raise _Fail(errno.EINVAL)
-        required = {int(lib.MSHV_VP_STATE_XSAVE): vp.partition.properties[lib.HV_PARTITION_PROPERTY_MAX_XSAVE_DATA_SIZE],
-                    int(lib.MSHV_VP_STATE_SYNTHETIC_TIMERS): ffi.sizeof("struct hv_synthetic_timers_state")}.get(kind, PAGE_SIZE)
+        required = vpstate.required_size(vp, StateBlob(kind))
         given = int(req.buf_sz)
         if not access_ok(int(req.buf_ptr), given):
             raise _Fail(errno.EFAULT)
@@ -491,32 +492,14 @@ class SimBackend:
         user = int(req.buf_ptr)
         if not user_range_writable(user, given):
             raise _Fail(errno.EFAULT)   # pin_user_pages_fast(FOLL_WRITE), for GET and SET alike
-        buf = ffi.new("char[]", given)
-        if write:
-            ffi.memmove(buf, _copy_from(user, given), given)
-        memory = vp.partition.memory
-        if kind in (lib.MSHV_VP_STATE_SIMP, lib.MSHV_VP_STATE_SIEFP):
-            # The SynIC pages live in guest RAM at the GPAs the guest chose.
-            page = vp.synic.message_slot(0) if kind == lib.MSHV_VP_STATE_SIMP else vp.synic.flags_base(0)
-            if page is None:
-                raise _Fail(errno.EIO)
-            try:
-                if write:
-                    memory.write(page, bytes(ffi.buffer(buf, PAGE_SIZE)))
-                else:
-                    ffi.memmove(buf, memory.read(page, PAGE_SIZE), PAGE_SIZE)
-            except GpaUnmapped:
-                raise _Fail(errno.EIO) from None   # the guest put the page outside RAM: the hypercall fails
-        elif kind == lib.MSHV_VP_STATE_LAPIC and not write:
-            state = ffi.cast("struct hv_local_interrupt_controller_state *", buf)
-            ffi.memmove(buf, b"\0" * PAGE_SIZE, PAGE_SIZE)
-            state.apic_id = vp.index
-            state.apic_version = 0x50014
-            state.apic_spurious = 0xFF
-            state.apic_lvt_timer = state.apic_lvt_thermal = state.apic_lvt_perfmon = 0x10000
-            state.apic_lvt_lint0 = state.apic_lvt_lint1 = state.apic_lvt_error = 0x10000
-        if not write:
-            _copy_to(user, bytes(ffi.buffer(buf, min(given, required))))
+        state = StateBlob(kind)
+        try:
+            if write:
+                vpstate.set_state(vp, state, _copy_from(user, given))
+            else:
+                _copy_to(user, vpstate.get_state(vp, state)[: min(given, required)])
+        except VpStateError:
+            raise _Fail(errno.EIO) from None   # the hypercall fails (e.g. a SynIC page outside RAM)
         return 0
 
     def _get_vp_state(self, entry: _Fd, arg: _UserArg) -> int:

@@ -81,6 +81,7 @@ class Services(Protocol):
     def end_of_interrupt(self) -> None: ...
     def end_of_message(self) -> None: ...
     def post_timer_message(self, sint: int, payload: bytes) -> bool: ...
+    def timers_changed(self) -> None: ...
 
 
 @dataclass
@@ -272,6 +273,11 @@ class HvEmulator:
             pass  # not RAM: the guest reads nothing valid there, as on hardware
 
     # ---- synthetic timers
+    def restore_timers(self, timers: list[SyntheticTimer]) -> None:
+        """Timers as saved (MSHV_SET_VP_STATE): each keeps its next expiry in reference time."""
+        self.timers[:] = timers[:STIMER_COUNT]
+        self.services.timers_changed()
+
     def _write_timer(self, n: int, is_count: bool, value: int) -> None:
         timer = self.timers[n]
         now = self.services.reference_time()

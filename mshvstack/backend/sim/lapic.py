@@ -11,7 +11,8 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from typing import Callable, Protocol
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Protocol
 
 XAPIC_BASE = 0xFEE00000
 X2APIC_MSR_BASE = 0x800
@@ -92,6 +93,30 @@ def x2apic_logical_id(apic_id: int) -> int:
     return (cluster << 16) | (1 << member)
 
 
+LVT_ORDER = (LVT_TIMER, LVT_THERMAL, LVT_PERF, LVT_LINT0, LVT_LINT1, LVT_ERROR)
+
+
+@dataclass(frozen=True)
+class LapicState:
+    """Everything a LAPIC holds but its id and mode, as saved and restored (the
+    timer as its current count: a deadline means nothing on another host)."""
+
+    VERSION: ClassVar[int] = 1
+    irr: int = 0
+    isr: int = 0
+    tpr: int = 0
+    svr: int = 0xFF
+    ldr: int = 0
+    dfr: int = 0xFFFFFFFF
+    esr: int = 0
+    icr: int = 0
+    lvt: tuple[int, ...] = (LVT_MASKED,) * len(LVT_ORDER)   # in LVT_ORDER
+    timer_initial: int = 0
+    timer_divide: int = 0
+    timer_current: int = 0
+    nmi_pending: bool = False
+
+
 class Lapic:
     def __init__(self, apic_id: int, send_ipi: IpiSender, wake: Callable[[], None]) -> None:
         self.apic_id = apic_id
@@ -121,6 +146,32 @@ class Lapic:
         self._timer_start = 0
         self._timer_deadline: int | None = None
         self.nmi_pending = False
+
+    def save(self) -> LapicState:
+        with self._lock:
+            irr, isr = self.irr, self.isr
+        return LapicState(irr=irr, isr=isr, tpr=self.tpr, svr=self.svr, ldr=self.ldr, dfr=self.dfr, esr=self.esr,
+                          icr=self.icr, lvt=tuple(self.lvt[n] for n in LVT_ORDER), timer_initial=self.timer_initial,
+                          timer_divide=self.timer_divide, timer_current=self._current_count(),
+                          nmi_pending=self.nmi_pending)
+
+    def restore(self, state: LapicState) -> None:
+        with self._lock:
+            self.irr, self.isr = state.irr, state.isr
+        self.tpr, self.svr, self.ldr, self.dfr, self.esr, self.icr = (state.tpr, state.svr, state.ldr, state.dfr,
+                                                                      state.esr, state.icr)
+        self.lvt = dict(zip(LVT_ORDER, state.lvt))
+        self.timer_initial, self.timer_divide = state.timer_initial, state.timer_divide
+        self.nmi_pending = state.nmi_pending
+        current = min(state.timer_current, state.timer_initial)
+        now = time.monotonic_ns()
+        if current and self.timer_initial:
+            to_ns = self._divider() * 1_000_000_000 // TIMER_HZ   # the counter's period
+            self._timer_start = now - (self.timer_initial - current) * to_ns
+            self._timer_deadline = now + current * to_ns
+        else:
+            self._timer_start, self._timer_deadline = now, None
+        self._wake()
 
     # ---- addressing
     @property

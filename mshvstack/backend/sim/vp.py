@@ -35,7 +35,8 @@ PAGE = 4096
 U64 = (1 << 64) - 1
 U128 = (1 << 128) - 1
 VECTOR_REGISTERS = frozenset(int(getattr(lib, f"HV_X64_REGISTER_{n}")) for n in
-                             [f"XMM{i}" for i in range(16)] + [f"FP_MMX{i}" for i in range(8)])
+                             [f"XMM{i}" for i in range(16)] + [f"FP_MMX{i}" for i in range(8)]
+                             + ["FP_CONTROL_STATUS", "XMM_CONTROL_STATUS"])
 
 _SEGMENT_NAMES = (R.HV_X64_REGISTER_ES, R.HV_X64_REGISTER_CS, R.HV_X64_REGISTER_SS,
                   R.HV_X64_REGISTER_DS, R.HV_X64_REGISTER_FS, R.HV_X64_REGISTER_GS,
@@ -158,7 +159,10 @@ class SimVp:
                       R.HV_X64_REGISTER_CR0: 0x60000010, R.HV_X64_REGISTER_CR2: 0, R.HV_X64_REGISTER_CR3: 0,
                       R.HV_X64_REGISTER_CR4: 0, R.HV_X64_REGISTER_CR8: 0, R.HV_X64_REGISTER_EFER: 0,
                       R.HV_X64_REGISTER_APIC_BASE: apic_base, R.HV_X64_REGISTER_PAT: 0x0007040600070406,
-                      R.HV_X64_REGISTER_XFEM: 3, R.HV_X64_REGISTER_DR6: 0xFFFF0FF0, R.HV_X64_REGISTER_DR7: 0x400})
+                      R.HV_X64_REGISTER_XFEM: 3, R.HV_X64_REGISTER_DR6: 0xFFFF0FF0, R.HV_X64_REGISTER_DR7: 0x400,
+                      # x87 control word and MXCSR at power-up, every x87 register empty (SDM vol. 3A, table 9-1)
+                      R.HV_X64_REGISTER_FP_CONTROL_STATUS: lib.X86_FCW_RESET,
+                      R.HV_X64_REGISTER_XMM_CONTROL_STATUS: lib.X86_MXCSR_RESET << 64 | lib.X86_MXCSR_MASK << 96})
         return state
 
     @staticmethod
@@ -843,6 +847,9 @@ class _HvServices:
 
     def end_of_message(self) -> None:
         self._vp.partition.end_of_message(self._vp)
+
+    def timers_changed(self) -> None:
+        self._vp.timers_changed()
 
     def post_timer_message(self, sint: int, payload: bytes) -> bool:
         msg, body = new_message(lib.HVMSG_TIMER_EXPIRED, "struct hv_timer_message_payload")

@@ -93,6 +93,14 @@ _EFER = int(lib.HV_X64_REGISTER_EFER)
 _RIP = int(lib.HV_X64_REGISTER_RIP)
 _RFLAGS = int(lib.HV_X64_REGISTER_RFLAGS)
 _MODE_REGISTERS = frozenset({int(lib.HV_X64_REGISTER_CR0), int(lib.HV_X64_REGISTER_CR4)})
+# x87 and SSE state beyond the XMM registers: ST(0)..ST(7) (Hyper-V names them by stack
+# position; QEMU keeps them by physical register, ST(i) = physical (TOP + i) mod 8).
+_FP_STACK = {int(getattr(lib, f"HV_X64_REGISTER_FP_MMX{i}")): i for i in range(8)}
+_FP_CONTROL = int(lib.HV_X64_REGISTER_FP_CONTROL_STATUS)
+_XMM_CONTROL = int(lib.HV_X64_REGISTER_XMM_CONTROL_STATUS)
+_FP_TAG_EMPTY = 3
+_MXCSR_MASK = int(lib.X86_MXCSR_MASK)
+U64 = (1 << 64) - 1
 
 # Probe values written to RAX..R15 so the core can find QEMU's CPU state.
 _PROBE = [0x6D736876_00000000 | i << 8 | 0xA5 for i in range(16)]
@@ -458,7 +466,8 @@ class UnicornEngine:
 
     # ---- registers ----
     def holds(self, name: int) -> bool:
-        return name in _REGS or name in _MSRS or name in _VECTORS or name in (_EFER, _TSC)
+        return (name in _REGS or name in _MSRS or name in _VECTORS or name in _FP_STACK
+                or name in (_EFER, _TSC, _FP_CONTROL, _XMM_CONTROL))
 
     def reg(self, name: int) -> int:
         if name in _REGS:
@@ -471,6 +480,14 @@ class UnicornEngine:
             return int(self._uc.reg_read(_VECTORS[name])) & ((1 << 128) - 1)
         if name in _MSRS:
             return int(self._uc.msr_read(_MSRS[name]))
+        if name in _FP_STACK:
+            mantissa, sign_exponent = self._uc.reg_read(self._fp_physical(_FP_STACK[name]))
+            return int(mantissa) | int(sign_exponent) << 64
+        if name == _FP_CONTROL:
+            return self._fp_control_status()
+        if name == _XMM_CONTROL:
+            uc = self._uc
+            return int(uc.reg_read(ux.UC_X86_REG_FDP)) | int(uc.reg_read(ux.UC_X86_REG_MXCSR)) << 64 | _MXCSR_MASK << 96
         if name in _SEGMENT_INDEX:
             raise KeyError(f"segment register {name:#x}: use segment()")
         raise KeyError(f"register {name:#x} is not held by the engine")
@@ -493,8 +510,37 @@ class UnicornEngine:
             self._uc.reg_write(_VECTORS[name], value & ((1 << 128) - 1))
         elif name in _MSRS:
             self._uc.msr_write(_MSRS[name], value)
+        elif name in _FP_STACK:
+            self._uc.reg_write(self._fp_physical(_FP_STACK[name]), (value & U64, (value >> 64) & 0xFFFF))
+        elif name == _FP_CONTROL:
+            self._set_fp_control_status(value)
+        elif name == _XMM_CONTROL:
+            self._uc.reg_write(ux.UC_X86_REG_FDP, value & U64)
+            self._uc.reg_write(ux.UC_X86_REG_MXCSR, (value >> 64) & 0xFFFFFFFF)
         else:
             raise KeyError(f"register {name:#x} is not held by the engine")
+
+    def _fp_physical(self, stack_index: int) -> int:
+        top = (int(self._uc.reg_read(ux.UC_X86_REG_FPSW)) >> 11) & 7
+        return int(ux.UC_X86_REG_FP0) + (top + stack_index) % 8
+
+    def _fp_control_status(self) -> int:
+        """hv_x64_fp_control_status_register: FCW, FSW, the abridged tag (a bit per
+        physical register: not empty), the last opcode and instruction pointer."""
+        uc = self._uc
+        tags = int(uc.reg_read(ux.UC_X86_REG_FPTAG))
+        abridged = sum(1 << i for i in range(8) if (tags >> (2 * i)) & 3 != _FP_TAG_EMPTY)
+        return (int(uc.reg_read(ux.UC_X86_REG_FPCW)) | int(uc.reg_read(ux.UC_X86_REG_FPSW)) << 16 | abridged << 32
+                | int(uc.reg_read(ux.UC_X86_REG_FOP)) << 48 | int(uc.reg_read(ux.UC_X86_REG_FIP)) << 64)
+
+    def _set_fp_control_status(self, value: int) -> None:
+        uc = self._uc
+        uc.reg_write(ux.UC_X86_REG_FPCW, value & 0xFFFF)
+        uc.reg_write(ux.UC_X86_REG_FPSW, (value >> 16) & 0xFFFF)
+        abridged = (value >> 32) & 0xFF
+        uc.reg_write(ux.UC_X86_REG_FPTAG, sum(_FP_TAG_EMPTY << (2 * i) for i in range(8) if not abridged >> i & 1))
+        uc.reg_write(ux.UC_X86_REG_FOP, (value >> 48) & 0x7FF)
+        uc.reg_write(ux.UC_X86_REG_FIP, (value >> 64) & U64)
 
     def segment(self, name: int) -> tuple[int, int, int, int]:
         """(base, limit, selector, hv attributes) from the CPU's segment cache (kept
