@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -95,28 +96,30 @@ def _stats_table(stats: dict[str, dict[str, float]]) -> Table:
 
 @app.command()
 def run(
-    kernel: Optional[Path] = typer.Argument(None, help="Kernel to boot: an ELF (PVH or 64-bit entry) or a Linux bzImage."),
+    kernel: Path | None = typer.Argument(None, help="Kernel to boot: an ELF (PVH or 64-bit entry) or a Linux bzImage."),
     demo: bool = typer.Option(False, "--demo", help="Run a demo guest instead of a KERNEL: --demo [hello|iotest|pioloop|linux] "
                               "(linux: Debian's kernel and its Hyper-V drivers to a shell; fetched with apt-get, then cached)."),
     demo_guest: str = typer.Option("hello", "--demo-guest", help="Which built-in guest --demo runs: hello, iotest or pioloop."),
     memory: str = typer.Option("256M", "--memory", help="Guest RAM, e.g. 256M or 1G."),
     vcpus: int = typer.Option(1, "--vcpus", help="Number of virtual processors."),
     cmdline: str = typer.Option("console=ttyS0", "--cmdline", help="Kernel command line (bzImage)."),
-    initrd: Optional[Path] = typer.Option(None, "--initrd", help="Initial ramdisk."),
-    extract: bool = typer.Option(False, "--extract-vmlinux", help="Boot a bzImage's vmlinux (PVH entry) decompressed on the host: much faster on slow engines."),
+    initrd: Path | None = typer.Option(None, "--initrd", help="Initial ramdisk."),
+    extract: bool = typer.Option(False, "--extract-vmlinux",
+                                 help="Boot a bzImage's vmlinux (PVH entry) decompressed on the host: much faster on slow engines."),
     backend: str = typer.Option("auto", "--backend", help="auto (real device if present), host or sim."),
     profile: str = typer.Option("newest", "--profile", help="Kernel ABI profile for the simulator: newest, 6.15, azure."),
     no_vmbus: bool = typer.Option(False, "--no-vmbus", help="Offer no VMBus devices."),
     disk: list[str] = typer.Option([], "--disk", help="A raw disk image for the guest's synthetic SCSI controller: IMG or IMG,ro (repeatable)."),
-    api_socket: Optional[Path] = typer.Option(None, "--api-socket", help="Serve QMP (the QEMU Machine Protocol) on this UNIX socket, for `mshvstack ctl` or any QMP client."),
+    api_socket: Path | None = typer.Option(None, "--api-socket",
+                                           help="Serve QMP (the QEMU Machine Protocol) on this UNIX socket, for `mshvstack ctl` or any QMP client."),
     console_target: str = typer.Option("stdio", "--console", help="Where the guest's serial console goes: stdio or a FILE."),
     show_stats: bool = typer.Option(False, "--stats", help="Print a table of exits by type and where the time went."),
     as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON (console goes to stderr)."),
 ) -> None:
     """Boot a guest and run it until it stops; the guest's console is live."""
     from mshvstack.vmm.config import DEMO_GUESTS, LINUX_DEMO, ConfigError, DiskSpec, MachineConfig, parse_size
-    from mshvstack.vmm.qmp import QmpServer
     from mshvstack.vmm.machine import Machine
+    from mshvstack.vmm.qmp import QmpServer
 
     linux_demo = None
     if demo and kernel is not None and not kernel.exists() and str(kernel) in (*DEMO_GUESTS, LINUX_DEMO):
@@ -252,7 +255,7 @@ def _print_version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version, help="Print the version and exit."),
     verbose: int = typer.Option(0, "-v", "--verbose", count=True, help="-v: what the VMM does (INFO); -vv: more detail (DEBUG)."),
-    log_file: Optional[Path] = typer.Option(None, "--log-file", help="Write the log to FILE instead of standard error."),
+    log_file: Path | None = typer.Option(None, "--log-file", help="Write the log to FILE instead of standard error."),
 ) -> None:
     """mshvstack: create partitions, map memory, run VPs on /dev/mshv or its simulator."""
     import logging

@@ -16,8 +16,7 @@ from mshvstack.backend.sim import SimBackend
 from mshvstack.errors import ErrnoError
 
 from guests import assemble
-from simhelpers import (PD3, Guest, advance, expect_io, get_registers, hvcall, install_intercept, long_mode_guest,
-                        payload, set_property, set_registers)
+from simhelpers import PD3, Guest, advance, expect_io, get_registers, hvcall, install_intercept, long_mode_guest, payload, set_property, set_registers
 
 LAPIC = 1 << lib.MSHV_PT_BIT_LAPIC
 

@@ -7,8 +7,8 @@ fds (nr 0 means three different requests on the three fd types).
 
 from __future__ import annotations
 
-import errno
 import enum
+import errno
 
 from mshvstack.abi import lib
 
@@ -58,7 +58,8 @@ _HINTS: dict[tuple[str, int], str] = {
     ("MSHV_CREATE_PARTITION", errno.EINVAL): "unknown pt_flags bit, bad isolation, or v2 fields (fbanks != 2, reserved bytes) invalid",
     ("MSHV_CREATE_VP", errno.EINVAL): "vp_index must be below 256",
     ("MSHV_CREATE_VP", errno.EEXIST): "a VP with this index already exists in the partition",
-    ("MSHV_SET_GUEST_MEMORY", errno.EINVAL): "size zero or not page aligned, unaligned userspace address, unknown flags, reserved bytes set, or unmap arguments not matching the region",
+    ("MSHV_SET_GUEST_MEMORY", errno.EINVAL): ("size zero or not page aligned, unaligned userspace address, unknown flags, "
+                                              "reserved bytes set, or unmap arguments not matching the region"),
     ("MSHV_SET_GUEST_MEMORY", errno.EEXIST): "the guest frames overlap a region already mapped",
     ("MSHV_SET_GUEST_MEMORY", errno.ENOENT): "no region holds this guest frame (unmap)",
     ("MSHV_SET_GUEST_MEMORY", errno.EFAULT): "the argument, or the userspace range of the region, cannot be read or pinned for writing",

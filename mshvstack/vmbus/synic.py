@@ -13,7 +13,8 @@ import logging
 import struct
 import threading
 from collections import deque
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from mshvstack.abi import lib
 from mshvstack.hvcall import HvError, HvRegister, calls

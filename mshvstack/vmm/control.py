@@ -65,7 +65,7 @@ class QmpClient:
             self.close()
             raise
 
-    def __enter__(self) -> "QmpClient":
+    def __enter__(self) -> QmpClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -106,7 +106,7 @@ class QmpClient:
                 raise ControlError(f"{str(self.path)!r} sent more than {MAX_REPLY} bytes without a line end")
             try:
                 data = self._sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 raise ControlError(f"{str(self.path)!r} did not answer within {self.timeout:g} s") from None
             except OSError as exc:
                 raise ControlError(f"{str(self.path)!r} closed the connection ({exc.strerror or exc})") from None

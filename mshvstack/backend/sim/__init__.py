@@ -19,15 +19,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from mshvstack.abi import ffi, lib
+from mshvstack.abi.profiles import AbiProfile
+from mshvstack.abi.profiles import profile as lookup_profile
 from mshvstack.backend.ioctls import FdKind, explain, request_name, requests_for
 from mshvstack.backend.sim.engines.unicorn import tsc_hz
 from mshvstack.backend.sim.eventfds import IrqfdWorker, MsiRoute, NotAnEventfd, eventfd_context
 from mshvstack.backend.sim.faults import FaultPlan
 from mshvstack.backend.sim.hypervisor import Doorbell, SimPartition
 from mshvstack.backend.sim.memory import PAGE_SHIFT, PAGE_SIZE, GpaUnmapped
-from mshvstack.abi.profiles import AbiProfile, profile as lookup_profile
-from mshvstack.backend.sim.usercopy import (UserFault, access_ok, address_of, copy_from_user, copy_to_user,
-                                            user_range_writable)
+from mshvstack.backend.sim.usercopy import UserFault, access_ok, address_of, copy_from_user, copy_to_user, user_range_writable
 from mshvstack.backend.sim.vp import Kicked, SimVp
 from mshvstack.errors import ErrnoError
 

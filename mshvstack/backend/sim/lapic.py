@@ -11,7 +11,8 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 XAPIC_BASE = 0xFEE00000
 X2APIC_MSR_BASE = 0x800

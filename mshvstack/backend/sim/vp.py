@@ -23,8 +23,8 @@ from mshvstack.backend.sim.engines.unicorn import UnicornEngine
 from mshvstack.backend.sim.hv1 import SYNTHETIC_MSRS, HvEmulator, MsrFault
 from mshvstack.backend.sim.lapic import X2APIC_MSR_BASE, XAPIC_BASE, Lapic
 from mshvstack.backend.sim.mca import MachineCheck
-from mshvstack.backend.sim.messages import new_message, to_bytes
 from mshvstack.backend.sim.memory import GpaUnmapped
+from mshvstack.backend.sim.messages import new_message, to_bytes
 from mshvstack.backend.sim.synic import SLOT, SynIc
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ class Kicked(Exception):
 
 
 class SimVp:
-    def __init__(self, partition: "SimPartition", index: int) -> None:
+    def __init__(self, partition: SimPartition, index: int) -> None:
         self.partition = partition
         self.index = index
         self.lock = threading.Lock()                 # one MSHV_RUN_VP at a time

@@ -20,7 +20,8 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import capstone
 import capstone.x86 as cx
@@ -29,12 +30,23 @@ import unicorn.x86_const as ux
 from unicorn.unicorn_py3.unicorn import uclib
 
 from mshvstack.abi import lib
-from mshvstack.backend.sim.engines._fastpath import ffi as core_ffi, lib as core
+from mshvstack.backend.sim.engines._fastpath import ffi as core_ffi
+from mshvstack.backend.sim.engines._fastpath import lib as core
+from mshvstack.backend.sim.engines.base import (
+    CONTINUE,
+    CodeReader,
+    EngineStop,
+    EngineTime,
+    Instruction,
+    InterruptAcknowledge,
+    MmioRead,
+    MmioWrite,
+    Special,
+    SpecialHandler,
+    StopKind,
+)
 from mshvstack.backend.sim.engines.plainram import PlainRam
 from mshvstack.backend.sim.engines.unicornsyms import SymbolsMissing, exported_addresses, library_addresses
-from mshvstack.backend.sim.engines.base import (
-    CONTINUE, CodeReader, EngineStop, EngineTime, InterruptAcknowledge, Instruction, MmioRead, MmioWrite, Special,
-    SpecialHandler, StopKind)
 
 # Stops with nothing to describe (one object each).
 _WRITTEN = EngineStop(StopKind.WRITTEN)   # the core wrote the intercept message and the register page
