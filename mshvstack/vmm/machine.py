@@ -104,6 +104,7 @@ class ShutdownCause(enum.Enum):
     HOST_ERROR = "host-error"
     HOST_QMP_QUIT = "host-qmp-quit"
     HOST_UI = "host-ui"
+    HOST_SIGNAL = "host-signal"
     GUEST_SHUTDOWN = "guest-shutdown"
     GUEST_RESET = "guest-reset"
     GUEST_PANIC = "guest-panic"
