@@ -115,6 +115,7 @@ def test_mmio_exit_and_guest_memory_bounds() -> None:
 def test_guest_memory_never_touches_outside_ram(gpa: int, length: int) -> None:
     with Mshv.open("sim") as mshv:
         part = mshv.create_partition()
+        part.initialize()
         part.map_memory(0x10000, 0x10000)
         inside = length == 0 or (0x10000 <= gpa and gpa + length <= 0x20000)
         try:

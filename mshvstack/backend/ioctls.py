@@ -63,6 +63,7 @@ _HINTS: dict[tuple[str, int], str] = {
     ("MSHV_SET_GUEST_MEMORY", errno.EEXIST): "the guest frames overlap a region already mapped",
     ("MSHV_SET_GUEST_MEMORY", errno.ENOENT): "no region holds this guest frame (unmap)",
     ("MSHV_SET_GUEST_MEMORY", errno.EFAULT): "the argument, or the userspace range of the region, cannot be read or pinned for writing",
+    ("MSHV_SET_GUEST_MEMORY", errno.EIO): "the hypervisor refused to map the pages (is the partition initialized?)",
     ("MSHV_CREATE_VP", errno.EIO): "the hypervisor refused the VP (is the partition initialized?)",
     ("MSHV_IRQFD", errno.EBUSY): "this eventfd (or a dup of it) is already bound to an irqfd in the partition",
     ("MSHV_IRQFD", errno.EBADF): "the fd (or resamplefd) is not an open file descriptor",

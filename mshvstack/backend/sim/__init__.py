@@ -279,6 +279,9 @@ class SimBackend:
             raise _Fail(errno.EEXIST)
         if not user_range_writable(uaddr, size):
             raise _Fail(errno.EFAULT)   # the pages cannot be pinned (FOLL_WRITE)
+        if not partition.initialized:
+            # HvMapGpaPages on a partition not yet initialized; the driver frees the region again.
+            raise _Fail(_status_errno(int(lib.HV_STATUS_INVALID_PARTITION_STATE)))
         writable = bool(flags & (1 << lib.MSHV_SET_MEM_BIT_WRITABLE))
         executable = bool(flags & (1 << lib.MSHV_SET_MEM_BIT_EXECUTABLE))
         new = memory.add(gfn, pages, uaddr, writable, executable)

@@ -635,7 +635,7 @@ def register_file_set(vp: SimVp, name: int, value: Any) -> int:
     elif name in _TABLE_REGS:
         vp.set_segment(name, int(value.table.base), int(value.table.limit), 0, 0)
     elif name == lib.HV_REGISTER_DELIVERABILITY_NOTIFICATIONS:
-        vp.set_deliverability(int(value.reg64))
+        return vp.set_deliverability(int(value.reg64))
     elif name == lib.HV_REGISTER_SCONTROL:
         vp.synic.scontrol = int(value.reg64)
     elif name == lib.HV_REGISTER_SIMP:
