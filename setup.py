@@ -23,7 +23,8 @@ setup(
         "unicorn==2.1.4",
         "capstone>=5.0",
     ],
-    extras_require={"test": ["pytest>=8", "hypothesis>=6.100", "mypy>=1.10", "lz4>=4", "zstandard>=0.22", "qemu.qmp>=0.0.3"]},
+    extras_require={"test": ["pytest>=8", "hypothesis>=6.100", "mypy>=1.10", "lz4>=4", "zstandard>=0.22", "qemu.qmp>=0.0.3",
+                             "build>=1", "ruff==0.17.6"]},
     entry_points={"console_scripts": ["mshvstack=mshvstack.cli:main"]},
     zip_safe=False,
 )

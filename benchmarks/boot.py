@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from exits import sim_exit_rate  # noqa: E402
+from mshvstack.vmm.config import MachineConfig
+from mshvstack.vmm.machine import Machine
 
-from mshvstack.vmm.config import MachineConfig  # noqa: E402
-from mshvstack.vmm.machine import Machine  # noqa: E402
+from exits import sim_exit_rate
 
 
 def demo_boot() -> tuple[float, float]:

@@ -11,7 +11,7 @@ import contextlib
 import ctypes
 import mmap
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import unicorn
 import unicorn.x86_const as ux

@@ -20,12 +20,20 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mshvstack.vmm.linuxguest import (INIT_PROLOGUE, LOAD_MODULES, GuestUnavailable, busybox_initramfs, debian_guest,
-                                      kernel_modules, module_files)
+from mshvstack.vmm.linuxguest import (
+    INIT_PROLOGUE,
+    LOAD_MODULES,
+    GuestUnavailable,
+    busybox_initramfs,
+    debian_guest,
+    kernel_modules,
+    module_files,
+)
 
 DISK_MIB = 64
 MODULES = ("hv_vmbus", "hv_storvsc", "sd_mod", "virtio_pci", "virtio_blk")
-INIT = INIT_PROLOGUE + "exec >/dev/kmsg 2>&1\n" + LOAD_MODULES + """n=0; while [ ! -b /dev/sda ] && [ ! -b /dev/vda ] && [ $n -lt 60 ]; do sleep 1; n=$((n + 1)); done
+INIT = INIT_PROLOGUE + "exec >/dev/kmsg 2>&1\n" + LOAD_MODULES + """n=0
+while [ ! -b /dev/sda ] && [ ! -b /dev/vda ] && [ $n -lt 60 ]; do sleep 1; n=$((n + 1)); done
 disk=/dev/sda; [ -b /dev/vda ] && disk=/dev/vda
 dd if=$disk of=/dev/null bs=1M count=8 2>/dev/null
 start=$(cut -d' ' -f1 /proc/uptime)

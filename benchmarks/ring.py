@@ -21,6 +21,7 @@ def ring_rate(payload: int, seconds: float) -> tuple[float, float]:
     """(MB/s, packets/s) writing packets host->guest and draining them as the guest would."""
     with Mshv.open("sim") as mshv:
         part = mshv.create_partition()
+        part.initialize()
         part.map_memory(0, 4 << 20)
         pfns = tuple(range(16, 16 + RING_PAGES))
         host = OutgoingRing(GpadlRingMem(part.memory, pfns))

@@ -14,7 +14,8 @@ import struct
 import threading
 import time
 
-from linux_boot import boot_initrd, compare   # this directory's boot benchmark
+from linux_boot import boot_initrd, compare  # this directory's boot benchmark
+
 from mshvstack.partition import IoPortIntercept, Mshv, Segment
 from mshvstack.vmm.linuxguest import GuestUnavailable, debian_guest
 

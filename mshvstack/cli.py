@@ -1,27 +1,44 @@
-"""The ``mshvstack`` command line (typer): parse, call a lower layer, print."""
+"""The ``mshvstack`` command line (typer): parse, call a lower layer, print.
+
+Text that is not ours (a guest's panic message, a path, a peer's reply) is
+printed as rich ``Text``, never parsed as markup: ``[red]`` in it stays
+``[red]``, and ``[/x]`` cannot turn a clear error into a traceback.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from mshvstack import info as info_mod
 from mshvstack.errors import MshvError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+if TYPE_CHECKING:
+    from mshvstack.vmm.machine import Machine, StopReason
+
+# Plain help (no rich markup): a help text's brackets stay brackets, and flags show no type.
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Userspace VMM for Linux /dev/mshv, with an embedded simulator.")
 console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
+    console.print(Text.assemble(("error:", "red"), " ", message), highlight=False)
     raise typer.Exit(code)
+
+
+def _plain(value: object) -> Text:
+    """A table cell or line from data that is not ours (never markup)."""
+    return Text(str(value))
 
 
 @app.command()
@@ -32,16 +49,16 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print machine-reada
         typer.echo(json.dumps(data, indent=2))
         return
     table = Table(show_header=False, box=None)
-    table.add_row("mshvstack", data["mshvstack"])
-    table.add_row("python", data["python"])
-    table.add_row("kernel", f"{data['kernel']} ({data['machine']})")
+    table.add_row("mshvstack", _plain(data["mshvstack"]))
+    table.add_row("python", _plain(data["python"]))
+    table.add_row("kernel", _plain(f"{data['kernel']} ({data['machine']})"))
     for dev, state in data["devices"].items():
-        table.add_row(dev, "present" if state["exists"] else "absent")
+        table.add_row(_plain(dev), "present" if state["exists"] else "absent")
     b = data["binding"]
     table.add_row("binding", f"{b['ioctls']} ioctls, {b['structs']} structs, {b['unions']} unions, {b['constants']} constants")
     for name, state in data["backends"].items():
-        mark = "[green]usable[/green]" if state["usable"] else "[yellow]unusable[/yellow]"
-        table.add_row(f"backend {name}", f"{mark}: {state['reason']}")
+        mark = ("usable", "green") if state["usable"] else ("unusable", "yellow")
+        table.add_row(_plain(f"backend {name}"), Text.assemble(mark, ": ", str(state["reason"])))
     Console().print(table)
 
 
@@ -64,24 +81,6 @@ def _console_sink(target: str, as_json: bool) -> tuple[Callable[[bytes], None], 
     return write_file, handle.close
 
 
-def _feed_stdin(feed: Callable[[bytes], None]) -> None:
-    """Forward the terminal's input to the guest's serial port (until EOF)."""
-    import os
-    import threading
-
-    def pump() -> None:
-        while True:
-            try:
-                data = os.read(0, 1024)
-            except OSError:
-                return
-            if not data:
-                return
-            feed(data.replace(b"\n", b"\r"))
-
-    threading.Thread(target=pump, name="console-input", daemon=True).start()
-
-
 def _stats_table(stats: dict[str, dict[str, float]]) -> Table:
     table = Table(title="exits")
     table.add_column("type")
@@ -89,34 +88,41 @@ def _stats_table(stats: dict[str, dict[str, float]]) -> Table:
     table.add_column("µs/exit", justify="right")
     table.add_column("total ms", justify="right")
     for kind, s in stats.items():
-        table.add_row(kind, f"{int(s['count'])}", f"{s['us_per_exit']:.1f}", f"{1000 * s['seconds']:.1f}")
+        table.add_row(_plain(kind), f"{int(s['count'])}", f"{s['us_per_exit']:.1f}", f"{1000 * s['seconds']:.1f}")
     return table
 
 
 @app.command()
 def run(
-    kernel: Optional[Path] = typer.Argument(None, help="Kernel to boot: an ELF (PVH or 64-bit entry) or a Linux bzImage."),
-    demo: bool = typer.Option(False, "--demo", help="Run a demo guest instead of a KERNEL: --demo [hello|iotest|pioloop|linux] "
+    kernel: Path | None = typer.Argument(None, metavar="KERNEL",
+                                         help="Kernel to boot: an ELF (PVH or 64-bit entry) or a Linux bzImage."),
+    demo: bool = typer.Option(False, "--demo", metavar="",
+                              help="Run a demo guest instead of a KERNEL: --demo [hello|iotest|pioloop|linux] "
                               "(linux: Debian's kernel and its Hyper-V drivers to a shell; fetched with apt-get, then cached)."),
-    demo_guest: str = typer.Option("hello", "--demo-guest", help="Which built-in guest --demo runs: hello, iotest or pioloop."),
-    memory: str = typer.Option("256M", "--memory", help="Guest RAM, e.g. 256M or 1G."),
-    vcpus: int = typer.Option(1, "--vcpus", help="Number of virtual processors."),
-    cmdline: str = typer.Option("console=ttyS0", "--cmdline", help="Kernel command line (bzImage)."),
-    initrd: Optional[Path] = typer.Option(None, "--initrd", help="Initial ramdisk."),
-    extract: bool = typer.Option(False, "--extract-vmlinux", help="Boot a bzImage's vmlinux (PVH entry) decompressed on the host: much faster on slow engines."),
-    backend: str = typer.Option("auto", "--backend", help="auto (real device if present), host or sim."),
-    profile: str = typer.Option("newest", "--profile", help="Kernel ABI profile for the simulator: newest, 6.15, azure."),
-    no_vmbus: bool = typer.Option(False, "--no-vmbus", help="Offer no VMBus devices."),
-    disk: list[str] = typer.Option([], "--disk", help="A raw disk image for the guest's synthetic SCSI controller: IMG or IMG,ro (repeatable)."),
-    api_socket: Optional[Path] = typer.Option(None, "--api-socket", help="Serve QMP (the QEMU Machine Protocol) on this UNIX socket, for `mshvstack ctl` or any QMP client."),
-    console_target: str = typer.Option("stdio", "--console", help="Where the guest's serial console goes: stdio or a FILE."),
-    show_stats: bool = typer.Option(False, "--stats", help="Print a table of exits by type and where the time went."),
-    as_json: bool = typer.Option(False, "--json", help="Print the run summary as JSON (console goes to stderr)."),
+    demo_guest: str = typer.Option("hello", "--demo-guest", metavar="NAME", help="Which built-in guest --demo runs: hello, iotest or pioloop."),
+    memory: str = typer.Option("256M", "--memory", metavar="SIZE", help="Guest RAM, e.g. 256M or 1G."),
+    vcpus: int = typer.Option(1, "--vcpus", metavar="N", help="Number of virtual processors."),
+    cmdline: str = typer.Option("console=ttyS0", "--cmdline", metavar="TEXT", help="Kernel command line (bzImage)."),
+    initrd: Path | None = typer.Option(None, "--initrd", metavar="FILE", help="Initial ramdisk."),
+    extract: bool = typer.Option(False, "--extract-vmlinux", metavar="",
+                                 help="Boot a bzImage's vmlinux (PVH entry) decompressed on the host: much faster on slow engines."),
+    backend: str = typer.Option("auto", "--backend", metavar="auto|host|sim", help="auto (real device if present), host or sim."),
+    profile: str = typer.Option("newest", "--profile", metavar="NAME", help="Kernel ABI profile for the simulator: newest, 6.15, azure."),
+    no_vmbus: bool = typer.Option(False, "--no-vmbus", metavar="", help="Offer no VMBus devices."),
+    disk: list[str] = typer.Option([], "--disk", metavar="IMG[,ro]",
+                                   help="A raw disk image for the guest's synthetic SCSI controller (repeatable)."),
+    api_socket: Path | None = typer.Option(None, "--api-socket", metavar="PATH",
+                                           help="Serve QMP (the QEMU Machine Protocol) on this UNIX socket, for `mshvstack ctl` or any QMP client."),
+    console_target: str = typer.Option("stdio", "--console", metavar="stdio|FILE",
+                                       help="Where the guest's serial console goes. On a terminal the guest gets every key "
+                                            "(Ctrl-C included); Ctrl-A x quits, Ctrl-A h lists the keys."),
+    show_stats: bool = typer.Option(False, "--stats", metavar="", help="Print a table of exits by type and where the time went."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the run summary as JSON (console goes to stderr)."),
 ) -> None:
     """Boot a guest and run it until it stops; the guest's console is live."""
     from mshvstack.vmm.config import DEMO_GUESTS, LINUX_DEMO, ConfigError, DiskSpec, MachineConfig, parse_size
-    from mshvstack.vmm.qmp import QmpServer
     from mshvstack.vmm.machine import Machine
+    from mshvstack.vmm.qmp import QmpServer
 
     linux_demo = None
     if demo and kernel is not None and not kernel.exists() and str(kernel) in (*DEMO_GUESTS, LINUX_DEMO):
@@ -151,9 +157,7 @@ def run(
             except MshvError:
                 machine.close()
                 raise
-        if console_target == "stdio":
-            _feed_stdin(machine.feed_console)
-        reason = machine.run()
+        reason = _run_with_console(machine, stdin=console_target == "stdio")
     except (MshvError, ValueError) as exc:
         close_console()
         _fail(str(exc), 1)
@@ -169,8 +173,8 @@ def run(
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
     else:
-        console.print(f"[bold]{reason}[/bold] after {summary['uptime']:.2f} s on the {summary['backend']} backend, "
-                      f"{summary['exits']} exits", highlight=False)
+        console.print(Text.assemble((str(reason), "bold"), f" after {summary['uptime']:.2f} s on the {summary['backend']} backend, "
+                                    f"{summary['exits']} exits"), highlight=False)
         if show_stats:
             console.print(_stats_table(summary["stats"]))
             engine = summary["engine"]
@@ -182,24 +186,72 @@ def run(
     raise typer.Exit(reason.exit_code)
 
 
+def _run_with_console(machine: Machine, stdin: bool) -> StopReason:
+    """Run the machine to its stop with standard input as its console.
+
+    On a terminal: raw mode for the guest, the escape keys for us, and the
+    terminal restored however the run ends.  SIGTERM, SIGHUP and SIGINT stop
+    the machine cleanly (exit code 128 + the signal's number).
+    """
+    import signal
+
+    from mshvstack.vmm.console import HELP, HINT, ConsoleInput, EscapeCommand, RawTerminal, StopSignals
+    from mshvstack.vmm.machine import ShutdownCause, StopKind, StopReason
+
+    interactive = stdin and os.isatty(0)
+    terminal = RawTerminal(0) if interactive else None
+
+    def on_command(command: EscapeCommand) -> None:
+        if command is EscapeCommand.QUIT:
+            machine.stop(StopReason(StopKind.POWEROFF, 0, "quit from the console (Ctrl-A x)", ShutdownCause.HOST_UI))
+        elif command is EscapeCommand.HELP:
+            sys.stderr.write("\r\n" + HELP)
+            sys.stderr.flush()
+
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        machine.stop(StopReason(StopKind.POWEROFF, 128 + signum, f"stopped by {name}", ShutdownCause.HOST_SIGNAL))
+
+    machine.start()
+    try:
+        with StopSignals(on_signal, restore=terminal.restore if terminal else lambda: None):
+            if terminal is not None:
+                console.print(HINT, highlight=False)
+                terminal.__enter__()
+            if stdin:
+                ConsoleInput(0, machine.feed_console, interactive, on_command).start()
+            reason = machine.wait()
+    finally:
+        if terminal is not None:
+            terminal.restore()
+        machine.close()
+    assert reason is not None
+    return reason
+
+
 @app.command()
 def ctl(
     socket_path: Path = typer.Argument(..., metavar="SOCKET", help="The machine's --api-socket."),
-    command: str = typer.Argument(..., help="status, pause, resume, shutdown (ask the guest), poweroff, reset, "
+    command: str = typer.Argument(..., metavar="COMMAND", help="status, pause, resume, shutdown (ask the guest), poweroff, reset, "
                                   "timesync (step the guest clock to the host's), or kvp."),
-    args: list[str] = typer.Argument(None, help="For kvp: get KEY | set KEY VALUE | delete KEY | list [POOL]."),
-    pool: str = typer.Option("external", "--pool", help="KVP pool: external, guest, auto, auto_external."),
-    as_json: bool = typer.Option(False, "--json", help="Print the raw JSON reply."),
-    timeout: float = typer.Option(30.0, "--timeout", help="Seconds to wait for the machine's answer."),
+    args: list[str] = typer.Argument(None, metavar="ARGS", help="For kvp: get KEY | set KEY VALUE | delete KEY | list [POOL]."),
+    pool: str = typer.Option("external", "--pool", metavar="POOL", help="KVP pool: external, guest, auto, auto_external."),
+    as_json: bool = typer.Option(False, "--json", metavar="", help="Print the raw JSON reply."),
+    timeout: float = typer.Option(30.0, "--timeout", metavar="SECONDS", help="Seconds to wait for the machine's answer (all of it)."),
 ) -> None:
     """Control a running machine through its API socket (each verb is one QMP command)."""
-    from mshvstack.vmm.control import VERBS, ControlError, request
+    from mshvstack.vmm.control import VERBS, ControlError, check_timeout, request, status_rows
 
     if command not in VERBS:
         _fail(f"unknown command {command!r}: one of {', '.join(VERBS)}")
+    try:
+        check_timeout(timeout)
+    except ControlError as exc:
+        _fail(str(exc))
     arguments = _kvp_arguments(args or [], pool) if command == "kvp" else {}
     try:
         reply = request(socket_path, command, arguments, timeout=timeout)
+        rows = status_rows(reply) if reply.get("ok") and command != "kvp" else []
     except ControlError as exc:
         _fail(str(exc), 1)
         return
@@ -212,17 +264,8 @@ def ctl(
             typer.echo(f"{pair['key']}={pair['value']}")
     else:
         table = Table(show_header=False, box=None)
-        for key in ("state", "backend", "vcpus", "memory", "uptime", "exits", "reason"):
-            table.add_row(key, str(reply.get(key)))
-        vmbus = reply.get("vmbus")
-        if vmbus:
-            table.add_row("vmbus", f"{vmbus['state']} (version {vmbus['version']})")
-            for channel in vmbus["channels"]:
-                table.add_row(f"  {channel['device']}", f"{channel['state']}, {channel['packets_in']} in / {channel['packets_out']} out")
-            heartbeat = vmbus["heartbeat"]
-            table.add_row("  heartbeat", f"sequence {heartbeat['sequence']}, guest alive: {heartbeat['guest_alive']}")
-        for kind, count in reply.get("exit_counts", {}).items():
-            table.add_row(f"  {kind}", str(count))
+        for label, text in rows:
+            table.add_row(_plain(label), _plain(text))
         Console().print(table)
     if not reply.get("ok"):
         raise typer.Exit(1)
@@ -252,7 +295,7 @@ def _print_version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version, help="Print the version and exit."),
     verbose: int = typer.Option(0, "-v", "--verbose", count=True, help="-v: what the VMM does (INFO); -vv: more detail (DEBUG)."),
-    log_file: Optional[Path] = typer.Option(None, "--log-file", help="Write the log to FILE instead of standard error."),
+    log_file: Path | None = typer.Option(None, "--log-file", help="Write the log to FILE instead of standard error."),
 ) -> None:
     """mshvstack: create partitions, map memory, run VPs on /dev/mshv or its simulator."""
     import logging

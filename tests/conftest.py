@@ -1,4 +1,4 @@
-"""Shared fixtures: where the reference facts live, device availability."""
+"""Shared fixtures: the vendored ABI facts, device availability."""
 
 from __future__ import annotations
 
@@ -15,18 +15,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def shared_reference() -> Path:
-    """../shared/reference beside the checkout (or $MSHVSTACK_SHARED/reference)."""
-    base = Path(os.environ.get("MSHVSTACK_SHARED", REPO.parent / "shared"))
-    return base / "reference"
+# The compiled upstream ABI facts, kept in the repository (see tests/data/README.md).
+ABI_FACTS = Path(__file__).resolve().parent / "data" / "mshv_abi_facts.json"
 
 
 @pytest.fixture(scope="session")
 def abi_facts() -> dict[str, Any]:
-    path = shared_reference() / "mshv_abi_facts.json"
-    if not path.exists():
-        pytest.skip(f"ABI facts not found at {path} (clone ../shared beside the checkout)")
-    return json.loads(path.read_text())
+    facts: dict[str, Any] = json.loads(ABI_FACTS.read_text())
+    return facts
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

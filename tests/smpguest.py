@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
-
-import pytest
 
 from mshvstack.hvcall import HvRegister
 from mshvstack.partition import Interrupted, IoPortIntercept, Mshv, Partition, PartitionConfig, Segment, Vp, VpExit
@@ -38,10 +37,10 @@ VP_INDEX_FROM_RSP = f"""
 """
 
 
-@pytest.fixture
-def part() -> Iterator[Partition]:
-    """A partition with the hypervisor's LAPIC and RAM mapped at GPA 0 (import it as a fixture)."""
-    with Mshv.open() as mshv, mshv.create_partition(PartitionConfig(lapic=True)) as part:
+@contextmanager
+def lapic_partition(x2apic: bool = False) -> Iterator[Partition]:
+    """A partition with the hypervisor's LAPIC and RAM mapped at GPA 0 (each test module's ``part`` fixture)."""
+    with Mshv.open() as mshv, mshv.create_partition(PartitionConfig(lapic=True, x2apic=x2apic)) as part:
         part.initialize()
         part.map_memory(gpa=0, size=RAM)
         yield part
@@ -104,7 +103,7 @@ class Runner:
                 vp.set_registers({HvRegister.RIP: exit_.header.next_rip})
                 if self.on_port(vp, exit_):
                     self.finish()
-        except BaseException as exc:   # reported by the main thread
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             self.errors.append(exc)
             self.finish()
 

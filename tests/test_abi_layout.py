@@ -7,7 +7,8 @@ checked here too.  Coverage is printed.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -198,3 +199,14 @@ def test_print_coverage(abi_facts: dict[str, Any], capsys: pytest.CaptureFixture
         )
         print("  structs not defined:", ", ".join(sorted(set(structs) - set(have_structs))) or "none")
     assert have_ioctls == ioctls
+
+
+def test_facts_travel_with_the_repository(abi_facts: dict[str, Any]) -> None:
+    """The facts are part of the checkout: no test depends on files beside it."""
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    facts = tests / "data" / "mshv_abi_facts.json"
+    assert facts.is_file()
+    assert set(abi_facts) >= {"structs", "bitfields", "ioctls", "consts", "notes"}
+    assert abi_facts["notes"]["target"] == "x86_64 LP64"

@@ -124,8 +124,9 @@ def test_the_checkout_root_is_no_trap() -> None:
 
 
 def test_a_guest_panic_is_a_clear_failure(tmp_path: Path) -> None:
-    from guests import assemble_elf
     from test_vmm_qmp import CRASH_GUEST
+
+    from guests import assemble_elf
 
     result = runner.invoke(app, ["run", str(assemble_elf(CRASH_GUEST, tmp_path)), "--backend", "sim", "--memory", "32M"])
     assert result.exit_code == 4, result.output

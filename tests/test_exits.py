@@ -6,7 +6,8 @@ import struct
 import typing
 from typing import Any
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mshvstack.abi import ffi, lib
 from mshvstack.partition import exits

@@ -10,13 +10,26 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mshvstack.abi import lib
 from mshvstack.errors import ErrnoError, MshvError
 from mshvstack.hvcall import HvRegister
-from mshvstack.partition import (GuestMemoryError, Halt, Interrupted, IoPortIntercept, MemoryIntercept, Mshv, MsiRoute, PartitionConfig,
-                                 Segment, UnmappedGpa, Vp, VpStateKind)
+from mshvstack.partition import (
+    GuestMemoryError,
+    Halt,
+    Interrupted,
+    IoPortIntercept,
+    MemoryIntercept,
+    Mshv,
+    MsiRoute,
+    PartitionConfig,
+    Segment,
+    UnmappedGpa,
+    Vp,
+    VpStateKind,
+)
 
 REAL_MODE_CS = Segment(base=0, limit=0xFFFF, selector=0, attributes=0x9B)
 
@@ -116,6 +129,7 @@ def test_mmio_exit_and_guest_memory_bounds() -> None:
 def test_guest_memory_never_touches_outside_ram(gpa: int, length: int) -> None:
     with Mshv.open("sim") as mshv:
         part = mshv.create_partition()
+        part.initialize()
         part.map_memory(0x10000, 0x10000)
         inside = length == 0 or (0x10000 <= gpa and gpa + length <= 0x20000)
         try:
@@ -270,7 +284,7 @@ def test_readme_example_runs() -> None:
     match = re.search(r"<!-- example:begin -->\s*```python\n(.*?)```\s*<!-- example:end -->", readme, re.S)
     assert match, "README example markers missing"
     namespace: dict[str, object] = {}
-    exec(compile(match.group(1), "README.md", "exec"), namespace)
+    exec(compile(match.group(1), "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
 
 
 def test_fpu_registers_round_trip_and_reach_the_guest(tmp_path: Path) -> None:
@@ -346,7 +360,7 @@ def test_a_closed_object_never_touches_the_fd_number_it_had() -> None:
                 with pytest.raises(ClosedError, match="VP 0 is closed"):
                     getattr(vp, name)(*args)
             with pytest.raises(ClosedError):
-                vp.regs
+                _ = vp.regs
             with pytest.raises(ClosedError):
                 from mshvstack.hvcall import calls
                 calls.get_partition_property(target, lib.HV_PARTITION_PROPERTY_TIME_FREEZE)
@@ -364,9 +378,10 @@ def test_a_closed_object_never_touches_the_fd_number_it_had() -> None:
 def test_a_32_bit_guests_hypercall_uses_the_32_bit_convention(tmp_path: Path) -> None:
     """EDX:EAX carries the control word, EBX:ECX the input GPA, and the result comes
     back in EDX:EAX: HvPostMessage from a 32-bit guest is a hypercall intercept."""
-    from guests import assemble
     from mshvstack.partition import Halt, HypercallIntercept
     from mshvstack.vmm.loader.x86boot import protected_mode
+
+    from guests import assemble
 
     source = """
     xor %edx, %edx
@@ -407,8 +422,9 @@ def test_a_32_bit_guests_hypercall_uses_the_32_bit_convention(tmp_path: Path) ->
 def test_a_vmm_rflags_write_replaces_the_guests_lazy_flags(tmp_path: Path) -> None:
     """The guest's last arithmetic left flags pending in the engine's lazy state; what
     the VMM writes to RFLAGS at the exit is what the guest then sees (pushfq, jumps)."""
-    from guests import assemble
     from mshvstack.vmm.loader.x86boot import long_mode
+
+    from guests import assemble
 
     source = """
     mov $7, %eax

@@ -4,22 +4,22 @@ ioeventfd, host code patching, page faults, parallel VPs, rep semantics."""
 from __future__ import annotations
 
 import errno
-import struct
 import mmap
 import os
+import struct
 import threading
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mshvstack.abi import ffi, lib
 from mshvstack.backend.sim import SimBackend
 from mshvstack.errors import ErrnoError
 
 from guests import assemble
-from simhelpers import (Guest, advance, expect_io, get_registers, get_registers_call, hvcall, long_mode_guest, payload, set_property,
-                        set_registers)
+from simhelpers import Guest, advance, expect_io, get_registers, get_registers_call, hvcall, long_mode_guest, payload, set_property, set_registers
 
 LAPIC = 1 << lib.MSHV_PT_BIT_LAPIC
 

@@ -12,7 +12,6 @@ import unicorn.x86_const as ux
 from mshvstack.backend.sim.engines import unicorn as engine_module
 from mshvstack.backend.sim.engines.unicorn import EngineUnavailable, UnicornEngine
 
-
 EFER = 0xC0000080
 
 

@@ -5,7 +5,8 @@ same bytes."""
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mshvstack.abi import ffi, lib
 from mshvstack.backend.sim import SimBackend, intercepts

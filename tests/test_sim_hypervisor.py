@@ -16,8 +16,7 @@ from mshvstack.backend.sim import SimBackend
 from mshvstack.errors import ErrnoError
 
 from guests import assemble
-from simhelpers import (PD3, Guest, advance, expect_io, get_registers, hvcall, install_intercept, long_mode_guest,
-                        payload, set_property, set_registers)
+from simhelpers import PD3, Guest, advance, expect_io, get_registers, hvcall, install_intercept, long_mode_guest, payload, set_property, set_registers
 
 LAPIC = 1 << lib.MSHV_PT_BIT_LAPIC
 
@@ -289,7 +288,9 @@ def test_busy_slot_then_deliverability_notification(tmp_path: Path) -> None:
         assert _post(backend, g, 3, 0x10) == lib.HV_STATUS_SUCCESS
         assert _post(backend, g, 3, 0x11) == lib.HV_STATUS_INSUFFICIENT_BUFFERS
         assert g.ram[0x7300 + 5] & 1  # msg_pending set for the guest
-        set_registers(backend, g.vp, {lib.HV_REGISTER_DELIVERABILITY_NOTIFICATIONS: 1 << 3})
+        notify = ffi.new("union hv_deliverability_notifications_register *")
+        notify.bits.sints = 1 << 3
+        set_registers(backend, g.vp, {lib.HV_REGISTER_DELIVERABILITY_NOTIFICATIONS: int(notify.as_uint64)})
         msg = g.run()
         assert msg.header.message_type == lib.HVMSG_SYNIC_SINT_DELIVERABLE
         assert payload(msg, "struct hv_x64_sint_deliverable_message").deliverable_sints == 1 << 3

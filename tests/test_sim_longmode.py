@@ -18,6 +18,7 @@ from mshvstack.errors import ErrnoError
 from guests import build_guest
 from simhelpers import Guest, hvcall, long_mode_guest, set_registers
 
+
 def _io(msg):  # type: ignore[no-untyped-def]
     assert msg.header.message_type == lib.HVMSG_X64_IO_PORT_INTERCEPT, hex(msg.header.message_type)
     return ffi.cast("struct hv_x64_io_port_intercept_message *", ffi.addressof(msg.u))

@@ -3,7 +3,8 @@ wrongly taken for plain RAM would let an access the VMM must see go unreported."
 
 from __future__ import annotations
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mshvstack.backend.sim.engines.plainram import ADDRESS_END, PlainRam
 

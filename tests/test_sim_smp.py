@@ -8,8 +8,8 @@ from __future__ import annotations
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -73,7 +73,7 @@ def _run_all(vps: list[Vp]) -> None:
                 if isinstance(exit, IoPortIntercept) and exit.port_number == DONE_PORT:
                     return
                 raise AssertionError(f"VP {vp.index}: unexpected exit {exit}")
-        except BaseException as exc:   # reported by the main thread
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(vp,)) for vp in vps]

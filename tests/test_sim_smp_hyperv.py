@@ -9,6 +9,7 @@ insmod that ran on CPU 1 failed with -ENODEV.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,14 @@ from mshvstack.hvcall import HvRegister
 from mshvstack.partition import IoPortIntercept, Partition, Vp
 
 from guests import assemble
-from smpguest import part, CODE, DATA, RAM, Runner, long_mode_vp, prepare
+from smpguest import CODE, DATA, Runner, lapic_partition, long_mode_vp, prepare
+
+
+@pytest.fixture
+def part() -> Iterator[Partition]:
+    with lapic_partition() as part:
+        yield part
+
 
 HYPERCALL_PAGE = 0x300000
 TSC_PAGE = 0x301000

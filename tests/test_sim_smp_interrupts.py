@@ -13,18 +13,18 @@ from __future__ import annotations
 
 import struct
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
 from mshvstack.abi import lib
 from mshvstack.hvcall import HvRegister
-from mshvstack.partition import IoPortIntercept, Mshv, Partition, PartitionConfig, Vp
+from mshvstack.partition import IoPortIntercept, Partition, Vp
 
 from guests import assemble
-from smpguest import CODE, DATA, MSR_APIC_BASE, RAM, VP_INDEX_FROM_RSP, Runner, long_mode_vp, prepare
+from smpguest import CODE, DATA, MSR_APIC_BASE, VP_INDEX_FROM_RSP, Runner, lapic_partition, long_mode_vp, prepare
 
 READY, TOTAL, NVPS, CONFIG_DFR = DATA, DATA + 0x40, DATA + 0x80, DATA + 0xC0
 CONFIG_LDR, CONFIG_TPR, LDR_SEEN, ID_SEEN = DATA + 0x100, DATA + 0x140, DATA + 0x180, DATA + 0x1C0
@@ -248,9 +248,7 @@ class IpiTable:
 
 @pytest.fixture
 def part() -> Iterator[Partition]:
-    with Mshv.open() as mshv, mshv.create_partition(PartitionConfig(lapic=True, x2apic=True)) as part:
-        part.initialize()
-        part.map_memory(gpa=0, size=RAM)
+    with lapic_partition(x2apic=True) as part:
         yield part
 
 
@@ -529,13 +527,13 @@ def test_init_sipi_start_aps_in_the_reset_state_and_init_stops_a_running_one(par
             yield INIT_DEASSERT, ap
             yield STARTUP | TRAMPOLINE_VECTOR, ap
             yield STARTUP | WRONG_VECTOR, ap          # at once: the first is still being taken
-            _wait_until(f"AP {ap} runs in long mode", lambda: _running(part, ap) > 0)
+            _wait_until(f"AP {ap} runs in long mode", lambda ap=ap: _running(part, ap) > 0)
             yield STARTUP | WRONG_VECTOR, ap          # to a running AP
             reset_state(ap, 1, "at its first start")
         for ap in range(1, vcpus):
             yield INIT_DEASSERT, ap
             first = _running(part, ap)
-            _wait_until(f"AP {ap} keeps running after an INIT de-assert", lambda: _running(part, ap) > first + 100)
+            _wait_until(f"AP {ap} keeps running after an INIT de-assert", lambda ap=ap, first=first: _running(part, ap) > first + 100)
             yield INIT_ASSERT, ap
             time.sleep(0.05)
             stopped = _running(part, ap)
@@ -543,7 +541,7 @@ def test_init_sipi_start_aps_in_the_reset_state_and_init_stops_a_running_one(par
             if _running(part, ap) != stopped:
                 failures.append(f"AP {ap} still runs after INIT")
             yield STARTUP | TRAMPOLINE_VECTOR, ap
-            _wait_until(f"AP {ap} starts again", lambda: _record(part, ap)["starts"] == 2)
+            _wait_until(f"AP {ap} starts again", lambda ap=ap: _record(part, ap)["starts"] == 2)
             reset_state(ap, 2, "after INIT from long mode")
         for ap in range(1, vcpus):
             if _running(part, ap) == 0:

@@ -15,17 +15,24 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from mshvstack.abi import lib
+from mshvstack.hvcall import HvRegister
 from mshvstack.partition import IoPortIntercept, Partition, Vp
 
 from guests import assemble
-from mshvstack.hvcall import HvRegister
-from smpguest import (part, CODE, DATA, GDT, IDT, PML4, RAM, STACK_SHIFT, STACKS, VP_INDEX_FROM_RSP, Runner, long_mode_vp,
-                       prepare)
+from smpguest import CODE, DATA, GDT, IDT, PML4, STACK_SHIFT, STACKS, VP_INDEX_FROM_RSP, Runner, lapic_partition, long_mode_vp, prepare
+
+
+@pytest.fixture
+def part() -> Iterator[Partition]:
+    with lapic_partition() as part:
+        yield part
+
 
 SIMP_BASE = 0x200000          # VP i: SIMP page at SIMP_BASE + i * 0x1000
 MSGS = DATA                   # u32 at MSGS + 0x100 * vp + 0x10 * sint + 4 * timer

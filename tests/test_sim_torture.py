@@ -8,8 +8,9 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -401,8 +402,8 @@ def test_a_stop_asked_for_by_an_mmio_store_does_not_replay_it() -> None:
     import ctypes
     import mmap
 
-    from mshvstack.backend.sim.engines.unicorn import UnicornEngine
     from mshvstack.backend.sim.engines.base import StopKind
+    from mshvstack.backend.sim.engines.unicorn import UnicornEngine
 
     ram = mmap.mmap(-1, 0x8000)
     # Real mode at 0x1000: inc word [0x8000] (MMIO: read, then write) ; inc bx ; jmp 0x1000

@@ -9,7 +9,8 @@ import threading
 import time
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mshvstack.abi import ffi, lib
 from mshvstack.backend.sim import SimBackend

@@ -5,16 +5,17 @@ back), and a VP moved through them into another partition goes on exactly."""
 from __future__ import annotations
 
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mshvstack.abi import ffi, lib
-from mshvstack.hvcall import calls
 from mshvstack.backend.sim.hv1 import SyntheticTimer
 from mshvstack.backend.sim.lapic import LVT_ORDER, LapicState
 from mshvstack.backend.sim.vpstate import decode_lapic, decode_timers, encode_lapic, encode_timers
+from mshvstack.hvcall import calls
 from mshvstack.partition import IoPortIntercept, Mshv, Partition, Segment, Vp, VpStateKind
 
 U32 = st.integers(0, 2**32 - 1)

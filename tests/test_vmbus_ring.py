@@ -7,7 +7,8 @@ import struct
 from collections import deque
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from mshvstack.vmbus import packets
@@ -129,6 +130,7 @@ def test_gpadl_ring_memory_reads_and_writes_alike_in_one_run_or_scattered(
     from mshvstack.vmbus.gpadl import GpadlRingMem
 
     with Mshv.open("sim") as mshv, mshv.create_partition() as part:
+        part.initialize()
         part.map_memory(0, 64 * PAGE)
         contiguous = GpadlRingMem(part.memory, (1, 2, 3, 4))
         scattered = GpadlRingMem(part.memory, (10, 20, 15, 30))

@@ -17,15 +17,14 @@ import queue
 import struct
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from mshvstack.abi import ffi, lib
 from mshvstack.hvcall import HvRegister
-from mshvstack.partition import (HypercallIntercept, Interrupted, IoPortIntercept, Partition,
-                                 SintDeliverable, Vp)
+from mshvstack.partition import HypercallIntercept, Interrupted, IoPortIntercept, Partition, SintDeliverable, Vp
 from mshvstack.vmbus import packets
 from mshvstack.vmbus.channel import Channel, ChannelState
 from mshvstack.vmbus.gpadl import GpadlRingMem
@@ -34,7 +33,14 @@ from mshvstack.vmbus.server import MESSAGE_TYPE, VmbusServer
 from mshvstack.vmbus.synic import SynicHost
 
 from guests import assemble
-from smpguest import part, CODE, DATA, RAM, VP_INDEX_FROM_RSP, long_mode_vp, prepare
+from smpguest import CODE, DATA, VP_INDEX_FROM_RSP, lapic_partition, long_mode_vp, prepare
+
+
+@pytest.fixture
+def part() -> Iterator[Partition]:
+    with lapic_partition() as part:
+        yield part
+
 
 MAILBOX = DATA + 0x8000          # VP i: 0x100 bytes
 INTS, CONSUME, RECEIVED_COUNT = DATA, DATA + 0x40, DATA + 0x80
@@ -217,7 +223,7 @@ class SmpVmbusGuest:
                     self._next_command(vp)
                 else:
                     raise AssertionError(f"VP {vp.index}: unexpected exit {exit_}")
-        except BaseException as exc:   # reported by the test's thread
+        except BaseException as exc:  # noqa: BLE001 - reported by the test's thread
             self.errors.append(exc)
             for done in self._done:
                 done.set()

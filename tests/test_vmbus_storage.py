@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from mshvstack.errors import MshvError
 from mshvstack.abi import ffi, lib
+from mshvstack.errors import MshvError
 from mshvstack.vmbus import packets
 from mshvstack.vmbus.providers.scsi import ASC_WRITE_PROTECTED, DATA_PROTECT, DiskImage
 from mshvstack.vmbus.providers.storage import Storage

@@ -5,7 +5,8 @@ from __future__ import annotations
 import struct
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mshvstack.partition import Mshv
 from mshvstack.vmm.loader import LoaderError
@@ -41,6 +42,7 @@ def make_elf(segments: list[tuple[int, bytes, int]], entry: int, pvh_entry: int 
 def memory():  # type: ignore[no-untyped-def]
     with Mshv.open("sim") as mshv:
         part = mshv.create_partition()
+        part.initialize()
         part.map_memory(0, RAM)
         yield part.memory
         part.close()
@@ -78,6 +80,7 @@ def test_corrupt_elves_get_one_clear_line(memory, image: bytes, message: str) ->
 def test_fuzzed_elves_never_escape_as_tracebacks(data: bytes, cut: int) -> None:
     with Mshv.open("sim") as mshv:
         part = mshv.create_partition()
+        part.initialize()
         part.map_memory(0, 1 << 20)
         image = (make_elf([(0x1000, b"abc", 3)], 0x1000) + data)[:cut] if cut % 2 else b"\x7fELF" + data
         try:

@@ -10,8 +10,8 @@ import pytest
 from mshvstack.abi import lib
 from mshvstack.vmm.config import ConfigError, MachineConfig, parse_size
 from mshvstack.vmm.control import ControlError, request
-from mshvstack.vmm.qmp import QmpServer
 from mshvstack.vmm.machine import Machine, MachineError, RunState, StopKind
+from mshvstack.vmm.qmp import QmpServer
 
 from guests import assemble_elf
 

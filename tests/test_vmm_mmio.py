@@ -12,7 +12,8 @@ import struct
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mshvstack.abi import lib
 from mshvstack.vmm.mmio import FLAG_CF, FLAG_OF, FLAG_PF, FLAG_SF, FLAG_ZF, MmioAccess, MmioEmulator, MmioError

@@ -13,7 +13,6 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from guests import assemble
 from mshvstack.abi import ffi, lib
 from mshvstack.hvcall import HvRegister
 from mshvstack.partition import HypercallIntercept, IoPortIntercept, Mshv, PartitionConfig, SintDeliverable
@@ -24,6 +23,8 @@ from mshvstack.vmbus.ring import IncomingRing, OutgoingRing
 from mshvstack.vmbus.server import VmbusServer
 from mshvstack.vmbus.synic import SynicHost
 from mshvstack.vmm.loader.x86boot import long_mode
+
+from guests import assemble
 
 STUB = 0x200000
 # Clear of the loader's page tables (0x9000-0xE000) and GDT (0x500).
@@ -63,7 +64,7 @@ STUB_SOURCE = f"""
 class GuestChannel:
     """The guest's end of one open channel: its rings in guest RAM."""
 
-    def __init__(self, guest: "VmbusGuest", relid: int, connection_id: int, send: OutgoingRing, receive: IncomingRing) -> None:
+    def __init__(self, guest: VmbusGuest, relid: int, connection_id: int, send: OutgoingRing, receive: IncomingRing) -> None:
         self.guest = guest
         self.relid = relid
         self.connection_id = connection_id

@@ -531,6 +531,23 @@ union hv_x64_interrupt_state_register {
 	} bits;
 };
 
+/*
+ * HV_REGISTER_DELIVERABILITY_NOTIFICATIONS (TLFS; OpenVMM's
+ * HvDeliverabilityNotificationsRegister): ask for an exit when the VP can
+ * take an NMI, an interrupt above a priority, or a message in any of the
+ * given SINTs (HVMSG_X64_INTERRUPTION_DELIVERABLE, HVMSG_SYNIC_SINT_DELIVERABLE).
+ */
+union hv_deliverability_notifications_register {
+	__u64 as_uint64;
+	struct {
+		__u64 nmi_notification:1;
+		__u64 interrupt_notification:1;
+		__u64 interrupt_priority:4;
+		__u64 reserved:42;
+		__u64 sints:16;
+	} bits;
+};
+
 union hv_x64_pending_exception_event {
 	__u64 as_uint64[2];
 	struct {

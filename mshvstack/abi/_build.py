@@ -116,7 +116,7 @@ static long mshvstack_self_copy(uintptr_t remote, const void *local, size_t size
 	}
 	struct iovec mine = {(void *)local, size}, theirs = {(void *)remote, size};
 	ssize_t done = write_to_remote ? process_vm_writev(getpid(), &mine, 1, &theirs, 1, 0)
-				       : process_vm_readv(getpid(), &mine, 1, &theirs, 1, 0);
+		: process_vm_readv(getpid(), &mine, 1, &theirs, 1, 0);
 	return done < 0 ? -errno : (long)done;
 }
 """

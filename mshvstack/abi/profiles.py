@@ -58,7 +58,7 @@ class AbiProfile:
         return bool(self.pt_flags_mask & (1 << lib.MSHV_PT_BIT_CPU_AND_XSAVE_FEATURES))
 
 
-def first_profile_allowing(code: int, on_device: bool = False) -> "AbiProfile | None":
+def first_profile_allowing(code: int, on_device: bool = False) -> AbiProfile | None:
     """The oldest known driver generation that passes ``code`` through."""
     return next((p for p in PROFILES.values() if p.allows(code, on_device)), None)
 

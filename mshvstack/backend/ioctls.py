@@ -7,8 +7,8 @@ fds (nr 0 means three different requests on the three fd types).
 
 from __future__ import annotations
 
-import errno
 import enum
+import errno
 
 from mshvstack.abi import lib
 
@@ -58,10 +58,12 @@ _HINTS: dict[tuple[str, int], str] = {
     ("MSHV_CREATE_PARTITION", errno.EINVAL): "unknown pt_flags bit, bad isolation, or v2 fields (fbanks != 2, reserved bytes) invalid",
     ("MSHV_CREATE_VP", errno.EINVAL): "vp_index must be below 256",
     ("MSHV_CREATE_VP", errno.EEXIST): "a VP with this index already exists in the partition",
-    ("MSHV_SET_GUEST_MEMORY", errno.EINVAL): "size zero or not page aligned, unaligned userspace address, unknown flags, reserved bytes set, or unmap arguments not matching the region",
+    ("MSHV_SET_GUEST_MEMORY", errno.EINVAL): ("size zero or not page aligned, unaligned userspace address, unknown flags, "
+                                              "reserved bytes set, or unmap arguments not matching the region"),
     ("MSHV_SET_GUEST_MEMORY", errno.EEXIST): "the guest frames overlap a region already mapped",
     ("MSHV_SET_GUEST_MEMORY", errno.ENOENT): "no region holds this guest frame (unmap)",
     ("MSHV_SET_GUEST_MEMORY", errno.EFAULT): "the argument, or the userspace range of the region, cannot be read or pinned for writing",
+    ("MSHV_SET_GUEST_MEMORY", errno.EIO): "the hypervisor refused to map the pages (is the partition initialized?)",
     ("MSHV_CREATE_VP", errno.EIO): "the hypervisor refused the VP (is the partition initialized?)",
     ("MSHV_IRQFD", errno.EBUSY): "this eventfd (or a dup of it) is already bound to an irqfd in the partition",
     ("MSHV_IRQFD", errno.EBADF): "the fd (or resamplefd) is not an open file descriptor",

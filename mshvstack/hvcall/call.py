@@ -4,8 +4,9 @@ an allowlist check before the call."""
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from mshvstack.abi import ffi, lib
 from mshvstack.abi.profiles import AbiProfile, first_profile_allowing

@@ -8,8 +8,9 @@ output.  The partition id is filled in by the driver; VP indexes are not
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from mshvstack.abi import ffi, lib
 from mshvstack.hvcall.call import HvTarget, hvcall, hvcall_rep, hvcall_rep_indexed

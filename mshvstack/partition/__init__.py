@@ -1,10 +1,30 @@
 """The object model: Mshv → Partition → Vp, GuestMemory, typed exits, register sets."""
 
-from mshvstack.partition.exits import (ApicEoi, CpuidIntercept, ExceptionIntercept, Halt, HypercallIntercept,
-                                       InterceptHeader, Interrupted, InterruptionDeliverable, InvalidVpRegisterValue,
-                                       IoPortIntercept, MemoryIntercept, MsrIntercept, Segment, SintDeliverable,
-                                       SipiIntercept, TimerExpired, UnknownExit, UnmappedGpa, UnrecoverableException,
-                                       UnsupportedFeature, VpExit, decode, encode)
+from mshvstack.partition.exits import (
+                                       ApicEoi,
+                                       CpuidIntercept,
+                                       ExceptionIntercept,
+                                       Halt,
+                                       HypercallIntercept,
+                                       InterceptHeader,
+                                       Interrupted,
+                                       InterruptionDeliverable,
+                                       InvalidVpRegisterValue,
+                                       IoPortIntercept,
+                                       MemoryIntercept,
+                                       MsrIntercept,
+                                       Segment,
+                                       SintDeliverable,
+                                       SipiIntercept,
+                                       TimerExpired,
+                                       UnknownExit,
+                                       UnmappedGpa,
+                                       UnrecoverableException,
+                                       UnsupportedFeature,
+                                       VpExit,
+                                       decode,
+                                       encode,
+)
 from mshvstack.partition.memory import GuestMemory, GuestMemoryError, MemoryRegion
 from mshvstack.partition.mshv import Mshv
 from mshvstack.partition.partition import MsiRoute, Partition, PartitionConfig

@@ -28,7 +28,7 @@ class Segment:
     attributes: int = 0
 
     @classmethod
-    def from_c(cls, seg: Any) -> "Segment":
+    def from_c(cls, seg: Any) -> Segment:
         return _segment(_SEGMENT_FIELDS(seg))
 
     def to_c(self, seg: Any) -> None:
@@ -56,7 +56,7 @@ class InterceptHeader:
     rflags: int = 0
 
     @classmethod
-    def from_c(cls, h: Any) -> "InterceptHeader":
+    def from_c(cls, h: Any) -> InterceptHeader:
         (vp_index, length, access, cr8, cpl, pe, lma, shadow, base, limit, selector, attributes, rip,
          rflags) = _HEADER_FIELDS(h)
         cs = _segment((base, limit, selector, attributes))

@@ -14,7 +14,8 @@ and keeps the attribute path.
 from __future__ import annotations
 
 import struct
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mshvstack.abi import ffi
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import mmap
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from mshvstack.errors import MshvError
 

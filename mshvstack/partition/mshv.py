@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Literal
 
 from mshvstack.abi import ffi, lib
-from mshvstack.abi.profiles import AbiProfile, profile as lookup_profile
+from mshvstack.abi.profiles import AbiProfile
+from mshvstack.abi.profiles import profile as lookup_profile
 from mshvstack.backend.base import Backend
 from mshvstack.backend.handle import FdHandle, FdOwner
 from mshvstack.backend.host import HostBackend
@@ -28,7 +29,7 @@ class Mshv(FdOwner):
         self._device_target = HvTarget(self._handle, profile, on_device=True)
 
     @classmethod
-    def open(cls, backend: BackendChoice | str | Backend = "auto", profile: str | AbiProfile = "newest") -> "Mshv":
+    def open(cls, backend: BackendChoice | str | Backend = "auto", profile: str | AbiProfile = "newest") -> Mshv:
         """Open the real device ("host"), the simulator ("sim"), or whichever works ("auto")."""
         abi = lookup_profile(profile) if isinstance(profile, str) else profile
         if not isinstance(backend, str):
@@ -78,7 +79,7 @@ class Mshv(FdOwner):
     def close(self) -> None:
         self._handle.close()
 
-    def __enter__(self) -> "Mshv":
+    def __enter__(self) -> Mshv:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import mmap
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 from mshvstack.abi import ffi, lib
 from mshvstack.abi.profiles import AbiProfile
@@ -58,14 +59,14 @@ class MsiRoute:
     data: int
 
     @classmethod
-    def fixed(cls, gsi: int, vector: int, apic_id: int, level: bool = False) -> "MsiRoute":
+    def fixed(cls, gsi: int, vector: int, apic_id: int, level: bool = False) -> MsiRoute:
         return cls(gsi, 0xFEE00000 | (apic_id << 12), vector | (int(level) << 15))
 
 
 class Partition(FdOwner):
     """A partition created by Mshv.create_partition; owns its fd and memory."""
 
-    def __init__(self, mshv: "Mshv", fd: int, config: PartitionConfig) -> None:
+    def __init__(self, mshv: Mshv, fd: int, config: PartitionConfig) -> None:
         self.mshv = mshv
         self.backend: Backend = mshv.backend
         self.profile: AbiProfile = mshv.profile
@@ -218,7 +219,7 @@ class Partition(FdOwner):
             self.memory._remove(region)
             region.host.close()
 
-    def __enter__(self) -> "Partition":
+    def __enter__(self) -> Partition:
         return self
 
     def __exit__(self, *exc: object) -> None:

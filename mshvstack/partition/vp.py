@@ -5,7 +5,8 @@ from __future__ import annotations
 import enum
 import errno
 import threading
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from mshvstack.abi import ffi, lib
 from mshvstack.backend.handle import ClosedError, FdHandle, FdOwner
@@ -13,9 +14,21 @@ from mshvstack.errors import ErrnoError, MshvError
 from mshvstack.hvcall import calls
 from mshvstack.hvcall.call import HvTarget
 from mshvstack.partition.exits import Interrupted, Segment, VpExit, decode_message
-from mshvstack.partition.registers import (CONTROL_NAMES, FP_CONTROL_STATUS, FPR_NAMES, GPR_NAMES, MSR_REGISTERS,
-                                           SEGMENT_NAMES, XMM_CONTROL_STATUS, XMM_NAMES, FpuRegisters, SpecialRegisters,
-                                           StandardRegisters, TableRegister, hv_name)
+from mshvstack.partition.registers import (
+    CONTROL_NAMES,
+    FP_CONTROL_STATUS,
+    FPR_NAMES,
+    GPR_NAMES,
+    MSR_REGISTERS,
+    SEGMENT_NAMES,
+    XMM_CONTROL_STATUS,
+    XMM_NAMES,
+    FpuRegisters,
+    SpecialRegisters,
+    StandardRegisters,
+    TableRegister,
+    hv_name,
+)
 
 if TYPE_CHECKING:
     from mshvstack.partition.partition import Partition
@@ -60,7 +73,7 @@ class Vp(FdOwner):
     hypervisor marked it valid (after an intercept) and hypercalls otherwise.
     """
 
-    def __init__(self, partition: "Partition", index: int, fd: int) -> None:
+    def __init__(self, partition: Partition, index: int, fd: int) -> None:
         self.partition = partition
         self.index = index
         backend = partition.backend
@@ -281,7 +294,7 @@ class Vp(FdOwner):
         self._page_view = None
         self._handle.close()
 
-    def __enter__(self) -> "Vp":
+    def __enter__(self) -> Vp:
         return self
 
     def __exit__(self, *exc: object) -> None:

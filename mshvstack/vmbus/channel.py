@@ -15,7 +15,8 @@ import enum
 import logging
 import struct
 from collections import deque
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from mshvstack.abi import lib
 from mshvstack.partition.memory import GuestMemory
@@ -42,7 +43,7 @@ class ChannelState(enum.Enum):
 
 
 class Channel:
-    def __init__(self, relid: int, provider: Provider, synic: "SynicHost", memory: GuestMemory) -> None:
+    def __init__(self, relid: int, provider: Provider, synic: SynicHost, memory: GuestMemory) -> None:
         self.relid = relid
         self.provider = provider
         self.synic = synic
@@ -58,7 +59,7 @@ class Channel:
         self.packets_in = 0
         self.packets_out = 0
         self.protocol_errors = 0
-        self.defer: Callable[["Channel"], None] = lambda channel: None   # the server's "drain again later"
+        self.defer: Callable[[Channel], None] = lambda channel: None   # the server's "drain again later"
         self._backlog: deque[bytes] = deque()
 
     def open(self, gpadl: Gpadl, downstream_offset: int, target_vp: int) -> None:

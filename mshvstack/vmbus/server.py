@@ -12,7 +12,8 @@ import enum
 import logging
 import struct
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mshvstack.abi import ffi, lib
 from mshvstack.partition.memory import GuestMemory

@@ -13,9 +13,10 @@ import logging
 import struct
 import threading
 from collections import deque
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
-from mshvstack.abi import lib
+from mshvstack.abi import ffi, lib
 from mshvstack.hvcall import HvError, HvRegister, calls
 from mshvstack.hvcall.call import HvTarget
 from mshvstack.partition.exits import HypercallIntercept, SintDeliverable
@@ -154,7 +155,9 @@ class SynicHost:
     def _want_deliverable(self, vp_index: int, sint: int) -> None:
         vp = self.vp_registers(vp_index)
         (current,) = vp.get_registers([HvRegister.DELIVERABILITY_NOTIFICATIONS])
-        vp.set_registers({HvRegister.DELIVERABILITY_NOTIFICATIONS: current | (1 << sint)})
+        register = ffi.new("union hv_deliverability_notifications_register *", {"as_uint64": current})
+        register.bits.sints |= 1 << sint
+        vp.set_registers({HvRegister.DELIVERABILITY_NOTIFICATIONS: int(register.as_uint64)})
 
     def on_sint_deliverable(self, vp: VpRegisters, exit_: SintDeliverable) -> None:
         with self._lock:

@@ -27,7 +27,7 @@ class DiskSpec:
     read_only: bool = False
 
     @classmethod
-    def parse(cls, text: str) -> "DiskSpec":
+    def parse(cls, text: str) -> DiskSpec:
         """'IMG' or 'IMG,ro' (as given to --disk)."""
         path, _, options = text.partition(",")
         if options not in ("", "ro", "rw"):
@@ -56,10 +56,10 @@ class MachineConfig:
     test_devices: bool = False
     extract_vmlinux: bool = False   # boot a bzImage's vmlinux through its PVH entry
     vmbus: bool = True              # offer VMBus devices (heartbeat, shutdown, time sync, KVP, disks)
-    disks: tuple["DiskSpec", ...] = ()
+    disks: tuple[DiskSpec, ...] = ()
     shutdown_timeout: float = 30.0  # graceful shutdown falls back to power-off after this
 
-    def validate(self) -> "MachineConfig":
+    def validate(self) -> MachineConfig:
         if (self.kernel is None) == (self.demo is None):
             raise ConfigError("give exactly one of a KERNEL file or --demo")
         if self.demo is not None and self.demo not in DEMO_GUESTS:

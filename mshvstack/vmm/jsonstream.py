@@ -35,6 +35,11 @@ class JsonSplitter:
         self._problem: str | None = None   # the value being skipped and why
         self._garbage = bytearray()         # bytes outside any object, up to the next line or bracket
 
+    @property
+    def problem(self) -> str | None:
+        """Why the value being read will be an error (too deep, too long), known before it ends."""
+        return self._problem
+
     def feed(self, data: bytes) -> list[Any | JsonInputError]:
         """The values (or errors) completed by ``data``, in order."""
         out: list[Any | JsonInputError] = []

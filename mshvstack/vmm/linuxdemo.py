@@ -14,8 +14,18 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from mshvstack.vmm.linuxguest import (BUSYBOX_PACKAGE, INIT_PROLOGUE, LOAD_MODULES, busybox_initramfs, cache_dir,
-                                      debian_guest, kernel_modules, module_files, package_record, resolve_kernel_package)
+from mshvstack.vmm.linuxguest import (
+    BUSYBOX_PACKAGE,
+    INIT_PROLOGUE,
+    LOAD_MODULES,
+    busybox_initramfs,
+    cache_dir,
+    debian_guest,
+    kernel_modules,
+    module_files,
+    package_record,
+    resolve_kernel_package,
+)
 
 MODULES = ("hv_vmbus", "hv_utils", "hv_storvsc", "sd_mod")
 SCRATCH_DISK_BYTES = 64 << 20

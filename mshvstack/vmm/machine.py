@@ -16,26 +16,49 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from mshvstack.abi import lib
 from mshvstack.errors import MshvError
 from mshvstack.hvcall import HvRegister, calls
-from mshvstack.partition import (CpuidIntercept, ExceptionVector, Halt, HypercallIntercept, Interrupted, IoPortIntercept,
-                                 MemoryIntercept, Mshv, MsrIntercept, PartitionConfig, UnknownExit,
-                                 UnrecoverableException, Vp, VpExit)
+from mshvstack.partition import (
+    CpuidIntercept,
+    ExceptionVector,
+    Halt,
+    HypercallIntercept,
+    Interrupted,
+    IoPortIntercept,
+    MemoryIntercept,
+    Mshv,
+    MsrIntercept,
+    PartitionConfig,
+    UnknownExit,
+    UnrecoverableException,
+    Vp,
+    VpExit,
+)
 from mshvstack.partition.exits import ExceptionIntercept, SintDeliverable
-from mshvstack.vmm.crash import MSR_CRASH_CTL, GuestCrash, read_report
+from mshvstack.vmbus.providers.base import Provider
+from mshvstack.vmbus.providers.heartbeat import Heartbeat
+from mshvstack.vmbus.providers.kvp import POOLS as KVP_POOLS
+from mshvstack.vmbus.providers.kvp import Kvp
+from mshvstack.vmbus.providers.scsi import DiskImage
+from mshvstack.vmbus.providers.shutdown import Shutdown
+from mshvstack.vmbus.providers.storage import Storage
+from mshvstack.vmbus.providers.timesync import TimeSync
+from mshvstack.vmbus.server import VmbusServer
+from mshvstack.vmbus.synic import SynicHost
 from mshvstack.vmm.bus import Bus
 from mshvstack.vmm.config import MachineConfig
-from mshvstack.vmm.devices.simple import AcpiSleepControl, CmosRtc, DebugExit, I8042, Scratch
+from mshvstack.vmm.crash import MSR_CRASH_CTL, GuestCrash, read_report
 from mshvstack.vmm.devices.ioapic import BASE as IOAPIC_BASE
 from mshvstack.vmm.devices.ioapic import SIZE as IOAPIC_SIZE
 from mshvstack.vmm.devices.ioapic import IoApic
+from mshvstack.vmm.devices.simple import I8042, AcpiSleepControl, CmosRtc, DebugExit, Scratch
 from mshvstack.vmm.devices.uart import Uart16550
-from mshvstack.vmm.loader import LoaderError
-from mshvstack.vmm.loader import acpi
+from mshvstack.vmm.loader import LoaderError, acpi
 from mshvstack.vmm.loader.acpi import write_acpi_tables
 from mshvstack.vmm.loader.bzimage import extract_vmlinux, is_bzimage, load_bzimage
 from mshvstack.vmm.loader.elf import load_elf
@@ -43,16 +66,6 @@ from mshvstack.vmm.loader.pvh import write_start_info
 from mshvstack.vmm.loader.x86boot import BootState, long_mode, protected_mode
 from mshvstack.vmm.mmio import MmioAccess, MmioEmulator, MmioError, MmioUnsupported
 from mshvstack.vmm.stats import ExitStats
-from mshvstack.vmbus.providers.base import Provider
-from mshvstack.vmbus.providers.heartbeat import Heartbeat
-from mshvstack.vmbus.providers.kvp import POOLS as KVP_POOLS
-from mshvstack.vmbus.providers.kvp import Kvp
-from mshvstack.vmbus.providers.scsi import DiskImage
-from mshvstack.vmbus.providers.storage import Storage
-from mshvstack.vmbus.providers.shutdown import Shutdown
-from mshvstack.vmbus.providers.timesync import TimeSync
-from mshvstack.vmbus.server import VmbusServer
-from mshvstack.vmbus.synic import SynicHost
 
 log = logging.getLogger(__name__)
 HOUSEKEEPING_PERIOD = 5.0
@@ -91,6 +104,7 @@ class ShutdownCause(enum.Enum):
     HOST_ERROR = "host-error"
     HOST_QMP_QUIT = "host-qmp-quit"
     HOST_UI = "host-ui"
+    HOST_SIGNAL = "host-signal"
     GUEST_SHUTDOWN = "guest-shutdown"
     GUEST_RESET = "guest-reset"
     GUEST_PANIC = "guest-panic"
@@ -277,7 +291,7 @@ class Machine:
         for listener in list(self._listeners):
             try:
                 listener(event, data)
-            except Exception:  # noqa: BLE001 - a listener's failure is its own, never the guest's
+            except Exception:
                 log.exception("event listener failed on %s", event)
 
     def start(self) -> None:

@@ -14,8 +14,9 @@ itself, so the guest resumes it (as hardware does after an interrupt).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import capstone
 import capstone.x86 as cx
@@ -189,14 +190,14 @@ class MmioEmulator:
             state.values[RIP] = (access.rip + insn.size) & U64
         state.flush()
 
-    def _operand_value(self, op: capstone.x86.X86Op, insn: capstone.CsInsn, state: "_RegisterState") -> int:
+    def _operand_value(self, op: capstone.x86.X86Op, insn: capstone.CsInsn, state: _RegisterState) -> int:
         if op.type == cx.X86_OP_IMM:
             return int(op.imm) & U64
         if op.type == cx.X86_OP_REG:
             return state.get_reg(insn.reg_name(op.reg))
         raise MmioUnsupported(f"{insn.mnemonic} {insn.op_str}: unexpected operand")
 
-    def _simple(self, insn: capstone.CsInsn, access: MmioAccess, state: "_RegisterState") -> None:
+    def _simple(self, insn: capstone.CsInsn, access: MmioAccess, state: _RegisterState) -> None:
         ops = list(insn.operands)
         mem = [i for i, op in enumerate(ops) if op.type == cx.X86_OP_MEM]
         if len(mem) != 1:
@@ -235,7 +236,7 @@ class MmioEmulator:
         else:
             raise MmioUnsupported(f"cannot emulate {name} {insn.op_str} on MMIO at {gpa:#x}")
 
-    def _string(self, insn: capstone.CsInsn, access: MmioAccess, state: "_RegisterState", store: bool,
+    def _string(self, insn: capstone.CsInsn, access: MmioAccess, state: _RegisterState, store: bool,
                 translate: Translate | None) -> bool:
         """STOS/MOVS, at most STRING_BATCH elements; True when the instruction is complete."""
         size = _STRING_SIZES[insn.mnemonic.split()[-1]]

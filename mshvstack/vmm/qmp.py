@@ -21,9 +21,10 @@ import socket
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mshvstack import __version__
 from mshvstack.errors import MshvError
@@ -62,15 +63,15 @@ class Param:
 
 @dataclass(frozen=True)
 class Command:
-    handler: Callable[["Session", dict[str, Any]], Any]
+    handler: Callable[[Session, dict[str, Any]], Any]
     params: dict[str, Param]
 
 
 COMMANDS: dict[str, Command] = {}
 
 
-def command(name: str, **params: Param) -> Callable[[Callable[["Session", dict[str, Any]], Any]], Callable[["Session", dict[str, Any]], Any]]:
-    def register(handler: Callable[["Session", dict[str, Any]], Any]) -> Callable[["Session", dict[str, Any]], Any]:
+def command(name: str, **params: Param) -> Callable[[Callable[[Session, dict[str, Any]], Any]], Callable[[Session, dict[str, Any]], Any]]:
+    def register(handler: Callable[[Session, dict[str, Any]], Any]) -> Callable[[Session, dict[str, Any]], Any]:
         COMMANDS[name] = Command(handler, params)
         return handler
     return register
@@ -124,7 +125,7 @@ class QmpServer:
                 self._sessions.add(session)
             session.start()
 
-    def forget(self, session: "Session") -> None:
+    def forget(self, session: Session) -> None:
         with self._lock:
             self._sessions.discard(session)
 
@@ -277,7 +278,7 @@ class Session:
             raise
         except (MshvError, ValueError) as exc:
             raise QmpError(str(exc)) from None
-        except Exception as exc:  # noqa: BLE001 - a failing command answers its client, never kills the session
+        except Exception as exc:
             log.exception("QMP command %s failed", name)
             raise QmpError(f"{name} failed: {exc}") from None
 

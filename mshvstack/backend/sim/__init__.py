@@ -19,17 +19,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from mshvstack.abi import ffi, lib
+from mshvstack.abi.profiles import AbiProfile
+from mshvstack.abi.profiles import profile as lookup_profile
 from mshvstack.backend.ioctls import FdKind, explain, request_name, requests_for
+from mshvstack.backend.sim import vpstate
 from mshvstack.backend.sim.engines.unicorn import tsc_hz
 from mshvstack.backend.sim.eventfds import IrqfdWorker, MsiRoute, NotAnEventfd, eventfd_context
 from mshvstack.backend.sim.faults import FaultPlan
 from mshvstack.backend.sim.hypervisor import Doorbell, SimPartition
-from mshvstack.backend.sim.memory import PAGE_SHIFT, PAGE_SIZE, GpaUnmapped
-from mshvstack.abi.profiles import AbiProfile, profile as lookup_profile
-from mshvstack.backend.sim.usercopy import (UserFault, access_ok, address_of, copy_from_user, copy_to_user,
-                                            user_range_writable)
+from mshvstack.backend.sim.memory import PAGE_SHIFT, PAGE_SIZE
+from mshvstack.backend.sim.usercopy import UserFault, access_ok, address_of, copy_from_user, copy_to_user, user_range_writable
 from mshvstack.backend.sim.vp import Kicked, SimVp
-from mshvstack.backend.sim import vpstate
 from mshvstack.backend.sim.vpstate import StateBlob, VpStateError
 from mshvstack.errors import ErrnoError
 
@@ -281,6 +281,9 @@ class SimBackend:
             raise _Fail(errno.EEXIST)
         if not user_range_writable(uaddr, size):
             raise _Fail(errno.EFAULT)   # the pages cannot be pinned (FOLL_WRITE)
+        if not partition.initialized:
+            # HvMapGpaPages on a partition not yet initialized; the driver frees the region again.
+            raise _Fail(_status_errno(int(lib.HV_STATUS_INVALID_PARTITION_STATE)))
         writable = bool(flags & (1 << lib.MSHV_SET_MEM_BIT_WRITABLE))
         executable = bool(flags & (1 << lib.MSHV_SET_MEM_BIT_EXECUTABLE))
         new = memory.add(gfn, pages, uaddr, writable, executable)

@@ -18,8 +18,9 @@ from __future__ import annotations
 import enum
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 from mshvstack.abi import ffi, lib
 from mshvstack.backend.sim.lapic import TIMER_HZ, Lapic

@@ -10,16 +10,16 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from mshvstack.abi import ffi, lib
 from mshvstack.backend.sim import x86
-from mshvstack.backend.sim.engines.unicorn import read_tsc, tsc_hz
+from mshvstack.backend.sim.engines.unicorn import EngineGroup, read_tsc, tsc_hz
 from mshvstack.backend.sim.hv1 import SYNTHETIC_MSRS, PartitionMsrs
 from mshvstack.backend.sim.lapic import XAPIC_BROADCAST, DeliveryMode, Shorthand
 from mshvstack.backend.sim.memory import PAGE_SHIFT, GpaMap
-from mshvstack.backend.sim.engines.unicorn import EngineGroup
 from mshvstack.backend.sim.vp import VECTOR_REGISTERS, SimVp
 
 HV_OK = int(lib.HV_STATUS_SUCCESS)
@@ -559,7 +559,7 @@ class SimPartition:
     def _scrub(self, data: bytes, reps: int, start: int) -> HvResult:
         return HvResult(HV_OK)
 
-    _HANDLERS: dict[int, Callable[["SimPartition", bytes, int, int], HvResult]] = {
+    _HANDLERS: dict[int, Callable[[SimPartition, bytes, int, int], HvResult]] = {
         int(lib.HVCALL_GET_PARTITION_PROPERTY): _get_property,
         int(lib.HVCALL_GET_PARTITION_PROPERTY_EX): _get_property,
         int(lib.HVCALL_SET_PARTITION_PROPERTY): _set_property,
@@ -635,7 +635,7 @@ def register_file_set(vp: SimVp, name: int, value: Any) -> int:
     elif name in _TABLE_REGS:
         vp.set_segment(name, int(value.table.base), int(value.table.limit), 0, 0)
     elif name == lib.HV_REGISTER_DELIVERABILITY_NOTIFICATIONS:
-        vp.set_deliverability(int(value.reg64))
+        return vp.set_deliverability(int(value.reg64))
     elif name == lib.HV_REGISTER_SCONTROL:
         vp.synic.scontrol = int(value.reg64)
     elif name == lib.HV_REGISTER_SIMP:

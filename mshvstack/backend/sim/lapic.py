@@ -11,8 +11,9 @@ from __future__ import annotations
 import enum
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 XAPIC_BASE = 0xFEE00000
 X2APIC_MSR_BASE = 0x800

@@ -23,8 +23,8 @@ from mshvstack.backend.sim.engines.unicorn import UnicornEngine
 from mshvstack.backend.sim.hv1 import SYNTHETIC_MSRS, HvEmulator, MsrFault
 from mshvstack.backend.sim.lapic import X2APIC_MSR_BASE, XAPIC_BASE, Lapic
 from mshvstack.backend.sim.mca import MachineCheck
-from mshvstack.backend.sim.messages import new_message, to_bytes
 from mshvstack.backend.sim.memory import GpaUnmapped
+from mshvstack.backend.sim.messages import new_message, to_bytes
 from mshvstack.backend.sim.synic import SLOT, SynIc
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ class Kicked(Exception):
 
 
 class SimVp:
-    def __init__(self, partition: "SimPartition", index: int) -> None:
+    def __init__(self, partition: SimPartition, index: int) -> None:
         self.partition = partition
         self.index = index
         self.lock = threading.Lock()                 # one MSHV_RUN_VP at a time
@@ -730,15 +730,27 @@ class SimVp:
             self.queue_interrupt(vector)
         return int(lib.HV_STATUS_SUCCESS), newly
 
-    def set_deliverability(self, sints: int) -> None:
-        """HV_REGISTER_DELIVERABILITY_NOTIFICATIONS from the VMM (any thread)."""
+    def set_deliverability(self, value: int) -> int:
+        """HV_REGISTER_DELIVERABILITY_NOTIFICATIONS from the VMM (any thread); an HV_STATUS.
+
+        The hypervisor takes the SINT bits and the interrupt notification with
+        its priority; an NMI notification or a reserved bit is
+        HV_STATUS_INVALID_PARAMETER (rust-vmm's test sees EINVAL for 1 on
+        hardware) and leaves the register as it was.  Interrupt notifications
+        are kept but never raised here (no HVMSG_X64_INTERRUPTION_DELIVERABLE:
+        docs/simulator.md)."""
+        register = ffi.new("union hv_deliverability_notifications_register *", {"as_uint64": value})
+        if register.bits.nmi_notification or register.bits.reserved:
+            return int(lib.HV_STATUS_INVALID_PARAMETER)
         with self._synic_lock:
-            self.synic.deliverability = sints & 0xFFFF
+            self.synic.deliverability = value
+        return int(lib.HV_STATUS_SUCCESS)
 
     def end_of_message(self) -> None:
         """Guest wrote EOM: tell the VMM which SINT slots are free if it asked."""
         with self._synic_lock:
-            wanted = self.synic.deliverability
+            register = ffi.new("union hv_deliverability_notifications_register *", {"as_uint64": self.synic.deliverability})
+            wanted = int(register.bits.sints)
             if not wanted:
                 return
             free = 0
@@ -746,7 +758,8 @@ class SimVp:
                 slot = self.synic.message_slot(sint)
                 if wanted & (1 << sint) and slot is not None and self._slot_free(slot):
                     free |= 1 << sint
-            self.synic.deliverability &= ~free
+            register.bits.sints = wanted & ~free
+            self.synic.deliverability = int(register.as_uint64)
         if free:
             msg, payload = new_message(lib.HVMSG_SYNIC_SINT_DELIVERABLE, "struct hv_x64_sint_deliverable_message")
             intercepts.fill_header(self, payload.header)

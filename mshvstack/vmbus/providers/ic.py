@@ -93,7 +93,7 @@ class IcProvider:
     def __init__(self, instance_id: uuid.UUID | None = None) -> None:
         if instance_id is not None:
             self.instance_id = instance_id
-        self.channel: "Channel | None" = None
+        self.channel: Channel | None = None
         self.framework: tuple[int, int] | None = None
         self.version: tuple[int, int] | None = None
         self.negotiation_failed = False
@@ -103,22 +103,22 @@ class IcProvider:
         self.last_seen: float | None = None
 
     # ---- provider interface
-    def on_open(self, channel: "Channel") -> bool:
+    def on_open(self, channel: Channel) -> bool:
         self.channel = channel
         self.framework = self.version = None
         self.negotiation_failed = False
         return True
 
-    def on_opened(self, channel: "Channel") -> None:
+    def on_opened(self, channel: Channel) -> None:
         body = negotiate_body(((1, 0), (3, 0)), tuple(sorted(self.versions)))
         channel.send_inband(encode(int(lib.ICMSGTYPE_NEGOTIATE), body, (0, 0), (0, 0)))
 
-    def on_close(self, channel: "Channel") -> None:
+    def on_close(self, channel: Channel) -> None:
         with self.cond:
             self.channel = None
             self.cond.notify_all()
 
-    def on_packet(self, channel: "Channel", packet: Packet) -> None:
+    def on_packet(self, channel: Channel, packet: Packet) -> None:
         if packet.type != INBAND:
             raise VmbusProtocolError(f"{self.name}: unexpected packet type {packet.type}")
         message = decode(packet.payload)

@@ -21,7 +21,8 @@ from mshvstack.abi import ffi, lib
 from mshvstack.partition.memory import GuestMemory, GuestMemoryError
 from mshvstack.vmbus.errors import VmbusProtocolError
 from mshvstack.vmbus.packets import GPA_DIRECT, INBAND, Packet
-from mshvstack.vmbus.providers.scsi import INQUIRY, MAX_TRANSFER as MAX_TRANSFER_BYTES, REPORT_LUNS, DiskImage, ScsiResult, absent_lun
+from mshvstack.vmbus.providers.scsi import INQUIRY, REPORT_LUNS, DiskImage, ScsiResult, absent_lun
+from mshvstack.vmbus.providers.scsi import MAX_TRANSFER as MAX_TRANSFER_BYTES
 
 if TYPE_CHECKING:
     from mshvstack.vmbus.channel import Channel
@@ -45,17 +46,17 @@ class Storage:
         self.requests = 0
         self.errors = 0
 
-    def on_open(self, channel: "Channel") -> bool:
+    def on_open(self, channel: Channel) -> bool:
         self.version, self.initialized = None, False
         return True
 
-    def on_opened(self, channel: "Channel") -> None:
+    def on_opened(self, channel: Channel) -> None:
         pass  # the guest speaks first
 
-    def on_close(self, channel: "Channel") -> None:
+    def on_close(self, channel: Channel) -> None:
         self.initialized = False
 
-    def on_packet(self, channel: "Channel", packet: Packet) -> None:
+    def on_packet(self, channel: Channel, packet: Packet) -> None:
         if packet.type not in (INBAND, GPA_DIRECT) or len(packet.payload) < 12:
             raise VmbusProtocolError(f"storvsp: packet type {packet.type} with {len(packet.payload)} bytes")
         request = ffi.new("struct vstor_packet *")
@@ -86,7 +87,7 @@ class Storage:
             channel.send_completion(packet.transaction_id, bytes(ffi.buffer(reply)))
 
     # ---- SCSI requests
-    def _execute(self, channel: "Channel", packet: Packet, request: Any, reply: Any) -> None:
+    def _execute(self, channel: Channel, packet: Packet, request: Any, reply: Any) -> None:
         memory = channel.memory
         srb = request.vm_srb
         out = reply.vm_srb
@@ -125,7 +126,7 @@ class Storage:
             out.sense_info_length = min(len(result.sense), lib.VMSCSI_SENSE_SIZE)
             ffi.memmove(out.sense_data, result.sense, out.sense_info_length)
 
-    def _buffer(self, channel: "Channel", packet: Packet, length: int) -> list[tuple[int, int]]:
+    def _buffer(self, channel: Channel, packet: Packet, length: int) -> list[tuple[int, int]]:
         """(gpa, size) pieces of the guest buffer, every page checked against RAM and
         against the channel's own rings (DMA there would rewrite the ring indices)."""
         memory = channel.memory

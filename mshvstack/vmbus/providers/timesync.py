@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 import time
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from mshvstack.abi import lib
 from mshvstack.vmbus.providers.ic import IcMessage, IcProvider

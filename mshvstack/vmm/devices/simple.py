@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
-
+from collections.abc import Callable
 
 
 class DebugExit:

@@ -122,7 +122,8 @@ extern "Python" void mshvstack_on_memory_fault(void *owner, int access, uint64_t
 HERE = Path(__file__).parent
 INCLUDE = HERE.parents[3] / "include"
 # One unit: parallel execution (x86parallel.c) and the intercept writer (x86exits.c) use the core's CPU state.
-SOURCE = "".join((HERE / name).read_text(encoding="utf-8") for name in ("x86core.c", "x86parallel.c", "x86exits.c"))
+C_SOURCES = ("x86core.c", "x86parallel.c", "x86exits.c")
+SOURCE = "".join((HERE / name).read_text(encoding="utf-8") for name in C_SOURCES)
 
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF)

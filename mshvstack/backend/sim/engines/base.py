@@ -12,8 +12,9 @@ engine imports the engine's library.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 
 class Special(enum.Enum):

@@ -20,7 +20,8 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import capstone
 import capstone.x86 as cx
@@ -29,12 +30,23 @@ import unicorn.x86_const as ux
 from unicorn.unicorn_py3.unicorn import uclib
 
 from mshvstack.abi import lib
-from mshvstack.backend.sim.engines._fastpath import ffi as core_ffi, lib as core
+from mshvstack.backend.sim.engines._fastpath import ffi as core_ffi
+from mshvstack.backend.sim.engines._fastpath import lib as core
+from mshvstack.backend.sim.engines.base import (
+    CONTINUE,
+    CodeReader,
+    EngineStop,
+    EngineTime,
+    Instruction,
+    InterruptAcknowledge,
+    MmioRead,
+    MmioWrite,
+    Special,
+    SpecialHandler,
+    StopKind,
+)
 from mshvstack.backend.sim.engines.plainram import PlainRam
 from mshvstack.backend.sim.engines.unicornsyms import SymbolsMissing, exported_addresses, library_addresses
-from mshvstack.backend.sim.engines.base import (
-    CONTINUE, CodeReader, EngineStop, EngineTime, InterruptAcknowledge, Instruction, MmioRead, MmioWrite, Special,
-    SpecialHandler, StopKind)
 
 # Stops with nothing to describe (one object each).
 _WRITTEN = EngineStop(StopKind.WRITTEN)   # the core wrote the intercept message and the register page
@@ -788,15 +800,28 @@ class UnicornEngine:
         kind = StopKind.PROTECTION if access in (unicorn.UC_MEM_WRITE_PROT, unicorn.UC_MEM_READ_PROT,
                                                  unicorn.UC_MEM_FETCH_PROT) else StopKind.UNMAPPED
         insn = self._current()
-        self._stop = EngineStop(kind, insn, address, write, fetch, size, value, linear=self._access_linear(insn, fetch))
+        linear = self._fetch_linear(address) if fetch else self._access_linear(insn)
+        self._stop = EngineStop(kind, insn, address, write, fetch, size, value, linear=linear)
 
-    def _access_linear(self, insn: Instruction | None, fetch: bool) -> int | None:
+    def _fetch_linear(self, gpa: int) -> int:
+        """The linear address whose fetch faulted at ``gpa``: the instruction's own
+        (CS base + RIP), or, where the instruction runs on into the next page, that
+        page's byte (paging keeps the offset within a page)."""
+        bits = self.code_bits()
+        start = (self._cs_base() + self.reg(_RIP)) & ((1 << (64 if bits == 64 else 32)) - 1)
+        if start & 0xFFF == gpa & 0xFFF:
+            return start
+        return ((start & ~0xFFF) + 0x1000) | (gpa & 0xFFF)
+
+    def _access_linear(self, insn: Instruction | None) -> int | None:
         """The linear address of the instruction's one memory operand (Unicorn's memory
-        hooks give only the physical one); None where there is not exactly one."""
+        hooks give only the physical one); None where there is not exactly one.
+
+        The effective address wraps at the instruction's address size (16-bit
+        addressing wraps at 64 KiB: [0x9004] is 0x9004, not a sign-extended
+        displacement) before the segment base is added."""
         if insn is None:
             return None
-        if fetch:
-            return insn.address
         bits = self.code_bits()
         decoder = self._operand_decoders.get(bits)
         if decoder is None:
@@ -814,6 +839,7 @@ class UnicornEngine:
                 address += self._uc.reg_read(getattr(ux, f"UC_X86_REG_{decoded.reg_name(operand.base).upper()}"))
             if operand.index:
                 address += operand.scale * self._uc.reg_read(getattr(ux, f"UC_X86_REG_{decoded.reg_name(operand.index).upper()}"))
+            address &= (1 << (8 * decoded.addr_size)) - 1   # the effective address, at the address size
             segment = operand.segment or (cx.X86_REG_SS if operand.base in (cx.X86_REG_RSP, cx.X86_REG_RBP, cx.X86_REG_ESP,
                                                                             cx.X86_REG_EBP, cx.X86_REG_SP, cx.X86_REG_BP)
                                           else cx.X86_REG_DS)
