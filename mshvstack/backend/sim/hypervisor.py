@@ -621,8 +621,6 @@ def register_file_get(vp: SimVp, name: int, value: Any) -> int:
     elif name in VECTOR_REGISTERS:
         wide = vp.reg(name)
         value.reg128.low_part, value.reg128.high_part = wide & (1 << 64) - 1, wide >> 64
-    elif name in _CONTROL_STATUS:
-        ffi.memmove(value, vp.reg(name).to_bytes(16, "little"), 16)
     else:
         value.reg64 = vp.reg(name)
     return HV_OK
@@ -651,17 +649,14 @@ def register_file_set(vp: SimVp, name: int, value: Any) -> int:
             vp.timers_changed()   # the VP may be running with the old deadline
     elif name in VECTOR_REGISTERS:
         vp.set_reg(name, int(value.reg128.low_part) | int(value.reg128.high_part) << 64)
-    elif name in _CONTROL_STATUS:
-        vp._state[name] = int.from_bytes(bytes(ffi.buffer(ffi.addressof(value), 16)), "little")
     elif name in (lib.HV_REGISTER_INTERCEPT_SUSPEND, lib.HV_REGISTER_EXPLICIT_SUSPEND, lib.HV_REGISTER_PENDING_INTERRUPTION,
-                  lib.HV_REGISTER_INTERRUPT_STATE, lib.HV_REGISTER_PENDING_EVENT0):
+                  lib.HV_REGISTER_PENDING_EVENT0):
         vp._state[name] = int(value.reg64)
     else:
         vp.set_reg(name, int(value.reg64))
     return HV_OK
 
 
-_CONTROL_STATUS = {int(lib.HV_X64_REGISTER_FP_CONTROL_STATUS), int(lib.HV_X64_REGISTER_XMM_CONTROL_STATUS)}
 _TIMER_REGISTERS = frozenset(int(lib.HV_REGISTER_STIMER0_CONFIG) + i for i in range(8))
 
 _MSR_BACKED = {
