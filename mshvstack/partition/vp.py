@@ -112,6 +112,16 @@ class Vp(FdOwner):
             result.update(zip(rest, calls.get_vp_registers64(self._target, self.index, rest)))
         return [result[n] for n in names]
 
+    def get_registers128(self, names: Iterable[int]) -> list[int]:
+        """Whole values (segments, XMM, x87: 128 bits), GPRs/RIP/RFLAGS from the page when valid."""
+        names = [int(n) for n in names]
+        page = [n for n in names if n in _PAGE_FAST] if self._page_valid() else []
+        result = dict(zip(page, self.get_registers(page)))
+        rest = [n for n in names if n not in result]
+        if rest:
+            result.update(zip(rest, calls.get_vp_registers128(self._target, self.index, rest)))
+        return [result[n] for n in names]
+
     def set_registers(self, values: Mapping[int, int]) -> None:
         """Write hv_register_names; GPRs/RIP/RFLAGS through the page when valid."""
         rest: dict[int, int] = {}
