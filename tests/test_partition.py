@@ -322,7 +322,7 @@ PARTITION_CALLS = {
     "assert_interrupt": (0x30,), "create_vp": (1,),
 }
 VP_CALLS = {
-    "get_registers": ([HvRegister.RAX],), "set_registers": ({HvRegister.RAX: 1},), "get_msrs": ([0xC0000080],),
+    "get_registers": ([HvRegister.RAX],), "get_registers128": ([HvRegister.RAX],), "set_registers": ({HvRegister.RAX: 1},), "get_msrs": ([0xC0000080],),
     "set_msrs": ({0xC0000080: 0},), "run": (), "inject_exception": (6,), "get_state": (VpStateKind.LAPIC,),
     "set_state": (VpStateKind.LAPIC, bytes(1024)),
 }

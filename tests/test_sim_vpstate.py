@@ -5,6 +5,7 @@ back), and a VP moved through them into another partition goes on exactly."""
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -166,3 +167,26 @@ def test_a_vp_moved_mid_computation_through_the_api_goes_on_exactly() -> None:
         assert abs(value - (3.141592653589793 + 2)) < 1e-12
         assert struct.unpack("<4f", target.memory.read(0x3010, 16)) == (3.0, 3.0, 3.0, 3.0)
         target.close()
+
+
+def test_reference_time_set_is_the_partitions_clock_and_its_tsc_page() -> None:
+    """A restored partition goes on from its saved time: REFERENCE_TIME sets the clock
+    (frozen, it thaws from there), and the guest's TSC page agrees with it (it kept the
+    old offset, so a pause made the guest's clocksource jump by the pause)."""
+    from mshvstack.backend.sim.engines.unicorn import read_tsc
+
+    with Mshv.open("sim") as mshv:
+        part, vp = _real_mode_partition(mshv)
+        vp.set_registers({R.HV_REGISTER_REFERENCE_TSC: 0x8000 | 1})   # the guest's TSC page at GPA 0x8000
+        part.set_property(R.HV_PARTITION_PROPERTY_TIME_FREEZE, 1)
+        part.set_property(R.HV_PARTITION_PROPERTY_REFERENCE_TIME, 10**12)
+        assert part.get_property(R.HV_PARTITION_PROPERTY_REFERENCE_TIME) == 10**12
+        time.sleep(0.05)
+        part.set_property(R.HV_PARTITION_PROPERTY_TIME_FREEZE, 0)
+        time.sleep(0.02)
+        now = part.get_property(R.HV_PARTITION_PROPERTY_REFERENCE_TIME)
+        assert 10**12 + 150_000 <= now < 10**12 + 10**7   # 15 ms to 1 s in 100 ns units
+        sequence, _, scale, offset = struct.unpack("<IIQq", part.memory.read(0x8000, 24))
+        page_time = ((read_tsc() * scale) >> 64) + offset
+        assert sequence != 0 and abs(page_time - part.get_property(R.HV_PARTITION_PROPERTY_REFERENCE_TIME)) < 10_000
+        part.close()

@@ -130,6 +130,7 @@ class PartitionMsrs:
     reference_tsc: int = 0
     crash: list[int] = field(default_factory=lambda: [0] * CRASH_PARAMETERS)   # P0..P4, the guest's crash report
     crash_ctl: int = 0
+    tsc_sequence: int = 0   # of the reference TSC page, bumped at each change
     # Writes that read one shared value to compute another (the hypercall page needs the OS id).
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -266,10 +267,14 @@ class HvEmulator:
         gpa = self.reference_tsc & ~0xFFF & U64
         services = self.services
         scale, offset = services.reference_tsc_parameters()
-        page = struct.pack("<IIQq", 1, 0, scale, offset)
+        # A guest reading while it changes sees the sequence change (0: invalid meanwhile) and reads again.
+        self.shared.tsc_sequence = self.shared.tsc_sequence % 0xFFFFFFFE + 1
+        page = struct.pack("<IIQq", self.shared.tsc_sequence, 0, scale, offset)
         assert len(page) == _TSC_PAGE_SIZE
         try:
-            services.memory.write(gpa, page)
+            services.memory.write(gpa, b"\0\0\0\0")
+            services.memory.write(gpa + 4, page[4:])
+            services.memory.write(gpa, page[:4])
         except GpaUnmapped:
             pass  # not RAM: the guest reads nothing valid there, as on hardware
 

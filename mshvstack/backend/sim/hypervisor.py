@@ -79,6 +79,7 @@ class SimPartition:
         self.properties: dict[int, int] = {
             int(lib.HV_PARTITION_PROPERTY_UNIMPLEMENTED_MSR_ACTION): int(lib.HV_UNIMPLEMENTED_MSR_ACTION_FAULT),
             int(lib.HV_PARTITION_PROPERTY_TIME_FREEZE): 0,
+            int(lib.HV_PARTITION_PROPERTY_REFERENCE_TIME): 0,   # read and set as the partition's clock
             int(lib.HV_PARTITION_PROPERTY_GPA_PAGE_ACCESS_TRACKING): 0,
             int(lib.HV_PARTITION_PROPERTY_MAX_XSAVE_DATA_SIZE): 4096,
             int(lib.HV_PARTITION_PROPERTY_XSAVE_STATES): 3,
@@ -346,6 +347,9 @@ class SimPartition:
             if value > 1:
                 return HvResult(int(lib.HV_STATUS_PROPERTY_VALUE_OUT_OF_RANGE))
             self._freeze(bool(value))
+        if code == lib.HV_PARTITION_PROPERTY_REFERENCE_TIME:
+            self._set_reference_time(value)
+            return HvResult(HV_OK)
         self.properties[code] = value
         if code == lib.HV_PARTITION_PROPERTY_GPA_PAGE_ACCESS_TRACKING:
             self._start_tracking(bool(value))
@@ -361,7 +365,25 @@ class SimPartition:
         elif not frozen and self._frozen_at is not None:
             frozen_at, self._frozen_at = self._frozen_at, None
             self.reference_offset += frozen_at - self.reference_time()
+            self._publish_reference_tsc()
             self._unfrozen.set()
+
+    def _set_reference_time(self, value: int) -> None:
+        """The partition's clock now reads ``value`` (a restored partition goes on from its
+        saved time); frozen, it thaws from there."""
+        if self._frozen_at is not None:
+            self._frozen_at = value
+        else:
+            self.reference_offset += value - self.reference_time()
+        self._publish_reference_tsc()
+        for vp in self.vps.values():
+            vp.timers_changed()   # expiries are in reference time: deadlines move with it
+
+    def _publish_reference_tsc(self) -> None:
+        """The reference TSC page follows the offset (else the guest's clocksource jumps)."""
+        vp = next(iter(self.vps.values()), None)
+        if vp is not None:
+            vp.hv.refresh_tsc_page()
 
     def _install_intercept(self, data: bytes, reps: int, start: int) -> HvResult:
         inp, _k = self._input("struct hv_input_install_intercept", data)
