@@ -508,3 +508,18 @@ def test_closing_a_partition_while_its_vps_run_stops_them_first() -> None:
         assert sorted(set(outcomes) - {"interrupted"}) == ["VP 0 is closed", "VP 1 is closed"], outcomes
     finally:
         mshv.close()
+
+
+def test_after_a_kick_the_register_page_shows_where_the_vp_stopped() -> None:
+    """The page is the VMM's view of the VP: a run interrupted by kick() (EINTR) must
+    leave it current, not at the last intercept (a snapshot then mixed the two)."""
+    # 1: inc cx ; mov [0x5000], cx ; jmp 1b
+    mshv, part, vp = _real_mode_vm(bytes.fromhex("41" "890e0050" "ebf9"))
+    try:
+        threading.Timer(0.2, vp.kick).start()
+        assert isinstance(vp.run(), Interrupted)
+        stored = int.from_bytes(part.memory.read(0x5000, 2), "little")
+        assert stored > 0 and vp.regs.rcx & 0xFFFF in (stored, (stored + 1) & 0xFFFF)
+    finally:
+        part.close()
+        mshv.close()

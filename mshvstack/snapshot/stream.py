@@ -53,7 +53,7 @@ class StreamWriter:
         ffi.memmove(header.magic, MAGIC, len(MAGIC))
         header.version = VERSION
         self._out.write(bytes(ffi.buffer(header)))
-        self.bytes_written = ffi.sizeof(_HEADER)
+        self.bytes_written: int = ffi.sizeof(_HEADER)
 
     def section(self, kind: SectionKind, payload: bytes) -> None:
         if len(payload) > MAX_SECTION:

@@ -59,7 +59,9 @@ class MachineConfig:
     disks: tuple[DiskSpec, ...] = ()
     shutdown_timeout: float = 30.0  # graceful shutdown falls back to power-off after this
 
-    def validate(self) -> MachineConfig:
+    def validate(self, boot_files: bool = True) -> MachineConfig:
+        """Check everything; ``boot_files=False`` for a machine restored from a snapshot
+        (its memory already holds what the kernel and initrd loaded)."""
         if (self.kernel is None) == (self.demo is None):
             raise ConfigError("give exactly one of a KERNEL file or --demo")
         if self.demo is not None and self.demo not in DEMO_GUESTS:
@@ -70,7 +72,7 @@ class MachineConfig:
             raise ConfigError(f"--memory must be between {MIN_MEMORY >> 20}M and {MAX_MEMORY >> 20}M, not {self.memory >> 20}M")
         if self.memory % (2 << 20):
             raise ConfigError("--memory must be a multiple of 2M")
-        for label, path in (("kernel", self.kernel), ("initrd", self.initrd)):
+        for label, path in (("kernel", self.kernel), ("initrd", self.initrd)) if boot_files else ():
             if path is not None and not path.is_file():
                 raise ConfigError(f"{label} {str(path)!r}: no such file")
             if path is not None and path.stat().st_size > self.memory:

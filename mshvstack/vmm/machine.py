@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from mshvstack.abi import lib
 from mshvstack.errors import MshvError
@@ -40,6 +40,7 @@ from mshvstack.partition import (
     VpExit,
 )
 from mshvstack.partition.exits import ExceptionIntercept, SintDeliverable
+from mshvstack.snapshot import StreamReader
 from mshvstack.vmbus.providers.base import Provider
 from mshvstack.vmbus.providers.heartbeat import Heartbeat
 from mshvstack.vmbus.providers.kvp import POOLS as KVP_POOLS
@@ -50,6 +51,7 @@ from mshvstack.vmbus.providers.storage import Storage
 from mshvstack.vmbus.providers.timesync import TimeSync
 from mshvstack.vmbus.server import VmbusServer
 from mshvstack.vmbus.synic import SynicHost
+from mshvstack.vmm import machinestate
 from mshvstack.vmm.bus import Bus
 from mshvstack.vmm.config import MachineConfig
 from mshvstack.vmm.crash import MSR_CRASH_CTL, GuestCrash, read_report
@@ -144,8 +146,13 @@ class MachineError(MshvError):
 
 
 class Machine:
-    def __init__(self, config: MachineConfig, console: Callable[[bytes], None] = lambda b: None) -> None:
-        self.config = config.validate()
+    def __init__(self, config: MachineConfig, console: Callable[[bytes], None] = lambda b: None,
+                 incoming: tuple[StreamReader, int] | None = None) -> None:
+        """``incoming``: a snapshot stream after its configuration, and its reference time
+        (machinestate.read_config): the machine is restored from it instead of booted."""
+        self.config = config.validate(boot_files=incoming is None)
+        self._incoming = incoming
+        self._parked: set[int] = set()   # VPs whose threads wait out a pause (out of their runs)
         self.console = console
         self.state = RunState.CREATED
         self.stats = ExitStats()
@@ -184,7 +191,8 @@ class Machine:
         self.uart = Uart16550(self.console, functools.partial(self.ioapic.pulse, acpi.COM1_IRQ))
         self.pio.register(acpi.COM1_PORT, acpi.COM1_PORTS, self.uart, "16550 UART (COM1)")
         self.pio.register(I8042_BASE, I8042_SIZE, I8042(lambda: self.stop(StopReason(StopKind.RESET, 0, "guest requested reset"))), "i8042")
-        self.pio.register(CMOS_BASE, CMOS_SIZE, CmosRtc(memory_mb=config.memory >> 20), "CMOS/RTC")
+        self.cmos = CmosRtc(memory_mb=config.memory >> 20)
+        self.pio.register(CMOS_BASE, CMOS_SIZE, self.cmos, "CMOS/RTC")
         self.pio.register(DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit), "debug exit")
         sleep = AcpiSleepControl(lambda: self.stop(StopReason(StopKind.POWEROFF, 0, "guest powered off (ACPI S5)")),
                                  acpi.SLEEP_TYPE_S5, acpi.SLP_EN, acpi.SLP_TYP_SHIFT)
@@ -196,7 +204,7 @@ class Machine:
         self.synic: SynicHost | None = None
         if config.vmbus:
             self._build_vmbus()
-        boot = self._load()
+        boot = self._load() if self._incoming is None else None
         for bus in (self.pio, self.mmio):
             for base, length, name in bus.devices():
                 log.info("%s device %s at %#x (%d bytes)", bus.name, name, base, length)
@@ -204,13 +212,17 @@ class Machine:
         for index in range(config.vcpus):
             vp = self.partition.create_vp(index)
             self.vps.append(vp)
-        # Keep the hypervisor's reset APIC base: the loaders leave it 0, which disables the LAPIC.
-        boot.sregs.apic_base = self.vps[0].sregs.apic_base
-        self.vps[0].sregs = boot.sregs
-        self.vps[0].regs = boot.regs
-        for ap in self.vps[1:]:
-            # APs wait for INIT/SIPI from the BSP (startup-suspend).
-            ap.set_registers({HvRegister.INTERNAL_ACTIVITY_STATE: 1})
+        if self._incoming is not None:
+            machinestate.restore_into(self, *self._incoming)
+        else:
+            assert boot is not None
+            # Keep the hypervisor's reset APIC base: the loaders leave it 0, which disables the LAPIC.
+            boot.sregs.apic_base = self.vps[0].sregs.apic_base
+            self.vps[0].sregs = boot.sregs
+            self.vps[0].regs = boot.regs
+            for ap in self.vps[1:]:
+                # APs wait for INIT/SIPI from the BSP (startup-suspend).
+                ap.set_registers({HvRegister.INTERNAL_ACTIVITY_STATE: 1})
         memory = self.partition.memory
         self.mmio_emulator = MmioEmulator(self.mmio.read, self.mmio.write, None,
                                           lambda gpa, size: int.from_bytes(memory.read(gpa, size), "little"),
@@ -340,6 +352,19 @@ class Machine:
             for vp in self.vps:
                 vp.kick()
         self._emit("STOP")
+
+    def snapshot(self, out: BinaryIO, timeout: float = 10.0) -> int:
+        """Save the paused machine into ``out`` (machinestate.py) once every VP is out of
+        its run; bytes written."""
+        with self._lifecycle:
+            if self.state is not RunState.PAUSED:
+                raise MachineError(f"cannot save a machine that is {self.state.value}: pause it first")
+            machinestate.refuse_unsupported(self)
+            running = {vp.index for vp, thread in zip(self.vps, self._vp_threads) if thread.is_alive()}
+            with self._state_changed:
+                if not self._state_changed.wait_for(lambda: running <= self._parked, timeout):
+                    raise MachineError(f"VPs {sorted(running - self._parked)} did not stop for the snapshot")
+            return machinestate.save(self, out)
 
     def resume(self) -> None:
         with self._lifecycle:
@@ -530,7 +555,10 @@ class Machine:
             while self.state is not RunState.STOPPED and not self._resetting:
                 if self.state is RunState.PAUSED:
                     with self._state_changed:
+                        self._parked.add(vp.index)
+                        self._state_changed.notify_all()
                         self._state_changed.wait_for(lambda: self.state is not RunState.PAUSED or self._resetting, 0.5)
+                        self._parked.discard(vp.index)
                     continue
                 exit_ = vp.run()
                 started = time.perf_counter()

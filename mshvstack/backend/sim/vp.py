@@ -419,6 +419,7 @@ class SimVp:
                 with self._wake:
                     if self._kick:
                         self._kick = False
+                        self._publish_register_page()   # the VP ran since the last exit: the page shows it now
                         raise Kicked()
                     exit_msg, self._pending_exit = self._pending_exit, None
             if exit_msg is None:

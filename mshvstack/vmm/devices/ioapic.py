@@ -16,7 +16,8 @@ import logging
 import os
 import selectors
 import threading
-from typing import Protocol
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 from mshvstack.errors import MshvError
 from mshvstack.partition.partition import MsiRoute
@@ -78,6 +79,17 @@ def msi_route(pin: int, entry: int) -> MsiRoute:
     if entry & Entry.LEVEL:
         data |= MSI_LEVEL | MSI_LEVEL_ASSERT
     return MsiRoute(pin, address, data)
+
+
+@dataclass(frozen=True)
+class IoApicState:
+    """The redirection table (remote IRR included), the lines' levels, the id and the selector."""
+
+    VERSION: ClassVar[int] = 1
+    apic_id: int
+    select: int
+    entries: tuple[int, ...]
+    lines: tuple[bool, ...]
 
 
 class IoApic:
@@ -177,6 +189,21 @@ class IoApic:
                 self.partition.irqfd(self._trigger[pin], pin)
             except MshvError as again:
                 log.warning("I/O APIC: cannot bind pin %d: %s", pin, again)
+
+    def save(self) -> IoApicState:
+        with self._lock:
+            return IoApicState(self.apic_id, self.select, tuple(self.entries), tuple(self.lines))
+
+    def restore(self, state: IoApicState) -> None:
+        """Take a saved state: the routes and irqfd bindings follow the entries."""
+        if len(state.entries) != PINS or len(state.lines) != PINS:
+            raise ValueError(f"an I/O APIC state has {PINS} pins, not {len(state.entries)}")
+        with self._lock:
+            self.apic_id, self.select = state.apic_id & 0x0F, state.select & 0xFF
+            self.entries, self.lines = list(state.entries), list(state.lines)
+            self._route()
+            for pin in range(PINS):
+                self._bind(pin)
 
     # ---- device side
     def set_line(self, pin: int, high: bool) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 
 class DebugExit:
@@ -58,6 +60,13 @@ def _bcd(value: int) -> int:
     return (value // 10) << 4 | value % 10
 
 
+@dataclass(frozen=True)
+class CmosState:
+    VERSION: ClassVar[int] = 1
+    index: int
+    nvram: bytes
+
+
 class CmosRtc:
     """CMOS index/data ports with an RTC that reads host time (UTC, BCD, 24h),
     enough for Linux's mc146818 driver to read the date."""
@@ -100,6 +109,14 @@ class CmosRtc:
             self.index = value & 0xFF
         elif self._time_register(self.index & 0x7F) is None:
             self.nvram[self.index & 0x7F] = value & 0xFF
+
+    def save(self) -> CmosState:
+        return CmosState(self.index, bytes(self.nvram))
+
+    def restore(self, state: CmosState) -> None:
+        if len(state.nvram) != len(self.nvram):
+            raise ValueError(f"CMOS NVRAM is {len(self.nvram)} bytes, not {len(state.nvram)}")
+        self.index, self.nvram[:] = state.index & 0xFF, state.nvram
 
 
 class Scratch:

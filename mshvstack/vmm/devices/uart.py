@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 # Register offsets
 RBR_THR_DLL, IER_DLM, IIR_FCR, LCR, MCR, LSR, MSR, SCR = range(8)
@@ -14,6 +16,22 @@ IER_RDI, IER_THRI = 0x01, 0x02
 IIR_NONE, IIR_THRI, IIR_RDI = 0x01, 0x02, 0x04
 IIR_FIFO = 0xC0
 MCR_LOOP = 0x10
+
+
+@dataclass(frozen=True)
+class UartState:
+    """The UART's registers and the input the guest has not read yet."""
+
+    VERSION: ClassVar[int] = 1
+    ier: int
+    lcr: int
+    mcr: int
+    scr: int
+    fcr: int
+    dll: int
+    dlm: int
+    rx: bytes
+    thr_empty_pending: bool
 
 
 class Uart16550:
@@ -107,4 +125,17 @@ class Uart16550:
                 self.scr = value
         if out is not None:
             self.output(out)
+        self._raise()
+
+    def save(self) -> UartState:
+        with self._lock:
+            return UartState(self.ier, self.lcr, self.mcr, self.scr, self.fcr, self.dll, self.dlm, bytes(self.rx),
+                             self.thr_empty_pending)
+
+    def restore(self, state: UartState) -> None:
+        with self._lock:
+            self.ier, self.lcr, self.mcr, self.scr, self.fcr = state.ier, state.lcr, state.mcr, state.scr, state.fcr
+            self.dll, self.dlm, self.thr_empty_pending = state.dll, state.dlm, state.thr_empty_pending
+            self.rx.clear()
+            self.rx.extend(state.rx)
         self._raise()

@@ -1,0 +1,131 @@
+"""A machine saved while its guest computes, and started again from the snapshot in
+a new machine: the guest goes on where it was (nothing lost, nothing repeated),
+as if it had never stopped; a damaged or foreign snapshot is refused with one
+clear error and nothing started."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import pytest
+
+from mshvstack.snapshot import SnapshotError
+from mshvstack.vmm import machinestate
+from mshvstack.vmm.config import MachineConfig
+from mshvstack.vmm.machine import Machine, MachineError, StopKind
+
+from guests import assemble_elf
+
+LETTERS = 20
+# An x87 sum and a counter, a letter on COM1 every 2^20 steps ('A', 'B', ...); at the
+# end the debug exit gets 1 when the x87 sum still equals the counter.
+COUNTING = f"""
+    fninit
+    fldz
+    xor %ecx, %ecx
+1:  fld1
+    faddp
+    inc %ecx
+    test $0xFFFFF, %ecx
+    jnz 1b
+    mov %ecx, %eax
+    shr $20, %eax
+    add $0x40, %al
+    mov $0x3f8, %dx
+    out %al, (%dx)
+    cmp ${LETTERS << 20}, %ecx
+    jb 1b
+    fistpl sum
+    xor %eax, %eax
+    cmp sum, %ecx
+    sete %al
+    out %al, $0xf4
+    hlt
+sum: .long 0
+"""
+EXPECTED = bytes(range(ord("A"), ord("A") + LETTERS))
+
+
+def _config(kernel: Path, vcpus: int = 1) -> MachineConfig:
+    return MachineConfig(kernel=kernel, backend="sim", memory=32 << 20, vcpus=vcpus, vmbus=False)
+
+
+def _saved_half_way(kernel: Path, vcpus: int = 1) -> tuple[bytes, bytes]:
+    """Run until a few letters are out, pause, save; (console so far, snapshot)."""
+    out = bytearray()
+    machine = Machine(_config(kernel, vcpus), console=out.extend)
+    try:
+        machine.start()
+        deadline = time.monotonic() + 60
+        while len(out) < 5:
+            assert time.monotonic() < deadline and machine.reason is None, (bytes(out), machine.reason)
+            time.sleep(0.005)
+        machine.pause()
+        snapshot = io.BytesIO()
+        size = machine.snapshot(snapshot)
+        assert size == len(snapshot.getvalue())
+        return bytes(out), snapshot.getvalue()
+    finally:
+        machine.stop_and_close() if hasattr(machine, "stop_and_close") else machine.close()
+
+
+def _restored(snapshot: bytes) -> tuple[Machine, bytearray]:
+    reader, config, reference_time = machinestate.read_config(io.BytesIO(snapshot), "snapshot", "sim")
+    out = bytearray()
+    return Machine(config, console=out.extend, incoming=(reader, reference_time)), out
+
+
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_a_machine_restored_from_a_snapshot_goes_on_where_it_was(tmp_path: Path, vcpus: int) -> None:
+    kernel = assemble_elf(COUNTING, tmp_path)
+    before, snapshot = _saved_half_way(kernel, vcpus)
+    assert 5 <= len(before) < LETTERS, before
+    kernel.unlink()   # the restored machine needs none of its boot files
+    machine, after = _restored(snapshot)
+    reason = machine.run()
+    assert (reason.kind, reason.exit_code) == (StopKind.DEBUG_EXIT, 1), reason   # the x87 sum went on with the count
+    assert before + bytes(after) == EXPECTED                                      # no letter lost or repeated
+
+
+def test_one_snapshot_restored_twice_runs_twice(tmp_path: Path) -> None:
+    _, snapshot = _saved_half_way(assemble_elf(COUNTING, tmp_path))
+    results = []
+    for _ in range(2):
+        machine, after = _restored(snapshot)
+        results.append((machine.run().exit_code, bytes(after)))
+    assert results[0] == results[1] and results[0][0] == 1
+
+
+def test_a_machine_with_vmbus_devices_is_not_saved(tmp_path: Path) -> None:
+    machine = Machine(MachineConfig(kernel=assemble_elf("1: pause\njmp 1b", tmp_path), backend="sim", memory=32 << 20))
+    try:
+        machine.start()
+        machine.pause()
+        with pytest.raises(SnapshotError, match="VMBus devices cannot be saved yet"):
+            machine.snapshot(io.BytesIO())
+    finally:
+        machine.close()
+
+
+def test_a_running_machine_is_not_saved(tmp_path: Path) -> None:
+    machine = Machine(_config(assemble_elf("1: pause\njmp 1b", tmp_path)))
+    try:
+        machine.start()
+        with pytest.raises(MachineError, match="pause it first"):
+            machine.snapshot(io.BytesIO())
+    finally:
+        machine.close()
+
+
+def test_damaged_snapshots_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    _, snapshot = _saved_half_way(assemble_elf(COUNTING, tmp_path))
+    with pytest.raises(SnapshotError, match="truncated"):
+        machine, _ = _restored(snapshot[: len(snapshot) // 2])
+    corrupt = bytearray(snapshot)
+    corrupt[len(corrupt) // 3] ^= 0x10
+    with pytest.raises(SnapshotError, match="corrupt"):
+        _restored(bytes(corrupt))
+    with pytest.raises(SnapshotError, match="not an mshvstack snapshot"):
+        _restored(b"\x7fELF" + bytes(100))
