@@ -92,6 +92,24 @@ def _stats_table(stats: dict[str, dict[str, float]]) -> Table:
     return table
 
 
+def _open_incoming(uri: str, backend: str) -> tuple[Any, Any]:
+    """The configuration and the rest of the stream of ``run --incoming file:PATH``."""
+    from mshvstack.snapshot import SnapshotError
+    from mshvstack.vmm import machinestate
+    from mshvstack.vmm.config import ConfigError
+    from mshvstack.vmm.migration import MigrationError, snapshot_path
+
+    try:
+        path = snapshot_path(uri)
+        source = open(path, "rb")   # read while the machine is built from it
+        reader, config, reference_time = machinestate.read_config(source, str(path), backend)
+    except (MigrationError, SnapshotError) as exc:
+        raise ConfigError(f"--incoming: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"--incoming {uri}: {exc.strerror}") from None
+    return config, (reader, reference_time)
+
+
 @app.command()
 def run(
     kernel: Path | None = typer.Argument(None, metavar="KERNEL",
@@ -118,6 +136,9 @@ def run(
                                             "(Ctrl-C included); Ctrl-A x quits, Ctrl-A h lists the keys."),
     show_stats: bool = typer.Option(False, "--stats", metavar="", help="Print a table of exits by type and where the time went."),
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print the run summary as JSON (console goes to stderr)."),
+    incoming: str | None = typer.Option(None, "--incoming", metavar="file:PATH",
+                                        help="Start from a snapshot (QMP migrate to file:PATH) instead of booting: the "
+                                             "machine's configuration comes from it."),
 ) -> None:
     """Boot a guest and run it until it stops; the guest's console is live."""
     from mshvstack.vmm.config import DEMO_GUESTS, LINUX_DEMO, ConfigError, DiskSpec, MachineConfig, parse_size
@@ -138,19 +159,25 @@ def run(
         assert linux_demo is not None
         demo, kernel, initrd, extract = False, linux_demo.kernel, linux_demo.initrd, True
         memory, disk = "512M" if memory == "256M" else memory, [*disk, str(linux_demo.disk)]
+    stream = None
     try:
-        if demo and kernel is not None:
+        if incoming is not None:
+            if kernel is not None or demo:
+                raise ConfigError("--incoming starts the machine saved in the snapshot: give no KERNEL or --demo")
+            config, stream = _open_incoming(incoming, backend)
+        elif demo and kernel is not None:
             raise ConfigError("give either a KERNEL file or --demo, not both")
-        config = MachineConfig(kernel=kernel, demo=demo_guest if demo or kernel is None else None, memory=parse_size(memory),
-                               vcpus=vcpus, cmdline=cmdline, initrd=initrd, backend=backend, profile=profile,
-                               extract_vmlinux=extract, vmbus=not no_vmbus,
-                               disks=tuple(DiskSpec.parse(d) for d in disk)).validate()
+        else:
+            config = MachineConfig(kernel=kernel, demo=demo_guest if demo or kernel is None else None, memory=parse_size(memory),
+                                   vcpus=vcpus, cmdline=cmdline, initrd=initrd, backend=backend, profile=profile,
+                                   extract_vmlinux=extract, vmbus=not no_vmbus,
+                                   disks=tuple(DiskSpec.parse(d) for d in disk)).validate()
     except ConfigError as exc:
         _fail(str(exc))
     write, close_console = _console_sink(console_target, as_json)
     server = None
     try:
-        machine = Machine(config, console=write)
+        machine = Machine(config, console=write, incoming=stream)
         if api_socket is not None:
             try:
                 server = QmpServer(machine, api_socket)

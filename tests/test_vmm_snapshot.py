@@ -5,7 +5,10 @@ clear error and nothing started."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -68,7 +71,7 @@ def _saved_half_way(kernel: Path, vcpus: int = 1) -> tuple[bytes, bytes]:
         assert size == len(snapshot.getvalue())
         return bytes(out), snapshot.getvalue()
     finally:
-        machine.stop_and_close() if hasattr(machine, "stop_and_close") else machine.close()
+        machine.close()
 
 
 def _restored(snapshot: bytes) -> tuple[Machine, bytearray]:
@@ -129,3 +132,58 @@ def test_damaged_snapshots_are_refused_before_anything_starts(tmp_path: Path) ->
         _restored(bytes(corrupt))
     with pytest.raises(SnapshotError, match="not an mshvstack snapshot"):
         _restored(b"\x7fELF" + bytes(100))
+
+
+def test_qmp_migrate_to_a_file_then_run_incoming_goes_on(tmp_path: Path) -> None:
+    """As a user does it: QMP ``migrate`` with ``file:`` (qemu.qmp as the client), the
+    source ends in ``postmigrate``; ``mshvstack run --incoming file:`` goes on."""
+    qmp = pytest.importorskip("qemu.qmp", reason="the qemu.qmp client is part of the test extras")
+    kernel = assemble_elf(COUNTING.replace("test $0xFFFFF, %ecx", "test $0x3FFFFF, %ecx"), tmp_path)   # slower letters
+    first, second, socket, snapshot = (tmp_path / "console1", tmp_path / "console2", tmp_path / "qmp.sock",
+                                       tmp_path / "snap.bin")
+    source = subprocess.Popen([sys.executable, "-m", "mshvstack.cli", "run", str(kernel), "--no-vmbus", "--memory", "32M",
+                               "--backend", "sim", "--api-socket", str(socket), "--console", str(first)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+
+    async def migrate() -> tuple[list[str], str]:
+        client = qmp.QMPClient("migrate-test")
+        deadline = time.monotonic() + 60
+        while not socket.exists() or not first.exists() or len(first.read_bytes()) < 2:
+            assert time.monotonic() < deadline and source.poll() is None, "the source never started"
+            await asyncio.sleep(0.02)
+        await client.connect(str(socket))
+        statuses = []
+        with client.listener("MIGRATION") as events:
+            await client.execute("migrate", {"uri": f"file:{snapshot}"})
+            while not statuses or statuses[-1] not in ("completed", "failed"):
+                statuses.append((await asyncio.wait_for(events.get(), 60))["data"]["status"])
+        info = await client.execute("query-migrate")
+        assert info["status"] == "completed" and info["ram"]["transferred"] == snapshot.stat().st_size, info
+        status = (await client.execute("query-status"))["status"]
+        await client.execute("quit")
+        await client.disconnect()
+        return statuses, status
+
+    try:
+        statuses, status = asyncio.run(migrate())
+        source.wait(timeout=60)
+    finally:
+        source.kill()
+    assert statuses == ["setup", "active", "completed"] and status == "postmigrate"
+    before = first.read_bytes()
+    kernel.unlink()
+    result = subprocess.run([sys.executable, "-m", "mshvstack.cli", "run", "--incoming", f"file:{snapshot}", "--backend",
+                             "sim", "--console", str(second)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr   # the debug exit's value: the x87 sum went on
+    assert before + second.read_bytes() == EXPECTED[3::4] and before   # a letter every 4 of the fast guest's
+
+
+def test_run_incoming_refuses_a_bad_snapshot_in_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"MSHVSNAP" + bytes(8))
+    for uri, message in ((f"file:{bad}", "format version 0; this mshvstack reads version 1"), (f"file:{tmp_path / 'none'}", "No such file"),
+                         ("tcp:localhost:4444", "not supported yet")):
+        result = subprocess.run([sys.executable, "-m", "mshvstack.cli", "run", "--incoming", uri, "--backend", "sim"],
+                                capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert result.returncode != 0 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -66,6 +66,7 @@ from mshvstack.vmm.loader.bzimage import extract_vmlinux, is_bzimage, load_bzima
 from mshvstack.vmm.loader.elf import load_elf
 from mshvstack.vmm.loader.pvh import write_start_info
 from mshvstack.vmm.loader.x86boot import BootState, long_mode, protected_mode
+from mshvstack.vmm.migration import Migration
 from mshvstack.vmm.mmio import MmioAccess, MmioEmulator, MmioError, MmioUnsupported
 from mshvstack.vmm.stats import ExitStats
 
@@ -153,6 +154,7 @@ class Machine:
         self.config = config.validate(boot_files=incoming is None)
         self._incoming = incoming
         self._parked: set[int] = set()   # VPs whose threads wait out a pause (out of their runs)
+        self.migration = Migration(self)
         self.console = console
         self.state = RunState.CREATED
         self.stats = ExitStats()
@@ -298,6 +300,18 @@ class Machine:
         """Call ``listener(event, data)`` on every lifecycle event; returns the unsubscribe."""
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def emit_event(self, event: str, **data: Any) -> None:
+        """Tell the listeners (QMP clients) of an event another part of the VMM had."""
+        self._emit(event, **data)
+
+    def pause_if_running(self) -> bool:
+        """Pause a running machine; True if it was running (a paused one stays so)."""
+        with self._lifecycle:
+            if self.state is RunState.PAUSED:
+                return False
+            self.pause()
+            return True
 
     def _emit(self, event: str, **data: Any) -> None:
         for listener in list(self._listeners):

@@ -30,6 +30,7 @@ from mshvstack import __version__
 from mshvstack.errors import MshvError
 from mshvstack.vmm.jsonstream import JsonInputError, JsonSplitter
 from mshvstack.vmm.machine import Machine, RunState, ShutdownCause, StopKind
+from mshvstack.vmm.migration import MigrationError
 
 log = logging.getLogger(__name__)
 VENDOR = "__org.mshvstack_"
@@ -321,6 +322,8 @@ def _run_status(machine: Machine) -> str:
     if machine.state is RunState.STOPPED:
         kind = machine.reason.kind if machine.reason else None
         return {StopKind.PANIC: "guest-panicked", StopKind.ERROR: "internal-error"}.get(kind, "shutdown")  # type: ignore[arg-type]
+    if machine.state is RunState.PAUSED and machine.migration.completed:
+        return "postmigrate"
     return {RunState.CREATED: "prelaunch", RunState.RUNNING: "running", RunState.PAUSED: "paused"}[machine.state]
 
 
@@ -352,6 +355,21 @@ def _live(session: Session) -> Machine:
     if session.machine.state not in (RunState.RUNNING, RunState.PAUSED):
         raise QmpError(f"the machine is {session.machine.state.value}")
     return session.machine
+
+
+@command("migrate", uri=Param(str))
+def _migrate(session: Session, args: dict[str, Any]) -> Any:
+    _live(session)
+    try:
+        session.machine.migration.start(args["uri"])
+    except MigrationError as exc:
+        raise QmpError(str(exc)) from None
+    return {}
+
+
+@command("query-migrate")
+def _query_migrate(session: Session, args: dict[str, Any]) -> Any:
+    return session.machine.migration.info.as_qmp()
 
 
 @command("system_powerdown")
