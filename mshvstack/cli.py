@@ -260,8 +260,9 @@ def _run_with_console(machine: Machine, stdin: bool) -> StopReason:
 def ctl(
     socket_path: Path = typer.Argument(..., metavar="SOCKET", help="The machine's --api-socket."),
     command: str = typer.Argument(..., metavar="COMMAND", help="status, pause, resume, shutdown (ask the guest), poweroff, reset, "
-                                  "timesync (step the guest clock to the host's), or kvp."),
-    args: list[str] = typer.Argument(None, metavar="ARGS", help="For kvp: get KEY | set KEY VALUE | delete KEY | list [POOL]."),
+                                  "timesync (step the guest clock to the host's), kvp, or snapshot PATH."),
+    args: list[str] = typer.Argument(None, metavar="ARGS", help="For kvp: get KEY | set KEY VALUE | delete KEY | list [POOL]; "
+                                     "for snapshot: the file to write."),
     pool: str = typer.Option("external", "--pool", metavar="POOL", help="KVP pool: external, guest, auto, auto_external."),
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print the raw JSON reply."),
     timeout: float = typer.Option(30.0, "--timeout", metavar="SECONDS", help="Seconds to wait for the machine's answer (all of it)."),
@@ -276,9 +277,13 @@ def ctl(
     except ControlError as exc:
         _fail(str(exc))
     arguments = _kvp_arguments(args or [], pool) if command == "kvp" else {}
+    if command == "snapshot":
+        if len(args or []) != 1:
+            _fail("usage: mshvstack ctl SOCKET snapshot PATH")
+        arguments = {"path": (args or [""])[0]}
     try:
         reply = request(socket_path, command, arguments, timeout=timeout)
-        rows = status_rows(reply) if reply.get("ok") and command != "kvp" else []
+        rows = status_rows(reply) if reply.get("ok") and command not in ("kvp", "snapshot") else []
     except ControlError as exc:
         _fail(str(exc), 1)
         return
@@ -289,6 +294,10 @@ def ctl(
     elif command == "kvp":
         for pair in reply.get("pairs", []):
             typer.echo(f"{pair['key']}={pair['value']}")
+    elif command == "snapshot":
+        Console().print(Text(f"saved {reply['snapshot']}: {reply['bytes'] / 1e6:.1f} MB, the guest paused "
+                             f"{reply['downtime_ms']} ms (now postmigrate: resume it, or start it elsewhere with "
+                             f"run --incoming file:{reply['snapshot']})"))
     else:
         table = Table(show_header=False, box=None)
         for label, text in rows:

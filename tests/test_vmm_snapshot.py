@@ -187,3 +187,31 @@ def test_run_incoming_refuses_a_bad_snapshot_in_one_line(tmp_path: Path) -> None
                                 capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert result.returncode != 0 and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_ctl_snapshot_saves_a_running_machine(tmp_path: Path) -> None:
+    kernel = assemble_elf(COUNTING.replace("test $0xFFFFF, %ecx", "test $0x3FFFFF, %ecx"), tmp_path)
+    socket, snapshot, console = tmp_path / "qmp.sock", tmp_path / "saved.snap", tmp_path / "console"
+    source = subprocess.Popen([sys.executable, "-m", "mshvstack.cli", "run", str(kernel), "--no-vmbus", "--memory", "32M",
+                               "--backend", "sim", "--api-socket", str(socket), "--console", str(console)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not socket.exists():
+            assert time.monotonic() < deadline and source.poll() is None
+            time.sleep(0.02)
+        ctl = [sys.executable, "-m", "mshvstack.cli", "ctl", str(socket)]
+        saved = subprocess.run([*ctl, "snapshot", str(snapshot)], capture_output=True, text=True, timeout=60)
+        assert saved.returncode == 0 and f"saved {snapshot}" in saved.stdout and "postmigrate" in saved.stdout, saved
+        assert snapshot.stat().st_size < 2 << 20   # 32 MiB of RAM, nearly all zero pages
+        status = subprocess.run([*ctl, "status", "--json"], capture_output=True, text=True, timeout=60)
+        assert '"paused"' in status.stdout or '"postmigrate"' in status.stdout, status.stdout
+        missing = subprocess.run([*ctl, "snapshot"], capture_output=True, text=True, timeout=60)
+        assert missing.returncode != 0 and "ctl SOCKET snapshot PATH" in missing.stderr
+        subprocess.run([*ctl, "poweroff"], capture_output=True, timeout=60)
+        source.wait(timeout=60)
+    finally:
+        source.kill()
+    result = subprocess.run([sys.executable, "-m", "mshvstack.cli", "run", "--incoming", f"file:{snapshot}", "--backend", "sim",
+                             "--console", str(tmp_path / "after")], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 1 and console.read_bytes() + (tmp_path / "after").read_bytes() == EXPECTED[3::4]

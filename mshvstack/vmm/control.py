@@ -28,7 +28,9 @@ VERBS = {
     "reset": "system_reset",
     "timesync": VENDOR + "timesync",
     "kvp": None,   # VENDOR + "kvp-<operation>"
+    "snapshot": None,   # migrate to file:PATH, then query-migrate until it ends
 }
+MIGRATION_POLL = 0.1         # seconds between query-migrate polls
 KVP_OPERATIONS = ("get", "set", "delete", "list")
 MAX_REPLY = 1 << 20          # bytes in one message from the server
 MAX_DEPTH = 32               # nesting of one message (ours is at most 4 deep)
@@ -196,6 +198,8 @@ def request(path: Path, verb: str, arguments: dict[str, str] | None = None, time
         try:
             if verb == "kvp":
                 return {"ok": True, "pairs": _kvp(client, arguments)}
+            if verb == "snapshot":
+                return {"ok": True, **_snapshot(client, arguments.get("path", ""))}
             command = VERBS[verb]
             assert command is not None
             if command != VENDOR + "query-machine":
@@ -205,6 +209,26 @@ def request(path: Path, verb: str, arguments: dict[str, str] | None = None, time
             return {"ok": False, "error": exc.desc, "class": exc.error_class}
         status_rows(status, client.peer)   # refuses a status of another shape
         return {"ok": True, **status}
+
+
+def _snapshot(client: QmpClient, path: str) -> dict[str, Any]:
+    """Save the machine to ``path`` (QMP migrate to file:), waiting for it to complete."""
+    if not path:
+        raise QmpCommandError("GenericError", "snapshot needs the file to write: ctl SOCKET snapshot PATH")
+    client.execute("migrate", {"uri": f"file:{Path(path).resolve()}"})
+    while True:
+        info = client.execute("query-migrate")
+        status = info.get("status") if isinstance(info, dict) else None
+        if status == "completed":
+            ram = info.get("ram")
+            if not isinstance(ram, dict) or not isinstance(ram.get("transferred"), int):
+                raise ControlError(f"{client.peer} answered query-migrate with {_short(info)}")
+            return {"snapshot": path, "bytes": ram["transferred"], "downtime_ms": info.get("downtime")}
+        if status == "failed":
+            raise QmpCommandError("GenericError", f"the snapshot failed: {info.get('error-desc')}")
+        if status not in ("setup", "active"):
+            raise ControlError(f"{client.peer} answered query-migrate with {_short(info)}")
+        time.sleep(MIGRATION_POLL)
 
 
 def _kvp(client: QmpClient, arguments: dict[str, str]) -> list[dict[str, Any]]:
