@@ -102,12 +102,12 @@ def _open_incoming(uri: str, backend: str) -> tuple[Any, Any]:
     try:
         path = snapshot_path(uri)
         source = open(path, "rb")   # read while the machine is built from it
-        reader, config, reference_time = machinestate.read_config(source, str(path), backend)
+        reader, config = machinestate.read_config(source, str(path), backend)
     except (MigrationError, SnapshotError) as exc:
         raise ConfigError(f"--incoming: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"--incoming {uri}: {exc.strerror}") from None
-    return config, (reader, reference_time)
+    return config, reader
 
 
 @app.command()

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from mshvstack.errors import MshvError
 
+PAGE = 4096
+
 
 class GuestMemoryError(MshvError):
     """A guest-physical access outside the mapped RAM."""
@@ -42,6 +44,7 @@ class GuestMemory:
     def __init__(self, written: Callable[[int, int], None] | None = None) -> None:
         self._regions: list[MemoryRegion] = []
         self._written = written   # told (host address, length) after each write
+        self._logged: set[int] | None = None   # pages written through here while logging (migration)
 
     @property
     def regions(self) -> tuple[MemoryRegion, ...]:
@@ -95,8 +98,19 @@ class GuestMemory:
                 return region.host[offset : offset + length]
         return b"".join(bytes(r.host[o : o + n]) for r, o, n in self._pieces(gpa, length))
 
+    def log_writes(self, on: bool) -> None:
+        """Record the pages the VMM writes (the hypervisor's dirty bitmap sees guest writes only)."""
+        self._logged = set() if on else None
+
+    def take_logged(self) -> set[int]:
+        """GPAs of the pages written since the last call (logging stays on)."""
+        logged, self._logged = self._logged, set() if self._logged is not None else None
+        return logged or set()
+
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         length = len(data)
+        if self._logged is not None and length:
+            self._logged.update(range(gpa & ~(PAGE - 1), gpa + length, PAGE))
         for region in self._regions:
             offset = gpa - region.gpa
             if 0 <= offset and offset + length <= region.size:

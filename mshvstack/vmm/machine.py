@@ -148,9 +148,9 @@ class MachineError(MshvError):
 
 class Machine:
     def __init__(self, config: MachineConfig, console: Callable[[bytes], None] = lambda b: None,
-                 incoming: tuple[StreamReader, int] | None = None) -> None:
-        """``incoming``: a snapshot stream after its configuration, and its reference time
-        (machinestate.read_config): the machine is restored from it instead of booted."""
+                 incoming: StreamReader | None = None) -> None:
+        """``incoming``: a snapshot stream after its configuration (machinestate.read_config):
+        the machine is restored from it instead of booted."""
         self.config = config.validate(boot_files=incoming is None)
         self._incoming = incoming
         self._parked: set[int] = set()   # VPs whose threads wait out a pause (out of their runs)
@@ -215,7 +215,7 @@ class Machine:
             vp = self.partition.create_vp(index)
             self.vps.append(vp)
         if self._incoming is not None:
-            machinestate.restore_into(self, *self._incoming)
+            machinestate.restore_into(self, self._incoming)
         else:
             assert boot is not None
             # Keep the hypervisor's reset APIC base: the loaders leave it 0, which disables the LAPIC.

@@ -88,16 +88,16 @@ def _decode_record(cls: type, data: Any, what: str) -> Any:
     return cls(**values)
 
 
-def _config_record(config: MachineConfig, reference_time: int) -> bytes:
+def _config_record(config: MachineConfig) -> bytes:
     return json.dumps({
         "kernel": str(config.kernel) if config.kernel else None, "demo": config.demo, "memory": config.memory,
         "vcpus": config.vcpus, "cmdline": config.cmdline, "initrd": str(config.initrd) if config.initrd else None,
         "profile": config.profile, "test_devices": config.test_devices, "extract_vmlinux": config.extract_vmlinux,
-        "reference_time": reference_time, "saved_at": time.time(),
+        "saved_at": time.time(),
     }).encode()
 
 
-def _config_from(payload: bytes, backend: str) -> tuple[MachineConfig, int]:
+def _config_from(payload: bytes, backend: str) -> MachineConfig:
     try:
         data = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -106,7 +106,7 @@ def _config_from(payload: bytes, backend: str) -> tuple[MachineConfig, int]:
         raise SnapshotError("the snapshot's configuration is not an object")
     expected: dict[str, Any] = {"kernel": (str, type(None)), "demo": (str, type(None)), "memory": int, "vcpus": int, "cmdline": str,
                 "initrd": (str, type(None)), "profile": str, "test_devices": bool, "extract_vmlinux": bool,
-                "reference_time": int, "saved_at": (int, float)}
+                "saved_at": (int, float)}
     for key, kind in expected.items():
         if key not in data or not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
             raise SnapshotError(f"the snapshot's configuration has no valid {key!r}")
@@ -119,50 +119,72 @@ def _config_from(payload: bytes, backend: str) -> tuple[MachineConfig, int]:
         config.validate(boot_files=False)
     except ConfigError as exc:
         raise SnapshotError(f"the snapshot's configuration: {exc}") from None
-    reference_time = int(data["reference_time"])
-    if not 0 <= reference_time < 1 << 63:
-        raise SnapshotError("the snapshot's reference time is out of range")
-    return config, reference_time
+    return config
 
 
 # ---- saving
-def save(machine: Machine, out: BinaryIO) -> int:
-    """Write the machine (paused, every VP out of its run) into ``out``; bytes written."""
+def write_config(machine: Machine, writer: StreamWriter) -> None:
     refuse_unsupported(machine)
-    partition = machine.partition
-    writer = StreamWriter(out)
-    writer.section(SectionKind.CONFIG, _config_record(machine.config,
-                                                      partition.get_property(lib.HV_PARTITION_PROPERTY_REFERENCE_TIME)))
+    writer.section(SectionKind.CONFIG, _config_record(machine.config))
+
+
+def write_memory(machine: Machine, writer: StreamWriter, pages: set[int] | None = None) -> int:
+    """All of guest RAM (zero pages left out), or only the pages at the GPAs given; bytes sent."""
+    memory, sent = machine.partition.memory, 0
+    for region in memory.regions:
+        for start in range(region.gpa, region.end, CHUNK):
+            length = min(CHUNK, region.end - start)
+            if pages is None:
+                chunk = MemoryChunk.from_memory(start, memory.view(start, length))
+            else:
+                wanted = [gpa for gpa in range(start, start + length, PAGE) if gpa in pages]
+                if not wanted:
+                    continue
+                chunk = MemoryChunk(start, length // PAGE, {(gpa - start) // PAGE: memory.read(gpa, PAGE) for gpa in wanted})
+            payload = chunk.encode()
+            writer.section(SectionKind.MEMORY, payload)
+            sent += len(payload)
+    return sent
+
+
+def write_final(machine: Machine, writer: StreamWriter) -> None:
+    """What is taken once the machine is paused: VPs, devices, the clock; then the end."""
     for vp in machine.vps:
         writer.section(SectionKind.VP, save_vp(vp).encode())
-    for region in partition.memory.regions:
-        for start in range(0, region.size, CHUNK):
-            length = min(CHUNK, region.size - start)
-            chunk = MemoryChunk.from_memory(region.gpa + start, partition.memory.view(region.gpa + start, length))
-            writer.section(SectionKind.MEMORY, chunk.encode())
     for name, device in _devices(machine).items():
         writer.section(SectionKind.DEVICE, json.dumps({"name": name, "state": _encode_record(device.save())}).encode())
+    clock = machine.partition.get_property(lib.HV_PARTITION_PROPERTY_REFERENCE_TIME)
+    writer.section(SectionKind.CLOCK, clock.to_bytes(8, "little"))
     writer.end()
+
+
+def save(machine: Machine, out: BinaryIO) -> int:
+    """Write the machine (paused, every VP out of its run) into ``out``; bytes written."""
+    writer = StreamWriter(out)
+    write_config(machine, writer)
+    write_memory(machine, writer)
+    write_final(machine, writer)
     return writer.bytes_written
 
 
 # ---- restoring
-def read_config(source: BinaryIO, name: str, backend: str) -> tuple[StreamReader, MachineConfig, int]:
+def read_config(source: BinaryIO, name: str, backend: str) -> tuple[StreamReader, MachineConfig]:
     """Open a stream and read its configuration (its first section)."""
     reader = StreamReader(source, name)
     first = next(reader, None)
     if first is None or first.kind is not SectionKind.CONFIG:
         raise SnapshotError(f"{name} does not start with the machine's configuration")
-    config, reference_time = _config_from(first.payload, backend)
-    return reader, config, reference_time
+    return reader, _config_from(first.payload, backend)
 
 
-def restore_into(machine: Machine, reader: StreamReader, reference_time: int) -> None:
-    """Fill a machine built from the stream's configuration (VPs created, nothing run)."""
+def restore_into(machine: Machine, reader: StreamReader) -> None:
+    """Fill a machine built from the stream's configuration (VPs created, nothing run).
+    Memory may come more than once (a live migration's passes): the last copy counts."""
     memory, size = machine.partition.memory, machine.config.memory
     restored: set[int] = set()
     devices = _devices(machine)
     seen_devices: set[str] = set()
+    clock: int | None = None
     for section in reader:
         if section.kind is SectionKind.VP:
             record = VpRecord.decode(section.payload)
@@ -189,10 +211,14 @@ def restore_into(machine: Machine, reader: StreamReader, reference_time: int) ->
             except ValueError as exc:
                 raise SnapshotError(f"device {name}: {exc}") from None
             seen_devices.add(name)
+        elif section.kind is SectionKind.CLOCK and len(section.payload) == 8 and clock is None:
+            clock = int.from_bytes(section.payload, "little")
         else:
-            raise SnapshotError(f"a {section.kind.name} section where VPs, memory or devices were expected")
+            raise SnapshotError(f"a {section.kind.name} section where VPs, memory, devices or the clock were expected")
     if restored != set(range(len(machine.vps))):
         raise SnapshotError(f"the snapshot lacks VPs {sorted(set(range(len(machine.vps))) - restored)}")
     if seen_devices != set(DEVICE_RECORDS):
         raise SnapshotError(f"the snapshot lacks devices {sorted(set(DEVICE_RECORDS) - seen_devices)}")
-    machine.partition.set_property(lib.HV_PARTITION_PROPERTY_REFERENCE_TIME, reference_time)
+    if clock is None or clock >= 1 << 63:
+        raise SnapshotError("the snapshot lacks the partition's clock")
+    machine.partition.set_property(lib.HV_PARTITION_PROPERTY_REFERENCE_TIME, clock)
