@@ -97,12 +97,17 @@ def _open_incoming(uri: str, backend: str) -> tuple[Any, Any]:
     from mshvstack.snapshot import SnapshotError
     from mshvstack.vmm import machinestate
     from mshvstack.vmm.config import ConfigError
-    from mshvstack.vmm.migration import MigrationError, snapshot_path
+    from mshvstack.vmm.migration import FILE_SCHEME, MigrationError, listen_incoming, snapshot_path, socket_address
 
     try:
-        path = snapshot_path(uri)
-        source = open(path, "rb")   # read while the machine is built from it
-        reader, config = machinestate.read_config(source, str(path), backend)
+        if uri.startswith(FILE_SCHEME):
+            path = snapshot_path(uri)
+            source: Any = open(path, "rb")   # read while the machine is built from it
+        else:
+            socket_address(uri)   # a bad URI is refused before anything waits
+            console.print(Text(f"waiting for the migration stream on {uri}"))
+            source = listen_incoming(uri).makefile("rb")
+        reader, config = machinestate.read_config(source, uri, backend)
     except (MigrationError, SnapshotError) as exc:
         raise ConfigError(f"--incoming: {exc}") from None
     except OSError as exc:

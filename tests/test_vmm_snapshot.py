@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket as socketlib
 import subprocess
 import sys
 import time
@@ -189,7 +190,7 @@ def test_run_incoming_refuses_a_bad_snapshot_in_one_line(tmp_path: Path) -> None
     bad = tmp_path / "bad.bin"
     bad.write_bytes(b"MSHVSNAP" + bytes(8))
     for uri, message in ((f"file:{bad}", "format version 0; this mshvstack reads version 1"), (f"file:{tmp_path / 'none'}", "No such file"),
-                         ("tcp:localhost:4444", "not supported yet")):
+                         ("ftp:host", "use file:PATH, unix:PATH or tcp:HOST:PORT")):
         result = subprocess.run([sys.executable, "-m", "mshvstack.cli", "run", "--incoming", uri, "--backend", "sim"],
                                 capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert result.returncode != 0 and message in result.stderr, result.stderr
@@ -222,3 +223,117 @@ def test_ctl_snapshot_saves_a_running_machine(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "mshvstack.cli", "run", "--incoming", f"file:{snapshot}", "--backend", "sim",
                              "--console", str(tmp_path / "after")], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 1 and console.read_bytes() + (tmp_path / "after").read_bytes() == EXPECTED
+
+
+LOG = 0x1000000        # a page per 2^18 steps: slot i holds i << 18 once written
+LOG_SHIFT = 18
+
+
+def logging_counting(shift: int = 24) -> str:
+    """counting(), also storing the count into a page of its own every 2^18 steps, and
+    at the end checking every page holds what was stored (a page a migration lost or
+    sent stale fails it)."""
+    slots = (LETTERS << shift) >> LOG_SHIFT
+    return counting(shift).replace("""    inc %ecx
+""", f"""    inc %ecx
+    test ${(1 << LOG_SHIFT) - 1:#x}, %ecx
+    jnz 2f
+    mov %ecx, %eax
+    shr ${LOG_SHIFT - 12}, %eax
+    mov %ecx, {LOG:#x}(%rax)
+2:
+""").replace("""    fistpl sum
+""", f"""    mov $1, %esi
+3:  mov %esi, %eax
+    shl $12, %eax
+    mov {LOG:#x}(%rax), %edx
+    mov %esi, %eax
+    shl ${LOG_SHIFT}, %eax
+    cmp %eax, %edx
+    jne 4f
+    inc %esi
+    cmp ${slots}, %esi
+    jbe 3b
+    fistpl sum
+""").replace("""    sete %al
+""", """    sete %al
+    jmp 5f
+4:  xor %eax, %eax
+5:
+""")
+
+
+def _source(kernel: Path, tmp_path: Path, name: str) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    socket, console = tmp_path / f"{name}.qmp", tmp_path / f"{name}.console"
+    process = subprocess.Popen([sys.executable, "-m", "mshvstack.cli", "run", str(kernel), "--no-vmbus", "--memory", "32M",
+                                "--backend", "sim", "--api-socket", str(socket), "--console", str(console)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    return process, socket, console
+
+
+async def _migrate(qmp: object, socket: Path, console: Path, uri: str, cancel: bool = False) -> tuple[list[str], str]:
+    client = qmp.QMPClient("live-migration")   # type: ignore[attr-defined]
+    deadline = time.monotonic() + 60
+    while not socket.exists() or not console.exists() or len(console.read_bytes()) < 2:
+        assert time.monotonic() < deadline, "the source never got going"
+        await asyncio.sleep(0.02)
+    await client.connect(str(socket))
+    statuses: list[str] = []
+    with client.listener("MIGRATION") as events:
+        await client.execute("migrate", {"uri": uri})
+        if cancel:
+            await asyncio.sleep(0.5)
+            await client.execute("migrate_cancel")
+        while not statuses or statuses[-1] not in ("completed", "failed", "cancelled"):
+            statuses.append((await asyncio.wait_for(events.get(), 120))["data"]["status"])
+    status = (await client.execute("query-status"))["status"]
+    if not cancel:
+        await client.execute("quit")
+    await client.disconnect()
+    return statuses, status
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_live_migration_moves_a_running_guest_between_processes(tmp_path: Path, transport: str) -> None:
+    """Pre-copy while the guest keeps writing its log pages, then the last pages and the
+    CPU state: the destination goes on and finds every page it wrote."""
+    qmp = pytest.importorskip("qemu.qmp", reason="the qemu.qmp client is part of the test extras")
+    kernel = assemble_elf(logging_counting(), tmp_path)
+    if transport == "unix":
+        uri = f"unix:{tmp_path / 'incoming.sock'}"
+    else:
+        with socketlib.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            uri = f"tcp:127.0.0.1:{probe.getsockname()[1]}"
+    after = tmp_path / "destination.console"
+    destination = subprocess.Popen([sys.executable, "-m", "mshvstack.cli", "run", "--incoming", uri, "--backend", "sim",
+                                    "--console", str(after)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    source, socket, before = _source(kernel, tmp_path, "source")
+    try:
+        time.sleep(0.5)   # the destination listens
+        statuses, status = asyncio.run(_migrate(qmp, socket, before, uri))
+        source.wait(timeout=60)
+        code = destination.wait(timeout=180)
+    finally:
+        source.kill()
+        destination.kill()
+    assert statuses[0] == "setup" and statuses[-1] == "completed" and status == "postmigrate", statuses
+    assert code == 1, destination.stderr.read() if destination.stderr else code   # every log page and the x87 sum right
+    assert before.read_bytes() + after.read_bytes() == EXPECTED
+
+
+def test_migrate_cancel_leaves_the_source_running(tmp_path: Path) -> None:
+    qmp = pytest.importorskip("qemu.qmp", reason="the qemu.qmp client is part of the test extras")
+    kernel = assemble_elf(logging_counting(), tmp_path)
+    sink = socketlib.socket(socketlib.AF_UNIX)
+    sink.bind(str(tmp_path / "sink.sock"))
+    sink.listen(1)   # accepts and never reads: the source blocks sending until cancelled
+    source, socket, console = _source(kernel, tmp_path, "source")
+    try:
+        statuses, status = asyncio.run(_migrate(qmp, socket, console, f"unix:{tmp_path / 'sink.sock'}", cancel=True))
+        code = source.wait(timeout=180)   # the guest goes on to its end on the source
+    finally:
+        source.kill()
+        sink.close()
+    assert statuses[-1] == "cancelled" and status == "running", (statuses, status)
+    assert code == 1 and console.read_bytes() == EXPECTED

@@ -367,17 +367,21 @@ class Machine:
                 vp.kick()
         self._emit("STOP")
 
+    def wait_parked(self, timeout: float = 10.0) -> None:
+        """Wait until every VP thread of the paused machine is out of its run."""
+        if self.state is not RunState.PAUSED:
+            raise MachineError(f"cannot save a machine that is {self.state.value}: pause it first")
+        running = {vp.index for vp, thread in zip(self.vps, self._vp_threads) if thread.is_alive()}
+        with self._state_changed:
+            if not self._state_changed.wait_for(lambda: running <= self._parked, timeout):
+                raise MachineError(f"VPs {sorted(running - self._parked)} did not stop for the snapshot")
+
     def snapshot(self, out: BinaryIO, timeout: float = 10.0) -> int:
         """Save the paused machine into ``out`` (machinestate.py) once every VP is out of
         its run; bytes written."""
         with self._lifecycle:
-            if self.state is not RunState.PAUSED:
-                raise MachineError(f"cannot save a machine that is {self.state.value}: pause it first")
             machinestate.refuse_unsupported(self)
-            running = {vp.index for vp, thread in zip(self.vps, self._vp_threads) if thread.is_alive()}
-            with self._state_changed:
-                if not self._state_changed.wait_for(lambda: running <= self._parked, timeout):
-                    raise MachineError(f"VPs {sorted(running - self._parked)} did not stop for the snapshot")
+            self.wait_parked(timeout)
             return machinestate.save(self, out)
 
     def resume(self) -> None:

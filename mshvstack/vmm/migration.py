@@ -10,20 +10,27 @@ paused afterwards (QEMU's ``postmigrate``); ``cont`` resumes it.
 from __future__ import annotations
 
 import enum
+import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from mshvstack.errors import MshvError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from mshvstack.vmm.machine import Machine
 
 FILE_SCHEME = "file:"
-LIVE_SCHEMES = ("tcp:", "unix:", "exec:", "fd:")
+LIVE_SCHEMES = ("tcp:", "unix:")
+MAX_PASSES = 30              # pre-copy passes before the machine is paused regardless
+FINAL_PAGES = 512            # dirty pages few enough to send while paused (2 MiB)
+CONNECT_TIMEOUT = 30.0
 
 
 class MigrationStatus(enum.Enum):
@@ -32,6 +39,7 @@ class MigrationStatus(enum.Enum):
     ACTIVE = "active"
     COMPLETED = "completed"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 class MigrationError(MshvError):
@@ -45,6 +53,9 @@ class MigrationInfo:
     total_ms: int = 0
     downtime_ms: int = 0
     transferred: int = 0
+    remaining: int = 0
+    dirty_rate: int = 0        # pages per second, the last pass
+    passes: int = 0
     error: str | None = None
 
     def as_qmp(self) -> dict[str, Any]:
@@ -57,6 +68,8 @@ class MigrationInfo:
                          "ram": {"transferred": self.transferred, "remaining": 0, "total": self.transferred}})
         elif self.status is MigrationStatus.ACTIVE:
             info["total-time"] = int((time.monotonic() - self.started) * 1000)
+            info["ram"] = {"transferred": self.transferred, "remaining": self.remaining,
+                           "dirty-pages-rate": self.dirty_rate, "dirty-sync-count": self.passes}
         if self.error is not None:
             info["error-desc"] = self.error
         return info
@@ -66,10 +79,38 @@ def snapshot_path(uri: str) -> Path:
     """The file a ``file:PATH`` URI names; a clear error for any other URI."""
     if uri.startswith(FILE_SCHEME) and len(uri) > len(FILE_SCHEME):
         return Path(uri[len(FILE_SCHEME):])
-    if uri.startswith(LIVE_SCHEMES):
-        raise MigrationError(f"migration to {uri.split(':', 1)[0]}: is not supported yet: save to file:PATH and "
-                             "start the destination with run --incoming file:PATH")
-    raise MigrationError(f"unknown migration URI {uri!r}: use file:PATH")
+    raise MigrationError(f"{uri!r} is not a file:PATH URI")
+
+
+def socket_address(uri: str) -> tuple[int, str | tuple[str, int]]:
+    """(address family, address) of ``unix:PATH`` or ``tcp:HOST:PORT``."""
+    if uri.startswith("unix:") and len(uri) > 5:
+        return socket.AF_UNIX, uri[5:]
+    if uri.startswith("tcp:"):
+        host, _, port = uri[4:].rpartition(":")
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            return socket.AF_INET, (host.strip("[]"), int(port))
+    raise MigrationError(f"unknown migration URI {uri!r}: use file:PATH, unix:PATH or tcp:HOST:PORT")
+
+
+def listen_incoming(uri: str) -> socket.socket:
+    """The destination's side of ``run --incoming unix:|tcp:``: the one connection it accepts."""
+    family, address = socket_address(uri)
+    with socket.socket(family, socket.SOCK_STREAM) as server:
+        if family == socket.AF_INET:
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        elif os.path.exists(str(address)):
+            raise MigrationError(f"{address} exists: remove it or choose another socket path")
+        try:
+            server.bind(address)
+            server.listen(1)
+            connection, _peer = server.accept()
+        except OSError as exc:
+            raise MigrationError(f"cannot listen on {uri}: {exc.strerror}") from None
+        finally:
+            if family == socket.AF_UNIX:
+                Path(str(address)).unlink(missing_ok=True)
+    return connection
 
 
 class Migration:
@@ -79,19 +120,35 @@ class Migration:
         self._machine = machine
         self.info = MigrationInfo()
         self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._connection: socket.socket | None = None
 
     @property
     def completed(self) -> bool:
         return self.info.status is MigrationStatus.COMPLETED
 
     def start(self, uri: str) -> None:
-        path = snapshot_path(uri)
+        target: Any = snapshot_path(uri) if uri.startswith(FILE_SCHEME) else socket_address(uri)
         with self._lock:
             if self.info.status in (MigrationStatus.SETUP, MigrationStatus.ACTIVE):
                 raise MigrationError("a migration is already running")
             self.info = MigrationInfo(MigrationStatus.SETUP, time.monotonic())
+        self._cancel = threading.Event()
         self._machine.emit_event("MIGRATION", status=MigrationStatus.SETUP.value)
-        threading.Thread(target=self._save, args=(path,), name="migration", daemon=True).start()
+        work = self._save if isinstance(target, Path) else self._send
+        threading.Thread(target=work, args=(target,), name="migration", daemon=True).start()
+
+    def cancel(self) -> None:
+        """migrate_cancel: a live migration stops (a send blocked on a slow destination
+        too); the source runs on."""
+        if self.info.status in (MigrationStatus.SETUP, MigrationStatus.ACTIVE):
+            self._cancel.set()
+            connection = self._connection
+            if connection is not None:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def _set(self, status: MigrationStatus, **changes: Any) -> None:
         with self._lock:
@@ -121,3 +178,106 @@ class Migration:
             self._set(MigrationStatus.FAILED, error=str(exc))
             if was_running:
                 machine.resume()
+
+    def _send(self, target: tuple[int, Any]) -> None:
+        """Pre-copy: all of RAM while the guest runs, then the pages it dirtied, pass after
+        pass, until few are left (or MAX_PASSES); then paused: the last pages, the VPs, the
+        devices and the clock.  The hypervisor's dirty bitmap has the guest's writes, the
+        memory's log the VMM's own."""
+        from mshvstack.snapshot import StreamWriter
+        from mshvstack.vmm import machinestate
+
+        machine = self._machine
+        paused = tracking = False
+        try:
+            family, address = target
+            with socket.socket(family, socket.SOCK_STREAM) as connection:
+                self._connection = connection
+                connection.settimeout(CONNECT_TIMEOUT)
+                connection.connect(address)
+                connection.settimeout(None)
+                out = cast(BinaryIO, connection.makefile("wb", buffering=1 << 20))
+                writer = StreamWriter(out)
+                machinestate.write_config(machine, writer)
+                self._set(MigrationStatus.ACTIVE)
+                tracking = self._start_tracking()
+                self.info.transferred += machinestate.write_memory(machine, writer)
+                for _ in range(MAX_PASSES if tracking else 0):
+                    if self._cancel.is_set():
+                        raise _Cancelled
+                    started = time.monotonic()
+                    dirty = self._take_dirty()
+                    self.info.passes += 1
+                    self.info.remaining = len(dirty) * 4096
+                    if len(dirty) <= FINAL_PAGES:
+                        break
+                    self.info.transferred += machinestate.write_memory(machine, writer, dirty)
+                    self.info.dirty_rate = int(len(dirty) / max(time.monotonic() - started, 1e-3))
+                else:
+                    dirty = set()
+                paused = machine.pause_if_running()
+                paused_at = time.monotonic()
+                machine.wait_parked()
+                if tracking:
+                    dirty |= self._take_dirty()
+                    self.info.transferred += machinestate.write_memory(machine, writer, dirty)
+                else:   # stop and copy: all of RAM again, now that nothing changes it
+                    self.info.transferred += machinestate.write_memory(machine, writer)
+                machinestate.write_final(machine, writer)
+                out.flush()
+                now = time.monotonic()
+            self._stop_tracking(tracking)
+            self._set(MigrationStatus.COMPLETED, total_ms=int((now - self.info.started) * 1000),
+                      downtime_ms=int((now - paused_at) * 1000), remaining=0)
+        except _Cancelled:
+            self._stop_tracking(tracking)
+            self._set(MigrationStatus.CANCELLED)
+            if paused:
+                machine.resume()
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, the migration fails and the source runs on
+            self._stop_tracking(tracking)
+            if self._cancel.is_set():
+                self._set(MigrationStatus.CANCELLED)
+            else:
+                self._set(MigrationStatus.FAILED, error=str(exc) or type(exc).__name__)
+            if paused:
+                machine.resume()
+        finally:
+            self._connection = None
+
+    def _start_tracking(self) -> bool:
+        """Dirty-page tracking for pre-copy; False where the partition refuses it (the
+        simulator beyond its limit): the memory then goes once more while paused."""
+        partition = self._machine.partition
+        try:
+            partition.enable_dirty_tracking(True)
+        except MshvError as exc:
+            log.warning("no dirty-page tracking (%s): stop-and-copy", exc)
+            return False
+        partition.memory.log_writes(True)
+        self._take_dirty()   # from now on
+        return True
+
+    def _take_dirty(self) -> set[int]:
+        memory = self._machine.partition.memory
+        dirty = memory.take_logged()
+        for region in memory.regions:
+            dirty.update(self._machine.partition.dirty_pages(region.gpa, region.size))
+        return dirty
+
+    def _stop_tracking(self, tracking: bool) -> None:
+        """Tracking is turned off with every dirty bit set first (the hypervisor requires it)."""
+        partition = self._machine.partition
+        partition.memory.log_writes(False)
+        if not tracking:
+            return
+        try:
+            for region in partition.memory.regions:
+                partition.dirty_pages(region.gpa, region.size, clear=False)
+            partition.enable_dirty_tracking(False)
+        except MshvError as exc:
+            log.warning("dirty-page tracking stays on: %s", exc)
+
+
+class _Cancelled(Exception):
+    """migrate_cancel was asked for."""

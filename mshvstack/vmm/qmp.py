@@ -367,6 +367,12 @@ def _migrate(session: Session, args: dict[str, Any]) -> Any:
     return {}
 
 
+@command("migrate_cancel")
+def _migrate_cancel(session: Session, args: dict[str, Any]) -> Any:
+    session.machine.migration.cancel()
+    return {}
+
+
 @command("query-migrate")
 def _query_migrate(session: Session, args: dict[str, Any]) -> Any:
     return session.machine.migration.info.as_qmp()

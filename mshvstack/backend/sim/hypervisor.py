@@ -66,6 +66,9 @@ _PRIVILEGES_LOW = int(lib.HV_MSR_VP_INDEX_AVAILABLE | lib.HV_MSR_HYPERCALL_AVAIL
 _PRIVILEGES_HIGH = int(lib.HV_POST_MESSAGES | lib.HV_SIGNAL_EVENTS)
 
 
+MAX_TRACKED_PAGES = 1024   # dirty-page tracking's limit on the simulator (docs/simulator.md)
+
+
 class SimPartition:
     def __init__(self, flags: int, disabled_features: tuple[int, int] = (0, 0), disabled_xsave: int = 0) -> None:
         self.flags = flags
@@ -350,10 +353,17 @@ class SimPartition:
         if code == lib.HV_PARTITION_PROPERTY_REFERENCE_TIME:
             self._set_reference_time(value)
             return HvResult(HV_OK)
+        if code == lib.HV_PARTITION_PROPERTY_GPA_PAGE_ACCESS_TRACKING and value and self._tracked_pages() > MAX_TRACKED_PAGES:
+            # Tracking write-protects page by page in Unicorn, whose region splits cost time
+            # quadratic in their number (1500 pages: 111 s) and then fail: refused beyond this.
+            return HvResult(int(lib.HV_STATUS_INSUFFICIENT_MEMORY))
         self.properties[code] = value
         if code == lib.HV_PARTITION_PROPERTY_GPA_PAGE_ACCESS_TRACKING:
             self._start_tracking(bool(value))
         return HvResult(HV_OK)
+
+    def _tracked_pages(self) -> int:
+        return sum(region.pages for region in self.memory.regions if region.writable)
 
     def _freeze(self, frozen: bool) -> None:
         if frozen and self._frozen_at is None:
