@@ -131,8 +131,18 @@ class PartitionMsrs:
     crash: list[int] = field(default_factory=lambda: [0] * CRASH_PARAMETERS)   # P0..P4, the guest's crash report
     crash_ctl: int = 0
     tsc_sequence: int = 0   # of the reference TSC page, bumped at each change
-    # Writes that read one shared value to compute another (the hypercall page needs the OS id).
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # Writes that read one shared value to compute another (the hypercall page needs the OS id), from
+    # any VP's thread.  A leaf: nothing is called with it held.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def set_hypercall(self, value: int) -> int:
+        """Write the hypercall MSR; the enable bit is dropped while no guest OS id is set
+        (the guest must set one first).  Returns the value written."""
+        with self._lock:
+            if not self.guest_os_id:
+                value &= ~int(lib.HV_X64_MSR_HYPERCALL_ENABLE)
+            self.hypercall = value
+            return value
 
 
 @dataclass
@@ -245,11 +255,7 @@ class HvEmulator:
         return None
 
     def _set_hypercall_page(self, value: int) -> None:
-        # The guest must set a guest OS id first; otherwise the enable is ignored.
-        with self.shared.lock:
-            if not self.shared.guest_os_id:
-                value &= ~int(lib.HV_X64_MSR_HYPERCALL_ENABLE)
-            self.shared.hypercall = value
+        value = self.shared.set_hypercall(value)
         if value & lib.HV_X64_MSR_HYPERCALL_ENABLE:
             gpa = value & ~0xFFF & U64
             page = HYPERCALL_PAGE_CODE + b"\xcc" * (PAGE - len(HYPERCALL_PAGE_CODE))
