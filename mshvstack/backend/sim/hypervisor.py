@@ -346,17 +346,21 @@ class SimPartition:
                     vp.engine.protect(region.gpa + (page << PAGE_SHIFT), 1 << PAGE_SHIFT, False, region.executable)
 
     def track_write(self, gpa: int) -> bool:
-        """A guest write hit a tracking-protected page: mark it, unprotect it (on the VP's
-        thread; under the lock, as the VMM's clear-and-protect of the same page runs)."""
+        """A guest write faulted on a writable page: dirty-page tracking protected it.  Mark
+        it and unprotect it everywhere; True: the VP runs the write again.  On the VP's
+        thread, under the lock, as the VMM's clear-and-protect of the same page runs.
+
+        The page may be unprotected already: another VP took its fault first (or tracking
+        stopped) and this VP's engine has not applied the change yet.  The write is still
+        the guest's own (no MMIO exit for RAM), so the engines are told again and it runs."""
         with self._lock:
             region = self.memory.lookup(gpa)
             if region is None or not region.writable:
                 return False
             page = (gpa - region.gpa) >> PAGE_SHIFT
-            if page not in region.write_protected:
-                return False
-            region.write_protected.discard(page)
-            region.access[page] |= 0b11
+            if page in region.write_protected:
+                region.write_protected.discard(page)
+                region.access[page] |= 0b11
             for vp in self.vps.values():
                 if vp.engine is not None:
                     vp.engine.protect(region.gpa + (page << PAGE_SHIFT), 1 << PAGE_SHIFT, True, region.executable)
