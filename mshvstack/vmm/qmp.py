@@ -107,7 +107,7 @@ class QmpServer:
         os.chmod(path, 0o600)
         self._sock.listen(8)
         self._sessions: set[Session] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()   # the sessions and _closed (accept thread, close): a leaf
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name="qmp-accept", daemon=True)
         self._thread.start()

@@ -121,7 +121,7 @@ class SimPartition:
         self.reference_scale = (10_000_000 << 64) // max(tsc_hz(), 1)
         self.reference_offset = -((read_tsc() * self.reference_scale) >> 64)
         self._frozen_at: int | None = None
-        self._unfrozen = threading.Event()
+        self._unfrozen = threading.Event()   # set while time runs: the VPs' threads wait on it (see wait_unfrozen)
         self._unfrozen.set()
         # The root's changes to the partition (see the module docstring), one at a time.  Not
         # reentrant: taken by the public methods below, the hypercall handlers run under it.
