@@ -9,9 +9,10 @@ creation, memory and doorbell changes) come from any VMM thread and run
 under the partition's lock; the VPs' threads read the partition's tables
 without it (each is one read, or a reference replaced whole: ``vps``,
 ``doorbells``) and take it only to change partition state themselves (a
-dirty-tracking fault).  Under it: a VP's SynIC lock, its LAPIC's lock, its
-wake condition, the GPA map's lock, the engines' deferral locks and the C
-core's locks; never a VMM lock (the VMM's locks come before it).
+dirty-tracking fault, after their own run lock).  Under it only the locks
+below it in docs/concurrency.md (the engines', the VPs' wake, SynIC and
+LAPIC locks, the partition MSRs', the GPA map's, the irqfd worker's, the C
+core's); never a VMM lock: those come before it.
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ threads reach the VP only through the methods that say "any thread"
 timers_changed) and the partition's hypercalls.  Its locks, in order:
 ``_run_lock`` (one run at a time, held across the whole run; nothing else
 is held across ``engine.run``: a VP running alone waits for the others to
-reach a block boundary), ``_wake`` (the wake-up state), ``_synic_lock``
-(host writers of the SynIC pages), then its LAPIC's lock.
+reach a block boundary), then the partition's lock (a dirty-tracking fault),
+its engine's, ``_wake`` (the wake-up state), ``_synic_lock`` (host writers
+of the SynIC pages), and its LAPIC's lock.
 """
 
 from __future__ import annotations
@@ -141,9 +142,9 @@ class SimVp:
         self.engine: Engine | None = None
         self._state: dict[int, int] = self._reset_state()
         self._segments = self._reset_segments()
-        # Kick, INIT/SIPI and halt wake-ups: guards _kick, _init_pending, _sipi_vector, _pending_exit's
-        # hand-over; after _run_lock, before _synic_lock and the LAPIC's lock.  Not reentrant: what can
-        # notify (an interrupt accepted, a timer fired) is never called with it held.
+        # Kicks, INIT/SIPI and wake-ups from other threads: guards _kick, _init_pending and _sipi_vector,
+        # and a halted VP waits on it.  After _run_lock; under it only the LAPIC's lock.  Not reentrant:
+        # what can notify (an interrupt accepted, a timer fired) is never called with it held.
         self._wake = threading.Condition(threading.Lock())
         self.lapic = Lapic(index, partition.route_interrupt, self._notify)
         self.hv = HvEmulator(index, self.lapic, _HvServices(self), partition.hv_msrs)
