@@ -7,6 +7,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,7 @@ from mshvstack.vmbus.providers.ic import RESPONSE, encode, negotiate_body
 from mshvstack.vmbus.providers.timesync import TimeSync
 
 from guests import assemble
-from smpguest import CODE, DATA, long_mode_vp, part, prepare
-
-__all__ = ["part"]   # a fixture
+from smpguest import CODE, DATA, lapic_partition, long_mode_vp, prepare
 
 
 class _ClosingChannel:
@@ -53,6 +52,12 @@ def test_an_ic_hook_whose_send_closes_the_channel_does_not_deadlock() -> None:
 
 
 # ---- dirty-page tracking while the guest writes: the VMM's clear-and-protect against a VP's tracking fault
+@pytest.fixture
+def part() -> Iterator[Partition]:
+    with lapic_partition() as part:
+        yield part
+
+
 BUFFER, PAGES = 0x100000, 32
 PASSES = DATA
 
@@ -89,7 +94,7 @@ def test_every_page_written_after_a_clear_is_reported_dirty(part: Partition, tmp
                 exit_ = vp.run()
                 if not isinstance(exit_, Interrupted):
                     raise AssertionError(f"VP {vp.index}: unexpected exit {exit_}")
-        except BaseException as exc:   # reported by the test's thread
+        except BaseException as exc:  # noqa: BLE001 - reported by the test's thread
             errors.append(exc)
 
     def passes() -> int:
