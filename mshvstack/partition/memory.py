@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -42,7 +43,11 @@ class GuestMemory:
     """
 
     def __init__(self, written: Callable[[int, int], None] | None = None) -> None:
+        # Read from every thread without a lock: the list is replaced whole, never changed in place
+        # (an in-place sort shows other threads an empty list meanwhile).  The lock orders the
+        # writers, the partition's map and unmap (a leaf).
         self._regions: list[MemoryRegion] = []
+        self._lock = threading.Lock()
         self._written = written   # told (host address, length) after each write
         self._logged: set[int] | None = None   # pages written through here while logging (migration)
 
@@ -55,11 +60,14 @@ class GuestMemory:
         return sum(r.size for r in self._regions)
 
     def _add(self, region: MemoryRegion) -> None:
-        self._regions.append(region)
-        self._regions.sort(key=lambda r: r.gpa)
+        with self._lock:
+            self._regions = sorted([*self._regions, region], key=lambda r: r.gpa)
 
     def _remove(self, region: MemoryRegion) -> None:
-        self._regions.remove(region)
+        with self._lock:
+            regions = list(self._regions)
+            regions.remove(region)
+            self._regions = regions
 
     def region_at(self, gpa: int) -> MemoryRegion:
         for region in self._regions:
