@@ -10,11 +10,12 @@ GUEST_PANICKED).
 
 Threads and locks (docs/concurrency.md): one thread per VP, the VMBus
 housekeeping thread, and callers of the public methods (the CLI, QMP
-sessions).  ``_lifecycle`` comes first: pause, resume, reset, close, status
-and housekeeping take it, then at most the VMBus server's lock (through
-``VmbusServer.call``).  ``_state_changed`` guards ``state`` and wakes the
-threads that wait for it; nothing is taken while holding it.  Listeners are
-called with no lock held.
+sessions, the console).  ``_lifecycle`` comes first: pause, resume,
+snapshot, reset, close, status and housekeeping take it, then the VMBus
+server's lock (through ``VmbusServer.call``) or ``_state_changed``.
+``_state_changed`` guards ``state``, ``reason`` and ``_parked`` and wakes the
+threads that wait for them; nothing is taken while holding it.  Listeners
+are called with no lock held.
 """
 
 from __future__ import annotations
