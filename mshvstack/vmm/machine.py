@@ -324,8 +324,9 @@ class Machine:
         with self._lifecycle:
             if self.state is RunState.PAUSED:
                 return False
-            self.pause()
-            return True
+            self._pause_locked()
+        self._emit("STOP")
+        return True
 
     def _emit(self, event: str, **data: Any) -> None:
         for listener in list(self._listeners):
@@ -373,13 +374,17 @@ class Machine:
 
     def pause(self) -> None:
         with self._lifecycle:
-            if self.state is not RunState.RUNNING:
-                raise MachineError(f"cannot pause a machine that is {self.state.value}")
-            self.partition.pause()
-            self._set_state(RunState.PAUSED)
-            for vp in self.vps:
-                vp.kick()
+            self._pause_locked()
         self._emit("STOP")
+
+    def _pause_locked(self) -> None:
+        """Freeze the partition and park the VPs (with the lifecycle lock; the caller emits STOP)."""
+        if self.state is not RunState.RUNNING:
+            raise MachineError(f"cannot pause a machine that is {self.state.value}")
+        self.partition.pause()
+        self._set_state(RunState.PAUSED)
+        for vp in self.vps:
+            vp.kick()
 
     def wait_parked(self, timeout: float = 10.0) -> None:
         """Wait until every VP thread of the paused machine is out of its run."""
