@@ -375,7 +375,7 @@ def _migrate_cancel(session: Session, args: dict[str, Any]) -> Any:
 
 @command("query-migrate")
 def _query_migrate(session: Session, args: dict[str, Any]) -> Any:
-    return session.machine.migration.info.as_qmp()
+    return session.machine.migration.query()
 
 
 @command("system_powerdown")
