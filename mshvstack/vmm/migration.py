@@ -119,8 +119,8 @@ class Migration:
     def __init__(self, machine: Machine) -> None:
         self._machine = machine
         self.info = MigrationInfo()
-        # ``info``: the migration thread changes several fields at once, QMP reads them (query).
-        # A leaf: events are emitted after it is released.
+        # ``info``: written by the migration thread alone; the lock makes a change of several fields
+        # (_set, start) and QMP's read of them (query) one step each.  A leaf: events after it.
         self._lock = threading.Lock()
         self._cancel = threading.Event()
         self._connection: socket.socket | None = None
