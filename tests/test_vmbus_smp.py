@@ -213,11 +213,9 @@ class SmpVmbusGuest:
                 if isinstance(exit_, Interrupted):
                     continue
                 if isinstance(exit_, HypercallIntercept):
-                    with self.server.lock:
-                        self.synic.handle_hypercall(vp, exit_)
+                    self.synic.handle_hypercall(vp, exit_)
                 elif isinstance(exit_, SintDeliverable):
-                    with self.server.lock:
-                        self.synic.on_sint_deliverable(vp, exit_)
+                    self.synic.on_sint_deliverable(vp, exit_)
                 elif isinstance(exit_, IoPortIntercept) and exit_.port_number == COMMAND:
                     vp.set_registers({HvRegister.RIP: exit_.header.next_rip})
                     self._next_command(vp)
@@ -468,8 +466,7 @@ def test_messages_posted_while_the_target_vp_consumes_them_are_all_delivered_in_
 
     def post_all() -> None:
         for payload in payloads:
-            with guest.server.lock:
-                guest.synic.post_message(1, SINT, MESSAGE_TYPE, payload)
+            guest.synic.post_message(1, SINT, MESSAGE_TYPE, payload)
 
     if poster == "host thread":
         posting = threading.Thread(target=post_all)

@@ -67,7 +67,7 @@ static int mshvstack_ioctl(int fd, unsigned long request, uintptr_t arg)
 /* A pipe through which small copies pass: the kernel's own copy_from_user
  * (write) and copy_to_user (read) check the caller's side, at a third of
  * the cost of process_vm_writev.  One per process (reset in a fork child). */
-static pthread_mutex_t copy_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t copy_lock = PTHREAD_MUTEX_INITIALIZER;   /* the pipe, one copy at a time (a leaf) */
 static int copy_pipe[2] = {-1, -1};
 static int copy_pipe_state;   /* 0 untried, 1 open, -1 unavailable */
 

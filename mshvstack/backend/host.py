@@ -48,7 +48,7 @@ class HostBackend:
     def __init__(self, path: str = DEVICE_PATH) -> None:
         self.path = path
         self._kinds: dict[int, FdKind] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()   # the fd kinds (any thread's ioctl): a leaf
         _install_kick_handler()
 
     def open(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -42,7 +43,12 @@ class GuestMemory:
     """
 
     def __init__(self, written: Callable[[int, int], None] | None = None) -> None:
+        # Read from every thread without a lock: the list is replaced whole, never changed in place
+        # (an in-place sort shows other threads an empty list meanwhile).  The lock orders the
+        # writers, the partition's map and unmap, and guards the write log, which every writing
+        # thread adds to and the migration takes (a leaf).
         self._regions: list[MemoryRegion] = []
+        self._lock = threading.Lock()
         self._written = written   # told (host address, length) after each write
         self._logged: set[int] | None = None   # pages written through here while logging (migration)
 
@@ -55,11 +61,14 @@ class GuestMemory:
         return sum(r.size for r in self._regions)
 
     def _add(self, region: MemoryRegion) -> None:
-        self._regions.append(region)
-        self._regions.sort(key=lambda r: r.gpa)
+        with self._lock:
+            self._regions = sorted([*self._regions, region], key=lambda r: r.gpa)
 
     def _remove(self, region: MemoryRegion) -> None:
-        self._regions.remove(region)
+        with self._lock:
+            regions = list(self._regions)
+            regions.remove(region)
+            self._regions = regions
 
     def region_at(self, gpa: int) -> MemoryRegion:
         for region in self._regions:
@@ -100,23 +109,32 @@ class GuestMemory:
 
     def log_writes(self, on: bool) -> None:
         """Record the pages the VMM writes (the hypervisor's dirty bitmap sees guest writes only)."""
-        self._logged = set() if on else None
+        with self._lock:
+            self._logged = set() if on else None
 
     def take_logged(self) -> set[int]:
         """GPAs of the pages written since the last call (logging stays on)."""
-        logged, self._logged = self._logged, set() if self._logged is not None else None
+        with self._lock:
+            logged, self._logged = self._logged, set() if self._logged is not None else None
         return logged or set()
+
+    def _log(self, gpa: int, length: int) -> None:
+        """Record a write once its bytes are in: a page taken before then is taken again after.
+        (Recorded before, a page could be taken and copied, then written, and never sent.)"""
+        if self._logged is not None and length:   # not logging (the common case): no lock
+            with self._lock:   # else an add to the set the migration just took would be lost
+                if self._logged is not None:
+                    self._logged.update(range(gpa & ~(PAGE - 1), gpa + length, PAGE))
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         length = len(data)
-        if self._logged is not None and length:
-            self._logged.update(range(gpa & ~(PAGE - 1), gpa + length, PAGE))
         for region in self._regions:
             offset = gpa - region.gpa
             if 0 <= offset and offset + length <= region.size:
                 region.host[offset : offset + length] = data
                 if self._written is not None:
                     self._written(region.address + offset, length)
+                self._log(gpa, length)
                 return
         data = bytes(data)
         pieces = self._pieces(gpa, len(data))  # checks the whole range before writing anything
@@ -126,6 +144,7 @@ class GuestMemory:
             if self._written is not None:
                 self._written(region.address + offset, n)
             done += n
+        self._log(gpa, length)
 
     def read_u64(self, gpa: int) -> int:
         return int.from_bytes(self.read(gpa, 8), "little")

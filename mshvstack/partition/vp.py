@@ -89,6 +89,8 @@ class Vp(FdOwner):
             self._page = ffi.from_buffer("struct hv_vp_register_page *", self._page_view)
         except ErrnoError:
             self._page = None  # no register page (e.g. SNP): hypercalls only
+        # kick() (any thread) sets the event, then reads _run_thread; run() sets _run_thread, then
+        # tests the event: one of the two sees the other, so no kick is lost.
         self._kick_requested = threading.Event()
         self._run_thread: int | None = None
         self._not_running = threading.Event()   # close() waits for a run in another thread to end

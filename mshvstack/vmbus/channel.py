@@ -7,6 +7,11 @@ packet for a full host→guest ring waits in a bounded backlog, the ring's
 pending-send-size asking the guest to signal once it has made room, and
 while replies wait no new requests are taken (the guest's own producer
 then stalls, as on Hyper-V).  A guest that never reads loses the channel.
+
+A channel is part of its server's state: every method runs with the
+server's lock held (docs/concurrency.md).  The guest's doorbell arrives on a
+VP's thread with no lock, so it goes through the server's ``doorbell`` hook,
+which takes the lock and comes back to ``on_doorbell``.
 """
 
 from __future__ import annotations
@@ -43,7 +48,12 @@ class ChannelState(enum.Enum):
 
 
 class Channel:
-    def __init__(self, relid: int, provider: Provider, synic: SynicHost, memory: GuestMemory) -> None:
+    """``defer``: the server's "drain again later" (called with its lock held); ``doorbell``:
+    the server's entry point for the guest's signal (takes its lock, then calls on_doorbell)."""
+
+    def __init__(self, relid: int, provider: Provider, synic: SynicHost, memory: GuestMemory,
+                 defer: Callable[[Channel], None] = lambda channel: None,
+                 doorbell: Callable[[Channel], None] = lambda channel: channel.on_doorbell()) -> None:
         self.relid = relid
         self.provider = provider
         self.synic = synic
@@ -59,7 +69,8 @@ class Channel:
         self.packets_in = 0
         self.packets_out = 0
         self.protocol_errors = 0
-        self.defer: Callable[[Channel], None] = lambda channel: None   # the server's "drain again later"
+        self.defer = defer
+        self._doorbell = doorbell
         self._backlog: deque[bytes] = deque()
 
     def open(self, gpadl: Gpadl, downstream_offset: int, target_vp: int) -> None:
@@ -74,7 +85,10 @@ class Channel:
         self.ring_pages = frozenset(gpadl.pfns)
         self.target_vp = target_vp
         self.state = ChannelState.OPEN
-        self.synic.register_event_port(self.connection_id, self.on_doorbell)
+        self.synic.register_event_port(self.connection_id, self._signalled)
+
+    def _signalled(self) -> None:
+        self._doorbell(self)
 
     def retarget(self, target_vp: int) -> None:
         """MODIFYCHANNEL: interrupts go to ``target_vp`` from now on.  One is sent there at
@@ -151,7 +165,8 @@ class Channel:
 
     def on_doorbell(self) -> None:
         """The guest signalled: send what waited for room, then drain its ring (at most a
-        budget; the rest is deferred).  A corrupt ring closes the channel."""
+        budget; the rest is deferred).  A corrupt ring closes the channel.  With the
+        server's lock held (from its doorbell hook or its drain worker)."""
         if self.incoming is None:
             return
         try:

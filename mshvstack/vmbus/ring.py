@@ -30,7 +30,7 @@ _OFF_PENDING = ffi.offsetof("struct vmbus_ring_control", "pending_send_sz")
 _OFF_FEATURES = ffi.offsetof("struct vmbus_ring_control", "feature_bits")
 DESCRIPTOR = ffi.sizeof("struct vmpacket_descriptor")
 _TRAILER = struct.Struct("<Q")
-_BARRIER = threading.Lock()
+_BARRIER = threading.Lock()   # released at once: taking it is the barrier (a leaf, under any lock)
 
 
 def full_barrier() -> None:
@@ -90,7 +90,10 @@ class _Ring:
         self.size = mem.data_size
         if self.size < PAGE or self.size % 8:
             raise CorruptRing(f"ring data area of {self.size} bytes is not usable")
-        self.lock = threading.Lock()
+        # One operation on the ring at a time, so a ring is safe by itself (FlatRingMem in tests); in the
+        # server every use already runs under the server's lock, which comes first.  A leaf: nothing is
+        # called with it held but the ring memory and the barrier below.
+        self._lock = threading.Lock()
 
     def _indices(self) -> tuple[int, int]:
         """(write, read), validated: one read of the control page's first eight bytes."""
@@ -144,7 +147,7 @@ class OutgoingRing(_Ring):
         """
         if len(packet) % 8 or not packet:
             raise ValueError("packets are a non-empty multiple of 8 bytes")
-        with self.lock:
+        with self._lock:
             write, read = self._indices()
             free = self.size - (write - read) % self.size - TRAILER
             if len(packet) + TRAILER > free:
@@ -161,7 +164,7 @@ class OutgoingRing(_Ring):
 
     def wait_for_space(self, needed: int) -> bool:
         """Publish pending_send_sz; True if the space is already there (no need to wait)."""
-        with self.lock:
+        with self._lock:
             self.mem.write_control(_OFF_PENDING, (needed + 7) & ~7)
             full_barrier()
             if self.free() >= needed:
@@ -179,7 +182,7 @@ class IncomingRing(_Ring):
     def read(self) -> tuple[bytes, bool] | None:
         """One packet (descriptor + data, trailer removed) and whether the guest
         must be signalled (it was waiting for the space this read freed)."""
-        with self.lock:
+        with self._lock:
             write, read = self._indices()
             available = (write - read) % self.size
             if available == 0:

@@ -4,6 +4,13 @@ One VmbusServer per partition.  Guest messages arrive on the message
 connection ids (1, and 4 for protocol 5.0+ INITIATE_CONTACT); every field is
 validated, and a bad message is logged and answered with a failure where
 the protocol has one — never an exception out of the VP loop.
+
+Locks (docs/concurrency.md): the server's lock guards the connection, the
+GPADL table, every channel and every provider; it is taken once, at the
+entry points (a guest message, a guest doorbell, the drain worker, a host
+operation through ``call``), and everything below them assumes it.  Taken
+while holding it, in this order: an IC provider's condition, a ring's lock,
+the SynicHost's lock, then the partition's (through hypercalls).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import logging
 import struct
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from mshvstack.abi import ffi, lib
 from mshvstack.partition.memory import GuestMemory
@@ -40,6 +47,8 @@ GPADL_FAILED = 0x8000FFFF
 OPEN_FAILED = 0x8000FFFF
 MODIFY_FAILED = 0x8000FFFF
 HEADER = 8
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 def _min_sizes() -> dict[int, int]:
@@ -67,13 +76,19 @@ def _message(ctype: str, **fields: Any) -> bytes:
 
 
 class VmbusServer:
-    """``vp_count``: the partition's VPs (target VPs beyond them are refused; None: not checked)."""
+    """``vp_count``: the partition's VPs (target VPs beyond them are refused; None: not checked).
+
+    The public methods and the two guest entry points (``on_message``, ``_doorbell``)
+    take the server's lock; every other private method runs with it held.
+    """
 
     def __init__(self, synic: SynicHost, memory: GuestMemory, providers: list[Provider], vp_count: int | None = None) -> None:
         self.synic = synic
         self.memory = memory
         self.vp_count = vp_count
-        self.lock = threading.RLock()
+        # Guards everything below and every channel and provider (see the module docstring).
+        # Not reentrant: taken at the entry points only; helpers that need it held say so.
+        self._lock = threading.Lock()
         self.state = ConnectionState.DISCONNECTED
         self.version = 0
         self.message_vp = 0
@@ -83,10 +98,10 @@ class VmbusServer:
         self.channels: dict[int, Channel] = {}
         self.protocol_errors = 0
         for relid, provider in enumerate(providers, start=1):
-            self.channels[relid] = Channel(relid, provider, synic, memory)
-            self.channels[relid].defer = self._defer
-        # Channels whose doorbell work was cut at its budget, drained by a worker one budget at a time.
-        self._work = threading.Condition(self.lock)
+            self.channels[relid] = Channel(relid, provider, synic, memory, defer=self._defer_locked, doorbell=self._doorbell)
+        # Channels whose doorbell work was cut at its budget, drained by a worker one budget at a time
+        # (the condition is the server's lock itself: the worker holds it for each pass).
+        self._work = threading.Condition(self._lock)
         self._deferred: set[int] = set()
         self._worker: threading.Thread | None = None
         self._closed = False
@@ -107,24 +122,29 @@ class VmbusServer:
 
     # ---- guest -> host
     def on_message(self, message_type: int, payload: bytes) -> int:
-        """A guest HvPostMessage for VMBus: returns the hypercall status."""
+        """A guest HvPostMessage for VMBus (on the VP's thread, no lock held): returns the hypercall status."""
         if message_type != MESSAGE_TYPE or len(payload) < HEADER:
             return INVALID_INPUT
         (msgtype,) = struct.unpack_from("<I", payload)
         log.debug("VMBus: channel message type %d, %d bytes", msgtype, len(payload))
         handler = self._handlers.get(msgtype)
-        if handler is None or len(payload) < MIN_SIZES.get(msgtype, HEADER):
-            self._protocol_error(f"message type {msgtype} ({len(payload)} bytes) not accepted")
-            return OK
-        if self.state is ConnectionState.DISCONNECTED and msgtype != lib.CHANNELMSG_INITIATE_CONTACT:
-            self._protocol_error(f"message type {msgtype} before INITIATE_CONTACT")
-            return OK
-        with self.lock:
+        with self._lock:
+            if handler is None or len(payload) < MIN_SIZES.get(msgtype, HEADER):
+                self._protocol_error(f"message type {msgtype} ({len(payload)} bytes) not accepted")
+                return OK
+            if self.state is ConnectionState.DISCONNECTED and msgtype != lib.CHANNELMSG_INITIATE_CONTACT:
+                self._protocol_error(f"message type {msgtype} before INITIATE_CONTACT")
+                return OK
             try:
                 handler(payload)
             except VmbusProtocolError as exc:
                 self._protocol_error(str(exc))
         return OK
+
+    def _doorbell(self, channel: Channel) -> None:
+        """A guest HvSignalEvent on an open channel's connection id (on the VP's thread, no lock held)."""
+        with self._lock:
+            channel.on_doorbell()
 
     def _vp_exists(self, vp_index: int) -> bool:
         return vp_index < (self.vp_count if self.vp_count is not None else int(lib.HV_MAX_VP_INDEX) + 1)
@@ -301,19 +321,19 @@ class VmbusServer:
         self.version = 0
 
     # ---- deferred doorbells
-    def _defer(self, channel: Channel) -> None:
-        with self._work:
-            if self._closed:
-                return
-            self._deferred.add(channel.relid)
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._drain_deferred, name="vmbus-drain", daemon=True)
-                self._worker.start()
-            self._work.notify()
+    def _defer_locked(self, channel: Channel) -> None:
+        """Drain ``channel`` again later, on the worker (the channel calls this with the lock held)."""
+        if self._closed:
+            return
+        self._deferred.add(channel.relid)
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._drain_deferred, name="vmbus-drain", daemon=True)
+            self._worker.start()
+        self._work.notify()
 
     def _drain_deferred(self) -> None:
         while True:
-            with self._work:   # the VMBus lock, released between passes
+            with self._work:   # the server's lock, released between passes
                 while not self._deferred and not self._closed:
                     self._work.wait()
                 if self._closed:
@@ -333,8 +353,16 @@ class VmbusServer:
             self._worker.join(timeout=5)
 
     # ---- host-initiated
+    def call(self, operation: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a host-initiated provider operation (a heartbeat, a time sample, a KVP or
+        shutdown request) with the server's lock, as every guest-initiated one runs:
+        providers and their channels are guarded by it.  Never wait for the guest inside
+        ``operation``: the guest's answer needs the lock to arrive."""
+        with self._lock:
+            return operation(*args, **kwargs)
+
     def rescind(self, relid: int) -> None:
-        with self.lock:
+        with self._lock:
             channel = self._channel(relid)
             channel.close()
             channel.state = ChannelState.RESCINDED
@@ -343,9 +371,16 @@ class VmbusServer:
                            child_relid=relid)
 
     def status(self) -> dict[str, Any]:
-        return {"state": self.state.value, "version": f"{self.version >> 16}.{self.version & 0xFFFF}" if self.version else None,
-                "channels": [c.describe() for c in self.channels.values()], "protocol_errors": self.protocol_errors}
+        with self._lock:
+            return {"state": self.state.value, "version": f"{self.version >> 16}.{self.version & 0xFFFF}" if self.version else None,
+                    "channels": [c.describe() for c in self.channels.values()], "protocol_errors": self.protocol_errors}
+
+    def providers(self) -> list[Provider]:
+        """The providers of the channels offered now (a RELID_RELEASED removes one)."""
+        with self._lock:
+            return [c.provider for c in self.channels.values()]
 
     def channel_for(self, provider_type: type) -> Channel | None:
-        return next((c for c in self.channels.values() if isinstance(c.provider, provider_type)), None)
+        with self._lock:
+            return next((c for c in self.channels.values() if isinstance(c.provider, provider_type)), None)
 

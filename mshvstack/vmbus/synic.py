@@ -5,6 +5,12 @@ intercepts; they are validated and routed by connection id to registered
 ports.  Host → guest: messages go out with post-message-direct (queued per
 VP and SINT, retried when the hypervisor reports the slot deliverable) and
 events with signal-event-direct.
+
+Locks (docs/concurrency.md): one, private, that guards the port tables and
+the outgoing queues.  Any thread uses a SynicHost: the VP that took the
+guest's hypercall, the VMBus server (which may hold its own lock: it comes
+first), the drain worker.  Handlers run without it (they take their owner's
+lock); under it only hypercalls are issued (the partition's lock comes after).
 """
 
 from __future__ import annotations
@@ -46,25 +52,32 @@ class SynicHost:
         self._message_ports: dict[int, MessageHandler] = {}
         self._event_ports: dict[int, EventHandler] = {}
         self._outgoing: dict[tuple[int, int], deque[tuple[int, bytes]]] = {}
-        self._lock = threading.RLock()
+        # Guards the two port tables and the outgoing queues; taken after the VMBus server's lock,
+        # before the partition's.  Not reentrant: a handler is called after it is released.
+        self._lock = threading.Lock()
         self.rejected = 0
 
     # ---- ports
     def register_message_port(self, connection_id: int, handler: MessageHandler) -> None:
-        self._message_ports[connection_id & lib.VMBUS_CONNECTION_ID_MASK] = handler
+        with self._lock:
+            self._message_ports[connection_id & lib.VMBUS_CONNECTION_ID_MASK] = handler
 
     def unregister_message_port(self, connection_id: int) -> None:
-        self._message_ports.pop(connection_id, None)
+        with self._lock:
+            self._message_ports.pop(connection_id, None)
 
     def register_event_port(self, connection_id: int, handler: EventHandler) -> None:
-        self._event_ports[connection_id & lib.VMBUS_CONNECTION_ID_MASK] = handler
+        with self._lock:
+            self._event_ports[connection_id & lib.VMBUS_CONNECTION_ID_MASK] = handler
 
     def unregister_event_port(self, connection_id: int) -> None:
-        self._event_ports.pop(connection_id, None)
+        with self._lock:
+            self._event_ports.pop(connection_id, None)
 
     # ---- guest -> host
     def handle_hypercall(self, vp: VpRegisters, exit_: HypercallIntercept) -> None:
-        """Complete an intercepted guest hypercall: status in RAX, RIP past the call."""
+        """Complete an intercepted guest hypercall: status in RAX, RIP past the call.
+        On ``vp``'s thread, with no lock held: the port's handler takes its owner's."""
         code = exit_.call_code
         if code == lib.HVCALL_POST_MESSAGE:
             status = self._post_message(exit_)
@@ -73,7 +86,8 @@ class SynicHost:
         else:
             status = int(lib.HV_STATUS_INVALID_HYPERCALL_CODE)
         if status != OK:
-            self.rejected += 1
+            with self._lock:
+                self.rejected += 1
         vp.set_registers({**exit_.result_registers(status), HvRegister.RIP: exit_.header.next_rip})
 
     def _post_message(self, exit_: HypercallIntercept) -> int:
@@ -89,7 +103,8 @@ class SynicHost:
         connection_id, reserved, message_type, size = struct.unpack("<IIII", raw)
         if reserved or connection_id & ~lib.VMBUS_CONNECTION_ID_MASK or size > lib.VMBUS_MESSAGE_MAX_PAYLOAD or message_type & 0x80000000:
             return int(lib.HV_STATUS_INVALID_HYPERCALL_INPUT)
-        handler = self._message_ports.get(connection_id)
+        with self._lock:
+            handler = self._message_ports.get(connection_id)
         if handler is None:
             return int(lib.HV_STATUS_INVALID_CONNECTION_ID)
         if self.pending_messages() >= QUEUE_LIMIT:
@@ -114,7 +129,8 @@ class SynicHost:
             return int(lib.HV_STATUS_INVALID_HYPERCALL_INPUT)
         if flag:
             return int(lib.HV_STATUS_INVALID_PORT_ID)
-        handler = self._event_ports.get(connection_id)
+        with self._lock:
+            handler = self._event_ports.get(connection_id)
         if handler is None:
             return int(lib.HV_STATUS_INVALID_CONNECTION_ID)
         handler()
@@ -129,9 +145,9 @@ class SynicHost:
                 log.warning("VP %d SINT %d does not take messages; dropping one", vp_index, sint)
                 return
             queue.append((message_type, payload))
-            self._flush(vp_index, sint)
+            self._flush_locked(vp_index, sint)
 
-    def _flush(self, vp_index: int, sint: int) -> None:
+    def _flush_locked(self, vp_index: int, sint: int) -> None:
         """Post what waits for (VP, SINT), in order, until its slot is busy.  The guest
         runs meanwhile on its own VP: it may free the slot and write EOM after our post
         failed but before the deliverability notification is armed, and that EOM then
@@ -160,10 +176,11 @@ class SynicHost:
         vp.set_registers({HvRegister.DELIVERABILITY_NOTIFICATIONS: int(register.as_uint64)})
 
     def on_sint_deliverable(self, vp: VpRegisters, exit_: SintDeliverable) -> None:
+        """Post what waited for the SINTs the hypervisor reports free (on ``vp``'s thread, no lock held)."""
         with self._lock:
             for sint in range(16):
                 if exit_.deliverable_sints & (1 << sint):
-                    self._flush(vp.index, sint)
+                    self._flush_locked(vp.index, sint)
 
     def pending_messages(self) -> int:
         with self._lock:

@@ -34,7 +34,7 @@ class Bus:
         self.name = name
         self._ranges: list[_Range] = []
         self._bases: list[int] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()   # registrations (a leaf), all before the VPs run: lookups read the lists without it
         self.unclaimed = 0
 
     def register(self, base: int, length: int, device: BusDevice, name: str = "") -> None:

@@ -118,26 +118,28 @@ class RawTerminal:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._saved: list[Any] | None = None
-        self._lock = threading.Lock()
+        # The attributes to restore, taken by exactly one restore(): list.pop is one atomic step,
+        # so no lock, which a signal handler could find held by the very thread it interrupted.
+        self._saved: list[list[Any]] = []
 
     def __enter__(self) -> RawTerminal:
         saved = termios.tcgetattr(self.fd)
         termios.tcsetattr(self.fd, termios.TCSAFLUSH, raw_attributes(saved))
-        self._saved = saved
+        self._saved = [saved]
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.restore()
 
     def restore(self) -> None:
-        with self._lock:
-            saved, self._saved = self._saved, None
-        if saved is not None:
-            try:
-                termios.tcsetattr(self.fd, termios.TCSADRAIN, saved)
-            except termios.error:
-                pass   # the terminal is gone (hung up): nothing to restore
+        try:
+            saved = self._saved.pop()
+        except IndexError:
+            return   # restored already
+        try:
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, saved)
+        except termios.error:
+            pass   # the terminal is gone (hung up): nothing to restore
 
 
 class ConsoleInput:

@@ -7,6 +7,15 @@ reset request, power-off, panic report or debug-exit write ends the run with
 a reason and exit code.  Lifecycle changes are announced to listeners as
 events named as QMP names them (STOP, RESUME, POWERDOWN, RESET, SHUTDOWN,
 GUEST_PANICKED).
+
+Threads and locks (docs/concurrency.md): one thread per VP, the VMBus
+housekeeping thread, and callers of the public methods (the CLI, QMP
+sessions, the console).  ``_lifecycle`` comes first: pause, resume,
+snapshot, reset, close, status and housekeeping take it, then the VMBus
+server's lock (through ``VmbusServer.call``) or ``_state_changed``.
+``_state_changed`` guards ``state``, ``reason`` and ``_parked`` and wakes the
+threads that wait for them; nothing is taken while holding it.  Listeners
+are called with no lock held.
 """
 
 from __future__ import annotations
@@ -160,12 +169,14 @@ class Machine:
         self.stats = ExitStats()
         self.started_at: float | None = None
         self.reason: StopReason | None = None
-        self._state_changed = threading.Condition()
+        self._state_changed = threading.Condition(threading.Lock())   # state changes (a leaf: nothing is taken under it)
         self._threads: list[threading.Thread] = []
         self._vp_threads: list[threading.Thread] = []
         self._halted: set[int] = set()
         self._listeners: list[Listener] = []
-        self._lifecycle = threading.RLock()   # pause/resume/reset/status never see a half-built machine
+        # Pause/resume/reset/close/status/housekeeping never see a half-built machine.  First in the order
+        # (then the VMBus server's lock); not reentrant: only the public entry points take it.
+        self._lifecycle = threading.Lock()
         self._resetting = False
         self.crash: GuestCrash | None = None
         self.engine_time: dict[str, float] = {}   # the simulator's engine: where its time went (sim backend only)
@@ -250,14 +261,17 @@ class Machine:
             with self._lifecycle:
                 if self.state is not RunState.RUNNING or self.vmbus is None:
                     continue
-                with self.vmbus.lock:
-                    try:
-                        if self.heartbeat.ready:
-                            self.heartbeat.beat()
-                        if self.timesync.ready:
-                            self.timesync.sample()
-                    except MshvError as exc:
-                        log.warning("VMBus housekeeping: %s", exc)
+                try:
+                    self.vmbus.call(self._beat_and_sample)
+                except MshvError as exc:
+                    log.warning("VMBus housekeeping: %s", exc)
+
+    def _beat_and_sample(self) -> None:
+        """One housekeeping pass (with the VMBus server's lock: see _housekeeping)."""
+        if self.heartbeat.ready:
+            self.heartbeat.beat()
+        if self.timesync.ready:
+            self.timesync.sample()
 
     def _load(self) -> BootState:
         memory = self.partition.memory
@@ -310,8 +324,9 @@ class Machine:
         with self._lifecycle:
             if self.state is RunState.PAUSED:
                 return False
-            self.pause()
-            return True
+            self._pause_locked()
+        self._emit("STOP")
+        return True
 
     def _emit(self, event: str, **data: Any) -> None:
         for listener in list(self._listeners):
@@ -359,13 +374,17 @@ class Machine:
 
     def pause(self) -> None:
         with self._lifecycle:
-            if self.state is not RunState.RUNNING:
-                raise MachineError(f"cannot pause a machine that is {self.state.value}")
-            self.partition.pause()
-            self._set_state(RunState.PAUSED)
-            for vp in self.vps:
-                vp.kick()
+            self._pause_locked()
         self._emit("STOP")
+
+    def _pause_locked(self) -> None:
+        """Freeze the partition and park the VPs (with the lifecycle lock; the caller emits STOP)."""
+        if self.state is not RunState.RUNNING:
+            raise MachineError(f"cannot pause a machine that is {self.state.value}")
+        self.partition.pause()
+        self._set_state(RunState.PAUSED)
+        for vp in self.vps:
+            vp.kick()
 
     def wait_parked(self, timeout: float = 10.0) -> None:
         """Wait until every VP thread of the paused machine is out of its run."""
@@ -393,14 +412,22 @@ class Machine:
         self._emit("RESUME")
 
     def stop(self, reason: StopReason) -> None:
+        if self._stopped(reason):
+            self._emit_shutdown(reason)
+
+    def _stopped(self, reason: StopReason) -> bool:
+        """Stop for ``reason`` unless stopped already (True: it stopped now); the caller emits."""
         with self._state_changed:
             if self.state is RunState.STOPPED:
-                return
+                return False
             self.reason = reason
         log.info("machine stopped: %s", reason)
         self._set_state(RunState.STOPPED)
         for vp in self.vps:
             vp.kick()
+        return True
+
+    def _emit_shutdown(self, reason: StopReason) -> None:
         cause = reason.shutdown_cause
         self._emit("SHUTDOWN", guest=cause.by_guest, reason=cause.value)
 
@@ -414,8 +441,7 @@ class Machine:
         if self.vmbus is None or not self.shutdown_ic.ready:
             self.poweroff()
             return
-        with self.vmbus.lock:
-            self.shutdown_ic.request()
+        self.vmbus.call(self.shutdown_ic.request)
 
         def fallback() -> None:
             if self.wait(self.config.shutdown_timeout) is None:
@@ -442,23 +468,29 @@ class Machine:
             self._halted.clear()
             self.crash = None
             self._teardown()
+            failed: StopReason | None = None
+            stopped = False
             try:
                 self._build()
                 if self.state is RunState.PAUSED:
                     self.partition.pause()
             except Exception as exc:  # noqa: BLE001 - the old machine is gone: the run ends here
-                self.stop(StopReason(StopKind.ERROR, 1, f"reset failed: {exc}"))
-                return
-            log.info("machine reset")
-            self._start_vps()
+                failed = StopReason(StopKind.ERROR, 1, f"reset failed: {exc}")
+                stopped = self._stopped(failed)
+            else:
+                log.info("machine reset")
+                self._start_vps()
+        if failed is not None:   # listeners hear of it without the lifecycle lock
+            if stopped:
+                self._emit_shutdown(failed)
+            return
         self._emit("RESET", guest=False, reason="host-qmp-system-reset")
 
     def sync_time(self) -> None:
         """Step the guest's clock to the host's (a SYNC sample, as Hyper-V sends after a resume)."""
         if self.vmbus is None or not self.timesync.ready:
             raise MachineError("the guest has not opened the time-sync channel")
-        with self.vmbus.lock:
-            self.timesync.sample(sync=True)
+        self.vmbus.call(self.timesync.sample, sync=True)
 
     def feed_console(self, data: bytes) -> None:
         """Input for the guest's serial console (the current UART, across resets)."""
@@ -521,7 +553,7 @@ class Machine:
             return None
         return {**self.vmbus.status(), "heartbeat": self.heartbeat.describe(), "shutdown": self.shutdown_ic.describe(),
                 "timesync": self.timesync.describe(), "kvp": self.kvp.describe(),
-                "disks": [p.describe() for p in (c.provider for c in self.vmbus.channels.values()) if isinstance(p, Storage)]}
+                "disks": [p.describe() for p in self.vmbus.providers() if isinstance(p, Storage)]}
 
     def kvp_request(self, operation: str, pool: str = "external", key: str = "", value: str = "",
                     timeout: float = 10.0) -> list[dict[str, Any]]:
@@ -535,9 +567,10 @@ class Machine:
             raise MachineError(f"unknown KVP pool {pool!r}: one of {', '.join(KVP_POOLS)}")
         number = KVP_POOLS[pool]
 
+        vmbus = self.vmbus
+
         def ask(send: Callable[[], None]) -> Any:
-            with self.vmbus.lock:  # type: ignore[union-attr]
-                send()
+            vmbus.call(send)   # then wait without the server's lock: the answer needs it
             return self.kvp.wait_reply(timeout)
 
         def enumerate_pool() -> list[dict[str, Any]]:
@@ -611,15 +644,13 @@ class Machine:
             vp.set_registers(values)
         elif isinstance(exit_, HypercallIntercept):
             if self.synic is not None and self.vmbus is not None:
-                with self.vmbus.lock:
-                    self.synic.handle_hypercall(vp, exit_)
+                self.synic.handle_hypercall(vp, exit_)   # the port's owner takes its lock
             else:
                 vp.set_registers({**exit_.result_registers(int(lib.HV_STATUS_INVALID_CONNECTION_ID)),
                                   HvRegister.RIP: exit_.header.next_rip})
         elif isinstance(exit_, SintDeliverable):
             if self.synic is not None and self.vmbus is not None:
-                with self.vmbus.lock:
-                    self.synic.on_sint_deliverable(vp, exit_)
+                self.synic.on_sint_deliverable(vp, exit_)
         elif isinstance(exit_, UnrecoverableException):
             self.stop(StopReason(StopKind.TRIPLE_FAULT, 3, f"VP {vp.index} triple-faulted at RIP {exit_.header.rip:#x}"))
         elif isinstance(exit_, Interrupted):

@@ -119,6 +119,8 @@ class Migration:
     def __init__(self, machine: Machine) -> None:
         self._machine = machine
         self.info = MigrationInfo()
+        # ``info``: written by the migration thread alone; the lock makes a change of several fields
+        # (_set, start) and QMP's read of them (query) one step each.  A leaf: events after it.
         self._lock = threading.Lock()
         self._cancel = threading.Event()
         self._connection: socket.socket | None = None
@@ -126,6 +128,11 @@ class Migration:
     @property
     def completed(self) -> bool:
         return self.info.status is MigrationStatus.COMPLETED
+
+    def query(self) -> dict[str, Any]:
+        """query-migrate's answer, read as one (never a status beside the last one's figures)."""
+        with self._lock:
+            return self.info.as_qmp()
 
     def start(self, uri: str) -> None:
         target: Any = snapshot_path(uri) if uri.startswith(FILE_SCHEME) else socket_address(uri)

@@ -14,6 +14,7 @@ itself, so the guest resumes it (as hardware does after an interrupt).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -160,7 +161,9 @@ class MmioEmulator:
         self.translate = translate
         self.ram_read = ram_read
         self.ram_write = ram_write
-        self._decoders = {bits: self._decoder(mode) for bits, mode in _MODES.items()}
+        # Every VP's thread emulates its own exits: each gets its own decoders (a capstone handle
+        # keeps state while it prints an instruction, and is safe in one thread at a time).
+        self._local = threading.local()
 
     @staticmethod
     def _decoder(mode: int) -> capstone.Cs:
@@ -168,8 +171,15 @@ class MmioEmulator:
         md.detail = True
         return md
 
+    def _decoders(self) -> dict[int, capstone.Cs]:
+        """This thread's decoders, one per code width."""
+        decoders: dict[int, capstone.Cs] | None = getattr(self._local, "decoders", None)
+        if decoders is None:
+            decoders = self._local.decoders = {bits: self._decoder(mode) for bits, mode in _MODES.items()}
+        return decoders
+
     def decode(self, access: MmioAccess) -> capstone.CsInsn:
-        for insn in self._decoders[access.bits].disasm(access.instruction, access.rip, count=1):
+        for insn in self._decoders()[access.bits].disasm(access.instruction, access.rip, count=1):
             return insn
         raise MmioUnsupported(f"undecodable instruction bytes {access.instruction.hex()} at {access.rip:#x}")
 

@@ -107,7 +107,7 @@ class QmpServer:
         os.chmod(path, 0o600)
         self._sock.listen(8)
         self._sessions: set[Session] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()   # the sessions and _closed (accept thread, close): a leaf
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name="qmp-accept", daemon=True)
         self._thread.start()
@@ -375,7 +375,7 @@ def _migrate_cancel(session: Session, args: dict[str, Any]) -> Any:
 
 @command("query-migrate")
 def _query_migrate(session: Session, args: dict[str, Any]) -> Any:
-    return session.machine.migration.info.as_qmp()
+    return session.machine.migration.query()
 
 
 @command("system_powerdown")

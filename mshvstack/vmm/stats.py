@@ -16,7 +16,7 @@ class ExitStat:
 @dataclass
 class ExitStats:
     by_type: dict[str, ExitStat] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)   # every VP thread records: a leaf
 
     def record(self, kind: str, seconds: float) -> None:
         with self._lock:

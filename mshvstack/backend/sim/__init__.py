@@ -26,7 +26,7 @@ from mshvstack.backend.sim import vpstate
 from mshvstack.backend.sim.engines.unicorn import tsc_hz
 from mshvstack.backend.sim.eventfds import IrqfdWorker, MsiRoute, NotAnEventfd, eventfd_context
 from mshvstack.backend.sim.faults import FaultPlan
-from mshvstack.backend.sim.hypervisor import Doorbell, SimPartition
+from mshvstack.backend.sim.hypervisor import Doorbell, SimPartition, VpExists
 from mshvstack.backend.sim.memory import PAGE_SHIFT, PAGE_SIZE
 from mshvstack.backend.sim.usercopy import UserFault, access_ok, address_of, copy_from_user, copy_to_user, user_range_writable
 from mshvstack.backend.sim.vp import Kicked, SimVp
@@ -136,7 +136,7 @@ class SimBackend:
         self.profile = lookup_profile(profile) if isinstance(profile, str) else profile
         self.faults = FaultPlan()
         self._fds: dict[int, _Fd] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()   # the fd table's writers (a leaf: nothing is called with it held)
 
     # ---- fds: real, unique numbers (a /dev/null open) so they never collide
     def _new_fd(self, entry: _Fd) -> int:
@@ -241,13 +241,12 @@ class SimBackend:
         index = int(arg.kernel.vp_index)
         if index >= MAX_VPS:
             raise _Fail(errno.EINVAL)
-        with partition.lock:
-            if index in partition.vps:
-                raise _Fail(errno.EEXIST)
-            if not partition.initialized:
-                raise _Fail(_status_errno(int(lib.HV_STATUS_INVALID_PARTITION_STATE)))   # HvCreateVp refuses
-            vp = SimVp(partition, index)
-            partition.vps[index] = vp
+        try:
+            vp = partition.create_vp(index)
+        except VpExists:
+            raise _Fail(errno.EEXIST) from None
+        if vp is None:
+            raise _Fail(_status_errno(int(lib.HV_STATUS_INVALID_PARTITION_STATE)))   # HvCreateVp refuses
         return self._new_fd(_Fd(FdKind.VP, partition, vp))
 
     def _set_guest_memory(self, entry: _Fd, arg: _UserArg) -> int:
@@ -258,26 +257,18 @@ class SimBackend:
         if not size or size % mmap.PAGESIZE or uaddr % mmap.PAGESIZE or flags & ~lib.MSHV_SET_MEM_FLAGS_MASK or any(region.rsvd):
             raise _Fail(errno.EINVAL)
         pages = size >> PAGE_SHIFT
-        memory = partition.memory
         if flags & (1 << lib.MSHV_SET_MEM_BIT_UNMAP):
-            existing = memory.containing_pfn(gfn)
-            if existing is None:
+            outcome = partition.remove_region(gfn, pages, uaddr)
+            if outcome == "missing":
                 raise _Fail(self.profile.missing_unmap_errno)
-            if existing.guest_pfn != gfn or existing.userspace_addr != uaddr or existing.pages != pages:
+            if outcome == "mismatch":
                 raise _Fail(errno.EINVAL)
-            for vp in partition.vps.values():
-                vp.unmap_region(existing.gpa, existing.size)
-            memory.remove(existing)
             return 0
         if not access_ok(uaddr, size) or not _in_vma(uaddr):
             raise _Fail(errno.EINVAL)   # access_ok, then vma_lookup of the first byte
-        if self.profile.overlap_endpoints_only:
-            # 6.15: the new region's first and last frame and byte, looked up in the old regions.
-            last = gfn + pages - 1
-            if (memory.containing_pfn(gfn) or memory.containing_pfn(last) or memory.containing_user(uaddr)
-                    or memory.containing_user(uaddr + size - 1)):
-                raise _Fail(errno.EEXIST)
-        elif memory.overlaps_guest(gfn, pages):
+        # 6.15 looks up only the new region's first and last frame and byte in the old regions.
+        endpoints_only = self.profile.overlap_endpoints_only
+        if partition.overlaps(gfn, pages, uaddr, endpoints_only):
             raise _Fail(errno.EEXIST)
         if not user_range_writable(uaddr, size):
             raise _Fail(errno.EFAULT)   # the pages cannot be pinned (FOLL_WRITE)
@@ -286,9 +277,8 @@ class SimBackend:
             raise _Fail(_status_errno(int(lib.HV_STATUS_INVALID_PARTITION_STATE)))
         writable = bool(flags & (1 << lib.MSHV_SET_MEM_BIT_WRITABLE))
         executable = bool(flags & (1 << lib.MSHV_SET_MEM_BIT_EXECUTABLE))
-        new = memory.add(gfn, pages, uaddr, writable, executable)
-        for vp in partition.vps.values():
-            vp.map_region(new.gpa, new.size, uaddr, writable, executable)
+        if not partition.add_region(gfn, pages, uaddr, writable, executable, endpoints_only):
+            raise _Fail(errno.EEXIST)   # mapped meanwhile by another thread
         return 0
 
     def _irqfd(self, entry: _Fd, arg: _UserArg) -> int:
@@ -325,25 +315,22 @@ class SimBackend:
             raise _Fail(errno.EINVAL)
         if flags & (1 << lib.MSHV_IOEVENTFD_BIT_PIO):
             raise _Fail(errno.EOPNOTSUPP)
-        assert entry.partition is not None
-        doorbells = entry.partition.doorbells
+        partition = entry.partition
+        assert partition is not None
         matching = int(req.datamatch) if flags & (1 << lib.MSHV_IOEVENTFD_BIT_DATAMATCH) else None
         if flags & (1 << lib.MSHV_IOEVENTFD_BIT_DEASSIGN):
-            context = _eventfd(int(req.fd))
-            for doorbell in doorbells:
-                if (doorbell.context, doorbell.address, doorbell.length, doorbell.datamatch) == (context, address, length, matching):
-                    doorbells.remove(doorbell)
-                    os.close(doorbell.fd)
-                    return 0
-            raise _Fail(errno.ENOENT)
+            gone = partition.remove_doorbell(_eventfd(int(req.fd)), address, length, matching)
+            if gone is None:
+                raise _Fail(errno.ENOENT)
+            os.close(gone.fd)
+            return 0
         if length not in (0, 1, 2, 4, 8) or address + length > (1 << 64) - 1:
             raise _Fail(errno.EINVAL)
         context = _eventfd(int(req.fd))
-        for other in doorbells:   # which eventfd does not matter: the same trigger is taken
-            if (other.address, other.length) == (address, length) and (
-                    other.datamatch is None or matching is None or other.datamatch == matching):
-                raise _Fail(errno.EEXIST)
-        doorbells.append(Doorbell(address, length, os.dup(int(req.fd)), context, matching))
+        doorbell = Doorbell(address, length, os.dup(int(req.fd)), context, matching)
+        if not partition.add_doorbell(doorbell):
+            os.close(doorbell.fd)
+            raise _Fail(errno.EEXIST)
         return 0
 
     def _msi_routing(self, entry: _Fd, arg: _UserArg) -> int:
@@ -467,11 +454,10 @@ class SimBackend:
     def _run_vp(self, entry: _Fd, arg: _UserArg) -> int:
         vp = entry.vp
         assert vp is not None
-        with vp.lock:   # a second MSHV_RUN_VP waits on the VP's mutex, as in the driver
-            try:
-                message = vp.run()
-            except Kicked:
-                raise _Fail(errno.EINTR) from None
+        try:
+            message = vp.run()   # a second MSHV_RUN_VP waits for the first, as on the driver's VP mutex
+        except Kicked:
+            raise _Fail(errno.EINTR) from None
         arg.copy_out(message)   # after the run, as the driver does (struct mshv_run_vp is the message)
         return 0
 

@@ -87,6 +87,9 @@ class IrqfdWorker:
         self._selector = selectors.DefaultSelector()
         self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._selector.register(self._wakeup, selectors.EVENT_READ)
+        # The irqfd table and the routes (the VMM's ioctls, this worker, the VPs' EOIs).  A leaf:
+        # interrupts are routed and resample fds written after it is released.  ``routes`` is
+        # replaced whole, so the driver reads it without the lock.
         self._lock = threading.Lock()
         self._closed = False
         self._thread: threading.Thread | None = None

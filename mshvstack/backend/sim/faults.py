@@ -25,7 +25,7 @@ class FaultPlan:
     _ioctl: dict[str, _Rule] = field(default_factory=dict)
     _hvcall: dict[int, _Rule] = field(default_factory=dict)
     _reps: dict[int, _Rule] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _lock: threading.Lock = field(default_factory=threading.Lock)   # the rules (a test's thread, every ioctl): a leaf
 
     def fail_ioctl(self, name: str, err: int, times: int | None = None) -> None:
         """Make ioctl ``name`` fail with ``err`` (``times`` times, or always)."""

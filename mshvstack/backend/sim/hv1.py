@@ -131,8 +131,39 @@ class PartitionMsrs:
     crash: list[int] = field(default_factory=lambda: [0] * CRASH_PARAMETERS)   # P0..P4, the guest's crash report
     crash_ctl: int = 0
     tsc_sequence: int = 0   # of the reference TSC page, bumped at each change
-    # Writes that read one shared value to compute another (the hypercall page needs the OS id).
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    # Writes that read one shared value to compute another (the hypercall page needs the OS id; the TSC
+    # page its sequence), from any VP's thread and the root's.  Under it only a read of the clock parameters
+    # and guest-memory writes.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def set_hypercall(self, value: int) -> int:
+        """Write the hypercall MSR; the enable bit is dropped while no guest OS id is set
+        (the guest must set one first).  Returns the value written."""
+        with self._lock:
+            if not self.guest_os_id:
+                value &= ~int(lib.HV_X64_MSR_HYPERCALL_ENABLE)
+            self.hypercall = value
+            return value
+
+    def publish_tsc_page(self, memory: GpaMap, parameters: Callable[[], tuple[int, int]]) -> None:
+        """Write the reference TSC page (if enabled) with ``parameters()`` (scale, offset).  Two
+        publishers (a VP's MSR write, the root changing the clock) take turns: each page has
+        its own sequence, and the last one written holds the parameters read last."""
+        with self._lock:
+            if not self.reference_tsc & lib.HV_X64_MSR_TSC_REFERENCE_ENABLE:
+                return
+            gpa = self.reference_tsc & ~0xFFF & U64
+            scale, offset = parameters()
+            # A guest reading while it changes sees the sequence change (0: invalid meanwhile) and reads again.
+            self.tsc_sequence = self.tsc_sequence % 0xFFFFFFFE + 1
+            page = struct.pack("<IIQq", self.tsc_sequence, 0, scale, offset)
+            assert len(page) == _TSC_PAGE_SIZE
+            try:
+                memory.write(gpa, b"\0\0\0\0")
+                memory.write(gpa + 4, page[4:])
+                memory.write(gpa, page[:4])
+            except GpaUnmapped:
+                pass  # not RAM: the guest reads nothing valid there, as on hardware
 
 
 @dataclass
@@ -245,11 +276,7 @@ class HvEmulator:
         return None
 
     def _set_hypercall_page(self, value: int) -> None:
-        # The guest must set a guest OS id first; otherwise the enable is ignored.
-        with self.shared.lock:
-            if not self.shared.guest_os_id:
-                value &= ~int(lib.HV_X64_MSR_HYPERCALL_ENABLE)
-            self.shared.hypercall = value
+        value = self.shared.set_hypercall(value)
         if value & lib.HV_X64_MSR_HYPERCALL_ENABLE:
             gpa = value & ~0xFFF & U64
             page = HYPERCALL_PAGE_CODE + b"\xcc" * (PAGE - len(HYPERCALL_PAGE_CODE))
@@ -262,21 +289,7 @@ class HvEmulator:
     # ---- reference TSC page
     def refresh_tsc_page(self) -> None:
         """Publish scale and offset so that ((tsc * scale) >> 64) + offset is the reference time."""
-        if not self.reference_tsc & lib.HV_X64_MSR_TSC_REFERENCE_ENABLE:
-            return
-        gpa = self.reference_tsc & ~0xFFF & U64
-        services = self.services
-        scale, offset = services.reference_tsc_parameters()
-        # A guest reading while it changes sees the sequence change (0: invalid meanwhile) and reads again.
-        self.shared.tsc_sequence = self.shared.tsc_sequence % 0xFFFFFFFE + 1
-        page = struct.pack("<IIQq", self.shared.tsc_sequence, 0, scale, offset)
-        assert len(page) == _TSC_PAGE_SIZE
-        try:
-            services.memory.write(gpa, b"\0\0\0\0")
-            services.memory.write(gpa + 4, page[4:])
-            services.memory.write(gpa, page[:4])
-        except GpaUnmapped:
-            pass  # not RAM: the guest reads nothing valid there, as on hardware
+        self.shared.publish_tsc_page(self.services.memory, self.services.reference_tsc_parameters)
 
     # ---- synthetic timers
     def restore_timers(self, timers: list[SyntheticTimer]) -> None:

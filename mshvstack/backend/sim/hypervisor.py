@@ -3,6 +3,16 @@
 Hypercalls arrive here as raw input bytes (from MSHV_ROOT_HVCALL); each
 handler parses its input struct through the binding and returns a status,
 the output bytes and the reps completed, as the hypervisor would.
+
+Threads and locks (docs/concurrency.md): the root's calls (hypercalls, VP
+creation, memory and doorbell changes) come from any VMM thread and run
+under the partition's lock; the VPs' threads read the partition's tables
+without it (each is one read, or a reference replaced whole: ``vps``,
+``doorbells``) and take it only to change partition state themselves (a
+dirty-tracking fault, after their own run lock).  Under it only the locks
+below it in docs/concurrency.md (the engines', the VPs' wake, SynIC and
+LAPIC locks, the partition MSRs', the GPA map's, the irqfd worker's, the C
+core's); never a VMM lock: those come before it.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from mshvstack.abi import ffi, lib
 from mshvstack.backend.sim import x86
@@ -69,6 +79,10 @@ _PRIVILEGES_HIGH = int(lib.HV_POST_MESSAGES | lib.HV_SIGNAL_EVENTS)
 MAX_TRACKED_PAGES = 1024   # dirty-page tracking's limit on the simulator (docs/simulator.md)
 
 
+class VpExists(Exception):
+    """MSHV_CREATE_VP for an index that has a VP already (the driver's EEXIST)."""
+
+
 class SimPartition:
     def __init__(self, flags: int, disabled_features: tuple[int, int] = (0, 0), disabled_xsave: int = 0) -> None:
         self.flags = flags
@@ -76,7 +90,7 @@ class SimPartition:
         self.disabled_xsave = disabled_xsave
         self.initialized = False
         self.memory = GpaMap()
-        self.vps: dict[int, SimVp] = {}
+        self.vps: dict[int, SimVp] = {}   # replaced whole under the lock: VP threads iterate it without
         self.hv_msrs = PartitionMsrs()   # the partition-wide synthetic MSRs (guest OS id, hypercall page, ...)
         self.engines = EngineGroup()   # the VPs' engines run as one SMP machine
         self.properties: dict[int, int] = {
@@ -99,7 +113,7 @@ class SimPartition:
         self.exception_intercepts: set[int] = set()
         self.intercepts_hypercalls = False
         self.cpuid_results: dict[tuple[int, int], tuple[int, ...]] = {}
-        self.doorbells: list[Doorbell] = []
+        self.doorbells: tuple[Doorbell, ...] = ()   # replaced whole under the lock: VP threads match without
         self.eoi_listeners: list[Callable[[int], None]] = []
         # The reference counter is derived from the TSC with the very scale the
         # reference TSC page publishes, so the MSR, the page and the synthetic
@@ -108,9 +122,77 @@ class SimPartition:
         self.reference_scale = (10_000_000 << 64) // max(tsc_hz(), 1)
         self.reference_offset = -((read_tsc() * self.reference_scale) >> 64)
         self._frozen_at: int | None = None
-        self._unfrozen = threading.Event()
+        self._unfrozen = threading.Event()   # set while time runs: the VPs' threads wait on it (see wait_unfrozen)
         self._unfrozen.set()
-        self.lock = threading.RLock()
+        # The root's changes to the partition (see the module docstring), one at a time.  Not
+        # reentrant: taken by the public methods below, the hypercall handlers run under it.
+        self._lock = threading.Lock()
+
+    # ---- the root's changes (the driver's ioctls)
+    def create_vp(self, index: int) -> SimVp | None:
+        """HvCreateVp: a new VP at ``index``, or None while the partition is not
+        initialized (HV_STATUS_INVALID_PARTITION_STATE).  Raises VpExists."""
+        with self._lock:
+            if index in self.vps:
+                raise VpExists(index)
+            if not self.initialized:
+                return None
+            vp = SimVp(self, index)
+            self.vps = {**self.vps, index: vp}
+            return vp
+
+    def overlaps(self, guest_pfn: int, pages: int, userspace_addr: int, endpoints_only: bool) -> bool:
+        """Whether a new region would overlap a mapped one: the whole frame interval, or
+        (``endpoints_only``, 6.15) its first and last frame and user address."""
+        memory, size = self.memory, pages << PAGE_SHIFT
+        if endpoints_only:
+            return bool(memory.containing_pfn(guest_pfn) or memory.containing_pfn(guest_pfn + pages - 1)
+                        or memory.containing_user(userspace_addr) or memory.containing_user(userspace_addr + size - 1))
+        return memory.overlaps_guest(guest_pfn, pages)
+
+    def add_region(self, guest_pfn: int, pages: int, userspace_addr: int, writable: bool, executable: bool,
+                   endpoints_only: bool) -> bool:
+        """Map a region into the partition and every VP's engine; False if it overlaps one (checked again here)."""
+        with self._lock:
+            if self.overlaps(guest_pfn, pages, userspace_addr, endpoints_only):
+                return False
+            new = self.memory.add(guest_pfn, pages, userspace_addr, writable, executable)
+            for vp in self.vps.values():
+                vp.map_region(new.gpa, new.size, userspace_addr, writable, executable)
+            return True
+
+    def remove_region(self, guest_pfn: int, pages: int, userspace_addr: int) -> Literal["removed", "missing", "mismatch"]:
+        """Unmap the region mapped exactly so: "missing" when no region holds ``guest_pfn``,
+        "mismatch" when the one there was mapped otherwise."""
+        with self._lock:
+            existing = self.memory.containing_pfn(guest_pfn)
+            if existing is None:
+                return "missing"
+            if existing.guest_pfn != guest_pfn or existing.userspace_addr != userspace_addr or existing.pages != pages:
+                return "mismatch"
+            for vp in self.vps.values():
+                vp.unmap_region(existing.gpa, existing.size)
+            self.memory.remove(existing)
+            return "removed"
+
+    def add_doorbell(self, doorbell: Doorbell) -> bool:
+        """MSHV_IOEVENTFD assign; False when the same trigger is taken (which eventfd does not matter)."""
+        with self._lock:
+            for other in self.doorbells:
+                if (other.address, other.length) == (doorbell.address, doorbell.length) and (
+                        other.datamatch is None or doorbell.datamatch is None or other.datamatch == doorbell.datamatch):
+                    return False
+            self.doorbells = (*self.doorbells, doorbell)
+            return True
+
+    def remove_doorbell(self, context: int, address: int, length: int, datamatch: int | None) -> Doorbell | None:
+        """MSHV_IOEVENTFD deassign: the doorbell removed (its fd is the caller's to close), or None."""
+        with self._lock:
+            for doorbell in self.doorbells:
+                if (doorbell.context, doorbell.address, doorbell.length, doorbell.datamatch) == (context, address, length, datamatch):
+                    self.doorbells = tuple(d for d in self.doorbells if d is not doorbell)
+                    return doorbell
+            return None
 
     # ---- properties used by VPs
     @property
@@ -265,19 +347,25 @@ class SimPartition:
                     vp.engine.protect(region.gpa + (page << PAGE_SHIFT), 1 << PAGE_SHIFT, False, region.executable)
 
     def track_write(self, gpa: int) -> bool:
-        """A guest write hit a tracking-protected page: mark it, unprotect it."""
-        region = self.memory.lookup(gpa)
-        if region is None or not region.writable:
-            return False
-        page = (gpa - region.gpa) >> PAGE_SHIFT
-        if page not in region.write_protected:
-            return False
-        region.write_protected.discard(page)
-        region.access[page] |= 0b11
-        for vp in self.vps.values():
-            if vp.engine is not None:
-                vp.engine.protect(region.gpa + (page << PAGE_SHIFT), 1 << PAGE_SHIFT, True, region.executable)
-        return True
+        """A guest write faulted on a writable page: dirty-page tracking protected it.  Mark
+        it and unprotect it everywhere; True: the VP runs the write again.  On the VP's
+        thread, under the lock, as the VMM's clear-and-protect of the same page runs.
+
+        The page may be unprotected already: another VP took its fault first (or tracking
+        stopped) and this VP's engine has not applied the change yet.  The write is still
+        the guest's own (no MMIO exit for RAM), so the engines are told again and it runs."""
+        with self._lock:
+            region = self.memory.lookup(gpa)
+            if region is None or not region.writable:
+                return False
+            page = (gpa - region.gpa) >> PAGE_SHIFT
+            if page in region.write_protected:
+                region.write_protected.discard(page)
+                region.access[page] |= 0b11
+            for vp in self.vps.values():
+                if vp.engine is not None:
+                    vp.engine.protect(region.gpa + (page << PAGE_SHIFT), 1 << PAGE_SHIFT, True, region.executable)
+            return True
 
     def _start_tracking(self, enabled: bool) -> None:
         for region in self.memory.regions:
@@ -318,7 +406,7 @@ class SimPartition:
             return HvResult(int(lib.HV_STATUS_INVALID_HYPERCALL_CODE))
         if rep_count_given is not None and rep_count_given != (code in REP_HYPERCALLS):
             return HvResult(int(lib.HV_STATUS_INVALID_HYPERCALL_INPUT))
-        with self.lock:
+        with self._lock:
             return handler(self, data, reps, rep_start)
 
     def _input(self, ctype: str, data: bytes) -> Any:
@@ -613,12 +701,13 @@ class SimPartition:
 
     def close(self) -> None:
         self._unfrozen.set()
-        for vp in self.vps.values():
+        with self._lock:
+            vps, self.vps = self.vps, {}
+            doorbells, self.doorbells = self.doorbells, ()
+        for vp in vps.values():
             vp.close()
-        self.vps.clear()
-        for doorbell in self.doorbells:
+        for doorbell in doorbells:
             os.close(doorbell.fd)
-        self.doorbells.clear()
         for region in self.memory.regions:
             self.memory.remove(region)
 

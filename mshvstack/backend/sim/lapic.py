@@ -123,6 +123,9 @@ class Lapic:
         self.apic_id = apic_id
         self._send_ipi = send_ipi
         self._wake = wake
+        # IRR and ISR, which other threads change (an interrupt accepted from another VP, the
+        # irqfd worker, the VMM); the rest is the VP's own thread's.  A leaf: _wake() is called
+        # after it is released.
         self._lock = threading.Lock()
         self.x2apic = False   # the mode APIC_BASE selects (set by the VP)
         self.auto_eoi = 0     # vectors of SINTs with auto-EOI: taken without entering service (no EOI follows)

@@ -56,52 +56,52 @@ def host_view(address: int, size: int) -> memoryview:
 
 
 class GpaMap:
-    """Mapped regions of one partition, sorted by guest frame."""
+    """Mapped regions of one partition, sorted by guest frame.
+
+    Read from every thread (each VP, the VMM, devices) without a lock: the
+    list is never changed in place but replaced whole, so a reader sees the
+    map before or after a change.  The lock orders the writers (a leaf)."""
 
     def __init__(self) -> None:
         self._regions: list[Region] = []
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
 
     @property
     def regions(self) -> list[Region]:
-        with self._lock:
-            return list(self._regions)
+        return list(self._regions)
 
     def overlaps_guest(self, guest_pfn: int, pages: int) -> bool:
-        with self._lock:
-            return any(r.guest_pfn < guest_pfn + pages and guest_pfn < r.guest_pfn + r.pages for r in self._regions)
+        return any(r.guest_pfn < guest_pfn + pages and guest_pfn < r.guest_pfn + r.pages for r in self._regions)
 
     def overlaps_user(self, address: int, size: int) -> bool:
-        with self._lock:
-            return any(r.userspace_addr < address + size and address < r.userspace_addr + r.size for r in self._regions)
+        return any(r.userspace_addr < address + size and address < r.userspace_addr + r.size for r in self._regions)
 
     def add(self, guest_pfn: int, pages: int, userspace_addr: int, writable: bool, executable: bool) -> Region:
         region = Region(guest_pfn, pages, userspace_addr, writable, executable,
                         host_view(userspace_addr, pages << PAGE_SHIFT), bytearray(pages))
         with self._lock:
-            self._regions.append(region)
-            self._regions.sort(key=lambda r: r.guest_pfn)
+            self._regions = sorted([*self._regions, region], key=lambda r: r.guest_pfn)
         return region
 
     def containing_pfn(self, guest_pfn: int) -> Region | None:
         """The region whose frames include ``guest_pfn`` (the driver's region_by_gfn)."""
-        with self._lock:
-            return next((r for r in self._regions if r.guest_pfn <= guest_pfn < r.guest_pfn + r.pages), None)
+        return next((r for r in self._regions if r.guest_pfn <= guest_pfn < r.guest_pfn + r.pages), None)
 
     def containing_user(self, address: int) -> Region | None:
-        with self._lock:
-            return next((r for r in self._regions if r.userspace_addr <= address < r.userspace_addr + r.size), None)
+        return next((r for r in self._regions if r.userspace_addr <= address < r.userspace_addr + r.size), None)
 
     def remove(self, region: Region) -> None:
         with self._lock:
-            self._regions.remove(region)
+            remaining = [r for r in self._regions if r is not region]
+            if len(remaining) == len(self._regions):
+                raise ValueError(f"GPA {region.gpa:#x}: not a mapped region")
+            self._regions = remaining
         region.view.release()
 
     def lookup(self, gpa: int) -> Region | None:
-        with self._lock:
-            for region in self._regions:
-                if region.contains(gpa):
-                    return region
+        for region in self._regions:
+            if region.contains(gpa):
+                return region
         return None
 
     def _chunks(self, gpa: int, size: int, write: bool):  # type: ignore[no-untyped-def]

@@ -6,6 +6,17 @@ left in the intercept message page).  The VP stays suspended at the
 intercepting instruction until the next run.  The parts it runs over:
 the CPU engine (engines/), the Hyper-V emulator (hv1.py), the LAPIC, the
 machine-check banks and the intercept encoder (intercepts.py).
+
+Threads and locks (docs/concurrency.md): the VP's own thread (the one in
+``run``) owns its registers, its engine and its run-loop state; other
+threads reach the VP only through the methods that say "any thread"
+(kick, queue_*, post_message, signal_event, set_deliverability,
+timers_changed) and the partition's hypercalls.  Its locks, in order:
+``_run_lock`` (one run at a time, held across the whole run; nothing else
+is held across ``engine.run``: a VP running alone waits for the others to
+reach a block boundary), then the partition's lock (a dirty-tracking fault),
+its engine's, ``_wake`` (the wake-up state), ``_synic_lock`` (host writers
+of the SynIC pages), and its LAPIC's lock.
 """
 
 from __future__ import annotations
@@ -124,14 +135,17 @@ class SimVp:
     def __init__(self, partition: SimPartition, index: int) -> None:
         self.partition = partition
         self.index = index
-        self.lock = threading.Lock()                 # one MSHV_RUN_VP at a time
+        self._run_lock = threading.Lock()            # one run at a time (MSHV_RUN_VP's VP mutex): first in the VP's order
         self.register_page = mmap.mmap(-1, PAGE)
         self._page_cdata: Any = None
         self.intercept_page = mmap.mmap(-1, PAGE)
         self.engine: Engine | None = None
         self._state: dict[int, int] = self._reset_state()
         self._segments = self._reset_segments()
-        self._wake = threading.Condition()
+        # Kicks, INIT/SIPI and wake-ups from other threads: guards _kick, _init_pending and _sipi_vector,
+        # and a halted VP waits on it.  After _run_lock; under it only the LAPIC's lock.  Not reentrant:
+        # what can notify (an interrupt accepted, a timer fired) is never called with it held.
+        self._wake = threading.Condition(threading.Lock())
         self.lapic = Lapic(index, partition.route_interrupt, self._notify)
         self.hv = HvEmulator(index, self.lapic, _HvServices(self), partition.hv_msrs)
         self.machine_check = MachineCheck()
@@ -140,7 +154,7 @@ class SimVp:
         self._init_pending = False                   # INIT and SIPI arrive from other VPs' threads ...
         self._sipi_vector: int | None = None         # ... and are taken on this VP's own (see _startup)
         self._pending_exit: bytes | None = None      # e.g. SINT deliverable, raised outside run
-        self._synic_lock = threading.Lock()          # host writers of this VP's SIMP slots, SIEF flags, deliverability
+        self._synic_lock = threading.Lock()          # host writers of this VP's SIMP slots, SIEF flags, deliverability (then the GPA map's)
         # Registers read in one batch after the engine stops (at the first read); valid until it runs again.
         self._snap: dict[int, int] | None = None
         self._snap_due = False
@@ -410,7 +424,12 @@ class SimVp:
         return bool(base & APIC_BASE_ENABLE) and not base & APIC_BASE_X2APIC
 
     def run(self) -> bytes:
-        """Run until an intercept; returns the 256-byte message.  Raises Kicked."""
+        """Run until an intercept; returns the 256-byte message.  Raises Kicked.
+        One run at a time: a second caller waits for the first (the driver's VP mutex)."""
+        with self._run_lock:
+            return self._run_locked()
+
+    def _run_locked(self) -> bytes:
         self._consume_register_page()
         self.partition.wait_unfrozen(self)
         while True:
@@ -502,16 +521,19 @@ class SimVp:
                 or (self._interruptible() and self.lapic.deliverable() is not None))
 
     def _wait_for_interrupt(self) -> bool:
-        with self._wake:
-            while not self._can_take_interrupt():
+        while True:
+            # Without the condition: a timer that fires accepts its interrupt, which notifies.  Polled
+            # before the check below, so what fires is seen there; what arrives later notifies the wait.
+            self._poll_timers()
+            with self._wake:
+                if self._can_take_interrupt():
+                    self._halted = False
+                    return True
                 if self._kick:
                     return False
-                self._poll_timers()
                 deadline = self._deadline_ns()
                 wait = IDLE_WAIT_S if not deadline else min(IDLE_WAIT_S, max(deadline - time.monotonic_ns(), 0) / 1e9)
                 self._wake.wait(wait)
-            self._halted = False
-            return True
 
     # ------------------------------------------------------------------ exits
     def _handle_stop(self, stop: EngineStop) -> bytes | None:

@@ -21,6 +21,12 @@ class Provider(Protocol):
     speaks first start here), on_packet for every packet the guest sends and
     on_close when it closes.  Malformed guest input must raise
     VmbusProtocolError (the channel is then closed), nothing else.
+
+    Every callback runs with the VMBus server's lock held, on whichever thread
+    brought the guest's message or doorbell; the host's own requests to a
+    provider go through ``VmbusServer.call``, so a provider's state needs no
+    lock of its own.  A provider that lets the host wait for the guest uses a
+    lock or condition of its own, taken after the server's (ic.py).
     """
 
     name: str

@@ -81,7 +81,13 @@ def parse_negotiate_response(body: bytes) -> tuple[tuple[int, int], tuple[int, i
 
 
 class IcProvider:
-    """Base of every IC: negotiates, then runs one request at a time."""
+    """Base of every IC: negotiates, then runs one request at a time.
+
+    The provider interface and the requests run with the VMBus server's lock
+    (providers/base.py).  The condition guards what the host's threads wait
+    for (the negotiated version, the open channel, a subclass's answer):
+    taken after the server's lock, released before a hook runs (a hook sends,
+    and a send can close the channel, whose on_close takes it again)."""
 
     msgtype: int = 0
     versions: tuple[tuple[int, int], ...] = ()
@@ -97,16 +103,17 @@ class IcProvider:
         self.framework: tuple[int, int] | None = None
         self.version: tuple[int, int] | None = None
         self.negotiation_failed = False
-        self.cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self.last_response: IcMessage | None = None
         self.responses = 0
         self.last_seen: float | None = None
 
     # ---- provider interface
     def on_open(self, channel: Channel) -> bool:
-        self.channel = channel
-        self.framework = self.version = None
-        self.negotiation_failed = False
+        with self._cond:
+            self.channel = channel
+            self.framework = self.version = None
+            self.negotiation_failed = False
         return True
 
     def on_opened(self, channel: Channel) -> None:
@@ -114,9 +121,9 @@ class IcProvider:
         channel.send_inband(encode(int(lib.ICMSGTYPE_NEGOTIATE), body, (0, 0), (0, 0)))
 
     def on_close(self, channel: Channel) -> None:
-        with self.cond:
+        with self._cond:
             self.channel = None
-            self.cond.notify_all()
+            self._cond.notify_all()
 
     def on_packet(self, channel: Channel, packet: Packet) -> None:
         if packet.type != INBAND:
@@ -124,7 +131,8 @@ class IcProvider:
         message = decode(packet.payload)
         if message.flags & RESPONSE != RESPONSE:
             raise VmbusProtocolError(f"{self.name}: guest sent a non-response (flags {message.flags:#x})")
-        with self.cond:
+        negotiated = False
+        with self._cond:
             self.last_seen = time.monotonic()
             self.responses += 1
             if message.msgtype == lib.ICMSGTYPE_NEGOTIATE:
@@ -133,26 +141,33 @@ class IcProvider:
                     self.negotiation_failed = True
                 else:
                     self.framework, self.version = chosen
-                    self.on_negotiated()
+                    negotiated = True
             else:
                 self.last_response = message
-                self.on_response(message)
-            self.cond.notify_all()
+        if negotiated:
+            self.on_negotiated()
+        elif message.msgtype != lib.ICMSGTYPE_NEGOTIATE:
+            self.on_response(message)
+        with self._cond:   # the waiters look again, at the hook's state too
+            self._cond.notify_all()
 
     # ---- for subclasses and users
     def on_negotiated(self) -> None:
-        """The guest accepted a version: a device that speaks first does so here."""
+        """The guest accepted a version: a device that speaks first does so here
+        (with the server's lock, without the condition)."""
 
     def on_response(self, message: IcMessage) -> None:
-        """A response to one of our requests (after negotiation)."""
+        """A response to one of our requests (after negotiation; with the server's lock,
+        without the condition: the waiters are woken after it)."""
 
     @property
     def ready(self) -> bool:
         return self.version is not None and self.channel is not None
 
     def wait_ready(self, timeout: float) -> bool:
-        with self.cond:
-            return self.cond.wait_for(lambda: self.ready or self.negotiation_failed, timeout) and self.ready
+        """Wait for the guest to negotiate (never with the VMBus server's lock held: the answer needs it)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.ready or self.negotiation_failed, timeout) and self.ready
 
     def send_request(self, body: bytes) -> None:
         if not self.ready or self.channel is None:

@@ -59,14 +59,16 @@ class Kvp(IcProvider):
 
     # ---- requests (send; the answer arrives as `reply`)
     def _send(self, operation: int, pool: int, fill: Any = None) -> None:
-        if self.outstanding:
-            raise KvpError("a KVP request is already outstanding")
+        with self._cond:   # wait_reply gives up on a request under it (the requests themselves run under the server's lock)
+            if self.outstanding:
+                raise KvpError("a KVP request is already outstanding")
         msg = ffi.new(f"{MSG} *")
         msg.kvp_hdr.operation, msg.kvp_hdr.pool = operation, pool
         if fill is not None:
             fill(msg.body)
-        self.reply = None
-        self.outstanding = True
+        with self._cond:
+            self.reply = None
+            self.outstanding = True
         self.send_request(bytes(ffi.buffer(msg)))
 
     @staticmethod
@@ -93,8 +95,9 @@ class Kvp(IcProvider):
         self._send(lib.KVP_OP_ENUMERATE, pool, lambda body: setattr(body.enumerate, "index", index))
 
     def wait_reply(self, timeout: float) -> KvpReply:
-        with self.cond:
-            if not self.cond.wait_for(lambda: self.reply is not None or self.channel is None, timeout):
+        """Wait for the answer (never with the VMBus server's lock held: the answer needs it)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.reply is not None or self.channel is None, timeout):
                 self.outstanding = False  # give up on this one; a late answer is ignored
                 raise KvpError(f"the guest did not answer the KVP request within {timeout:g} s (is its KVP daemon running?)")
         if self.reply is None:
@@ -102,7 +105,8 @@ class Kvp(IcProvider):
         return self.reply
 
     def on_response(self, message: IcMessage) -> None:
-        self.outstanding = False
+        with self._cond:
+            self.outstanding = False
         if len(message.body) < ffi.sizeof("struct hv_kvp_hdr"):
             raise VmbusProtocolError("KVP response too short")
         msg = ffi.new(f"{MSG} *")
@@ -111,4 +115,5 @@ class Kvp(IcProvider):
         value = msg.body.enumerate.data if operation == lib.KVP_OP_ENUMERATE else msg.body.get
         key = _from_utf16(bytes(value.key), int(value.key_size), lib.KVP_MAX_KEY_SIZE)
         text = _from_utf16(bytes(value.value), int(value.value_size), lib.KVP_MAX_VALUE_SIZE)
-        self.reply = KvpReply(message.status, key, text)
+        with self._cond:
+            self.reply = KvpReply(message.status, key, text)

@@ -100,7 +100,12 @@ class IoApic:
         self.entries = [int(Entry.MASKED)] * PINS
         self.lines = [False] * PINS
         self.delivered = [0] * PINS
-        self._lock = threading.RLock()
+        # Guards the registers and lines above: the VPs' MMIO exits, the devices (the UART's
+        # interrupt, called outside its own lock) and the resampler thread.  The public methods take
+        # it, the private ones run with it held; under it only the partition's irqfd/MSI-routing
+        # ioctls (the simulator's irqfd lock) and eventfd writes.  Nothing calls back into the
+        # I/O APIC from there, so it is not reentrant.
+        self._lock = threading.Lock()
         self._trigger = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(PINS)]
         self._resample = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(PINS)]
         self._selector = selectors.DefaultSelector()

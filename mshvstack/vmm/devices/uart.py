@@ -40,6 +40,8 @@ class Uart16550:
     def __init__(self, output: Callable[[bytes], None], interrupt: Callable[[], None] | None = None) -> None:
         self.output = output
         self.interrupt = interrupt
+        # Guards the registers and the receive queue (a VP's port I/O, the console-input thread).
+        # A leaf: the output and the interrupt line are called after it is released.
         self._lock = threading.Lock()
         self.ier = 0
         self.lcr = 0x03
@@ -54,7 +56,8 @@ class Uart16550:
     def feed(self, data: bytes) -> None:
         with self._lock:
             self.rx.extend(data)
-        self._raise()
+            pending = self._pending()
+        self._raise(pending)
 
     def _iir(self) -> int:
         fifo = IIR_FIFO if self.fcr & 1 else 0
@@ -64,8 +67,13 @@ class Uart16550:
             return IIR_THRI | fifo
         return IIR_NONE | fifo
 
-    def _raise(self) -> None:
-        if self.interrupt is not None and self._iir() & 1 == 0:
+    def _pending(self) -> bool:
+        """An interrupt is pending (with the lock held: the registers it reads change under it)."""
+        return self._iir() & 1 == 0
+
+    def _raise(self, pending: bool) -> None:
+        """Signal the interrupt line, without the lock (the I/O APIC takes its own)."""
+        if self.interrupt is not None and pending:
             self.interrupt()
 
     def read(self, offset: int, size: int) -> int:
@@ -123,9 +131,10 @@ class Uart16550:
                 self.mcr = value & 0x1F
             elif offset == SCR:
                 self.scr = value
+            pending = self._pending()
         if out is not None:
             self.output(out)
-        self._raise()
+        self._raise(pending)
 
     def save(self) -> UartState:
         with self._lock:
@@ -138,4 +147,5 @@ class Uart16550:
             self.dll, self.dlm, self.thr_empty_pending = state.dll, state.dlm, state.thr_empty_pending
             self.rx.clear()
             self.rx.extend(state.rx)
-        self._raise()
+            pending = self._pending()
+        self._raise(pending)

@@ -270,9 +270,13 @@ class UnicornEngine:
         self._tracked_hosts = core_ffi.new("uint64_t[]", MAX_TRACKED_CODE_PAGES)
         self._tracked_saved = bytearray(MAX_TRACKED_CODE_PAGES * 0x1000)
         self._tracked_saved_c = core_ffi.from_buffer("uint8_t[]", self._tracked_saved)
-        self._running: int | None = None                    # thread id inside emu_start
+        self._running: int | None = None                    # thread id inside run() (holding _exclusive)
+        # Held by the thread in run(), or by another thread changing the memory map or the code while
+        # nobody runs: so a change and a run never overlap (Unicorn is not thread-safe).  Never waited
+        # for by a changer (it queues the change instead), only by run().
+        self._exclusive = threading.Lock()
         self._deferred: list[Callable[[], None]] = []
-        self._deferred_lock = threading.Lock()
+        self._deferred_lock = threading.Lock()              # the queue of changes (a leaf)
         self._segment = core_ffi.new("struct mshvstack_segment *")
         self._snapshot = core_ffi.new("uint64_t[]", len(_REGS))
         self._paging = core_ffi.new("uint64_t[3]")
@@ -351,14 +355,25 @@ class UnicornEngine:
 
     # ---- cross-thread requests: Unicorn is not thread-safe, so changes asked
     # for while the VP runs are applied by the VP's thread at its next stop.
-    def _in_other_thread(self, operation: Callable[[], None]) -> bool:
-        running = self._running
-        if running is None or running == threading.get_ident():
-            return False
+    def _change(self, operation: Callable[[], None]) -> None:
+        """Apply a change now: from a hook of this engine's own run, or while nobody runs
+        it (holding _exclusive, so no run starts meanwhile, after the changes queued
+        before it); else queue it for the running thread, which applies it before it
+        runs again, and stop the run."""
+        if self._running == threading.get_ident():
+            operation()
+            return
+        if self._exclusive.acquire(blocking=False):
+            try:
+                if self._deferred:
+                    self._apply_deferred()
+                operation()
+            finally:
+                self._exclusive.release()
+            return
         with self._deferred_lock:
             self._deferred.append(operation)
         self.cancel()
-        return True
 
     def _apply_deferred(self) -> None:
         with self._deferred_lock:
@@ -368,8 +383,9 @@ class UnicornEngine:
 
     # ---- memory ----
     def map(self, gpa: int, size: int, host_address: int, writable: bool, executable: bool) -> None:
-        if self._in_other_thread(lambda: self.map(gpa, size, host_address, writable, executable)):
-            return
+        self._change(lambda: self._map(gpa, size, host_address, writable, executable))
+
+    def _map(self, gpa: int, size: int, host_address: int, writable: bool, executable: bool) -> None:
         perms = unicorn.UC_PROT_READ | (unicorn.UC_PROT_WRITE if writable else 0) | (unicorn.UC_PROT_EXEC if executable else 0)
         self._uc.mem_map_ptr(gpa, size, perms, host_address)
         self._plain.map(gpa, size, writable and executable)
@@ -377,19 +393,21 @@ class UnicornEngine:
         self._write_protect(host_address, size, not writable)
 
     def unmap(self, gpa: int, size: int) -> None:
-        if self._in_other_thread(lambda: self.unmap(gpa, size)):
-            return
+        self._change(lambda: self._unmap(gpa, size))
+
+    def _unmap(self, gpa: int, size: int) -> None:
         host = self._code.host_address(gpa)
         if host is not None:
             self._write_protect(host, size, False)
         self._uc.mem_unmap(gpa, size)
         self._plain.unmap(gpa, size)
         self._fault_ranges_stale = True
-        self.flush_code(gpa, size)
+        self._flush_code(gpa, size)
 
     def protect(self, gpa: int, size: int, writable: bool, executable: bool) -> None:
-        if self._in_other_thread(lambda: self.protect(gpa, size, writable, executable)):
-            return
+        self._change(lambda: self._protect(gpa, size, writable, executable))
+
+    def _protect(self, gpa: int, size: int, writable: bool, executable: bool) -> None:
         perms = unicorn.UC_PROT_READ | (unicorn.UC_PROT_WRITE if writable else 0) | (unicorn.UC_PROT_EXEC if executable else 0)
         self._uc.mem_protect(gpa, size, perms)
         self._plain.protect(gpa, size, writable and executable)
@@ -424,8 +442,9 @@ class UnicornEngine:
     def flush_code(self, gpa: int, size: int) -> None:
         """Drop translations of guest code in [gpa, gpa+size), wherever it is mapped:
         the linear pages recorded when each block was translated from it."""
-        if self._in_other_thread(lambda: self.flush_code(gpa, size)):
-            return
+        self._change(lambda: self._flush_code(gpa, size))
+
+    def _flush_code(self, gpa: int, size: int) -> None:
         for linear in {linear for linear, page in self._code_pages if gpa <= page < gpa + size}:
             self._forget_linear_page(linear)
 
@@ -631,6 +650,10 @@ class UnicornEngine:
         core.mshvstack_cancel(self._cpu)
 
     def run(self, deadline_ns: int = 0) -> EngineStop:
+        with self._exclusive:   # waits for a change another thread is making (never for long)
+            return self._run_exclusive(deadline_ns)
+
+    def _run_exclusive(self, deadline_ns: int) -> EngineStop:
         cpu = self._cpu
         if self._deferred:
             self._apply_deferred()

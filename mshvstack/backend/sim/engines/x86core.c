@@ -177,6 +177,14 @@ struct mshvstack_cpu;
 /*
  * The partition's engines as one machine (x86parallel.c).  The lock guards
  * everything here; owner is also read without it at block boundaries.
+ *
+ * Lock order (docs/concurrency.md): the world lock and each engine's timer
+ * lock are leaves.  Neither is held while the other is taken, nor while
+ * Python runs (no callback into Python under either), and Python holds none
+ * of its locks across a run but the VP's own run lock: a VP that runs alone
+ * (world_acquire) waits for every other running VP to reach a block
+ * boundary, which a VP blocked on a lock held by the lone runner would never
+ * do.  Both are taken with the GIL released (cffi releases it for each call).
  */
 struct mshvstack_world {
     pthread_mutex_t lock;
@@ -236,7 +244,8 @@ struct mshvstack_cpu {
     bool (**exec_interrupt_slot)(void *cs, int request);
     int code_hook_type;
     uint64_t resume_rip;        /* set by the Python half with SPECIAL_RESUME */
-    /* the deadline timer thread (started at the first deadline) */
+    /* the deadline timer thread (started at the first deadline); timer_lock guards running,
+     * timer_started, timer_quit and deadline_ns's changes (a leaf: see struct mshvstack_world) */
     pthread_mutex_t timer_lock;
     pthread_cond_t timer_cond;
     pthread_t timer;
