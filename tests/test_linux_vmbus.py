@@ -2,7 +2,11 @@
 
 Debian's unmodified kernel and its modules, loaded by our /init; everything
 asserted comes from what the guest itself prints (sysfs, /dev, dmesg), or
-from the host image after the VMM is gone.
+from the host image after the VMM is gone.  Each test runs with 1 and with
+4 vCPUs.  Linux binds every channel to CPU 0 here (the IC channels are not
+"performance" channels, and the disk has no subchannels, so its one channel
+takes the first CPU), so /init moves them (MODIFYCHANNEL) and the test
+checks in /proc/interrupts that each channel's interrupts follow it.
 """
 
 from __future__ import annotations
@@ -32,7 +36,14 @@ DISK_BYTES = 16 << 20
 WRITE_OFFSET, WRITE_BYTES = 2 << 20, 256 << 10
 OS_NAME = "Debian GNU/Linux"
 
-INIT = INIT_PROLOGUE + "exec >/dev/kmsg 2>&1\n" + LOAD_MODULES + """if grep -q mshvtest=panic /proc/cmdline; then
+# Where /init moves each channel (modulo the CPU count): the disk and time sync
+# share CPU 1, heartbeat and KVP CPU 2, and the shutdown channel, silent
+# until the end, is alone on CPU 3, where no VMBus interrupt may then arrive.
+CHANNEL_CPUS = {Storage.class_id: 1, TimeSync.class_id: 1, Heartbeat.class_id: 2, Kvp.class_id: 2, Shutdown.class_id: 3}
+
+# One MARK line per write to /dev/kmsg; "on" lifts its rate limit (10 lines
+# in 5 s, the rest dropped without a word while /init keeps it open).
+INIT = INIT_PROLOGUE + "exec >/dev/kmsg 2>&1\necho on >/proc/sys/kernel/printk_devkmsg\n" + LOAD_MODULES + """if grep -q mshvtest=panic /proc/cmdline; then
     echo "MARK panicking"
     echo c >/proc/sysrq-trigger
 fi
@@ -47,6 +58,20 @@ dd if=/tmp/random of=/dev/sda bs=4096 seek=%(write_block)d conv=fsync 2>/dev/nul
 sync
 echo "MARK synced $(sha256sum /tmp/random | cut -d' ' -f1)"
 if grep -q mshvtest=hold /proc/cmdline; then while true; do sleep 60; done; fi
+cpus=$(nproc)
+echo "MARK hyp_bound $(grep HYP: /proc/interrupts)"
+for c in /sys/bus/vmbus/devices/*/channels/*; do
+    class=$(cat ${c%%/channels/*}/class_id)
+    echo "MARK channel_bound $class $(cat $c/cpu)"
+    case $class in
+%(channel_cases)s
+    esac
+    echo $((cpu %% cpus)) >$c/cpu || echo "MARK move_failed $class"
+    echo "MARK channel $class $(cat $c/cpu)"
+done
+echo "MARK hyp_moved $(grep HYP: /proc/interrupts)"
+echo 3 >/proc/sys/vm/drop_caches
+echo "MARK sda_reread $(dd if=/dev/sda bs=1M count=1 2>/dev/null | sha256sum | cut -d' ' -f1)"
 [ -c /dev/ptp0 ] && echo "MARK ptp $(cat /sys/class/ptp/ptp0/clock_name)"
 mkdir -p /var/lib
 hostname mshvstack-guest
@@ -57,11 +82,14 @@ while true; do
     echo "MARK clock $(date +%%s)"
     echo "through the interrupt-driven 8250" >/dev/ttyS0
     echo "MARK com1_irq $(grep ttyS0 /proc/interrupts)"
+    echo "MARK hyp $(grep HYP: /proc/interrupts)"
+    echo "MARK hvs $(grep HVS: /proc/interrupts)"
     pool=/var/lib/hyperv/.kvp_pool_0
     [ -s $pool ] && echo "MARK kvp_pool $(strings $pool | tr '\n' ' ')"
     sleep 1
 done
-""" % {"write_blocks": WRITE_BYTES // 4096, "write_block": WRITE_OFFSET // 4096}
+""" % {"write_blocks": WRITE_BYTES // 4096, "write_block": WRITE_OFFSET // 4096,
+       "channel_cases": "\n".join(f"        {{{uuid}}}) cpu={cpu} ;;" for uuid, cpu in CHANNEL_CPUS.items())}
 
 # hv_utils runs /sbin/poweroff for the shutdown IC; busybox's would signal our
 # shell /init, so this one powers off directly, saying it was asked to.
@@ -97,11 +125,22 @@ def _written(path: Path) -> str:
         return hashlib.sha256(f.read(WRITE_BYTES)).hexdigest()
 
 
-def test_linux_drivers_use_our_vmbus_devices(initrd: tuple[Path, Path], tmp_path: Path) -> None:
+def _per_cpu(line: str, cpus: int) -> tuple[int, ...]:
+    """A /proc/interrupts row ('HYP: 12 34 Hypervisor callback interrupts') -> (12, 34)."""
+    counts = tuple(int(field) for field in line.split()[1 : 1 + cpus])
+    assert len(counts) == cpus, line
+    return counts
+
+
+VCPUS = pytest.mark.parametrize("vcpus", [1, 4])
+
+
+@VCPUS
+def test_linux_drivers_use_our_vmbus_devices(initrd: tuple[Path, Path], tmp_path: Path, vcpus: int) -> None:
     kernel, ramdisk = initrd
     disk = tmp_path / "disk.img"
     image = _disk(disk)
-    vm = LinuxVm(tmp_path, kernel, ramdisk, "--disk", str(disk))
+    vm = LinuxVm(tmp_path, kernel, ramdisk, "--disk", str(disk), vcpus=vcpus)
     try:
         synced, _ = vm.wait_for("synced", timeout=400)
         log = vm.log
@@ -114,6 +153,15 @@ def test_linux_drivers_use_our_vmbus_devices(initrd: tuple[Path, Path], tmp_path
         assert int(vm.values("sda_sectors")[0]) * 512 == DISK_BYTES
         assert vm.values("sda_sha256")[0] == hashlib.sha256(image[: 1 << 20]).hexdigest()
         assert _written(disk) == synced   # in the host image while the guest still runs
+
+        # Linux binds every channel to CPU 0; /init moves each where CHANNEL_CPUS says.
+        vm.wait_for("hyp_moved")
+        assert not vm.values("move_failed"), vm.values("move_failed")
+        assert all(value.endswith(" 0") for value in vm.values("channel_bound")), vm.values("channel_bound")
+        placed = dict(value.split(" ", 1) for value in vm.values("channel"))
+        assert placed == {f"{{{uuid}}}": str(cpu % vcpus) for uuid, cpu in CHANNEL_CPUS.items()}, placed
+        moved = _per_cpu(vm.values("hyp_moved")[0], vcpus)
+        assert vm.wait_for("sda_reread")[0] == vm.values("sda_sha256")[0]   # the disk through its moved channel
 
         ptp, _ = vm.wait_for("ptp")
         assert ptp == "hyperv"
@@ -152,8 +200,18 @@ def test_linux_drivers_use_our_vmbus_devices(initrd: tuple[Path, Path], tmp_path
         # edge, from COM1's _CRS.  (A hardware-reduced platform has no legacy PIC, so Linux
         # numbers the interrupt dynamically, after the 24 GSIs.)
         com1 = [line.split() for line in vm.values("com1_irq") if line]
-        assert com1 and com1[-1][2:] == ["IO-APIC", "4-edge", "ttyS0"], com1[-1:]
-        assert int(com1[-1][1]) > int(com1[0][1]) > 0
+        assert com1 and com1[-1][1 + vcpus :] == ["IO-APIC", "4-edge", "ttyS0"], com1[-1:]
+        assert sum(map(int, com1[-1][1 : 1 + vcpus])) > sum(map(int, com1[0][1 : 1 + vcpus])) > 0
+
+        # Every CPU's own synthetic timer ticks ("HVS", direct mode) ...
+        timers = [_per_cpu(line, vcpus) for line in vm.values("hvs")]
+        assert all(last > first for first, last in zip(timers[0], timers[-1])), (timers[0], timers[-1])
+        # ... and each channel's interrupts ("HYP") arrive on the CPU it is bound to: since the
+        # move, the disk, heartbeat, time sync and KVP have all spoken, and neither the silent
+        # shutdown channel's CPU nor CPU 0 (VMBus's messages, none after the moves) has had any.
+        hyp = _per_cpu(vm.values("hyp")[-1], vcpus)
+        talking = {cpu % vcpus for uuid, cpu in CHANNEL_CPUS.items() if uuid != Shutdown.class_id}
+        assert all((hyp[cpu] > moved[cpu]) == (cpu in talking) for cpu in range(vcpus)), (moved, hyp, talking)
 
         # Graceful shutdown: hv_utils runs the guest's /sbin/poweroff.
         vm.ctl("shutdown")
@@ -168,11 +226,12 @@ def test_linux_drivers_use_our_vmbus_devices(initrd: tuple[Path, Path], tmp_path
     assert "Kernel panic" not in log and "BUG:" not in log and "WARNING:" not in log
 
 
-def test_a_synced_write_survives_sigkill(initrd: tuple[Path, Path], tmp_path: Path) -> None:
+@VCPUS
+def test_a_synced_write_survives_sigkill(initrd: tuple[Path, Path], tmp_path: Path, vcpus: int) -> None:
     kernel, ramdisk = initrd
     disk = tmp_path / "disk.img"
     _disk(disk)
-    vm = LinuxVm(tmp_path, kernel, ramdisk, "--disk", str(disk), cmdline="console=ttyS0 mshvtest=hold")
+    vm = LinuxVm(tmp_path, kernel, ramdisk, "--disk", str(disk), cmdline="console=ttyS0 mshvtest=hold", vcpus=vcpus)
     try:
         synced, _ = vm.wait_for("synced", timeout=400)
     finally:
@@ -180,13 +239,14 @@ def test_a_synced_write_survives_sigkill(initrd: tuple[Path, Path], tmp_path: Pa
     assert _written(disk) == synced
 
 
-def test_a_guest_panic_reaches_the_operator(initrd: tuple[Path, Path], tmp_path: Path) -> None:
+@VCPUS
+def test_a_guest_panic_reaches_the_operator(initrd: tuple[Path, Path], tmp_path: Path, vcpus: int) -> None:
     """Linux's hv_vmbus reports its panic through the crash MSRs, with the kernel log's
     last page: the run ends with exit code 4 and the panic line, and a QMP client
     (qemu.qmp) hears GUEST_PANICKED with Hyper-V's five parameters, then SHUTDOWN."""
     qmp = pytest.importorskip("qemu.qmp", reason="the qemu.qmp client is part of the test extras")
     kernel, ramdisk = initrd
-    vm = LinuxVm(tmp_path, kernel, ramdisk, cmdline="console=ttyS0 mshvtest=panic")
+    vm = LinuxVm(tmp_path, kernel, ramdisk, cmdline="console=ttyS0 mshvtest=panic", vcpus=vcpus)
 
     async def watch() -> list[dict[str, Any]]:
         client = qmp.QMPClient("panic-watch")
