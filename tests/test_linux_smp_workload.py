@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from mshvstack.vmm.linuxguest import (INIT_PROLOGUE, LOAD_MODULES, GuestUnavailable, busybox_initramfs, debian_program,
-                                      kernel_modules, module_files)
+from mshvstack.vmm.linuxguest import INIT_PROLOGUE, LOAD_MODULES, GuestUnavailable, busybox_initramfs, debian_program, kernel_modules, module_files
 
 from linuxvm import LinuxVm, require_debian_guest
 
