@@ -26,6 +26,13 @@ from mshvstack.vmm.linuxguest import GuestUnavailable, LinuxGuest, debian_guest
 MARK = re.compile(r"MARK (\w+) ?(.*)")
 
 
+# hv_utils runs /sbin/poweroff for the shutdown IC; busybox's would signal our
+# shell /init, so this one powers off directly, saying it was asked to.
+POWEROFF = """#!/bin/sh
+echo "MARK poweroff_requested" >/dev/kmsg
+exec /bin/busybox poweroff -f
+"""
+
 def require_debian_guest() -> LinuxGuest:
     if shutil.which("apt-get") is None:
         pytest.skip("apt-get is not available: Debian's kernel cannot be fetched here")

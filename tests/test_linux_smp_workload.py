@@ -23,7 +23,7 @@ import pytest
 
 from mshvstack.vmm.linuxguest import INIT_PROLOGUE, LOAD_MODULES, GuestUnavailable, busybox_initramfs, debian_program, kernel_modules, module_files
 
-from linuxvm import LinuxVm, require_debian_guest
+from linuxvm import POWEROFF, LinuxVm, require_debian_guest
 
 VCPUS = 4
 MODULES = ("hv_vmbus", "hv_utils", "hv_storvsc", "sd_mod")
@@ -129,11 +129,6 @@ if grep -q mshvtest=flock /proc/cmdline; then
 fi
 %(reload)s""" % {"flock": FLOCK, "reload": RELOAD}
 
-# hv_utils runs /sbin/poweroff for the shutdown IC (see test_linux_vmbus).
-POWEROFF = """#!/bin/sh
-echo "MARK poweroff_requested" >/dev/kmsg
-exec /bin/busybox poweroff -f
-"""
 
 
 @pytest.fixture(scope="module")

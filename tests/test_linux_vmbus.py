@@ -29,7 +29,7 @@ from mshvstack.vmbus.providers.storage import Storage
 from mshvstack.vmbus.providers.timesync import TimeSync
 from mshvstack.vmm.linuxguest import INIT_PROLOGUE, LOAD_MODULES, busybox_initramfs, debian_program, kernel_modules, module_files
 
-from linuxvm import LinuxVm, require_debian_guest
+from linuxvm import POWEROFF, LinuxVm, require_debian_guest
 
 MODULES = ("hv_vmbus", "hv_utils", "hv_storvsc", "sd_mod")
 DISK_BYTES = 16 << 20
@@ -91,12 +91,6 @@ done
 """ % {"write_blocks": WRITE_BYTES // 4096, "write_block": WRITE_OFFSET // 4096,
        "channel_cases": "\n".join(f"        {{{uuid}}}) cpu={cpu} ;;" for uuid, cpu in CHANNEL_CPUS.items())}
 
-# hv_utils runs /sbin/poweroff for the shutdown IC; busybox's would signal our
-# shell /init, so this one powers off directly, saying it was asked to.
-POWEROFF = """#!/bin/sh
-echo "MARK poweroff_requested" >/dev/kmsg
-exec /bin/busybox poweroff -f
-"""
 
 
 @pytest.fixture(scope="module")
