@@ -551,7 +551,8 @@ static void core_invalidate_page_fast(void *uc, void *pages, uint64_t start, int
         void *host = map_ram_ptr(uc, NULL, start);
         struct mshvstack_world *w = c->world;
         if (host && c->exclusive != EXCLUSIVE_STEPPING && is_protected(c, (uint64_t)(uintptr_t)host))
-            loop_exit_atomic(c->cs, retaddr);   /* a host atomic on a write-protected page: redo it serially */
+            loop_exit_atomic(c->cs, retaddr);   /* a host atomic on a write-protected page: redo it serially
+                                                 * (the caller's page_collection lock is a no-op in 2.1.4) */
         if (host && any_code(w, (uint64_t)(uintptr_t)host, (uint64_t)len)) {
             pthread_mutex_lock(&w->lock);
             send_write_locked(w, c, (uint64_t)(uintptr_t)host, (uint64_t)len);
