@@ -22,6 +22,22 @@ from mshvstack.partition.registers import TableRegister
 
 RAM = 4 << 20
 GDT, PML4, PDPT, PD0, PD3, IDT = 0x1000, 0x2000, 0x3000, 0x4000, 0x5000, 0x6000
+# An AP's way from real mode (its GDT loaded) to ``ap_long`` in long mode: PAE, the
+# page tables at PML4, EFER.LME, then paging and protection together.
+AP_TO_LONG_MODE = f"""    mov %cr4, %eax
+    or $0x20, %eax
+    mov %eax, %cr4
+    mov ${PML4}, %eax
+    mov %eax, %cr3
+    mov $0xC0000080, %ecx
+    rdmsr
+    or $0x100, %eax
+    wrmsr
+    mov %cr0, %eax
+    or $0x80000001, %eax
+    mov %eax, %cr0
+    ljmpl $0x08, $ap_long
+"""
 CODE = 0x10000
 DATA = 0x40000            # guest variables (see each test)
 STACKS = 0x70000          # VP i: [STACKS + i * 0x1000, STACKS + (i + 1) * 0x1000)

@@ -24,7 +24,7 @@ from mshvstack.hvcall import HvRegister
 from mshvstack.partition import IoPortIntercept, Partition, Vp
 
 from guests import assemble
-from smpguest import CODE, DATA, MSR_APIC_BASE, VP_INDEX_FROM_RSP, Runner, lapic_partition, long_mode_vp, prepare
+from smpguest import AP_TO_LONG_MODE, CODE, DATA, MSR_APIC_BASE, VP_INDEX_FROM_RSP, Runner, lapic_partition, long_mode_vp, prepare
 
 READY, TOTAL, NVPS, CONFIG_DFR = DATA, DATA + 0x40, DATA + 0x80, DATA + 0xC0
 CONFIG_LDR, CONFIG_TPR, LDR_SEEN, ID_SEEN = DATA + 0x100, DATA + 0x140, DATA + 0x180, DATA + 0x1C0
@@ -442,20 +442,7 @@ ip_probe:
     cmpl $1, {STARTS}(%bx)
     jne park
     lgdtl %cs:(gdt_pointer - trampoline)  /* first start: on to long mode */
-    mov %cr4, %eax
-    or $0x20, %eax
-    mov %eax, %cr4
-    mov $0x2000, %eax
-    mov %eax, %cr3
-    mov $0xC0000080, %ecx
-    rdmsr
-    or $0x100, %eax
-    wrmsr
-    mov %cr0, %eax
-    or $0x80000001, %eax
-    mov %eax, %cr0
-    ljmpl $0x08, $ap_long
-park:                                     /* a later start: sleep */
+{AP_TO_LONG_MODE}park:                                     /* a later start: sleep */
     sti
 3:  hlt
     jmp 3b

@@ -25,7 +25,7 @@ from mshvstack.hvcall import HvRegister
 from mshvstack.partition import IoPortIntercept, Partition, Vp
 
 from guests import assemble
-from smpguest import CODE, DATA, GDT, IDT, PML4, STACK_SHIFT, STACKS, VP_INDEX_FROM_RSP, Runner, lapic_partition, long_mode_vp, prepare
+from smpguest import AP_TO_LONG_MODE, CODE, DATA, GDT, IDT, STACK_SHIFT, STACKS, VP_INDEX_FROM_RSP, Runner, lapic_partition, long_mode_vp, prepare
 
 
 @pytest.fixture
@@ -87,20 +87,7 @@ TRAMPOLINE = f"""
 trampoline:
     cli
     lgdtl %cs:(gdt_pointer - trampoline)
-    mov %cr4, %eax
-    or $0x20, %eax
-    mov %eax, %cr4
-    mov ${PML4}, %eax
-    mov %eax, %cr3
-    mov $0xC0000080, %ecx
-    rdmsr
-    or $0x100, %eax
-    wrmsr
-    mov %cr0, %eax
-    or $0x80000001, %eax
-    mov %eax, %cr0
-    ljmpl $0x08, $ap_long
-gdt_pointer:
+{AP_TO_LONG_MODE}gdt_pointer:
     .word 23
     .long {GDT}
 idt_pointer:
