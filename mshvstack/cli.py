@@ -92,6 +92,16 @@ def _stats_table(stats: dict[str, dict[str, float]]) -> Table:
     return table
 
 
+def _nic_table(nics: list[dict[str, Any]]) -> Table:
+    table = Table(title="network")
+    for column in ("NIC", "MAC", "tx packets", "tx bytes", "tx dropped", "rx packets", "rx bytes", "rx dropped"):
+        table.add_column(column, justify="left" if column in ("NIC", "MAC") else "right")
+    for nic in nics:
+        table.add_row(_plain(nic["id"]), _plain(nic["mac"]), *(str(nic[k]) for k in (
+            "tx_packets", "tx_bytes", "tx_dropped", "rx_packets", "rx_bytes", "rx_dropped")))
+    return table
+
+
 def _open_incoming(uri: str, backend: str) -> tuple[Any, Any]:
     """The configuration and the rest of the stream of ``run --incoming file:PATH``."""
     from mshvstack.snapshot import SnapshotError
@@ -134,6 +144,10 @@ def run(
     no_vmbus: bool = typer.Option(False, "--no-vmbus", metavar="", help="Offer no VMBus devices."),
     disk: list[str] = typer.Option([], "--disk", metavar="IMG[,ro]",
                                    help="A raw disk image for the guest's synthetic SCSI controller (repeatable)."),
+    net: list[str] = typer.Option([], "--net", metavar="user[,hostfwd=..]|tap=IFNAME",
+                                  help="A synthetic NIC (netvsc; repeatable): user = user-mode NAT on libslirp, 10.0.2.0/24 "
+                                       "with DHCP and the host's loopback at 10.0.2.2, hostfwd=tcp:[HOSTADDR]:PORT-:GUESTPORT "
+                                       "forwards a host port in; tap=IFNAME = an existing TAP device. Options: mac=, id=."),
     api_socket: Path | None = typer.Option(None, "--api-socket", metavar="PATH",
                                            help="Serve QMP (the QEMU Machine Protocol) on this UNIX socket, for `mshvstack ctl` or any QMP client."),
     console_target: str = typer.Option("stdio", "--console", metavar="stdio|FILE",
@@ -148,6 +162,7 @@ def run(
     """Boot a guest and run it until it stops; the guest's console is live."""
     from mshvstack.vmm.config import DEMO_GUESTS, LINUX_DEMO, ConfigError, DiskSpec, MachineConfig, parse_size
     from mshvstack.vmm.machine import Machine
+    from mshvstack.vmm.netconfig import NetSpec
     from mshvstack.vmm.qmp import QmpServer
 
     linux_demo = None
@@ -176,7 +191,8 @@ def run(
             config = MachineConfig(kernel=kernel, demo=demo_guest if demo or kernel is None else None, memory=parse_size(memory),
                                    vcpus=vcpus, cmdline=cmdline, initrd=initrd, backend=backend, profile=profile,
                                    extract_vmlinux=extract, vmbus=not no_vmbus,
-                                   disks=tuple(DiskSpec.parse(d) for d in disk)).validate()
+                                   disks=tuple(DiskSpec.parse(d) for d in disk),
+                                   nets=tuple(NetSpec.parse(n) for n in net)).validate()
     except ConfigError as exc:
         _fail(str(exc))
     write, close_console = _console_sink(console_target, as_json)
@@ -209,6 +225,9 @@ def run(
                                     f"{summary['exits']} exits"), highlight=False)
         if show_stats:
             console.print(_stats_table(summary["stats"]))
+            nics = (summary.get("vmbus") or {}).get("nics") or []
+            if nics:
+                console.print(_nic_table(nics))
             engine = summary["engine"]
             if engine:
                 handled = sum(s["seconds"] for s in summary["stats"].values())

@@ -24,7 +24,8 @@ import cffi
 
 ROOT = Path(__file__).resolve().parents[2]
 INCLUDE = ROOT / "include"
-HEADERS = ("uapi/linux/mshv.h", "hyperv/hyperv.h", "vmbus/vmbus.h", "vmbus/storvsp.h", "x86/xsave.h", "mshvstack/snapshot.h")
+HEADERS = ("uapi/linux/mshv.h", "hyperv/hyperv.h", "vmbus/vmbus.h", "vmbus/storvsp.h", "x86/xsave.h", "mshvstack/snapshot.h",
+           "vmbus/netvsc.h", "vmbus/rndis.h", "net/tun.h")
 
 # Types the kernel's <linux/types.h> provides; declared to cffi as plain
 # integer typedefs (the compiler checks them against the real ones).

@@ -27,7 +27,7 @@ from mshvstack.abi import lib
 from mshvstack.partition.memory import GuestMemory
 from mshvstack.vmbus import packets
 from mshvstack.vmbus.errors import RingFull, VmbusProtocolError
-from mshvstack.vmbus.gpadl import Gpadl, GpadlRingMem
+from mshvstack.vmbus.gpadl import Gpadl, GpadlRingMem, GpadlTable
 from mshvstack.vmbus.providers.base import Provider
 from mshvstack.vmbus.ring import TRAILER, IncomingRing, OutgoingRing
 
@@ -53,7 +53,8 @@ class Channel:
 
     def __init__(self, relid: int, provider: Provider, synic: SynicHost, memory: GuestMemory,
                  defer: Callable[[Channel], None] = lambda channel: None,
-                 doorbell: Callable[[Channel], None] = lambda channel: channel.on_doorbell()) -> None:
+                 doorbell: Callable[[Channel], None] = lambda channel: channel.on_doorbell(),
+                 gpadls: GpadlTable | None = None) -> None:
         self.relid = relid
         self.provider = provider
         self.synic = synic
@@ -72,6 +73,7 @@ class Channel:
         self.defer = defer
         self._doorbell = doorbell
         self._backlog: deque[bytes] = deque()
+        self.gpadls = gpadls   # the connection's GPADLs: devices with buffers beside the ring (netvsp) look theirs up
 
     def open(self, gpadl: Gpadl, downstream_offset: int, target_vp: int) -> None:
         if downstream_offset < 2 or gpadl.pages - downstream_offset < 2:
@@ -124,6 +126,11 @@ class Channel:
                 return
             self._backlog.append(packet)
             self._ask_for_room()
+
+    def has_room(self, size: int) -> bool:
+        """A ``size``-byte packet would go into the ring now (a device that drops rather
+        than queues, as a NIC receiving frames, asks first)."""
+        return self.outgoing is not None and not self._backlog and self.outgoing.free() >= size + TRAILER
 
     def _write(self, packet: bytes) -> bool:
         assert self.outgoing is not None

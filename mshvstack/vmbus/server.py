@@ -98,7 +98,8 @@ class VmbusServer:
         self.channels: dict[int, Channel] = {}
         self.protocol_errors = 0
         for relid, provider in enumerate(providers, start=1):
-            self.channels[relid] = Channel(relid, provider, synic, memory, defer=self._defer_locked, doorbell=self._doorbell)
+            self.channels[relid] = Channel(relid, provider, synic, memory, defer=self._defer_locked, doorbell=self._doorbell,
+                                           gpadls=self.gpadls)
         # Channels whose doorbell work was cut at its budget, drained by a worker one budget at a time
         # (the condition is the server's lock itself: the worker holds it for each pass).
         self._work = threading.Condition(self._lock)

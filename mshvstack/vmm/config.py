@@ -5,8 +5,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mshvstack.errors import MshvError
+
+if TYPE_CHECKING:
+    from mshvstack.vmm.netconfig import NetSpec
 
 MAX_VCPUS = 256
 MIN_MEMORY = 2 << 20
@@ -57,6 +61,7 @@ class MachineConfig:
     extract_vmlinux: bool = False   # boot a bzImage's vmlinux through its PVH entry
     vmbus: bool = True              # offer VMBus devices (heartbeat, shutdown, time sync, KVP, disks)
     disks: tuple[DiskSpec, ...] = ()
+    nets: tuple[NetSpec, ...] = ()  # one synthetic NIC each (vmm/netconfig.py)
     shutdown_timeout: float = 30.0  # graceful shutdown falls back to power-off after this
 
     def validate(self, boot_files: bool = True) -> MachineConfig:
@@ -84,6 +89,11 @@ class MachineConfig:
                 raise ConfigError(f"--disk {str(disk.path)!r}: smaller than one 512-byte block")
         if self.disks and not self.vmbus:
             raise ConfigError("--disk needs VMBus (drop --no-vmbus)")
+        if self.nets and not self.vmbus:
+            raise ConfigError("--net needs VMBus (drop --no-vmbus)")
+        ids = [n.id for n in self.nets if n.id is not None]
+        if len(ids) != len(set(ids)):
+            raise ConfigError("--net: two NICs with the same id")
         if self.backend not in ("auto", "host", "sim"):
             raise ConfigError(f"--backend must be auto, host or sim, not {self.backend!r}")
         return self

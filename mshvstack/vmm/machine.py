@@ -54,6 +54,7 @@ from mshvstack.vmbus.providers.base import Provider
 from mshvstack.vmbus.providers.heartbeat import Heartbeat
 from mshvstack.vmbus.providers.kvp import POOLS as KVP_POOLS
 from mshvstack.vmbus.providers.kvp import Kvp
+from mshvstack.vmbus.providers.netvsc import Netvsc
 from mshvstack.vmbus.providers.scsi import DiskImage
 from mshvstack.vmbus.providers.shutdown import Shutdown
 from mshvstack.vmbus.providers.storage import Storage
@@ -76,6 +77,7 @@ from mshvstack.vmm.loader.elf import load_elf
 from mshvstack.vmm.loader.pvh import write_start_info
 from mshvstack.vmm.loader.x86boot import BootState, long_mode, protected_mode
 from mshvstack.vmm.migration import Migration
+from mshvstack.vmm.netconfig import open_backend
 from mshvstack.vmm.mmio import MmioAccess, MmioEmulator, MmioError, MmioUnsupported
 from mshvstack.vmm.stats import ExitStats
 
@@ -180,6 +182,7 @@ class Machine:
         self._resetting = False
         self.crash: GuestCrash | None = None
         self.engine_time: dict[str, float] = {}   # the simulator's engine: where its time went (sim backend only)
+        self._nic_macs = [spec.mac_address() for spec in config.nets]   # chosen once: a reset keeps them
         self.mshv = Mshv.open(config.backend, config.profile)
         try:
             self._build()
@@ -251,7 +254,18 @@ class Machine:
             self.disks.append(DiskImage(spec.path, spec.read_only, serial=f"MSHVSTACK{i:04d}"))
         providers: list[Provider] = [self.heartbeat, self.shutdown_ic, self.timesync, self.kvp]
         providers += [Storage(disk) for disk in self.disks]
+        self.nics: list[Netvsc] = []
+        for index, (spec, mac) in enumerate(zip(self.config.nets, self._nic_macs)):
+            self.nics.append(Netvsc(open_backend(spec), mac, spec.id or f"net{index}"))
+        providers += self.nics
         self.vmbus = VmbusServer(self.synic, self.partition.memory, providers, vp_count=self.config.vcpus)
+        for nic in self.nics:
+            nic.backend.start(functools.partial(self._deliver_frames, self.vmbus, nic))
+
+    @staticmethod
+    def _deliver_frames(vmbus: VmbusServer, nic: Netvsc, frames: list[bytes]) -> None:
+        """A backend's frames for the guest (on the backend's thread, no lock held)."""
+        vmbus.call(nic.receive, frames)
 
     def _housekeeping(self) -> None:
         """Heartbeats and time samples while the guest runs (what Hyper-V sends periodically)."""
@@ -512,6 +526,9 @@ class Machine:
         if callable(engine_time) and hasattr(self, "partition") and not self.partition.closed:
             for key, value in engine_time().items():   # before the VPs (and their engines) go
                 self.engine_time[key] = self.engine_time.get(key, 0.0) + value
+        for nic in getattr(self, "nics", []):
+            nic.backend.close()   # first: its thread writes guest memory through the VMBus server
+        self.nics = []
         vmbus: VmbusServer | None = getattr(self, "vmbus", None)
         if vmbus is not None:
             vmbus.close()
@@ -553,7 +570,16 @@ class Machine:
             return None
         return {**self.vmbus.status(), "heartbeat": self.heartbeat.describe(), "shutdown": self.shutdown_ic.describe(),
                 "timesync": self.timesync.describe(), "kvp": self.kvp.describe(),
-                "disks": [p.describe() for p in self.vmbus.providers() if isinstance(p, Storage)]}
+                "disks": [p.describe() for p in self.vmbus.providers() if isinstance(p, Storage)],
+                "nics": self.vmbus.call(lambda: [nic.describe() for nic in self.nics])}
+
+    def set_link(self, name: str, up: bool) -> None:
+        """A NIC's link up or down (QMP's set_link): the guest sees its carrier follow."""
+        nic = next((n for n in getattr(self, "nics", []) if n.label == name), None)
+        if nic is None or self.vmbus is None:
+            known = ", ".join(n.label for n in getattr(self, "nics", [])) or "none"
+            raise MachineError(f"no NIC {name!r} (NICs: {known})")
+        self.vmbus.call(nic.set_link, up)
 
     def kvp_request(self, operation: str, pool: str = "external", key: str = "", value: str = "",
                     timeout: float = 10.0) -> list[dict[str, Any]]:

@@ -48,6 +48,7 @@ class ErrorClass(enum.Enum):
     GENERIC = "GenericError"
     COMMAND_NOT_FOUND = "CommandNotFound"
     DEVICE_NOT_ACTIVE = "DeviceNotActive"
+    DEVICE_NOT_FOUND = "DeviceNotFound"
 
 
 class QmpError(Exception):
@@ -411,6 +412,15 @@ def _query_cpus_fast(session: Session, args: dict[str, Any]) -> Any:
     return cpus
 
 
+@command("set_link", name=Param(str), up=Param(bool))
+def _set_link(session: Session, args: dict[str, Any]) -> Any:
+    try:
+        session.machine.set_link(args["name"], args["up"])
+    except MshvError as exc:
+        raise QmpError(str(exc), ErrorClass.DEVICE_NOT_FOUND) from None
+    return {}
+
+
 # ---- this VMM's own commands
 @command(VENDOR + "query-machine")
 def _query_machine(session: Session, args: dict[str, Any]) -> Any:
@@ -429,6 +439,12 @@ def _query_vmbus(session: Session, args: dict[str, Any]) -> Any:
 def _query_disks(session: Session, args: dict[str, Any]) -> Any:
     vmbus = session.machine.status()["vmbus"]
     return vmbus["disks"] if vmbus else []
+
+
+@command(VENDOR + "query-nics")
+def _query_nics(session: Session, args: dict[str, Any]) -> Any:
+    vmbus = session.machine.status()["vmbus"]
+    return vmbus["nics"] if vmbus else []
 
 
 @command(VENDOR + "query-exit-stats")
