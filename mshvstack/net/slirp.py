@@ -183,7 +183,7 @@ class SlirpBackend:
     def _add_poll(self, fd: int, events: int, opaque: Any) -> int:
         mask = 0
         for poll_bit, name in _POLL_TO_SLIRP:
-            if events & getattr(self.lib, name):
+            if events & int(getattr(self.lib, name)):
                 mask |= poll_bit
         self._poll_fds.append((fd, mask))
         return len(self._poll_fds) - 1
@@ -195,7 +195,7 @@ class SlirpBackend:
         result = 0
         for poll_bit, name in _POLL_TO_SLIRP:
             if happened & poll_bit:
-                result |= getattr(self.lib, name)
+                result |= int(getattr(self.lib, name))
         return result
 
     # ---- the NIC's side
@@ -262,7 +262,7 @@ class SlirpBackend:
                     log.exception("libslirp: delivering %d frames to the NIC failed", len(frames))
 
     def _next_expiry_ms(self) -> int:
-        expiries = [entry[2] for entry in self._timers.values() if entry[2] is not None]
+        expiries = [int(entry[2]) for entry in self._timers.values() if entry[2] is not None]
         if not expiries:
             return POLL_LIMIT_MS
         return max(0, (min(expiries) - time.monotonic_ns()) // 1_000_000 + 1)

@@ -77,8 +77,8 @@ from mshvstack.vmm.loader.elf import load_elf
 from mshvstack.vmm.loader.pvh import write_start_info
 from mshvstack.vmm.loader.x86boot import BootState, long_mode, protected_mode
 from mshvstack.vmm.migration import Migration
-from mshvstack.vmm.netconfig import open_backend
 from mshvstack.vmm.mmio import MmioAccess, MmioEmulator, MmioError, MmioUnsupported
+from mshvstack.vmm.netconfig import open_backend
 from mshvstack.vmm.stats import ExitStats
 
 log = logging.getLogger(__name__)
@@ -255,8 +255,8 @@ class Machine:
         providers: list[Provider] = [self.heartbeat, self.shutdown_ic, self.timesync, self.kvp]
         providers += [Storage(disk) for disk in self.disks]
         self.nics: list[Netvsc] = []
-        for index, (spec, mac) in enumerate(zip(self.config.nets, self._nic_macs)):
-            self.nics.append(Netvsc(open_backend(spec), mac, spec.id or f"net{index}"))
+        for index, (net, mac) in enumerate(zip(self.config.nets, self._nic_macs)):
+            self.nics.append(Netvsc(open_backend(net), mac, net.id or f"net{index}"))
         providers += self.nics
         self.vmbus = VmbusServer(self.synic, self.partition.memory, providers, vp_count=self.config.vcpus)
         for nic in self.nics:

@@ -412,13 +412,15 @@ def _query_cpus_fast(session: Session, args: dict[str, Any]) -> Any:
     return cpus
 
 
-@command("set_link", name=Param(str), up=Param(bool))
 def _set_link(session: Session, args: dict[str, Any]) -> Any:
     try:
         session.machine.set_link(args["name"], args["up"])
     except MshvError as exc:
         raise QmpError(str(exc), ErrorClass.DEVICE_NOT_FOUND) from None
     return {}
+
+
+COMMANDS["set_link"] = Command(_set_link, {"name": Param(str), "up": Param(bool)})   # a "name" argument: not through @command
 
 
 # ---- this VMM's own commands

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from mshvstack.abi import ffi, lib
 from mshvstack.net.backend import NetBackend
+from mshvstack.partition.memory import GuestMemoryError
 from mshvstack.vmbus import packets
 from mshvstack.vmbus.bufmem import BufferMem
 from mshvstack.vmbus.errors import VmbusProtocolError
@@ -352,7 +353,7 @@ class Netvsc:
                     n = min(PAGE - offset, gpa_range.byte_count - done)
                     parts.append(memory.read(pfn * PAGE + offset, n))
                     done, offset = done + n, 0
-        except Exception as exc:   # GuestMemoryError: a page outside RAM
+        except GuestMemoryError as exc:   # a page outside RAM
             raise VmbusProtocolError(f"netvsp: page range: {exc}") from None
         return b"".join(parts)
 
