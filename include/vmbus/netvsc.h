@@ -100,7 +100,7 @@ struct nvsp_receive_buffer_section {
 struct nvsp_send_recv_buf_complete {
 	__u32 status;
 	__u32 num_sections;
-	struct nvsp_receive_buffer_section sections[1];
+	struct nvsp_receive_buffer_section section;   /* Linux accepts exactly one */
 } VMBUS_PACKED;
 
 struct nvsp_send_send_buf_complete {

@@ -67,10 +67,10 @@ NDIS_VERSION = Layout("struct nvsp_message", "msg_type", "msg.send_ndis_ver.ndis
 NDIS_CONFIG = Layout("struct nvsp_message", "msg_type", "msg.ndis_config.mtu", "msg.ndis_config.capability")
 SEND_BUFFER = Layout("struct nvsp_message", "msg_type", "msg.send_buf.gpadl_handle", "msg.send_buf.id")
 RECV_BUF_COMPLETE = Layout("struct nvsp_message", "msg_type", "msg.recv_buf_complete.status",
-                           "msg.recv_buf_complete.num_sections", "msg.recv_buf_complete.sections.0.offset",
-                           "msg.recv_buf_complete.sections.0.sub_alloc_size",
-                           "msg.recv_buf_complete.sections.0.num_sub_allocs",
-                           "msg.recv_buf_complete.sections.0.end_offset")
+                           "msg.recv_buf_complete.num_sections", "msg.recv_buf_complete.section.offset",
+                           "msg.recv_buf_complete.section.sub_alloc_size",
+                           "msg.recv_buf_complete.section.num_sub_allocs",
+                           "msg.recv_buf_complete.section.end_offset")
 SEND_BUF_COMPLETE = Layout("struct nvsp_message", "msg_type", "msg.send_buf_complete.status",
                            "msg.send_buf_complete.section_size")
 RNDIS_PKT = Layout("struct nvsp_message", "msg_type", "msg.rndis_pkt.channel_type", "msg.rndis_pkt.send_buf_section_index",
