@@ -111,7 +111,7 @@ def http_server(files: dict[str, bytes]) -> Iterator[int]:
     """An HTTP server on the host's loopback: the guest reaches it as 10.0.2.2."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:   # noqa: N802 - the http.server hook's name
+        def do_GET(self) -> None:
             body = files.get(self.path)
             if body is None:
                 self.send_error(404)
@@ -121,7 +121,7 @@ def http_server(files: dict[str, bytes]) -> Iterator[int]:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: object) -> None:   # noqa: A002 - the base class's name
+        def log_message(self, format: str, *args: object) -> None:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -136,7 +136,7 @@ def _fetch(url: str, timeout: float = 300) -> bytes:
     deadline = time.monotonic() + 30
     while True:   # the guest's httpd is listening once it said so; the first connect may still race it
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as reply:   # noqa: S310 - our own loopback URL
+            with urllib.request.urlopen(url, timeout=timeout) as reply:
                 return bytes(reply.read())
         except OSError:
             if time.monotonic() > deadline:
