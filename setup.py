@@ -9,7 +9,7 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=find_packages(include=["mshvstack", "mshvstack.*"]),
-    package_data={"mshvstack.vmm.guests": ["*.elf"]},
+    package_data={"mshvstack.vmm.guests": ["*.elf"], "mshvstack.net": ["*.h"]},
     setup_requires=["cffi>=1.16"],
     cffi_modules=[
         "mshvstack/abi/_build.py:ffibuilder",
