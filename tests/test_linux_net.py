@@ -152,12 +152,13 @@ def _link_marks(vm: LinuxVm, state: str, after: int, timeout: float = 60) -> Non
         time.sleep(0.2)
 
 
+@pytest.mark.parametrize("vcpus", [1, 4])
 def test_linux_netvsc_over_user_networking(initrd: tuple[Path, Path], http_server: int, files: dict[str, bytes],
-                                           tmp_path: Path) -> None:
+                                           tmp_path: Path, vcpus: int) -> None:
     kernel, ramdisk = initrd
     host_port = _free_port()
     vm = LinuxVm(tmp_path, kernel, ramdisk, "--net", f"user,hostfwd=tcp:127.0.0.1:{host_port}-:{GUEST_PORT},mac={MAC}",
-                 cmdline=f"console=ttyS0 mshvtest.port={http_server}")
+                 cmdline=f"console=ttyS0 mshvtest.port={http_server}", vcpus=vcpus)
     try:
         address, mtu = vm.wait_for("eth0", timeout=300)[0].split()
         assert (address, mtu) == (MAC, "1500")

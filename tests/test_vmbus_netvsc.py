@@ -5,6 +5,7 @@ bounded receive buffering, link events, and every class of malformed message
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mshvstack.abi import ffi, lib
+from mshvstack.net.backend import LoopbackBackend
 from mshvstack.vmbus import packets
 from mshvstack.vmbus.providers import netvsc as nv
 from mshvstack.vmbus.providers import rndis
@@ -307,5 +309,28 @@ def test_fuzzed_nvsp_and_rndis(tmp_path_factory: pytest.TempPathFactory, kind: i
         if not _closed(net) and net.nic.receive_buffer is not None and net.nic.rndis.state is rndis.RndisState.OPERATIONAL:
             assert net.query(Oid.PERMANENT_ADDRESS)[:2] == (RndisStatus.SUCCESS, MAC)
         assert net.nic.describe()["mac"] == MAC.hex(":")
+    finally:
+        net.close()
+
+
+def test_frames_from_a_checksumming_backend_carry_one_well_formed_ppi(tmp_path: Path) -> None:
+    """Linux 6.1 loops forever on a malformed per-packet-info record: the one we send is
+    exactly what its parser wants (size past its header, offset 12, inside the PPI area)."""
+    backend = LoopbackBackend()
+    backend.checksummed = True   # type: ignore[attr-defined]
+    net = NetGuest(tmp_path, backend)
+    try:
+        net.bring_up()
+        frame = _frame(200)
+        net.backend.inject([frame])
+        (message,) = [m for r in net.received() for m in r.messages]
+        offset, size, _oob, _oob_len, _count = rndis.PACKET_BODY.unpack_from(message, 8)
+        ppi_offset, ppi_len = rndis.PACKET.unpack_from(message)[7:9]
+        assert message[8 + offset : 8 + offset + size] == frame
+        ppi_size, ppi_type, data_offset = struct.unpack_from("<III", message, 8 + ppi_offset)
+        assert ppi_len == ppi_size == 16 and ppi_type == lib.RNDIS_PPI_TCPIP_CHKSUM and data_offset == 12
+        assert 8 + ppi_offset + ppi_len <= 8 + offset
+        (value,) = struct.unpack_from("<I", message, 8 + ppi_offset + data_offset)
+        assert value == rndis.RX_CHECKSUMS_GOOD
     finally:
         net.close()

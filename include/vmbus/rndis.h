@@ -274,4 +274,12 @@ struct ndis_offload {
 	struct ndis_encap_offload encap_gre;
 };
 
+/* The same with one per-packet-info record: the receive checksum result (TCPIP_CHKSUM). */
+struct rndis_packet_message_csum {
+	struct rndis_msg_header header;
+	struct rndis_packet packet;
+	struct rndis_per_packet_info ppi;
+	__u32 csum_info;
+} VMBUS_PACKED;
+
 #endif /* MSHVSTACK_VMBUS_RNDIS_H */

@@ -100,6 +100,7 @@ class SlirpBackend:
     """One libslirp instance and the thread that owns it."""
 
     name = "user"
+    checksummed = True   # every frame libslirp hands us it built itself, with correct checksums
 
     def __init__(self, forwards: tuple[Any, ...] = ()) -> None:
         self.lib = load_library()

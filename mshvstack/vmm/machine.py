@@ -528,7 +528,6 @@ class Machine:
                 self.engine_time[key] = self.engine_time.get(key, 0.0) + value
         for nic in getattr(self, "nics", []):
             nic.backend.close()   # first: its thread writes guest memory through the VMBus server
-        self.nics = []
         vmbus: VmbusServer | None = getattr(self, "vmbus", None)
         if vmbus is not None:
             vmbus.close()

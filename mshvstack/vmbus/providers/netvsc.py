@@ -45,9 +45,11 @@ from mshvstack.vmbus.errors import VmbusProtocolError
 from mshvstack.vmbus.layout import Layout
 from mshvstack.vmbus.packets import COMPLETION, GPA_DIRECT, INBAND, Packet
 from mshvstack.vmbus.providers.rndis import (
+    PACKET_CSUM,
     PACKET_HEADER_SIZE,
     RndisDevice,
     RndisState,
+    checksummed_packet_header,
     indicate_status,
     packet_header,
 )
@@ -185,6 +187,10 @@ class Netvsc:
         self._next_id = 1
         self._control: deque[bytes] = deque()               # RNDIS replies waiting for a section
         self.protocol_errors = 0
+        # Frames the backend built itself (libslirp) carry good checksums: the guest is told so.
+        checksummed = bool(getattr(backend, "checksummed", False))
+        self._header = checksummed_packet_header if checksummed else packet_header
+        self._header_size = PACKET_CSUM.size if checksummed else PACKET_HEADER_SIZE
 
     @property
     def mac(self) -> bytes:
@@ -425,15 +431,16 @@ class Netvsc:
     def _receive(self, channel: Channel, buffer: _ReceiveBuffer, frames: list[bytes]) -> None:
         ranges: list[tuple[int, int]] = []
         sections: list[int] = []
-        limit = buffer.section_size - PACKET_HEADER_SIZE
+        header, header_size = self._header, self._header_size
+        limit = buffer.section_size - header_size
         for frame in frames:
             if len(frame) > limit or len(frame) < ETHERNET_HEADER or len(buffer.free) <= RESERVED_CONTROL_SECTIONS:
                 self.stats.rx_dropped += 1
                 continue
             section = buffer.free.popleft()
             offset = section * buffer.section_size
-            buffer.mem.write(offset, packet_header(len(frame)) + frame)
-            ranges.append((PACKET_HEADER_SIZE + len(frame), offset))
+            buffer.mem.write(offset, header(len(frame)) + frame)
+            ranges.append((header_size + len(frame), offset))
             sections.append(section)
             self.stats.rx_bytes += len(frame)
             if len(ranges) == MAX_RANGES_PER_PACKET:
@@ -447,7 +454,7 @@ class Netvsc:
         if not channel.has_room(size):
             buffer.free.extend(sections)   # never queued: the ring is full, the frames are dropped
             self.stats.rx_dropped += len(ranges)
-            self.stats.rx_bytes -= sum(count - PACKET_HEADER_SIZE for count, _offset in ranges)
+            self.stats.rx_bytes -= sum(count - self._header_size for count, _offset in ranges)
             return
         channel.send(self._transfer(ranges, tuple(sections), False))
         self.stats.rx_packets += len(ranges)

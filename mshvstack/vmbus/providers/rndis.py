@@ -24,6 +24,13 @@ PACKET = Layout("struct rndis_packet_message", "header.msg_type", "header.msg_le
                 "packet.data_len", "packet.oob_data_offset", "packet.oob_data_len", "packet.num_oob_data_elements",
                 "packet.per_pkt_info_offset", "packet.per_pkt_info_len", "packet.vc_handle")
 PACKET_HEADER_SIZE = PACKET.size                       # 44: what precedes a frame in a receive section
+PACKET_CSUM = Layout("struct rndis_packet_message_csum", "header.msg_type", "header.msg_len", "packet.data_offset",
+                     "packet.data_len", "packet.per_pkt_info_offset", "packet.per_pkt_info_len", "ppi.size", "ppi.type",
+                     "ppi.ppi_offset", "csum_info")
+PPI_SIZE = ffi.sizeof("struct rndis_per_packet_info")
+CSUM_PPI_SIZE = PACKET_CSUM.size - PACKET_HEADER_SIZE
+RX_CHECKSUMS_GOOD = (lib.RNDIS_RX_CSUM_TCP_SUCCEEDED | lib.RNDIS_RX_CSUM_UDP_SUCCEEDED
+                     | lib.RNDIS_RX_CSUM_IP_SUCCEEDED)
 PACKET_BODY_SIZE = ffi.sizeof("struct rndis_packet")  # data_offset counts from here
 OID_REQUEST = Layout("struct rndis_oid_request", "req_id", "oid", "info_buflen", "info_buf_offset")
 INIT_REQUEST = Layout("struct rndis_initialize_request", "req_id", "major_ver", "minor_ver")
@@ -122,6 +129,14 @@ def packet_header(frame_length: int) -> bytes:
     """The 44 bytes before a frame in a receive section: a PACKET message, no PPIs, no OOB."""
     return PACKET.pack(RndisType.PACKET, PACKET_HEADER_SIZE + frame_length, PACKET_BODY_SIZE, frame_length,
                        0, 0, 0, 0, 0, 0)
+
+
+def checksummed_packet_header(frame_length: int) -> bytes:
+    """A PACKET header whose one PPI tells the guest the frame's checksums are good, so
+    it skips verifying them (for frames a backend built itself, as libslirp does)."""
+    return PACKET_CSUM.pack(RndisType.PACKET, PACKET_CSUM.size + frame_length, PACKET_BODY_SIZE + CSUM_PPI_SIZE,
+                            frame_length, PACKET_BODY_SIZE, CSUM_PPI_SIZE, CSUM_PPI_SIZE,
+                            lib.RNDIS_PPI_TCPIP_CHKSUM, PPI_SIZE, RX_CHECKSUMS_GOOD)
 
 
 def indicate_status(status: int) -> bytes:
