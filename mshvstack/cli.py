@@ -92,8 +92,9 @@ def _stats_table(stats: dict[str, dict[str, float]]) -> Table:
     return table
 
 
-def _open_incoming(uri: str, backend: str) -> tuple[Any, Any]:
-    """The configuration and the rest of the stream of ``run --incoming file:PATH``."""
+def _open_incoming(uri: str, backend: str, disks: tuple[Any, ...] | None) -> tuple[Any, Any]:
+    """The configuration and the rest of the stream of ``run --incoming URI`` (``disks``:
+    images in place of the recorded ones)."""
     from mshvstack.snapshot import SnapshotError
     from mshvstack.vmm import machinestate
     from mshvstack.vmm.config import ConfigError
@@ -107,7 +108,7 @@ def _open_incoming(uri: str, backend: str) -> tuple[Any, Any]:
             socket_address(uri)   # a bad URI is refused before anything waits
             console.print(Text(f"waiting for the migration stream on {uri}"))
             source = listen_incoming(uri).makefile("rb")
-        reader, config = machinestate.read_config(source, uri, backend)
+        reader, config = machinestate.read_config(source, uri, backend, disks)
     except (MigrationError, SnapshotError) as exc:
         raise ConfigError(f"--incoming: {exc}") from None
     except OSError as exc:
@@ -141,9 +142,10 @@ def run(
                                             "(Ctrl-C included); Ctrl-A x quits, Ctrl-A h lists the keys."),
     show_stats: bool = typer.Option(False, "--stats", metavar="", help="Print a table of exits by type and where the time went."),
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print the run summary as JSON (console goes to stderr)."),
-    incoming: str | None = typer.Option(None, "--incoming", metavar="file:PATH",
-                                        help="Start from a snapshot (QMP migrate to file:PATH) instead of booting: the "
-                                             "machine's configuration comes from it."),
+    incoming: str | None = typer.Option(None, "--incoming", metavar="URI",
+                                        help="Start from a snapshot (file:PATH) or a live migration (unix:PATH, tcp:HOST:PORT) "
+                                             "instead of booting: the machine's configuration comes from it; its disks reopen "
+                                             "by their recorded paths unless given again with --disk."),
 ) -> None:
     """Boot a guest and run it until it stops; the guest's console is live."""
     from mshvstack.vmm.config import DEMO_GUESTS, LINUX_DEMO, ConfigError, DiskSpec, MachineConfig, parse_size
@@ -169,7 +171,7 @@ def run(
         if incoming is not None:
             if kernel is not None or demo:
                 raise ConfigError("--incoming starts the machine saved in the snapshot: give no KERNEL or --demo")
-            config, stream = _open_incoming(incoming, backend)
+            config, stream = _open_incoming(incoming, backend, tuple(DiskSpec.parse(d) for d in disk) or None)
         elif demo and kernel is not None:
             raise ConfigError("give either a KERNEL file or --demo, not both")
         else:

@@ -225,12 +225,10 @@ class Migration:
                 paused = machine.pause_if_running()
                 paused_at = time.monotonic()
                 machine.wait_parked()
-                if tracking:
-                    dirty |= self._take_dirty()
-                    self.info.transferred += machinestate.write_memory(machine, writer, dirty)
-                else:   # stop and copy: all of RAM again, now that nothing changes it
-                    self.info.transferred += machinestate.write_memory(machine, writer)
-                machinestate.write_final(machine, writer)
+                # With tracking, the pages dirtied since the last pass; else (stop and copy) all of
+                # RAM again, now that nothing changes it.
+                final = dirty | self._take_dirty() if tracking else None
+                self.info.transferred += machinestate.write_stopped(machine, writer, final)
                 out.flush()
                 now = time.monotonic()
             self._stop_tracking(tracking)
