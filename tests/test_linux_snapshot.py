@@ -134,6 +134,23 @@ async def _migrate(qmp: Any, socket: Path, uri: str) -> tuple[list[str], str, di
     return statuses, status, info
 
 
+def _wait_listening(uri: str, timeout: float = 60) -> None:
+    """Until the destination listens (without connecting: it takes one connection only)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if uri.startswith("unix:"):
+            if Path(uri[5:]).exists():
+                return
+        else:
+            port = f":{int(uri.rsplit(':', 1)[1]):04X}"
+            with open("/proc/net/tcp") as table:   # slot, local address, remote address, state (0A: LISTEN)
+                rows = [line.split() for line in table.readlines()[1:]]
+            if any(row[1].endswith(port) and row[3] == "0A" for row in rows):
+                return
+        assert time.monotonic() < deadline, f"nothing listens on {uri}"
+        time.sleep(0.1)
+
+
 VCPUS = pytest.mark.parametrize("vcpus", [1, 4], ids=["1vcpu", "4vcpus"])
 
 
@@ -183,7 +200,7 @@ def test_live_migration_of_a_linux_guest(initrd: tuple[Path, Path], tmp_path: Pa
     try:
         source.wait_for("check", timeout=400)
         destination = LinuxVm(tmp_path, None, None, vcpus=vcpus, incoming=uri, name="destination")
-        time.sleep(1)   # the destination listens
+        _wait_listening(uri)
         statuses, status, info = asyncio.run(_migrate(qmp, source.socket, uri))
         assert statuses[0] == "setup" and statuses[-1] == "completed" and status == "postmigrate", (statuses, status, info)
         assert info["status"] == "completed" and info["downtime"] <= info["total-time"], info

@@ -30,6 +30,7 @@ from mshvstack.vmm.config import ConfigError, DiskSpec, MachineConfig
 from mshvstack.vmm.devices.ioapic import IoApicState
 from mshvstack.vmm.devices.simple import CmosState
 from mshvstack.vmm.devices.uart import UartState
+from mshvstack.vmm.sentcopy import SentCopy
 
 if TYPE_CHECKING:
     from mshvstack.vmm.machine import Machine
@@ -106,8 +107,9 @@ def write_config(machine: Machine, writer: StreamWriter) -> None:
     writer.section(SectionKind.CONFIG, _config_record(machine.config))
 
 
-def write_memory(machine: Machine, writer: StreamWriter, pages: set[int] | None = None) -> int:
-    """All of guest RAM (zero pages left out), or only the pages at the GPAs given; bytes sent."""
+def write_memory(machine: Machine, writer: StreamWriter, pages: set[int] | None = None, copy: SentCopy | None = None) -> int:
+    """All of guest RAM (zero pages left out: a destination starts with zeroed RAM), or
+    only the pages at the GPAs given (zero ones too); ``copy`` records what went; bytes sent."""
     memory, sent = machine.partition.memory, 0
     for region in memory.regions:
         for start in range(region.gpa, region.end, CHUNK):
@@ -121,6 +123,9 @@ def write_memory(machine: Machine, writer: StreamWriter, pages: set[int] | None 
                 chunk = MemoryChunk(start, length // PAGE, {(gpa - start) // PAGE: memory.read(gpa, PAGE) for gpa in wanted})
             payload = chunk.encode()
             writer.section(SectionKind.MEMORY, payload)
+            if copy is not None:
+                for page, data in chunk.data.items():
+                    copy.record(start + page * PAGE, data)
             sent += len(payload)
     return sent
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from mshvstack.errors import MshvError
+from mshvstack.vmm.sentcopy import SentCopy
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +188,11 @@ class Migration:
                 machine.resume()
 
     def _send(self, target: tuple[int, Any]) -> None:
-        """Pre-copy: all of RAM while the guest runs, then the pages it dirtied, pass after
-        pass, until few are left (or MAX_PASSES); then paused: the last pages, the VPs, the
-        devices and the clock.  The hypervisor's dirty bitmap has the guest's writes, the
-        memory's log the VMM's own."""
+        """Pre-copy: all of RAM while the guest runs, then the pages changed since, pass
+        after pass, until few are left (or MAX_PASSES); then paused: the last pages, the
+        VPs, the components and the clock.  Changed pages come from the hypervisor's dirty
+        bitmap (the guest's writes) with the memory's log (the VMM's own), or, where the
+        partition cannot track them, from comparing RAM with what was sent (sentcopy.py)."""
         from mshvstack.snapshot import StreamWriter
         from mshvstack.vmm import machinestate
 
@@ -208,27 +210,29 @@ class Migration:
                 machinestate.write_config(machine, writer)
                 self._set(MigrationStatus.ACTIVE)
                 tracking = self._start_tracking()
-                self.info.transferred += machinestate.write_memory(machine, writer)
-                for _ in range(MAX_PASSES if tracking else 0):
+                sent = None if tracking else SentCopy(machine.partition.memory)
+
+                def changed() -> set[int]:
+                    return self._take_dirty() if sent is None else sent.changed()
+
+                self.info.transferred += machinestate.write_memory(machine, writer, copy=sent)
+                for _ in range(MAX_PASSES):
                     if self._cancel.is_set():
                         raise _Cancelled
                     started = time.monotonic()
-                    dirty = self._take_dirty()
+                    dirty = changed()
                     self.info.passes += 1
                     self.info.remaining = len(dirty) * 4096
                     if len(dirty) <= FINAL_PAGES:
                         break
-                    self.info.transferred += machinestate.write_memory(machine, writer, dirty)
+                    self.info.transferred += machinestate.write_memory(machine, writer, dirty, sent)
                     self.info.dirty_rate = int(len(dirty) / max(time.monotonic() - started, 1e-3))
                 else:
                     dirty = set()
                 paused = machine.pause_if_running()
                 paused_at = time.monotonic()
                 machine.wait_parked()
-                # With tracking, the pages dirtied since the last pass; else (stop and copy) all of
-                # RAM again, now that nothing changes it.
-                final = dirty | self._take_dirty() if tracking else None
-                self.info.transferred += machinestate.write_stopped(machine, writer, final)
+                self.info.transferred += machinestate.write_stopped(machine, writer, dirty | changed())
                 out.flush()
                 now = time.monotonic()
             self._stop_tracking(tracking)
@@ -252,7 +256,7 @@ class Migration:
 
     def _start_tracking(self) -> bool:
         """Dirty-page tracking for pre-copy; False where the partition refuses it (the
-        simulator beyond its limit): the memory then goes once more while paused."""
+        simulator beyond its limit): pages are then compared with what was sent."""
         partition = self._machine.partition
         try:
             partition.enable_dirty_tracking(True)
