@@ -267,9 +267,9 @@ def _run_with_console(machine: Machine, stdin: bool) -> StopReason:
 def ctl(
     socket_path: Path = typer.Argument(..., metavar="SOCKET", help="The machine's --api-socket."),
     command: str = typer.Argument(..., metavar="COMMAND", help="status, pause, resume, shutdown (ask the guest), poweroff, reset, "
-                                  "timesync (step the guest clock to the host's), kvp, or snapshot PATH."),
+                                  "timesync (step the guest clock to the host's), kvp, snapshot PATH or migrate URI."),
     args: list[str] = typer.Argument(None, metavar="ARGS", help="For kvp: get KEY | set KEY VALUE | delete KEY | list [POOL]; "
-                                     "for snapshot: the file to write."),
+                                     "for snapshot: the file to write; for migrate: unix:PATH, tcp:HOST:PORT or file:PATH."),
     pool: str = typer.Option("external", "--pool", metavar="POOL", help="KVP pool: external, guest, auto, auto_external."),
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print the raw JSON reply."),
     timeout: float = typer.Option(30.0, "--timeout", metavar="SECONDS", help="Seconds to wait for the machine's answer (all of it)."),
@@ -284,13 +284,15 @@ def ctl(
     except ControlError as exc:
         _fail(str(exc))
     arguments = _kvp_arguments(args or [], pool) if command == "kvp" else {}
-    if command == "snapshot":
+    moving = command in ("snapshot", "migrate")
+    if moving:
         if len(args or []) != 1:
-            _fail("usage: mshvstack ctl SOCKET snapshot PATH")
-        arguments = {"path": (args or [""])[0]}
+            _fail(f"usage: mshvstack ctl SOCKET {command} {'PATH' if command == 'snapshot' else 'URI'}")
+        arguments = {"path" if command == "snapshot" else "uri": (args or [""])[0]}
     try:
-        reply = request(socket_path, command, arguments, timeout=timeout)
-        rows = status_rows(reply) if reply.get("ok") and command not in ("kvp", "snapshot") else []
+        with _MigrationProgress(enabled=moving and not as_json) as progress:
+            reply = request(socket_path, command, arguments, timeout=timeout, progress=progress.update)
+        rows = status_rows(reply) if reply.get("ok") and command not in ("kvp", "snapshot", "migrate") else []
     except ControlError as exc:
         _fail(str(exc), 1)
         return
@@ -305,6 +307,9 @@ def ctl(
         Console().print(Text(f"saved {reply['snapshot']}: {reply['bytes'] / 1e6:.1f} MB, the guest paused "
                              f"{reply['downtime_ms']} ms (now postmigrate: resume it, or start it elsewhere with "
                              f"run --incoming file:{reply['snapshot']})"))
+    elif command == "migrate":
+        Console().print(Text(f"migrated to {arguments['uri']}: {reply['bytes'] / 1e6:.1f} MB in {reply['total_ms']} ms, "
+                             f"the guest paused {reply['downtime_ms']} ms (the source is now postmigrate)"))
     else:
         table = Table(show_header=False, box=None)
         for label, text in rows:
@@ -312,6 +317,32 @@ def ctl(
         Console().print(table)
     if not reply.get("ok"):
         raise typer.Exit(1)
+
+
+class _MigrationProgress:
+    """A progress bar on stderr while a snapshot or migration runs: bytes sent, what is
+    left, the dirty rate and the pass (from each query-migrate answer)."""
+
+    def __init__(self, enabled: bool) -> None:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                  TextColumn("{task.fields[detail]}"), console=Console(stderr=True), transient=True,
+                                  disable=not enabled or not sys.stderr.isatty())
+        self._task = self._progress.add_task("migrating", total=None, detail="")
+
+    def __enter__(self) -> _MigrationProgress:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(None, None, None)
+
+    def update(self, info: dict[str, Any]) -> None:
+        ram: dict[str, Any] = info["ram"] if isinstance(info.get("ram"), dict) else {}
+        sent, left = int(ram.get("transferred", 0) or 0), int(ram.get("remaining", 0) or 0)
+        detail = f"{left >> 10} KiB left, {ram.get('dirty-pages-rate', 0)} pages/s dirtied, pass {ram.get('dirty-sync-count', 0)}"
+        self._progress.update(self._task, completed=sent, total=sent + left if left else None, detail=detail)
 
 
 def _kvp_arguments(args: list[str], pool: str) -> dict[str, str]:

@@ -284,6 +284,10 @@ async def _migrate(qmp: object, socket: Path, console: Path, uri: str, cancel: b
         await asyncio.sleep(0.02)
     await client.connect(str(socket))
     statuses: list[str] = []
+    await client.execute("migrate-set-parameters", {"downtime-limit": 100, "max-bandwidth": 256 << 20})
+    assert await client.execute("query-migrate-parameters") == {"downtime-limit": 100, "max-bandwidth": 256 << 20}
+    with pytest.raises(qmp.ExecuteError, match="downtime-limit must be"):   # type: ignore[attr-defined]
+        await client.execute("migrate-set-parameters", {"downtime-limit": 1 << 40})
     with client.listener("MIGRATION") as events:
         await client.execute("migrate", {"uri": uri})
         if cancel:
