@@ -354,6 +354,10 @@ class Machine:
             raise MachineError(f"cannot start a machine that is {self.state.value}")
         self.started_at = time.monotonic()
         self._set_state(RunState.RUNNING)
+        if self.vmbus is not None and self._incoming is not None:
+            self.vmbus.resignal()
+            if self.timesync.ready:   # the guest's wall clock stood still while it was saved: step it
+                self.vmbus.call(self.timesync.sample, sync=True)
         if self.vmbus is not None:
             housekeeping = threading.Thread(target=self._housekeeping, name="vmbus-housekeeping", daemon=True)
             self._threads.append(housekeeping)
@@ -413,7 +417,6 @@ class Machine:
         """Save the paused machine into ``out`` (machinestate.py) once every VP is out of
         its run; bytes written."""
         with self._lifecycle:
-            machinestate.refuse_unsupported(self)
             self.wait_parked(timeout)
             return machinestate.save(self, out)
 

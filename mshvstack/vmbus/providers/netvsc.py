@@ -34,7 +34,7 @@ import struct
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mshvstack.abi import ffi, lib
 from mshvstack.net.backend import NetBackend
@@ -169,6 +169,7 @@ class Netvsc:
     name = "network"
     class_id = uuid.UUID("f8615163-df3e-46c5-913f-f2d2f965ed0e")
     pipe_mode = False
+    state_type: ClassVar[type] = NicStats   # never saved: a machine with a NIC refuses to migrate (vmm/migration.py)
 
     def __init__(self, backend: NetBackend, mac: bytes, label: str = "net0") -> None:
         if len(mac) != 6:
@@ -458,6 +459,12 @@ class Netvsc:
             return
         channel.send(self._transfer(ranges, tuple(sections), False))
         self.stats.rx_packets += len(ranges)
+
+    def save(self) -> Any:
+        raise VmbusProtocolError("the NIC's state is not a record yet: a machine with a NIC cannot be saved")
+
+    def restore(self, state: Any, channel: Channel | None) -> None:
+        raise VmbusProtocolError("the NIC's state is not a record yet: a machine with a NIC cannot be restored")
 
     # ---- host operations (through VmbusServer.call)
     def set_link(self, up: bool) -> None:
