@@ -4,7 +4,9 @@ One boot of Debian's unmodified kernel serves every check, in the order the
 guest's /init reaches them: eth0 appears with our MAC and an MTU of 1500,
 comes up and leases an address by DHCP; the guest fetches 16 MiB from an
 HTTP server this test runs on the host's loopback (through the gateway) and
-its sha256 matches; several fetches run at once; the host reads 16 MiB the
+its sha256 matches; several fetches run at once; eth0 goes down and up and
+changes its MTU (Linux closes and reopens the channel with new buffers) and
+still fetches intact; the host reads 16 MiB the
 guest serves through a forwarded port; the host takes the link down and up
 (QMP set_link) and the guest's carrier follows.  Everything asserted about
 the guest comes from what it prints itself.
@@ -65,6 +67,16 @@ for i in %(parallel)s; do (wget -q -O /tmp/small$i "http://10.0.2.2:$port/small$
 wait
 for i in %(parallel)s; do echo "MARK parallel $i $(sha256sum /tmp/small$i | cut -d' ' -f1)"; done
 rm -f /tmp/small*
+ip link set eth0 down
+ip link set eth0 up
+echo "MARK downup $(cat /sys/class/net/eth0/operstate)"
+ip link set eth0 mtu 1400 || echo "MARK mtu_failed"
+echo "MARK mtu_set"
+n=0; while [ "$(cat /sys/class/net/eth0/carrier 2>/dev/null)" != 1 ] && [ $n -lt 30 ]; do sleep 0.2; n=$((n + 1)); done
+echo "MARK carrier_again $n"
+wget -q -O /tmp/small0 "http://10.0.2.2:$port/small0" || echo "MARK wget_failed mtu"
+echo "MARK mtu $(cat /sys/class/net/eth0/mtu) $(sha256sum /tmp/small0 | cut -d' ' -f1)"
+rm -f /tmp/small0
 mkdir -p /srv
 dd if=/dev/urandom of=/srv/big bs=1M count=%(megabytes)d 2>/dev/null
 httpd -p %(guest_port)d -h /srv
@@ -171,6 +183,8 @@ def test_linux_netvsc_over_user_networking(initrd: tuple[Path, Path], http_serve
         vm.wait_for("serving", timeout=300)
         parallel = dict(value.split() for value in vm.values("parallel"))
         assert parallel == {str(i): hashlib.sha256(files[f"/small{i}"]).hexdigest() for i in range(PARALLEL)}
+        mtu, after_change = vm.values("mtu")[0].split()
+        assert (mtu, after_change) == ("1400", hashlib.sha256(files["/small0"]).hexdigest()) and not vm.values("mtu_failed")
         served = vm.values("serving")[0]
         body = _fetch(f"http://127.0.0.1:{host_port}/big")
         assert len(body) == BLOB_BYTES and hashlib.sha256(body).hexdigest() == served

@@ -94,6 +94,7 @@ MAX_RANGES_PER_PACKET = 64          # frames per transfer-page packet (Linux tak
 MAX_RECEIVE_BUFFER = 64 << 20
 MAX_SEND_BUFFER = 64 << 20
 MIN_MTU, MAX_MTU = 68, 65521
+DEFAULT_MTU = 1500
 ETHERNET_HEADER = 14
 SECTION_SLACK = 64                  # room for PPIs we might add later
 
@@ -295,7 +296,11 @@ class Netvsc:
 
     def _receive_buffer(self, channel: Channel, packet: Packet, message: bytes) -> None:
         _t, handle, buffer_id = SEND_BUFFER.unpack_from(message)
-        section = (PACKET_HEADER_SIZE + self.rndis.mtu + ETHERNET_HEADER + 4 + SECTION_SLACK + 63) & ~63
+        # Sized for the larger of the guest's MTU and the backend's: libslirp keeps sending
+        # 1500-byte packets on connections a guest opened before lowering its MTU, and Linux
+        # takes a frame up to its section's size whatever its MTU.
+        mtu = max(self.rndis.mtu, int(getattr(self.backend, "mtu", DEFAULT_MTU)))
+        section = (PACKET_HEADER_SIZE + mtu + ETHERNET_HEADER + 4 + SECTION_SLACK + 63) & ~63
         mem = None
         if self.version and self.receive_buffer is None and buffer_id == RECEIVE_BUFFER_ID:
             mem = self._buffer_gpadl(channel, handle, MAX_RECEIVE_BUFFER)
