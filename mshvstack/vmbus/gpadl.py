@@ -10,11 +10,12 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from mshvstack.abi import ffi
+from mshvstack.abi import ffi, lib
 from mshvstack.partition.memory import GuestMemory, GuestMemoryError
 from mshvstack.vmbus.errors import VmbusProtocolError
+from mshvstack.vmbus.layout import Layout, array
 
-PAGE = 4096
+PAGE = int(lib.VMBUS_PAGE_SIZE)
 MAX_GPADL_PAGES = 65536           # 256 MiB per GPADL
 MAX_PENDING_GPADLS = 64
 MAX_GPADLS_PER_CHANNEL = 64       # Linux uses 1-3 (ring, netvsc's send and receive buffers)
@@ -26,6 +27,10 @@ assert ffi.offsetof("struct vmbus_ring_control", "read_index") == _WRITE_INDEX +
 _INDICES = struct.Struct("<II")
 _HEADER = ffi.sizeof("struct vmbus_channel_gpadl_header")
 _BODY = ffi.sizeof("struct vmbus_channel_gpadl_body")
+GPADL_HEADER = Layout("struct vmbus_channel_gpadl_header", "child_relid", "gpadl", "range_buflen", "rangecount")
+GPADL_BODY = Layout("struct vmbus_channel_gpadl_body", "gpadl")
+GPA_RANGE = Layout("struct vmbus_gpa_range", "byte_count", "byte_offset")
+PFN_SIZE = array("struct vmbus_gpa_range", "pfn_array", 1).size
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,7 @@ class GpadlTable:
         """GPADL_HEADER: returns the GPADL when complete, None while bodies are due."""
         if len(message) < _HEADER:
             raise VmbusProtocolError("GPADL_HEADER too short")
-        _t, _p, relid, gpadl_id, buflen, count = struct.unpack_from("<IIIIHH", message)
+        relid, gpadl_id, buflen, count = GPADL_HEADER.unpack_from(message)
         if gpadl_id in self.established or gpadl_id in self._pending:
             raise VmbusProtocolError(f"GPADL {gpadl_id:#x} already exists")
         if count != 1:
@@ -107,7 +112,7 @@ class GpadlTable:
         """GPADL_BODY: (gpadl id, the GPADL when now complete)."""
         if len(message) < _BODY + 8:
             raise VmbusProtocolError("GPADL_BODY too short")
-        _t, _p, _msgnumber, gpadl_id = struct.unpack_from("<IIII", message)
+        (gpadl_id,) = GPADL_BODY.unpack_from(message)
         pending = self._pending.get(gpadl_id)
         if pending is None:
             raise VmbusProtocolError(f"GPADL_BODY for unknown GPADL {gpadl_id:#x}")
@@ -121,9 +126,9 @@ class GpadlTable:
         if len(pending.data) < pending.range_buflen:
             return None
         del self._pending[gpadl_id]
-        byte_count, byte_offset = struct.unpack_from("<II", pending.data)
-        pages = (pending.range_buflen - 8) // 8
-        pfns = struct.unpack_from(f"<{pages}Q", pending.data, 8)
+        byte_count, byte_offset = GPA_RANGE.unpack_from(pending.data)
+        pages = (pending.range_buflen - GPA_RANGE.size) // PFN_SIZE
+        pfns = array("struct vmbus_gpa_range", "pfn_array", pages).unpack_from(pending.data, GPA_RANGE.size)
         gpadl = self._checked(Gpadl(gpadl_id, pending.relid, byte_count, byte_offset, tuple(pfns)))
         self.established[gpadl_id] = gpadl
         return gpadl

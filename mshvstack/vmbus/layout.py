@@ -9,6 +9,7 @@ that, with pad bytes for everything it does not name.
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Any
 
@@ -45,6 +46,9 @@ class Layout:
         self.struct = struct.Struct(fmt)
         identity = self._order == list(range(len(fields)))
         self._identity = identity
+        # The fastest unpack there is: the struct's own bound method when the fields are
+        # named in offset order (hot paths call this, not unpack_from).
+        self.unpack: Any = self.struct.unpack_from if identity else self.unpack_from
 
     def pack(self, *values: int) -> bytes:
         """The whole type's bytes with ``values`` for the fields (in the order named), zeros elsewhere."""
@@ -60,10 +64,28 @@ class Layout:
 
     def unpack_from(self, buffer: Any, offset: int = 0) -> tuple[int, ...]:
         """The fields' values in the order named (the buffer must hold the whole type)."""
-        raw = self.struct.unpack_from(buffer, offset)
+        raw: tuple[int, ...] = self.struct.unpack_from(buffer, offset)
         if self._identity:
-            return tuple(raw)
+            return raw
         out = [0] * len(raw)
         for position, index in enumerate(self._order):
             out[index] = raw[position]
         return tuple(out)
+
+
+@functools.lru_cache(maxsize=512)
+def array(ctype: str, field: str, count: int) -> struct.Struct:
+    """``count`` items of the array member ``field`` of ``ctype`` (a flexible array, such as a
+    GPA range's page numbers), back to back, as one ``struct``."""
+    fields = dict(ffi.typeof(ctype).fields)
+    if field not in fields or fields[field].type.kind != "array":
+        raise TypeError(f"{ctype}: {field} is not an array")
+    item = fields[field].type.item
+    size = ffi.sizeof(item)
+    if item.kind == "struct":
+        codes = Layout(item.cname, *(name for name, _f in item.fields)).struct.format.lstrip("<")
+    elif item.kind == "primitive" and size in _CODES:
+        codes = _CODES[size]
+    else:
+        raise TypeError(f"{ctype}: {field} holds {item.cname}, not integers")
+    return struct.Struct("<" + codes * count)

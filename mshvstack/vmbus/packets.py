@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 from mshvstack.abi import lib
 from mshvstack.vmbus.errors import CorruptRing
+from mshvstack.vmbus.layout import Layout, array
 
 PAGE = int(lib.VMBUS_PAGE_SIZE)
 INBAND = int(lib.VMBUS_PACKET_DATA_INBAND)
@@ -16,6 +16,13 @@ COMPLETION = int(lib.VMBUS_PACKET_COMP)
 COMPLETION_REQUESTED = int(lib.VMBUS_PACKET_FLAG_COMPLETION_REQUESTED)
 MAX_RANGES = 64
 MAX_PAGES_PER_RANGE = 4096
+DESCRIPTOR = Layout("struct vmpacket_descriptor", "type", "offset8", "len8", "flags", "trans_id")
+GPA_DIRECT_HEADER = Layout("struct vmdata_gpa_direct_header", "range_count")
+GPA_RANGE = Layout("struct vmbus_gpa_range", "byte_count", "byte_offset")
+XFER_HEADER = Layout("struct vmtransfer_page_packet_header", "xfer_pageset_id", "sender_owns_set", "range_count")
+_descriptor = DESCRIPTOR.unpack
+DESCRIPTOR_SIZE = DESCRIPTOR.size
+_pack_descriptor = DESCRIPTOR.struct.pack   # the fields are named in offset order
 
 
 @dataclass(frozen=True)
@@ -42,27 +49,28 @@ def _gpa_ranges(raw: bytes, start: int, end: int, count: int) -> tuple[GpaRange,
     ranges = []
     offset = start
     for _ in range(count):
-        if offset + 8 > end:
+        if offset + GPA_RANGE.size > end:
             raise CorruptRing("GPA range header runs past the packet header")
-        byte_count, byte_offset = struct.unpack_from("<II", raw, offset)
+        byte_count, byte_offset = GPA_RANGE.unpack_from(raw, offset)
         if byte_offset >= PAGE or byte_count == 0:
             raise CorruptRing(f"GPA range with offset {byte_offset} and length {byte_count}")
         pages = (byte_offset + byte_count + PAGE - 1) // PAGE
-        if pages > MAX_PAGES_PER_RANGE or offset + 8 + 8 * pages > end:
+        pfn_array = array("struct vmbus_gpa_range", "pfn_array", pages) if pages <= MAX_PAGES_PER_RANGE else None
+        if pfn_array is None or offset + GPA_RANGE.size + pfn_array.size > end:
             raise CorruptRing(f"GPA range of {pages} pages does not fit the packet header")
-        pfns = struct.unpack_from(f"<{pages}Q", raw, offset + 8)
+        pfns = pfn_array.unpack_from(raw, offset + GPA_RANGE.size)
         ranges.append(GpaRange(byte_count, byte_offset, tuple(pfns)))
-        offset += 8 + 8 * pages
+        offset += GPA_RANGE.size + pfn_array.size
     return tuple(ranges)
 
 
 def parse(raw: bytes) -> Packet:
     """A packet read from a ring (descriptor onward, without the trailer)."""
-    if len(raw) < 16:
+    if len(raw) < DESCRIPTOR_SIZE:
         raise CorruptRing("packet shorter than its descriptor")
-    kind, offset8, len8, flags, trans_id = struct.unpack_from("<HHHHQ", raw)
+    kind, offset8, len8, flags, trans_id = _descriptor(raw)
     header_end = offset8 * 8
-    if len8 * 8 != len(raw) or header_end < 16 or header_end > len(raw):
+    if len8 * 8 != len(raw) or header_end < DESCRIPTOR_SIZE or header_end > len(raw):
         raise CorruptRing(f"descriptor offset8 {offset8} / len8 {len8} do not match a {len(raw)}-byte packet")
     if flags & ~COMPLETION_REQUESTED:
         raise CorruptRing(f"unknown packet flags {flags:#x}")
@@ -71,19 +79,22 @@ def parse(raw: bytes) -> Packet:
     if kind in (INBAND, COMPLETION):
         return Packet(kind, trans_id, requested, payload)
     if kind == GPA_DIRECT:
-        if header_end < 24:
+        if header_end < GPA_DIRECT_HEADER.size:
             raise CorruptRing("GPA-direct packet without its range header")
-        (count,) = struct.unpack_from("<I", raw, 20)
-        return Packet(kind, trans_id, requested, payload, _gpa_ranges(raw, 24, header_end, count))
+        (count,) = GPA_DIRECT_HEADER.unpack_from(raw)
+        return Packet(kind, trans_id, requested, payload, _gpa_ranges(raw, GPA_DIRECT_HEADER.size, header_end, count))
     if kind == XFER_PAGES:
-        if header_end < 24:
+        if header_end < XFER_HEADER.size:
             raise CorruptRing("transfer-page packet without its header")
-        pageset, _owns, _r, count = struct.unpack_from("<HBBI", raw, 16)
-        if 24 + 8 * count > header_end or count > MAX_RANGES:
+        pageset, _owns, count = XFER_HEADER.unpack_from(raw)
+        if count > MAX_RANGES:
             raise CorruptRing(f"transfer-page packet with {count} ranges")
-        xfer = tuple(struct.unpack_from("<II", raw, 24 + 8 * i) for i in range(count))
+        ranges = array("struct vmtransfer_page_packet_header", "ranges", count)
+        if XFER_HEADER.size + ranges.size > header_end:
+            raise CorruptRing(f"transfer-page packet with {count} ranges")
+        flat = ranges.unpack_from(raw, XFER_HEADER.size)
         return Packet(kind, trans_id, requested, payload, xfer_pageset_id=pageset,
-                      xfer_ranges=tuple((c, o) for c, o in xfer))
+                      xfer_ranges=tuple(zip(flat[0::2], flat[1::2])))
     raise CorruptRing(f"packet type {kind:#x} is not accepted on this channel")
 
 
@@ -91,7 +102,8 @@ def build(kind: int, payload: bytes, transaction_id: int = 0, completion_request
     """An in-band or completion packet (header 16 bytes, payload padded to 8)."""
     padded = payload + bytes(-len(payload) % 8)
     flags = COMPLETION_REQUESTED if completion_requested else 0
-    return struct.pack("<HHHHQ", kind, 2, 2 + len(padded) // 8, flags, transaction_id) + padded
+    offset8 = DESCRIPTOR_SIZE // 8
+    return _pack_descriptor(kind, offset8, offset8 + len(padded) // 8, flags, transaction_id) + padded
 
 
 def inband(payload: bytes, transaction_id: int = 0, completion_requested: bool = False) -> bytes:

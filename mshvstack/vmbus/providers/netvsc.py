@@ -28,7 +28,6 @@ the backend's frames arrive through ``VmbusServer.call(receive, frames)``.
 from __future__ import annotations
 
 import enum
-import functools
 import logging
 import struct
 import uuid
@@ -42,7 +41,7 @@ from mshvstack.partition.memory import GuestMemoryError
 from mshvstack.vmbus import packets
 from mshvstack.vmbus.bufmem import BufferMem
 from mshvstack.vmbus.errors import VmbusProtocolError
-from mshvstack.vmbus.layout import Layout
+from mshvstack.vmbus.layout import Layout, array
 from mshvstack.vmbus.packets import COMPLETION, GPA_DIRECT, INBAND, Packet
 from mshvstack.vmbus.providers.rndis import (
     PACKET_CSUM,
@@ -158,10 +157,9 @@ def mac_text(mac: bytes) -> str:
     return mac.hex(":")
 
 
-@functools.lru_cache(maxsize=MAX_RANGES_PER_PACKET + 1)
 def _ranges_struct(count: int) -> struct.Struct:
-    """``count`` transfer-page ranges back to back: the range layout's format repeated."""
-    return struct.Struct("<" + XFER_RANGE.struct.format.lstrip("<") * count)
+    """``count`` transfer-page ranges back to back."""
+    return array("struct vmtransfer_page_packet_header", "ranges", count)
 
 
 class Netvsc:
