@@ -42,7 +42,7 @@ VMBUS, SYNIC, CHANNEL = "vmbus", "synic", "vmbus-channel-"
 
 
 def _devices(machine: Machine) -> dict[str, Any]:
-    return {"uart": machine.uart, "ioapic": machine.ioapic, "cmos": machine.cmos}
+    return machine.platform.components()
 
 
 def _config_record(config: MachineConfig) -> bytes:
