@@ -167,6 +167,19 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _wait_listening(port: int, timeout: float = 60) -> None:
+    """Until something listens on the loopback ``port`` (without connecting: a destination
+    takes one connection only)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/net/tcp") as table:   # slot, local address, remote address, state (0A: LISTEN)
+            rows = [line.split() for line in table.readlines()[1:]]
+        if any(row[1].endswith(f":{port:04X}") and row[3] == "0A" for row in rows):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
 def snapshot_and_restore(engine: Engine) -> dict[str, float]:
     source = engine.boot(0)
     try:
@@ -193,7 +206,7 @@ def live(engine: Engine, dirty_mib: int) -> dict[str, float]:
         source.wait_tick(3)
         uri = f"tcp:127.0.0.1:{_free_port()}"
         destination = engine.incoming(uri)
-        time.sleep(2)   # the destination listens
+        _wait_listening(int(uri.rsplit(":", 1)[1]))
         info = _migrate(source, uri)
         destination.wait_tick(0)
         return {"total_s": info["total-time"] / 1000, "downtime_ms": info["downtime"],
