@@ -346,3 +346,28 @@ def test_migrate_cancel_leaves_the_source_running(tmp_path: Path) -> None:
         sink.close()
     assert statuses[-1] == "cancelled" and status == "running", (statuses, status)
     assert code == 1 and console.read_bytes() == EXPECTED
+
+
+def test_ctl_migrate_moves_a_running_guest(tmp_path: Path) -> None:
+    """The friendly verb: `ctl SOCK migrate unix:PATH` waits for the end and says what moved."""
+    kernel = assemble_elf(logging_counting(), tmp_path)
+    uri = f"unix:{tmp_path / 'incoming.sock'}"
+    after = tmp_path / "destination.console"
+    destination = subprocess.Popen([sys.executable, "-m", "mshvstack.cli", "run", "--incoming", uri, "--backend", "sim",
+                                    "--console", str(after)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    source, socket, before = _source(kernel, tmp_path, "source")
+    try:
+        deadline = time.monotonic() + 60
+        while not socket.exists() or not (tmp_path / "incoming.sock").exists() or len(before.read_bytes() if before.exists() else b"") < 2:
+            assert time.monotonic() < deadline and source.poll() is None and destination.poll() is None
+            time.sleep(0.02)
+        moved = subprocess.run([sys.executable, "-m", "mshvstack.cli", "ctl", str(socket), "migrate", uri],
+                               capture_output=True, text=True, timeout=120)
+        assert moved.returncode == 0 and f"migrated to {uri}" in moved.stdout and "the guest paused" in moved.stdout, moved
+        subprocess.run([sys.executable, "-m", "mshvstack.cli", "ctl", str(socket), "poweroff"], capture_output=True, timeout=60)
+        code = destination.wait(timeout=180)
+    finally:
+        source.kill()
+        destination.kill()
+    assert code == 1, destination.stderr.read() if destination.stderr else code
+    assert before.read_bytes() + after.read_bytes() == EXPECTED
