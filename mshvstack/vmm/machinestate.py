@@ -39,10 +39,11 @@ CHUNK = MAX_CHUNK_PAGES * PAGE
 # Device name -> its record class (each device's save() and restore()).
 DEVICE_RECORDS: dict[str, type] = {"uart": UartState, "ioapic": IoApicState, "cmos": CmosState}
 VMBUS, SYNIC, CHANNEL = "vmbus", "synic", "vmbus-channel-"
+MAX_COMPONENT_BYTES = 32 << 20   # the largest record: the VMBus host with every GPADL page (1M pages) listed
 
 
 def _devices(machine: Machine) -> dict[str, Any]:
-    return {"uart": machine.uart, "ioapic": machine.ioapic, "cmos": machine.cmos}
+    return machine.platform.components()
 
 
 def _config_record(config: MachineConfig) -> bytes:
@@ -197,6 +198,8 @@ def _record_types(machine: Machine) -> dict[str, type]:
 
 
 def _decode_component(section: bytes, types: dict[str, type], seen: dict[str, Any]) -> None:
+    if len(section) > MAX_COMPONENT_BYTES:
+        raise SnapshotError(f"a component section of {len(section)} bytes is over the {MAX_COMPONENT_BYTES}-byte limit")
     try:
         data = json.loads(section)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
