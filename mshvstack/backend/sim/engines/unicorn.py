@@ -468,6 +468,7 @@ class UnicornEngine:
         forgotten = [k for k in self._code_pages if k[0] == linear]
         for key in forgotten:
             del self._code_pages[key]
+        core.mshvstack_code_pages_forget(self._cpu, linear)
         if forgotten:
             self._tracked_keys = []
             for key, data in self._code_pages.items():
@@ -636,6 +637,11 @@ class UnicornEngine:
         core.mshvstack_set_nmi_blocked(self._cpu, int(nmi_blocked))
 
     @property
+    def blocks_filtered(self) -> int:
+        """New blocks the core found plain (no special instruction, pages known): never scanned in Python."""
+        return int(self._cpu.blocks_filtered)
+
+    @property
     def injected(self) -> int:
         """Interrupts and NMIs delivered so far."""
         return int(self._cpu.injected)
@@ -771,6 +777,8 @@ class UnicornEngine:
                     self._code_pages[(page, gpa)] = data
                     self._track((page, gpa), data)
                     self._sync_code_check()
+                    if gpa in self._guarded and core.mshvstack_code_page_known(self._cpu, page, gpa) != 0:
+                        raise MemoryError("the engine core cannot grow its table of code pages")
         found = decoded = False
         for insn in self._disassemblers[self.code_bits()].disasm(code, address):
             decoded = True

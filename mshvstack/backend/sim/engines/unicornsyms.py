@@ -1,6 +1,6 @@
 """Addresses inside libunicorn that its public API does not export.
 
-Parallel execution wraps two hooks of QEMU's x86 translator and one
+Parallel execution and the new-block filter wrap three hooks of QEMU's x86 translator and one
 Unicorn hook (x86parallel.c).  They are local symbols, so they come from
 the library's own symbol table (.symtab, kept in the PyPI wheels), placed
 at the load address the dynamic linker chose (an exported function's
@@ -22,6 +22,7 @@ _WANTED = {
     "i386_tr_ops": "tr_ops",
     "i386_tr_init_disas_context": "init_disas_context",
     "i386_tr_tb_stop": "tb_stop",
+    "i386_tr_translate_insn": "translate_insn",
     "x86_stop_interrupt": "stop_interrupt",
 }
 _ANCHOR = "uc_emu_start"
