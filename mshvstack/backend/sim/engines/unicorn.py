@@ -62,7 +62,11 @@ _SPECIAL_IDS: dict[int, Special] = {
     cx.X86_INS_VMCALL: Special.VMCALL, cx.X86_INS_VMMCALL: Special.VMCALL,
 }
 
-MAX_TRACKED_CODE_PAGES = 512
+# Guests with at most this many translated code pages have them compared with their bytes at
+# translation before every run (host writes through the VMM's own mapping; see _track).  A
+# run paid up to two streams of 2 MiB at 512 pages (7% of a Debian boot, which passes 512
+# early and then had no check anyway); small guests, which write code that way, keep it.
+MAX_TRACKED_CODE_PAGES = 64
 # Unicorn's translation buffer (1 GiB by default).  Generated code calls into
 # the library at every block start, directly only within 2 GiB of it: a buffer
 # mapped further away (a second engine, a large guest mapped first) halved
@@ -472,6 +476,8 @@ class UnicornEngine:
         if forgotten:
             self._tracked_keys = []
             for key, data in self._code_pages.items():
+                if len(self._tracked_keys) >= MAX_TRACKED_CODE_PAGES:
+                    break
                 self._track(key, data)
             self._sync_code_check()
 
@@ -485,8 +491,10 @@ class UnicornEngine:
     def _track(self, key: tuple[int, int], data: bytes) -> None:
         """Add a translated page to the arrays the C check reads (the first MAX_TRACKED_CODE_PAGES)."""
         index = len(self._tracked_keys)
+        if index >= MAX_TRACKED_CODE_PAGES:
+            return
         host = self._code.host_address(key[1])
-        if index >= MAX_TRACKED_CODE_PAGES or host is None:
+        if host is None:
             return
         self._tracked_keys.append(key)
         self._tracked_hosts[index] = host
