@@ -10,6 +10,7 @@ storage stack (hv_vmbus, hv_storvsc, sd_mod) and virtio-blk, finds the disk
 * random 4 KiB direct reads (IOPS): a small static program built here with
   the host's C compiler (skipped with a reason when there is none).
 
+Both run with printk.devkmsg=on (the results go through /dev/kmsg, rate-limited otherwise).
 The QEMU column is skipped with a reason where QEMU is absent.
 
     python benchmarks/linux_disk.py
@@ -140,14 +141,14 @@ def main() -> int:
     print(f"Debian kernel {linux.version}, 1 vCPU, 512 MiB, a {DISK_MIB} MiB disk")
     print("simulator (hv_storvsc over our storvsp):")
     sim = _run([sys.executable, "-m", "mshvstack.cli", "run", str(linux.kernel), "--extract-vmlinux", "--initrd", str(initrd),
-                "--memory", "512M", "--cmdline", "console=ttyS0", "--disk", str(disk), "--console", str(work / "sim.txt")],
+                "--memory", "512M", "--cmdline", "console=ttyS0 printk.devkmsg=on", "--disk", str(disk), "--console", str(work / "sim.txt")],
                console=work / "sim.txt")
     qemu_binary = shutil.which("qemu-system-x86_64")
     qemu: dict[str, float] = {}
     if qemu_binary:
         print("QEMU TCG (virtio-blk):")
         qemu = _run([qemu_binary, "-machine", "q35,accel=tcg", "-m", "512", "-nographic", "-no-reboot", "-kernel", str(linux.kernel),
-                     "-initrd", str(initrd), "-append", "console=ttyS0 panic=-1",
+                     "-initrd", str(initrd), "-append", "console=ttyS0 panic=-1 printk.devkmsg=on",
                      "-drive", f"file={disk},if=virtio,format=raw"])
     print(f"{'(MB/s; random: IOPS)':24} {'simulator':>10} {'QEMU TCG':>10} {'ratio':>7}")
     for name in [m[0] for m in MODES] + ["random 4k read IOPS"]:
