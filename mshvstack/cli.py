@@ -92,8 +92,9 @@ def _stats_table(stats: dict[str, dict[str, float]]) -> Table:
     return table
 
 
-def _open_incoming(uri: str, backend: str) -> tuple[Any, Any]:
-    """The configuration and the rest of the stream of ``run --incoming file:PATH``."""
+def _open_incoming(uri: str, backend: str, disks: tuple[Any, ...] | None) -> tuple[Any, Any]:
+    """The configuration and the rest of the stream of ``run --incoming URI`` (``disks``:
+    images in place of the recorded ones)."""
     from mshvstack.snapshot import SnapshotError
     from mshvstack.vmm import machinestate
     from mshvstack.vmm.config import ConfigError
@@ -107,7 +108,7 @@ def _open_incoming(uri: str, backend: str) -> tuple[Any, Any]:
             socket_address(uri)   # a bad URI is refused before anything waits
             console.print(Text(f"waiting for the migration stream on {uri}"))
             source = listen_incoming(uri).makefile("rb")
-        reader, config = machinestate.read_config(source, uri, backend)
+        reader, config = machinestate.read_config(source, uri, backend, disks)
     except (MigrationError, SnapshotError) as exc:
         raise ConfigError(f"--incoming: {exc}") from None
     except OSError as exc:
@@ -141,9 +142,10 @@ def run(
                                             "(Ctrl-C included); Ctrl-A x quits, Ctrl-A h lists the keys."),
     show_stats: bool = typer.Option(False, "--stats", metavar="", help="Print a table of exits by type and where the time went."),
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print the run summary as JSON (console goes to stderr)."),
-    incoming: str | None = typer.Option(None, "--incoming", metavar="file:PATH",
-                                        help="Start from a snapshot (QMP migrate to file:PATH) instead of booting: the "
-                                             "machine's configuration comes from it."),
+    incoming: str | None = typer.Option(None, "--incoming", metavar="URI",
+                                        help="Start from a snapshot (file:PATH) or a live migration (unix:PATH, tcp:HOST:PORT) "
+                                             "instead of booting: the machine's configuration comes from it; its disks reopen "
+                                             "by their recorded paths unless given again with --disk."),
 ) -> None:
     """Boot a guest and run it until it stops; the guest's console is live."""
     from mshvstack.vmm.config import DEMO_GUESTS, LINUX_DEMO, ConfigError, DiskSpec, MachineConfig, parse_size
@@ -169,7 +171,7 @@ def run(
         if incoming is not None:
             if kernel is not None or demo:
                 raise ConfigError("--incoming starts the machine saved in the snapshot: give no KERNEL or --demo")
-            config, stream = _open_incoming(incoming, backend)
+            config, stream = _open_incoming(incoming, backend, tuple(DiskSpec.parse(d) for d in disk) or None)
         elif demo and kernel is not None:
             raise ConfigError("give either a KERNEL file or --demo, not both")
         else:
@@ -266,9 +268,9 @@ def _run_with_console(machine: Machine, stdin: bool) -> StopReason:
 def ctl(
     socket_path: Path = typer.Argument(..., metavar="SOCKET", help="The machine's --api-socket."),
     command: str = typer.Argument(..., metavar="COMMAND", help="status, pause, resume, shutdown (ask the guest), poweroff, reset, "
-                                  "timesync (step the guest clock to the host's), kvp, or snapshot PATH."),
+                                  "timesync (step the guest clock to the host's), kvp, snapshot PATH or migrate URI."),
     args: list[str] = typer.Argument(None, metavar="ARGS", help="For kvp: get KEY | set KEY VALUE | delete KEY | list [POOL]; "
-                                     "for snapshot: the file to write."),
+                                     "for snapshot: the file to write; for migrate: unix:PATH, tcp:HOST:PORT or file:PATH."),
     pool: str = typer.Option("external", "--pool", metavar="POOL", help="KVP pool: external, guest, auto, auto_external."),
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print the raw JSON reply."),
     timeout: float = typer.Option(30.0, "--timeout", metavar="SECONDS", help="Seconds to wait for the machine's answer (all of it)."),
@@ -283,13 +285,15 @@ def ctl(
     except ControlError as exc:
         _fail(str(exc))
     arguments = _kvp_arguments(args or [], pool) if command == "kvp" else {}
-    if command == "snapshot":
+    moving = command in ("snapshot", "migrate")
+    if moving:
         if len(args or []) != 1:
-            _fail("usage: mshvstack ctl SOCKET snapshot PATH")
-        arguments = {"path": (args or [""])[0]}
+            _fail(f"usage: mshvstack ctl SOCKET {command} {'PATH' if command == 'snapshot' else 'URI'}")
+        arguments = {"path" if command == "snapshot" else "uri": (args or [""])[0]}
     try:
-        reply = request(socket_path, command, arguments, timeout=timeout)
-        rows = status_rows(reply) if reply.get("ok") and command not in ("kvp", "snapshot") else []
+        with _MigrationProgress(enabled=moving and not as_json) as progress:
+            reply = request(socket_path, command, arguments, timeout=timeout, progress=progress.update)
+        rows = status_rows(reply) if reply.get("ok") and command not in ("kvp", "snapshot", "migrate") else []
     except ControlError as exc:
         _fail(str(exc), 1)
         return
@@ -304,6 +308,9 @@ def ctl(
         Console().print(Text(f"saved {reply['snapshot']}: {reply['bytes'] / 1e6:.1f} MB, the guest paused "
                              f"{reply['downtime_ms']} ms (now postmigrate: resume it, or start it elsewhere with "
                              f"run --incoming file:{reply['snapshot']})"))
+    elif command == "migrate":
+        Console().print(Text(f"migrated to {arguments['uri']}: {reply['bytes'] / 1e6:.1f} MB in {reply['total_ms']} ms, "
+                             f"the guest paused {reply['downtime_ms']} ms (the source is now postmigrate)"))
     else:
         table = Table(show_header=False, box=None)
         for label, text in rows:
@@ -311,6 +318,32 @@ def ctl(
         Console().print(table)
     if not reply.get("ok"):
         raise typer.Exit(1)
+
+
+class _MigrationProgress:
+    """A progress bar on stderr while a snapshot or migration runs: bytes sent, what is
+    left, the dirty rate and the pass (from each query-migrate answer)."""
+
+    def __init__(self, enabled: bool) -> None:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                  TextColumn("{task.fields[detail]}"), console=Console(stderr=True), transient=True,
+                                  disable=not enabled or not sys.stderr.isatty())
+        self._task = self._progress.add_task("migrating", total=None, detail="")
+
+    def __enter__(self) -> _MigrationProgress:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(None, None, None)
+
+    def update(self, info: dict[str, Any]) -> None:
+        ram: dict[str, Any] = info["ram"] if isinstance(info.get("ram"), dict) else {}
+        sent, left = int(ram.get("transferred", 0) or 0), int(ram.get("remaining", 0) or 0)
+        detail = f"{left >> 10} KiB left, {ram.get('dirty-pages-rate', 0)} pages/s dirtied, pass {ram.get('dirty-sync-count', 0)}"
+        self._progress.update(self._task, completed=sent, total=sent + left if left else None, detail=detail)
 
 
 def _kvp_arguments(args: list[str], pool: str) -> dict[str, str]:

@@ -45,16 +45,22 @@ def require_debian_guest() -> LinuxGuest:
 class LinuxVm:
     """``mshvstack run`` of a kernel and initramfs, run outside the checkout."""
 
-    def __init__(self, workdir: Path, kernel: Path, initrd: Path, *extra: str, cmdline: str = "console=ttyS0",
-                 vcpus: int = 1) -> None:
+    def __init__(self, workdir: Path, kernel: Path | None, initrd: Path | None, *extra: str, cmdline: str = "console=ttyS0",
+                 vcpus: int = 1, incoming: str | None = None, name: str = "") -> None:
+        """``incoming``: restore from this URI (``run --incoming``) instead of booting
+        ``kernel``; ``name``: tells the console and QMP socket files of several VMs apart."""
         self.vcpus = vcpus
-        self.console = workdir / "console.txt"
-        self.socket = workdir / "api.sock"
+        self.console = workdir / f"console{name}.txt"
+        self.socket = workdir / f"api{name}.sock"
         self._read = 0
         self._seen = ""
         self.marks: list[tuple[str, str, float]] = []   # (name, value, host time when seen)
-        args = [sys.executable, "-m", "mshvstack.cli", "run", str(kernel), "--extract-vmlinux", "--initrd", str(initrd),
-                "--memory", "512M", "--vcpus", str(vcpus), "--cmdline", cmdline, "--console", str(self.console),
+        if incoming is not None:
+            machine = ["--incoming", incoming]
+        else:
+            machine = [str(kernel), "--extract-vmlinux", "--initrd", str(initrd), "--memory", "512M", "--vcpus", str(vcpus),
+                       "--cmdline", cmdline]
+        args = [sys.executable, "-m", "mshvstack.cli", "run", *machine, "--console", str(self.console),
                 "--api-socket", str(self.socket), "--json", *extra]
         # Not the checkout's root: run the installed package, as a user would.
         self.process = subprocess.Popen(args, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

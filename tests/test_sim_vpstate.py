@@ -190,3 +190,40 @@ def test_reference_time_set_is_the_partitions_clock_and_its_tsc_page() -> None:
         page_time = ((read_tsc() * scale) >> 64) + offset
         assert sequence != 0 and abs(page_time - part.get_property(R.HV_PARTITION_PROPERTY_REFERENCE_TIME)) < 10_000
         part.close()
+
+
+GPRS = [int(getattr(lib, f"HV_X64_REGISTER_{n}")) for n in
+        ("RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI", *(f"R{i}" for i in range(8, 16)))]
+SINTS = [int(lib.HV_REGISTER_SINT0) + i for i in range(16)]
+sint_values = st.one_of(st.just(1 << 16), st.builds(lambda vector, masked, auto_eoi: vector | masked << 16 | auto_eoi << 17,
+                                                    st.integers(16, 255), st.integers(0, 1), st.integers(0, 1)))
+synic_pages = st.integers(1, 15).map(lambda page: page << 12 | 1)   # enabled, inside the partition's RAM
+
+
+@settings(max_examples=40, deadline=None)
+@given(gprs=st.lists(U64, min_size=16, max_size=16), rip=st.integers(0, 0xFFF0), sints=st.lists(sint_values, min_size=16, max_size=16),
+       scontrol=st.integers(0, 1), simp=synic_pages, siefp=synic_pages, timers=timers)
+def test_a_vp_saved_restored_and_saved_again_gives_the_same_record(gprs: list[int], rip: int, sints: list[int], scontrol: int,
+                                                                   simp: int, siefp: int, timers: list[SyntheticTimer]) -> None:
+    """save_vp -> restore_vp into a new partition's VP -> save_vp: the same registers
+    (the TSC aside: it runs) and the same state blobs, SynIC pages and timers included."""
+    from mshvstack.snapshot.vp import restore_vp, save_vp
+
+    with Mshv.open("sim") as mshv:
+        records = []
+        for step in range(2):
+            with mshv.create_partition() as part:
+                part.initialize()
+                part.map_memory(0, 0x10000)
+                vp = part.create_vp(0)
+                if step == 0:
+                    vp.set_registers({**dict(zip(GPRS, gprs)), R.HV_X64_REGISTER_RIP: rip, **dict(zip(SINTS, sints)),
+                                      R.HV_REGISTER_SCONTROL: scontrol, R.HV_REGISTER_SIMP: simp, R.HV_REGISTER_SIEFP: siefp})
+                    vp.set_state(VpStateKind.SYNTHETIC_TIMERS, encode_timers(timers))
+                else:
+                    restore_vp(vp, records[0])
+                records.append(save_vp(vp))
+        first, second = ({k: v for k, v in r.registers.items() if k != R.HV_X64_REGISTER_TSC} for r in records)
+        assert first == second
+        assert records[0].blobs == records[1].blobs
+        assert all(first[name] == value for name, value in zip(GPRS, gprs)) and first[R.HV_REGISTER_SIMP] == simp

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from mshvstack.abi import lib
+from mshvstack.partition import ApicEoi, InvalidVpRegisterValue, TimerExpired, UnknownExit, UnsupportedFeature
 from mshvstack.vmm.config import ConfigError, MachineConfig, parse_size
 from mshvstack.vmm.control import ControlError, request
 from mshvstack.vmm.machine import Machine, MachineError, RunState, StopKind
@@ -34,7 +35,7 @@ def test_iotest_demo_exercises_mmio_and_string_io() -> None:
     reason = machine.run()
     assert (reason.kind, reason.exit_code) == (StopKind.DEBUG_EXIT, 0), reason
     assert out == b"MMIO forms and rep outsb OK\n"
-    assert machine.scratch.data[:4] == (0x92345678).to_bytes(4, "little")
+    assert machine.platform.scratch is not None and machine.platform.scratch.data[:4] == (0x92345678).to_bytes(4, "little")
 
 
 def test_boot_keeps_the_local_apic_enabled(tmp_path: Path) -> None:
@@ -269,3 +270,22 @@ def test_a_disk_that_cannot_be_opened_is_a_clear_error(tmp_path: Path, monkeypat
     monkeypatch.setattr(os, "open", refuse)   # root ignores file modes, so the refusal is simulated
     with pytest.raises(DiskError, match=r"Permission denied \(add ,ro to attach it read-only\)"):
         DiskImage(image)
+
+
+@pytest.mark.parametrize(("exit_", "named"), [
+    (ApicEoi(vp_index=0, interrupt_vector=0x30), "ApicEoi message"),
+    (TimerExpired(timer_index=0, expiration_time=1, delivery_time=2), "TimerExpired message"),
+    (InvalidVpRegisterValue(vp_index=0), "a register value the hypervisor could not run with"),
+    (UnsupportedFeature(vp_index=0, feature_code=1, feature_parameter=0x10), "unsupported feature (code 1, parameter 0x10)"),
+    (UnknownExit(message_type_raw=0x12345678, raw=bytes(256)), "message type 0x12345678"),
+], ids=lambda value: type(value).__name__)
+def test_an_exit_the_machine_never_asks_for_ends_the_run_naming_it(exit_: object, named: str) -> None:
+    """Nothing is dropped silently: the run ends with an error that names the exit."""
+    machine, _ = _machine(demo="hello", vmbus=False)
+    try:
+        machine.exits.handle(machine.vps[0], exit_)   # type: ignore[arg-type]
+        assert machine.state is RunState.STOPPED and machine.reason is not None
+        assert machine.reason.kind is StopKind.ERROR and machine.reason.exit_code == 1
+        assert machine.reason.detail.startswith("VP 0: ") and named in machine.reason.detail, machine.reason.detail
+    finally:
+        machine.close()

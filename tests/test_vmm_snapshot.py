@@ -109,15 +109,20 @@ def test_one_snapshot_restored_twice_runs_twice(tmp_path: Path) -> None:
     assert results[0] == results[1] and results[0][0] == 1
 
 
-def test_a_machine_with_vmbus_devices_is_not_saved(tmp_path: Path) -> None:
-    machine = Machine(MachineConfig(kernel=assemble_elf("1: pause\njmp 1b", tmp_path), backend="sim", memory=32 << 20))
-    try:
-        machine.start()
-        machine.pause()
-        with pytest.raises(SnapshotError, match="VMBus devices cannot be saved yet"):
-            machine.snapshot(io.BytesIO())
-    finally:
-        machine.close()
+def test_a_machine_paused_as_it_starts_is_saved(tmp_path: Path) -> None:
+    """Paused at once after start, with its VMBus host: every VP leaves its run.  (A kick
+    that came before a VP's engine existed was lost, and the VP ran on; the snapshot
+    then waited for it in vain.)"""
+    kernel = assemble_elf("1: pause\njmp 1b", tmp_path)
+    for _ in range(10):
+        machine = Machine(MachineConfig(kernel=kernel, backend="sim", memory=32 << 20, vcpus=2))
+        try:
+            machine.start()
+            machine.pause()
+            snapshot = io.BytesIO()
+            assert machine.snapshot(snapshot, timeout=5) == len(snapshot.getvalue()) > 0
+        finally:
+            machine.close()
 
 
 def test_a_running_machine_is_not_saved(tmp_path: Path) -> None:
@@ -279,6 +284,10 @@ async def _migrate(qmp: object, socket: Path, console: Path, uri: str, cancel: b
         await asyncio.sleep(0.02)
     await client.connect(str(socket))
     statuses: list[str] = []
+    await client.execute("migrate-set-parameters", {"downtime-limit": 100, "max-bandwidth": 256 << 20})
+    assert await client.execute("query-migrate-parameters") == {"downtime-limit": 100, "max-bandwidth": 256 << 20}
+    with pytest.raises(qmp.ExecuteError, match="downtime-limit must be"):   # type: ignore[attr-defined]
+        await client.execute("migrate-set-parameters", {"downtime-limit": 1 << 40})
     with client.listener("MIGRATION") as events:
         await client.execute("migrate", {"uri": uri})
         if cancel:

@@ -1,6 +1,7 @@
 """The object model: Mshv → Partition → Vp, GuestMemory, typed exits, register sets."""
 
 from mshvstack.partition.exits import (
+                                       AnyExit,
                                        ApicEoi,
                                        CpuidIntercept,
                                        ExceptionIntercept,
@@ -32,7 +33,7 @@ from mshvstack.partition.registers import FpuRegisters, SpecialRegisters, Standa
 from mshvstack.partition.vp import ExceptionVector, Vp, VpStateKind
 
 __all__ = [
-    "ApicEoi", "CpuidIntercept", "ExceptionIntercept", "Halt", "HypercallIntercept", "InterceptHeader", "Interrupted",
+    "AnyExit", "ApicEoi", "CpuidIntercept", "ExceptionIntercept", "Halt", "HypercallIntercept", "InterceptHeader", "Interrupted",
     "InterruptionDeliverable", "InvalidVpRegisterValue", "IoPortIntercept", "MemoryIntercept", "MsrIntercept", "Segment",
     "SintDeliverable", "SipiIntercept", "TimerExpired", "UnknownExit", "UnmappedGpa", "UnrecoverableException",
     "UnsupportedFeature", "VpExit", "decode", "encode", "GuestMemory", "GuestMemoryError", "MemoryRegion", "Mshv",

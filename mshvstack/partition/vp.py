@@ -13,7 +13,7 @@ from mshvstack.backend.handle import ClosedError, FdHandle, FdOwner
 from mshvstack.errors import ErrnoError, MshvError
 from mshvstack.hvcall import calls
 from mshvstack.hvcall.call import HvTarget
-from mshvstack.partition.exits import Interrupted, Segment, VpExit, decode_message
+from mshvstack.partition.exits import AnyExit, Interrupted, Segment, decode_message
 from mshvstack.partition.registers import (
     CONTROL_NAMES,
     FP_CONTROL_STATUS,
@@ -224,7 +224,7 @@ class Vp(FdOwner):
         self.set_registers({MSR_REGISTERS[i]: v for i, v in values.items()})
 
     # ---- execution
-    def run(self) -> VpExit:
+    def run(self) -> AnyExit:
         """Run until an intercept; returns the typed exit.
 
         A kick() makes it return Interrupted(); other EINTRs (stray signals)

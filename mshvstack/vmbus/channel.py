@@ -21,7 +21,8 @@ import logging
 import struct
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
 
 from mshvstack.abi import lib
 from mshvstack.partition.memory import GuestMemory
@@ -39,12 +40,31 @@ EVENT_CONNECTION_BASE = 0x2000   # guest -> host doorbell id = base + relid (Ope
 NO_INTERRUPT = int(lib.VMBUS_VP_INDEX_DISABLE_INTERRUPT)
 DRAIN_BUDGET = 64          # guest packets handled per doorbell (or per deferred pass)
 BACKLOG_LIMIT = 256        # host packets waiting for room in the guest's ring
+MAX_SAVED_PACKET = 1 << 20
 
 
 class ChannelState(enum.Enum):
     OFFERED = "offered"
     OPEN = "open"
     RESCINDED = "rescinded"
+
+
+@dataclass(frozen=True)
+class ChannelSavedState:
+    """One channel: ``ring_gpadl`` and ``downstream_offset`` (the guest→host ring's
+    pages) when it is open; ``backlog``: host packets waiting for room in the guest's ring."""
+
+    VERSION: ClassVar[int] = 1
+    relid: int
+    device: str
+    state: str
+    target_vp: int
+    ring_gpadl: int | None
+    downstream_offset: int
+    packets_in: int
+    packets_out: int
+    protocol_errors: int
+    backlog: tuple[bytes, ...] = field(metadata={"max_items": BACKLOG_LIMIT, "max_bytes": MAX_SAVED_PACKET})
 
 
 class Channel:
@@ -63,6 +83,7 @@ class Channel:
         self.target_vp = 0
         self.sint = int(lib.VMBUS_MESSAGE_SINT)
         self.ring_gpadl: Gpadl | None = None
+        self.downstream_offset = 0       # the guest→host ring's pages at the start of ring_gpadl
         self.incoming: IncomingRing | None = None
         self.outgoing: OutgoingRing | None = None
         self.ring_pages: frozenset[int] = frozenset()   # the rings' own pfns: never a DMA target
@@ -74,14 +95,19 @@ class Channel:
         self._backlog: deque[bytes] = deque()
 
     def open(self, gpadl: Gpadl, downstream_offset: int, target_vp: int) -> None:
+        self._attach(gpadl, downstream_offset, target_vp)
+        assert self.outgoing is not None and self.incoming is not None
+        self.outgoing.start()
+        self.incoming.start()
+
+    def _attach(self, gpadl: Gpadl, downstream_offset: int, target_vp: int) -> None:
+        """Use the rings in ``gpadl`` (an open, or a restore: the rings' control pages stay as they are)."""
         if downstream_offset < 2 or gpadl.pages - downstream_offset < 2:
             raise VmbusProtocolError(f"channel {self.relid}: downstream offset {downstream_offset} splits a "
                                      f"{gpadl.pages}-page GPADL into unusable rings")
         self.incoming = IncomingRing(GpadlRingMem(self.memory, gpadl.pfns[:downstream_offset]))
         self.outgoing = OutgoingRing(GpadlRingMem(self.memory, gpadl.pfns[downstream_offset:]))
-        self.outgoing.start()
-        self.incoming.start()
-        self.ring_gpadl = gpadl
+        self.ring_gpadl, self.downstream_offset = gpadl, downstream_offset
         self.ring_pages = frozenset(gpadl.pfns)
         self.target_vp = target_vp
         self.state = ChannelState.OPEN
@@ -106,7 +132,7 @@ class Channel:
             finally:
                 self.state = ChannelState.OFFERED
                 self.incoming = self.outgoing = None
-                self.ring_gpadl = None
+                self.ring_gpadl, self.downstream_offset = None, 0
                 self.ring_pages = frozenset()
                 self._backlog.clear()
 
@@ -189,6 +215,44 @@ class Channel:
             self.protocol_errors += 1
             log.warning("channel %d (%s): %s; closing it", self.relid, self.provider.name, exc)
             self.close()
+
+    # ---- snapshots
+    def save(self) -> ChannelSavedState:
+        return ChannelSavedState(self.relid, self.provider.name, self.state.value, self.target_vp,
+                                 self.ring_gpadl.gpadl_id if self.ring_gpadl is not None else None, self.downstream_offset,
+                                 self.packets_in, self.packets_out, self.protocol_errors, tuple(self._backlog))
+
+    def restore(self, saved: ChannelSavedState, gpadls: dict[int, Gpadl], target_vp_exists: Callable[[int], bool]) -> None:
+        """Take a saved state (the channel is offered and closed now); VmbusProtocolError
+        when it does not fit this channel or the connection's GPADLs."""
+        if saved.relid != self.relid or saved.device != self.provider.name:
+            raise VmbusProtocolError(f"channel {saved.relid} ({saved.device}) is channel {self.relid} ({self.provider.name}) here")
+        try:
+            state = ChannelState(saved.state)
+        except ValueError:
+            raise VmbusProtocolError(f"channel {self.relid}: unknown state {saved.state!r}") from None
+        if len(saved.backlog) > BACKLOG_LIMIT or any(len(p) % 8 or not p for p in saved.backlog) or \
+                (saved.backlog and state is not ChannelState.OPEN):
+            raise VmbusProtocolError(f"channel {self.relid}: a backlog of {len(saved.backlog)} packets is not valid")
+        if state is ChannelState.OPEN:
+            gpadl = gpadls.get(saved.ring_gpadl) if saved.ring_gpadl is not None else None
+            if gpadl is None or gpadl.relid != self.relid:
+                raise VmbusProtocolError(f"channel {self.relid}: its ring GPADL {saved.ring_gpadl} is not one of its GPADLs")
+            if saved.target_vp != NO_INTERRUPT and not target_vp_exists(saved.target_vp):
+                raise VmbusProtocolError(f"channel {self.relid}: target VP {saved.target_vp} does not exist")
+            self._attach(gpadl, saved.downstream_offset, saved.target_vp)
+            self._backlog.extend(saved.backlog)
+        elif saved.ring_gpadl is not None:
+            raise VmbusProtocolError(f"channel {self.relid} is {state.value} but has a ring GPADL")
+        self.state = state
+        self.packets_in, self.packets_out, self.protocol_errors = saved.packets_in, saved.packets_out, saved.protocol_errors
+
+    def resignal(self) -> None:
+        """After a restore: tell the guest to look at its ring and look at ours, since
+        either side may have signalled into the pause and been lost."""
+        if self.state is ChannelState.OPEN:
+            self.signal_guest()
+            self.on_doorbell()
 
     def describe(self) -> dict[str, object]:
         return {"relid": self.relid, "device": self.provider.name, "state": self.state.value,

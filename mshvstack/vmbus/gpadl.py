@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from mshvstack.abi import ffi
 from mshvstack.partition.memory import GuestMemory, GuestMemoryError
@@ -39,6 +39,28 @@ class Gpadl:
     @property
     def pages(self) -> int:
         return len(self.pfns)
+
+
+@dataclass(frozen=True)
+class GpadlState:
+    VERSION: ClassVar[int] = 1
+    gpadl_id: int
+    relid: int
+    byte_count: int
+    byte_offset: int
+    pfns: tuple[int, ...] = field(metadata={"max_items": MAX_GPADL_PAGES})
+
+
+@dataclass(frozen=True)
+class PendingGpadlState:
+    """A GPADL whose header came and whose bodies are still due."""
+
+    VERSION: ClassVar[int] = 1
+    gpadl_id: int
+    relid: int
+    range_buflen: int
+    rangecount: int
+    received: bytes = field(metadata={"max_bytes": 8 + 8 * MAX_GPADL_PAGES})
 
 
 @dataclass
@@ -101,16 +123,22 @@ class GpadlTable:
         del self._pending[gpadl_id]
         byte_count, byte_offset = struct.unpack_from("<II", pending.data)
         pages = (pending.range_buflen - 8) // 8
-        if byte_offset >= PAGE or byte_count == 0 or (byte_offset + byte_count + PAGE - 1) // PAGE != pages:
-            raise VmbusProtocolError(f"GPADL {gpadl_id:#x}: {byte_count} bytes at offset {byte_offset} do not match {pages} pages")
         pfns = struct.unpack_from(f"<{pages}Q", pending.data, 8)
-        for pfn in pfns:
+        gpadl = self._checked(Gpadl(gpadl_id, pending.relid, byte_count, byte_offset, tuple(pfns)))
+        self.established[gpadl_id] = gpadl
+        return gpadl
+
+    def _checked(self, gpadl: Gpadl) -> Gpadl:
+        """``gpadl`` if its byte range fits its pages and every page is guest RAM."""
+        if gpadl.byte_offset >= PAGE or gpadl.byte_count == 0 or \
+                (gpadl.byte_offset + gpadl.byte_count + PAGE - 1) // PAGE != gpadl.pages:
+            raise VmbusProtocolError(f"GPADL {gpadl.gpadl_id:#x}: {gpadl.byte_count} bytes at offset {gpadl.byte_offset} "
+                                     f"do not match {gpadl.pages} pages")
+        for pfn in gpadl.pfns:
             try:
                 self.memory.region_at(pfn * PAGE)
             except GuestMemoryError:
-                raise VmbusProtocolError(f"GPADL {gpadl_id:#x}: page {pfn:#x} is not guest RAM") from None
-        gpadl = Gpadl(gpadl_id, pending.relid, byte_count, byte_offset, tuple(pfns))
-        self.established[gpadl_id] = gpadl
+                raise VmbusProtocolError(f"GPADL {gpadl.gpadl_id:#x}: page {pfn:#x} is not guest RAM") from None
         return gpadl
 
     def total_pages(self) -> int:
@@ -128,6 +156,31 @@ class GpadlTable:
     def clear(self) -> None:
         self.established.clear()
         self._pending.clear()
+
+    # ---- snapshots
+    def save(self) -> tuple[tuple[GpadlState, ...], tuple[PendingGpadlState, ...]]:
+        return (tuple(GpadlState(g.gpadl_id, g.relid, g.byte_count, g.byte_offset, g.pfns) for g in self.established.values()),
+                tuple(PendingGpadlState(i, p.relid, p.range_buflen, p.rangecount, bytes(p.data)) for i, p in self._pending.items()))
+
+    def restore(self, established: tuple[GpadlState, ...], pending: tuple[PendingGpadlState, ...]) -> None:
+        """Replace the table with saved GPADLs, each checked as one the guest builds
+        (page range, RAM, the limits); VmbusProtocolError names the first bad one."""
+        self.clear()
+        for saved in established:
+            if saved.gpadl_id in self.established or not 0 < len(saved.pfns) <= MAX_GPADL_PAGES:
+                raise VmbusProtocolError(f"GPADL {saved.gpadl_id:#x} repeated or of {len(saved.pfns)} pages")
+            self.established[saved.gpadl_id] = self._checked(
+                Gpadl(saved.gpadl_id, saved.relid, saved.byte_count, saved.byte_offset, saved.pfns))
+        for part in pending:
+            buflen = part.range_buflen
+            if part.gpadl_id in self.established or part.gpadl_id in self._pending or part.rangecount != 1 or \
+                    buflen < 16 or (buflen - 8) % 8 or (buflen - 8) // 8 > MAX_GPADL_PAGES or len(part.received) >= buflen:
+                raise VmbusProtocolError(f"GPADL {part.gpadl_id:#x} in progress is not a valid one")
+            self._pending[part.gpadl_id] = _Pending(part.relid, buflen, part.rangecount, bytearray(part.received))
+        relids = [g.relid for g in self.established.values()] + [p.relid for p in self._pending.values()]
+        if len(relids) > MAX_GPADLS or any(relids.count(r) > MAX_GPADLS_PER_CHANNEL for r in set(relids)) \
+                or self.total_pages() > MAX_TOTAL_PAGES:
+            raise VmbusProtocolError("the saved GPADLs exceed the per-connection limits")
 
 
 class GpadlRingMem:

@@ -15,20 +15,22 @@ the SynicHost's lock, then the partition's (through hypercalls).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import struct
 import threading
-from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, ParamSpec, TypeVar
 
 from mshvstack.abi import ffi, lib
 from mshvstack.partition.memory import GuestMemory
-from mshvstack.vmbus.channel import Channel, ChannelState
+from mshvstack.vmbus.channel import Channel, ChannelSavedState, ChannelState
 from mshvstack.vmbus.errors import VmbusProtocolError
-from mshvstack.vmbus.gpadl import GpadlTable
+from mshvstack.vmbus.gpadl import MAX_GPADLS, MAX_PENDING_GPADLS, GpadlState, GpadlTable, PendingGpadlState
 from mshvstack.vmbus.providers.base import Provider
-from mshvstack.vmbus.synic import SynicHost
+from mshvstack.vmbus.synic import SynicHost, SynicHostState
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,33 @@ MIN_SIZES = _min_sizes()
 class ConnectionState(enum.Enum):
     DISCONNECTED = "disconnected"
     CONNECTED = "connected"
+
+
+@dataclass(frozen=True)
+class VmbusState:
+    """The connection, its GPADLs (in progress too) and every channel still offered
+    (snapshot_migration.md §4: relids, connection ids and GPADLs are kept)."""
+
+    VERSION: ClassVar[int] = 1
+    connected: bool
+    version: int
+    message_vp: int
+    message_sint: int
+    offers_requested: bool
+    protocol_errors: int
+    gpadls: tuple[GpadlState, ...] = field(metadata={"max_items": MAX_GPADLS})
+    pending_gpadls: tuple[PendingGpadlState, ...] = field(metadata={"max_items": MAX_PENDING_GPADLS})
+    channels: tuple[ChannelSavedState, ...] = field(metadata={"max_items": MAX_GPADLS})
+
+
+@dataclass(frozen=True)
+class VmbusRecords:
+    """Everything the VMBus host saves: its own state, the SynIC messages waiting for
+    delivery and each channel's provider state (by relid)."""
+
+    server: VmbusState
+    synic: SynicHostState
+    providers: dict[int, Any]
 
 
 def _message(ctype: str, **fields: Any) -> bytes:
@@ -351,6 +380,57 @@ class VmbusServer:
             self._work.notify_all()
         if self._worker is not None:
             self._worker.join(timeout=5)
+
+    # ---- snapshots
+    @contextlib.contextmanager
+    def quiesced(self) -> Iterator[VmbusRecords]:
+        """Hold the VMBus host still (its lock: no doorbell, drain pass or host request
+        runs) and give its records; the caller saves guest memory inside, so that the
+        rings in memory and the records agree.  Only with the VPs out of their runs."""
+        with self._lock:
+            gpadls, pending = self.gpadls.save()
+            server = VmbusState(self.state is ConnectionState.CONNECTED, self.version, self.message_vp, self.message_sint,
+                                self.offers_requested, self.protocol_errors, gpadls, pending,
+                                tuple(c.save() for c in self.channels.values()))
+            yield VmbusRecords(server, self.synic.save(), {relid: c.provider.save() for relid, c in self.channels.items()})
+
+    def restore(self, records: VmbusRecords) -> None:
+        """Take saved records into a server that has not met its guest yet (a machine
+        being restored); VmbusProtocolError names what does not fit this machine."""
+        saved = records.server
+        with self._lock:
+            if self.state is not ConnectionState.DISCONNECTED or self.gpadls.established:
+                raise VmbusProtocolError("a VMBus host that is already connected cannot be restored")
+            if saved.connected != (saved.version in SUPPORTED_VERSIONS) or (saved.version and not saved.connected):
+                raise VmbusProtocolError(f"protocol version {saved.version:#x} with connected={saved.connected}")
+            if not self._vp_exists(saved.message_vp) or not 0 < saved.message_sint < 16:
+                raise VmbusProtocolError(f"messages to VP {saved.message_vp} SINT {saved.message_sint}")
+            relids = [c.relid for c in saved.channels]
+            if len(set(relids)) != len(relids) or not set(relids) <= set(self.channels) or set(records.providers) != set(relids):
+                raise VmbusProtocolError(f"channels {sorted(relids)} (providers {sorted(records.providers)}) "
+                                         f"are not this machine's {sorted(self.channels)}")
+            self.gpadls.restore(saved.gpadls, saved.pending_gpadls)
+            for relid in set(self.channels) - set(relids):
+                del self.channels[relid]   # released by the guest after a rescind
+            for channel_state in saved.channels:
+                channel = self.channels[channel_state.relid]
+                channel.restore(channel_state, self.gpadls.established, self._vp_exists)
+                channel.provider.restore(records.providers[channel.relid], channel if channel.state is ChannelState.OPEN else None)
+            try:
+                self.synic.restore(records.synic, self.vp_count if self.vp_count is not None else int(lib.HV_MAX_VP_INDEX) + 1)
+            except ValueError as exc:
+                raise VmbusProtocolError(str(exc)) from None
+            self.state = ConnectionState.CONNECTED if saved.connected else ConnectionState.DISCONNECTED
+            self.version, self.message_vp, self.message_sint = saved.version, saved.message_vp, saved.message_sint
+            self.offers_requested, self.protocol_errors = saved.offers_requested, saved.protocol_errors
+
+    def resignal(self) -> None:
+        """After a restore, with the VPs about to run: deliver the messages that waited and
+        signal every open channel both ways (a signal sent into the pause is lost)."""
+        self.synic.flush_all()
+        with self._lock:
+            for channel in list(self.channels.values()):
+                channel.resignal()
 
     # ---- host-initiated
     def call(self, operation: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

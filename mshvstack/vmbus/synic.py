@@ -20,7 +20,8 @@ import struct
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
 
 from mshvstack.abi import ffi, lib
 from mshvstack.hvcall import HvError, HvRegister, calls
@@ -34,7 +35,25 @@ MessageHandler = Callable[[int, bytes], int]   # (message type, payload) -> HV s
 EventHandler = Callable[[], None]
 QUEUE_LIMIT = 16          # like the hypervisor's per-port message buffers
 OUTGOING_LIMIT = 4096     # hard cap per VP/SINT (one request can queue many offers)
+MAX_SAVED_MESSAGES = 1 << 16
 OK = int(lib.HV_STATUS_SUCCESS)
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    VERSION: ClassVar[int] = 1
+    vp: int
+    sint: int
+    message_type: int
+    payload: bytes = field(metadata={"max_bytes": int(lib.VMBUS_MESSAGE_MAX_PAYLOAD)})
+
+
+@dataclass(frozen=True)
+class SynicHostState:
+    """Host → guest messages not delivered yet, in their order per VP and SINT."""
+
+    VERSION: ClassVar[int] = 1
+    queued: tuple[QueuedMessage, ...] = field(metadata={"max_items": MAX_SAVED_MESSAGES})
 
 
 class VpRegisters(Protocol):
@@ -185,6 +204,32 @@ class SynicHost:
     def pending_messages(self) -> int:
         with self._lock:
             return sum(len(q) for q in self._outgoing.values())
+
+    # ---- snapshots
+    def save(self) -> SynicHostState:
+        with self._lock:
+            return SynicHostState(tuple(QueuedMessage(vp, sint, message_type, payload)
+                                        for (vp, sint), queue in self._outgoing.items() for message_type, payload in queue))
+
+    def restore(self, state: SynicHostState, vp_count: int) -> None:
+        """Queue the saved messages again (delivered by ``flush_all`` once the VPs are back);
+        ValueError for one no guest could have been sent."""
+        outgoing: dict[tuple[int, int], deque[tuple[int, bytes]]] = {}
+        for message in state.queued:
+            if message.vp >= vp_count or not 0 < message.sint < 16 or message.message_type & 0x80000000:
+                raise ValueError(f"a queued message for VP {message.vp} SINT {message.sint} type {message.message_type:#x}")
+            queue = outgoing.setdefault((message.vp, message.sint), deque())
+            if len(queue) >= OUTGOING_LIMIT:
+                raise ValueError(f"more than {OUTGOING_LIMIT} messages queued for VP {message.vp} SINT {message.sint}")
+            queue.append((message.message_type, message.payload))
+        with self._lock:
+            self._outgoing = outgoing
+
+    def flush_all(self) -> None:
+        """Post whatever waits, arming deliverability where a slot is busy (after a restore)."""
+        with self._lock:
+            for vp_index, sint in list(self._outgoing):
+                self._flush_locked(vp_index, sint)
 
     def signal_event(self, vp_index: int, sint: int, flag: int) -> None:
         try:

@@ -12,6 +12,7 @@ import math
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ VERBS = {
     "timesync": VENDOR + "timesync",
     "kvp": None,   # VENDOR + "kvp-<operation>"
     "snapshot": None,   # migrate to file:PATH, then query-migrate until it ends
+    "migrate": None,    # migrate to a URI (unix:, tcp:, file:), then query-migrate until it ends
 }
 MIGRATION_POLL = 0.1         # seconds between query-migrate polls
 KVP_OPERATIONS = ("get", "set", "delete", "list")
@@ -186,10 +188,12 @@ def _short(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def request(path: Path, verb: str, arguments: dict[str, str] | None = None, timeout: float = 30.0) -> dict[str, Any]:
+def request(path: Path, verb: str, arguments: dict[str, str] | None = None, timeout: float = 30.0,
+            progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run one ``ctl`` verb: {"ok": True, **the machine's status} (kvp: {"ok": True, "pairs": [...]}),
     or {"ok": False, "error": ...} when the machine refuses; ControlError when it cannot be asked
-    or answers something else.  ``timeout`` bounds the whole exchange."""
+    or answers something else.  ``timeout`` bounds the whole exchange; ``progress`` hears each
+    query-migrate answer of a snapshot or migration while it runs."""
     if verb not in VERBS:
         raise ControlError(f"unknown command {verb!r}: one of {', '.join(VERBS)}")
     timeout = check_timeout(timeout)
@@ -199,7 +203,12 @@ def request(path: Path, verb: str, arguments: dict[str, str] | None = None, time
             if verb == "kvp":
                 return {"ok": True, "pairs": _kvp(client, arguments)}
             if verb == "snapshot":
-                return {"ok": True, **_snapshot(client, arguments.get("path", ""))}
+                target = arguments.get("path", "")
+                if not target:
+                    raise QmpCommandError("GenericError", "snapshot needs the file to write: ctl SOCKET snapshot PATH")
+                return {"ok": True, "snapshot": target, **_migrate(client, f"file:{Path(target).resolve()}", progress)}
+            if verb == "migrate":
+                return {"ok": True, **_migrate(client, arguments.get("uri", ""), progress)}
             command = VERBS[verb]
             assert command is not None
             if command != VENDOR + "query-machine":
@@ -211,11 +220,9 @@ def request(path: Path, verb: str, arguments: dict[str, str] | None = None, time
         return {"ok": True, **status}
 
 
-def _snapshot(client: QmpClient, path: str) -> dict[str, Any]:
-    """Save the machine to ``path`` (QMP migrate to file:), waiting for it to complete."""
-    if not path:
-        raise QmpCommandError("GenericError", "snapshot needs the file to write: ctl SOCKET snapshot PATH")
-    client.execute("migrate", {"uri": f"file:{Path(path).resolve()}"})
+def _migrate(client: QmpClient, uri: str, progress: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    """QMP migrate to ``uri``, then query-migrate until it ends: bytes sent, downtime, total time."""
+    client.execute("migrate", {"uri": uri})
     while True:
         info = client.execute("query-migrate")
         status = info.get("status") if isinstance(info, dict) else None
@@ -223,11 +230,13 @@ def _snapshot(client: QmpClient, path: str) -> dict[str, Any]:
             ram = info.get("ram")
             if not isinstance(ram, dict) or not isinstance(ram.get("transferred"), int):
                 raise ControlError(f"{client.peer} answered query-migrate with {_short(info)}")
-            return {"snapshot": path, "bytes": ram["transferred"], "downtime_ms": info.get("downtime")}
-        if status == "failed":
-            raise QmpCommandError("GenericError", f"the snapshot failed: {info.get('error-desc')}")
+            return {"bytes": ram["transferred"], "downtime_ms": info.get("downtime"), "total_ms": info.get("total-time")}
+        if status in ("failed", "cancelled"):
+            raise QmpCommandError("GenericError", f"the migration {status}: {info.get('error-desc', 'migrate_cancel')}")
         if status not in ("setup", "active"):
             raise ControlError(f"{client.peer} answered query-migrate with {_short(info)}")
+        if progress is not None:
+            progress(info)
         time.sleep(MIGRATION_POLL)
 
 

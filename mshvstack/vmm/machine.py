@@ -1,10 +1,12 @@
-"""Machine: a partition, its memory and VPs (one thread each), devices, and a lifecycle.
+"""Machine: a partition, its memory and VPs (one thread each), and a lifecycle,
+composed of parts with one job each: the platform's devices (platform.py),
+the VMBus host (vmbushost.py), the exit handler (vpexits.py), the migration
+(migration.py) and the saved state (machinestate.py).
 
     created → running ⇄ paused → stopped      (reset: rebuilt, same state)
 
-Exits are dispatched here to the buses and policies; a guest triple fault,
-reset request, power-off, panic report or debug-exit write ends the run with
-a reason and exit code.  Lifecycle changes are announced to listeners as
+A guest triple fault, reset request, power-off, panic report or debug-exit
+write ends the run with a reason and exit code.  Lifecycle changes are announced to listeners as
 events named as QMP names them (STOP, RESUME, POWERDOWN, RESET, SHUTDOWN,
 GUEST_PANICKED).
 
@@ -20,139 +22,40 @@ are called with no lock held.
 
 from __future__ import annotations
 
-import enum
-import functools
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from mshvstack.abi import lib
 from mshvstack.errors import MshvError
-from mshvstack.hvcall import HvRegister, calls
-from mshvstack.partition import (
-    CpuidIntercept,
-    ExceptionVector,
-    Halt,
-    HypercallIntercept,
-    Interrupted,
-    IoPortIntercept,
-    MemoryIntercept,
-    Mshv,
-    MsrIntercept,
-    PartitionConfig,
-    UnknownExit,
-    UnrecoverableException,
-    Vp,
-    VpExit,
-)
-from mshvstack.partition.exits import ExceptionIntercept, SintDeliverable
+from mshvstack.hvcall import HvRegister
+from mshvstack.partition import Halt, Mshv, PartitionConfig, Vp
 from mshvstack.snapshot import StreamReader
-from mshvstack.vmbus.providers.base import Provider
-from mshvstack.vmbus.providers.heartbeat import Heartbeat
-from mshvstack.vmbus.providers.kvp import POOLS as KVP_POOLS
-from mshvstack.vmbus.providers.kvp import Kvp
-from mshvstack.vmbus.providers.scsi import DiskImage
-from mshvstack.vmbus.providers.shutdown import Shutdown
-from mshvstack.vmbus.providers.storage import Storage
-from mshvstack.vmbus.providers.timesync import TimeSync
 from mshvstack.vmbus.server import VmbusServer
-from mshvstack.vmbus.synic import SynicHost
 from mshvstack.vmm import machinestate
-from mshvstack.vmm.bus import Bus
 from mshvstack.vmm.config import MachineConfig
 from mshvstack.vmm.crash import MSR_CRASH_CTL, GuestCrash, read_report
-from mshvstack.vmm.devices.ioapic import BASE as IOAPIC_BASE
-from mshvstack.vmm.devices.ioapic import SIZE as IOAPIC_SIZE
-from mshvstack.vmm.devices.ioapic import IoApic
-from mshvstack.vmm.devices.simple import I8042, AcpiSleepControl, CmosRtc, DebugExit, Scratch
-from mshvstack.vmm.devices.uart import Uart16550
-from mshvstack.vmm.loader import LoaderError, acpi
+from mshvstack.vmm.loader import LoaderError
 from mshvstack.vmm.loader.acpi import write_acpi_tables
 from mshvstack.vmm.loader.bzimage import extract_vmlinux, is_bzimage, load_bzimage
 from mshvstack.vmm.loader.elf import load_elf
 from mshvstack.vmm.loader.pvh import write_start_info
 from mshvstack.vmm.loader.x86boot import BootState, long_mode, protected_mode
 from mshvstack.vmm.migration import Migration
-from mshvstack.vmm.mmio import MmioAccess, MmioEmulator, MmioError, MmioUnsupported
+from mshvstack.vmm.platform import Platform
+from mshvstack.vmm.runstate import PANIC_EXIT_CODE, Listener, MachineError, RunState, ShutdownCause, StopKind, StopReason
 from mshvstack.vmm.stats import ExitStats
+from mshvstack.vmm.vmbushost import VmbusHost
+from mshvstack.vmm.vpexits import ExitHandler
+
+__all__ = ["Machine", "MachineError", "RunState", "ShutdownCause", "StopKind", "StopReason"]
 
 log = logging.getLogger(__name__)
 HOUSEKEEPING_PERIOD = 5.0
-
-I8042_BASE, I8042_SIZE = 0x60, 5
-CMOS_BASE, CMOS_SIZE = 0x70, 2
-DEBUG_EXIT_PORT = 0xF4
-SCRATCH_MMIO = 0xD0000000
 RFLAGS_IF = 1 << 9
 DEMO_STACK = 0x80000
-STRING_BATCH = 4096
-KVP_KEY_CHARS = int(lib.KVP_MAX_KEY_SIZE) // 2 - 1       # UTF-16, with its terminator
-KVP_VALUE_CHARS = int(lib.KVP_MAX_VALUE_SIZE) // 2 - 1
-
-
-class RunState(enum.Enum):
-    CREATED = "created"
-    RUNNING = "running"
-    PAUSED = "paused"
-    STOPPED = "stopped"
-
-
-class StopKind(enum.Enum):
-    DEBUG_EXIT = "debug-exit"
-    TRIPLE_FAULT = "triple-fault"
-    RESET = "reset"
-    POWEROFF = "poweroff"
-    HALTED = "halted"
-    PANIC = "guest-panic"
-    ERROR = "error"
-
-
-class ShutdownCause(enum.Enum):
-    """Who ended the run, in QMP's ShutdownCause names (the SHUTDOWN event's reason)."""
-
-    HOST_ERROR = "host-error"
-    HOST_QMP_QUIT = "host-qmp-quit"
-    HOST_UI = "host-ui"
-    HOST_SIGNAL = "host-signal"
-    GUEST_SHUTDOWN = "guest-shutdown"
-    GUEST_RESET = "guest-reset"
-    GUEST_PANIC = "guest-panic"
-
-    @property
-    def by_guest(self) -> bool:
-        return self.value.startswith("guest-")
-
-
-_CAUSE_OF = {StopKind.DEBUG_EXIT: ShutdownCause.GUEST_SHUTDOWN, StopKind.TRIPLE_FAULT: ShutdownCause.GUEST_RESET,
-             StopKind.RESET: ShutdownCause.GUEST_RESET, StopKind.POWEROFF: ShutdownCause.GUEST_SHUTDOWN,
-             StopKind.HALTED: ShutdownCause.GUEST_SHUTDOWN, StopKind.PANIC: ShutdownCause.GUEST_PANIC,
-             StopKind.ERROR: ShutdownCause.HOST_ERROR}
-PANIC_EXIT_CODE = 4
-
-
-@dataclass(frozen=True)
-class StopReason:
-    kind: StopKind
-    exit_code: int
-    detail: str = ""
-    cause: ShutdownCause | None = None   # None: the kind's usual cause
-
-    @property
-    def shutdown_cause(self) -> ShutdownCause:
-        return self.cause or _CAUSE_OF[self.kind]
-
-    def __str__(self) -> str:
-        return f"{self.kind.value} (exit code {self.exit_code}){': ' + self.detail if self.detail else ''}"
-
-
-Listener = Callable[[str, dict[str, Any]], None]
-
-
-class MachineError(MshvError):
-    """The machine cannot be built or run."""
 
 
 class Machine:
@@ -191,40 +94,16 @@ class Machine:
     # ---- construction
     def _build(self) -> None:
         config = self.config
-        self.pio = Bus("port I/O")
-        self.mmio = Bus("MMIO")
         self.partition = self.mshv.create_partition(PartitionConfig(lapic=True))
         self.partition.initialize()
         # Guest crash reports (HV_X64_MSR_CRASH_CTL writes) come to the VMM; the parameters stay in the hypervisor.
         self.partition.install_intercept(lib.HV_INTERCEPT_TYPE_X64_MSR_INDEX, lib.HV_INTERCEPT_ACCESS_MASK_WRITE, MSR_CRASH_CTL)
         self.partition.map_memory(0, config.memory)
         log.info("partition created on the %s backend; %d MiB of RAM mapped at GPA 0", self.mshv.backend_name, config.memory >> 20)
-        self.ioapic = IoApic(self.partition)
-        self.mmio.register(IOAPIC_BASE, IOAPIC_SIZE, self.ioapic, "I/O APIC")
-        self.uart = Uart16550(self.console, functools.partial(self.ioapic.pulse, acpi.COM1_IRQ))
-        self.pio.register(acpi.COM1_PORT, acpi.COM1_PORTS, self.uart, "16550 UART (COM1)")
-        self.pio.register(I8042_BASE, I8042_SIZE, I8042(lambda: self.stop(StopReason(StopKind.RESET, 0, "guest requested reset"))), "i8042")
-        self.cmos = CmosRtc(memory_mb=config.memory >> 20)
-        self.pio.register(CMOS_BASE, CMOS_SIZE, self.cmos, "CMOS/RTC")
-        self.pio.register(DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit), "debug exit")
-        sleep = AcpiSleepControl(lambda: self.stop(StopReason(StopKind.POWEROFF, 0, "guest powered off (ACPI S5)")),
-                                 acpi.SLEEP_TYPE_S5, acpi.SLP_EN, acpi.SLP_TYP_SHIFT)
-        self.pio.register(acpi.SLEEP_CONTROL_PORT, 2, sleep, "ACPI sleep control")
-        if config.test_devices or config.demo == "iotest":
-            self.scratch = Scratch()
-            self.mmio.register(SCRATCH_MMIO, 0x1000, self.scratch, "scratch")
-        self.vmbus: VmbusServer | None = None
-        self.synic: SynicHost | None = None
-        if config.vmbus:
-            self._build_vmbus()
+        self.platform = Platform(self.partition, config, self.console, self.stop)
+        self.vmbus_host = VmbusHost(self.partition, config, lambda index: self.vps[index]) if config.vmbus else None
         boot = self._load() if self._incoming is None else None
-        for bus in (self.pio, self.mmio):
-            for base, length, name in bus.devices():
-                log.info("%s device %s at %#x (%d bytes)", bus.name, name, base, length)
-        self.vps: list[Vp] = []
-        for index in range(config.vcpus):
-            vp = self.partition.create_vp(index)
-            self.vps.append(vp)
+        self.vps: list[Vp] = [self.partition.create_vp(index) for index in range(config.vcpus)]
         if self._incoming is not None:
             machinestate.restore_into(self, self._incoming)
         else:
@@ -236,22 +115,13 @@ class Machine:
             for ap in self.vps[1:]:
                 # APs wait for INIT/SIPI from the BSP (startup-suspend).
                 ap.set_registers({HvRegister.INTERNAL_ACTIVITY_STATE: 1})
-        memory = self.partition.memory
-        self.mmio_emulator = MmioEmulator(self.mmio.read, self.mmio.write, None,
-                                          lambda gpa, size: int.from_bytes(memory.read(gpa, size), "little"),
-                                          lambda gpa, size, value: memory.write(gpa, value.to_bytes(size, "little")))
+        self.exits = ExitHandler(self.partition, self.platform.pio, self.platform.mmio,
+                                 self.vmbus_host.synic if self.vmbus_host else None, self.stop, self._halt, self._guest_crash_report)
 
-    def _build_vmbus(self) -> None:
-        """The VMBus host: guest hypercalls come to us as intercepts."""
-        self.partition.install_intercept(lib.HV_INTERCEPT_TYPE_HYPERCALL)
-        self.synic = SynicHost(self.partition.hv, self.partition.memory, lambda index: self.vps[index])
-        self.heartbeat, self.shutdown_ic, self.timesync, self.kvp = Heartbeat(), Shutdown(), TimeSync(), Kvp()
-        self.disks: list[DiskImage] = []
-        for i, spec in enumerate(self.config.disks):
-            self.disks.append(DiskImage(spec.path, spec.read_only, serial=f"MSHVSTACK{i:04d}"))
-        providers: list[Provider] = [self.heartbeat, self.shutdown_ic, self.timesync, self.kvp]
-        providers += [Storage(disk) for disk in self.disks]
-        self.vmbus = VmbusServer(self.synic, self.partition.memory, providers, vp_count=self.config.vcpus)
+    @property
+    def vmbus(self) -> VmbusServer | None:
+        """The VMBus server (None: the machine offers no VMBus devices)."""
+        return self.vmbus_host.server if self.vmbus_host is not None else None
 
     def _housekeeping(self) -> None:
         """Heartbeats and time samples while the guest runs (what Hyper-V sends periodically)."""
@@ -259,19 +129,12 @@ class Machine:
             with self._state_changed:
                 self._state_changed.wait_for(lambda: self.state is RunState.STOPPED, HOUSEKEEPING_PERIOD)
             with self._lifecycle:
-                if self.state is not RunState.RUNNING or self.vmbus is None:
+                if self.state is not RunState.RUNNING or self.vmbus_host is None:
                     continue
                 try:
-                    self.vmbus.call(self._beat_and_sample)
+                    self.vmbus_host.housekeeping()
                 except MshvError as exc:
                     log.warning("VMBus housekeeping: %s", exc)
-
-    def _beat_and_sample(self) -> None:
-        """One housekeeping pass (with the VMBus server's lock: see _housekeeping)."""
-        if self.heartbeat.ready:
-            self.heartbeat.beat()
-        if self.timesync.ready:
-            self.timesync.sample()
 
     def _load(self) -> BootState:
         memory = self.partition.memory
@@ -300,14 +163,6 @@ class Machine:
                 return protected_mode(memory, loaded.entry, ebx=start_info)
             return load_bzimage(image, memory, self.config.cmdline, initrd, name, rsdp=acpi.rsdp)
         raise LoaderError(f"{name}: neither an ELF file nor a Linux bzImage")
-
-    def _translate(self, vp_index: int, gva: int, write: bool) -> int:
-        """``gva`` through VP ``vp_index``'s own page tables (each VP may use its own)."""
-        flags = lib.HV_TRANSLATE_GVA_VALIDATE_READ | (lib.HV_TRANSLATE_GVA_VALIDATE_WRITE if write else 0)
-        result = calls.translate_virtual_address(self.partition.hv, vp_index, gva, flags)
-        if not result.ok:
-            raise MmioError(f"guest address {gva:#x} does not translate (result {result.result})")
-        return result.gpa
 
     # ---- lifecycle
     def subscribe(self, listener: Listener) -> Callable[[], None]:
@@ -340,7 +195,9 @@ class Machine:
             raise MachineError(f"cannot start a machine that is {self.state.value}")
         self.started_at = time.monotonic()
         self._set_state(RunState.RUNNING)
-        if self.vmbus is not None:
+        if self.vmbus_host is not None and self._incoming is not None:
+            self.vmbus_host.after_restore()
+        if self.vmbus_host is not None:
             housekeeping = threading.Thread(target=self._housekeeping, name="vmbus-housekeeping", daemon=True)
             self._threads.append(housekeeping)
             housekeeping.start()
@@ -399,7 +256,6 @@ class Machine:
         """Save the paused machine into ``out`` (machinestate.py) once every VP is out of
         its run; bytes written."""
         with self._lifecycle:
-            machinestate.refuse_unsupported(self)
             self.wait_parked(timeout)
             return machinestate.save(self, out)
 
@@ -438,10 +294,9 @@ class Machine:
         """Ask the guest to power off through the shutdown IC; power off if it cannot
         be asked or has not stopped within the timeout."""
         self._emit("POWERDOWN")
-        if self.vmbus is None or not self.shutdown_ic.ready:
+        if self.vmbus_host is None or not self.vmbus_host.request_shutdown():
             self.poweroff()
             return
-        self.vmbus.call(self.shutdown_ic.request)
 
         def fallback() -> None:
             if self.wait(self.config.shutdown_timeout) is None:
@@ -488,13 +343,13 @@ class Machine:
 
     def sync_time(self) -> None:
         """Step the guest's clock to the host's (a SYNC sample, as Hyper-V sends after a resume)."""
-        if self.vmbus is None or not self.timesync.ready:
-            raise MachineError("the guest has not opened the time-sync channel")
-        self.vmbus.call(self.timesync.sample, sync=True)
+        if self.vmbus_host is None:
+            raise MachineError("the machine has no VMBus devices")
+        self.vmbus_host.sync_time()
 
     def feed_console(self, data: bytes) -> None:
         """Input for the guest's serial console (the current UART, across resets)."""
-        self.uart.feed(data)
+        self.platform.uart.feed(data)
 
     def close(self) -> None:
         if self.state is not RunState.STOPPED:
@@ -512,16 +367,11 @@ class Machine:
         if callable(engine_time) and hasattr(self, "partition") and not self.partition.closed:
             for key, value in engine_time().items():   # before the VPs (and their engines) go
                 self.engine_time[key] = self.engine_time.get(key, 0.0) + value
-        vmbus: VmbusServer | None = getattr(self, "vmbus", None)
-        if vmbus is not None:
-            vmbus.close()
-        if hasattr(self, "ioapic"):
-            self.ioapic.close()
+        for part in (getattr(self, "vmbus_host", None), getattr(self, "platform", None)):
+            if part is not None:
+                part.close()
         if hasattr(self, "partition") and not self.partition.closed:
             self.partition.close()
-        for disk in getattr(self, "disks", []):
-            disk.close()
-        self.disks = []
 
     def _set_state(self, state: RunState) -> None:
         with self._state_changed:
@@ -542,63 +392,18 @@ class Machine:
             "uptime": round(uptime, 3),
             "exits": self.stats.total,
             "exit_counts": {k: int(v["count"]) for k, v in self.stats.as_dict().items()},
-            "console_bytes": self.uart.bytes_out,
+            "console_bytes": self.platform.uart.bytes_out,
             "reason": str(self.reason) if self.reason else None,
             "crash": {"parameters": list(self.crash.parameters), "message": self.crash.message} if self.crash else None,
-            "vmbus": self._vmbus_status(),
+            "vmbus": self.vmbus_host.status() if self.vmbus_host is not None else None,
         }
-
-    def _vmbus_status(self) -> dict[str, Any] | None:
-        if self.vmbus is None:
-            return None
-        return {**self.vmbus.status(), "heartbeat": self.heartbeat.describe(), "shutdown": self.shutdown_ic.describe(),
-                "timesync": self.timesync.describe(), "kvp": self.kvp.describe(),
-                "disks": [p.describe() for p in self.vmbus.providers() if isinstance(p, Storage)]}
 
     def kvp_request(self, operation: str, pool: str = "external", key: str = "", value: str = "",
                     timeout: float = 10.0) -> list[dict[str, Any]]:
         """KVP get/set/delete, or list (enumerate) a pool; waits for the guest's answers."""
-        for what, text, limit in (("key", key, KVP_KEY_CHARS), ("value", value, KVP_VALUE_CHARS)):
-            if len(text.encode("utf-16-le")) // 2 > limit:
-                raise MachineError(f"a KVP {what} holds at most {limit} characters, not {len(text)}")
-        if self.vmbus is None or not self.kvp.ready:
-            raise MachineError("the guest has not opened the KVP channel (is hv_utils loaded?)")
-        if pool not in KVP_POOLS:
-            raise MachineError(f"unknown KVP pool {pool!r}: one of {', '.join(KVP_POOLS)}")
-        number = KVP_POOLS[pool]
-
-        vmbus = self.vmbus
-
-        def ask(send: Callable[[], None]) -> Any:
-            vmbus.call(send)   # then wait without the server's lock: the answer needs it
-            return self.kvp.wait_reply(timeout)
-
-        def enumerate_pool() -> list[dict[str, Any]]:
-            pairs = []
-            for index in range(256):
-                reply = ask(functools.partial(self.kvp.enumerate, number, index))
-                if reply.status:
-                    break
-                pairs.append({"key": reply.key, "value": reply.value})
-            return pairs
-
-        if operation == "list":
-            return enumerate_pool()
-        if operation == "get" and number == KVP_POOLS["auto"]:
-            # The guest generates its intrinsic items (host name, OS, addresses) only when
-            # the pool is enumerated, as Hyper-V reads them; a get finds the key that way.
-            found = [pair for pair in enumerate_pool() if pair["key"] == key]
-            if not found:
-                raise MachineError(f"the guest reports no intrinsic KVP item {key!r}")
-            return found
-        if operation not in ("get", "set", "delete"):
-            raise MachineError(f"unknown KVP operation {operation!r}: get, set, delete or list")
-        send = {"get": lambda: self.kvp.get(number, key), "set": lambda: self.kvp.set(number, key, value),
-                "delete": lambda: self.kvp.delete(number, key)}[operation]
-        reply = ask(send)
-        if reply.status:
-            raise MachineError(f"the guest answered KVP {operation} {key!r} with status {reply.status:#x}")
-        return [{"key": reply.key or key, "value": reply.value}]
+        if self.vmbus_host is None:
+            raise MachineError("the machine has no VMBus devices")
+        return self.vmbus_host.kvp_request(operation, pool, key, value, timeout)
 
     # ---- VP threads and exit dispatch
     def _vp_thread(self, vp: Vp) -> None:
@@ -613,91 +418,10 @@ class Machine:
                     continue
                 exit_ = vp.run()
                 started = time.perf_counter()
-                self._dispatch(vp, exit_)
+                self.exits.handle(vp, exit_)
                 self.stats.record(type(exit_).__name__, time.perf_counter() - started)
         except Exception as exc:  # noqa: BLE001 - any failure ends the run with its reason
             self.stop(StopReason(StopKind.ERROR, 1, f"VP {vp.index}: {exc}"))
-
-    def _dispatch(self, vp: Vp, exit_: VpExit) -> None:
-        if isinstance(exit_, IoPortIntercept):
-            self._port_io(vp, exit_)
-        elif isinstance(exit_, MemoryIntercept):
-            bits = 64 if exit_.header.efer_lma and exit_.header.cs.long_mode else 32 if exit_.header.cr0_pe else 16
-            try:
-                self.mmio_emulator.emulate(vp, MmioAccess(exit_.gpa, exit_.header.rip, exit_.instruction_bytes, bits),
-                                           functools.partial(self._translate, vp.index))
-            except MmioUnsupported as exc:
-                log.warning("VP %d: %s: the guest gets #UD", vp.index, exc)
-                vp.inject_exception(ExceptionVector.UD)
-        elif isinstance(exit_, Halt):
-            self._halt(vp, exit_)
-        elif isinstance(exit_, CpuidIntercept):
-            vp.set_registers({HvRegister.RAX: exit_.default_result_rax, HvRegister.RBX: exit_.default_result_rbx,
-                              HvRegister.RCX: exit_.default_result_rcx, HvRegister.RDX: exit_.default_result_rdx,
-                              HvRegister.RIP: exit_.header.next_rip})
-        elif isinstance(exit_, MsrIntercept):
-            if exit_.msr_number == MSR_CRASH_CTL and exit_.is_write:
-                self._guest_crash_report(vp, exit_.value)
-            values = {HvRegister.RIP: exit_.header.next_rip}
-            if not exit_.is_write:
-                values.update({HvRegister.RAX: 0, HvRegister.RDX: 0})
-            vp.set_registers(values)
-        elif isinstance(exit_, HypercallIntercept):
-            if self.synic is not None and self.vmbus is not None:
-                self.synic.handle_hypercall(vp, exit_)   # the port's owner takes its lock
-            else:
-                vp.set_registers({**exit_.result_registers(int(lib.HV_STATUS_INVALID_CONNECTION_ID)),
-                                  HvRegister.RIP: exit_.header.next_rip})
-        elif isinstance(exit_, SintDeliverable):
-            if self.synic is not None and self.vmbus is not None:
-                self.synic.on_sint_deliverable(vp, exit_)
-        elif isinstance(exit_, UnrecoverableException):
-            self.stop(StopReason(StopKind.TRIPLE_FAULT, 3, f"VP {vp.index} triple-faulted at RIP {exit_.header.rip:#x}"))
-        elif isinstance(exit_, Interrupted):
-            pass
-        elif isinstance(exit_, ExceptionIntercept):
-            self.stop(StopReason(StopKind.ERROR, 1, f"unexpected exception {exit_.exception_vector} at {exit_.header.rip:#x}"))
-        elif isinstance(exit_, UnknownExit):
-            self.stop(StopReason(StopKind.ERROR, 1, f"unhandled message type {exit_.message_type_raw:#x}"))
-
-    def _port_io(self, vp: Vp, io: IoPortIntercept) -> None:
-        size = io.access_size
-        if io.string_op:
-            self._string_io(vp, io)
-            return
-        if io.is_write:
-            self.pio.write(io.port_number, size, io.data)
-            vp.set_registers({HvRegister.RIP: io.header.next_rip})
-        else:
-            value = self.pio.read(io.port_number, size)
-            mask = (1 << (8 * size)) - 1
-            rax = value if size == 4 else (io.rax & ~mask) | value  # 32-bit IN zero-extends
-            vp.set_registers({HvRegister.RAX: rax, HvRegister.RIP: io.header.next_rip})
-        if self.state is RunState.STOPPED:
-            vp.kick()
-
-    def _string_io(self, vp: Vp, io: IoPortIntercept) -> None:
-        """INS/OUTS (REP too): move data between guest memory and the port."""
-        size = io.access_size
-        count = io.rcx if io.rep_prefix else 1
-        count = min(count, STRING_BATCH)  # bounded per exit; the instruction re-runs for the rest
-        (rflags,) = vp.get_registers([HvRegister.RFLAGS])
-        step = -size if rflags & (1 << 10) else size
-        memory = self.partition.memory
-        pointer = io.rsi if io.is_write else io.rdi
-        for i in range(count):
-            gpa = self._translate(vp.index, pointer + i * step, not io.is_write)
-            if io.is_write:
-                self.pio.write(io.port_number, size, int.from_bytes(memory.read(gpa, size), "little"))
-            else:
-                memory.write(gpa, self.pio.read(io.port_number, size).to_bytes(size, "little"))
-        values = {HvRegister.RSI if io.is_write else HvRegister.RDI: (pointer + count * step) & ((1 << 64) - 1)}
-        remaining = (io.rcx - count) if io.rep_prefix else 0
-        if io.rep_prefix:
-            values[HvRegister.RCX] = remaining
-        if remaining == 0:
-            values[HvRegister.RIP] = io.header.next_rip
-        vp.set_registers(values)
 
     def _halt(self, vp: Vp, halt: Halt) -> None:
         if halt.header.rflags & RFLAGS_IF:
@@ -720,6 +444,3 @@ class Machine:
             log.info("the guest's crash message:\n%s", report.message)
         self._emit("GUEST_PANICKED", action="poweroff", info=report.qmp_info)
         self.stop(StopReason(StopKind.PANIC, PANIC_EXIT_CODE, str(report)))
-
-    def _debug_exit(self, value: int) -> None:
-        self.stop(StopReason(StopKind.DEBUG_EXIT, value & 0xFF, "guest wrote to the debug-exit port"))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from mshvstack.errors import MshvError
+from mshvstack.vmm.sentcopy import SentCopy
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,10 @@ if TYPE_CHECKING:
 FILE_SCHEME = "file:"
 LIVE_SCHEMES = ("tcp:", "unix:")
 MAX_PASSES = 30              # pre-copy passes before the machine is paused regardless
-FINAL_PAGES = 512            # dirty pages few enough to send while paused (2 MiB)
+MIN_FINAL_PAGES = 64         # always few enough to send while paused, whatever the measured bandwidth
+PAGE = 4096
 CONNECT_TIMEOUT = 30.0
+MAX_DOWNTIME_LIMIT_MS = 2_000_000   # QEMU's bound on downtime-limit
 
 
 class MigrationStatus(enum.Enum):
@@ -40,6 +43,40 @@ class MigrationStatus(enum.Enum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+@dataclass
+class MigrationParameters:
+    """migrate-set-parameters: the pause the pre-copy aims at (ms), and the send rate
+    while the guest runs (bytes/s, 0: unlimited; the paused last pass is never slowed)."""
+
+    downtime_limit_ms: int = 300
+    max_bandwidth: int = 0
+
+    def as_qmp(self) -> dict[str, int]:
+        return {"downtime-limit": self.downtime_limit_ms, "max-bandwidth": self.max_bandwidth}
+
+
+class _Throttled:
+    """The stream to the destination, kept under ``max_bandwidth`` while ``limited``."""
+
+    def __init__(self, out: BinaryIO, parameters: MigrationParameters) -> None:
+        self._out, self._parameters = out, parameters
+        self.limited = True
+        self._started, self._sent = time.monotonic(), 0
+
+    def write(self, data: bytes) -> int:
+        written = self._out.write(data)
+        self._sent += len(data)
+        rate = self._parameters.max_bandwidth
+        if self.limited and rate:
+            ahead = self._sent / rate - (time.monotonic() - self._started)
+            if ahead > 0:
+                time.sleep(ahead)
+        return written
+
+    def flush(self) -> None:
+        self._out.flush()
 
 
 class MigrationError(MshvError):
@@ -119,6 +156,7 @@ class Migration:
     def __init__(self, machine: Machine) -> None:
         self._machine = machine
         self.info = MigrationInfo()
+        self.parameters = MigrationParameters()
         # ``info``: written by the migration thread alone; the lock makes a change of several fields
         # (_set, start) and QMP's read of them (query) one step each.  A leaf: events after it.
         self._lock = threading.Lock()
@@ -144,6 +182,17 @@ class Migration:
         self._machine.emit_event("MIGRATION", status=MigrationStatus.SETUP.value)
         work = self._save if isinstance(target, Path) else self._send
         threading.Thread(target=work, args=(target,), name="migration", daemon=True).start()
+
+    def set_parameters(self, downtime_limit_ms: int | None = None, max_bandwidth: int | None = None) -> None:
+        """migrate-set-parameters (a running migration takes them at its next pass or write)."""
+        if downtime_limit_ms is not None and not 0 <= downtime_limit_ms <= MAX_DOWNTIME_LIMIT_MS:
+            raise MigrationError(f"downtime-limit must be between 0 and {MAX_DOWNTIME_LIMIT_MS} ms")
+        if max_bandwidth is not None and not 0 <= max_bandwidth < 1 << 63:
+            raise MigrationError("max-bandwidth must be a number of bytes per second (0: unlimited)")
+        if downtime_limit_ms is not None:
+            self.parameters.downtime_limit_ms = downtime_limit_ms
+        if max_bandwidth is not None:
+            self.parameters.max_bandwidth = max_bandwidth
 
     def cancel(self) -> None:
         """migrate_cancel: a live migration stops (a send blocked on a slow destination
@@ -187,10 +236,11 @@ class Migration:
                 machine.resume()
 
     def _send(self, target: tuple[int, Any]) -> None:
-        """Pre-copy: all of RAM while the guest runs, then the pages it dirtied, pass after
-        pass, until few are left (or MAX_PASSES); then paused: the last pages, the VPs, the
-        devices and the clock.  The hypervisor's dirty bitmap has the guest's writes, the
-        memory's log the VMM's own."""
+        """Pre-copy: all of RAM while the guest runs, then the pages changed since, pass
+        after pass, until few are left (or MAX_PASSES); then paused: the last pages, the
+        VPs, the components and the clock.  Changed pages come from the hypervisor's dirty
+        bitmap (the guest's writes) with the memory's log (the VMM's own), or, where the
+        partition cannot track them, from comparing RAM with what was sent (sentcopy.py)."""
         from mshvstack.snapshot import StreamWriter
         from mshvstack.vmm import machinestate
 
@@ -203,34 +253,38 @@ class Migration:
                 connection.settimeout(CONNECT_TIMEOUT)
                 connection.connect(address)
                 connection.settimeout(None)
-                out = cast(BinaryIO, connection.makefile("wb", buffering=1 << 20))
-                writer = StreamWriter(out)
+                out = _Throttled(cast(BinaryIO, connection.makefile("wb", buffering=1 << 20)), self.parameters)
+                writer = StreamWriter(cast(BinaryIO, out))
                 machinestate.write_config(machine, writer)
                 self._set(MigrationStatus.ACTIVE)
                 tracking = self._start_tracking()
-                self.info.transferred += machinestate.write_memory(machine, writer)
-                for _ in range(MAX_PASSES if tracking else 0):
+                sent = None if tracking else SentCopy(machine.partition.memory)
+
+                def changed() -> set[int]:
+                    return self._take_dirty() if sent is None else sent.changed()
+
+                first_pass = time.monotonic()
+                self.info.transferred += machinestate.write_memory(machine, writer, copy=sent)
+                bandwidth = self.info.transferred / max(time.monotonic() - first_pass, 1e-3)   # bytes/s
+                for _ in range(MAX_PASSES):
                     if self._cancel.is_set():
                         raise _Cancelled
                     started = time.monotonic()
-                    dirty = self._take_dirty()
+                    dirty = changed()
                     self.info.passes += 1
-                    self.info.remaining = len(dirty) * 4096
-                    if len(dirty) <= FINAL_PAGES:
+                    self.info.remaining = len(dirty) * PAGE
+                    # Few enough to send within the downtime limit at the bandwidth the first pass had.
+                    if len(dirty) <= max(MIN_FINAL_PAGES, bandwidth * self.parameters.downtime_limit_ms / 1000 / PAGE):
                         break
-                    self.info.transferred += machinestate.write_memory(machine, writer, dirty)
+                    self.info.transferred += machinestate.write_memory(machine, writer, dirty, sent)
                     self.info.dirty_rate = int(len(dirty) / max(time.monotonic() - started, 1e-3))
                 else:
                     dirty = set()
                 paused = machine.pause_if_running()
                 paused_at = time.monotonic()
+                out.limited = False
                 machine.wait_parked()
-                if tracking:
-                    dirty |= self._take_dirty()
-                    self.info.transferred += machinestate.write_memory(machine, writer, dirty)
-                else:   # stop and copy: all of RAM again, now that nothing changes it
-                    self.info.transferred += machinestate.write_memory(machine, writer)
-                machinestate.write_final(machine, writer)
+                self.info.transferred += machinestate.write_stopped(machine, writer, dirty | changed())
                 out.flush()
                 now = time.monotonic()
             self._stop_tracking(tracking)
@@ -254,7 +308,7 @@ class Migration:
 
     def _start_tracking(self) -> bool:
         """Dirty-page tracking for pre-copy; False where the partition refuses it (the
-        simulator beyond its limit): the memory then goes once more while paused."""
+        simulator beyond its limit): pages are then compared with what was sent."""
         partition = self._machine.partition
         try:
             partition.enable_dirty_tracking(True)

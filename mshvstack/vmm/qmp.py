@@ -373,6 +373,20 @@ def _migrate_cancel(session: Session, args: dict[str, Any]) -> Any:
     return {}
 
 
+@command("migrate-set-parameters", **{"downtime-limit": Param(int, False), "max-bandwidth": Param(int, False)})
+def _migrate_set_parameters(session: Session, args: dict[str, Any]) -> Any:
+    try:
+        session.machine.migration.set_parameters(args.get("downtime-limit"), args.get("max-bandwidth"))
+    except MigrationError as exc:
+        raise QmpError(str(exc)) from None
+    return {}
+
+
+@command("query-migrate-parameters")
+def _query_migrate_parameters(session: Session, args: dict[str, Any]) -> Any:
+    return session.machine.migration.parameters.as_qmp()
+
+
 @command("query-migrate")
 def _query_migrate(session: Session, args: dict[str, Any]) -> Any:
     return session.machine.migration.query()

@@ -458,6 +458,8 @@ class SimVp:
         if self._halted and (not self._wait_for_interrupt() or self._init_pending):
             return None
         engine = self._ensure_engine()
+        if self._kick:
+            return None   # kicked before the engine existed, so nothing cancelled it: take the kick first
         self._deliver_pending_interruption(engine)
         self._offer_events(engine)
         self._snap = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from mshvstack.vmbus.packets import Packet
 
@@ -22,6 +22,11 @@ class Provider(Protocol):
     on_close when it closes.  Malformed guest input must raise
     VmbusProtocolError (the channel is then closed), nothing else.
 
+    Its protocol state is one record (``state_type``): ``save`` gives it and
+    ``restore`` takes it back into a provider whose channel was just restored
+    (``channel`` when that is open); a record that does not fit raises
+    VmbusProtocolError.
+
     Every callback runs with the VMBus server's lock held, on whichever thread
     brought the guest's message or doorbell; the host's own requests to a
     provider go through ``VmbusServer.call``, so a provider's state needs no
@@ -33,8 +38,11 @@ class Provider(Protocol):
     class_id: uuid.UUID
     instance_id: uuid.UUID
     pipe_mode: bool
+    state_type: ClassVar[type]
 
     def on_open(self, channel: Channel) -> bool: ...
     def on_opened(self, channel: Channel) -> None: ...
     def on_packet(self, channel: Channel, packet: Packet) -> None: ...
     def on_close(self, channel: Channel) -> None: ...
+    def save(self) -> Any: ...
+    def restore(self, state: Any, channel: Channel | None) -> None: ...

@@ -5,10 +5,23 @@ from __future__ import annotations
 import struct
 import time
 import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 from mshvstack.abi import lib
 from mshvstack.vmbus.errors import VmbusProtocolError
-from mshvstack.vmbus.providers.ic import IcMessage, IcProvider
+from mshvstack.vmbus.providers.ic import IcMessage, IcProvider, IcState
+
+if TYPE_CHECKING:
+    from mshvstack.vmbus.channel import Channel
+
+
+@dataclass(frozen=True)
+class HeartbeatState:
+    VERSION: ClassVar[int] = 1
+    ic: IcState
+    sequence: int
+    acknowledged: int | None
 
 
 class Heartbeat(IcProvider):
@@ -17,6 +30,7 @@ class Heartbeat(IcProvider):
     instance_id = uuid.UUID("d4c8c5a6-37b0-4ab0-9d9a-a6f3a0c4b6f1")
     msgtype = int(lib.ICMSGTYPE_HEARTBEAT)
     versions = ((1, 0), (3, 0))
+    state_type: ClassVar[type] = HeartbeatState
 
     def __init__(self, instance_id: uuid.UUID | None = None) -> None:
         super().__init__(instance_id)
@@ -29,6 +43,13 @@ class Heartbeat(IcProvider):
         self.sequence += 1
         self.send_request(struct.pack("<Q", self.sequence) + bytes(32))
         return self.sequence
+
+    def save(self) -> HeartbeatState:
+        return HeartbeatState(self.save_ic(), self.sequence, self.acknowledged)
+
+    def restore(self, state: HeartbeatState, channel: Channel | None) -> None:
+        self.restore_ic(state.ic, channel)
+        self.sequence, self.acknowledged = state.sequence, state.acknowledged
 
     def on_response(self, message: IcMessage) -> None:
         if len(message.body) < 8:

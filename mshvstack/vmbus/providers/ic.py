@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mshvstack.abi import ffi, lib
 from mshvstack.vmbus.errors import VmbusProtocolError
@@ -80,6 +80,17 @@ def parse_negotiate_response(body: bytes) -> tuple[tuple[int, int], tuple[int, i
     return (fmaj, fmin), (vmaj, vmin)
 
 
+@dataclass(frozen=True)
+class IcState:
+    """What every IC negotiated: framework and message versions (empty: not yet)."""
+
+    VERSION: ClassVar[int] = 1
+    framework: tuple[int, ...]
+    version: tuple[int, ...]
+    negotiation_failed: bool
+    responses: int
+
+
 class IcProvider:
     """Base of every IC: negotiates, then runs one request at a time.
 
@@ -95,6 +106,7 @@ class IcProvider:
     class_id = uuid.UUID(int=0)
     instance_id = uuid.UUID(int=0)
     pipe_mode = True
+    state_type: ClassVar[type] = IcState
 
     def __init__(self, instance_id: uuid.UUID | None = None) -> None:
         if instance_id is not None:
@@ -149,6 +161,29 @@ class IcProvider:
         elif message.msgtype != lib.ICMSGTYPE_NEGOTIATE:
             self.on_response(message)
         with self._cond:   # the waiters look again, at the hook's state too
+            self._cond.notify_all()
+
+    # ---- snapshots (a subclass with state of its own wraps these in its record)
+    def save(self) -> Any:
+        return self.save_ic()
+
+    def restore(self, state: Any, channel: Channel | None) -> None:
+        self.restore_ic(state, channel)
+
+    def save_ic(self) -> IcState:
+        with self._cond:
+            return IcState(self.framework or (), self.version or (), self.negotiation_failed, self.responses)
+
+    def restore_ic(self, state: IcState, channel: Channel | None) -> None:
+        framework = tuple(state.framework) if state.framework else None
+        version = tuple(state.version) if state.version else None
+        if (framework is None) != (version is None) or (framework is not None and framework not in FRAMEWORK_VERSIONS) \
+                or (version is not None and (version not in self.versions or channel is None)):
+            raise VmbusProtocolError(f"{self.name}: saved versions {state.framework}/{state.version} are not ones it negotiates")
+        with self._cond:
+            self.channel = channel
+            self.framework, self.version = framework, version
+            self.negotiation_failed, self.responses = state.negotiation_failed, state.responses
             self._cond.notify_all()
 
     # ---- for subclasses and users

@@ -80,6 +80,11 @@ class DiskImage:
     def close(self) -> None:
         os.close(self.fd)
 
+    def flush(self) -> None:
+        """Everything written so far on stable storage (a snapshot's disk is its image)."""
+        if not self.read_only:
+            os.fsync(self.fd)
+
     def execute(self, cdb: bytes, data_out: bytes, allocation: int) -> ScsiResult:
         """Run one command; ``allocation`` is the initiator's data-in buffer size."""
         if not cdb:

@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import struct
 import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 from mshvstack.abi import lib
-from mshvstack.vmbus.providers.ic import IcMessage, IcProvider
+from mshvstack.vmbus.providers.ic import IcMessage, IcProvider, IcState
+
+if TYPE_CHECKING:
+    from mshvstack.vmbus.channel import Channel
+
+
+@dataclass(frozen=True)
+class ShutdownState:
+    VERSION: ClassVar[int] = 1
+    ic: IcState
+    result: int | None
 
 
 class Shutdown(IcProvider):
@@ -15,6 +27,7 @@ class Shutdown(IcProvider):
     instance_id = uuid.UUID("b6650ff7-33bc-4840-8048-e0676786f393")
     msgtype = int(lib.ICMSGTYPE_SHUTDOWN)
     versions = ((1, 0), (3, 0), (3, 1), (3, 2))
+    state_type: ClassVar[type] = ShutdownState
 
     def __init__(self, instance_id: uuid.UUID | None = None) -> None:
         super().__init__(instance_id)
@@ -26,6 +39,13 @@ class Shutdown(IcProvider):
             | (lib.IC_SHUTDOWN_FLAG_HIBERNATE if hibernate else 0)
         self.result = None
         self.send_request(struct.pack("<III", lib.IC_SHUTDOWN_REASON_PLANNED, 0, flags) + bytes(2048))
+
+    def save(self) -> ShutdownState:
+        return ShutdownState(self.save_ic(), self.result)
+
+    def restore(self, state: ShutdownState, channel: Channel | None) -> None:
+        self.restore_ic(state.ic, channel)
+        self.result = state.result
 
     def on_response(self, message: IcMessage) -> None:
         self.result = message.status

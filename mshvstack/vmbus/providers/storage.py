@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mshvstack.abi import ffi, lib
 from mshvstack.partition.memory import GuestMemory, GuestMemoryError
@@ -33,10 +34,25 @@ PAGE = 4096
 ACCEPTED_VERSIONS = (int(lib.VSTOR_PROTOCOL_WIN8_1), int(lib.VSTOR_PROTOCOL_WIN8))
 
 
+@dataclass(frozen=True)
+class StorageState:
+    """The negotiated protocol and the counters; the instance id keeps the disk the
+    guest knows even when the image comes from another path after a restore.  No
+    request is ever in flight: each is done under the VMBus lock it arrives with."""
+
+    VERSION: ClassVar[int] = 1
+    instance_id: str
+    version: int | None
+    initialized: bool
+    requests: int
+    errors: int
+
+
 class Storage:
     name = "storage"
     class_id = uuid.UUID("ba6163d9-04a1-4d29-b605-72e2ffb1dc7f")
     pipe_mode = False
+    state_type: ClassVar[type] = StorageState
 
     def __init__(self, disk: DiskImage, instance_id: uuid.UUID | None = None) -> None:
         self.disk = disk
@@ -55,6 +71,20 @@ class Storage:
 
     def on_close(self, channel: Channel) -> None:
         self.initialized = False
+
+    def save(self) -> StorageState:
+        self.disk.flush()   # the image is part of the machine's state: on disk before the snapshot is
+        return StorageState(str(self.instance_id), self.version, self.initialized, self.requests, self.errors)
+
+    def restore(self, state: StorageState, channel: Channel | None) -> None:
+        if state.version is not None and state.version not in ACCEPTED_VERSIONS:
+            raise VmbusProtocolError(f"storvsp: saved protocol version {state.version:#x} is not one we speak")
+        try:
+            self.instance_id = uuid.UUID(state.instance_id)
+        except ValueError:
+            raise VmbusProtocolError(f"storvsp: saved instance id {state.instance_id!r} is not a UUID") from None
+        self.version, self.initialized = state.version, state.initialized and channel is not None
+        self.requests, self.errors = state.requests, state.errors
 
     def on_packet(self, channel: Channel, packet: Packet) -> None:
         if packet.type not in (INBAND, GPA_DIRECT) or len(packet.payload) < 12:

@@ -6,9 +6,14 @@ import struct
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 from mshvstack.abi import lib
-from mshvstack.vmbus.providers.ic import IcMessage, IcProvider
+from mshvstack.vmbus.providers.ic import IcMessage, IcProvider, IcState
+
+if TYPE_CHECKING:
+    from mshvstack.vmbus.channel import Channel
 
 WINDOWS_EPOCH_OFFSET = int(lib.IC_WLTIMEDELTA)
 
@@ -17,12 +22,20 @@ def host_time_100ns(clock: Callable[[], float] = time.time) -> int:
     return int(clock() * 10_000_000) + WINDOWS_EPOCH_OFFSET
 
 
+@dataclass(frozen=True)
+class TimeSyncState:
+    VERSION: ClassVar[int] = 1
+    ic: IcState
+    samples_acknowledged: int
+
+
 class TimeSync(IcProvider):
     name = "timesync"
     class_id = uuid.UUID("9527e630-d0ae-497b-adce-e80ab0175caf")
     instance_id = uuid.UUID("2dd1ce17-079e-403c-b352-a1921ee207ee")
     msgtype = int(lib.ICMSGTYPE_TIMESYNC)
     versions: tuple[tuple[int, int], ...] = ((1, 0), (3, 0), (4, 0))
+    state_type: ClassVar[type] = TimeSyncState
 
     def __init__(self, reference_time: Callable[[], int] | None = None, instance_id: uuid.UUID | None = None) -> None:
         super().__init__(instance_id)
@@ -40,6 +53,13 @@ class TimeSync(IcProvider):
         else:
             body = struct.pack("<QQQB", now, 0, 0, flags)
         self.send_request(body)
+
+    def save(self) -> TimeSyncState:
+        return TimeSyncState(self.save_ic(), self.samples_acknowledged)
+
+    def restore(self, state: TimeSyncState, channel: Channel | None) -> None:
+        self.restore_ic(state.ic, channel)
+        self.samples_acknowledged = state.samples_acknowledged
 
     def on_negotiated(self) -> None:
         # Hyper-V steps the clock when the IC connects: the guest's wall clock ran on

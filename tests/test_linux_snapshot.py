@@ -1,0 +1,213 @@
+"""Debian's Linux, with its VMBus devices in use, saved and restored and moved live.
+
+The guest's /init writes 64 KiB of random data every second to a tmpfs file and
+to the same place on its disk (synced), prints a numbered tick with its uptime,
+and every third tick drops its caches and prints the hashes of both: they agree
+only if neither memory nor disk lost or replayed a write across the move.  A
+QMP client (qemu.qmp) asks for the snapshot or the migration, as it would of
+QEMU; the destination must go on from the tick it was at, with its heartbeat,
+KVP and shutdown integration components working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket as socketlib
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mshvstack.vmm.linuxguest import INIT_PROLOGUE, LOAD_MODULES, busybox_initramfs, debian_program, kernel_modules, module_files
+
+from linuxvm import POWEROFF, LinuxVm, require_debian_guest
+
+MODULES = ("hv_vmbus", "hv_utils", "hv_storvsc", "sd_mod")
+DISK_BYTES = 32 << 20     # 64 KiB a tick: room for 500 ticks
+OS_NAME = "Debian GNU/Linux"
+CHUNK = 64 << 10
+
+INIT = INIT_PROLOGUE + "exec >/dev/kmsg 2>&1\necho on >/proc/sys/kernel/printk_devkmsg\n" + LOAD_MODULES + """
+n=0; while [ ! -b /dev/sda ] && [ $n -lt 60 ]; do sleep 1; n=$((n + 1)); done
+mkdir -p /var/lib
+hostname mshvstack-guest
+/usr/sbin/hv_kvp_daemon -n &
+: >/tmp/data
+i=0
+while true; do
+    i=$((i + 1))
+    dd if=/dev/urandom of=/tmp/chunk bs=4096 count=16 2>/dev/null
+    cat /tmp/chunk >>/tmp/data
+    dd if=/tmp/chunk of=/dev/sda bs=65536 seek=$i conv=fsync 2>/dev/null
+    echo "MARK tick $i $(cut -d' ' -f1 /proc/uptime)"
+    if [ $((i % 3)) -eq 0 ]; then
+        echo 3 >/proc/sys/vm/drop_caches
+        echo "MARK check $i $(dd if=/dev/sda bs=65536 skip=1 count=$i 2>/dev/null | sha256sum | cut -d' ' -f1) $(sha256sum </tmp/data | cut -d' ' -f1)"
+    fi
+    sleep 1
+done
+"""
+
+
+@pytest.fixture(scope="module")
+def initrd(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    linux = require_debian_guest()
+    files = module_files(kernel_modules(linux, MODULES))
+    files["sbin/poweroff"] = POWEROFF.encode()
+    files.update(debian_program("hyperv-daemons", "/usr/sbin/hv_kvp_daemon"))
+    files["etc/os-release"] = f'NAME="{OS_NAME}"\nVERSION_ID="12"\n'.encode()
+    path = tmp_path_factory.mktemp("linux-snapshot") / "initrd.cpio"
+    path.write_bytes(busybox_initramfs(linux.busybox, INIT, files))
+    return linux.kernel, path
+
+
+def _disk(path: Path) -> Path:
+    path.write_bytes(bytes(DISK_BYTES))
+    return path
+
+
+def _ticks(vm: LinuxVm) -> list[tuple[int, float]]:
+    return [(int(number), float(uptime)) for number, uptime in (value.split() for value in vm.values("tick"))]
+
+
+def _checks(vm: LinuxVm) -> list[tuple[int, str, str]]:
+    return [(int(number), disk, data) for number, disk, data in (value.split() for value in vm.values("check"))]
+
+
+def _goes_on(before: LinuxVm, after: LinuxVm, checks: int = 2, timeout: float = 300) -> None:
+    """``after`` (restored from ``before``) ticks on from where ``before`` stopped: no tick
+    missing or repeated, uptime never going back nor jumping over the pause, and
+    ``checks`` more disk-against-memory checks that agree."""
+    ticks_before = _ticks(before)
+    last, last_uptime = ticks_before[-1]
+    deadline = time.monotonic() + timeout
+    while not [c for c in _checks(after) if c[0] > last + 3 * (checks - 1)]:
+        assert time.monotonic() < deadline, f"no checks after tick {last}:\n{after.log[-3000:]}"
+        after.wait_for("check", timeout=max(1.0, deadline - time.monotonic()))
+        time.sleep(0.5)
+    ticks_after = _ticks(after)
+    numbers = [n for n, _ in ticks_before] + [n for n, _ in ticks_after if n > last]
+    assert numbers == list(range(1, numbers[-1] + 1)), numbers
+    assert ticks_after[0][0] <= last + 1, (last, ticks_after[:3])   # a line printed into the pause may come again
+    uptimes = [u for _, u in ticks_before] + [u for n, u in ticks_after if n > last]
+    assert uptimes == sorted(uptimes), uptimes
+    first_after = next(u for n, u in ticks_after if n > last)
+    assert first_after - last_uptime < 10, (last_uptime, first_after)   # guest time stood still while saved
+    for number, disk, data in _checks(before) + _checks(after):
+        assert disk == data, f"tick {number}: disk {disk} != memory {data}"
+    log = after.log
+    assert "Kernel panic" not in log and "BUG:" not in log and "WARNING:" not in log, log[-3000:]
+
+
+def _integration_components_work(vm: LinuxVm) -> None:
+    """Heartbeat answered, KVP read from the guest's daemon, then the guest powered off
+    through the shutdown IC."""
+    first = vm.ctl("status")["vmbus"]["heartbeat"]
+    deadline = time.monotonic() + 60
+    while True:
+        beat = vm.ctl("status")["vmbus"]["heartbeat"]
+        if beat["sequence"] > first["sequence"] and (beat["acknowledged"] or 0) > first["sequence"]:
+            break
+        assert time.monotonic() < deadline, (first, beat)
+        time.sleep(1)
+    assert vm.ctl("kvp", operation="get", pool="auto", key="OSName")["pairs"][0]["value"] == OS_NAME
+    vm.ctl("shutdown")
+    vm.wait_for("poweroff_requested", timeout=60)
+    code, stdout, stderr = vm.finish()
+    assert code == 0 and "guest powered off (ACPI S5)" in stdout, f"{stdout}\n{stderr}"
+
+
+async def _migrate(qmp: Any, socket: Path, uri: str) -> tuple[list[str], str, dict[str, Any]]:
+    """QMP ``migrate`` as a QEMU client does it; (MIGRATION statuses, run status, query-migrate)."""
+    client = qmp.QMPClient("linux-migration")
+    await client.connect(str(socket))
+    statuses: list[str] = []
+    with client.listener("MIGRATION") as events:
+        await client.execute("migrate", {"uri": uri})
+        while not statuses or statuses[-1] not in ("completed", "failed", "cancelled"):
+            statuses.append((await asyncio.wait_for(events.get(), 300))["data"]["status"])
+    status = (await client.execute("query-status"))["status"]
+    info = await client.execute("query-migrate")
+    await client.disconnect()
+    return statuses, status, info
+
+
+def _wait_listening(uri: str, timeout: float = 60) -> None:
+    """Until the destination listens (without connecting: it takes one connection only)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if uri.startswith("unix:"):
+            if Path(uri[5:]).exists():
+                return
+        else:
+            port = f":{int(uri.rsplit(':', 1)[1]):04X}"
+            with open("/proc/net/tcp") as table:   # slot, local address, remote address, state (0A: LISTEN)
+                rows = [line.split() for line in table.readlines()[1:]]
+            if any(row[1].endswith(port) and row[3] == "0A" for row in rows):
+                return
+        assert time.monotonic() < deadline, f"nothing listens on {uri}"
+        time.sleep(0.1)
+
+
+VCPUS = pytest.mark.parametrize("vcpus", [1, 4], ids=["1vcpu", "4vcpus"])
+
+
+@VCPUS
+def test_a_snapshot_restored_goes_on_where_it_was(initrd: tuple[Path, Path], tmp_path: Path, vcpus: int) -> None:
+    """Snapshot to a file, SIGKILL the VMM, ``run --incoming file:``.  With one vCPU the
+    snapshot is restored twice at once, the second on a copy of the disk."""
+    qmp = pytest.importorskip("qemu.qmp", reason="the qemu.qmp client is part of the test extras")
+    kernel, ramdisk = initrd
+    disk = _disk(tmp_path / "disk.img")
+    snapshot = tmp_path / "guest.snap"
+    source = LinuxVm(tmp_path, kernel, ramdisk, "--disk", str(disk), vcpus=vcpus, name="source")
+    restored: list[LinuxVm] = []
+    try:
+        source.wait_for("check", timeout=400)
+        statuses, status, info = asyncio.run(_migrate(qmp, source.socket, f"file:{snapshot}"))
+        assert statuses[-1] == "completed" and status == "postmigrate", (statuses, status, info)
+        source.kill()
+        copies = [None] if vcpus > 1 else [None, shutil.copy(disk, tmp_path / "copy.img")]
+        for i, copy in enumerate(copies):
+            extra = ("--disk", str(copy)) if copy else ()
+            restored.append(LinuxVm(tmp_path, None, None, *extra, vcpus=vcpus, incoming=f"file:{snapshot}", name=f"restored{i}"))
+        for vm in restored:
+            _goes_on(source, vm)
+        for vm in restored[1:]:
+            vm.kill()
+        _integration_components_work(restored[0])
+    finally:
+        source.kill()
+        for vm in restored:
+            vm.kill()
+
+
+@pytest.mark.parametrize("transport,vcpus", [("unix", 1), ("tcp", 4)])
+def test_live_migration_of_a_linux_guest(initrd: tuple[Path, Path], tmp_path: Path, transport: str, vcpus: int) -> None:
+    qmp = pytest.importorskip("qemu.qmp", reason="the qemu.qmp client is part of the test extras")
+    kernel, ramdisk = initrd
+    disk = _disk(tmp_path / "disk.img")
+    if transport == "unix":
+        uri = f"unix:{tmp_path / 'incoming.sock'}"
+    else:
+        with socketlib.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            uri = f"tcp:127.0.0.1:{probe.getsockname()[1]}"
+    source = LinuxVm(tmp_path, kernel, ramdisk, "--disk", str(disk), vcpus=vcpus, name="source")
+    destination = None
+    try:
+        source.wait_for("check", timeout=400)
+        destination = LinuxVm(tmp_path, None, None, vcpus=vcpus, incoming=uri, name="destination")
+        _wait_listening(uri)
+        statuses, status, info = asyncio.run(_migrate(qmp, source.socket, uri))
+        assert statuses[0] == "setup" and statuses[-1] == "completed" and status == "postmigrate", (statuses, status, info)
+        assert info["status"] == "completed" and info["downtime"] <= info["total-time"], info
+        source.kill()
+        _goes_on(source, destination)
+        _integration_components_work(destination)
+    finally:
+        source.kill()
+        if destination is not None:
+            destination.kill()
