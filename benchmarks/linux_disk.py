@@ -110,7 +110,7 @@ def _run(command: list[str], console: Path | None = None) -> dict[str, float]:
     figures: dict[str, float] = {}
     for dd in re.findall(r"DDRESULT (.+)", output):
         print(f"  dd {dd.strip()}")
-    for name, args, mib in MODES:
+    for name, _args, mib in MODES:
         timed = re.search(rf"TIMED {name.replace(' ', '_')} ([\d.]+) ([\d.]+)", output)
         if timed and float(timed.group(2)) > float(timed.group(1)):
             figures[name] = mib * (1 << 20) / 1e6 / (float(timed.group(2)) - float(timed.group(1)))
