@@ -273,7 +273,6 @@ struct mshvstack_cpu {
     /* requests (any thread may set stop_request; the rest is set by the VP's own thread) */
     volatile int stop_request;
     volatile int64_t deadline_ns;
-    int64_t deadline_passed;    /* the last deadline found passed (timer thread, or a run's entry) */
     int pending_vector;
     int pending_nmi;
     int pending_exception;
@@ -1000,11 +999,8 @@ static bool core_exec_interrupt(void *cs, int request)
             stop(c, REASON_CANCELLED);
             return false;
         }
-        /* No clock read per boundary (QEMU comes here at every block exit to its loop): the
-         * timer thread marks a deadline passed before it kicks, a run's entry marks one that
-         * passed while stopped. */
         int64_t deadline = c->deadline_ns;
-        if (deadline && __atomic_load_n(&c->deadline_passed, __ATOMIC_ACQUIRE) == deadline) {
+        if (deadline && now_ns() >= deadline) {
             stop(c, REASON_DEADLINE);
             return false;
         }
@@ -1033,7 +1029,6 @@ static void *timer_main(void *argument)
             continue;
         }
         fired = deadline;
-        __atomic_store_n(&c->deadline_passed, deadline, __ATOMIC_RELEASE);
         if (c->running)   /* the CPU loop then sees the deadline; a run entered later sees it at once */
             c->api.cpu_exit(c->cs);
     }
@@ -1073,8 +1068,6 @@ void mshvstack_enter(struct mshvstack_cpu *c, int64_t deadline_ns)
     c->running = 1;
     if (c->deadline_ns != deadline_ns)
         change_deadline(c, deadline_ns);
-    if (deadline_ns && now_ns() >= deadline_ns)
-        __atomic_store_n(&c->deadline_passed, deadline_ns, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&c->timer_lock);
 }
 
