@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from mshvstack.abi import ffi, lib
+from mshvstack.snapshot.pages import nonzero_pages, pointer
 from mshvstack.snapshot.stream import SnapshotError
 
 PAGE = 4096
@@ -110,10 +111,9 @@ class MemoryChunk:
     def from_memory(cls, gpa: int, memory: bytes | memoryview) -> MemoryChunk:
         """The non-zero pages of ``memory`` (page-aligned, at ``gpa``)."""
         view = memoryview(memory)
-        zero = bytes(PAGE)
         pages = len(view) // PAGE
-        return cls(gpa, pages, {i: bytes(view[i * PAGE : (i + 1) * PAGE]) for i in range(pages)
-                                if view[i * PAGE : (i + 1) * PAGE] != zero})
+        return cls(gpa, pages, {offset // PAGE: bytes(view[offset : offset + PAGE])
+                                for offset in nonzero_pages(pointer(view), pages * PAGE)})
 
     def encode(self) -> bytes:
         head = ffi.new(f"{_MEMORY} *")
