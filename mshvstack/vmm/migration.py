@@ -230,7 +230,7 @@ class Migration:
                 os.fsync(out.fileno())
             os.replace(partial, path)
 
-        if not self._transfer(into_file()):
+        if not self._transfer(into_file(), compress=True):
             partial.unlink(missing_ok=True)
 
     def _send(self, target: tuple[int, Any]) -> None:
@@ -252,13 +252,14 @@ class Migration:
         finally:
             self._connection = None
 
-    def _transfer(self, stream: contextlib.AbstractContextManager[BinaryIO]) -> bool:
+    def _transfer(self, stream: contextlib.AbstractContextManager[BinaryIO], compress: bool = False) -> bool:
         """Pre-copy into ``stream``: all of RAM while the guest runs, then the pages changed
         since, pass after pass, until what is left fits the downtime limit (or MAX_PASSES);
         then paused: the last pages, the VPs, the components and the clock.  Changed pages
         come from the hypervisor's dirty bitmap (the guest's writes) with the memory's log
         (the VMM's own), or, where the partition cannot track them, from comparing RAM with
-        what was sent (sentcopy.py).  True once complete; the source then stays paused."""
+        what was sent (sentcopy.py).  ``compress``: memory as MEMORY_ZLIB sections.  True
+        once complete; the source then stays paused."""
         from mshvstack.snapshot import StreamWriter
         from mshvstack.vmm import machinestate
 
@@ -277,7 +278,7 @@ class Migration:
                     return self._take_dirty() if sent is None else sent.changed()
 
                 first_pass = time.monotonic()
-                self.info.transferred += machinestate.write_memory(machine, writer, copy=sent)
+                self.info.transferred += machinestate.write_memory(machine, writer, copy=sent, compress=compress)
                 bandwidth = self.info.transferred / max(time.monotonic() - first_pass, 1e-3)   # bytes/s
                 for _ in range(MAX_PASSES):
                     if self._cancel.is_set():
@@ -289,7 +290,7 @@ class Migration:
                     # Few enough to send within the downtime limit at the bandwidth the first pass had.
                     if len(dirty) <= max(MIN_FINAL_PAGES, bandwidth * self.parameters.downtime_limit_ms / 1000 / PAGE):
                         break
-                    self.info.transferred += machinestate.write_memory(machine, writer, dirty, sent)
+                    self.info.transferred += machinestate.write_memory(machine, writer, dirty, sent, compress)
                     self.info.dirty_rate = int(len(dirty) / max(time.monotonic() - started, 1e-3))
                 else:
                     dirty = set()
@@ -297,7 +298,7 @@ class Migration:
                 paused_at = time.monotonic()
                 out.limited = False
                 machine.wait_parked()
-                self.info.transferred += machinestate.write_stopped(machine, writer, dirty | changed())
+                self.info.transferred += machinestate.write_stopped(machine, writer, dirty | changed(), compress)
             now = time.monotonic()
             self._stop_tracking(tracking)
             self._set(MigrationStatus.COMPLETED, total_ms=int((now - self.info.started) * 1000),
