@@ -307,10 +307,10 @@ def ctl(
     elif command == "snapshot":
         Console().print(Text(f"saved {reply['snapshot']}: {reply['bytes'] / 1e6:.1f} MB, the guest paused "
                              f"{reply['downtime_ms']} ms (now postmigrate: resume it, or start it elsewhere with "
-                             f"run --incoming file:{reply['snapshot']})"))
+                             f"run --incoming file:{reply['snapshot']})"), soft_wrap=True)
     elif command == "migrate":
         Console().print(Text(f"migrated to {arguments['uri']}: {reply['bytes'] / 1e6:.1f} MB in {reply['total_ms']} ms, "
-                             f"the guest paused {reply['downtime_ms']} ms (the source is now postmigrate)"))
+                             f"the guest paused {reply['downtime_ms']} ms (the source is now postmigrate)"), soft_wrap=True)
     else:
         table = Table(show_header=False, box=None)
         for label, text in rows:

@@ -78,7 +78,7 @@ def test_core_writes_the_io_intercept_and_register_page_as_the_reference(
         assert io.instruction_byte_count == len(code) and bytes(io.instruction_bytes)[: len(code)] == code
         assert io.rax == rax and io.rsi == rsi and io.rdi == rdi
         page = bytes(vp.register_page[:])
-        vp._write_register_page()
+        vp.regs.write_page()
         assert page == bytes(vp.register_page[:])
     finally:
         g.close()

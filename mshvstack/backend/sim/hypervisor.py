@@ -221,7 +221,7 @@ class SimPartition:
         if self._unfrozen.is_set():
             return
         while not self._unfrozen.wait(0.05):
-            if vp._kick:
+            if vp.kicked:
                 return
 
     def exception_bitmap(self) -> int:
@@ -774,7 +774,7 @@ def register_file_set(vp: SimVp, name: int, value: Any) -> int:
         vp.set_reg(name, int(value.reg128.low_part) | int(value.reg128.high_part) << 64)
     elif name in (lib.HV_REGISTER_INTERCEPT_SUSPEND, lib.HV_REGISTER_EXPLICIT_SUSPEND, lib.HV_REGISTER_PENDING_INTERRUPTION,
                   lib.HV_REGISTER_PENDING_EVENT0):
-        vp._state[name] = int(value.reg64)
+        vp.regs.state[name] = int(value.reg64)
     else:
         vp.set_reg(name, int(value.reg64))
     return HV_OK
