@@ -234,7 +234,8 @@ def run(
             if engine:
                 handled = sum(s["seconds"] for s in summary["stats"].values())
                 console.print(f"time: {engine['engine_s']:.1f} s in the engine running guest code (of it "
-                              f"{engine['block_scan_s']:.1f} s scanning {int(engine['blocks'])} new blocks in Python), "
+                              f"{engine['block_scan_s']:.1f} s scanning {int(engine['blocks'])} new blocks in Python; "
+                              f"{int(engine.get('blocks_filtered', 0))} more found plain by the core), "
                               f"{handled:.1f} s handling exits in the VMM", highlight=False)
     raise typer.Exit(reason.exit_code)
 

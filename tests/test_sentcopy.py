@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mshvstack.partition.memory import GuestMemory, MemoryRegion
-from mshvstack.vmm.sentcopy import PAGE, SPAN, SentCopy
+from mshvstack.snapshot.pages import PAGE, SPAN
+from mshvstack.vmm.sentcopy import SentCopy
 
 PAGES = SPAN // PAGE + 8   # a span and a part of one
 

@@ -152,14 +152,17 @@ receiver:
     jmp 4b
 {stubs}
 common:
+    cmp ${NMI_VECTOR}, %eax               /* EOI before counting: once the sender sees its total, */
+    je 5f                                 /* no handler still holds its vector in service (which */
+    push %rax                             /* would raise its processor priority for the next IPI) */
+{eoi}
+    pop %rax
+5:
 {VP_INDEX_FROM_RSP}
     shl $10, %rdx
     lock incl {COUNTS}(%rdx,%rax,4)
     lock incl {TOTAL}
-    cmp ${NMI_VECTOR}, %eax
-    je 5f
-{eoi}
-5:  pop %rcx
+    pop %rcx
     pop %rdx
     pop %rax
     iretq

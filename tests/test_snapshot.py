@@ -185,3 +185,27 @@ def test_a_multi_vp_guest_saved_half_way_goes_on_exactly_after_a_restore() -> No
             assert total == steps
             assert integer == (sum(range(1, 501)) + sum(range(1, 501 + 7 * index))) & 0xFFFF
         restored.close()
+
+
+@given(chunks)
+def test_a_compressed_memory_chunk_round_trips(chunk: MemoryChunk) -> None:
+    assert MemoryChunk.decompress(chunk.compressed()) == chunk
+
+
+@given(st.binary(max_size=300))
+def test_any_compressed_bytes_give_a_chunk_or_a_clear_error(payload: bytes) -> None:
+    try:
+        MemoryChunk.decompress(payload)
+    except SnapshotError:
+        pass
+
+
+def test_a_compressed_section_that_expands_without_bound_is_refused() -> None:
+    """A few KiB of zlib that would inflate to 1 GiB: refused once past the largest chunk."""
+    import zlib
+
+    inflater = zlib.compressobj(9)
+    bomb = b"".join(inflater.compress(bytes(1 << 20)) for _ in range(1024)) + inflater.flush()
+    assert len(bomb) < 2 << 20
+    with pytest.raises(SnapshotError, match="expands beyond"):
+        MemoryChunk.decompress(bomb)

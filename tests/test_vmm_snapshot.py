@@ -172,7 +172,9 @@ def test_qmp_migrate_to_a_file_then_run_incoming_goes_on(tmp_path: Path) -> None
             while not statuses or statuses[-1] not in ("completed", "failed"):
                 statuses.append((await asyncio.wait_for(events.get(), 60))["data"]["status"])
         info = await client.execute("query-migrate")
-        assert info["status"] == "completed" and info["ram"]["transferred"] == snapshot.stat().st_size, info
+        # Pre-copied into the file while the guest ran: paused only for its end.
+        assert info["status"] == "completed" and 0 < info["ram"]["transferred"] <= snapshot.stat().st_size, info
+        assert info["downtime"] <= info["total-time"], info
         status = (await client.execute("query-status"))["status"]
         await client.execute("quit")
         await client.disconnect()

@@ -15,6 +15,7 @@
 #define MSHVSTACK_SECTION_MEMORY          3   /* guest pages of one range, zero pages left out */
 #define MSHVSTACK_SECTION_DEVICE          4   /* one device's state, JSON */
 #define MSHVSTACK_SECTION_CLOCK           5   /* the partition's reference time when it stopped (__u64) */
+#define MSHVSTACK_SECTION_MEMORY_ZLIB     6   /* a MEMORY payload, compressed with zlib (RFC 1950) */
 #define MSHVSTACK_SECTION_END             0x454E4421   /* the stream is complete */
 
 struct mshvstack_snapshot_header {

@@ -93,8 +93,9 @@ class Vp(FdOwner):
         # tests the event: one of the two sees the other, so no kick is lost.
         self._kick_requested = threading.Event()
         self._run_thread: int | None = None
-        self._not_running = threading.Event()   # close() waits for a run in another thread to end
-        self._not_running.set()
+        # Held by the thread in run(): close() waits for a run in another thread to end by taking it.
+        # A plain lock, not an Event: run() takes and releases it on every exit (two C calls).
+        self._running = threading.Lock()
         self._closing = False
 
     # ---- registers
@@ -229,17 +230,19 @@ class Vp(FdOwner):
         A kick() makes it return Interrupted(); other EINTRs (stray signals)
         are retried transparently, as the driver expects.
         """
+        running = self._running
+        running.acquire()   # one run at a time, as the driver's VP mutex (a second caller waits here)
         self._run_thread = threading.get_ident()
-        self._not_running.clear()
         try:
+            backend, fd, arg, kicked = self.partition.backend, self.fd, self._run_arg, self._kick_requested
             while True:
                 if self._closing:
                     raise ClosedError(f"VP {self.index} is closed")
-                if self._kick_requested.is_set():
-                    self._kick_requested.clear()
+                if kicked.is_set():
+                    kicked.clear()
                     return Interrupted()
                 try:
-                    self.partition.backend.ioctl(self.fd, _RUN_VP, self._run_arg)
+                    backend.ioctl(fd, _RUN_VP, arg)
                 except ErrnoError as exc:
                     if exc.errno == errno.EINTR:
                         continue
@@ -247,7 +250,7 @@ class Vp(FdOwner):
                 return decode_message(self._run_message, self._run_buffer)
         finally:
             self._run_thread = None
-            self._not_running.set()
+            running.release()
 
     def kick(self) -> None:
         """Make a run() in another thread return Interrupted() soon."""
@@ -300,8 +303,9 @@ class Vp(FdOwner):
         self._closing = True
         thread = self._run_thread
         if thread is not None and thread != threading.get_ident():
-            while not self._not_running.wait(0.1):
+            while not self._running.acquire(timeout=0.1):
                 self.kick()
+            self._running.release()
         self._page = None
         self._page_view = None
         self._handle.close()

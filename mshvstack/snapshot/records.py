@@ -7,10 +7,12 @@ SnapshotError naming the field that is wrong.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from mshvstack.abi import ffi, lib
+from mshvstack.snapshot.pages import nonzero_pages, pointer
 from mshvstack.snapshot.stream import SnapshotError
 
 PAGE = 4096
@@ -20,6 +22,7 @@ MAX_REGISTERS = 1024
 MAX_BLOBS = 16
 MAX_BLOB = 1 << 20
 MAX_CHUNK_PAGES = (64 << 20) // PAGE
+MAX_CHUNK_BYTES = 2 * MAX_CHUNK_PAGES * PAGE   # a chunk's pages and its headers, with room to spare
 _VP = "struct mshvstack_snapshot_vp"
 _REGISTER = "struct mshvstack_snapshot_register"
 _BLOB = "struct mshvstack_snapshot_blob"
@@ -110,10 +113,26 @@ class MemoryChunk:
     def from_memory(cls, gpa: int, memory: bytes | memoryview) -> MemoryChunk:
         """The non-zero pages of ``memory`` (page-aligned, at ``gpa``)."""
         view = memoryview(memory)
-        zero = bytes(PAGE)
         pages = len(view) // PAGE
-        return cls(gpa, pages, {i: bytes(view[i * PAGE : (i + 1) * PAGE]) for i in range(pages)
-                                if view[i * PAGE : (i + 1) * PAGE] != zero})
+        return cls(gpa, pages, {offset // PAGE: bytes(view[offset : offset + PAGE])
+                                for offset in nonzero_pages(pointer(view), pages * PAGE)})
+
+    def compressed(self) -> bytes:
+        """The MEMORY_ZLIB payload (zlib's fastest level: a snapshot's kernel text and
+        page cache shrink to about a third at memory speed)."""
+        return zlib.compress(self.encode(), 1)
+
+    @classmethod
+    def decompress(cls, payload: bytes) -> MemoryChunk:
+        """A MEMORY_ZLIB payload, never expanded beyond the largest chunk a writer makes."""
+        inflater = zlib.decompressobj()
+        try:
+            raw = inflater.decompress(payload, MAX_CHUNK_BYTES)
+        except zlib.error as exc:
+            raise SnapshotError(f"a compressed memory section does not decompress: {exc}") from None
+        if inflater.unconsumed_tail or not inflater.eof:
+            raise SnapshotError("a compressed memory section expands beyond the largest chunk or is cut short")
+        return cls.decode(raw)
 
     def encode(self) -> bytes:
         head = ffi.new(f"{_MEMORY} *")

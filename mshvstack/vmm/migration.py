@@ -1,20 +1,24 @@
 """QMP's migrate for a machine: the state QEMU's clients poll with query-migrate,
 the MIGRATION events, and the snapshot it writes (``file:PATH``).
 
-A snapshot is written next to its destination and renamed over it once
+A snapshot is a migration into a file, pre-copied while the guest runs (it
+is paused only for the last pages and the devices, as QEMU's ``exec:``
+migration does), written next to its destination and renamed over it once
 complete and synced, so a failed or cancelled save never leaves a partial
-file where a good one was.  The machine is paused while it is saved and stays
-paused afterwards (QEMU's ``postmigrate``); ``cont`` resumes it.
+file where a good one was.  The machine stays paused afterwards (QEMU's
+``postmigrate``); ``cont`` resumes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
@@ -216,46 +220,56 @@ class Migration:
         self._machine.emit_event("MIGRATION", status=status.value)
 
     def _save(self, path: Path) -> None:
-        machine = self._machine
-        was_running = False
+        """A snapshot is a migration into a file: written beside ``path``, synced, then
+        renamed over it (a failed or cancelled save leaves no partial file there)."""
         partial = path.with_name(f".{path.name}.partial")
-        try:
-            was_running = machine.pause_if_running()
-            paused_at = time.monotonic()
-            self._set(MigrationStatus.ACTIVE)
+
+        @contextlib.contextmanager
+        def into_file() -> Iterator[BinaryIO]:
             with open(partial, "wb") as out:
-                size = machine.snapshot(out)
+                yield out
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(partial, path)
-            now = time.monotonic()
-            self._set(MigrationStatus.COMPLETED, total_ms=int((now - self.info.started) * 1000),
-                      downtime_ms=int((now - paused_at) * 1000), transferred=size)
-        except (MshvError, OSError) as exc:
+
+        if not self._transfer(into_file(), compress=True):
             partial.unlink(missing_ok=True)
-            self._set(MigrationStatus.FAILED, error=str(exc))
-            if was_running:
-                machine.resume()
 
     def _send(self, target: tuple[int, Any]) -> None:
-        """Pre-copy: all of RAM while the guest runs, then the pages changed since, pass
-        after pass, until few are left (or MAX_PASSES); then paused: the last pages, the
-        VPs, the components and the clock.  Changed pages come from the hypervisor's dirty
-        bitmap (the guest's writes) with the memory's log (the VMM's own), or, where the
-        partition cannot track them, from comparing RAM with what was sent (sentcopy.py)."""
+        family, address = target
+
+        @contextlib.contextmanager
+        def over_socket() -> Iterator[BinaryIO]:
+            with socket.socket(family, socket.SOCK_STREAM) as connection:
+                self._connection = connection
+                connection.settimeout(CONNECT_TIMEOUT)
+                connection.connect(address)
+                connection.settimeout(None)
+                out = cast(BinaryIO, connection.makefile("wb", buffering=1 << 20))
+                yield out
+                out.flush()
+
+        try:
+            self._transfer(over_socket())
+        finally:
+            self._connection = None
+
+    def _transfer(self, stream: contextlib.AbstractContextManager[BinaryIO], compress: bool = False) -> bool:
+        """Pre-copy into ``stream``: all of RAM while the guest runs, then the pages changed
+        since, pass after pass, until what is left fits the downtime limit (or MAX_PASSES);
+        then paused: the last pages, the VPs, the components and the clock.  Changed pages
+        come from the hypervisor's dirty bitmap (the guest's writes) with the memory's log
+        (the VMM's own), or, where the partition cannot track them, from comparing RAM with
+        what was sent (sentcopy.py).  ``compress``: memory as MEMORY_ZLIB sections.  True
+        once complete; the source then stays paused."""
         from mshvstack.snapshot import StreamWriter
         from mshvstack.vmm import machinestate
 
         machine = self._machine
         paused = tracking = False
         try:
-            family, address = target
-            with socket.socket(family, socket.SOCK_STREAM) as connection:
-                self._connection = connection
-                connection.settimeout(CONNECT_TIMEOUT)
-                connection.connect(address)
-                connection.settimeout(None)
-                out = _Throttled(cast(BinaryIO, connection.makefile("wb", buffering=1 << 20)), self.parameters)
+            with stream as raw:
+                out = _Throttled(raw, self.parameters)
                 writer = StreamWriter(cast(BinaryIO, out))
                 machinestate.write_config(machine, writer)
                 self._set(MigrationStatus.ACTIVE)
@@ -266,7 +280,7 @@ class Migration:
                     return self._take_dirty() if sent is None else sent.changed()
 
                 first_pass = time.monotonic()
-                self.info.transferred += machinestate.write_memory(machine, writer, copy=sent)
+                self.info.transferred += machinestate.write_memory(machine, writer, copy=sent, compress=compress)
                 bandwidth = self.info.transferred / max(time.monotonic() - first_pass, 1e-3)   # bytes/s
                 for _ in range(MAX_PASSES):
                     if self._cancel.is_set():
@@ -278,7 +292,7 @@ class Migration:
                     # Few enough to send within the downtime limit at the bandwidth the first pass had.
                     if len(dirty) <= max(MIN_FINAL_PAGES, bandwidth * self.parameters.downtime_limit_ms / 1000 / PAGE):
                         break
-                    self.info.transferred += machinestate.write_memory(machine, writer, dirty, sent)
+                    self.info.transferred += machinestate.write_memory(machine, writer, dirty, sent, compress)
                     self.info.dirty_rate = int(len(dirty) / max(time.monotonic() - started, 1e-3))
                 else:
                     dirty = set()
@@ -286,27 +300,24 @@ class Migration:
                 paused_at = time.monotonic()
                 out.limited = False
                 machine.wait_parked()
-                self.info.transferred += machinestate.write_stopped(machine, writer, dirty | changed())
-                out.flush()
-                now = time.monotonic()
+                self.info.transferred += machinestate.write_stopped(machine, writer, dirty | changed(), compress)
+            now = time.monotonic()
             self._stop_tracking(tracking)
             self._set(MigrationStatus.COMPLETED, total_ms=int((now - self.info.started) * 1000),
                       downtime_ms=int((now - paused_at) * 1000), remaining=0)
+            return True
         except _Cancelled:
             self._stop_tracking(tracking)
             self._set(MigrationStatus.CANCELLED)
-            if paused:
-                machine.resume()
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, the migration fails and the source runs on
             self._stop_tracking(tracking)
             if self._cancel.is_set():
                 self._set(MigrationStatus.CANCELLED)
             else:
                 self._set(MigrationStatus.FAILED, error=str(exc) or type(exc).__name__)
-            if paused:
-                machine.resume()
-        finally:
-            self._connection = None
+        if paused:
+            machine.resume()
+        return False
 
     def _start_tracking(self) -> bool:
         """Dirty-page tracking for pre-copy; False where the partition refuses it (the

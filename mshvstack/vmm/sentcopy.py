@@ -10,16 +10,8 @@ memcmp over it per pass (about 0.1 s for 512 MiB here).
 
 from __future__ import annotations
 
-import cffi
-
 from mshvstack.partition.memory import GuestMemory
-
-PAGE = 4096
-SPAN = 512 * PAGE   # compared at once; only a span that differs is compared page by page
-
-_ffi = cffi.FFI()
-_ffi.cdef("int memcmp(const void *, const void *, size_t);")
-_libc = _ffi.dlopen(None)
+from mshvstack.snapshot.pages import differing_pages, pointer
 
 
 class SentCopy:
@@ -29,7 +21,7 @@ class SentCopy:
         self._regions = []
         for region in memory.regions:
             copy = bytearray(region.size)
-            self._regions.append((region.gpa, region.size, copy, _ffi.from_buffer(region.host), _ffi.from_buffer(copy)))
+            self._regions.append((region.gpa, region.size, copy, pointer(region.host), pointer(copy)))
 
     def record(self, gpa: int, data: bytes) -> None:
         """``data`` went to the destination at ``gpa``."""
@@ -41,12 +33,5 @@ class SentCopy:
 
     def changed(self) -> set[int]:
         """The GPAs of the pages whose content is not what the destination has."""
-        pages: set[int] = set()
-        for start, size, _copy, host, copied in self._regions:
-            for span in range(0, size, SPAN):
-                length = min(SPAN, size - span)
-                if not _libc.memcmp(host + span, copied + span, length):
-                    continue
-                pages.update(start + offset for offset in range(span, span + length, PAGE)
-                             if _libc.memcmp(host + offset, copied + offset, PAGE))
-        return pages
+        return {start + offset for start, size, _copy, host, copied in self._regions
+                for offset in differing_pages(host, copied, size)}

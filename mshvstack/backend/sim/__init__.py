@@ -506,11 +506,12 @@ class SimBackend:
         return entry.vp
 
     def engine_time(self) -> dict[str, float]:
-        """Seconds every VP's engine ran (of those, in Python scanning new blocks), for --stats."""
+        """Seconds every VP's engine ran (of those, in Python scanning new blocks), and the blocks scanned, for --stats."""
         with self._lock:
             engines = [e.vp.engine for e in self._fds.values() if e.vp is not None and e.vp.engine is not None]
         return {"engine_s": sum(e.time.running for e in engines), "block_scan_s": sum(e.time.scanning for e in engines),
-                "blocks": float(sum(e.time.blocks for e in engines))}
+                "blocks": float(sum(e.time.blocks for e in engines)),
+                "blocks_filtered": float(sum(e.blocks_filtered for e in engines))}
 
     def host_wrote(self, partition_fd: int, address: int, length: int) -> None:
         """Every VP drops its translations of code in the bytes the host wrote."""

@@ -261,6 +261,8 @@ class SimPartition:
             if self.flags & lib.HV_PARTITION_CREATION_FLAG_X2APIC_CAPABLE:
                 ecx |= 1 << 21
             return 0x000306A9, (vp_index << 24) | 0x00010800, ecx, edx
+        if leaf == 7:
+            return 0, 0, 0, x86.CPUID_7_EDX_ARCH_CAPABILITIES if subleaf == 0 else 0
         if leaf == 0x40000000:
             b, c, d = words(_HV_VENDOR)
             return 0x40000006, b, c, d

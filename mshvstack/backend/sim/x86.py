@@ -30,6 +30,14 @@ PTE_P, PTE_W, PTE_U, PTE_PS = 1 << 0, 1 << 1, 1 << 2, 1 << 7
 PTE_NX = 1 << 63
 ADDR_MASK = 0x000F_FFFF_FFFF_F000
 
+# IA32_ARCH_CAPABILITIES (SDM vol. 4): enumerated by CPUID.(EAX=7,ECX=0):EDX[29].  The engine
+# executes without speculation, so the CPU it models is not subject to rogue data cache
+# loads (Meltdown): RDCL_NO, which spares the guest kernel page-table isolation (a CR3
+# switch, so a TLB flush, at every kernel entry and exit).
+MSR_IA32_ARCH_CAPABILITIES = 0x10A
+ARCH_CAP_RDCL_NO = 1 << 0
+CPUID_7_EDX_ARCH_CAPABILITIES = 1 << 29
+
 VECTOR_DF = 8
 VECTOR_GP = 13
 VECTOR_PF = 14

@@ -38,12 +38,16 @@ struct mshvstack_cpu {
     int parallel;
     uint64_t serial_steps;
     ...;
+    uint64_t blocks_filtered;
+    ...;
 };
 struct mshvstack_world { ...; };
 struct mshvstack_library {
     void *tr_ops;
     void *init_disas_context;
     void *tb_stop;
+    void *translate_insn;
+    void *notdirty_write;
     void *stop_interrupt;
     void *xchg[4];
     void *cmpxchg_mmu[4];
@@ -98,6 +102,8 @@ void mshvstack_set_deadline(struct mshvstack_cpu *c, int64_t deadline_ns);
 void mshvstack_cancel(struct mshvstack_cpu *c);
 void mshvstack_cpu_free(struct mshvstack_cpu *c);
 void mshvstack_filter_forget(struct mshvstack_cpu *f, uint64_t start, uint64_t end);
+int mshvstack_code_page_known(struct mshvstack_cpu *c, uint64_t linear, uint64_t gpa);
+void mshvstack_code_pages_forget(struct mshvstack_cpu *c, uint64_t linear);
 void mshvstack_get_segment(struct mshvstack_cpu *c, int index, struct mshvstack_segment *out);
 void mshvstack_set_segment(struct mshvstack_cpu *c, int index, const struct mshvstack_segment *in);
 size_t mshvstack_read_code(struct mshvstack_cpu *c, uint64_t linear, uint8_t *out, size_t size);

@@ -95,6 +95,9 @@ class EngineTime:
 class Engine(Protocol):
     time: EngineTime
 
+    @property
+    def blocks_filtered(self) -> int: ...   # new blocks the engine found plain without scanning them in Python
+
     def map(self, gpa: int, size: int, host_address: int, writable: bool, executable: bool) -> None: ...
     def unmap(self, gpa: int, size: int) -> None: ...
     def protect(self, gpa: int, size: int, writable: bool, executable: bool) -> None: ...

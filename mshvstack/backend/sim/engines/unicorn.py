@@ -62,7 +62,11 @@ _SPECIAL_IDS: dict[int, Special] = {
     cx.X86_INS_VMCALL: Special.VMCALL, cx.X86_INS_VMMCALL: Special.VMCALL,
 }
 
-MAX_TRACKED_CODE_PAGES = 512
+# Guests with at most this many translated code pages have them compared with their bytes at
+# translation before every run (host writes through the VMM's own mapping; see _track).  A
+# run paid up to two streams of 2 MiB at 512 pages (7% of a Debian boot, which passes 512
+# early and then had no check anyway); small guests, which write code that way, keep it.
+MAX_TRACKED_CODE_PAGES = 64
 # Unicorn's translation buffer (1 GiB by default).  Generated code calls into
 # the library at every block start, directly only within 2 GiB of it: a buffer
 # mapped further away (a second engine, a large guest mapped first) halved
@@ -468,9 +472,12 @@ class UnicornEngine:
         forgotten = [k for k in self._code_pages if k[0] == linear]
         for key in forgotten:
             del self._code_pages[key]
+        core.mshvstack_code_pages_forget(self._cpu, linear)
         if forgotten:
             self._tracked_keys = []
             for key, data in self._code_pages.items():
+                if len(self._tracked_keys) >= MAX_TRACKED_CODE_PAGES:
+                    break
                 self._track(key, data)
             self._sync_code_check()
 
@@ -484,8 +491,10 @@ class UnicornEngine:
     def _track(self, key: tuple[int, int], data: bytes) -> None:
         """Add a translated page to the arrays the C check reads (the first MAX_TRACKED_CODE_PAGES)."""
         index = len(self._tracked_keys)
+        if index >= MAX_TRACKED_CODE_PAGES:
+            return
         host = self._code.host_address(key[1])
-        if index >= MAX_TRACKED_CODE_PAGES or host is None:
+        if host is None:
             return
         self._tracked_keys.append(key)
         self._tracked_hosts[index] = host
@@ -636,6 +645,11 @@ class UnicornEngine:
         core.mshvstack_set_nmi_blocked(self._cpu, int(nmi_blocked))
 
     @property
+    def blocks_filtered(self) -> int:
+        """New blocks the core found plain (no special instruction, pages known): never scanned in Python."""
+        return int(self._cpu.blocks_filtered)
+
+    @property
     def injected(self) -> int:
         """Interrupts and NMIs delivered so far."""
         return int(self._cpu.injected)
@@ -771,6 +785,8 @@ class UnicornEngine:
                     self._code_pages[(page, gpa)] = data
                     self._track((page, gpa), data)
                     self._sync_code_check()
+                    if gpa in self._guarded and core.mshvstack_code_page_known(self._cpu, page, gpa) != 0:
+                        raise MemoryError("the engine core cannot grow its table of code pages")
         found = decoded = False
         for insn in self._disassemblers[self.code_bits()].disasm(code, address):
             decoded = True

@@ -222,6 +222,26 @@ struct code_event {
     uint32_t kind;
 };
 
+/* A linear code page and the guest page it mapped when the Python half scanned code there. */
+struct page_pair {
+    uint64_t linear1;             /* linear page + 1; 0: empty slot */
+    uint64_t gpa;
+};
+
+/* QEMU's TCG_MAX_INSNS: no translation block has more instructions. */
+#define TB_MAX_INSNS 512
+/* Room for a new block's code: QEMU ends a block within a page of its start. */
+#define BLOCK_BYTES 8192
+#define BLOCK_PAGES (BLOCK_BYTES / 0x1000 + 1)
+/* A new block's code as the translator read it: bytes, and the guest page of each linear page. */
+struct block_code {
+    uint64_t gpas[BLOCK_PAGES];   /* ~0: the page does not translate now */
+    int pages;                    /* 0: more pages than BLOCK_PAGES (not read here) */
+    uint32_t readable;            /* bytes read from the start (all of them, or up to the first unreadable page) */
+    uint8_t bytes[BLOCK_BYTES];
+};
+
+
 /* Unicorn's uc_tb (unicorn.h): what the edge-generated hook says of a new block. */
 struct uc_tb {
     uint64_t pc;
@@ -303,6 +323,17 @@ struct mshvstack_cpu {
     /* guest pages this engine write-protects (host page addresses; open addressing, 1: deleted) */
     uint64_t *protected_pages;
     uint64_t protected_mask, protected_used;
+    /* the block last translated for this engine (x86parallel.c's translator hooks): where its
+     * instructions start, as QEMU's own decoder found them (offsets from tb_first) */
+    uint64_t tb_first;
+    uint32_t tb_size;             /* its size once translated (0: still translating, or unknown) */
+    int tb_insns;                 /* starts recorded (-1: more than TB_MAX_INSNS, unknown) */
+    uint16_t tb_starts[TB_MAX_INSNS];
+    /* (linear page, guest page) pairs the Python half has guarded and tracked (mshvstack_code_page_known) */
+    struct page_pair *pairs;
+    uint64_t pairs_mask, pairs_used;
+    uint64_t blocks_filtered;     /* new blocks the core found plain, with no call into Python */
+    struct block_code *block;     /* the new block being looked at (a buffer, not on the hook's stack) */
 };
 
 #define RUN_CODE_CHANGED (-1)
@@ -520,7 +551,8 @@ int mshvstack_cpu_init(struct mshvstack_cpu *c, void *owner, void *uc, const cha
     c->slots = calloc(c->mask + 1, FILTER_STRIDE);
     c->specials_mask = 1023;
     c->specials = calloc(c->specials_mask + 1, sizeof *c->specials);
-    if (!c->slots || !c->specials)
+    c->block = malloc(sizeof *c->block);
+    if (!c->slots || !c->specials || !c->block)
         return -3;
     pthread_condattr_t attributes;
     pthread_condattr_init(&attributes);
@@ -644,6 +676,11 @@ void mshvstack_cpu_free(struct mshvstack_cpu *c)
     c->guards = NULL;
     free(c->protected_pages);
     c->protected_pages = NULL;
+    free(c->pairs);
+    c->pairs = NULL;
+    c->pairs_mask = c->pairs_used = 0;
+    free(c->block);
+    c->block = NULL;
 }
 
 /* Forget blocks starting in [start, end) so they are scanned again when next
@@ -703,44 +740,210 @@ static uint8_t code_width(struct mshvstack_cpu *c)
     return (uint8_t)(((hflags & HF_CS32) ? 1 : 0) | ((hflags & HF_CS64) ? 2 : 0));
 }
 
+/* Read a block's code and pages through the guest's page tables, as the translator just did. */
+static void read_block(struct mshvstack_cpu *c, uint64_t address, uint32_t size, struct block_code *b)
+{
+    uint64_t end = address + (size ? size : 1);
+    b->pages = 0;
+    b->readable = 0;
+    if (size > BLOCK_BYTES)
+        return;
+    int readable = 1;
+    for (uint64_t page = address & ~0xFFFULL; page < end; page += 0x1000) {
+        uint64_t gpa = 0;
+        if (c->api.vmem_translate(c->uc, page, 4 /* UC_PROT_EXEC */, &gpa) != 0)
+            gpa = ~0ULL;
+        b->gpas[b->pages++] = gpa == ~0ULL ? gpa : gpa & ~0xFFFULL;
+        uint64_t from = page > address ? page : address, to = page + 0x1000 < address + size ? page + 0x1000 : address + size;
+        if (readable && from < to) {
+            if (c->api.vmem_read(c->uc, from, 4 /* UC_PROT_EXEC */, b->bytes + (from - address), (size_t)(to - from)) == 0)
+                b->readable = (uint32_t)(to - address);
+            else
+                readable = 0;
+        }
+    }
+}
+
 /*
  * What a block's scan depends on: its bytes, the guest pages they are read
  * from (a linear page remapped to other code, or to the same code on another
  * page whose rewrites must be tracked) and the width they are decoded at.
  * Read through the guest's page tables as the translator just did; never 0.
  */
-static uint64_t block_stamp(struct mshvstack_cpu *c, uint64_t address, uint32_t size)
+static uint64_t block_stamp(struct mshvstack_cpu *c, uint64_t address, uint32_t size, const struct block_code *b)
 {
     uint64_t h = mix(0x9E3779B97F4A7C15ULL ^ ((uint64_t)code_width(c) << 32) ^ size);
-    uint64_t end = address + (size ? size : 1);
-    for (uint64_t page = address & ~0xFFFULL; page < end; page += 0x1000) {
-        uint64_t gpa = 0;
-        if (c->api.vmem_translate(c->uc, page, 4 /* UC_PROT_EXEC */, &gpa) != 0)
-            gpa = ~0ULL;
-        h = mix((h ^ gpa) * 0x9E3779B97F4A7C15ULL);
-    }
-    uint8_t chunk[512];
-    for (uint64_t at = address; at < address + size;) {
-        size_t n = address + size - at < sizeof chunk ? (size_t)(address + size - at) : sizeof chunk;
-        if (c->api.vmem_read(c->uc, at, 4 /* UC_PROT_EXEC */, chunk, n) != 0) {
-            h = mix(h ^ at);   /* unreadable now: a stamp of where it stopped */
-            break;
+    if (!b->pages) {   /* larger than any block QEMU translates: every page and byte, read here */
+        uint64_t end = address + (size ? size : 1);
+        for (uint64_t page = address & ~0xFFFULL; page < end; page += 0x1000) {
+            uint64_t gpa = 0;
+            if (c->api.vmem_translate(c->uc, page, 4 /* UC_PROT_EXEC */, &gpa) != 0)
+                gpa = ~0ULL;
+            h = mix((h ^ gpa) * 0x9E3779B97F4A7C15ULL);
         }
-        for (size_t j = 0; j < n; j += 8) {
-            uint64_t word = 0;
-            memcpy(&word, chunk + j, n - j < 8 ? n - j : 8);
-            h = mix((h ^ word) * 0x9E3779B97F4A7C15ULL);
+        uint8_t chunk[512];
+        for (uint64_t at = address; at < address + size;) {
+            size_t n = address + size - at < sizeof chunk ? (size_t)(address + size - at) : sizeof chunk;
+            if (c->api.vmem_read(c->uc, at, 4 /* UC_PROT_EXEC */, chunk, n) != 0) {
+                h = mix(h ^ at);
+                break;
+            }
+            for (size_t j = 0; j < n; j += 8) {
+                uint64_t word = 0;
+                memcpy(&word, chunk + j, n - j < 8 ? n - j : 8);
+                h = mix((h ^ word) * 0x9E3779B97F4A7C15ULL);
+            }
+            at += n;
         }
-        at += n;
+        return h ? h : 1;
     }
+    for (int i = 0; i < b->pages; i++)
+        h = mix((h ^ b->gpas[i]) * 0x9E3779B97F4A7C15ULL);
+    for (uint32_t j = 0; j < b->readable; j += 8) {
+        uint64_t word = 0;
+        memcpy(&word, b->bytes + j, b->readable - j < 8 ? b->readable - j : 8);
+        h = mix((h ^ word) * 0x9E3779B97F4A7C15ULL);
+    }
+    if (b->readable < size)
+        h = mix(h ^ (address + b->readable));   /* unreadable now: a stamp of where it stopped */
     return h ? h : 1;
+}
+
+/* ---- the (linear page, guest page) pairs the Python half knows: open addressing ---- */
+
+static uint64_t pair_slot(const struct page_pair *pairs, uint64_t mask, uint64_t linear1, uint64_t gpa)
+{
+    for (uint64_t i = mix(linear1 ^ mix(gpa)) & mask;; i = (i + 1) & mask)
+        if (!pairs[i].linear1 || (pairs[i].linear1 == linear1 && pairs[i].gpa == gpa))
+            return i;
+}
+
+/* Rebuild with room for `need` pairs, leaving out those of linear page `drop1` - 1 (0: none). */
+static int pairs_rebuild(struct mshvstack_cpu *c, uint64_t need, uint64_t drop1)
+{
+    uint64_t size = 1024;
+    while (size < need * 2)
+        size *= 2;
+    struct page_pair *fresh = calloc(size, sizeof *fresh), *old = c->pairs;
+    if (!fresh)
+        return -1;
+    uint64_t used = 0;
+    for (uint64_t i = 0; old && i <= c->pairs_mask; i++)
+        if (old[i].linear1 && old[i].linear1 != drop1) {
+            fresh[pair_slot(fresh, size - 1, old[i].linear1, old[i].gpa)] = old[i];
+            used++;
+        }
+    free(old);
+    c->pairs = fresh;
+    c->pairs_mask = size - 1;
+    c->pairs_used = used;
+    return 0;
+}
+
+/* The Python half guarded guest page `gpa` and tracks its code as seen through linear page
+ * `linear`: blocks there need no call into it for their pages.  0, or -1 (out of memory). */
+int mshvstack_code_page_known(struct mshvstack_cpu *c, uint64_t linear, uint64_t gpa)
+{
+    if ((c->pairs_used + 1) * 2 > (c->pairs ? c->pairs_mask + 1 : 0) && pairs_rebuild(c, c->pairs_used + 1, 0) != 0)
+        return -1;
+    struct page_pair *e = &c->pairs[pair_slot(c->pairs, c->pairs_mask, (linear & ~0xFFFULL) + 1, gpa & ~0xFFFULL)];
+    if (!e->linear1) {
+        e->linear1 = (linear & ~0xFFFULL) + 1;
+        e->gpa = gpa & ~0xFFFULL;
+        c->pairs_used++;
+    }
+    return 0;
+}
+
+/* The Python half forgot the code it tracked at a linear page (every guest page it mapped). */
+void mshvstack_code_pages_forget(struct mshvstack_cpu *c, uint64_t linear)
+{
+    if (c->pairs && pairs_rebuild(c, c->pairs_used, (linear & ~0xFFFULL) + 1) != 0) {
+        free(c->pairs);   /* no memory to rebuild: forget them all (the Python half is asked again) */
+        c->pairs = NULL;
+        c->pairs_mask = c->pairs_used = 0;
+    }
+}
+
+static int pair_known(const struct mshvstack_cpu *c, uint64_t linear, uint64_t gpa)
+{
+    if (!c->pairs || gpa == ~0ULL)
+        return 0;
+    const struct page_pair *e = &c->pairs[pair_slot(c->pairs, c->pairs_mask, (linear & ~0xFFFULL) + 1, gpa)];
+    return e->linear1 != 0;
+}
+
+/*
+ * Could the instruction starting at code[0] be one the hypervisor must see?
+ * A superset of the Python half's special instructions, by their encoding
+ * after any prefixes (legacy; REX in 64-bit code): IN, OUT (E4-E7, EC-EF),
+ * INS, OUTS (6C-6F), HLT (F4), WRMSR (0F 30), RDMSR (0F 32), CPUID (0F A2),
+ * VMCALL (0F 01 C1), VMMCALL (0F 01 D9).  `n` bytes are readable; fewer
+ * than needed to tell count as maybe.
+ */
+static int maybe_special(const uint8_t *code, uint32_t n, int code64)
+{
+    uint32_t at = 0;
+    for (; at < n; at++) {
+        uint8_t b = code[at];
+        int prefix = b == 0x66 || b == 0x67 || b == 0xF0 || b == 0xF2 || b == 0xF3 || b == 0x2E || b == 0x36 ||
+                     b == 0x3E || b == 0x26 || b == 0x64 || b == 0x65 || (code64 && (b & 0xF0) == 0x40);
+        if (!prefix)
+            break;
+    }
+    if (at >= n)
+        return 1;
+    uint8_t op = code[at];
+    if ((op >= 0xE4 && op <= 0xE7) || (op >= 0xEC && op <= 0xEF) || (op >= 0x6C && op <= 0x6F) || op == 0xF4)
+        return 1;
+    if (op != 0x0F)
+        return 0;
+    if (at + 1 >= n)
+        return 1;
+    uint8_t op2 = code[at + 1];
+    if (op2 == 0x30 || op2 == 0x32 || op2 == 0xA2)
+        return 1;
+    if (op2 != 0x01)
+        return 0;
+    if (at + 2 >= n)
+        return 1;
+    return code[at + 2] == 0xC1 || code[at + 2] == 0xD9;
+}
+
+/*
+ * A new block the Python half's scan would leave as it is: it would find no
+ * special instruction (QEMU's own instruction starts, recorded while the
+ * block was translated, checked by encoding), it has no hooked instruction
+ * whose entry the scan would renew, and every page it runs from is guarded
+ * and tracked already.  Anything unknown counts as not plain.
+ */
+static int block_is_plain(struct mshvstack_cpu *c, uint64_t address, uint32_t size, const struct block_code *b)
+{
+    if (!b->pages || b->readable < size || c->tb_first != address || c->tb_size != size || c->tb_insns <= 0 ||
+        c->tb_starts[0] != 0)
+        return 0;
+    for (int i = 0; i < b->pages; i++)
+        if (!pair_known(c, (address & ~0xFFFULL) + (uint64_t)i * 0x1000, b->gpas[i]))
+            return 0;
+    int code64 = (c->env->hflags & HF_CS64) != 0;
+    for (int i = 0; i < c->tb_insns; i++) {
+        uint32_t at = c->tb_starts[i];
+        if (at >= size || maybe_special(b->bytes + at, size - at, code64))
+            return 0;
+    }
+    if (c->specials_used)
+        for (uint64_t a = address; a < address + size; a++)
+            if (c->specials[slot_of(c->specials, sizeof *c->specials, c->specials_mask, a + 1)].key)
+                return 0;
+    return 1;
 }
 
 /*
  * Scan a block whose code was not scanned before as it is now: a new start,
  * or the code at a known one changed (rewritten through any mapping, its
  * linear page remapped, run at another width).  Per translated block, never
- * per executed one.  When the scan hooked instructions in it, leave the block
+ * per executed one.  Only a block the core cannot show to be plain goes to
+ * the Python half; when its scan hooked instructions in it, leave the block
  * before it runs (nothing of it has run) so it is translated again.
  */
 static void new_block(struct mshvstack_cpu *c, uint64_t address, uint32_t size)
@@ -749,7 +952,15 @@ static void new_block(struct mshvstack_cpu *c, uint64_t address, uint32_t size)
         return;
     if (c->used * 2 >= c->mask && grow(c) < 0)
         return;
-    if (insert(c, address + 1, block_stamp(c, address, size)) && mshvstack_on_new_block(c->owner, address, size))
+    struct block_code *b = c->block;
+    read_block(c, address, size, b);
+    if (!insert(c, address + 1, block_stamp(c, address, size, b)))
+        return;
+    if (block_is_plain(c, address, size, b)) {
+        c->blocks_filtered++;
+        return;
+    }
+    if (mshvstack_on_new_block(c->owner, address, size))
         c->api.cpu_exit(c->cs);
 }
 

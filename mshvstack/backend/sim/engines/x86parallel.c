@@ -48,10 +48,12 @@ struct qemu_tb {
     void *tc_ptr;
 };
 
-/* QEMU's DisasContextBase head: the TB and its first PC. */
+/* QEMU's DisasContextBase head (include/exec/translator.h): the TB, its first PC, and the
+ * PC of the instruction translate_insn is about to decode (all linear: CS base + EIP). */
 struct qemu_disas_base {
     struct qemu_tb *tb;
     uint64_t pc_first;
+    uint64_t pc_next;
 };
 
 /* TCGContext (include/tcg/tcg.h): where the current TB's cflags and the code pointer live. */
@@ -65,6 +67,8 @@ struct mshvstack_library {
     void *tr_ops;               /* i386_tr_ops: TranslatorOps, init_disas_context first, tb_stop sixth */
     void *init_disas_context;   /* i386_tr_init_disas_context */
     void *tb_stop;              /* i386_tr_tb_stop */
+    void *translate_insn;       /* i386_tr_translate_insn */
+    void *notdirty_write;       /* notdirty_write (cputlb.c; its .isra.0 clone) */
     void *stop_interrupt;       /* x86_stop_interrupt */
     void *xchg[4];              /* helper_atomic_xchg{b,w_le,l_le,q_le} */
     void *cmpxchg_mmu[4];       /* helper_atomic_cmpxchg{b,w_le,l_le,q_le}_mmu */
@@ -188,9 +192,61 @@ static int wrap_code_checks(const struct mshvstack_library *lib)
     return redirect(fast, (void *)core_invalidate_page_fast) == 0 ? 0 : -3;
 }
 
-enum { OPS_INIT_DISAS = 0, OPS_TB_STOP = 5, OPS_COUNT = 7 };
+/* TranslatorOps (include/exec/translator.h): init_disas_context, tb_start, insn_start,
+ * breakpoint_check, translate_insn, tb_stop, pc_sync. */
+/*
+ * Stores through executable mappings at host speed.  Unicorn's
+ * notdirty_write (cputlb.c), where a store through a TLB entry still marked
+ * "not dirty" goes, marks the entry dirty (later stores: plain host stores)
+ * only when the entry cannot fetch (addr_code == -1) and no memory hook
+ * covers the page.  Linux maps its own image (text, data, bss, the boot
+ * stack) executable until the end of boot, so every store to a kernel
+ * variable took that slow path for good: the profile's largest item after
+ * the new-block scan.  The core keeps code coherent without that test: a
+ * page with translated code is guarded by a memory hook in every engine
+ * (x86core.c, guard_page), which keeps every entry for it "not dirty", and
+ * guarding clears the marks of entries already dirty for the page; a
+ * translation and its page's guard happen before the block first runs (the
+ * edge hook), and another engine's marks are cleared by its guard event, at
+ * its next block boundary, with the page checked when it ran meanwhile
+ * (CODE_EVENT_GUARD_CHECKED).  So the test is dropped: the conditional jump
+ * after `cmpq $-1, 0x10(%rbp)` (addr_code, CPUTLBEntry's third word) becomes
+ * unconditional, on to the hook check and tlb_set_dirty.  The bytes are
+ * checked (unicorn 2.1.4's x86_64 build), else the engine refuses to start.
+ */
+static const unsigned char addr_code_test[6] = {0x48, 0x83, 0x7D, 0x10, 0xFF, 0x74};   /* cmpq $-1,0x10(%rbp); je */
+
+static int fast_stores_through_code_mappings(void *notdirty)
+{
+    enum { SEARCH = 256 };
+    unsigned char *code = notdirty, *at = NULL;
+    if (!code)
+        return -1;
+    for (int i = 0; i + (int)sizeof addr_code_test + 1 <= SEARCH; i++) {
+        int patched = memcmp(code + i, addr_code_test, sizeof addr_code_test - 1) == 0 && code[i + 5] == 0xEB;
+        if (memcmp(code + i, addr_code_test, sizeof addr_code_test) == 0 || patched) {
+            if (at)
+                return -2;   /* not the one function this was written for */
+            at = code + i + 5;
+        }
+    }
+    if (!at)
+        return -3;
+    if (*at == 0xEB)
+        return 0;   /* done by an earlier engine */
+    long page = sysconf(_SC_PAGESIZE);
+    uintptr_t start = (uintptr_t)at & ~(uintptr_t)(page - 1);
+    if (mprotect((void *)start, (size_t)page, PROT_READ | PROT_WRITE | PROT_EXEC) != 0)
+        return -4;
+    *at = 0xEB;   /* je rel8 -> jmp rel8, same target */
+    __builtin___clear_cache((char *)at, (char *)at + 1);
+    return mprotect((void *)start, (size_t)page, PROT_READ | PROT_EXEC) == 0 ? 0 : -4;
+}
+
+enum { OPS_INIT_DISAS = 0, OPS_TRANSLATE_INSN = 4, OPS_TB_STOP = 5, OPS_COUNT = 7 };
 
 static void (*original_init_disas)(void *db, void *cpu);
+static void (*original_translate_insn)(void *db, void *cpu);
 static void (*original_tb_stop)(void *db, void *cpu);
 static bool (*original_stop_interrupt)(void *uc, int intno);
 
@@ -667,6 +723,9 @@ static void core_init_disas(void *db, void *cpu)
     if (!c || c->cs != cpu)
         return;
     struct qemu_tb *tb = ((struct qemu_disas_base *)db)->tb;
+    c->tb_first = ((struct qemu_disas_base *)db)->pc_first;   /* a new block: its instruction starts follow */
+    c->tb_size = 0;
+    c->tb_insns = 0;
     if (c->world)
         c->translation_seq = __atomic_load_n(&c->world->seq, __ATOMIC_ACQUIRE);
     if (!c->tcg_ctx)
@@ -677,12 +736,35 @@ static void core_init_disas(void *db, void *cpu)
     tb->cflags |= CF_PARALLEL;   /* the translator reads it too (CMPXCHG8B/16B) */
 }
 
+/*
+ * Each instruction of a block, before QEMU decodes it: where it starts, so
+ * the core's new-block filter (x86core.c, block_is_plain) looks at exactly
+ * the instructions the block runs.  QEMU calls this for every instruction
+ * it puts in the block (translator_loop), and ends a block within a page.
+ */
+static void core_translate_insn(void *db, void *cpu)
+{
+    struct mshvstack_cpu *c = entered;
+    if (c && c->cs == cpu && c->tb_insns >= 0) {
+        uint64_t at = ((struct qemu_disas_base *)db)->pc_next - c->tb_first;
+        if (c->tb_insns < TB_MAX_INSNS && at <= UINT16_MAX)
+            c->tb_starts[c->tb_insns++] = (uint16_t)at;
+        else
+            c->tb_insns = -1;   /* unknown: the block goes to the Python half */
+    }
+    original_translate_insn(db, cpu);
+}
+
 static void core_tb_stop(void *db, void *cpu)
 {
     original_tb_stop(db, cpu);
     struct mshvstack_cpu *c = entered;
-    if (c && c->cs == cpu)
-        ((struct qemu_disas_base *)db)->tb->cflags &= ~(uint32_t)CF_PARALLEL;
+    if (c && c->cs == cpu) {
+        struct qemu_disas_base *base = db;
+        base->tb->cflags &= ~(uint32_t)CF_PARALLEL;
+        /* translator_loop sets tb->size to this right after tb_stop */
+        c->tb_size = base->pc_first == c->tb_first ? (uint32_t)(base->pc_next - base->pc_first) : 0;
+    }
 }
 
 /* Every exception index passes here: EXCP_ATOMIC is run alone, serially. */
@@ -717,15 +799,19 @@ static int patch_pointer(void **slot, void *expected, void *replacement)
 int mshvstack_parallel_install(const struct mshvstack_library *lib)
 {
     void **ops = lib->tr_ops;
-    if (!ops || !lib->init_disas_context || !lib->tb_stop)
+    if (!ops || !lib->init_disas_context || !lib->tb_stop || !lib->translate_insn)
         return -1;
-    if (ops[OPS_INIT_DISAS] == (void *)core_init_disas && ops[OPS_TB_STOP] == (void *)core_tb_stop)
+    if (ops[OPS_INIT_DISAS] == (void *)core_init_disas && ops[OPS_TB_STOP] == (void *)core_tb_stop &&
+        ops[OPS_TRANSLATE_INSN] == (void *)core_translate_insn)
         return 0;
     original_init_disas = (void (*)(void *, void *))lib->init_disas_context;
     original_tb_stop = (void (*)(void *, void *))lib->tb_stop;
+    original_translate_insn = (void (*)(void *, void *))lib->translate_insn;
     if (patch_pointer(&ops[OPS_INIT_DISAS], lib->init_disas_context, (void *)core_init_disas) != 0)
         return -2;
     if (patch_pointer(&ops[OPS_TB_STOP], lib->tb_stop, (void *)core_tb_stop) != 0)
+        return -3;
+    if (patch_pointer(&ops[OPS_TRANSLATE_INSN], lib->translate_insn, (void *)core_translate_insn) != 0)
         return -3;
     void *own[4] = {(void *)atomic_xchg8, (void *)atomic_xchg16, (void *)atomic_xchg32, (void *)atomic_xchg64};
     for (int i = 0; i < 4; i++) {
@@ -735,7 +821,9 @@ int mshvstack_parallel_install(const struct mshvstack_library *lib)
         if (redirect(lib->xchg[i], own[i]) != 0)
             return -5;
     }
-    return wrap_code_checks(lib) == 0 ? 0 : -6;
+    if (wrap_code_checks(lib) != 0)
+        return -6;
+    return fast_stores_through_code_mappings(lib->notdirty_write) == 0 ? 0 : -7;
 }
 
 /*
