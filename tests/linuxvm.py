@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from mshvstack.vmm.control import request
-from mshvstack.vmm.linuxguest import GuestUnavailable, LinuxGuest, debian_guest
+from mshvstack.vmm.linuxguest import GuestUnavailable, LinuxGuest, debian_guest, debian_program, kernel_modules, module_files
 
 MARK = re.compile(r"MARK (\w+) ?(.*)")
 
@@ -32,6 +32,23 @@ POWEROFF = """#!/bin/sh
 echo "MARK poweroff_requested" >/dev/kmsg
 exec /bin/busybox poweroff -f
 """
+
+VMBUS_MODULES = ("hv_vmbus", "hv_utils", "hv_storvsc", "sd_mod")
+OS_NAME = "Debian GNU/Linux"
+
+
+def vmbus_guest_files(linux: LinuxGuest) -> dict[str, bytes]:
+    """What an initramfs needs for Linux's VMBus drivers and their host-facing parts: the
+    modules, the shutdown IC's /sbin/poweroff, Debian's KVP daemon with the files it reads
+    (OS name, host name: no resolver in the guest, names come from /etc/hosts)."""
+    files = module_files(kernel_modules(linux, VMBUS_MODULES))
+    files["sbin/poweroff"] = POWEROFF.encode()
+    files.update(debian_program("hyperv-daemons", "/usr/sbin/hv_kvp_daemon"))
+    files["etc/os-release"] = f'NAME="{OS_NAME}"\nVERSION_ID="12"\n'.encode()
+    files["etc/hosts"] = b"127.0.0.1 localhost\n127.0.1.1 mshvstack-guest.example mshvstack-guest\n"
+    files["etc/nsswitch.conf"] = b"hosts: files\n"
+    return files
+
 
 def require_debian_guest() -> LinuxGuest:
     if shutil.which("apt-get") is None:

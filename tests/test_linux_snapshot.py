@@ -20,14 +20,11 @@ from typing import Any
 
 import pytest
 
-from mshvstack.vmm.linuxguest import INIT_PROLOGUE, LOAD_MODULES, busybox_initramfs, debian_program, kernel_modules, module_files
+from mshvstack.vmm.linuxguest import INIT_PROLOGUE, LOAD_MODULES, busybox_initramfs
 
-from linuxvm import POWEROFF, LinuxVm, require_debian_guest
+from linuxvm import OS_NAME, LinuxVm, require_debian_guest, vmbus_guest_files
 
-MODULES = ("hv_vmbus", "hv_utils", "hv_storvsc", "sd_mod")
 DISK_BYTES = 32 << 20     # 64 KiB a tick: room for 500 ticks
-OS_NAME = "Debian GNU/Linux"
-CHUNK = 64 << 10
 
 INIT = INIT_PROLOGUE + "exec >/dev/kmsg 2>&1\necho on >/proc/sys/kernel/printk_devkmsg\n" + LOAD_MODULES + """
 n=0; while [ ! -b /dev/sda ] && [ $n -lt 60 ]; do sleep 1; n=$((n + 1)); done
@@ -54,10 +51,7 @@ done
 @pytest.fixture(scope="module")
 def initrd(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     linux = require_debian_guest()
-    files = module_files(kernel_modules(linux, MODULES))
-    files["sbin/poweroff"] = POWEROFF.encode()
-    files.update(debian_program("hyperv-daemons", "/usr/sbin/hv_kvp_daemon"))
-    files["etc/os-release"] = f'NAME="{OS_NAME}"\nVERSION_ID="12"\n'.encode()
+    files = vmbus_guest_files(linux)
     path = tmp_path_factory.mktemp("linux-snapshot") / "initrd.cpio"
     path.write_bytes(busybox_initramfs(linux.busybox, INIT, files))
     return linux.kernel, path

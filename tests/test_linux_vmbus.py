@@ -27,14 +27,12 @@ from mshvstack.vmbus.providers.kvp import Kvp
 from mshvstack.vmbus.providers.shutdown import Shutdown
 from mshvstack.vmbus.providers.storage import Storage
 from mshvstack.vmbus.providers.timesync import TimeSync
-from mshvstack.vmm.linuxguest import INIT_PROLOGUE, LOAD_MODULES, busybox_initramfs, debian_program, kernel_modules, module_files
+from mshvstack.vmm.linuxguest import INIT_PROLOGUE, LOAD_MODULES, busybox_initramfs
 
-from linuxvm import POWEROFF, LinuxVm, require_debian_guest
+from linuxvm import OS_NAME, LinuxVm, require_debian_guest, vmbus_guest_files
 
-MODULES = ("hv_vmbus", "hv_utils", "hv_storvsc", "sd_mod")
 DISK_BYTES = 16 << 20
 WRITE_OFFSET, WRITE_BYTES = 2 << 20, 256 << 10
-OS_NAME = "Debian GNU/Linux"
 
 # Where /init moves each channel (modulo the CPU count): the disk and time sync
 # share CPU 1, heartbeat and KVP CPU 2, and the shutdown channel, silent
@@ -96,12 +94,7 @@ done
 @pytest.fixture(scope="module")
 def initrd(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     linux = require_debian_guest()
-    files = module_files(kernel_modules(linux, MODULES))
-    files["sbin/poweroff"] = POWEROFF.encode()
-    files.update(debian_program("hyperv-daemons", "/usr/sbin/hv_kvp_daemon"))
-    files["etc/os-release"] = f'NAME="{OS_NAME}"\nVERSION_ID="12"\n'.encode()
-    files["etc/hosts"] = b"127.0.0.1 localhost\n127.0.1.1 mshvstack-guest.example mshvstack-guest\n"
-    files["etc/nsswitch.conf"] = b"hosts: files\n"   # no resolver in the guest: names come from /etc/hosts
+    files = vmbus_guest_files(linux)
     path = tmp_path_factory.mktemp("linux-vmbus") / "initrd.cpio"
     path.write_bytes(busybox_initramfs(linux.busybox, INIT, files))
     return linux.kernel, path
