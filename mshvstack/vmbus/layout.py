@@ -21,12 +21,13 @@ _CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 class Layout:
     """Named integer fields of one C type (dotted paths, nested members and union arms
-    included) packed and unpacked in the order given, spanning the type's whole size."""
+    included) packed and unpacked in the order given, spanning the type's whole size,
+    or its first ``prefix`` bytes (a header read before the payload it announces)."""
 
-    def __init__(self, ctype: str, *fields: str) -> None:
+    def __init__(self, ctype: str, *fields: str, prefix: int | None = None) -> None:
         self.ctype = ctype
         self.fields = fields
-        self.size = ffi.sizeof(ctype)
+        self.size = ffi.sizeof(ctype) if prefix is None else prefix
         typ = ffi.typeof(ctype)
         placed = []
         for index, name in enumerate(fields):
@@ -37,8 +38,8 @@ class Layout:
         placed.sort()
         fmt, position, self._order = "<", 0, []
         for offset, size, index in placed:
-            if offset < position:
-                raise TypeError(f"{ctype}: {fields[index]} overlaps another field")
+            if offset < position or offset + size > self.size:
+                raise TypeError(f"{ctype}: {fields[index]} overlaps another field or lies past the prefix")
             fmt += "x" * (offset - position) + _CODES[size]
             position = offset + size
             self._order.append(index)

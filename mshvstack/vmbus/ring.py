@@ -20,6 +20,7 @@ from typing import Protocol
 
 from mshvstack.abi import ffi, lib
 from mshvstack.vmbus.errors import CorruptRing, RingFull
+from mshvstack.vmbus.packets import DESCRIPTOR as PACKET_DESCRIPTOR
 
 PAGE = int(lib.VMBUS_PAGE_SIZE)
 TRAILER = 8
@@ -190,7 +191,7 @@ class IncomingRing(_Ring):
             if available < DESCRIPTOR + TRAILER:
                 raise CorruptRing(f"{available} bytes available: less than a packet")
             head = self._read_wrapped(read, DESCRIPTOR)
-            _type, offset8, len8, _flags = struct.unpack_from("<HHHH", head)
+            _type, offset8, len8, _flags, _transaction = PACKET_DESCRIPTOR.unpack(head)
             length = len8 * 8
             if length < DESCRIPTOR or offset8 < 2 or offset8 > len8 or length + TRAILER > available:
                 raise CorruptRing(f"packet at {read:#x}: offset8 {offset8}, len8 {len8}, {available} bytes available")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import struct
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +27,8 @@ from mshvstack.abi import ffi, lib
 from mshvstack.partition.memory import GuestMemory
 from mshvstack.vmbus.channel import Channel, ChannelSavedState, ChannelState
 from mshvstack.vmbus.errors import VmbusProtocolError
-from mshvstack.vmbus.gpadl import MAX_GPADLS, MAX_PENDING_GPADLS, GpadlState, GpadlTable, PendingGpadlState
+from mshvstack.vmbus.gpadl import GPADL_BODY, GPADL_HEADER, MAX_GPADLS, MAX_PENDING_GPADLS, GpadlState, GpadlTable, PendingGpadlState
+from mshvstack.vmbus.layout import Layout
 from mshvstack.vmbus.providers.base import Provider
 from mshvstack.vmbus.synic import SynicHost, SynicHostState
 
@@ -48,7 +48,12 @@ INSUFFICIENT_BUFFERS = int(lib.HV_STATUS_INSUFFICIENT_BUFFERS)
 GPADL_FAILED = 0x8000FFFF
 OPEN_FAILED = 0x8000FFFF
 MODIFY_FAILED = 0x8000FFFF
-HEADER = 8
+MESSAGE_HEADER = Layout("struct vmbus_channel_message_header", "msgtype")
+HEADER = MESSAGE_HEADER.size
+GPADL_TEARDOWN = Layout("struct vmbus_channel_gpadl_teardown", "child_relid", "gpadl")
+CLOSE_CHANNEL = Layout("struct vmbus_channel_close_channel", "child_relid")
+RELID_RELEASED = Layout("struct vmbus_channel_relid_released", "child_relid")
+MODIFY_CHANNEL = Layout("struct vmbus_channel_modifychannel", "child_relid", "target_vp")
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -155,7 +160,7 @@ class VmbusServer:
         """A guest HvPostMessage for VMBus (on the VP's thread, no lock held): returns the hypercall status."""
         if message_type != MESSAGE_TYPE or len(payload) < HEADER:
             return INVALID_INPUT
-        (msgtype,) = struct.unpack_from("<I", payload)
+        (msgtype,) = MESSAGE_HEADER.unpack(payload)
         log.debug("VMBus: channel message type %d, %d bytes", msgtype, len(payload))
         handler = self._handlers.get(msgtype)
         with self._lock:
@@ -247,7 +252,7 @@ class VmbusServer:
         return channel
 
     def _gpadl_header(self, payload: bytes) -> None:
-        _t, _p, relid, gpadl_id = struct.unpack_from("<IIII", payload)
+        relid, gpadl_id, _buflen, _count = GPADL_HEADER.unpack(payload)
         try:
             self._channel(relid)
             gpadl = self.gpadls.header(payload)
@@ -262,7 +267,7 @@ class VmbusServer:
         try:
             gpadl_id, gpadl = self.gpadls.body(payload)
         except VmbusProtocolError:
-            _t, _p, _n, gpadl_id = struct.unpack_from("<IIII", payload)
+            (gpadl_id,) = GPADL_BODY.unpack(payload)
             self.gpadls.abandon(gpadl_id)
             raise
         if gpadl is not None:
@@ -273,7 +278,7 @@ class VmbusServer:
                    child_relid=relid, gpadl=gpadl_id, creation_status=status)
 
     def _gpadl_teardown(self, payload: bytes) -> None:
-        _t, _p, relid, gpadl_id = struct.unpack_from("<IIII", payload)
+        _relid, gpadl_id = GPADL_TEARDOWN.unpack(payload)
         for channel in self.channels.values():
             if channel.ring_gpadl is not None and channel.ring_gpadl.gpadl_id == gpadl_id:
                 channel.close()  # the guest tore down a ring still in use: stop touching it first
@@ -307,11 +312,11 @@ class VmbusServer:
             channel.provider.on_opened(channel)  # host-first devices (ICs) speak now
 
     def _close_channel(self, payload: bytes) -> None:
-        (_t, _p, relid) = struct.unpack_from("<III", payload)
+        (relid,) = CLOSE_CHANNEL.unpack(payload)
         self._channel(relid).close()
 
     def _relid_released(self, payload: bytes) -> None:
-        (_t, _p, relid) = struct.unpack_from("<III", payload)
+        (relid,) = RELID_RELEASED.unpack(payload)
         channel = self._channel(relid)
         if channel.state is not ChannelState.RESCINDED:
             raise VmbusProtocolError(f"RELID_RELEASED for channel {relid} that was not rescinded")
@@ -319,7 +324,7 @@ class VmbusServer:
 
     def _modify_channel(self, payload: bytes) -> None:
         """Rebind an open channel's interrupts to another VP (from 4.1; answered from 5.3)."""
-        (_t, _p, relid, target_vp) = struct.unpack_from("<IIII", payload)
+        relid, target_vp = MODIFY_CHANNEL.unpack(payload)
         if self.version < VERSION_4_1:
             raise VmbusProtocolError(f"MODIFYCHANNEL on protocol {self.version >> 16}.{self.version & 0xFFFF}, "
                                      "which does not have it")

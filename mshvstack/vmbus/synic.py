@@ -16,7 +16,6 @@ lock); under it only hypercalls are issued (the partition's lock comes after).
 from __future__ import annotations
 
 import logging
-import struct
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from mshvstack.hvcall import HvError, HvRegister, calls
 from mshvstack.hvcall.call import HvTarget
 from mshvstack.partition.exits import HypercallIntercept, SintDeliverable
 from mshvstack.partition.memory import GuestMemory, GuestMemoryError
+from mshvstack.vmbus.layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,9 @@ EventHandler = Callable[[], None]
 QUEUE_LIMIT = 16          # like the hypervisor's per-port message buffers
 OUTGOING_LIMIT = 4096     # hard cap per VP/SINT (one request can queue many offers)
 MAX_SAVED_MESSAGES = 1 << 16
+# HvPostMessage's input: its header, read before the payload it announces.
+POST_INPUT = Layout("struct hv_input_post_message", "connectionid", "reserved", "message_type", "payload_size",
+                    prefix=ffi.offsetof("struct hv_input_post_message", "payload"))
 OK = int(lib.HV_STATUS_SUCCESS)
 
 
@@ -116,10 +119,10 @@ class SynicHost:
         if gpa % 8:
             return int(lib.HV_STATUS_INVALID_ALIGNMENT)
         try:
-            raw = self.memory.read(gpa, 16)
+            raw = self.memory.read(gpa, POST_INPUT.size)
         except GuestMemoryError:
             return int(lib.HV_STATUS_INVALID_PARAMETER)
-        connection_id, reserved, message_type, size = struct.unpack("<IIII", raw)
+        connection_id, reserved, message_type, size = POST_INPUT.unpack(raw)
         if reserved or connection_id & ~lib.VMBUS_CONNECTION_ID_MASK or size > lib.VMBUS_MESSAGE_MAX_PAYLOAD or message_type & 0x80000000:
             return int(lib.HV_STATUS_INVALID_HYPERCALL_INPUT)
         with self._lock:
@@ -130,7 +133,7 @@ class SynicHost:
             # Our replies are piling up unread: push back; Linux retries with back-off.
             return int(lib.HV_STATUS_INSUFFICIENT_BUFFERS)
         try:
-            payload = self.memory.read(gpa + 16, size)
+            payload = self.memory.read(gpa + POST_INPUT.size, size)
         except GuestMemoryError:
             return int(lib.HV_STATUS_INVALID_PARAMETER)
         return handler(message_type, payload)

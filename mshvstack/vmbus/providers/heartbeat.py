@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 import time
 import uuid
 from dataclasses import dataclass
@@ -10,10 +9,14 @@ from typing import TYPE_CHECKING, ClassVar
 
 from mshvstack.abi import lib
 from mshvstack.vmbus.errors import VmbusProtocolError
+from mshvstack.vmbus.layout import Layout
 from mshvstack.vmbus.providers.ic import IcMessage, IcProvider, IcState
 
 if TYPE_CHECKING:
     from mshvstack.vmbus.channel import Channel
+
+
+MESSAGE = Layout("struct heartbeat_msg_data", "seq_num")
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class Heartbeat(IcProvider):
     def beat(self) -> int:
         """Send the next sequence number; returns it."""
         self.sequence += 1
-        self.send_request(struct.pack("<Q", self.sequence) + bytes(32))
+        self.send_request(MESSAGE.pack(self.sequence))
         return self.sequence
 
     def save(self) -> HeartbeatState:
@@ -52,9 +55,9 @@ class Heartbeat(IcProvider):
         self.sequence, self.acknowledged = state.sequence, state.acknowledged
 
     def on_response(self, message: IcMessage) -> None:
-        if len(message.body) < 8:
-            raise VmbusProtocolError("heartbeat response too short")
-        (seq,) = struct.unpack_from("<Q", message.body)
+        if len(message.body) < MESSAGE.size:
+            raise VmbusProtocolError(f"heartbeat response of {len(message.body)} bytes is shorter than its {MESSAGE.size}")
+        (seq,) = MESSAGE.unpack(message.body)
         if seq != self.sequence + 1:
             raise VmbusProtocolError(f"heartbeat answered {seq}, expected {self.sequence + 1}")
         self.acknowledged = seq

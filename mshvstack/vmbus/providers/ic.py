@@ -3,7 +3,6 @@ version negotiation as Linux does it, and the request/response transaction."""
 
 from __future__ import annotations
 
-import struct
 import threading
 import time
 import uuid
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from mshvstack.abi import ffi, lib
 from mshvstack.vmbus.errors import VmbusProtocolError
+from mshvstack.vmbus.layout import Layout, array
 from mshvstack.vmbus.packets import INBAND, Packet
 
 if TYPE_CHECKING:
@@ -24,6 +24,7 @@ REQUEST = int(lib.ICMSGHDRFLAG_TRANSACTION | lib.ICMSGHDRFLAG_REQUEST)
 RESPONSE = int(lib.ICMSGHDRFLAG_TRANSACTION | lib.ICMSGHDRFLAG_RESPONSE)
 FRAMEWORK_VERSIONS = ((3, 0), (1, 0))
 MAX_IC_MESSAGE = 16 * 1024
+NEGOTIATE = Layout("struct icmsg_negotiate", "icframe_vercnt", "icmsg_vercnt")   # then the versions (ic_version)
 
 
 @dataclass(frozen=True)
@@ -63,20 +64,22 @@ def decode(payload: bytes) -> IcMessage:
 
 
 def negotiate_body(framework: tuple[tuple[int, int], ...], versions: tuple[tuple[int, int], ...]) -> bytes:
-    entries = b"".join(struct.pack("<HH", major, minor) for major, minor in framework + versions)
-    return struct.pack("<HHI", len(framework), len(versions), 0) + entries
+    offered = framework + versions
+    entries = array(NEGOTIATE.ctype, "icversion_data", len(offered)).pack(*(part for version in offered for part in version))
+    return NEGOTIATE.pack(len(framework), len(versions)) + entries
 
 
 def parse_negotiate_response(body: bytes) -> tuple[tuple[int, int], tuple[int, int]] | None:
     """The guest's choice (framework, message version), or None if it found no match."""
-    if len(body) < 8:
+    if len(body) < NEGOTIATE.size:
         raise VmbusProtocolError("negotiate response too short")
-    frame_count, msg_count, _ = struct.unpack_from("<HHI", body)
+    frame_count, msg_count = NEGOTIATE.unpack(body)
     if frame_count == 0 or msg_count == 0:
         return None
-    if frame_count != 1 or msg_count != 1 or len(body) < 16:
+    chosen = array(NEGOTIATE.ctype, "icversion_data", 2)
+    if frame_count != 1 or msg_count != 1 or len(body) < NEGOTIATE.size + chosen.size:
         raise VmbusProtocolError(f"negotiate response with counts {frame_count}/{msg_count}")
-    fmaj, fmin, vmaj, vmin = struct.unpack_from("<HHHH", body, 8)
+    fmaj, fmin, vmaj, vmin = chosen.unpack_from(body, NEGOTIATE.size)
     return (fmaj, fmin), (vmaj, vmin)
 
 

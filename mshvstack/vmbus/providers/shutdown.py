@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import struct
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from mshvstack.abi import lib
+from mshvstack.vmbus.layout import Layout
 from mshvstack.vmbus.providers.ic import IcMessage, IcProvider, IcState
 
 if TYPE_CHECKING:
     from mshvstack.vmbus.channel import Channel
+
+
+MESSAGE = Layout("struct shutdown_msg_data", "reason_code", "timeout_seconds", "flags")   # and no display message
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class Shutdown(IcProvider):
         flags = (lib.IC_SHUTDOWN_FLAG_FORCE if force else 0) | (lib.IC_SHUTDOWN_FLAG_RESTART if restart else 0) \
             | (lib.IC_SHUTDOWN_FLAG_HIBERNATE if hibernate else 0)
         self.result = None
-        self.send_request(struct.pack("<III", lib.IC_SHUTDOWN_REASON_PLANNED, 0, flags) + bytes(2048))
+        self.send_request(MESSAGE.pack(lib.IC_SHUTDOWN_REASON_PLANNED, 0, flags))
 
     def save(self) -> ShutdownState:
         return ShutdownState(self.save_ic(), self.result)

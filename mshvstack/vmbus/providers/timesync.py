@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 import time
 import uuid
 from collections.abc import Callable
@@ -10,12 +9,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from mshvstack.abi import lib
+from mshvstack.vmbus.layout import Layout
 from mshvstack.vmbus.providers.ic import IcMessage, IcProvider, IcState
 
 if TYPE_CHECKING:
     from mshvstack.vmbus.channel import Channel
 
 WINDOWS_EPOCH_OFFSET = int(lib.IC_WLTIMEDELTA)
+SAMPLE = Layout("struct ictimesync_data", "parenttime", "flags")                                  # versions 1 and 3
+SAMPLE_WITH_REFERENCE = Layout("struct ictimesync_ref_data", "parenttime", "vmreferencetime", "flags")   # version 4
 
 
 def host_time_100ns(clock: Callable[[], float] = time.time) -> int:
@@ -49,9 +51,9 @@ class TimeSync(IcProvider):
         flags = int(lib.IC_TIMESYNC_FLAG_SYNC if sync else lib.IC_TIMESYNC_FLAG_SAMPLE)
         now = host_time_100ns()
         if self.version is not None and self.version >= (4, 0) and self.reference_time is not None:
-            body = struct.pack("<QQBBB3s", now, self.reference_time(), flags, 0, 0, bytes(3))
+            body = SAMPLE_WITH_REFERENCE.pack(now, self.reference_time(), flags)
         else:
-            body = struct.pack("<QQQB", now, 0, 0, flags)
+            body = SAMPLE.pack(now, flags)
         self.send_request(body)
 
     def save(self) -> TimeSyncState:
