@@ -47,7 +47,6 @@ struct mshvstack_library {
     void *init_disas_context;
     void *tb_stop;
     void *translate_insn;
-    void *notdirty_write;
     void *stop_interrupt;
     void *xchg[4];
     void *cmpxchg_mmu[4];

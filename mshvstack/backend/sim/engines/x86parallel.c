@@ -68,7 +68,6 @@ struct mshvstack_library {
     void *init_disas_context;   /* i386_tr_init_disas_context */
     void *tb_stop;              /* i386_tr_tb_stop */
     void *translate_insn;       /* i386_tr_translate_insn */
-    void *notdirty_write;       /* notdirty_write (cputlb.c; its .isra.0 clone) */
     void *stop_interrupt;       /* x86_stop_interrupt */
     void *xchg[4];              /* helper_atomic_xchg{b,w_le,l_le,q_le} */
     void *cmpxchg_mmu[4];       /* helper_atomic_cmpxchg{b,w_le,l_le,q_le}_mmu */
@@ -194,55 +193,6 @@ static int wrap_code_checks(const struct mshvstack_library *lib)
 
 /* TranslatorOps (include/exec/translator.h): init_disas_context, tb_start, insn_start,
  * breakpoint_check, translate_insn, tb_stop, pc_sync. */
-/*
- * Stores through executable mappings at host speed.  Unicorn's
- * notdirty_write (cputlb.c), where a store through a TLB entry still marked
- * "not dirty" goes, marks the entry dirty (later stores: plain host stores)
- * only when the entry cannot fetch (addr_code == -1) and no memory hook
- * covers the page.  Linux maps its own image (text, data, bss, the boot
- * stack) executable until the end of boot, so every store to a kernel
- * variable took that slow path for good: the profile's largest item after
- * the new-block scan.  The core keeps code coherent without that test: a
- * page with translated code is guarded by a memory hook in every engine
- * (x86core.c, guard_page), which keeps every entry for it "not dirty", and
- * guarding clears the marks of entries already dirty for the page; a
- * translation and its page's guard happen before the block first runs (the
- * edge hook), and another engine's marks are cleared by its guard event, at
- * its next block boundary, with the page checked when it ran meanwhile
- * (CODE_EVENT_GUARD_CHECKED).  So the test is dropped: the conditional jump
- * after `cmpq $-1, 0x10(%rbp)` (addr_code, CPUTLBEntry's third word) becomes
- * unconditional, on to the hook check and tlb_set_dirty.  The bytes are
- * checked (unicorn 2.1.4's x86_64 build), else the engine refuses to start.
- */
-static const unsigned char addr_code_test[6] = {0x48, 0x83, 0x7D, 0x10, 0xFF, 0x74};   /* cmpq $-1,0x10(%rbp); je */
-
-static int fast_stores_through_code_mappings(void *notdirty)
-{
-    enum { SEARCH = 256 };
-    unsigned char *code = notdirty, *at = NULL;
-    if (!code)
-        return -1;
-    for (int i = 0; i + (int)sizeof addr_code_test + 1 <= SEARCH; i++) {
-        int patched = memcmp(code + i, addr_code_test, sizeof addr_code_test - 1) == 0 && code[i + 5] == 0xEB;
-        if (memcmp(code + i, addr_code_test, sizeof addr_code_test) == 0 || patched) {
-            if (at)
-                return -2;   /* not the one function this was written for */
-            at = code + i + 5;
-        }
-    }
-    if (!at)
-        return -3;
-    if (*at == 0xEB)
-        return 0;   /* done by an earlier engine */
-    long page = sysconf(_SC_PAGESIZE);
-    uintptr_t start = (uintptr_t)at & ~(uintptr_t)(page - 1);
-    if (mprotect((void *)start, (size_t)page, PROT_READ | PROT_WRITE | PROT_EXEC) != 0)
-        return -4;
-    *at = 0xEB;   /* je rel8 -> jmp rel8, same target */
-    __builtin___clear_cache((char *)at, (char *)at + 1);
-    return mprotect((void *)start, (size_t)page, PROT_READ | PROT_EXEC) == 0 ? 0 : -4;
-}
-
 enum { OPS_INIT_DISAS = 0, OPS_TRANSLATE_INSN = 4, OPS_TB_STOP = 5, OPS_COUNT = 7 };
 
 static void (*original_init_disas)(void *db, void *cpu);
@@ -821,9 +771,7 @@ int mshvstack_parallel_install(const struct mshvstack_library *lib)
         if (redirect(lib->xchg[i], own[i]) != 0)
             return -5;
     }
-    if (wrap_code_checks(lib) != 0)
-        return -6;
-    return fast_stores_through_code_mappings(lib->notdirty_write) == 0 ? 0 : -7;
+    return wrap_code_checks(lib) == 0 ? 0 : -6;
 }
 
 /*
