@@ -152,6 +152,14 @@ class LinuxVm:
         self._poll_console()
         return self.process.returncode, stdout, stderr
 
+    def shut_down_through_the_ic(self) -> tuple[int, str, str]:
+        """Ask for a graceful shutdown (QMP system_powerdown: the shutdown IC, which runs
+        the guest's /sbin/poweroff), wait for the guest to say so and for the VMM to exit;
+        (code, stdout, stderr)."""
+        self.ctl("shutdown")
+        self.wait_for("poweroff_requested", timeout=60)
+        return self.finish()
+
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)

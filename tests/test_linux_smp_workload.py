@@ -200,9 +200,7 @@ def test_hv_utils_and_hv_storvsc_reloaded_30_times(initrd: tuple[Path, Path], tm
         assert vm.wait_for("loaded", timeout=400)[0] == f"{utilities} {digest}", vm.log[-3000:]
         vm.wait_for("reloaded", timeout=900)
         # The shutdown IC reaches the hv_utils loaded last.
-        vm.ctl("shutdown")
-        vm.wait_for("poweroff_requested", timeout=60)
-        code, stdout, stderr = vm.finish()
+        code, stdout, stderr = vm.shut_down_through_the_ic()
     finally:
         vm.kill()
     log = vm.log

@@ -109,9 +109,7 @@ def _integration_components_work(vm: LinuxVm) -> None:
         assert time.monotonic() < deadline, (first, beat)
         time.sleep(1)
     assert vm.ctl("kvp", operation="get", pool="auto", key="OSName")["pairs"][0]["value"] == OS_NAME
-    vm.ctl("shutdown")
-    vm.wait_for("poweroff_requested", timeout=60)
-    code, stdout, stderr = vm.finish()
+    code, stdout, stderr = vm.shut_down_through_the_ic()
     assert code == 0 and "guest powered off (ACPI S5)" in stdout, f"{stdout}\n{stderr}"
 
 

@@ -201,9 +201,7 @@ def test_linux_drivers_use_our_vmbus_devices(initrd: tuple[Path, Path], tmp_path
         assert all((hyp[cpu] > moved[cpu]) == (cpu in talking) for cpu in range(vcpus)), (moved, hyp, talking)
 
         # Graceful shutdown: hv_utils runs the guest's /sbin/poweroff.
-        vm.ctl("shutdown")
-        vm.wait_for("poweroff_requested", timeout=60)
-        code, stdout, stderr = vm.finish()
+        code, stdout, stderr = vm.shut_down_through_the_ic()
     finally:
         vm.kill()
     log = vm.log
