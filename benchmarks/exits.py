@@ -60,7 +60,8 @@ def _sim_guest(code: bytes) -> tuple[SimBackend, int, int, int, mmap.mmap, objec
 
 def sim_exit_loop(stack: contextlib.ExitStack) -> Callable[[int], float]:
     """The raw loop: MSHV_RUN_VP, skip the OUT through the register page, run again."""
-    backend, _dev, _part, vp, _ram, page = _sim_guest(IO_LOOP)
+    backend, _dev, _part, vp, ram, page = _sim_guest(IO_LOOP)
+    stack.callback(ram.close)   # the guest's RAM lives as long as the loop (the engine maps its address)
     run = ffi.new("struct mshv_run_vp *")
     msg = ffi.cast("struct hv_message *", run)
     io = ffi.cast("struct hv_x64_io_port_intercept_message *", ffi.addressof(msg.u))
@@ -129,7 +130,8 @@ def _bare(code: bytes) -> tuple[unicorn.Uc, mmap.mmap]:
 
 def bare_exit_loop(stack: contextlib.ExitStack) -> Callable[[int], float]:
     """The same exact-instruction exit on Unicorn alone: code hook, stop, skip, restart."""
-    uc, _ram = _bare(IO_LOOP)
+    uc, ram = _bare(IO_LOOP)
+    stack.callback(ram.close)
 
     def on_out(uc: unicorn.Uc, address: int, size: int, _d: object) -> None:
         uc.reg_write(ux.UC_X86_REG_EIP, address)

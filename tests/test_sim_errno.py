@@ -17,6 +17,7 @@ import pytest
 
 from mshvstack.abi import ffi, lib
 from mshvstack.backend.sim import SimBackend
+from mshvstack.backend.sim.usercopy import owned_size
 from mshvstack.errors import ErrnoError
 
 from simhelpers import Guest, set_registers
@@ -71,6 +72,24 @@ def test_run_vp_copies_the_message_out_after_the_run(newest: Guest) -> None:
     """The guest runs (here: to an exit at an unmapped GPA) and only then is the
     message copied: EFAULT, the message lost, as on the driver."""
     assert _errno(newest.backend, newest.vp, lib.MSHV_RUN_VP, 0) == errno.EFAULT
+
+
+@pytest.mark.parametrize("bad", [0, KERNEL_ADDRESS, "unmapped"])
+def test_a_cast_pointer_is_checked_like_an_address(newest: Guest, bad: Any) -> None:
+    """Only memory cffi owns skips copy_to_user's check: a pointer cast from a bad
+    address is a bad address, whatever its C type."""
+    address = _unmapped_address() if bad == "unmapped" else bad
+    arg = ffi.cast("struct mshv_run_vp *", address)
+    assert owned_size(arg) == 0
+    assert _errno(newest.backend, newest.vp, lib.MSHV_RUN_VP, arg) == errno.EFAULT
+
+
+def test_owned_size_is_what_cffi_holds_for_the_caller() -> None:
+    assert owned_size(ffi.new("struct mshv_run_vp *")) == ffi.sizeof("struct mshv_run_vp")
+    assert owned_size(ffi.new("char[]", 300)) == 300
+    assert owned_size(ffi.from_buffer(bytearray(77))) == 77
+    assert owned_size(ffi.from_buffer("struct mshv_run_vp *", bytearray(300))) == ffi.sizeof("struct mshv_run_vp")
+    assert owned_size(0) == owned_size(None) == owned_size(0x1000) == 0
 
 
 def _hvcall_arg(in_ptr: int, out_ptr: int = 0, out_sz: int = 0, code: int = int(lib.HVCALL_GET_PARTITION_PROPERTY)) -> Any:

@@ -11,6 +11,7 @@ import dataclasses
 import operator
 import struct
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
@@ -417,30 +418,53 @@ def _reader(cls: type[VpExit]) -> tuple[tuple[str, ...], Any, Any, tuple[tuple[i
 _PAYLOAD_OFFSET = ffi.offsetof("struct hv_message", "u")
 
 
+_HEADER_CTYPE = ffi.typeof("struct hv_x64_intercept_message_header")
+_HEADER_SIZE = ffi.sizeof(_HEADER_CTYPE)
 _FAST_KINDS = {
     "header": InterceptHeader,
-    "header_fields": (("vp_index", ("vp_index",), False), ("instruction_length", ("instruction_length",), False),
-                      ("access", ("intercept_access_type",), False), ("cr8", ("cr8",), False),
-                      ("cpl", ("execution_state", "bits", "cpl"), False),
-                      ("cr0_pe", ("execution_state", "bits", "cr0_pe"), True),
-                      ("efer_lma", ("execution_state", "bits", "efer_lma"), True),
-                      ("interrupt_shadow", ("execution_state", "bits", "interrupt_shadow"), True),
-                      ("cs", ("cs_segment",), False), ("rip", ("rip",), False), ("rflags", ("rflags",), False)),
+    "header_ctype": _HEADER_CTYPE,
     "segment": Segment,
     "segment_fields": ("base", "limit", "selector", "attributes"),
 }
+# InterceptHeader's fields as a plan over its C struct (C path, and bool where the field is one).
+_HEADER_PLAN = (("vp_index", ("vp_index",), int), ("instruction_length", ("instruction_length",), int),
+                ("access", ("intercept_access_type",), int), ("cr8", ("cr8",), int),
+                ("cpl", ("execution_state", "bits", "cpl"), int),
+                ("cr0_pe", ("execution_state", "bits", "cr0_pe"), bool),
+                ("efer_lma", ("execution_state", "bits", "efer_lma"), bool),
+                ("interrupt_shadow", ("execution_state", "bits", "interrupt_shadow"), bool),
+                ("cs", ("cs_segment",), Segment), ("rip", ("rip",), int), ("rflags", ("rflags",), int))
+_HEADERS: dict[bytes, InterceptHeader] = {}
 _FAST: dict[type, Any] = {}
-_UNBUILT = object()
+_DECODERS: dict[int, Any] = {}   # message type -> its class's compiled decoder, or None (the reference path)
 _MESSAGE_TYPE = struct.Struct("<I")
 _MESSAGE_TYPE_OFFSET = ffi.offsetof("struct hv_message", "header") + ffi.offsetof("struct hv_message_header", "message_type")
+
+
+def _header(buffer: Any, offset: int) -> InterceptHeader:
+    """The header at ``offset``: one instance per distinct header, since a VMM sees the same
+    instruction exit again and again (the header says where the VP stopped; it is immutable)."""
+    raw = bytes(buffer[offset : offset + _HEADER_SIZE])
+    header = _HEADERS.get(raw)
+    if header is None:
+        if len(_HEADERS) >= 4096:
+            _HEADERS.clear()
+        header = _HEADERS[raw] = _HEADER_DECODER(raw, 0)
+    return header
 
 
 def fast_decoder(cls: type[VpExit]) -> Any:
     """The class's compiled decoder (fastdecode.py), or None where its layout needs the attribute path."""
     if cls not in _FAST:
-        _FAST[cls] = fastdecode.build(_plan(cls), ffi.typeof(cls.payload_ctype), _FAST_KINDS,
-                                      {"_built": _built, "_segment": _segment, "Header": InterceptHeader})
+        _FAST[cls] = fastdecode.build(_plan(cls), ffi.typeof(cls.payload_ctype), cls, _FAST_KINDS, _DECODER_HELPERS)
     return _FAST[cls]
+
+
+_DECODER_HELPERS = {"_segment": _segment, "_header": _header}
+_header_decoder = fastdecode.build(_HEADER_PLAN, _HEADER_CTYPE, InterceptHeader, _FAST_KINDS, _DECODER_HELPERS)
+if _header_decoder is None:
+    raise ImportError("the binding's intercept header is not a straight layout")
+_HEADER_DECODER: Callable[[Any, int], InterceptHeader] = _header_decoder
 
 
 def decode(raw: bytes | bytearray | memoryview) -> AnyExit:
@@ -455,16 +479,20 @@ def decode_message(msg: Any, buffer: Any = None) -> AnyExit:
     """The typed exit for a ``struct hv_message *`` (its values are copied out).
     ``buffer``: the message's bytes as a buffer, which the compiled decoders read;
     without it, cffi's attribute access reads every field (the reference path)."""
-    kind = _MESSAGE_TYPE.unpack_from(buffer, _MESSAGE_TYPE_OFFSET)[0] if buffer is not None else msg.header.message_type
+    if buffer is not None:
+        kind = _MESSAGE_TYPE.unpack_from(buffer, _MESSAGE_TYPE_OFFSET)[0]
+        decoder = _DECODERS.get(kind)
+        if decoder is not None:
+            return decoder(buffer, _PAYLOAD_OFFSET)   # type: ignore[no-any-return]
+        if kind not in _DECODERS and kind in _REGISTRY:
+            decoder = _DECODERS[kind] = fast_decoder(_REGISTRY[kind])
+            if decoder is not None:
+                return decoder(buffer, _PAYLOAD_OFFSET)   # type: ignore[no-any-return]
+    else:
+        kind = msg.header.message_type
     cls = _REGISTRY.get(kind)
     if cls is None:
         return UnknownExit(int(kind), bytes(ffi.buffer(msg, MESSAGE_SIZE)))
-    if buffer is not None:
-        fast = _FAST.get(cls, _UNBUILT)
-        if fast is _UNBUILT:
-            fast = fast_decoder(cls)
-        if fast is not None:
-            return cast(AnyExit, _built(cls, fast(buffer, _PAYLOAD_OFFSET)))
     names, ctype, getter, converts = _reader(cls)
     payload = ffi.cast(ctype, ffi.cast("char *", msg) + _PAYLOAD_OFFSET)
     values = list(getter(payload))

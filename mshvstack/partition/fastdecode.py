@@ -43,6 +43,18 @@ def leaf(ctype: Any, path: tuple[str, ...]) -> Leaf | None:
     return offset, ffi.sizeof(current), field.bitshift, field.bitsize
 
 
+def struct_at(ctype: Any, path: tuple[str, ...]) -> tuple[int, Any] | None:
+    """(offset, type) of the struct or union at ``path``."""
+    offset, current = 0, ctype
+    for part in path:
+        fields = dict(current.fields) if current.kind in ("struct", "union") else {}
+        if part not in fields:
+            return None
+        offset += fields[part].offset
+        current = fields[part].type
+    return (offset, current) if current.kind in ("struct", "union") else None
+
+
 def array(ctype: Any, path: tuple[str, ...]) -> tuple[int, int] | None:
     """(offset, length) of a byte array at ``path``."""
     offset, current = 0, ctype
@@ -85,13 +97,14 @@ class Layout:
         return struct.Struct(fmt), body
 
 
-def build(plan: tuple[tuple[str, tuple[str, ...], Any], ...], ctype: Any, kinds: dict[str, Any],
+def build(plan: tuple[tuple[str, tuple[str, ...], Any], ...], ctype: Any, result: type, kinds: dict[str, Any],
           namespace: dict[str, Any]) -> Callable[[Any, int], Any] | None:
-    """A function (buffer, payload offset) -> field values dict for one class, or None.
+    """A function (buffer, payload offset) -> a ``result`` (a frozen dataclass, built
+    without its per-field __init__) for one class, or None.
 
-    ``kinds`` gives the header and segment classes with their fields (name,
-    sub-path, is it a bool); ``namespace`` the helpers the generated code
-    calls (``_built``, ``_segment``, ``Header``).
+    ``kinds`` gives the header class and its C type, and the segment class
+    with its fields; ``namespace`` the helpers the generated code calls
+    (``_segment``, ``_header``).
     """
     layout = Layout()
 
@@ -109,13 +122,12 @@ def build(plan: tuple[tuple[str, tuple[str, ...], Any], ...], ctype: Any, kinds:
     items: list[str] = []
     for name, path, field_type in plan:
         if field_type is kinds["header"]:
-            parts = []
-            for header_name, sub, as_bool in kinds["header_fields"]:
-                expression = segment(path + sub) if header_name == "cs" else integer(path + sub, as_bool)
-                if expression is None:
-                    return None
-                parts.append(f"{header_name!r}: {expression}")
-            items.append(f"{name!r}: _built(Header, {{{', '.join(parts)}}})")
+            # The header says where the VP stopped: the same from one exit of an instruction to the
+            # next, so it has its own decoder behind a memo (``_header(buffer, offset)``).
+            where = struct_at(ctype, path)
+            if where is None or where[1] is not kinds["header_ctype"]:
+                return None
+            items.append(f"{name!r}: _header(buffer, base + {where[0]})")
         elif field_type is kinds["segment"]:
             expression = segment(path)
             if expression is None:
@@ -137,8 +149,9 @@ def build(plan: tuple[tuple[str, tuple[str, ...], Any], ...], ctype: Any, kinds:
     if compiled is None:
         return None
     packed, body = compiled
-    source = f"def decode(buffer, base):\n    v = _unpack(buffer, base)\n    return {{{body}}}\n"
-    scope = {**namespace, "_unpack": packed.unpack_from}
+    source = (f"def decode(buffer, base):\n    v = _unpack(buffer, base)\n    made = _new(_result)\n"
+              f"    made.__dict__.update({{{body}}})\n    return made\n")
+    scope = {**namespace, "_unpack": packed.unpack_from, "_new": object.__new__, "_result": result}
     exec(compile(source, f"<decoder for {ctype.cname}>", "exec"), scope)   # noqa: S102 - our own generated code
     decoder: Callable[[Any, int], Any] = scope["decode"]
     return decoder

@@ -12,6 +12,7 @@ CPU engine (Unicorn) executes the guest.
 from __future__ import annotations
 
 import errno
+import functools
 import mmap
 import os
 import threading
@@ -28,7 +29,15 @@ from mshvstack.backend.sim.eventfds import IrqfdWorker, MsiRoute, NotAnEventfd, 
 from mshvstack.backend.sim.faults import FaultPlan
 from mshvstack.backend.sim.hypervisor import Doorbell, SimPartition, VpExists
 from mshvstack.backend.sim.memory import PAGE_SHIFT, PAGE_SIZE
-from mshvstack.backend.sim.usercopy import UserFault, access_ok, address_of, copy_from_user, copy_to_user, user_range_writable
+from mshvstack.backend.sim.usercopy import (
+    UserFault,
+    access_ok,
+    address_of,
+    copy_from_user,
+    copy_to_user,
+    owned_size,
+    user_range_writable,
+)
 from mshvstack.backend.sim.vp import Kicked, SimVp
 from mshvstack.backend.sim.vpstate import StateBlob, VpStateError
 from mshvstack.errors import ErrnoError
@@ -71,24 +80,36 @@ class _UserArg:
     struct copied in with copy_from_user (EFAULT for NULL or unmapped memory)."""
 
     def __init__(self, arg: Any, ctype: str | None, copy_in: bool) -> None:
-        self.address = address_of(arg)
+        self.caller = arg
+        self.owned = owned_size(arg)
         self.kernel: Any = None
         if ctype:
             self.kernel = self.copy_in(ctype) if copy_in else ffi.new(f"{ctype} *")
 
+    @functools.cached_property
+    def address(self) -> int:
+        """The caller's address (a cast costs a microsecond: only copies that need checking ask)."""
+        return address_of(self.caller)
+
     def copy_in(self, ctype: str, offset: int = 0, count: int = 1) -> Any:
         """copy_from_user of ``count`` ``ctype``s at ``offset`` bytes into the argument."""
         size = ffi.sizeof(ctype) * count
+        copy = ffi.new(f"{ctype}[]", count) if count != 1 else ffi.new(f"{ctype} *")
+        if offset + size <= self.owned:
+            ffi.memmove(copy, ffi.cast("char *", self.caller) + offset, size)
+            return copy
         try:
             data = copy_from_user(self.address + offset, size)
         except UserFault:
             raise _Fail(errno.EFAULT) from None
-        copy = ffi.new(f"{ctype}[]", count) if count != 1 else ffi.new(f"{ctype} *")
         ffi.memmove(copy, data, size)
         return copy
 
     def copy_out(self, data: bytes, offset: int = 0) -> None:
         """copy_to_user at ``offset`` bytes into the argument."""
+        if offset + len(data) <= self.owned:
+            ffi.memmove(ffi.cast("char *", self.caller) + offset if offset else self.caller, data, len(data))
+            return
         _copy_to(self.address + offset, data)
 
 

@@ -320,14 +320,14 @@ class HvEmulator:
                 earliest = expiry
         return earliest
 
-    def poll_timers(self) -> None:
-        """Fire the timers whose expiry has passed."""
+    def poll_timers(self) -> int | None:
+        """Fire the timers whose expiry has passed; the earliest expiry still armed after it."""
         earliest = self.next_timer_expiry()
         if earliest is None:
-            return   # none armed (the common case): no clock read
+            return None   # none armed (the common case): no clock read
         now = self.services.reference_time()
         if now < earliest:
-            return
+            return earliest
         for n, timer in enumerate(self.timers):
             if timer.expiry is None or timer.undelivered or now < timer.expiry:
                 continue
@@ -338,6 +338,7 @@ class HvEmulator:
                 timer.undelivered = True
                 continue
             self._rearm_after_expiry(timer, expiry, now)
+        return self.next_timer_expiry()
 
     def _rearm_after_expiry(self, timer: SyntheticTimer, expiry: int, now: int) -> None:
         if timer.periodic and timer.count:

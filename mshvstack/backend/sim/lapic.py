@@ -264,13 +264,13 @@ class Lapic:
     def timer_deadline(self) -> int | None:
         """The next expiry; an expired timer fires first, so this is never in the past
         (a stale deadline would give the CPU zero-length time slices forever)."""
-        self.poll_timer()
-        return self._timer_deadline
+        return self.poll_timer()
 
-    def poll_timer(self) -> None:
+    def poll_timer(self) -> int | None:
+        """Fire the timer if it is due; its next deadline (monotonic ns), never in the past."""
         deadline = self._timer_deadline
         if deadline is None or time.monotonic_ns() < deadline:
-            return
+            return deadline
         lvt = self.lvt[LVT_TIMER]
         if lvt & TIMER_PERIODIC and self.timer_initial:
             period = max(self._period_ns(), 1)
@@ -282,6 +282,7 @@ class Lapic:
         if not lvt & LVT_MASKED:
             with self._lock:
                 self.irr |= 1 << (lvt & 0xFF)
+        return self._timer_deadline
 
     def _current_count(self) -> int:
         if self._timer_deadline is None or not self.timer_initial:

@@ -43,6 +43,32 @@ def address_of(arg: Any) -> int:
     return int(ffi.cast("uintptr_t", arg))
 
 
+# cdata whose memory cffi owns or pins for as long as the object lives (ffi.new, ffi.from_buffer): the
+# caller holds the object through the ioctl, so every byte of it is mapped and writable.  A cdata of any
+# other kind (ffi.cast of a raw address) takes the checked copy.
+_OWNING_TYPES = frozenset({type(ffi.new("char[]", 1)), type(ffi.new("int *")), type(ffi.from_buffer(bytearray(1)))})
+_POINTEE_SIZES: dict[Any, int] = {}
+
+
+def owned_size(arg: Any) -> int:
+    """How many bytes at ``arg``'s address are provably the caller's live memory (0: unknown).
+
+    copy_to_user's check costs two system calls, the largest part of an
+    MSHV_RUN_VP round trip here; a struct the caller allocated with cffi
+    cannot fault, so its copy needs none (what the kernel would accept anyway).
+    """
+    if type(arg) not in _OWNING_TYPES:
+        return 0
+    ctype = ffi.typeof(arg)
+    size = _POINTEE_SIZES.get(ctype)
+    if size is None:
+        if ctype.kind == "array":
+            return int(ffi.sizeof(arg))
+        item = ctype.item
+        size = _POINTEE_SIZES[ctype] = int(ffi.sizeof(item)) if item.kind in ("struct", "union", "primitive") else 0
+    return size
+
+
 def _transfer(address: int, buffer: Any, size: int, write: bool) -> None:
     """Copy between the caller's ``address`` and ``buffer`` (anything cffi can point at)."""
     global _vm_calls_work

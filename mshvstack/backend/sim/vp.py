@@ -213,16 +213,18 @@ class SimVp:
     def _step(self) -> bytes | _EngineWrote | None:
         if self.startup.suspended() and not self.startup.take():
             return None
-        self._poll_timers()
-        if self.halted and (not self._wait_for_interrupt() or self.startup.pending):
-            return None
+        deadline = self._poll_timers()
+        if self.halted:
+            if not self._wait_for_interrupt() or self.startup.pending:
+                return None
+            deadline = self._poll_timers()
         engine = self.ensure_engine()
         if self.kicked:
             return None   # kicked before the engine existed, so nothing cancelled it: take the kick first
         self._deliver_pending_interruption(engine)
         self._offer_events(engine)
         self.regs.running()
-        stop = engine.run(self.deadline_ns())
+        stop = engine.run(deadline)
         if stop.kind is StopKind.WRITTEN:
             return ENGINE_WROTE
         self.regs.stopped()
@@ -245,14 +247,16 @@ class SimVp:
             self.lapic.accept(int(pending.bits.interruption_vector) & 0xFF)
 
     # ---- time and events
-    def _poll_timers(self) -> None:
-        self.lapic.poll_timer()
-        self.hv.poll_timers()
+    def _poll_timers(self) -> int:
+        """Fire the timers that are due; when the engine must stop for the next expiry
+        (monotonic ns, never in the past; 0: no timer armed)."""
+        return self._deadline(self.lapic.poll_timer(), self.hv.poll_timers())
 
     def deadline_ns(self) -> int:
         """When the engine must stop for the next timer expiry (0: no timer armed)."""
-        lapic = self.lapic.timer_deadline()
-        expiry = self.hv.next_timer_expiry()
+        return self._deadline(self.lapic.timer_deadline(), self.hv.next_timer_expiry())
+
+    def _deadline(self, lapic: int | None, expiry: int | None) -> int:
         hv = None if expiry is None else self.partition.reference_to_monotonic(expiry)
         if hv is None or lapic is None:
             return lapic or hv or 0
