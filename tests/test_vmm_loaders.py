@@ -281,3 +281,44 @@ def test_elf_headers_that_overflow_or_lie_are_one_line(memory) -> None:  # type:
     with pytest.raises(LoaderError) as info:
         load_elf(bytes(bad), memory, "vmlinux")
     assert str(info.value).startswith("vmlinux: ") and "\n" not in str(info.value)
+
+
+def _gzip_bzimage(vmlinux: bytes) -> bytes:
+    import gzip
+    return _bzimage_with_payload(gzip.compress(vmlinux) + struct.pack("<I", len(vmlinux)))
+
+
+def test_the_vmlinux_cache_extracts_each_kernel_once(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from mshvstack.vmm.loader import vmlinuxcache
+    calls = []
+    real = vmlinuxcache.extract_vmlinux
+    monkeypatch.setattr(vmlinuxcache, "extract_vmlinux", lambda *a: calls.append(a) or real(*a))
+    first, second = make_elf([(0x100000, b"one" * 100, 0)], 0x100000), make_elf([(0x100000, b"two" * 100, 0)], 0x100000)
+    assert vmlinuxcache.cached_vmlinux(_gzip_bzimage(first), root=tmp_path) == first
+    assert vmlinuxcache.cached_vmlinux(_gzip_bzimage(first), root=tmp_path) == first
+    assert len(calls) == 1
+    assert vmlinuxcache.cached_vmlinux(_gzip_bzimage(second), root=tmp_path) == second   # another kernel, another entry
+    assert len(calls) == 2
+    # A damaged entry (one byte flipped) is never booted: the kernel is extracted again and the entry rewritten.
+    entry = next(path for path in tmp_path.glob("*.vmlinux") if path.read_bytes().endswith(first[-16:]))
+    damaged = bytearray(entry.read_bytes())
+    damaged[-1] ^= 1
+    entry.write_bytes(bytes(damaged))
+    assert vmlinuxcache.cached_vmlinux(_gzip_bzimage(first), root=tmp_path) == first
+    assert len(calls) == 3
+    assert vmlinuxcache.cached_vmlinux(_gzip_bzimage(first), root=tmp_path) == first
+    assert len(calls) == 3
+    # The limit still holds for a cached kernel (a smaller guest).
+    with pytest.raises(LoaderError, match="more than"):
+        vmlinuxcache.cached_vmlinux(_gzip_bzimage(first), limit=len(first) - 1, root=tmp_path)
+
+
+def test_the_vmlinux_cache_keeps_the_most_recent_kernels_and_survives_a_read_only_home(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from mshvstack.vmm.loader import vmlinuxcache
+    kernels = [make_elf([(0x100000, bytes([n]) * 64, 0)], 0x100000) for n in range(vmlinuxcache.KEEP + 2)]
+    for kernel in kernels:
+        assert vmlinuxcache.cached_vmlinux(_gzip_bzimage(kernel), root=tmp_path) == kernel
+    assert len(list(tmp_path.glob("*.vmlinux"))) == vmlinuxcache.KEEP
+    blocked = tmp_path / "file"
+    blocked.write_bytes(b"")   # a cache root below a plain file cannot be created
+    assert vmlinuxcache.cached_vmlinux(_gzip_bzimage(kernels[0]), root=blocked / "cache") == kernels[0]

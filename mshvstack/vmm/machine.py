@@ -40,9 +40,10 @@ from mshvstack.vmm.config import MachineConfig
 from mshvstack.vmm.crash import MSR_CRASH_CTL, GuestCrash, read_report
 from mshvstack.vmm.loader import LoaderError
 from mshvstack.vmm.loader.acpi import write_acpi_tables
-from mshvstack.vmm.loader.bzimage import extract_vmlinux, is_bzimage, load_bzimage
+from mshvstack.vmm.loader.bzimage import is_bzimage, load_bzimage
 from mshvstack.vmm.loader.elf import load_elf
 from mshvstack.vmm.loader.pvh import write_start_info
+from mshvstack.vmm.loader.vmlinuxcache import cached_vmlinux
 from mshvstack.vmm.loader.x86boot import BootState, long_mode, protected_mode
 from mshvstack.vmm.migration import Migration
 from mshvstack.vmm.platform import Platform
@@ -170,7 +171,7 @@ class Machine:
             return long_mode(memory, loaded.entry, stack=DEMO_STACK)
         if is_bzimage(image):
             if self.config.extract_vmlinux:
-                loaded = load_elf(extract_vmlinux(image, name, limit=self.config.memory), memory, f"{name} (vmlinux)")
+                loaded = load_elf(cached_vmlinux(image, name, limit=self.config.memory), memory, f"{name} (vmlinux)")
                 if not loaded.pvh:
                     raise LoaderError(f"{name}: the extracted vmlinux has no PVH entry note (CONFIG_PVH); boot the bzImage itself")
                 start_info = write_start_info(memory, self.config.cmdline, initrd, acpi.rsdp, loaded.end)
