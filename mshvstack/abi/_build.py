@@ -49,6 +49,7 @@ _GLUE_CDEF = """
 static const char MSHVSTACK_IOCTL_NAMES[];
 int mshvstack_ioctl(int fd, unsigned long request, uintptr_t arg);
 long mshvstack_self_copy(uintptr_t remote, const void *local, size_t size, int write);
+int memcmp(const void *, const void *, size_t);
 """
 _GLUE_SOURCE = """
 #define _GNU_SOURCE
@@ -57,6 +58,7 @@ _GLUE_SOURCE = """
 #include <limits.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <string.h>
 #include <sys/ioctl.h>
 #include <sys/uio.h>
 #include <unistd.h>

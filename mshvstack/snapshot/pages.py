@@ -6,14 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import cffi
+from mshvstack.abi import ffi as _ffi
+from mshvstack.abi import lib as _libc  # memcmp, compiled into the binding (no C parser at import)
 
 PAGE = 4096
 SPAN = 64 * PAGE   # compared at once; only a span that differs is compared page by page
 
-_ffi = cffi.FFI()
-_ffi.cdef("int memcmp(const void *, const void *, size_t);")
-_libc = _ffi.dlopen(None)
 _ZERO = bytes(SPAN)
 _ZERO_POINTER = _ffi.from_buffer(_ZERO)
 
