@@ -307,16 +307,14 @@ class Migration:
                       downtime_ms=int((now - paused_at) * 1000), remaining=0)
             return True
         except _Cancelled:
-            self._stop_tracking(tracking)
-            self._set(MigrationStatus.CANCELLED)
+            outcome: dict[str, Any] = {"status": MigrationStatus.CANCELLED}
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, the migration fails and the source runs on
-            self._stop_tracking(tracking)
-            if self._cancel.is_set():
-                self._set(MigrationStatus.CANCELLED)
-            else:
-                self._set(MigrationStatus.FAILED, error=str(exc) or type(exc).__name__)
+            outcome = ({"status": MigrationStatus.CANCELLED} if self._cancel.is_set() else
+                       {"status": MigrationStatus.FAILED, "error": str(exc) or type(exc).__name__})
+        self._stop_tracking(tracking)
         if paused:
-            machine.resume()
+            machine.resume()   # before the event: a client that acts on it finds the guest running
+        self._set(**outcome)
         return False
 
     def _start_tracking(self) -> bool:
