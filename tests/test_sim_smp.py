@@ -133,6 +133,17 @@ _COUNTERS = f"""
     lock cmpxchg8b {_line(8)}
     pop %rcx
     jnz 5b
+    mov {_line(11)}, %rax            /* CMPXCHG16B on a 128-bit counter (its carry crosses words) */
+    mov {_line(11)} + 8, %rdx
+6:  mov %rax, %rbx
+    mov %rdx, %r9
+    add $1, %rbx
+    adc $0, %r9
+    push %rcx
+    mov %r9, %rcx
+    lock cmpxchg16b {_line(11)}
+    pop %rcx
+    jnz 6b
     lock btsl $3, {_line(9)}         /* bit operations on a shared word */
     lock btrl $3, {_line(9)}
     lock orl $0x10000, {_line(10)}
@@ -147,6 +158,8 @@ _COUNTERS = f"""
 @pytest.mark.parametrize("vcpus", [2, 4])
 def test_locked_read_modify_writes_are_atomic_between_vps(partition: Partition, tmp_path: Path, vcpus: int) -> None:
     image, _ = assemble(_COUNTERS, tmp_path, origin=CODE)
+    wide_start = (1 << 64) - LOOPS   # the 128-bit counter's low word overflows halfway
+    partition.memory.write(_line(11), wide_start.to_bytes(16, "little"))
     _run_all(_start_vps(partition, image, vcpus))
     total = LOOPS * vcpus
     assert _u32(partition, _line(0)) == total                     # lock inc
@@ -158,6 +171,7 @@ def test_locked_read_modify_writes_are_atomic_between_vps(partition: Partition, 
     assert _u32(partition, _line(6)) == total                     # the increment it guards
     assert _u32(partition, _line(7)) == total                     # lock cmpxchg loop
     assert _u64(partition, _line(8)) == total                     # lock cmpxchg8b loop
+    assert int.from_bytes(partition.memory.read(_line(11), 16), "little") == wide_start + total   # lock cmpxchg16b
     assert _u32(partition, _line(9)) == 0 and _u32(partition, _line(10)) == 0
 
 

@@ -256,10 +256,11 @@ class SimPartition:
             b, d, c = words(b"GenuineIntel")
             return 0xD, b, c, d
         if leaf == 1:
-            ecx = (1 << 31) | (1 << 0) | (1 << 23) | (1 << 19) | (1 << 20)  # hypervisor, sse3, popcnt, sse4.x
+            ecx = (x86.CPUID_1_ECX_HYPERVISOR | x86.CPUID_1_ECX_SSE3 | x86.CPUID_1_ECX_CX16 | x86.CPUID_1_ECX_POPCNT
+                   | x86.CPUID_1_ECX_SSE41 | x86.CPUID_1_ECX_SSE42)
             edx = 0x0789FBFF  # fpu..sse2 baseline
             if self.flags & lib.HV_PARTITION_CREATION_FLAG_X2APIC_CAPABLE:
-                ecx |= 1 << 21
+                ecx |= x86.CPUID_1_ECX_X2APIC
             return 0x000306A9, (vp_index << 24) | 0x00010800, ecx, edx
         if leaf == 7:
             return 0, 0, 0, x86.CPUID_7_EDX_ARCH_CAPABILITIES if subleaf == 0 else 0

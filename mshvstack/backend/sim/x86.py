@@ -38,6 +38,17 @@ MSR_IA32_ARCH_CAPABILITIES = 0x10A
 ARCH_CAP_RDCL_NO = 1 << 0
 CPUID_7_EDX_ARCH_CAPABILITIES = 1 << 29
 
+# CPUID.1:ECX, what the engine implements of it.  CMPXCHG16B is a host 128-bit atomic
+# between VPs when locked (x86parallel.c); without it Linux's SLUB takes a bit lock and
+# emulates its per-CPU double compare-and-swap with interrupts off, on every allocation.
+CPUID_1_ECX_SSE3 = 1 << 0
+CPUID_1_ECX_CX16 = 1 << 13
+CPUID_1_ECX_SSE41 = 1 << 19
+CPUID_1_ECX_SSE42 = 1 << 20
+CPUID_1_ECX_X2APIC = 1 << 21
+CPUID_1_ECX_POPCNT = 1 << 23
+CPUID_1_ECX_HYPERVISOR = 1 << 31
+
 VECTOR_DF = 8
 VECTOR_GP = 13
 VECTOR_PF = 14
