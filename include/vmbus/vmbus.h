@@ -229,6 +229,14 @@ struct vmbus_ring_control {
 	__u32 feature_bits;
 } VMBUS_PACKED;
 
+/* Follows every packet in the data area (the next packet starts after it):
+ * the write_index at which the packet started, in the upper half.  Readers
+ * skip it; nobody validates it. */
+struct vmbus_ring_trailer {
+	__u32 reserved;
+	__u32 start_index;
+} VMBUS_PACKED;
+
 /* ---- packets ---- */
 #define VMBUS_PACKET_INVALID                0x0
 #define VMBUS_PACKET_SYNCH                  0x1
