@@ -23,12 +23,16 @@ CDEF = """
 #define RINGCORE_BAD_DESCRIPTOR ...
 #define RINGCORE_BAD_PACKET ...
 #define RINGCORE_BAD_LAYOUT ...
-#define RINGCORE_SMALL_OUTPUT ...
+#define RINGCORE_LARGE_PACKET ...
 struct ringcore_run {
     uint32_t data_offset;
     uint32_t length;
     uint32_t buffer;
     uint64_t host_offset;
+};
+struct ringcore_piece {
+    char *host;
+    uint32_t length;
 };
 struct ringcore_ring {
     uint32_t data_size;
@@ -36,6 +40,7 @@ struct ringcore_ring {
     const struct ringcore_run *runs;
     uint32_t control_buffer;
     uint64_t control_offset;
+    struct ringcore_piece *pieces;
 };
 struct ringcore_memory {
     char *const *bases;
@@ -53,11 +58,13 @@ struct ringcore_result {
     uint32_t len8;
     int signal;
     int ready;
+    uint32_t pieces;
 };
 int ringcore_write(const struct ringcore_ring *ring, const struct ringcore_memory *memory,
                    const char *packet, uint64_t length, struct ringcore_result *result);
 int ringcore_read(const struct ringcore_ring *ring, const struct ringcore_memory *memory,
                   char *out, uint64_t capacity, struct ringcore_result *result);
+int ringcore_consume(const struct ringcore_ring *ring, const struct ringcore_memory *memory, struct ringcore_result *result);
 int ringcore_used(const struct ringcore_ring *ring, const struct ringcore_memory *memory, struct ringcore_result *result);
 int ringcore_wait_for_space(const struct ringcore_ring *ring, const struct ringcore_memory *memory, uint64_t needed,
                             struct ringcore_result *result);

@@ -20,16 +20,24 @@ from __future__ import annotations
 
 import struct
 import threading
-from typing import NoReturn, Protocol
+from collections.abc import Callable
+from typing import Any, NoReturn, Protocol, assert_never
 
-from mshvstack.abi import ffi, lib
+from mshvstack.abi import ffi
+from mshvstack.abi import lib as abi_lib
+from mshvstack.vmbus._ringcore import ffi as ffi_core
+from mshvstack.vmbus._ringcore import lib
 from mshvstack.vmbus.errors import CorruptRing, RingFull
 from mshvstack.vmbus.ringcore import HostBuffer, RingCore, RingLayout, RingRun, RingStatus
 
-PAGE = int(lib.VMBUS_PAGE_SIZE)
+PAGE = int(abi_lib.VMBUS_PAGE_SIZE)
 TRAILER = ffi.sizeof("struct vmbus_ring_trailer")
 DESCRIPTOR = ffi.sizeof("struct vmpacket_descriptor")
 _U32 = struct.Struct("<I")
+# The hot paths' names, looked up once.
+_write, _read, _consume = lib.ringcore_write, lib.ringcore_read, lib.ringcore_consume
+release, unpack = ffi_core.release, ffi_core.unpack
+OK, EMPTY, LARGE_PACKET = int(RingStatus.OK), int(RingStatus.EMPTY), int(RingStatus.LARGE_PACKET)
 
 
 class RingMem(Protocol):
@@ -79,14 +87,31 @@ class _Ring:
             raise CorruptRing(f"ring data area of {self.size} bytes is not usable")
         self._core = RingCore(mem.layout, mem.buffers)
         # One operation on the ring at a time, so a ring is safe by itself (FlatRingMem in tests), and the
-        # core's result is this operation's; in the server every use already runs under the server's lock,
-        # which comes first.  A leaf: nothing is called with it held but the C core.
+        # core's tables are this operation's; in the server every use already runs under the server's lock,
+        # which comes first.  A leaf: nothing is called with it held but the C core.  The write and the
+        # read take it by hand: there a ``with`` costs as much as copying a small packet.
         self._lock = threading.Lock()
+        self._acquire, self._release = self._lock.acquire, self._lock.release
 
-    def _failed(self, status: RingStatus) -> NoReturn:
-        """The error for what the core found (the guest's doing, but for BAD_LAYOUT: memory gone)."""
-        result, size = self._core.result, self.size
-        match status:
+    def _call(self, function: Callable[..., int], *args: Any) -> int:
+        """``function(ring, memory, *args)`` of the core under the ring's lock, with the memory held."""
+        core = self._core
+        self._acquire()
+        try:
+            views = core.pin()
+            try:
+                return function(core.ring, core.memory, *args)
+            finally:
+                for view in views:
+                    release(view)
+        finally:
+            self._release()
+
+    def _failed(self, status: int, result: Any) -> NoReturn:
+        """The error for what the core found and left in ``result`` (the guest's doing,
+        but for BAD_LAYOUT: the ring's memory is no longer what it was)."""
+        size = self.size
+        match RingStatus(status):
             case RingStatus.BAD_INDICES:
                 raise CorruptRing(f"indices write {result.write_index:#x}, read {result.read_index:#x} "
                                   f"invalid for a {size:#x}-byte ring")
@@ -104,17 +129,23 @@ class _Ring:
             case RingStatus.BAD_PACKET:
                 raise ValueError("packets are a non-empty multiple of 8 bytes")
             case RingStatus.BAD_LAYOUT:
-                raise ValueError(f"the ring's pages no longer fit its host memory ({len(self.mem.buffers)} mappings)")
-            case RingStatus.OK | RingStatus.EMPTY | RingStatus.SMALL_OUTPUT:
-                raise AssertionError(f"ring core status {status.name} is not a failure")
+                raise ValueError(f"the ring's pages do not fit its host memory ({len(self._core.buffers)} mappings)")
+            case RingStatus.OK | RingStatus.EMPTY | RingStatus.LARGE_PACKET:
+                raise AssertionError(f"ring core status {RingStatus(status).name} is not a failure")
+            case unknown:
+                assert_never(unknown)
+
+    def _indices(self) -> Any:
+        """The core's view of the indices (``available`` used, ``free``), validated."""
+        result = ffi_core.new("struct ringcore_result *")   # its own: read after the lock
+        status = self._call(lib.ringcore_used, result)
+        if status:
+            self._failed(status, result)
+        return result
 
     def used(self) -> int:
         """Bytes between the indices (packets and trailers)."""
-        with self._lock:
-            status = self._core.used()
-            if status is not RingStatus.OK:
-                self._failed(status)
-            return int(self._core.result.available)
+        return int(self._indices().available)
 
 
 class OutgoingRing(_Ring):
@@ -122,18 +153,13 @@ class OutgoingRing(_Ring):
 
     def start(self) -> None:
         """At open: advertise pending-send-size support, clear our pending size."""
-        with self._lock:
-            status = self._core.start_outgoing()
-            if status is not RingStatus.OK:
-                self._failed(status)
+        status = self._call(lib.ringcore_start_outgoing)
+        if status:
+            self._failed(status, None)
 
     def free(self) -> int:
         """Bytes free for packets and their trailers (the ring never fills completely)."""
-        with self._lock:
-            status = self._core.used()
-            if status is not RingStatus.OK:
-                self._failed(status)
-            return int(self._core.result.free)
+        return int(self._indices().free)
 
     def write(self, packet: bytes) -> bool:
         """Append one packet (length a multiple of 8); True if the guest must be signalled.
@@ -143,19 +169,29 @@ class OutgoingRing(_Ring):
         """
         if len(packet) % 8 or not packet:
             raise ValueError("packets are a non-empty multiple of 8 bytes")
-        with self._lock:
-            status = self._core.write(packet)
-            if status is not RingStatus.OK:
-                self._failed(status)
-            return bool(self._core.result.signal)
+        source = packet if type(packet) is bytes else ffi_core.from_buffer(packet)
+        core = self._core
+        self._acquire()
+        try:
+            views = core.pin()
+            try:
+                status = _write(core.ring, core.memory, source, len(packet), core.result)
+            finally:
+                for view in views:
+                    release(view)
+            if status:
+                self._failed(status, core.result)
+            return bool(core.result.signal)
+        finally:
+            self._release()
 
     def wait_for_space(self, needed: int) -> bool:
         """Publish pending_send_sz; True if the space is already there (no need to wait)."""
-        with self._lock:
-            status = self._core.wait_for_space(needed)
-            if status is not RingStatus.OK:
-                self._failed(status)
-            return bool(self._core.result.ready)
+        result = ffi_core.new("struct ringcore_result *")
+        status = self._call(lib.ringcore_wait_for_space, needed, result)
+        if status:
+            self._failed(status, result)
+        return bool(result.ready)
 
 
 class IncomingRing(_Ring):
@@ -163,19 +199,37 @@ class IncomingRing(_Ring):
 
     def start(self) -> None:
         """At open: the host wants an interrupt for new data."""
-        with self._lock:
-            status = self._core.start_incoming()
-            if status is not RingStatus.OK:
-                self._failed(status)
+        status = self._call(lib.ringcore_start_incoming)
+        if status:
+            self._failed(status, None)
 
     def read(self) -> tuple[bytes, bool] | None:
         """One packet (descriptor + data, trailer removed) and whether the guest
         must be signalled (it was waiting for the space this read freed).  The
-        bytes are the caller's to keep; the descriptor in them is the one checked."""
-        with self._lock:
-            status, packet = self._core.read()
-            if status is RingStatus.OK:
-                return packet, bool(self._core.result.signal)
-            if status is RingStatus.EMPTY:
+        bytes are the caller's to keep; the descriptor in them is the one checked.
+
+        A packet up to a page comes through the core's scratch buffer in one call;
+        a larger one straight from the ring into the bytes returned (one copy, not
+        two): the core validates it and leaves it there, the bytes are joined from
+        its checked descriptor and the ring's pieces, then the core consumes it."""
+        core = self._core
+        self._acquire()
+        try:
+            views = core.pin()
+            try:
+                status = _read(core.ring, core.memory, core.scratch, core.scratch_size, core.result)
+                if status == OK:
+                    packet = unpack(core.scratch, core.result.length)
+                elif status == LARGE_PACKET:
+                    packet = core.large_packet()
+                    status = _consume(core.ring, core.memory, core.result)
+            finally:
+                for view in views:
+                    release(view)
+            if status == OK:
+                return packet, bool(core.result.signal)
+            if status == EMPTY:
                 return None
-            self._failed(status)
+            self._failed(status, core.result)
+        finally:
+            self._release()

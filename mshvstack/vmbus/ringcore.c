@@ -39,7 +39,7 @@ _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the ring's fields are
 #define RINGCORE_BAD_DESCRIPTOR  7   /* offset8/len8 do not frame a packet in what is available */
 #define RINGCORE_BAD_PACKET      8   /* write: the packet is not a non-empty multiple of 8 bytes */
 #define RINGCORE_BAD_LAYOUT      9   /* the run table does not fit the buffers given (a host bug) */
-#define RINGCORE_SMALL_OUTPUT   10   /* read: the output buffer is smaller than the packet (length) */
+#define RINGCORE_LARGE_PACKET   10   /* read: the packet does not fit the output buffer: nothing consumed */
 
 #define RINGCORE_TRAILER ((uint32_t)sizeof(struct vmbus_ring_trailer))
 #define RINGCORE_DESCRIPTOR ((uint32_t)sizeof(struct vmpacket_descriptor))
@@ -53,6 +53,12 @@ struct ringcore_run {
 	uint64_t host_offset;   /* where it starts in that buffer */
 };
 
+/* A piece of a packet left in the ring, in host memory. */
+struct ringcore_piece {
+	char *host;
+	uint32_t length;
+};
+
 /* Where a ring lies: fixed when the ring is set up, owned by the host. */
 struct ringcore_ring {
 	uint32_t data_size;
@@ -60,6 +66,7 @@ struct ringcore_ring {
 	const struct ringcore_run *runs;   /* sorted by data_offset, tiling [0, data_size) */
 	uint32_t control_buffer;
 	uint64_t control_offset;
+	struct ringcore_piece *pieces;     /* room for run_count + 1: a packet crosses each run's end at most once */
 };
 
 /* The host memory of one operation: each buffer's address and size. */
@@ -81,6 +88,7 @@ struct ringcore_result {
 	uint32_t len8;
 	int signal;            /* the other side must be signalled */
 	int ready;             /* wait_for_space: the space is there already */
+	uint32_t pieces;       /* read, a large packet: the ring's pieces after its descriptor */
 };
 
 static volatile uint32_t *control_field(const struct ringcore_ring *ring, const struct ringcore_memory *memory, size_t field)
@@ -246,19 +254,67 @@ static int ringcore_write(const struct ringcore_ring *ring, const struct ringcor
 	return RINGCORE_OK;
 }
 
+/* Guest -> host, second half of a read: publish the read index past the packet
+ * that ``result`` describes (as ringcore_read found and validated it) and say
+ * whether the guest must be signalled (it published a pending send size that
+ * this read's space now satisfies). */
+static int ringcore_consume(const struct ringcore_ring *ring, const struct ringcore_memory *memory, struct ringcore_result *result)
+{
+	volatile uint32_t *read_field = control_field(ring, memory, FIELD(read_index));
+	volatile uint32_t *pending_field = control_field(ring, memory, FIELD(pending_send_sz));
+
+	if (read_field == NULL || pending_field == NULL)
+		return RINGCORE_BAD_LAYOUT;
+	if (!index_valid(ring, result->read_index) || result->available >= ring->data_size ||
+	    (uint64_t)result->length + RINGCORE_TRAILER > result->available)
+		return RINGCORE_BAD_LAYOUT;   /* not what ringcore_read returned */
+	uint64_t old_free = ring->data_size - result->available - RINGCORE_TRAILER;
+	uint64_t new_free = old_free + result->length + RINGCORE_TRAILER;
+	publish(read_field, advance(ring, result->read_index, (uint64_t)result->length + RINGCORE_TRAILER));
+	full_fence();
+	/* Some writers store size - 1: the low bits are not part of the size. */
+	uint64_t pending = load(pending_field) & ~(uint32_t)(RINGCORE_INDEX_ALIGN - 1);
+	result->signal = pending != 0 && old_free < pending && pending <= new_free;
+	return RINGCORE_OK;
+}
+
+/* The host memory of ``length`` bytes of the data area from ``offset`` (at most
+ * data_size), as ring->pieces; their count, or 0 when the run table does not
+ * fit the buffers. */
+static uint32_t find_pieces(const struct ringcore_ring *ring, const struct ringcore_memory *memory, uint32_t offset,
+			    uint32_t length)
+{
+	uint32_t count = 0;
+
+	while (length) {
+		uint32_t room;
+		char *host = locate(ring, memory, offset, &room);
+		if (host == NULL || count > ring->run_count)
+			return 0;
+		uint32_t n = length < room ? length : room;
+		ring->pieces[count].host = host;
+		ring->pieces[count].length = n;
+		count++;
+		length -= n;
+		offset = advance(ring, offset, n);
+	}
+	return count;
+}
+
 /* Guest -> host: copy the next packet (descriptor onward, no trailer) to
- * ``out``, publish the read index, and say whether the guest must be signalled
- * (it published a pending send size that this read's space now satisfies). */
+ * ``out`` and consume it.  A packet longer than ``capacity`` is left in the
+ * ring (RINGCORE_LARGE_PACKET) for the caller to copy in one go: its
+ * validated descriptor is in ``out``, the rest in ring->pieces (result's
+ * ``pieces`` of them), and the caller finishes with ringcore_consume. */
 static int ringcore_read(const struct ringcore_ring *ring, const struct ringcore_memory *memory,
 			 char *out, uint64_t capacity, struct ringcore_result *result)
 {
 	volatile uint32_t *write_field = control_field(ring, memory, FIELD(write_index));
 	volatile uint32_t *read_field = control_field(ring, memory, FIELD(read_index));
-	volatile uint32_t *pending_field = control_field(ring, memory, FIELD(pending_send_sz));
 	struct vmpacket_descriptor descriptor;
 
 	clear(result);
-	if (write_field == NULL || read_field == NULL || pending_field == NULL)
+	if (write_field == NULL || read_field == NULL || capacity < RINGCORE_DESCRIPTOR)
 		return RINGCORE_BAD_LAYOUT;
 	int status = indices(ring, write_field, read_field, result);
 	if (status != RINGCORE_OK)
@@ -269,8 +325,6 @@ static int ringcore_read(const struct ringcore_ring *ring, const struct ringcore
 		return RINGCORE_EMPTY;
 	if (result->available < RINGCORE_DESCRIPTOR + RINGCORE_TRAILER)
 		return RINGCORE_SHORT;
-	if (capacity < RINGCORE_DESCRIPTOR)
-		return RINGCORE_SMALL_OUTPUT;
 	if (!copy_out(ring, memory, start, out, RINGCORE_DESCRIPTOR))
 		return RINGCORE_BAD_LAYOUT;
 	memcpy(&descriptor, out, sizeof(descriptor));   /* validated from the copy returned: read once */
@@ -281,19 +335,15 @@ static int ringcore_read(const struct ringcore_ring *ring, const struct ringcore
 	    length + RINGCORE_TRAILER > result->available)
 		return RINGCORE_BAD_DESCRIPTOR;
 	result->length = (uint32_t)length;
-	if (capacity < length)
-		return RINGCORE_SMALL_OUTPUT;   /* nothing consumed: the caller may retry with more room */
+	if (length > capacity) {
+		result->pieces = find_pieces(ring, memory, advance(ring, start, RINGCORE_DESCRIPTOR),
+					     result->length - RINGCORE_DESCRIPTOR);
+		return result->pieces ? RINGCORE_LARGE_PACKET : RINGCORE_BAD_LAYOUT;
+	}
 	if (!copy_out(ring, memory, advance(ring, start, RINGCORE_DESCRIPTOR), out + RINGCORE_DESCRIPTOR,
 		      result->length - RINGCORE_DESCRIPTOR))
 		return RINGCORE_BAD_LAYOUT;
-	uint64_t old_free = ring->data_size - result->available - RINGCORE_TRAILER;
-	uint64_t new_free = old_free + length + RINGCORE_TRAILER;
-	publish(read_field, advance(ring, start, length + RINGCORE_TRAILER));
-	full_fence();
-	/* Some writers store size - 1: the low bits are not part of the size. */
-	uint64_t pending = load(pending_field) & ~(uint32_t)(RINGCORE_INDEX_ALIGN - 1);
-	result->signal = pending != 0 && old_free < pending && pending <= new_free;
-	return RINGCORE_OK;
+	return ringcore_consume(ring, memory, result);
 }
 
 /* Bytes between the indices (write_index and read_index, each validated alone). */

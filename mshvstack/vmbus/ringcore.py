@@ -30,7 +30,8 @@ HostBuffer = mmap.mmap | bytearray
 PAGE = int(abi_lib.VMBUS_PAGE_SIZE)
 CONTROL_SIZE = abi_ffi.sizeof("struct vmbus_ring_control")
 INDEX_LIMIT = 1 << 32            # indices are u32
-FIRST_SCRATCH = PAGE             # a read's first output buffer; it grows to the largest packet seen
+DESCRIPTOR = abi_ffi.sizeof("struct vmpacket_descriptor")
+SCRATCH = PAGE                   # packets up to this size are read through a scratch buffer; larger ones straight out
 
 
 class RingStatus(enum.IntEnum):
@@ -46,10 +47,9 @@ class RingStatus(enum.IntEnum):
     BAD_DESCRIPTOR = lib.RINGCORE_BAD_DESCRIPTOR
     BAD_PACKET = lib.RINGCORE_BAD_PACKET
     BAD_LAYOUT = lib.RINGCORE_BAD_LAYOUT
-    SMALL_OUTPUT = lib.RINGCORE_SMALL_OUTPUT
+    LARGE_PACKET = lib.RINGCORE_LARGE_PACKET
 
 
-_STATUS = {status.value: status for status in RingStatus}   # a dict lookup: cheaper than RingStatus(code)
 
 @dataclass(frozen=True)
 class RingRun:
@@ -91,93 +91,51 @@ class RingLayout:
 
 
 class RingCore:
-    """One ring's tables for the C core, and its operations.  Not thread-safe: the ring
-    that owns it runs one operation at a time (``result`` is shared between them)."""
+    """One ring's tables for the C core (its layout, the memory of an operation, the
+    result, a scratch buffer).  Not thread-safe: the ring that owns it runs one
+    operation at a time, and calls the core's functions (``lib``) with these tables."""
 
     def __init__(self, layout: RingLayout, buffers: Sequence[HostBuffer]) -> None:
         layout.check(buffers)
         self.layout = layout
-        self._buffers = tuple(buffers)
+        self.buffers = tuple(buffers)
+        self.single = self.buffers[0] if len(self.buffers) == 1 else None   # the usual case: one mapping
         self._runs = ffi.new("struct ringcore_run[]", [(r.data_offset, r.length, r.buffer, r.host_offset) for r in layout.runs])
-        self._ring = ffi.new("struct ringcore_ring *", (layout.data_size, len(layout.runs), self._runs,
-                                                        layout.control_buffer, layout.control_offset))
-        self._bases = ffi.new("char *[]", len(self._buffers))
-        self._sizes = ffi.new("uint64_t[]", len(self._buffers))
-        self._memory = ffi.new("struct ringcore_memory *", (self._bases, self._sizes, len(self._buffers)))
+        self.pieces = ffi.new("struct ringcore_piece[]", len(layout.runs) + 1)
+        self.ring = ffi.new("struct ringcore_ring *", (layout.data_size, len(layout.runs), self._runs,
+                                                       layout.control_buffer, layout.control_offset, self.pieces))
+        # Filled by pin() for each operation and read by the core only within it (stale between operations).
+        self.bases = ffi.new("char *[]", len(self.buffers))
+        self.sizes = ffi.new("uint64_t[]", len(self.buffers))
+        self.memory = ffi.new("struct ringcore_memory *", (self.bases, self.sizes, len(self.buffers)))
         self.result = ffi.new("struct ringcore_result *")
-        self._scratch = ffi.new("char[]", min(FIRST_SCRATCH, layout.data_size))
-        self._scratch_size = len(self._scratch)
+        self.scratch = ffi.new("char[]", min(SCRATCH, layout.data_size))
+        self.scratch_size = len(self.scratch)
+        self._descriptor = ffi.buffer(self.scratch, DESCRIPTOR)
 
-    def _pin(self) -> list[Any]:
-        """Hold every buffer for one operation and give the core its address and size
-        (taken now: a buffer cannot be closed or resized while held).  ValueError once
-        a mapping is closed (the VMM took the memory away)."""
-        views = [ffi.from_buffer(buffer) for buffer in self._buffers]   # writable: checked with the layout
+    def pin(self) -> list[Any]:
+        """Hold every buffer for one operation and give the core its address and size,
+        taken now (a held buffer can be neither closed nor resized); release each view
+        returned (``ffi.release``) when the operation is over.  ValueError once a mapping
+        is closed: the VMM took the memory away."""
+        single = self.single
+        if single is not None:
+            view = ffi.from_buffer(single)   # writable: checked with the layout
+            self.bases[0] = view
+            self.sizes[0] = len(view)
+            return [view]
+        views = [ffi.from_buffer(buffer) for buffer in self.buffers]
         for index, view in enumerate(views):
-            self._bases[index] = view
-            self._sizes[index] = len(view)
+            self.bases[index] = view
+            self.sizes[index] = len(view)
         return views
 
-    def _unpin(self, views: list[Any]) -> None:
-        for index, view in enumerate(views):
-            self._bases[index] = ffi.NULL
-            self._sizes[index] = 0
-            ffi.release(view)
-
-    def write(self, packet: bytes | bytearray | memoryview) -> RingStatus:
-        """Append ``packet`` and its trailer, publish, decide the signal (``result.signal``)."""
-        source = packet if type(packet) is bytes else ffi.from_buffer(packet)
-        views = self._pin()
-        try:
-            return _STATUS[lib.ringcore_write(self._ring, self._memory, source, len(packet), self.result)]
-        finally:
-            self._unpin(views)
-
-    def read(self) -> tuple[RingStatus, bytes]:
-        """The next packet (descriptor onward, as validated), consumed and published;
-        ``result.signal`` says whether the producer waits for the space."""
-        views = self._pin()
-        try:
-            status = _STATUS[lib.ringcore_read(self._ring, self._memory, self._scratch, self._scratch_size, self.result)]
-            while status is RingStatus.SMALL_OUTPUT:
-                # Nothing was consumed: make room for this packet (at most the data area) and read again.
-                self._scratch_size = min(max(self.result.length, 2 * self._scratch_size), self.layout.data_size)
-                self._scratch = ffi.new("char[]", self._scratch_size)
-                status = _STATUS[lib.ringcore_read(self._ring, self._memory, self._scratch, self._scratch_size, self.result)]
-        finally:
-            self._unpin(views)
-        if status is not RingStatus.OK:
-            return status, b""
-        return status, ffi.unpack(self._scratch, self.result.length)
-
-    def used(self) -> RingStatus:
-        """The indices (``result.write_index``/``read_index``), bytes used (``available``) and ``free``."""
-        views = self._pin()
-        try:
-            return _STATUS[lib.ringcore_used(self._ring, self._memory, self.result)]
-        finally:
-            self._unpin(views)
-
-    def wait_for_space(self, needed: int) -> RingStatus:
-        """Publish ``needed`` as pending send size; ``result.ready`` if the space is already there."""
-        views = self._pin()
-        try:
-            return _STATUS[lib.ringcore_wait_for_space(self._ring, self._memory, needed, self.result)]
-        finally:
-            self._unpin(views)
-
-    def start_outgoing(self) -> RingStatus:
-        """At open, host -> guest: advertise pending-send-size support, clear our pending size."""
-        views = self._pin()
-        try:
-            return _STATUS[lib.ringcore_start_outgoing(self._ring, self._memory)]
-        finally:
-            self._unpin(views)
-
-    def start_incoming(self) -> RingStatus:
-        """At open, guest -> host: interrupts for new data wanted."""
-        views = self._pin()
-        try:
-            return _STATUS[lib.ringcore_start_incoming(self._ring, self._memory)]
-        finally:
-            self._unpin(views)
+    def large_packet(self) -> bytes:
+        """The packet ringcore_read left in the ring (larger than the scratch buffer), in
+        one copy: its descriptor from the scratch buffer, where the core validated it,
+        and the rest from the ring's pieces the core found.  Within an operation."""
+        pieces = self.pieces
+        if self.result.pieces == 1:
+            piece = pieces[0]
+            return b"".join((self._descriptor, ffi.buffer(piece.host, piece.length)))
+        return b"".join([self._descriptor, *(ffi.buffer(piece.host, piece.length) for piece in pieces[0 : self.result.pieces])])
