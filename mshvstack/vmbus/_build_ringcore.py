@@ -34,6 +34,11 @@ struct ringcore_piece {
     char *host;
     uint32_t length;
 };
+struct ringcore_memory {
+    char **bases;
+    uint64_t *sizes;
+    uint32_t count;
+};
 struct ringcore_ring {
     uint32_t data_size;
     uint32_t run_count;
@@ -41,11 +46,7 @@ struct ringcore_ring {
     uint32_t control_buffer;
     uint64_t control_offset;
     struct ringcore_piece *pieces;
-};
-struct ringcore_memory {
-    char *const *bases;
-    const uint64_t *sizes;
-    uint32_t count;
+    struct ringcore_memory memory;
 };
 struct ringcore_result {
     uint32_t write_index;
@@ -60,16 +61,16 @@ struct ringcore_result {
     int ready;
     uint32_t pieces;
 };
-int ringcore_write(const struct ringcore_ring *ring, const struct ringcore_memory *memory,
-                   const char *packet, uint64_t length, struct ringcore_result *result);
-int ringcore_read(const struct ringcore_ring *ring, const struct ringcore_memory *memory,
-                  char *out, uint64_t capacity, struct ringcore_result *result);
-int ringcore_consume(const struct ringcore_ring *ring, const struct ringcore_memory *memory, struct ringcore_result *result);
-int ringcore_used(const struct ringcore_ring *ring, const struct ringcore_memory *memory, struct ringcore_result *result);
-int ringcore_wait_for_space(const struct ringcore_ring *ring, const struct ringcore_memory *memory, uint64_t needed,
+int ringcore_write(struct ringcore_ring *ring, char *first, uint64_t first_size, const char *packet, uint64_t length,
+                   struct ringcore_result *result);
+int ringcore_read(struct ringcore_ring *ring, char *first, uint64_t first_size, char *out, uint64_t capacity,
+                  struct ringcore_result *result);
+int ringcore_consume(struct ringcore_ring *ring, char *first, uint64_t first_size, struct ringcore_result *result);
+int ringcore_used(struct ringcore_ring *ring, char *first, uint64_t first_size, struct ringcore_result *result);
+int ringcore_wait_for_space(struct ringcore_ring *ring, char *first, uint64_t first_size, uint64_t needed,
                             struct ringcore_result *result);
-int ringcore_start_outgoing(const struct ringcore_ring *ring, const struct ringcore_memory *memory);
-int ringcore_start_incoming(const struct ringcore_ring *ring, const struct ringcore_memory *memory);
+int ringcore_start_outgoing(struct ringcore_ring *ring, char *first, uint64_t first_size);
+int ringcore_start_incoming(struct ringcore_ring *ring, char *first, uint64_t first_size);
 """
 
 HERE = Path(__file__).parent

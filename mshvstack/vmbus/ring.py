@@ -36,7 +36,7 @@ DESCRIPTOR = ffi.sizeof("struct vmpacket_descriptor")
 _U32 = struct.Struct("<I")
 # The hot paths' names, looked up once.
 _write, _read, _consume = lib.ringcore_write, lib.ringcore_read, lib.ringcore_consume
-release, unpack = ffi_core.release, ffi_core.unpack
+from_buffer, release, unpack = ffi_core.from_buffer, ffi_core.release, ffi_core.unpack
 OK, EMPTY, LARGE_PACKET = int(RingStatus.OK), int(RingStatus.EMPTY), int(RingStatus.LARGE_PACKET)
 
 
@@ -94,16 +94,10 @@ class _Ring:
         self._acquire, self._release = self._lock.acquire, self._lock.release
 
     def _call(self, function: Callable[..., int], *args: Any) -> int:
-        """``function(ring, memory, *args)`` of the core under the ring's lock, with the memory held."""
-        core = self._core
+        """``function`` of the core (see RingCore.call) under the ring's lock."""
         self._acquire()
         try:
-            views = core.pin()
-            try:
-                return function(core.ring, core.memory, *args)
-            finally:
-                for view in views:
-                    release(view)
+            return self._core.call(function, *args)
         finally:
             self._release()
 
@@ -171,11 +165,12 @@ class OutgoingRing(_Ring):
             raise ValueError("packets are a non-empty multiple of 8 bytes")
         source = packet if type(packet) is bytes else ffi_core.from_buffer(packet)
         core = self._core
+        single = core.single
         self._acquire()
         try:
-            views = core.pin()
+            views = [from_buffer(single)] if single is not None else core.hold()   # RingCore.call, spelled out
             try:
-                status = _write(core.ring, core.memory, source, len(packet), core.result)
+                status = _write(core.ring, views[0], len(views[0]), source, len(packet), core.result)
             finally:
                 for view in views:
                     release(view)
@@ -213,16 +208,19 @@ class IncomingRing(_Ring):
         two): the core validates it and leaves it there, the bytes are joined from
         its checked descriptor and the ring's pieces, then the core consumes it."""
         core = self._core
+        single = core.single
+        packet = b""
         self._acquire()
         try:
-            views = core.pin()
+            views = [from_buffer(single)] if single is not None else core.hold()   # RingCore.call, spelled out
             try:
-                status = _read(core.ring, core.memory, core.scratch, core.scratch_size, core.result)
+                first, size = views[0], len(views[0])
+                status = _read(core.ring, first, size, core.scratch, core.scratch_size, core.result)
                 if status == OK:
                     packet = unpack(core.scratch, core.result.length)
                 elif status == LARGE_PACKET:
                     packet = core.large_packet()
-                    status = _consume(core.ring, core.memory, core.result)
+                    status = _consume(core.ring, first, size, core.result)
             finally:
                 for view in views:
                     release(view)

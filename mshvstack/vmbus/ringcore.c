@@ -59,6 +59,15 @@ struct ringcore_piece {
 	uint32_t length;
 };
 
+/* The host memory of one operation: each buffer's address and size.  Buffer 0
+ * comes with each call (the usual ring lies in one); the caller fills in the
+ * others before a call. */
+struct ringcore_memory {
+	char **bases;
+	uint64_t *sizes;
+	uint32_t count;
+};
+
 /* Where a ring lies: fixed when the ring is set up, owned by the host. */
 struct ringcore_ring {
 	uint32_t data_size;
@@ -67,13 +76,7 @@ struct ringcore_ring {
 	uint32_t control_buffer;
 	uint64_t control_offset;
 	struct ringcore_piece *pieces;     /* room for run_count + 1: a packet crosses each run's end at most once */
-};
-
-/* The host memory of one operation: each buffer's address and size. */
-struct ringcore_memory {
-	char *const *bases;
-	const uint64_t *sizes;
-	uint32_t count;
+	struct ringcore_memory memory;     /* the current operation's */
 };
 
 /* What an operation saw (for the caller's decision or error message). */
@@ -107,6 +110,21 @@ static volatile uint32_t *control_field(const struct ringcore_ring *ring, const 
 }
 
 #define FIELD(name) offsetof(struct vmbus_ring_control, name)
+
+/* The operation's memory, with buffer 0 as the call gives it. */
+static const struct ringcore_memory *bind(struct ringcore_ring *ring, char *first, uint64_t first_size)
+{
+	if (ring->memory.count == 0)
+		return NULL;
+	ring->memory.bases[0] = first;
+	ring->memory.sizes[0] = first_size;
+	return &ring->memory;
+}
+
+#define BIND(ring) \
+	const struct ringcore_memory *memory = bind(ring, first, first_size); \
+	if (memory == NULL) \
+		return RINGCORE_BAD_LAYOUT
 
 static uint32_t load(volatile uint32_t *field)
 {
@@ -219,9 +237,10 @@ static int indices(const struct ringcore_ring *ring, volatile uint32_t *write_fi
 /* Host -> guest: append one packet and its trailer, publish the write index,
  * and say whether the guest must be signalled (empty -> non-empty while its
  * interrupt mask is clear). */
-static int ringcore_write(const struct ringcore_ring *ring, const struct ringcore_memory *memory,
+static int ringcore_write(struct ringcore_ring *ring, char *first, uint64_t first_size,
 			  const char *packet, uint64_t length, struct ringcore_result *result)
 {
+	BIND(ring);
 	volatile uint32_t *write_field = control_field(ring, memory, FIELD(write_index));
 	volatile uint32_t *read_field = control_field(ring, memory, FIELD(read_index));
 	volatile uint32_t *mask_field = control_field(ring, memory, FIELD(interrupt_mask));
@@ -258,7 +277,7 @@ static int ringcore_write(const struct ringcore_ring *ring, const struct ringcor
  * that ``result`` describes (as ringcore_read found and validated it) and say
  * whether the guest must be signalled (it published a pending send size that
  * this read's space now satisfies). */
-static int ringcore_consume(const struct ringcore_ring *ring, const struct ringcore_memory *memory, struct ringcore_result *result)
+static int consume(const struct ringcore_ring *ring, const struct ringcore_memory *memory, struct ringcore_result *result)
 {
 	volatile uint32_t *read_field = control_field(ring, memory, FIELD(read_index));
 	volatile uint32_t *pending_field = control_field(ring, memory, FIELD(pending_send_sz));
@@ -276,6 +295,12 @@ static int ringcore_consume(const struct ringcore_ring *ring, const struct ringc
 	uint64_t pending = load(pending_field) & ~(uint32_t)(RINGCORE_INDEX_ALIGN - 1);
 	result->signal = pending != 0 && old_free < pending && pending <= new_free;
 	return RINGCORE_OK;
+}
+
+static int ringcore_consume(struct ringcore_ring *ring, char *first, uint64_t first_size, struct ringcore_result *result)
+{
+	BIND(ring);
+	return consume(ring, memory, result);
 }
 
 /* The host memory of ``length`` bytes of the data area from ``offset`` (at most
@@ -306,9 +331,10 @@ static uint32_t find_pieces(const struct ringcore_ring *ring, const struct ringc
  * ring (RINGCORE_LARGE_PACKET) for the caller to copy in one go: its
  * validated descriptor is in ``out``, the rest in ring->pieces (result's
  * ``pieces`` of them), and the caller finishes with ringcore_consume. */
-static int ringcore_read(const struct ringcore_ring *ring, const struct ringcore_memory *memory,
+static int ringcore_read(struct ringcore_ring *ring, char *first, uint64_t first_size,
 			 char *out, uint64_t capacity, struct ringcore_result *result)
 {
+	BIND(ring);
 	volatile uint32_t *write_field = control_field(ring, memory, FIELD(write_index));
 	volatile uint32_t *read_field = control_field(ring, memory, FIELD(read_index));
 	struct vmpacket_descriptor descriptor;
@@ -343,11 +369,11 @@ static int ringcore_read(const struct ringcore_ring *ring, const struct ringcore
 	if (!copy_out(ring, memory, advance(ring, start, RINGCORE_DESCRIPTOR), out + RINGCORE_DESCRIPTOR,
 		      result->length - RINGCORE_DESCRIPTOR))
 		return RINGCORE_BAD_LAYOUT;
-	return ringcore_consume(ring, memory, result);
+	return consume(ring, memory, result);
 }
 
 /* Bytes between the indices (write_index and read_index, each validated alone). */
-static int ringcore_used(const struct ringcore_ring *ring, const struct ringcore_memory *memory, struct ringcore_result *result)
+static int used(const struct ringcore_ring *ring, const struct ringcore_memory *memory, struct ringcore_result *result)
 {
 	volatile uint32_t *write_field = control_field(ring, memory, FIELD(write_index));
 	volatile uint32_t *read_field = control_field(ring, memory, FIELD(read_index));
@@ -366,11 +392,18 @@ static int ringcore_used(const struct ringcore_ring *ring, const struct ringcore
 	return RINGCORE_OK;
 }
 
+static int ringcore_used(struct ringcore_ring *ring, char *first, uint64_t first_size, struct ringcore_result *result)
+{
+	BIND(ring);
+	return used(ring, memory, result);
+}
+
 /* Host -> guest, blocked: publish the pending send size, then look again at
  * the space (the guest may have freed it meanwhile); withdraw it if there. */
-static int ringcore_wait_for_space(const struct ringcore_ring *ring, const struct ringcore_memory *memory, uint64_t needed,
+static int ringcore_wait_for_space(struct ringcore_ring *ring, char *first, uint64_t first_size, uint64_t needed,
 				   struct ringcore_result *result)
 {
+	BIND(ring);
 	volatile uint32_t *pending_field = control_field(ring, memory, FIELD(pending_send_sz));
 
 	clear(result);
@@ -379,7 +412,7 @@ static int ringcore_wait_for_space(const struct ringcore_ring *ring, const struc
 	result->needed = needed;
 	publish(pending_field, (uint32_t)((needed + RINGCORE_INDEX_ALIGN - 1) & ~(uint64_t)(RINGCORE_INDEX_ALIGN - 1)));
 	full_fence();
-	int status = ringcore_used(ring, memory, result);
+	int status = used(ring, memory, result);
 	result->needed = needed;
 	if (status != RINGCORE_OK)
 		return status;
@@ -391,8 +424,9 @@ static int ringcore_wait_for_space(const struct ringcore_ring *ring, const struc
 }
 
 /* At open, host -> guest: advertise pending-send-size support, clear our pending size. */
-static int ringcore_start_outgoing(const struct ringcore_ring *ring, const struct ringcore_memory *memory)
+static int ringcore_start_outgoing(struct ringcore_ring *ring, char *first, uint64_t first_size)
 {
+	BIND(ring);
 	volatile uint32_t *features = control_field(ring, memory, FIELD(feature_bits));
 	volatile uint32_t *pending = control_field(ring, memory, FIELD(pending_send_sz));
 
@@ -404,8 +438,9 @@ static int ringcore_start_outgoing(const struct ringcore_ring *ring, const struc
 }
 
 /* At open, guest -> host: the host wants interrupts for new data. */
-static int ringcore_start_incoming(const struct ringcore_ring *ring, const struct ringcore_memory *memory)
+static int ringcore_start_incoming(struct ringcore_ring *ring, char *first, uint64_t first_size)
 {
+	BIND(ring);
 	volatile uint32_t *mask = control_field(ring, memory, FIELD(interrupt_mask));
 
 	if (mask == NULL)

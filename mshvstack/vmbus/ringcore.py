@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 import mmap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,48 +93,56 @@ class RingLayout:
 class RingCore:
     """One ring's tables for the C core (its layout, the memory of an operation, the
     result, a scratch buffer).  Not thread-safe: the ring that owns it runs one
-    operation at a time, and calls the core's functions (``lib``) with these tables."""
+    operation at a time, and calls the core's functions (``lib``) with these tables.
+
+    Each function of the core takes buffer 0 (address and size) as arguments, after
+    the ring: the usual ring lies in one mapping (``single``), and its operations
+    pass ``ffi.from_buffer(single)``; ``call`` does it for any number of buffers."""
 
     def __init__(self, layout: RingLayout, buffers: Sequence[HostBuffer]) -> None:
         layout.check(buffers)
         self.layout = layout
         self.buffers = tuple(buffers)
-        self.single = self.buffers[0] if len(self.buffers) == 1 else None   # the usual case: one mapping
+        self.single = self.buffers[0] if len(self.buffers) == 1 else None
         self._runs = ffi.new("struct ringcore_run[]", [(r.data_offset, r.length, r.buffer, r.host_offset) for r in layout.runs])
-        self.pieces = ffi.new("struct ringcore_piece[]", len(layout.runs) + 1)
-        self.ring = ffi.new("struct ringcore_ring *", (layout.data_size, len(layout.runs), self._runs,
-                                                       layout.control_buffer, layout.control_offset, self.pieces))
-        # Filled by pin() for each operation and read by the core only within it (stale between operations).
-        self.bases = ffi.new("char *[]", len(self.buffers))
-        self.sizes = ffi.new("uint64_t[]", len(self.buffers))
-        self.memory = ffi.new("struct ringcore_memory *", (self.bases, self.sizes, len(self.buffers)))
+        self._pieces = ffi.new("struct ringcore_piece[]", len(layout.runs) + 1)
+        # Filled for each operation and read by the core only within it (stale between operations).
+        self._bases = ffi.new("char *[]", len(self.buffers))
+        self._sizes = ffi.new("uint64_t[]", len(self.buffers))
+        self.ring = ffi.new("struct ringcore_ring *", (layout.data_size, len(layout.runs), self._runs, layout.control_buffer,
+                                                       layout.control_offset, self._pieces,
+                                                       (self._bases, self._sizes, len(self.buffers))))
         self.result = ffi.new("struct ringcore_result *")
         self.scratch = ffi.new("char[]", min(SCRATCH, layout.data_size))
         self.scratch_size = len(self.scratch)
         self._descriptor = ffi.buffer(self.scratch, DESCRIPTOR)
 
-    def pin(self) -> list[Any]:
-        """Hold every buffer for one operation and give the core its address and size,
-        taken now (a held buffer can be neither closed nor resized); release each view
-        returned (``ffi.release``) when the operation is over.  ValueError once a mapping
-        is closed: the VMM took the memory away."""
-        single = self.single
-        if single is not None:
-            view = ffi.from_buffer(single)   # writable: checked with the layout
-            self.bases[0] = view
-            self.sizes[0] = len(view)
-            return [view]
-        views = [ffi.from_buffer(buffer) for buffer in self.buffers]
-        for index, view in enumerate(views):
-            self.bases[index] = view
-            self.sizes[index] = len(view)
+    def hold(self) -> list[Any]:
+        """Every buffer held for one operation (``ffi.from_buffer``: a held buffer can be
+        neither closed nor resized), with the address and size of all but buffer 0 given
+        to the core now; pass ``views[0]`` and its ``len`` to the core's functions and
+        ``ffi.release`` each view after.  ValueError once a mapping is closed: the VMM
+        took the memory away.  (The ring's write and read spell this out for ``single``.)"""
+        views = [ffi.from_buffer(buffer) for buffer in self.buffers]   # writable: checked with the layout
+        for index in range(1, len(views)):
+            self._bases[index] = views[index]
+            self._sizes[index] = len(views[index])
         return views
+
+    def call(self, function: Callable[..., int], *args: Any) -> int:
+        """``function(ring, buffer 0, its size, *args)`` with the buffers held."""
+        views = self.hold()
+        try:
+            return function(self.ring, views[0], len(views[0]), *args)
+        finally:
+            for view in views:
+                ffi.release(view)
 
     def large_packet(self) -> bytes:
         """The packet ringcore_read left in the ring (larger than the scratch buffer), in
         one copy: its descriptor from the scratch buffer, where the core validated it,
         and the rest from the ring's pieces the core found.  Within an operation."""
-        pieces = self.pieces
+        pieces = self._pieces
         if self.result.pieces == 1:
             piece = pieces[0]
             return b"".join((self._descriptor, ffi.buffer(piece.host, piece.length)))
