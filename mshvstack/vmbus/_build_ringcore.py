@@ -30,10 +30,6 @@ struct ringcore_run {
     uint32_t buffer;
     uint64_t host_offset;
 };
-struct ringcore_piece {
-    char *host;
-    uint32_t length;
-};
 struct ringcore_memory {
     char **bases;
     uint64_t *sizes;
@@ -45,7 +41,6 @@ struct ringcore_ring {
     const struct ringcore_run *runs;
     uint32_t control_buffer;
     uint64_t control_offset;
-    struct ringcore_piece *pieces;
     struct ringcore_memory memory;
 };
 struct ringcore_result {
@@ -59,13 +54,11 @@ struct ringcore_result {
     uint32_t len8;
     int signal;
     int ready;
-    uint32_t pieces;
 };
 int ringcore_write(struct ringcore_ring *ring, char *first, uint64_t first_size, const char *packet, uint64_t length,
                    struct ringcore_result *result);
 int ringcore_read(struct ringcore_ring *ring, char *first, uint64_t first_size, char *out, uint64_t capacity,
                   struct ringcore_result *result);
-int ringcore_consume(struct ringcore_ring *ring, char *first, uint64_t first_size, struct ringcore_result *result);
 int ringcore_used(struct ringcore_ring *ring, char *first, uint64_t first_size, struct ringcore_result *result);
 int ringcore_wait_for_space(struct ringcore_ring *ring, char *first, uint64_t first_size, uint64_t needed,
                             struct ringcore_result *result);

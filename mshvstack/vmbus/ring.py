@@ -35,8 +35,8 @@ TRAILER = ffi.sizeof("struct vmbus_ring_trailer")
 DESCRIPTOR = ffi.sizeof("struct vmpacket_descriptor")
 _U32 = struct.Struct("<I")
 # The hot paths' names, looked up once.
-_write, _read, _consume = lib.ringcore_write, lib.ringcore_read, lib.ringcore_consume
-from_buffer, release, unpack = ffi_core.from_buffer, ffi_core.release, ffi_core.unpack
+_write, _read = lib.ringcore_write, lib.ringcore_read
+from_buffer, release = ffi_core.from_buffer, ffi_core.release
 OK, EMPTY, LARGE_PACKET = int(RingStatus.OK), int(RingStatus.EMPTY), int(RingStatus.LARGE_PACKET)
 
 
@@ -161,19 +161,19 @@ class OutgoingRing(_Ring):
         Raises RingFull when there is no room; the caller may then wait for
         the guest's signal (see wait_for_space).
         """
-        if len(packet) % 8 or not packet:
-            raise ValueError("packets are a non-empty multiple of 8 bytes")
         source = packet if type(packet) is bytes else ffi_core.from_buffer(packet)
         core = self._core
         single = core.single
         self._acquire()
         try:
-            views = [from_buffer(single)] if single is not None else core.hold()   # RingCore.call, spelled out
-            try:
-                status = _write(core.ring, views[0], len(views[0]), source, len(packet), core.result)
-            finally:
-                for view in views:
+            if single is not None:   # RingCore.call, spelled out for the usual ring
+                view = from_buffer(single)
+                try:
+                    status = _write(core.ring, view, len(view), source, len(packet), core.result)
+                finally:
                     release(view)
+            else:
+                status = core.call(_write, source, len(packet), core.result)
             if status:
                 self._failed(status, core.result)
             return bool(core.result.signal)
@@ -198,36 +198,37 @@ class IncomingRing(_Ring):
         if status:
             self._failed(status, None)
 
-    def read(self) -> tuple[bytes, bool] | None:
+    def read(self) -> tuple[memoryview, bool] | None:
         """One packet (descriptor + data, trailer removed) and whether the guest
-        must be signalled (it was waiting for the space this read freed).  The
-        bytes are the caller's to keep; the descriptor in them is the one checked.
+        must be signalled (it was waiting for the space this read freed).
 
-        A packet up to a page comes through the core's scratch buffer in one call;
-        a larger one straight from the ring into the bytes returned (one copy, not
-        two): the core validates it and leaves it there, the bytes are joined from
-        its checked descriptor and the ring's pieces, then the core consumes it."""
+        The packet is a read-only view of the ring's own buffer, valid until the
+        next read: copy what you keep (packets.parse does).  The descriptor in it
+        is the one the core checked.  Not copying it again into a new object is
+        half the cost of a large packet."""
         core = self._core
-        single = core.single
-        packet = b""
         self._acquire()
         try:
-            views = [from_buffer(single)] if single is not None else core.hold()   # RingCore.call, spelled out
-            try:
-                first, size = views[0], len(views[0])
-                status = _read(core.ring, first, size, core.scratch, core.scratch_size, core.result)
-                if status == OK:
-                    packet = unpack(core.scratch, core.result.length)
-                elif status == LARGE_PACKET:
-                    packet = core.large_packet()
-                    status = _consume(core.ring, first, size, core.result)
-            finally:
-                for view in views:
-                    release(view)
+            status = self._read_once(core)
+            while status == LARGE_PACKET:   # nothing consumed: read it again with room for it
+                core.grow_scratch(core.result.length)
+                status = self._read_once(core)
             if status == OK:
-                return packet, bool(core.result.signal)
+                return core.scratch_view[: core.result.length], bool(core.result.signal)
             if status == EMPTY:
                 return None
             self._failed(status, core.result)
         finally:
             self._release()
+
+    @staticmethod
+    def _read_once(core: RingCore) -> int:
+        """ringcore_read into the scratch buffer (RingCore.call, spelled out for the usual ring)."""
+        single = core.single
+        if single is None:
+            return core.call(_read, core.scratch, core.scratch_size, core.result)
+        view = from_buffer(single)
+        try:
+            return _read(core.ring, view, len(view), core.scratch, core.scratch_size, core.result)  # type: ignore[no-any-return]
+        finally:
+            release(view)

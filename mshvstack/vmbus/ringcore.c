@@ -39,7 +39,7 @@ _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the ring's fields are
 #define RINGCORE_BAD_DESCRIPTOR  7   /* offset8/len8 do not frame a packet in what is available */
 #define RINGCORE_BAD_PACKET      8   /* write: the packet is not a non-empty multiple of 8 bytes */
 #define RINGCORE_BAD_LAYOUT      9   /* the run table does not fit the buffers given (a host bug) */
-#define RINGCORE_LARGE_PACKET   10   /* read: the packet does not fit the output buffer: nothing consumed */
+#define RINGCORE_LARGE_PACKET   10   /* read: the packet does not fit the output buffer: nothing consumed (length) */
 
 #define RINGCORE_TRAILER ((uint32_t)sizeof(struct vmbus_ring_trailer))
 #define RINGCORE_DESCRIPTOR ((uint32_t)sizeof(struct vmpacket_descriptor))
@@ -51,12 +51,6 @@ struct ringcore_run {
 	uint32_t length;
 	uint32_t buffer;        /* which of the operation's buffers holds it */
 	uint64_t host_offset;   /* where it starts in that buffer */
-};
-
-/* A piece of a packet left in the ring, in host memory. */
-struct ringcore_piece {
-	char *host;
-	uint32_t length;
 };
 
 /* The host memory of one operation: each buffer's address and size.  Buffer 0
@@ -75,7 +69,6 @@ struct ringcore_ring {
 	const struct ringcore_run *runs;   /* sorted by data_offset, tiling [0, data_size) */
 	uint32_t control_buffer;
 	uint64_t control_offset;
-	struct ringcore_piece *pieces;     /* room for run_count + 1: a packet crosses each run's end at most once */
 	struct ringcore_memory memory;     /* the current operation's */
 };
 
@@ -91,7 +84,6 @@ struct ringcore_result {
 	uint32_t len8;
 	int signal;            /* the other side must be signalled */
 	int ready;             /* wait_for_space: the space is there already */
-	uint32_t pieces;       /* read, a large packet: the ring's pieces after its descriptor */
 };
 
 static volatile uint32_t *control_field(const struct ringcore_ring *ring, const struct ringcore_memory *memory, size_t field)
@@ -273,8 +265,8 @@ static int ringcore_write(struct ringcore_ring *ring, char *first, uint64_t firs
 	return RINGCORE_OK;
 }
 
-/* Guest -> host, second half of a read: publish the read index past the packet
- * that ``result`` describes (as ringcore_read found and validated it) and say
+/* Guest -> host, the end of a read: publish the read index past the packet
+ * that ``result`` describes (as ringcore_read validated and copied it) and say
  * whether the guest must be signalled (it published a pending send size that
  * this read's space now satisfies). */
 static int consume(const struct ringcore_ring *ring, const struct ringcore_memory *memory, struct ringcore_result *result)
@@ -284,9 +276,6 @@ static int consume(const struct ringcore_ring *ring, const struct ringcore_memor
 
 	if (read_field == NULL || pending_field == NULL)
 		return RINGCORE_BAD_LAYOUT;
-	if (!index_valid(ring, result->read_index) || result->available >= ring->data_size ||
-	    (uint64_t)result->length + RINGCORE_TRAILER > result->available)
-		return RINGCORE_BAD_LAYOUT;   /* not what ringcore_read returned */
 	uint64_t old_free = ring->data_size - result->available - RINGCORE_TRAILER;
 	uint64_t new_free = old_free + result->length + RINGCORE_TRAILER;
 	publish(read_field, advance(ring, result->read_index, (uint64_t)result->length + RINGCORE_TRAILER));
@@ -297,40 +286,10 @@ static int consume(const struct ringcore_ring *ring, const struct ringcore_memor
 	return RINGCORE_OK;
 }
 
-static int ringcore_consume(struct ringcore_ring *ring, char *first, uint64_t first_size, struct ringcore_result *result)
-{
-	BIND(ring);
-	return consume(ring, memory, result);
-}
-
-/* The host memory of ``length`` bytes of the data area from ``offset`` (at most
- * data_size), as ring->pieces; their count, or 0 when the run table does not
- * fit the buffers. */
-static uint32_t find_pieces(const struct ringcore_ring *ring, const struct ringcore_memory *memory, uint32_t offset,
-			    uint32_t length)
-{
-	uint32_t count = 0;
-
-	while (length) {
-		uint32_t room;
-		char *host = locate(ring, memory, offset, &room);
-		if (host == NULL || count > ring->run_count)
-			return 0;
-		uint32_t n = length < room ? length : room;
-		ring->pieces[count].host = host;
-		ring->pieces[count].length = n;
-		count++;
-		length -= n;
-		offset = advance(ring, offset, n);
-	}
-	return count;
-}
-
 /* Guest -> host: copy the next packet (descriptor onward, no trailer) to
- * ``out`` and consume it.  A packet longer than ``capacity`` is left in the
- * ring (RINGCORE_LARGE_PACKET) for the caller to copy in one go: its
- * validated descriptor is in ``out``, the rest in ring->pieces (result's
- * ``pieces`` of them), and the caller finishes with ringcore_consume. */
+ * ``out``, its descriptor as validated, and consume it.  A packet longer than
+ * ``capacity`` is left in the ring (RINGCORE_LARGE_PACKET, its ``length`` in
+ * ``result``): the caller may read again with more room. */
 static int ringcore_read(struct ringcore_ring *ring, char *first, uint64_t first_size,
 			 char *out, uint64_t capacity, struct ringcore_result *result)
 {
@@ -361,11 +320,8 @@ static int ringcore_read(struct ringcore_ring *ring, char *first, uint64_t first
 	    length + RINGCORE_TRAILER > result->available)
 		return RINGCORE_BAD_DESCRIPTOR;
 	result->length = (uint32_t)length;
-	if (length > capacity) {
-		result->pieces = find_pieces(ring, memory, advance(ring, start, RINGCORE_DESCRIPTOR),
-					     result->length - RINGCORE_DESCRIPTOR);
-		return result->pieces ? RINGCORE_LARGE_PACKET : RINGCORE_BAD_LAYOUT;
-	}
+	if (length > capacity)
+		return RINGCORE_LARGE_PACKET;
 	if (!copy_out(ring, memory, advance(ring, start, RINGCORE_DESCRIPTOR), out + RINGCORE_DESCRIPTOR,
 		      result->length - RINGCORE_DESCRIPTOR))
 		return RINGCORE_BAD_LAYOUT;

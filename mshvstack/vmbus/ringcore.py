@@ -30,8 +30,7 @@ HostBuffer = mmap.mmap | bytearray
 PAGE = int(abi_lib.VMBUS_PAGE_SIZE)
 CONTROL_SIZE = abi_ffi.sizeof("struct vmbus_ring_control")
 INDEX_LIMIT = 1 << 32            # indices are u32
-DESCRIPTOR = abi_ffi.sizeof("struct vmpacket_descriptor")
-SCRATCH = PAGE                   # packets up to this size are read through a scratch buffer; larger ones straight out
+FIRST_SCRATCH = PAGE             # a read's first scratch buffer; it grows to the largest packet read
 
 
 class RingStatus(enum.IntEnum):
@@ -105,17 +104,16 @@ class RingCore:
         self.buffers = tuple(buffers)
         self.single = self.buffers[0] if len(self.buffers) == 1 else None
         self._runs = ffi.new("struct ringcore_run[]", [(r.data_offset, r.length, r.buffer, r.host_offset) for r in layout.runs])
-        self._pieces = ffi.new("struct ringcore_piece[]", len(layout.runs) + 1)
         # Filled for each operation and read by the core only within it (stale between operations).
         self._bases = ffi.new("char *[]", len(self.buffers))
         self._sizes = ffi.new("uint64_t[]", len(self.buffers))
         self.ring = ffi.new("struct ringcore_ring *", (layout.data_size, len(layout.runs), self._runs, layout.control_buffer,
-                                                       layout.control_offset, self._pieces,
-                                                       (self._bases, self._sizes, len(self.buffers))))
+                                                       layout.control_offset, (self._bases, self._sizes, len(self.buffers))))
         self.result = ffi.new("struct ringcore_result *")
-        self.scratch = ffi.new("char[]", min(SCRATCH, layout.data_size))
-        self.scratch_size = len(self.scratch)
-        self._descriptor = ffi.buffer(self.scratch, DESCRIPTOR)
+        self.scratch: Any = None
+        self.scratch_size = 0
+        self.scratch_view = memoryview(b"")
+        self.grow_scratch(FIRST_SCRATCH)
 
     def hold(self) -> list[Any]:
         """Every buffer held for one operation (``ffi.from_buffer``: a held buffer can be
@@ -138,12 +136,11 @@ class RingCore:
             for view in views:
                 ffi.release(view)
 
-    def large_packet(self) -> bytes:
-        """The packet ringcore_read left in the ring (larger than the scratch buffer), in
-        one copy: its descriptor from the scratch buffer, where the core validated it,
-        and the rest from the ring's pieces the core found.  Within an operation."""
-        pieces = self._pieces
-        if self.result.pieces == 1:
-            piece = pieces[0]
-            return b"".join((self._descriptor, ffi.buffer(piece.host, piece.length)))
-        return b"".join([self._descriptor, *(ffi.buffer(piece.host, piece.length) for piece in pieces[0 : self.result.pieces])])
+    def grow_scratch(self, needed: int) -> None:
+        """A scratch buffer (where reads copy packets to) of at least ``needed`` bytes: the
+        next power of two, at most the data area (no packet is larger).  Views of the
+        old buffer stay valid: each keeps its buffer alive."""
+        size = min(max(FIRST_SCRATCH, 1 << (needed - 1).bit_length()), self.layout.data_size)
+        self.scratch = ffi.new("char[]", size)
+        self.scratch_size = size
+        self.scratch_view = memoryview(ffi.buffer(self.scratch)).toreadonly()
