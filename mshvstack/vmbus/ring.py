@@ -31,8 +31,8 @@ from mshvstack.vmbus.errors import CorruptRing, RingFull
 from mshvstack.vmbus.ringcore import HostBuffer, RingCore, RingLayout, RingRun, RingStatus
 
 PAGE = int(abi_lib.VMBUS_PAGE_SIZE)
-TRAILER = ffi.sizeof("struct vmbus_ring_trailer")
-DESCRIPTOR = ffi.sizeof("struct vmpacket_descriptor")
+TRAILER = int(ffi.sizeof("struct vmbus_ring_trailer"))
+DESCRIPTOR = int(ffi.sizeof("struct vmpacket_descriptor"))
 _U32 = struct.Struct("<I")
 # The hot paths' names, looked up once.
 _write, _read = lib.ringcore_write, lib.ringcore_read
