@@ -36,8 +36,8 @@ DESCRIPTOR = int(ffi.sizeof("struct vmpacket_descriptor"))
 _U32 = struct.Struct("<I")
 # The hot paths' names, looked up once.
 _write, _read = lib.ringcore_write, lib.ringcore_read
-from_buffer, release = ffi_core.from_buffer, ffi_core.release
-OK, EMPTY, LARGE_PACKET = int(RingStatus.OK), int(RingStatus.EMPTY), int(RingStatus.LARGE_PACKET)
+_from_buffer, _release_view = ffi_core.from_buffer, ffi_core.release
+_OK, _EMPTY, _LARGE_PACKET = int(RingStatus.OK), int(RingStatus.EMPTY), int(RingStatus.LARGE_PACKET)
 
 
 class RingMem(Protocol):
@@ -167,11 +167,11 @@ class OutgoingRing(_Ring):
         self._acquire()
         try:
             if single is not None:   # RingCore.call, spelled out for the usual ring
-                view = from_buffer(single)
+                view = _from_buffer(single)
                 try:
                     status = _write(core.ring, view, len(view), source, len(packet), core.result)
                 finally:
-                    release(view)
+                    _release_view(view)
             else:
                 status = core.call(_write, source, len(packet), core.result)
             if status:
@@ -207,28 +207,25 @@ class IncomingRing(_Ring):
         is the one the core checked.  Not copying it again into a new object is
         half the cost of a large packet."""
         core = self._core
+        single = core.single
         self._acquire()
         try:
-            status = self._read_once(core)
-            while status == LARGE_PACKET:   # nothing consumed: read it again with room for it
-                core.grow_scratch(core.result.length)
-                status = self._read_once(core)
-            if status == OK:
+            while True:
+                if single is not None:   # RingCore.call, spelled out for the usual ring
+                    view = _from_buffer(single)
+                    try:
+                        status = _read(core.ring, view, len(view), core.scratch, core.scratch_size, core.result)
+                    finally:
+                        _release_view(view)
+                else:
+                    status = core.call(_read, core.scratch, core.scratch_size, core.result)
+                if status != _LARGE_PACKET:
+                    break
+                core.grow_scratch(core.result.length)   # nothing consumed: read it again with room for it
+            if status == _OK:
                 return core.scratch_view[: core.result.length], bool(core.result.signal)
-            if status == EMPTY:
+            if status == _EMPTY:
                 return None
             self._failed(status, core.result)
         finally:
             self._release()
-
-    @staticmethod
-    def _read_once(core: RingCore) -> int:
-        """ringcore_read into the scratch buffer (RingCore.call, spelled out for the usual ring)."""
-        single = core.single
-        if single is None:
-            return core.call(_read, core.scratch, core.scratch_size, core.result)
-        view = from_buffer(single)
-        try:
-            return _read(core.ring, view, len(view), core.scratch, core.scratch_size, core.result)  # type: ignore[no-any-return]
-        finally:
-            release(view)

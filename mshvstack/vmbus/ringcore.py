@@ -3,11 +3,12 @@
 A ``RingLayout`` says where a ring's control page and the runs of its data
 area lie in its host buffers (a ring whose pages are scattered over guest RAM
 has several runs, perhaps in several buffers).  ``RingCore`` keeps it as the
-core's tables and takes the buffers' addresses again for every operation with
-``ffi.from_buffer``: while an operation copies (with the GIL released), the
-memory cannot go away (an ``mmap.close()`` meanwhile fails with BufferError),
-and once the VMM has unmapped it, the next operation raises ValueError
-("mmap closed or invalid"), a protocol error for the channel.
+core's tables; the buffers' addresses are taken again for every operation with
+``ffi.from_buffer``, which holds them: while the core copies (cffi releases the
+GIL around every call), the memory cannot go away (an ``mmap.close()``
+meanwhile fails with BufferError instead of unmapping it under the copy), and
+once the VMM has unmapped it, the next operation raises ValueError ("mmap
+closed or invalid"), a protocol error for the channel.
 
 The core validates every value it reads from the guest's pages and reports
 what it found as a ``RingStatus`` with the values in ``RingCore.result``; the
@@ -95,8 +96,9 @@ class RingCore:
     operation at a time, and calls the core's functions (``lib``) with these tables.
 
     Each function of the core takes buffer 0 (address and size) as arguments, after
-    the ring: the usual ring lies in one mapping (``single``), and its operations
-    pass ``ffi.from_buffer(single)``; ``call`` does it for any number of buffers."""
+    the ring (the others go through the ring's table): the usual ring lies in one
+    mapping (``single``), and its hot operations pass ``ffi.from_buffer(single)``
+    themselves; ``call`` does it for any number of buffers."""
 
     def __init__(self, layout: RingLayout, buffers: Sequence[HostBuffer]) -> None:
         layout.check(buffers)
@@ -115,22 +117,16 @@ class RingCore:
         self.scratch_view = memoryview(b"")
         self.grow_scratch(FIRST_SCRATCH)
 
-    def hold(self) -> list[Any]:
-        """Every buffer held for one operation (``ffi.from_buffer``: a held buffer can be
-        neither closed nor resized), with the address and size of all but buffer 0 given
-        to the core now; pass ``views[0]`` and its ``len`` to the core's functions and
-        ``ffi.release`` each view after.  ValueError once a mapping is closed: the VMM
-        took the memory away.  (The ring's write and read spell this out for ``single``.)"""
-        views = [ffi.from_buffer(buffer) for buffer in self.buffers]   # writable: checked with the layout
-        for index in range(1, len(views)):
-            self._bases[index] = views[index]
-            self._sizes[index] = len(views[index])
-        return views
-
     def call(self, function: Callable[..., int], *args: Any) -> int:
-        """``function(ring, buffer 0, its size, *args)`` with the buffers held."""
-        views = self.hold()
+        """``function(ring, buffer 0, its size, *args)`` with every buffer held for the call
+        (``ffi.from_buffer``: a held buffer can be neither closed nor resized), its address
+        and size taken now.  ValueError once a mapping is closed: the VMM took the memory
+        away.  (The ring's write and read spell this out for a ring in one mapping.)"""
+        views = [ffi.from_buffer(buffer) for buffer in self.buffers]   # writable: checked with the layout
         try:
+            for index in range(1, len(views)):
+                self._bases[index] = views[index]
+                self._sizes[index] = len(views[index])
             return function(self.ring, views[0], len(views[0]), *args)
         finally:
             for view in views:
