@@ -248,7 +248,7 @@ static int ringcore_write(struct ringcore_ring *ring, char *first, uint64_t firs
 	uint32_t start = result->write_index;
 	result->free = ring->data_size - distance(ring, result->read_index, start) - RINGCORE_TRAILER;
 	result->needed = length + RINGCORE_TRAILER;
-	if (result->needed > result->free)
+	if (length > result->free || result->needed > result->free)   /* the first: no wrap of the sum */
 		return RINGCORE_FULL;
 	struct vmbus_ring_trailer trailer = { .reserved = 0, .start_index = start };
 	if (!copy_in(ring, memory, start, packet, (uint32_t)length) ||
