@@ -219,6 +219,7 @@ struct vmbus_channel_modifychannel_response {
 /* ---- ring buffers ---- */
 #define VMBUS_RING_FEAT_PENDING_SEND_SZ 0x1
 #define VMBUS_RING_DATA_OFFSET          4096
+#define VMBUS_RING_INDEX_ALIGN          8   /* indices, packet lengths and the data area: multiples of it */
 
 struct vmbus_ring_control {
 	__u32 write_index;

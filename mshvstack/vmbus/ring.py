@@ -33,6 +33,7 @@ from mshvstack.vmbus.ringcore import HostBuffer, RingCore, RingLayout, RingRun, 
 PAGE = int(abi_lib.VMBUS_PAGE_SIZE)
 TRAILER = int(ffi.sizeof("struct vmbus_ring_trailer"))
 DESCRIPTOR = int(ffi.sizeof("struct vmpacket_descriptor"))
+ALIGN = int(abi_lib.VMBUS_RING_INDEX_ALIGN)
 _U32 = struct.Struct("<I")
 # The hot paths' names, looked up once.
 _write, _read = lib.ringcore_write, lib.ringcore_read
@@ -83,7 +84,7 @@ class _Ring:
     def __init__(self, mem: RingMem) -> None:
         self.mem = mem
         self.size = mem.data_size
-        if self.size < PAGE or self.size % 8:
+        if self.size < PAGE or self.size % ALIGN:
             raise CorruptRing(f"ring data area of {self.size} bytes is not usable")
         self._core = RingCore(mem.layout, mem.buffers)
         # One operation on the ring at a time, so a ring is safe by itself (FlatRingMem in tests), and the

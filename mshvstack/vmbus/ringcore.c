@@ -43,7 +43,7 @@ _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the ring's fields are
 
 #define RINGCORE_TRAILER ((uint32_t)sizeof(struct vmbus_ring_trailer))
 #define RINGCORE_DESCRIPTOR ((uint32_t)sizeof(struct vmpacket_descriptor))
-#define RINGCORE_INDEX_ALIGN 8u
+#define RINGCORE_INDEX_ALIGN ((uint32_t)VMBUS_RING_INDEX_ALIGN)
 
 /* One piece of the data area that is contiguous in host memory. */
 struct ringcore_run {

@@ -31,6 +31,7 @@ HostBuffer = mmap.mmap | bytearray
 PAGE = int(abi_lib.VMBUS_PAGE_SIZE)
 CONTROL_SIZE = abi_ffi.sizeof("struct vmbus_ring_control")
 INDEX_LIMIT = 1 << 32            # indices are u32
+ALIGN = int(abi_lib.VMBUS_RING_INDEX_ALIGN)
 FIRST_SCRATCH = PAGE             # a read's first scratch buffer; it grows to the largest packet read
 
 
@@ -73,7 +74,7 @@ class RingLayout:
 
     def check(self, buffers: Sequence[HostBuffer]) -> None:
         """ValueError unless the runs tile the data area in order and everything lies inside its buffer."""
-        if not 0 < self.data_size < INDEX_LIMIT or self.data_size % 8:
+        if not 0 < self.data_size < INDEX_LIMIT or self.data_size % ALIGN:
             raise ValueError(f"a ring data area of {self.data_size:#x} bytes")
         if not 0 <= self.control_buffer < len(buffers) or self.control_offset < 0 or \
                 self.control_offset + CONTROL_SIZE > len(buffers[self.control_buffer]):
