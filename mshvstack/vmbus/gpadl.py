@@ -214,7 +214,7 @@ class GpadlRingMem:
                     self._runs[-1] = (start, host, last_offset, length + PAGE)
                     continue
             self._runs.append((index * PAGE, host, offset, PAGE))
-        # One run (the usual case): accesses are one bounds check and one slice.
+        # One run (the usual case): read_data/write_data are one bounds check and one slice.
         self._single = self._runs[0][1:3] if len(self._runs) == 1 else None
         mappings: list[mmap.mmap] = []   # each region's mapping once, the control page's first
         for host in (self._control[0], *(run[1] for run in self._runs)):
