@@ -14,6 +14,7 @@ setup(
     cffi_modules=[
         "mshvstack/abi/_build.py:ffibuilder",
         "mshvstack/backend/sim/engines/_build_fastpath.py:ffibuilder",
+        "mshvstack/vmbus/_build_ringcore.py:ffibuilder",
     ],
     install_requires=[
         "cffi>=1.16",

@@ -219,6 +219,7 @@ struct vmbus_channel_modifychannel_response {
 /* ---- ring buffers ---- */
 #define VMBUS_RING_FEAT_PENDING_SEND_SZ 0x1
 #define VMBUS_RING_DATA_OFFSET          4096
+#define VMBUS_RING_INDEX_ALIGN          8   /* indices, packet lengths and the data area: multiples of it */
 
 struct vmbus_ring_control {
 	__u32 write_index;
@@ -227,6 +228,14 @@ struct vmbus_ring_control {
 	__u32 pending_send_sz;
 	__u32 reserved1[12];
 	__u32 feature_bits;
+} VMBUS_PACKED;
+
+/* Follows every packet in the data area (the next packet starts after it):
+ * the write_index at which the packet started, in the upper half.  Readers
+ * skip it; nobody validates it. */
+struct vmbus_ring_trailer {
+	__u32 reserved;
+	__u32 start_index;
 } VMBUS_PACKED;
 
 /* ---- packets ---- */

@@ -6,6 +6,7 @@ bounded so a guest cannot make the host allocate without limit.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -14,6 +15,7 @@ from mshvstack.abi import ffi, lib
 from mshvstack.partition.memory import GuestMemory, GuestMemoryError
 from mshvstack.vmbus.errors import VmbusProtocolError
 from mshvstack.vmbus.layout import Layout, array
+from mshvstack.vmbus.ringcore import HostBuffer, RingLayout, RingRun
 
 PAGE = int(lib.VMBUS_PAGE_SIZE)
 MAX_GPADL_PAGES = 65536           # 256 MiB per GPADL
@@ -22,9 +24,6 @@ MAX_GPADLS_PER_CHANNEL = 64       # Linux uses 1-3 (ring, netvsc's send and rece
 MAX_GPADLS = 1024                 # per connection
 MAX_TOTAL_PAGES = 1 << 20         # every GPADL of a connection together: 4 GiB of guest pages
 _U32 = struct.Struct("<I")
-_WRITE_INDEX = ffi.offsetof("struct vmbus_ring_control", "write_index")
-assert ffi.offsetof("struct vmbus_ring_control", "read_index") == _WRITE_INDEX + 4   # adjacent: one read serves both
-_INDICES = struct.Struct("<II")
 _HEADER = ffi.sizeof("struct vmbus_channel_gpadl_header")
 _BODY = ffi.sizeof("struct vmbus_channel_gpadl_body")
 GPADL_HEADER = Layout("struct vmbus_channel_gpadl_header", "child_relid", "gpadl", "range_buflen", "rangecount")
@@ -193,8 +192,9 @@ class GpadlRingMem:
 
     The pages were checked against RAM when the GPADL was built; here each is
     located once in its memory region, and pages that follow each other in
-    the same region are one run, accessed with one slice (Linux allocates its
-    rings contiguously, so a ring is usually one run).  If the VMM takes the
+    the same region are one run (Linux allocates its rings contiguously, so a
+    ring is usually one run in one mapping).  The ring's C core is given the
+    runs as a RingLayout over the regions' mappings.  If the VMM takes the
     memory away, an access raises ValueError, a protocol error for the channel.
     """
 
@@ -214,8 +214,16 @@ class GpadlRingMem:
                     self._runs[-1] = (start, host, last_offset, length + PAGE)
                     continue
             self._runs.append((index * PAGE, host, offset, PAGE))
-        # One run (the usual case): accesses are one bounds check and one slice.
+        # One run (the usual case): read_data/write_data are one bounds check and one slice.
         self._single = self._runs[0][1:3] if len(self._runs) == 1 else None
+        mappings: list[mmap.mmap] = []   # each region's mapping once, the control page's first
+        for host in (self._control[0], *(run[1] for run in self._runs)):
+            if not any(host is known for known in mappings):
+                mappings.append(host)
+        number = {id(host): index for index, host in enumerate(mappings)}
+        self.buffers: tuple[HostBuffer, ...] = tuple(mappings)
+        self.layout = RingLayout(self._data_size, number[id(self._control[0])], self._control[1],
+                                 tuple(RingRun(start, length, number[id(host)], offset) for start, host, offset, length in self._runs))
 
     def _locate(self, pfn: int) -> tuple[Any, int]:
         try:
@@ -228,15 +236,10 @@ class GpadlRingMem:
     def data_size(self) -> int:
         return self._data_size
 
+    # The accesses below are for tests and tools (the ring itself goes through the C core).
     def read_control(self, offset: int) -> int:
         host, base = self._control
         return int(_U32.unpack_from(host, base + offset)[0])
-
-    def read_indices(self) -> tuple[int, int]:
-        """(write_index, read_index): the control page's first two words, in one read."""
-        host, base = self._control
-        write, read = _INDICES.unpack_from(host, base + _WRITE_INDEX)
-        return int(write), int(read)
 
     def write_control(self, offset: int, value: int) -> None:
         host, base = self._control

@@ -43,7 +43,7 @@ class Packet:
     xfer_ranges: tuple[tuple[int, int], ...] = ()
 
 
-def _gpa_ranges(raw: bytes, start: int, end: int, count: int) -> tuple[GpaRange, ...]:
+def _gpa_ranges(raw: bytes | memoryview, start: int, end: int, count: int) -> tuple[GpaRange, ...]:
     if not 1 <= count <= MAX_RANGES:
         raise CorruptRing(f"GPA-direct packet with {count} ranges")
     ranges = []
@@ -64,8 +64,9 @@ def _gpa_ranges(raw: bytes, start: int, end: int, count: int) -> tuple[GpaRange,
     return tuple(ranges)
 
 
-def parse(raw: bytes) -> Packet:
-    """A packet read from a ring (descriptor onward, without the trailer)."""
+def parse(raw: bytes | memoryview) -> Packet:
+    """A packet read from a ring (descriptor onward, without the trailer).  The Packet
+    owns its bytes: ``raw`` may be a view of a ring's buffer, reused by its next read."""
     if len(raw) < DESCRIPTOR_SIZE:
         raise CorruptRing("packet shorter than its descriptor")
     kind, offset8, len8, flags, trans_id = _descriptor(raw)
@@ -74,7 +75,7 @@ def parse(raw: bytes) -> Packet:
         raise CorruptRing(f"descriptor offset8 {offset8} / len8 {len8} do not match a {len(raw)}-byte packet")
     if flags & ~COMPLETION_REQUESTED:
         raise CorruptRing(f"unknown packet flags {flags:#x}")
-    payload = raw[header_end:]
+    payload = bytes(raw[header_end:])   # a copy of a view; a slice of bytes is one already
     requested = bool(flags & COMPLETION_REQUESTED)
     if kind in (INBAND, COMPLETION):
         return Packet(kind, trans_id, requested, payload)

@@ -8,75 +8,70 @@ empty→non-empty transition while the consumer's interrupt mask is clear;
 the consumer signals a producer that published a pending send size once
 enough space became free (vmbus_protocol.md §4).
 
-Every value read from the control page is validated before use: a bad
-index raises CorruptRing and never causes an access outside the ring.
+The mechanics are one call each into the C core (ringcore.c): it validates
+every value read from the control page and the descriptor (each read once,
+so the value checked is the value used) before use, copies across the wrap
+and the runs of scattered pages, publishes the index and fences before it
+looks at the other side's mask or pending size.  A bad index raises
+CorruptRing and never causes an access outside the ring.
 """
 
 from __future__ import annotations
 
 import struct
 import threading
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, NoReturn, Protocol, assert_never
 
-from mshvstack.abi import ffi, lib
+from mshvstack.abi import ffi
+from mshvstack.abi import lib as abi_lib
+from mshvstack.vmbus._ringcore import ffi as ffi_core
+from mshvstack.vmbus._ringcore import lib
 from mshvstack.vmbus.errors import CorruptRing, RingFull
-from mshvstack.vmbus.packets import DESCRIPTOR as PACKET_DESCRIPTOR
+from mshvstack.vmbus.ringcore import HostBuffer, RingCore, RingLayout, RingRun, RingStatus
 
-PAGE = int(lib.VMBUS_PAGE_SIZE)
-TRAILER = 8
-_OFF_WRITE = ffi.offsetof("struct vmbus_ring_control", "write_index")
-_OFF_READ = ffi.offsetof("struct vmbus_ring_control", "read_index")
-_OFF_MASK = ffi.offsetof("struct vmbus_ring_control", "interrupt_mask")
-_OFF_PENDING = ffi.offsetof("struct vmbus_ring_control", "pending_send_sz")
-_OFF_FEATURES = ffi.offsetof("struct vmbus_ring_control", "feature_bits")
-DESCRIPTOR = ffi.sizeof("struct vmpacket_descriptor")
-_TRAILER = struct.Struct("<Q")
-_BARRIER = threading.Lock()   # released at once: taking it is the barrier (a leaf, under any lock)
-
-
-def full_barrier() -> None:
-    """A full memory barrier between our store of one ring field and the load of
-    another that the guest, on another CPU, stores the other way round (x86 lets a
-    load pass an earlier store; the guest's side has its own barrier): acquiring a
-    lock is a locked instruction.  Without it an index update and the check of the
-    guest's mask or pending size could both miss the other side's change, and the
-    wakeup is lost."""
-    with _BARRIER:
-        pass
+PAGE = int(abi_lib.VMBUS_PAGE_SIZE)
+TRAILER = int(ffi.sizeof("struct vmbus_ring_trailer"))
+DESCRIPTOR = int(ffi.sizeof("struct vmpacket_descriptor"))
+ALIGN = int(abi_lib.VMBUS_RING_INDEX_ALIGN)
+_U32 = struct.Struct("<I")
+# The hot paths' names, looked up once.
+_write, _read = lib.ringcore_write, lib.ringcore_read
+_from_buffer, _release_view = ffi_core.from_buffer, ffi_core.release
+_OK, _EMPTY, _LARGE_PACKET = int(RingStatus.OK), int(RingStatus.EMPTY), int(RingStatus.LARGE_PACKET)
 
 
 class RingMem(Protocol):
-    """The bytes of one ring: control page at 0, data area after it."""
+    """The bytes of one ring: a control page and a data area of ``data_size`` bytes,
+    lying in ``buffers`` where ``layout`` says."""
 
     @property
     def data_size(self) -> int: ...
-    def read_control(self, offset: int) -> int: ...            # u32
-    def read_indices(self) -> tuple[int, int]: ...             # (write_index, read_index)
-    def write_control(self, offset: int, value: int) -> None: ...
-    def read_data(self, offset: int, length: int) -> bytes: ...  # no wrap; caller splits
-    def write_data(self, offset: int, data: bytes | memoryview) -> None: ...
+    @property
+    def layout(self) -> RingLayout: ...
+    @property
+    def buffers(self) -> tuple[HostBuffer, ...]: ...
 
 
 class FlatRingMem:
-    """A ring in a bytearray (tests, tools)."""
+    """A ring in a bytearray (tests, tools): control page at 0, data area after it."""
 
     def __init__(self, pages: int) -> None:
         if pages < 2:
             raise ValueError("a ring needs a control page and at least one data page")
         self.buffer = bytearray(pages * PAGE)
+        self.layout = RingLayout(self.data_size, 0, 0, (RingRun(0, self.data_size, 0, PAGE),))
+        self.buffers = (self.buffer,)
 
     @property
     def data_size(self) -> int:
         return len(self.buffer) - PAGE
 
     def read_control(self, offset: int) -> int:
-        return int(struct.unpack_from("<I", self.buffer, offset)[0])
-
-    def read_indices(self) -> tuple[int, int]:
-        return self.read_control(_OFF_WRITE), self.read_control(_OFF_READ)
+        return int(_U32.unpack_from(self.buffer, offset)[0])
 
     def write_control(self, offset: int, value: int) -> None:
-        struct.pack_into("<I", self.buffer, offset, value & 0xFFFFFFFF)
+        _U32.pack_into(self.buffer, offset, value & 0xFFFFFFFF)
 
     def read_data(self, offset: int, length: int) -> bytes:
         return bytes(self.buffer[PAGE + offset : PAGE + offset + length])
@@ -89,44 +84,63 @@ class _Ring:
     def __init__(self, mem: RingMem) -> None:
         self.mem = mem
         self.size = mem.data_size
-        if self.size < PAGE or self.size % 8:
+        if self.size < PAGE or self.size % ALIGN:
             raise CorruptRing(f"ring data area of {self.size} bytes is not usable")
-        # One operation on the ring at a time, so a ring is safe by itself (FlatRingMem in tests); in the
-        # server every use already runs under the server's lock, which comes first.  A leaf: nothing is
-        # called with it held but the ring memory and the barrier below.
+        self._core = RingCore(mem.layout, mem.buffers)
+        # One operation on the ring at a time, so a ring is safe by itself (FlatRingMem in tests), and the
+        # core's tables are this operation's; in the server every use already runs under the server's lock,
+        # which comes first.  A leaf: nothing is called with it held but the C core.  The write and the
+        # read take it by hand: there a ``with`` costs as much as copying a small packet.
         self._lock = threading.Lock()
+        self._acquire, self._release = self._lock.acquire, self._lock.release
 
-    def _indices(self) -> tuple[int, int]:
-        """(write, read), validated: one read of the control page's first eight bytes."""
-        write, read = self.mem.read_indices()
-        if write >= self.size or write % 8 or read >= self.size or read % 8:
-            raise CorruptRing(f"indices write {write:#x}, read {read:#x} invalid for a {self.size:#x}-byte ring")
-        return write, read
+    def _call(self, function: Callable[..., int], *args: Any) -> int:
+        """``function`` of the core (see RingCore.call) under the ring's lock."""
+        self._acquire()
+        try:
+            return self._core.call(function, *args)
+        finally:
+            self._release()
 
-    def _index(self, offset: int, what: str) -> int:
-        value = self.mem.read_control(offset)
-        if value >= self.size or value % 8:
-            raise CorruptRing(f"{what} index {value:#x} invalid for a {self.size:#x}-byte ring")
-        return value
+    def _failed(self, status: int, result: Any) -> NoReturn:
+        """The error for what the core found and left in ``result`` (the guest's doing,
+        but for BAD_LAYOUT: the ring's memory is no longer what it was)."""
+        size = self.size
+        match RingStatus(status):
+            case RingStatus.BAD_INDICES:
+                raise CorruptRing(f"indices write {result.write_index:#x}, read {result.read_index:#x} "
+                                  f"invalid for a {size:#x}-byte ring")
+            case RingStatus.BAD_WRITE_INDEX:
+                raise CorruptRing(f"write index {result.write_index:#x} invalid for a {size:#x}-byte ring")
+            case RingStatus.BAD_READ_INDEX:
+                raise CorruptRing(f"read index {result.read_index:#x} invalid for a {size:#x}-byte ring")
+            case RingStatus.SHORT:
+                raise CorruptRing(f"{result.available} bytes available: less than a packet")
+            case RingStatus.BAD_DESCRIPTOR:
+                raise CorruptRing(f"packet at {result.read_index:#x}: offset8 {result.offset8}, len8 {result.len8}, "
+                                  f"{result.available} bytes available")
+            case RingStatus.FULL:
+                raise RingFull(f"{result.needed} bytes needed, {result.free} free")
+            case RingStatus.BAD_PACKET:
+                raise ValueError("packets are a non-empty multiple of 8 bytes")
+            case RingStatus.BAD_LAYOUT:
+                raise ValueError(f"the ring's pages do not fit its host memory ({len(self._core.buffers)} mappings)")
+            case RingStatus.OK | RingStatus.EMPTY | RingStatus.LARGE_PACKET:
+                raise AssertionError(f"ring core status {RingStatus(status).name} is not a failure")
+            case unknown:
+                assert_never(unknown)
 
-    def _read_wrapped(self, offset: int, length: int) -> bytes:
-        first = min(length, self.size - offset)
-        data = self.mem.read_data(offset, first)
-        if first < length:
-            data += self.mem.read_data(0, length - first)
-        return data
-
-    def _write_wrapped(self, offset: int, data: bytes) -> None:
-        first = self.size - offset
-        if len(data) <= first:
-            self.mem.write_data(offset, data)
-            return
-        view = memoryview(data)
-        self.mem.write_data(offset, view[:first])
-        self.mem.write_data(0, view[first:])
+    def _indices(self) -> Any:
+        """The core's view of the indices (``available`` used, ``free``), validated."""
+        result = ffi_core.new("struct ringcore_result *")   # its own: read after the lock
+        status = self._call(lib.ringcore_used, result)
+        if status:
+            self._failed(status, result)
+        return result
 
     def used(self) -> int:
-        return (self._index(_OFF_WRITE, "write") - self._index(_OFF_READ, "read")) % self.size
+        """Bytes between the indices (packets and trailers)."""
+        return int(self._indices().available)
 
 
 class OutgoingRing(_Ring):
@@ -134,11 +148,13 @@ class OutgoingRing(_Ring):
 
     def start(self) -> None:
         """At open: advertise pending-send-size support, clear our pending size."""
-        self.mem.write_control(_OFF_FEATURES, int(lib.VMBUS_RING_FEAT_PENDING_SEND_SZ))
-        self.mem.write_control(_OFF_PENDING, 0)
+        status = self._call(lib.ringcore_start_outgoing)
+        if status:
+            self._failed(status, None)
 
     def free(self) -> int:
-        return self.size - self.used() - TRAILER
+        """Bytes free for packets and their trailers (the ring never fills completely)."""
+        return int(self._indices().free)
 
     def write(self, packet: bytes) -> bool:
         """Append one packet (length a multiple of 8); True if the guest must be signalled.
@@ -146,61 +162,71 @@ class OutgoingRing(_Ring):
         Raises RingFull when there is no room; the caller may then wait for
         the guest's signal (see wait_for_space).
         """
-        if len(packet) % 8 or not packet:
-            raise ValueError("packets are a non-empty multiple of 8 bytes")
-        with self._lock:
-            write, read = self._indices()
-            free = self.size - (write - read) % self.size - TRAILER
-            if len(packet) + TRAILER > free:
-                raise RingFull(f"{len(packet) + TRAILER} bytes needed, {free} free")
-            self._write_wrapped(write, packet)   # then its trailer: no copy of a large packet to join them
-            self._write_wrapped((write + len(packet)) % self.size, _TRAILER.pack(write << 32))
-            new_write = (write + len(packet) + TRAILER) % self.size
-            self.mem.write_control(_OFF_WRITE, new_write)
-            full_barrier()
-            # Signal only on empty -> non-empty, and only if the reader wants interrupts.
-            if self.mem.read_control(_OFF_MASK):
-                return False
-            return self._index(_OFF_READ, "read") == write
+        source = packet if type(packet) is bytes else ffi_core.from_buffer(packet)
+        core = self._core
+        single = core.single
+        self._acquire()
+        try:
+            if single is not None:   # RingCore.call, spelled out for the usual ring
+                view = _from_buffer(single)
+                try:
+                    status = _write(core.ring, view, len(view), source, len(packet), core.result)
+                finally:
+                    _release_view(view)
+            else:
+                status = core.call(_write, source, len(packet), core.result)
+            if status:
+                self._failed(status, core.result)
+            return bool(core.result.signal)
+        finally:
+            self._release()
 
     def wait_for_space(self, needed: int) -> bool:
         """Publish pending_send_sz; True if the space is already there (no need to wait)."""
-        with self._lock:
-            self.mem.write_control(_OFF_PENDING, (needed + 7) & ~7)
-            full_barrier()
-            if self.free() >= needed:
-                self.mem.write_control(_OFF_PENDING, 0)
-                return True
-            return False
+        result = ffi_core.new("struct ringcore_result *")
+        status = self._call(lib.ringcore_wait_for_space, needed, result)
+        if status:
+            self._failed(status, result)
+        return bool(result.ready)
 
 
 class IncomingRing(_Ring):
     """Guest → host: the guest produces packets, the host consumes them."""
 
     def start(self) -> None:
-        self.mem.write_control(_OFF_MASK, 0)
+        """At open: the host wants an interrupt for new data."""
+        status = self._call(lib.ringcore_start_incoming)
+        if status:
+            self._failed(status, None)
 
-    def read(self) -> tuple[bytes, bool] | None:
+    def read(self) -> tuple[memoryview, bool] | None:
         """One packet (descriptor + data, trailer removed) and whether the guest
-        must be signalled (it was waiting for the space this read freed)."""
-        with self._lock:
-            write, read = self._indices()
-            available = (write - read) % self.size
-            if available == 0:
+        must be signalled (it was waiting for the space this read freed).
+
+        The packet is a read-only view of the ring's own buffer, valid until the
+        next read: copy what you keep (packets.parse does).  The descriptor in it
+        is the one the core checked.  Not copying it again into a new object is
+        half the cost of a large packet."""
+        core = self._core
+        single = core.single
+        self._acquire()
+        try:
+            while True:
+                if single is not None:   # RingCore.call, spelled out for the usual ring
+                    view = _from_buffer(single)
+                    try:
+                        status = _read(core.ring, view, len(view), core.scratch, core.scratch_size, core.result)
+                    finally:
+                        _release_view(view)
+                else:
+                    status = core.call(_read, core.scratch, core.scratch_size, core.result)
+                if status != _LARGE_PACKET:
+                    break
+                core.grow_scratch(core.result.length)   # nothing consumed: read it again with room for it
+            if status == _OK:
+                return core.scratch_view[: core.result.length], bool(core.result.signal)
+            if status == _EMPTY:
                 return None
-            if available < DESCRIPTOR + TRAILER:
-                raise CorruptRing(f"{available} bytes available: less than a packet")
-            head = self._read_wrapped(read, DESCRIPTOR)
-            _type, offset8, len8, _flags, _transaction = PACKET_DESCRIPTOR.unpack(head)
-            length = len8 * 8
-            if length < DESCRIPTOR or offset8 < 2 or offset8 > len8 or length + TRAILER > available:
-                raise CorruptRing(f"packet at {read:#x}: offset8 {offset8}, len8 {len8}, {available} bytes available")
-            packet = self._read_wrapped(read, length)
-            old_free = self.size - available - TRAILER
-            new_read = (read + length + TRAILER) % self.size
-            self.mem.write_control(_OFF_READ, new_read)
-            full_barrier()
-            pending = self.mem.read_control(_OFF_PENDING) & ~7
-            new_free = old_free + length + TRAILER
-            signal = bool(pending) and old_free < pending <= new_free
-            return packet, signal
+            self._failed(status, core.result)
+        finally:
+            self._release()
