@@ -18,6 +18,7 @@ struct mshvstack_cpu {
     uint64_t used;
     void *owner;
     ...;
+    volatile int64_t deadline_ns;
     uint64_t resume_rip;
     volatile int stop_request;
     int pending_vector;

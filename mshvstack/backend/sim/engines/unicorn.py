@@ -656,8 +656,12 @@ class UnicornEngine:
 
     # ---- execution ----
     def set_deadline(self, deadline_ns: int) -> None:
-        """Move the running engine's deadline (a timer was armed by the guest)."""
-        core.mshvstack_set_deadline(self._cpu, deadline_ns)
+        """Move the running engine's deadline (a timer was armed by the guest).  Called after
+        every MSR or xAPIC write; most leave it where it was, and a call into the core lets
+        other threads take the GIL, so an unchanged deadline is seen here (only this VP's
+        thread moves it)."""
+        if self._cpu.deadline_ns != deadline_ns:
+            core.mshvstack_set_deadline(self._cpu, deadline_ns)
 
     def cancel(self) -> None:
         """Stop at the next block boundary (any thread: a flag, and the CPU kicked)."""
