@@ -88,7 +88,7 @@ class VpInstructions:
         if index == MSR_APIC_BASE:
             return vp.reg(R.HV_X64_REGISTER_APIC_BASE)
         if index == x86.MSR_IA32_ARCH_CAPABILITIES:   # read-only (a write is #GP)
-            return x86.ARCH_CAP_RDCL_NO
+            return x86.ARCH_CAPABILITIES
         if X2APIC_MSR_BASE <= index < X2APIC_MSR_BASE + 0x100 and self._x2apic_enabled():
             offset = (index - X2APIC_MSR_BASE) << 4
             return vp.lapic.icr if offset == X2APIC_ICR else vp.lapic.read(offset)

@@ -31,11 +31,30 @@ PTE_NX = 1 << 63
 ADDR_MASK = 0x000F_FFFF_FFFF_F000
 
 # IA32_ARCH_CAPABILITIES (SDM vol. 4): enumerated by CPUID.(EAX=7,ECX=0):EDX[29].  The engine
-# executes without speculation, so the CPU it models is not subject to rogue data cache
-# loads (Meltdown): RDCL_NO, which spares the guest kernel page-table isolation (a CR3
-# switch, so a TLB flush, at every kernel entry and exit).
+# executes without speculation and has no fill, store or load-port buffers to sample, so the
+# CPU it models is immune to every speculative-execution and data-sampling attack these bits
+# describe, and says so.  What that spares a Linux guest: page-table isolation (RDCL_NO: a CR3
+# switch, so a TLB flush, at every kernel entry and exit), VERW at every return to user mode
+# (MDS_NO, TAA_NO), the thunk every return and indirect branch goes through (ITS_NO, which a
+# guest of an Intel CPU otherwise assumes), and the buffer clearing for MMIO stale data, GDS
+# and RFDS.  Not claimed: enhanced IBRS (IBRS_ALL), which would need IA32_SPEC_CTRL.
 MSR_IA32_ARCH_CAPABILITIES = 0x10A
 ARCH_CAP_RDCL_NO = 1 << 0
+ARCH_CAP_SSB_NO = 1 << 4
+ARCH_CAP_MDS_NO = 1 << 5
+ARCH_CAP_PSCHANGE_MC_NO = 1 << 6
+ARCH_CAP_TAA_NO = 1 << 8
+ARCH_CAP_SBDR_SSDP_NO = 1 << 13
+ARCH_CAP_FBSDP_NO = 1 << 14
+ARCH_CAP_PSDP_NO = 1 << 15
+ARCH_CAP_BHI_NO = 1 << 20
+ARCH_CAP_PBRSB_NO = 1 << 24
+ARCH_CAP_GDS_NO = 1 << 26
+ARCH_CAP_RFDS_NO = 1 << 27
+ARCH_CAP_ITS_NO = 1 << 62
+ARCH_CAPABILITIES = (ARCH_CAP_RDCL_NO | ARCH_CAP_SSB_NO | ARCH_CAP_MDS_NO | ARCH_CAP_PSCHANGE_MC_NO | ARCH_CAP_TAA_NO
+                     | ARCH_CAP_SBDR_SSDP_NO | ARCH_CAP_FBSDP_NO | ARCH_CAP_PSDP_NO | ARCH_CAP_BHI_NO | ARCH_CAP_PBRSB_NO
+                     | ARCH_CAP_GDS_NO | ARCH_CAP_RFDS_NO | ARCH_CAP_ITS_NO)
 CPUID_7_EDX_ARCH_CAPABILITIES = 1 << 29
 
 # CPUID.1:ECX, what the engine implements of it.  CMPXCHG16B is a host 128-bit atomic
