@@ -54,9 +54,9 @@ SUCCESS_STATUS, INVALID_PARAMETER = int(lib.VSTOR_STATUS_SUCCESS), int(lib.VSTOR
 _OPERATION = Layout("struct vstor_packet", "operation", prefix=4).struct
 _SRB = Layout("struct vstor_packet", "operation", "vm_srb.length", "vm_srb.path_id", "vm_srb.target_id", "vm_srb.lun",
               "vm_srb.cdb_length", "vm_srb.data_in", "vm_srb.data_transfer_length")
-_REPLY = Layout("struct vstor_packet", "operation", "status", "vm_srb.length", "vm_srb.path_id", "vm_srb.target_id",
-                "vm_srb.lun", "vm_srb.srb_status", "vm_srb.scsi_status", "vm_srb.sense_info_length",
-                "vm_srb.data_transfer_length")
+_REPLY = Layout("struct vstor_packet", "operation", "status", "vm_srb.length", "vm_srb.srb_status", "vm_srb.scsi_status",
+                "vm_srb.path_id", "vm_srb.target_id", "vm_srb.lun", "vm_srb.sense_info_length",
+                "vm_srb.data_transfer_length")   # in offset order: pack is the struct's own
 _CDB_OFFSET, _CDB_SIZE = array(ffi.typeof("struct vstor_packet"), ("vm_srb", "cdb")) or (0, 0)
 _SENSE_OFFSET, _SENSE_SIZE = array(ffi.typeof("struct vstor_packet"), ("vm_srb", "sense_data")) or (0, 0)
 COMPLETE_IO = int(lib.VSTOR_OPERATION_COMPLETE_IO)
@@ -68,7 +68,7 @@ def _srb_reply(address: tuple[int, int, int, int], status: int, srb_status: int,
     bytes moved, and sense data (at most the SRB's sense buffer) when there is any."""
     srb_length, path_id, target_id, lun = address
     sense_data = sense_data[:_SENSE_SIZE]
-    reply = _REPLY.pack(COMPLETE_IO, status, srb_length, path_id, target_id, lun, srb_status, scsi_status,
+    reply = _REPLY.pack(COMPLETE_IO, status, srb_length, srb_status, scsi_status, path_id, target_id, lun,
                         len(sense_data), transferred)
     if sense_data:
         reply = reply[:_SENSE_OFFSET] + sense_data + reply[_SENSE_OFFSET + len(sense_data):]
@@ -102,7 +102,6 @@ class Storage:
         self.initialized = False
         self.requests = 0
         self.errors = 0
-        self._scratch = bytearray(MAX_TRANSFER_BYTES)   # a READ's data on its way to the guest's pages
 
     def on_open(self, channel: Channel) -> bool:
         self.version, self.initialized = None, False
@@ -173,7 +172,7 @@ class Storage:
         image and guest memory with no copy in between (preadv into one buffer, then the
         guest's pages; pwritev straight from them); everything else goes through
         ``DiskImage.execute``."""
-        _op, srb_length, path_id, target_id, lun, cdb_length, direction, length = _SRB.unpack_from(payload)
+        _op, srb_length, path_id, target_id, lun, cdb_length, direction, length = _SRB.unpack(payload)
         cdb = payload[_CDB_OFFSET : _CDB_OFFSET + min(cdb_length, _CDB_SIZE)]
         address = (srb_length, path_id, target_id, lun)
         if path_id or target_id or lun:
@@ -195,22 +194,19 @@ class Storage:
         moved = min(length, extent.length) if data_in else extent.length
         if not data_in and length < extent.length:
             return self._failed(address, ScsiResult(CHECK_CONDITION, b"", sense(ILLEGAL_REQUEST, ASC_INVALID_FIELD)))
-        try:
-            pieces = self._buffer(channel, packet, length, moved) if moved else []
-        except VmbusProtocolError as exc:
-            return self._refused(address, exc)
         memory = channel.memory
         try:
+            pieces = self._buffer(channel, packet, length, moved) if moved else []
             if data_in:
-                scratch = memoryview(self._scratch)[:moved]
-                result = self.disk.read_into(extent.offset, [scratch])
-                if result.ok:
-                    done = 0
-                    for gpa, n in pieces:   # GuestMemory.write: the engines and the dirty log hear of it
-                        memory.write(gpa, scratch[done : done + n])
-                        done += n
+                try:
+                    result = self.disk.read_into(extent.offset, [view for _gpa, view in pieces])
+                finally:   # even after a failed read: bytes may have landed
+                    for gpa, view in pieces:
+                        memory.wrote(gpa, len(view))   # the engines and the dirty log hear of the DMA
             else:
-                result = self.disk.write_from(extent.offset, [memory.view(gpa, n) for gpa, n in pieces], extent.fua)
+                result = self.disk.write_from(extent.offset, [view for _gpa, view in pieces], extent.fua)
+        except VmbusProtocolError as exc:
+            return self._refused(address, exc)
         except GuestMemoryError as exc:   # the RAM went away under the request (an unmap meanwhile)
             return self._refused(address, VmbusProtocolError(str(exc)))
         if not result.ok:
@@ -225,7 +221,7 @@ class Storage:
         except VmbusProtocolError as exc:
             return self._refused(address, exc)
         try:
-            data_out = b"".join(memory.read(gpa, n) for gpa, n in pieces) if pieces and direction == DATA_OUT else b""
+            data_out = b"".join(view for _gpa, view in pieces) if pieces and direction == DATA_OUT else b""
             allocation = length if direction == DATA_IN else 0
             result: ScsiResult = self.disk.execute(cdb, data_out, allocation) if present else absent_lun(cdb, allocation)
             if not result.ok:
@@ -240,7 +236,7 @@ class Storage:
         return _srb_reply(address, SUCCESS_STATUS, lib.SRB_STATUS_SUCCESS, result.status, transferred)
 
     def _refused(self, address: tuple[int, int, int, int], exc: VmbusProtocolError) -> bytes:
-        log.warning("storvsp: %s", exc)
+        log.warning("storvsp: %s", str(exc))   # the text: the exception's frames may hold views of guest RAM
         self.errors += 1
         return _srb_reply(address, INVALID_PARAMETER, lib.SRB_STATUS_INVALID_REQUEST, 0, 0)
 
@@ -249,11 +245,12 @@ class Storage:
         return _srb_reply(address, SUCCESS_STATUS, lib.SRB_STATUS_ERROR | lib.SRB_STATUS_AUTOSENSE_VALID,
                           result.status, 0, result.sense)
 
-    def _buffer(self, channel: Channel, packet: Packet, length: int, moved: int) -> list[tuple[int, int]]:
-        """(gpa, size) pieces of the first ``moved`` bytes of the guest's ``length``-byte
-        buffer, consecutive pages joined, each inside one memory region; every page checked
-        against RAM and against the channel's own rings (DMA there would rewrite the ring
-        indices)."""
+    def _buffer(self, channel: Channel, packet: Packet, length: int, moved: int) -> list[tuple[int, memoryview]]:
+        """The first ``moved`` bytes of the guest's ``length``-byte buffer as (gpa, view of
+        guest RAM) pieces, consecutive pages joined, each inside one memory region; every
+        page checked against RAM and against the channel's own rings (DMA there would
+        rewrite the ring indices).  Views, not ``GuestMemory.write``: whoever writes through
+        them calls ``GuestMemory.wrote``."""
         if packet.type != GPA_DIRECT or len(packet.ranges) != 1:
             raise VmbusProtocolError("data transfer without exactly one GPA-direct range")
         gpa_range = packet.ranges[0]
@@ -267,35 +264,40 @@ class Storage:
         if not channel.ring_pages.isdisjoint(pfns):
             ring_pfn = next(pfn for pfn in pfns if pfn in channel.ring_pages)
             raise VmbusProtocolError(f"buffer page {ring_pfn:#x} is one of the channel's ring pages")
-        regions = [(region.gpa, region.end) for region in channel.memory.regions]
-        pieces: list[tuple[int, int]] = []
-        end = offset + moved   # in bytes from the start of the first page
-        first = 0
-        while first < pages:
-            last = first   # a run of consecutive page numbers: one piece (or one per region it spans)
-            while last + 1 < pages and pfns[last + 1] == pfns[last] + 1:
-                last += 1
-            start = offset if first == 0 else first * PAGE
-            gpa = pfns[first] * PAGE + start - first * PAGE
-            size = min((last + 1) * PAGE, end) - start
-            while size:
-                for low, high in regions:
-                    if low <= gpa < high:
-                        n = min(size, high - gpa)
-                        pieces.append((gpa, n))
-                        gpa, size = gpa + n, size - n
-                        break
-                else:
-                    raise VmbusProtocolError(f"buffer page {gpa // PAGE:#x} is not guest RAM")
-            first = last + 1
-        return pieces
+        if not pages:
+            return []
+        memory_regions = channel.memory.regions
+        runs: list[tuple[int, int]] = []   # (gpa, size) of each run of consecutive page numbers
+        first, end = 0, offset + moved     # end: in bytes from the start of the first page
+        for index in range(1, pages + 1):
+            if index == pages or pfns[index] != pfns[index - 1] + 1:
+                start = offset if first == 0 else first * PAGE
+                runs.append((pfns[first] * PAGE + start - first * PAGE, min(index * PAGE, end) - start))
+                first = index
+        # Every check before any view exists (an exception's frames would keep the views, and the RAM, pinned).
+        spans: list[tuple[int, int, int]] = []   # (gpa, size, region index): a run split where regions meet
+        lowest, highest = min(pfns) * PAGE, (max(pfns) + 1) * PAGE
+        whole = next((i for i, r in enumerate(memory_regions) if r.gpa <= lowest and highest <= r.end), None)
+        if whole is not None:   # the common case: every page in one region
+            spans = [(gpa, size, whole) for gpa, size in runs]
+        else:
+            for gpa, size in runs:
+                while size:
+                    where = next((i for i, r in enumerate(memory_regions) if r.gpa <= gpa < r.end), None)
+                    if where is None:
+                        raise VmbusProtocolError(f"buffer page {gpa // PAGE:#x} is not guest RAM")
+                    n = min(size, memory_regions[where].end - gpa)
+                    spans.append((gpa, n, where))
+                    gpa, size = gpa + n, size - n
+        hosts = [(memoryview(region.host), region.gpa) for region in memory_regions]
+        return [(gpa, hosts[index][0][gpa - hosts[index][1] : gpa - hosts[index][1] + n]) for gpa, n, index in spans]
 
     @staticmethod
-    def _scatter(memory: GuestMemory, pieces: list[tuple[int, int]], data: bytes) -> int:
+    def _scatter(memory: GuestMemory, pieces: list[tuple[int, memoryview]], data: bytes) -> int:
         done = 0
-        view = memoryview(data)
-        for gpa, n in pieces:
-            chunk = view[done : done + n]
+        source = memoryview(data)
+        for gpa, view in pieces:
+            chunk = source[done : done + len(view)]
             if not chunk:
                 break
             memory.write(gpa, chunk)
