@@ -264,7 +264,7 @@ class Storage:
         if not channel.ring_pages.isdisjoint(pfns):
             ring_pfn = next(pfn for pfn in pfns if pfn in channel.ring_pages)
             raise VmbusProtocolError(f"buffer page {ring_pfn:#x} is one of the channel's ring pages")
-        if not pages:
+        if not moved:
             return []
         memory_regions = channel.memory.regions
         runs: list[tuple[int, int]] = []   # (gpa, size) of each run of consecutive page numbers
