@@ -21,7 +21,6 @@ from mshvstack.partition.memory import GuestMemory, GuestMemoryError, MemoryRegi
 from mshvstack.vmbus import packets
 from mshvstack.vmbus.errors import VmbusProtocolError
 from mshvstack.vmbus.packets import GPA_DIRECT, GpaRange, Packet
-from mshvstack.vmbus.providers import scsi
 from mshvstack.vmbus.providers.scsi import ASC_READ_ERROR, ASC_WRITE_ERROR, MEDIUM_ERROR, DiskImage
 from mshvstack.vmbus.providers.storage import Storage
 
@@ -139,7 +138,7 @@ SCATTERED = [40, 7, 8, 9, 63, 96, 127, 128, 20]   # runs, a run across two regio
 def test_a_scattered_read_lands_in_every_page_and_each_is_reported(setup) -> None:  # type: ignore[no-untyped-def]
     storage, channel, memory, image, written = setup
     length = len(SCATTERED) * PAGE - 1024
-    storage.on_packet(channel, _srb(_read10(16, length // 512), length, 1, SCATTERED, offset=1024))  # type: ignore[arg-type]
+    storage.on_packet(channel, _srb(_read10(16, length // 512), length, 1, SCATTERED, offset=1024))
     reply = _reply(channel)
     assert reply.vm_srb.srb_status == lib.SRB_STATUS_SUCCESS and reply.vm_srb.data_transfer_length == length
     data = image.read_bytes()[16 * 512 : 16 * 512 + length]
@@ -154,7 +153,7 @@ def test_a_scattered_write_takes_every_page_in_order(setup) -> None:  # type: ig
     for i, pfn in enumerate(SCATTERED):
         memory.write(pfn * PAGE, bytes([i + 1]) * PAGE)
     length = len(SCATTERED) * PAGE
-    storage.on_packet(channel, _srb(_write10(100, length // 512), length, 0, SCATTERED))  # type: ignore[arg-type]
+    storage.on_packet(channel, _srb(_write10(100, length // 512), length, 0, SCATTERED))
     assert _reply(channel).vm_srb.srb_status == lib.SRB_STATUS_SUCCESS
     assert image.read_bytes()[100 * 512 : 100 * 512 + length] == b"".join(bytes([i + 1]) * PAGE for i in range(len(SCATTERED)))
 
@@ -162,10 +161,10 @@ def test_a_scattered_write_takes_every_page_in_order(setup) -> None:  # type: ig
 def test_fua_writes_are_durable_before_good_and_plain_ones_are_not_synced(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     storage, channel, _memory_, _image, _written = setup
     synced: list[int] = []
-    monkeypatch.setattr(scsi.os, "fdatasync", lambda fd: synced.append(fd))
-    storage.on_packet(channel, _srb(_write10(0, 8), PAGE, 0, [10]))  # type: ignore[arg-type]
+    monkeypatch.setattr("mshvstack.vmbus.providers.scsi.os.fdatasync", lambda fd: synced.append(fd))
+    storage.on_packet(channel, _srb(_write10(0, 8), PAGE, 0, [10]))
     assert synced == []
-    storage.on_packet(channel, _srb(_write10(0, 8, fua=True), PAGE, 0, [10]))  # type: ignore[arg-type]
+    storage.on_packet(channel, _srb(_write10(0, 8, fua=True), PAGE, 0, [10]))
     assert synced == [storage.disk.fd] and _reply(channel).vm_srb.srb_status == lib.SRB_STATUS_SUCCESS
 
 
@@ -175,10 +174,10 @@ def test_host_io_errors_are_medium_errors_not_crashes(setup, monkeypatch) -> Non
     def fail(*_args: object) -> int:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(scsi.os, "preadv", fail)
-    monkeypatch.setattr(scsi.os, "pwritev", fail)
+    monkeypatch.setattr("mshvstack.vmbus.providers.scsi.os.preadv", fail)
+    monkeypatch.setattr("mshvstack.vmbus.providers.scsi.os.pwritev", fail)
     for cdb, data_in, asc in ((_read10(0, 8), 1, ASC_READ_ERROR), (_write10(0, 8), 0, ASC_WRITE_ERROR)):
-        storage.on_packet(channel, _srb(cdb, PAGE, data_in, [10]))  # type: ignore[arg-type]
+        storage.on_packet(channel, _srb(cdb, PAGE, data_in, [10]))
         reply = _reply(channel)
         assert reply.vm_srb.scsi_status == 2 and reply.vm_srb.data_transfer_length == 0
         assert (reply.vm_srb.sense_data[2], reply.vm_srb.sense_data[12]) == (MEDIUM_ERROR, asc)
@@ -188,7 +187,7 @@ def test_host_io_errors_are_medium_errors_not_crashes(setup, monkeypatch) -> Non
 def test_a_read_shorter_than_its_command_fills_the_buffer_only(setup) -> None:  # type: ignore[no-untyped-def]
     storage, channel, memory, image, _written = setup
     memory.write(11 * PAGE, b"\xee" * PAGE)
-    storage.on_packet(channel, _srb(_read10(0, 16), 1024, 1, [10, 11]))  # type: ignore[arg-type]
+    storage.on_packet(channel, _srb(_read10(0, 16), 1024, 1, [10, 11]))
     reply = _reply(channel)
     assert reply.vm_srb.srb_status == lib.SRB_STATUS_SUCCESS and reply.vm_srb.data_transfer_length == 1024
     assert memory.read(10 * PAGE, 1024) == image.read_bytes()[:1024] and memory.read(11 * PAGE, PAGE) == b"\xee" * PAGE
@@ -198,9 +197,9 @@ def test_a_read_shorter_than_its_command_fills_the_buffer_only(setup) -> None:  
 @given(opcode=st.sampled_from([0x28, 0x2A, 0x88, 0x8A]), lba=st.integers(0, (1 << 32) - 1), blocks=st.integers(0, 0xFFFF),
        length=st.integers(0, 1 << 21), data_in=st.integers(0, 3), pfns=PFNS, offset=st.integers(0, 4095),
        fua=st.booleans(), cdb_length=st.integers(0, 16))
-def test_hostile_reads_and_writes_get_an_answer_and_leave_the_image_alone(setup, opcode: int, lba: int, blocks: int, length: int,
+def test_hostile_reads_and_writes_get_an_answer_and_leave_the_image_alone(setup: Any, opcode: int, lba: int, blocks: int, length: int,
                                                                           data_in: int, pfns: list[int], offset: int,
-                                                                          fua: bool, cdb_length: int) -> None:  # type: ignore[no-untyped-def]
+                                                                          fua: bool, cdb_length: int) -> None:
     storage, channel, _memory_, image, _written = setup
     lba %= IMAGE_BLOCKS * 2
     if opcode in (0x28, 0x2A):
@@ -214,7 +213,7 @@ def test_hostile_reads_and_writes_get_an_answer_and_leave_the_image_alone(setup,
     struct.pack_into("<B", payload, SRB + ffi.offsetof("struct vmscsi_request", "cdb_length"), cdb_length)
     struct.pack_into("<B", payload, SRB + ffi.offsetof("struct vmscsi_request", "data_in"), data_in)
     struct.pack_into("<I", payload, SRB + ffi.offsetof("struct vmscsi_request", "data_transfer_length"), length)
-    storage.on_packet(channel, Packet(GPA_DIRECT, 5, True, bytes(payload), (raw_ranges,)))  # type: ignore[arg-type]
+    storage.on_packet(channel, Packet(GPA_DIRECT, 5, True, bytes(payload), (raw_ranges,)))
     reply = _reply(channel)
     assert reply.operation == lib.VSTOR_OPERATION_COMPLETE_IO
     if reply.vm_srb.srb_status != lib.SRB_STATUS_SUCCESS or opcode in (0x28, 0x88) or data_in != 0:
