@@ -7,8 +7,12 @@ error status there would make it attach a phantom disk with zeroed data.
 
 The guest drives initialisation (protocol version, properties) and sends
 EXECUTE_SRB requests; data moves through GPA-direct page lists that are
-checked against guest RAM page by page.  Rejected requests never touch the
-image (writes are only issued after every check passed).
+checked against guest RAM page by page, then straight between the image and
+the guest's pages (preadv/pwritev over views of guest RAM; every DMA into the
+guest reported through GuestMemory.wrote).  Rejected requests never touch the
+image (writes are only issued after every check passed).  Writes reach the
+image before their completion; FUA writes and SYNCHRONIZE CACHE are durable
+(fdatasync/fsync) before theirs.
 """
 
 from __future__ import annotations
@@ -169,9 +173,8 @@ class Storage:
     # ---- SCSI requests
     def _execute(self, channel: Channel, packet: Packet, payload: bytes) -> bytes:
         """One EXECUTE_SRB: the completion's payload.  READ and WRITE move data between the
-        image and guest memory with no copy in between (preadv into one buffer, then the
-        guest's pages; pwritev straight from them); everything else goes through
-        ``DiskImage.execute``."""
+        image and the guest's pages with no copy in between (preadv into them, pwritev from
+        them); everything else goes through ``DiskImage.execute``."""
         _op, srb_length, path_id, target_id, lun, cdb_length, direction, length = _SRB.unpack(payload)
         cdb = payload[_CDB_OFFSET : _CDB_OFFSET + min(cdb_length, _CDB_SIZE)]
         address = (srb_length, path_id, target_id, lun)
