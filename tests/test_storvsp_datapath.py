@@ -226,3 +226,38 @@ def test_wrote_refuses_a_range_outside_one_region() -> None:
         memory.wrote(63 * PAGE, 2 * PAGE)   # runs into the hole after the first region
     with pytest.raises(GuestMemoryError):
         memory.wrote(70 * PAGE, 1)
+
+
+def test_short_transfers_are_finished_and_a_stuck_one_is_an_error(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """preadv and pwritev may move less than asked (a signal, a full pipe of the host's storage):
+    the rest follows, from where the last call stopped; a write that moves nothing fails."""
+    storage, channel, memory, image, _written = setup
+    real_preadv, real_pwritev = os.preadv, os.pwritev
+
+    def clipped(call: Any) -> Any:
+        def one(fd: int, buffers: list[memoryview], offset: int) -> int:
+            budget, cut = 1000, []   # at most 1000 bytes per call, across buffers
+            for buffer in buffers:
+                if budget <= 0:
+                    break
+                cut.append(buffer[:budget])
+                budget -= len(cut[-1])
+            return int(call(fd, cut, offset))
+        return one
+
+    monkeypatch.setattr("mshvstack.vmbus.providers.scsi.os.preadv", clipped(real_preadv))
+    monkeypatch.setattr("mshvstack.vmbus.providers.scsi.os.pwritev", clipped(real_pwritev))
+    for pfn in SCATTERED:
+        memory.write(pfn * PAGE, os.urandom(PAGE))
+    expected = b"".join(memory.read(pfn * PAGE, PAGE) for pfn in SCATTERED)
+    storage.on_packet(channel, _srb(_write10(200, len(expected) // 512), len(expected), 0, SCATTERED))
+    assert _reply(channel).vm_srb.srb_status == lib.SRB_STATUS_SUCCESS
+    assert image.read_bytes()[200 * 512 : 200 * 512 + len(expected)] == expected
+    for pfn in SCATTERED:
+        memory.write(pfn * PAGE, bytes(PAGE))
+    storage.on_packet(channel, _srb(_read10(200, len(expected) // 512), len(expected), 1, SCATTERED))
+    assert _reply(channel).vm_srb.srb_status == lib.SRB_STATUS_SUCCESS
+    assert b"".join(memory.read(pfn * PAGE, PAGE) for pfn in SCATTERED) == expected
+    monkeypatch.setattr("mshvstack.vmbus.providers.scsi.os.pwritev", lambda fd, buffers, offset: 0)
+    storage.on_packet(channel, _srb(_write10(0, 8), PAGE, 0, [10]))
+    assert _reply(channel).vm_srb.sense_data[2] == MEDIUM_ERROR

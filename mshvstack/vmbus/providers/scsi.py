@@ -55,6 +55,18 @@ def sense(key: int, asc: int, ascq: int = 0) -> bytes:
     return bytes([0x70, 0, key, 0, 0, 0, 0, 10, 0, 0, 0, 0, asc, ascq, 0, 0, 0, 0])
 
 
+def _after(buffers: list[memoryview], done: int) -> list[memoryview]:
+    """What is left of ``buffers`` after their first ``done`` bytes."""
+    first = 0
+    while first < len(buffers) and done >= len(buffers[first]):
+        done -= len(buffers[first])
+        first += 1
+    rest = buffers[first:]
+    if rest and done:
+        rest[0] = rest[0][done:]
+    return rest
+
+
 def _check(key: int, asc: int) -> ScsiResult:
     return ScsiResult(CHECK_CONDITION, b"", sense(key, asc))
 
@@ -122,7 +134,7 @@ class DiskImage:
         try:
             for start in range(0, len(buffers), IOV_BATCH):
                 batch = buffers[start : start + IOV_BATCH]
-                wanted = sum(len(b) for b in batch)
+                wanted = sum(map(len, batch))
                 done = os.preadv(self.fd, batch, offset)
                 while done < wanted:   # short: the rest one buffer at a time (EOF gives 0)
                     got = self._read_rest(batch, done, offset + done)
@@ -159,17 +171,14 @@ class DiskImage:
         try:
             for start in range(0, len(buffers), IOV_BATCH):
                 batch = list(buffers[start : start + IOV_BATCH])
-                first = 0
-                while first < len(batch):
-                    done = os.pwritev(self.fd, batch[first:] if first else batch, offset)
+                remaining = sum(map(len, batch))
+                while remaining:
+                    done = os.pwritev(self.fd, batch, offset)
                     if done <= 0:
                         raise OSError("pwritev wrote nothing")
-                    offset += done
-                    while first < len(batch) and done >= len(batch[first]):   # what went; the rest again
-                        done -= len(batch[first])
-                        first += 1
-                    if done:
-                        batch[first] = batch[first][done:]
+                    offset, remaining = offset + done, remaining - done
+                    if remaining:   # short: the rest again
+                        batch = _after(batch, done)
             if fua:
                 os.fdatasync(self.fd)
         except OSError:

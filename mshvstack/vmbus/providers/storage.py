@@ -270,28 +270,28 @@ class Storage:
         if not moved:
             return []
         memory_regions = channel.memory.regions
-        runs: list[tuple[int, int]] = []   # (gpa, size) of each run of consecutive page numbers
-        first, end = 0, offset + moved     # end: in bytes from the start of the first page
-        for index in range(1, pages + 1):
-            if index == pages or pfns[index] != pfns[index - 1] + 1:
-                start = offset if first == 0 else first * PAGE
-                runs.append((pfns[first] * PAGE + start - first * PAGE, min(index * PAGE, end) - start))
-                first = index
+        # Runs of consecutive page numbers, each one piece: whole pages, then the first one starts
+        # at the range's offset and the last one ends with the transfer.
+        starts = [0, *[i for i in range(1, pages) if pfns[i] != pfns[i - 1] + 1]]
+        runs = [[pfns[first] * PAGE, (stop - first) * PAGE] for first, stop in zip(starts, [*starts[1:], pages])]
+        runs[0][0] += offset
+        runs[0][1] -= offset
+        runs[-1][1] -= pages * PAGE - (offset + moved)
         # Every check before any view exists (an exception's frames would keep the views, and the RAM, pinned).
         spans: list[tuple[int, int, int]] = []   # (gpa, size, region index): a run split where regions meet
         lowest, highest = min(pfns) * PAGE, (max(pfns) + 1) * PAGE
         whole = next((i for i, r in enumerate(memory_regions) if r.gpa <= lowest and highest <= r.end), None)
         if whole is not None:   # the common case: every page in one region
-            spans = [(gpa, size, whole) for gpa, size in runs]
-        else:
-            for gpa, size in runs:
-                while size:
-                    where = next((i for i, r in enumerate(memory_regions) if r.gpa <= gpa < r.end), None)
-                    if where is None:
-                        raise VmbusProtocolError(f"buffer page {gpa // PAGE:#x} is not guest RAM")
-                    n = min(size, memory_regions[where].end - gpa)
-                    spans.append((gpa, n, where))
-                    gpa, size = gpa + n, size - n
+            host, base = memoryview(memory_regions[whole].host), memory_regions[whole].gpa
+            return [(gpa, host[gpa - base : gpa - base + size]) for gpa, size in runs]
+        for gpa, size in runs:
+            while size:
+                where = next((i for i, r in enumerate(memory_regions) if r.gpa <= gpa < r.end), None)
+                if where is None:
+                    raise VmbusProtocolError(f"buffer page {gpa // PAGE:#x} is not guest RAM")
+                n = min(size, memory_regions[where].end - gpa)
+                spans.append((gpa, n, where))
+                gpa, size = gpa + n, size - n
         hosts = [(memoryview(region.host), region.gpa) for region in memory_regions]
         return [(gpa, hosts[index][0][gpa - hosts[index][1] : gpa - hosts[index][1] + n]) for gpa, n, index in spans]
 
