@@ -12,6 +12,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from mshvstack.errors import MshvError
 
@@ -30,8 +31,7 @@ FUA = 0x08   # CDB byte 1 of READ/WRITE(10/16): force unit access (the write is 
 IOV_BATCH = 512   # buffers per preadv/pwritev call (IOV_MAX is 1024 on Linux)
 
 
-@dataclass(frozen=True)
-class Extent:
+class Extent(NamedTuple):
     """Where a READ or WRITE (10/16) goes in the image: a byte offset and count, and FUA."""
 
     offset: int

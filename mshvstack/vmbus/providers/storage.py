@@ -270,6 +270,11 @@ class Storage:
         if not moved:
             return []
         memory_regions = channel.memory.regions
+        if pages == 1:   # the common small request: one piece, in the region that holds it
+            gpa = pfns[0] * PAGE + offset
+            for region in memory_regions:
+                if region.gpa <= gpa and gpa + moved <= region.end:
+                    return [(gpa, memoryview(region.host)[gpa - region.gpa : gpa - region.gpa + moved])]
         # Runs of consecutive page numbers, each one piece: whole pages, then the first one starts
         # at the range's offset and the last one ends with the transfer.
         starts = [0, *[i for i in range(1, pages) if pfns[i] != pfns[i - 1] + 1]]
