@@ -311,3 +311,22 @@ def test_gpadls_are_bounded_per_channel(disk) -> None:  # type: ignore[no-untype
         statuses.append(struct.unpack_from("<IIIII", replies[-1])[4])
     assert statuses.count(0) == MAX_GPADLS_PER_CHANNEL - 1   # the ring's GPADL is one of them
     assert all(status != 0 for status in statuses[MAX_GPADLS_PER_CHANNEL - 1:])
+
+
+def test_one_doorbell_with_many_requests_interrupts_the_guest_once(disk, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Every completion of one drain is in the ring before the guest is signalled, once, and
+    that one signal also tells it of the room the drain made in its own ring."""
+    guest, channel, _path, _image_ = disk
+    host_channel = next(c for c in guest.server.channels.values() if c.relid == channel.relid)
+    signals: list[int] = []
+    real = host_channel.signal_guest
+    monkeypatch.setattr(host_channel, "signal_guest", lambda: (signals.append(1), real())[1])
+    packet = packets.inband(bytes(ffi.buffer(_srb(bytes(6), 0, 0))), 0, completion_requested=True)
+    for trans_id in range(1, 11):
+        channel.send_ring.write(packets.inband(packet[16:], trans_id, completion_requested=True))
+    # The guest also waits for room in its ring (as when it was full): the first read makes it.
+    assert not channel.send_ring.wait_for_space(channel.send_ring.free() + len(packet) + 8)
+    assert guest.signal_event(channel.connection_id) == 0
+    replies: list[int] = []
+    _drain(guest, channel, replies)
+    assert replies == list(range(1, 11)) and signals == [1]

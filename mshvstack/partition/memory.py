@@ -146,6 +146,19 @@ class GuestMemory:
             done += n
         self._log(gpa, length)
 
+    def wrote(self, gpa: int, length: int) -> None:
+        """[gpa, gpa+length), inside one region, was written through a ``view`` (a DMA straight
+        into guest RAM, as a disk read's preadv): tell the backend and the write log what
+        ``write`` tells them (the simulator's engines drop code translated from those bytes)."""
+        for region in self._regions:
+            offset = gpa - region.gpa
+            if 0 <= offset and 0 <= length and offset + length <= region.size:
+                if self._written is not None:
+                    self._written(region.address + offset, length)
+                self._log(gpa, length)
+                return
+        raise GuestMemoryError(f"GPA range {gpa:#x}+{length:#x} is not inside one region")
+
     def read_u64(self, gpa: int) -> int:
         return int.from_bytes(self.read(gpa, 8), "little")
 

@@ -94,6 +94,10 @@ class Channel:
         self.defer = defer
         self._doorbell = doorbell
         self._backlog: deque[bytes] = deque()
+        # While a doorbell drains the guest's ring, the signals owed to the guest wait for its end
+        # (None: not draining, signal at once; else whether one is owed), so a guest that queued many
+        # requests takes one interrupt for all their completions.
+        self._owed: bool | None = None
         self.gpadls = gpadls   # the connection's GPADLs: devices with buffers beside the ring (netvsp) look theirs up
 
     def open(self, gpadl: Gpadl, downstream_offset: int, target_vp: int) -> None:
@@ -162,7 +166,10 @@ class Channel:
         assert self.outgoing is not None
         try:
             if self.outgoing.write(packet):
-                self.signal_guest()
+                if self._owed is None:
+                    self.signal_guest()
+                else:
+                    self._owed = True
         except RingFull:
             return False
         self.packets_out += 1
@@ -202,26 +209,34 @@ class Channel:
         server's lock held (from its doorbell hook or its drain worker)."""
         if self.incoming is None:
             return
+        self._owed = False
         try:
-            if not self._flush_backlog():
-                return   # our replies wait: take no new requests until the guest reads them
-            for _ in range(DRAIN_BUDGET):
-                if self.incoming is None or self._backlog:
-                    return
-                item = self.incoming.read()
-                if item is None:
-                    return
-                raw, signal = item
-                if signal:
-                    self.signal_guest()
-                self.packets_in += 1
-                self.provider.on_packet(self, packets.parse(raw))
-            self.defer(self)   # budget spent: more may be waiting
+            self._drain()
         except (VmbusProtocolError, struct.error, ValueError, IndexError) as exc:
             # Anything a guest can make a provider trip over is a protocol error.
             self.protocol_errors += 1
             log.warning("channel %d (%s): %s; closing it", self.relid, self.provider.name, exc)
             self.close()
+        finally:
+            owed, self._owed = self._owed, None
+            if owed and self.state is ChannelState.OPEN:
+                self.signal_guest()   # once for every completion and every freed-space wakeup of this drain
+
+    def _drain(self) -> None:
+        if not self._flush_backlog():
+            return   # our replies wait: take no new requests until the guest reads them
+        for _ in range(DRAIN_BUDGET):
+            if self.incoming is None or self._backlog:
+                return
+            item = self.incoming.read()
+            if item is None:
+                return
+            raw, signal = item
+            if signal:
+                self._owed = True   # the guest waits for the room this read made
+            self.packets_in += 1
+            self.provider.on_packet(self, packets.parse(raw))
+        self.defer(self)   # budget spent: more may be waiting
 
     # ---- snapshots
     def save(self) -> ChannelSavedState:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from mshvstack.errors import MshvError
 
@@ -19,10 +21,22 @@ GOOD, CHECK_CONDITION = 0x00, 0x02
 # Sense keys / additional sense codes
 NO_SENSE, NOT_READY, MEDIUM_ERROR, ILLEGAL_REQUEST, DATA_PROTECT = 0x0, 0x2, 0x3, 0x5, 0x7
 ASC_INVALID_OPCODE, ASC_LBA_OUT_OF_RANGE, ASC_INVALID_FIELD, ASC_WRITE_PROTECTED = 0x20, 0x21, 0x24, 0x27
+ASC_WRITE_ERROR, ASC_READ_ERROR = 0x0C, 0x11
 MAX_TRANSFER = 1 << 20
 INQUIRY, REPORT_LUNS = b"\x12", b"\xa0"
 # INQUIRY byte 0 for "no device at this LUN": peripheral qualifier 3, device type 0x1F.
 NO_DEVICE = 0x7F
+READ_OPCODES, WRITE_OPCODES = frozenset((0x28, 0x88)), frozenset((0x2A, 0x8A))
+FUA = 0x08   # CDB byte 1 of READ/WRITE(10/16): force unit access (the write is durable before GOOD)
+IOV_BATCH = 512   # buffers per preadv/pwritev call (IOV_MAX is 1024 on Linux)
+
+
+class Extent(NamedTuple):
+    """Where a READ or WRITE (10/16) goes in the image: a byte offset and count, and FUA."""
+
+    offset: int
+    length: int
+    fua: bool
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,18 @@ class ScsiResult:
 def sense(key: int, asc: int, ascq: int = 0) -> bytes:
     """Fixed-format sense data (18 bytes)."""
     return bytes([0x70, 0, key, 0, 0, 0, 0, 10, 0, 0, 0, 0, asc, ascq, 0, 0, 0, 0])
+
+
+def _after(buffers: list[memoryview], done: int) -> list[memoryview]:
+    """What is left of ``buffers`` after their first ``done`` bytes."""
+    first = 0
+    while first < len(buffers) and done >= len(buffers[first]):
+        done -= len(buffers[first])
+        first += 1
+    rest = buffers[first:]
+    if rest and done:
+        rest[0] = rest[0][done:]
+    return rest
 
 
 def _check(key: int, asc: int) -> ScsiResult:
@@ -84,6 +110,80 @@ class DiskImage:
         """Everything written so far on stable storage (a snapshot's disk is its image)."""
         if not self.read_only:
             os.fsync(self.fd)
+
+    def extent(self, cdb: bytes) -> Extent | ScsiResult:
+        """A READ or WRITE (10/16): where it goes, or the CHECK CONDITION it gets (out of range,
+        too long, a write to a read-only image), before any data moves.  Other opcodes:
+        INVALID OPCODE (they go through ``execute``)."""
+        opcode = cdb[0] if cdb else -1
+        write = opcode in WRITE_OPCODES
+        if not write and opcode not in READ_OPCODES:
+            return _check(ILLEGAL_REQUEST, ASC_INVALID_OPCODE)
+        if len(cdb) < _CDB_LENGTH[opcode]:
+            return _check(ILLEGAL_REQUEST, ASC_INVALID_FIELD)
+        if write and self.read_only:
+            return _check(DATA_PROTECT, ASC_WRITE_PROTECTED)
+        lba, count = self._lba(cdb)
+        if lba + count > self.blocks or count * BLOCK > MAX_TRANSFER:
+            return _check(ILLEGAL_REQUEST, ASC_LBA_OUT_OF_RANGE)
+        return Extent(lba * BLOCK, count * BLOCK, bool(cdb[1] & FUA))
+
+    def read_into(self, offset: int, buffers: Sequence[memoryview]) -> ScsiResult:
+        """Fill ``buffers`` (writable, in order) from the image at ``offset``, with no copy in
+        between (preadv); past the end of a file that shrank under us: zeros."""
+        try:
+            for start in range(0, len(buffers), IOV_BATCH):
+                batch = buffers[start : start + IOV_BATCH]
+                wanted = sum(map(len, batch))
+                done = os.preadv(self.fd, batch, offset)
+                while done < wanted:   # short: the rest one buffer at a time (EOF gives 0)
+                    got = self._read_rest(batch, done, offset + done)
+                    if got == 0:
+                        self._zero_rest(batch, done)
+                        break
+                    done += got
+                offset += wanted
+        except OSError:
+            return _check(MEDIUM_ERROR, ASC_READ_ERROR)
+        return ScsiResult(GOOD)
+
+    def _read_rest(self, batch: Sequence[memoryview], done: int, offset: int) -> int:
+        for buffer in batch:
+            if done < len(buffer):
+                return os.preadv(self.fd, [buffer[done:]], offset)
+            done -= len(buffer)
+        return 0
+
+    @staticmethod
+    def _zero_rest(batch: Sequence[memoryview], done: int) -> None:
+        for buffer in batch:
+            if done < len(buffer):
+                buffer[done:] = bytes(len(buffer) - done)
+                done = 0
+            else:
+                done -= len(buffer)
+
+    def write_from(self, offset: int, buffers: Sequence[memoryview], fua: bool) -> ScsiResult:
+        """Write ``buffers`` (in order) to the image at ``offset`` with no copy in between
+        (pwritev); with ``fua`` durable (fdatasync) before GOOD, as SBC asks."""
+        if self.read_only:
+            return _check(DATA_PROTECT, ASC_WRITE_PROTECTED)
+        try:
+            for start in range(0, len(buffers), IOV_BATCH):
+                batch = list(buffers[start : start + IOV_BATCH])
+                remaining = sum(map(len, batch))
+                while remaining:
+                    done = os.pwritev(self.fd, batch, offset)
+                    if done <= 0:
+                        raise OSError("pwritev wrote nothing")
+                    offset, remaining = offset + done, remaining - done
+                    if remaining:   # short: the rest again
+                        batch = _after(batch, done)
+            if fua:
+                os.fdatasync(self.fd)
+        except OSError:
+            return _check(MEDIUM_ERROR, ASC_WRITE_ERROR)
+        return ScsiResult(GOOD)
 
     def execute(self, cdb: bytes, data_out: bytes, allocation: int) -> ScsiResult:
         """Run one command; ``allocation`` is the initiator's data-in buffer size."""
@@ -149,7 +249,9 @@ class DiskImage:
         lba, count = self._lba(cdb)
         if lba + count > self.blocks or count * BLOCK > MAX_TRANSFER:
             return _check(ILLEGAL_REQUEST, ASC_LBA_OUT_OF_RANGE)
-        return ScsiResult(GOOD, os.pread(self.fd, count * BLOCK, lba * BLOCK))
+        buffer = bytearray(count * BLOCK)
+        result = self.read_into(lba * BLOCK, [memoryview(buffer)])
+        return ScsiResult(GOOD, bytes(buffer)) if result.ok else result
 
     def _write(self, cdb: bytes, data: bytes) -> ScsiResult:
         if self.read_only:
@@ -159,12 +261,14 @@ class DiskImage:
             return _check(ILLEGAL_REQUEST, ASC_LBA_OUT_OF_RANGE)
         if len(data) < count * BLOCK:
             return _check(ILLEGAL_REQUEST, ASC_INVALID_FIELD)
-        os.pwrite(self.fd, data[: count * BLOCK], lba * BLOCK)
-        return ScsiResult(GOOD)
+        return self.write_from(lba * BLOCK, [memoryview(data)[: count * BLOCK]], bool(cdb[1] & FUA))
 
     def _synchronize_cache(self, cdb: bytes, data: bytes) -> ScsiResult:
-        if not self.read_only:
-            os.fsync(self.fd)
+        try:
+            if not self.read_only:
+                os.fsync(self.fd)
+        except OSError:
+            return _check(MEDIUM_ERROR, ASC_WRITE_ERROR)
         self.flushes += 1
         return ScsiResult(GOOD)
 
