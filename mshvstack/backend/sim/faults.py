@@ -60,15 +60,16 @@ class FaultPlan:
         return int(rule.value)
 
     def ioctl_errno(self, name: str) -> int | None:
-        if not self._ioctl:   # nothing armed (the common case): no lock
-            return None
-        with self._lock:
-            return self._take(self._ioctl, name)
+        return self._armed(self._ioctl, name)
 
     def hvcall_status(self, code: int) -> int | None:
-        with self._lock:
-            return self._take(self._hvcall, code)
+        return self._armed(self._hvcall, code)
 
     def rep_limit(self, code: int) -> int | None:
+        return self._armed(self._reps, code)
+
+    def _armed(self, rules: dict[Any, _Rule], key: object) -> int | None:
+        if not rules:   # nothing armed (the common case, on every ioctl and hypercall): no lock
+            return None
         with self._lock:
-            return self._take(self._reps, code)
+            return self._take(rules, key)
