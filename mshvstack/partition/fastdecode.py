@@ -43,8 +43,8 @@ def leaf(ctype: Any, path: tuple[str, ...]) -> Leaf | None:
     return offset, ffi.sizeof(current), field.bitshift, field.bitsize
 
 
-def struct_at(ctype: Any, path: tuple[str, ...]) -> tuple[int, Any] | None:
-    """(offset, type) of the struct or union at ``path``."""
+def _walk(ctype: Any, path: tuple[str, ...]) -> tuple[int, Any] | None:
+    """(offset, type) of the member at ``path``, or None if there is none."""
     offset, current = 0, ctype
     for part in path:
         fields = dict(current.fields) if current.kind in ("struct", "union") else {}
@@ -52,21 +52,21 @@ def struct_at(ctype: Any, path: tuple[str, ...]) -> tuple[int, Any] | None:
             return None
         offset += fields[part].offset
         current = fields[part].type
-    return (offset, current) if current.kind in ("struct", "union") else None
+    return offset, current
+
+
+def struct_at(ctype: Any, path: tuple[str, ...]) -> tuple[int, Any] | None:
+    """(offset, type) of the struct or union at ``path``."""
+    found = _walk(ctype, path)
+    return found if found is not None and found[1].kind in ("struct", "union") else None
 
 
 def array(ctype: Any, path: tuple[str, ...]) -> tuple[int, int] | None:
     """(offset, length) of a byte array at ``path``."""
-    offset, current = 0, ctype
-    for part in path:
-        fields = dict(current.fields) if current.kind in ("struct", "union") else {}
-        if part not in fields:
-            return None
-        offset += fields[part].offset
-        current = fields[part].type
-    if current.kind != "array" or ffi.sizeof(current.item) != 1:
+    found = _walk(ctype, path)
+    if found is None or found[1].kind != "array" or ffi.sizeof(found[1].item) != 1:
         return None
-    return offset, current.length
+    return found[0], found[1].length
 
 
 class Layout:
