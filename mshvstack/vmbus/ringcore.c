@@ -174,36 +174,24 @@ static char *locate(const struct ringcore_ring *ring, const struct ringcore_memo
 	return memory->bases[run->buffer] + run->host_offset + (offset - run->data_offset);
 }
 
-/* Copy ``length`` bytes (at most data_size) into the data area at ``offset``,
- * wrapping at its end and split at runs; 0 when the run table does not fit. */
-static int copy_in(const struct ringcore_ring *ring, const struct ringcore_memory *memory, uint32_t offset,
-		   const char *from, uint32_t length)
-{
-	while (length) {
-		uint32_t room;
-		char *to = locate(ring, memory, offset, &room);
-		if (to == NULL)
-			return 0;
-		uint32_t n = length < room ? length : room;
-		memcpy(to, from, n);
-		from += n;
-		length -= n;
-		offset = advance(ring, offset, n);
-	}
-	return 1;
-}
+enum copy_direction { INTO_RING, OUT_OF_RING };
 
-static int copy_out(const struct ringcore_ring *ring, const struct ringcore_memory *memory, uint32_t offset,
-		    char *to, uint32_t length)
+/* Copy `length` bytes between `buffer` and the ring from `offset`, across the wrap and the
+ * runs; 0 if a piece lies outside the memory given (nothing past it is touched). */
+static int copy_ring(const struct ringcore_ring *ring, const struct ringcore_memory *memory, uint32_t offset,
+		     char *buffer, uint32_t length, enum copy_direction direction)
 {
 	while (length) {
 		uint32_t room;
-		const char *from = locate(ring, memory, offset, &room);
-		if (from == NULL)
+		char *at = locate(ring, memory, offset, &room);
+		if (at == NULL)
 			return 0;
 		uint32_t n = length < room ? length : room;
-		memcpy(to, from, n);
-		to += n;
+		if (direction == INTO_RING)
+			memcpy(at, buffer, n);
+		else
+			memcpy(buffer, at, n);
+		buffer += n;
 		length -= n;
 		offset = advance(ring, offset, n);
 	}
@@ -251,8 +239,8 @@ static int ringcore_write(struct ringcore_ring *ring, char *first, uint64_t firs
 	if (length > result->free || result->needed > result->free)   /* the first: no wrap of the sum */
 		return RINGCORE_FULL;
 	struct vmbus_ring_trailer trailer = { .reserved = 0, .start_index = start };
-	if (!copy_in(ring, memory, start, packet, (uint32_t)length) ||
-	    !copy_in(ring, memory, advance(ring, start, length), (const char *)&trailer, RINGCORE_TRAILER))
+	if (!copy_ring(ring, memory, start, (char *)packet, (uint32_t)length, INTO_RING) ||
+	    !copy_ring(ring, memory, advance(ring, start, length), (char *)&trailer, RINGCORE_TRAILER, INTO_RING))
 		return RINGCORE_BAD_LAYOUT;
 	publish(write_field, advance(ring, start, result->needed));
 	full_fence();
@@ -310,7 +298,7 @@ static int ringcore_read(struct ringcore_ring *ring, char *first, uint64_t first
 		return RINGCORE_EMPTY;
 	if (result->available < RINGCORE_DESCRIPTOR + RINGCORE_TRAILER)
 		return RINGCORE_SHORT;
-	if (!copy_out(ring, memory, start, out, RINGCORE_DESCRIPTOR))
+	if (!copy_ring(ring, memory, start, out, RINGCORE_DESCRIPTOR, OUT_OF_RING))
 		return RINGCORE_BAD_LAYOUT;
 	memcpy(&descriptor, out, sizeof(descriptor));   /* validated from the copy returned: read once */
 	result->offset8 = descriptor.offset8;
@@ -322,8 +310,8 @@ static int ringcore_read(struct ringcore_ring *ring, char *first, uint64_t first
 	result->length = (uint32_t)length;
 	if (length > capacity)
 		return RINGCORE_LARGE_PACKET;
-	if (!copy_out(ring, memory, advance(ring, start, RINGCORE_DESCRIPTOR), out + RINGCORE_DESCRIPTOR,
-		      result->length - RINGCORE_DESCRIPTOR))
+	if (!copy_ring(ring, memory, advance(ring, start, RINGCORE_DESCRIPTOR), out + RINGCORE_DESCRIPTOR,
+		       result->length - RINGCORE_DESCRIPTOR, OUT_OF_RING))
 		return RINGCORE_BAD_LAYOUT;
 	return consume(ring, memory, result);
 }
