@@ -48,6 +48,7 @@ struct mshvstack_library {
     void *init_disas_context;
     void *tb_stop;
     void *translate_insn;
+    void *notdirty_write;
     void *stop_interrupt;
     void *xchg[4];
     void *cmpxchg_mmu[4];
@@ -90,6 +91,8 @@ int mshvstack_quiet_exit_checks(struct mshvstack_cpu *c, uint32_t tcg_buffer_siz
 int mshvstack_hook_special(struct mshvstack_cpu *c, uint64_t address);
 int mshvstack_set_special(struct mshvstack_cpu *c, uint64_t address, int kind, const uint8_t *raw, int length);
 int mshvstack_guard_code(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host);
+int mshvstack_ram_map(struct mshvstack_cpu *c, uint64_t gpa, uint64_t size, uint64_t host);
+int mshvstack_ram_unmap(struct mshvstack_cpu *c, uint64_t gpa, uint64_t size);
 int mshvstack_write_protect(struct mshvstack_cpu *c, uint64_t host, uint64_t size, int protect);
 void mshvstack_attach_vp(struct mshvstack_cpu *c, uint32_t vp_index, void *register_page, void *message_page,
                          const int register_ids[6]);

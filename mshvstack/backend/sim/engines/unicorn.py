@@ -392,6 +392,8 @@ class UnicornEngine:
     def _map(self, gpa: int, size: int, host_address: int, writable: bool, executable: bool) -> None:
         perms = unicorn.UC_PROT_READ | (unicorn.UC_PROT_WRITE if writable else 0) | (unicorn.UC_PROT_EXEC if executable else 0)
         self._uc.mem_map_ptr(gpa, size, perms, host_address)
+        if core.mshvstack_ram_map(self._cpu, gpa, size, host_address) != 0:   # where code pages live (x86core.c)
+            raise MemoryError("the engine core cannot record the mapping")
         self._plain.map(gpa, size, writable and executable)
         self._fault_ranges_stale = True
         self._write_protect(host_address, size, not writable)
@@ -404,6 +406,7 @@ class UnicornEngine:
         if host is not None:
             self._write_protect(host, size, False)
         self._uc.mem_unmap(gpa, size)
+        core.mshvstack_ram_unmap(self._cpu, gpa, size)
         self._plain.unmap(gpa, size)
         self._fault_ranges_stale = True
         self._flush_code(gpa, size)

@@ -1,7 +1,7 @@
 """Addresses inside libunicorn that its public API does not export.
 
 Parallel execution and the new-block filter wrap three hooks of QEMU's x86 translator and one
-Unicorn hook (x86parallel.c).  They are local symbols, so they come from
+Unicorn hook, and fast stores patch one test in the softmmu's notdirty_write (x86parallel.c).  They are local symbols, so they come from
 the library's own symbol table (.symtab, kept in the PyPI wheels), placed
 at the load address the dynamic linker chose (an exported function's
 runtime address minus its symbol value).  The C core then checks that each
@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import struct
+from typing import Any
 
 from elftools.elf.elffile import ELFFile
 from unicorn.unicorn_py3.unicorn import uclib
@@ -23,9 +24,13 @@ _WANTED = {
     "i386_tr_init_disas_context": "init_disas_context",
     "i386_tr_tb_stop": "tb_stop",
     "i386_tr_translate_insn": "translate_insn",
+    "notdirty_write.isra.0": "notdirty_write",
     "x86_stop_interrupt": "stop_interrupt",
 }
 _ANCHOR = "uc_emu_start"
+# Static functions every target's copy of a QEMU file defines: the x86_64 one lies between
+# two functions of the same file that its x86_64 build exports.
+_BETWEEN = {"notdirty_write.isra.0": ("tlb_set_dirty_x86_64", "probe_access_x86_64")}
 # Exported helpers, by width (b, w, l, q): XCHG and the compare-and-exchange it is redone with.
 _WIDTHS = ("b", "w_le", "l_le", "q_le")
 EXPORTED = {
@@ -50,7 +55,12 @@ def library_addresses() -> dict[str, int]:
         table, names = elf.get_section_by_name(".symtab"), elf.get_section_by_name(".strtab")
         if table is None or names is None:
             raise SymbolsMissing(f"{path} has no symbol table")
-        values = _find_symbols(table.data(), names.data(), set(_WANTED) | {_ANCHOR})
+        bounds = {name for pair in _BETWEEN.values() for name in pair}
+        values = _find_symbols(table.data(), names.data(), set(_WANTED) | {_ANCHOR} | bounds, frozenset(_BETWEEN))
+    for name, (low, high) in _BETWEEN.items():
+        inside = [v for v in values.pop(name, ()) if low in values and high in values and values[low] < v < values[high]]
+        if len(inside) == 1:
+            values[name] = inside[0]
     missing = sorted((set(_WANTED) | {_ANCHOR}) - set(values))
     if missing:
         raise SymbolsMissing(f"{path} lacks {', '.join(missing)}")
@@ -72,9 +82,10 @@ def exported_addresses() -> dict[str, list[int]]:
     return found
 
 
-def _find_symbols(symbols: bytes, strings: bytes, wanted: set[str]) -> dict[str, int]:
+def _find_symbols(symbols: bytes, strings: bytes, wanted: set[str], several: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Symbol values by name from raw Elf64_Sym entries (pyelftools' per-symbol
-    objects take seconds over libunicorn's 300k symbols; this takes milliseconds)."""
+    objects take seconds over libunicorn's 300k symbols; this takes milliseconds);
+    names in ``several`` get the list of every value they have."""
     offsets: dict[int, str] = {}
     for name in wanted:
         encoded = name.encode() + b"\0"   # also as the tail of a longer string (shared suffixes)
@@ -87,10 +98,10 @@ def _find_symbols(symbols: bytes, strings: bytes, wanted: set[str]) -> dict[str,
         symbol = offsets.get(st_name)
         if symbol is not None and st_value:
             found.setdefault(symbol, set()).add(st_value)
-    ambiguous = sorted(name for name, values in found.items() if len(values) > 1)
+    ambiguous = sorted(name for name, values in found.items() if len(values) > 1 and name not in several)
     if ambiguous:
         raise SymbolsMissing(f"libunicorn defines {', '.join(ambiguous)} more than once")
-    return {name: values.pop() for name, values in found.items()}
+    return {name: sorted(values) if name in several else values.pop() for name, values in found.items()}
 
 
 _SYMBOL = struct.Struct("<IBBHQQ")   # Elf64_Sym

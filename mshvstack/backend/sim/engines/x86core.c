@@ -193,12 +193,12 @@ struct mshvstack_world {
     struct mshvstack_cpu *owner;     /* the engine running alone (NULL: none) */
     struct mshvstack_cpu **members;
     int count, capacity;
-    uint64_t seq;                    /* counts engines entering and leaving runs */
     uint64_t next_bit;
     /* guest pages with translated code in some engine: insert-only, read without the lock */
     struct code_owner *code;
     uint64_t code_mask, code_used;
     int code_full;                   /* no room left: a write to any code-capable page goes to all */
+    int claim_waiters;               /* engines waiting in world_claim_code for the others' boundaries */
 };
 
 /* A guest page with translated code, and the engines (their world_bit) that translated it. */
@@ -206,13 +206,13 @@ struct code_owner {
     uint64_t host;                   /* host address of the page; 0: empty slot */
     uint64_t gpa;
     uint64_t engines;
+    uint32_t ready;                  /* every engine guards it (x86parallel.c's world_claim_code) */
 };
 
 /* What another thread asks of an engine about code (x86parallel.c). */
 enum code_event_kind {
     CODE_EVENT_WRITTEN = 0,          /* drop translations of [host, host + length) */
     CODE_EVENT_GUARD = 1,            /* guard the page (another engine translated code there) */
-    CODE_EVENT_GUARD_CHECKED = 2,    /* the same, then have the others translate it again */
 };
 
 struct code_event {
@@ -221,6 +221,14 @@ struct code_event {
     uint32_t length;
     uint32_t kind;
 };
+
+/* Guest RAM mapped at [gpa, gpa + size), backed by host memory at `host`. */
+struct ram_range {
+    uint64_t gpa, size, host;
+};
+
+/* More than the pages one block reads (BLOCK_PAGES). */
+#define CLAIMED_RECENT 4
 
 /* A linear code page and the guest page it mapped when the Python half scanned code there. */
 struct page_pair {
@@ -314,8 +322,14 @@ struct mshvstack_cpu {
     uint64_t serial_steps;       /* instructions run alone (EXCP_ATOMIC) */
     /* code written on one engine and translated on another (x86parallel.c); under the world's lock */
     uint64_t world_bit;          /* this engine's bit in code_owner.engines */
-    uint64_t left_at;            /* world seq when it last left a run */
-    uint64_t translation_seq;    /* world seq when its last translation started */
+    volatile uint64_t boundaries; /* block boundaries passed (a claim waits for one: stores before it landed) */
+    volatile int storing;         /* stored to a page with code since its last boundary */
+    int blocked;                  /* waiting inside a run (parked, acquiring, claiming): runs no guest code */
+    uint64_t claimed_recent[CLAIMED_RECENT];   /* host page + 1: claimed while the world's table is full */
+    unsigned claimed_next;
+    /* guest RAM as the engine maps it, for the host address of a code page (mshvstack_ram_map) */
+    struct ram_range *ram;
+    int ram_count, ram_capacity;
     struct code_event *events;
     int event_count, event_capacity;
     int events_lost;             /* too many writes queued: drop every translation instead */
@@ -349,6 +363,11 @@ static void world_leave(struct mshvstack_cpu *c);
 static void world_forget(struct mshvstack_cpu *c);
 static void world_take_code_events(struct mshvstack_cpu *c);
 static int world_guard_everywhere(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host);
+static int world_claim_code(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host);
+static void world_boundary_passed(struct mshvstack_cpu *c);
+static void world_drop_translations(struct mshvstack_cpu *c, uint64_t host, uint64_t length);
+static void tb_flush_all(struct mshvstack_cpu *c);
+int mshvstack_ram_map(struct mshvstack_cpu *c, uint64_t gpa, uint64_t size, uint64_t host);
 
 static uint64_t mix(uint64_t x)
 {
@@ -681,6 +700,60 @@ void mshvstack_cpu_free(struct mshvstack_cpu *c)
     c->pairs_mask = c->pairs_used = 0;
     free(c->block);
     c->block = NULL;
+    free(c->ram);
+    c->ram = NULL;
+    c->ram_count = c->ram_capacity = 0;
+}
+
+/* ---- guest RAM as the engine maps it (the Python half says so as it maps) ---- */
+
+/* [gpa, gpa + size) is no longer RAM: ranges overlapping it are cut (split when it lies inside). */
+int mshvstack_ram_unmap(struct mshvstack_cpu *c, uint64_t gpa, uint64_t size)
+{
+    uint64_t end = gpa + size;
+    for (int i = 0; i < c->ram_count; i++) {
+        struct ram_range r = c->ram[i];
+        uint64_t r_end = r.gpa + r.size;
+        if (r_end <= gpa || r.gpa >= end)
+            continue;
+        if (r.gpa < gpa && r_end > end) {   /* split: the tail becomes a range of its own */
+            c->ram[i].size = gpa - r.gpa;
+            return mshvstack_ram_map(c, end, r_end - end, r.host + (end - r.gpa));
+        }
+        if (r.gpa < gpa) {
+            c->ram[i].size = gpa - r.gpa;
+        } else if (r_end > end) {
+            c->ram[i] = (struct ram_range){end, r_end - end, r.host + (end - r.gpa)};
+        } else {
+            c->ram[i--] = c->ram[--c->ram_count];
+        }
+    }
+    return 0;
+}
+
+/* [gpa, gpa + size) is RAM backed by host memory at `host`; -1: out of memory. */
+int mshvstack_ram_map(struct mshvstack_cpu *c, uint64_t gpa, uint64_t size, uint64_t host)
+{
+    mshvstack_ram_unmap(c, gpa, size);
+    if (c->ram_count == c->ram_capacity) {
+        int capacity = c->ram_capacity ? 2 * c->ram_capacity : 8;
+        struct ram_range *fresh = realloc(c->ram, (size_t)capacity * sizeof *fresh);
+        if (!fresh)
+            return -1;
+        c->ram = fresh;
+        c->ram_capacity = capacity;
+    }
+    c->ram[c->ram_count++] = (struct ram_range){gpa, size, host};
+    return 0;
+}
+
+/* Where guest page `gpa` lives in host memory (0: not RAM). */
+static uint64_t ram_host(const struct mshvstack_cpu *c, uint64_t gpa)
+{
+    for (int i = 0; i < c->ram_count; i++)
+        if (gpa - c->ram[i].gpa < c->ram[i].size)
+            return c->ram[i].host + (gpa - c->ram[i].gpa);
+    return 0;
 }
 
 /* Forget blocks starting in [start, end) so they are scanned again when next
@@ -939,6 +1012,34 @@ static int block_is_plain(struct mshvstack_cpu *c, uint64_t address, uint32_t si
 }
 
 /*
+ * Every guest page a new block was read from is code in every engine of the
+ * partition (x86parallel.c, world_claim_code) before its bytes may be
+ * trusted: 1 when a page was claimed only now (the block was read before
+ * the others' stores to it were seen, and is translated again).
+ */
+static int claim_block_pages(struct mshvstack_cpu *c, const struct block_code *b)
+{
+    int claimed = 0;
+    for (int i = 0; i < b->pages; i++) {
+        uint64_t host = b->gpas[i] == ~0ULL ? 0 : ram_host(c, b->gpas[i]);
+        if (host && world_claim_code(c, b->gpas[i], host))
+            claimed = 1;
+    }
+    return claimed;
+}
+
+/* Drop the block just translated (before it runs: nothing of it has) and leave to translate it again. */
+static void retranslate(struct mshvstack_cpu *c, const struct block_code *b, uint64_t address)
+{
+    uint64_t host = b->pages && b->gpas[0] != ~0ULL ? ram_host(c, b->gpas[0]) : 0;
+    if (host)
+        world_drop_translations(c, host + (address & 0xFFF), 1);
+    else
+        tb_flush_all(c);
+    c->api.cpu_exit(c->cs);
+}
+
+/*
  * Scan a block whose code was not scanned before as it is now: a new start,
  * or the code at a known one changed (rewritten through any mapping, its
  * linear page remapped, run at another width).  Per translated block, never
@@ -950,10 +1051,15 @@ static void new_block(struct mshvstack_cpu *c, uint64_t address, uint32_t size)
 {
     if (!c->slots)
         return;
-    if (c->used * 2 >= c->mask && grow(c) < 0)
-        return;
+    world_boundary_passed(c);   /* the last block's stores have landed */
     struct block_code *b = c->block;
     read_block(c, address, size, b);
+    if (c->world && claim_block_pages(c, b)) {
+        retranslate(c, b, address);
+        return;
+    }
+    if (c->used * 2 >= c->mask && grow(c) < 0)
+        return;
     if (!insert(c, address + 1, block_stamp(c, address, size, b)))
         return;
     if (block_is_plain(c, address, size, b)) {
@@ -992,8 +1098,11 @@ static bool core_exec_interrupt(void *cs, int request)
     struct mshvstack_cpu *c = entered;
     if (c && c->cs == cs) {
         __atomic_thread_fence(__ATOMIC_SEQ_CST);   /* the loop cleared its exit flag: read requests after */
-        if (world_boundary(c))
+        world_boundary_passed(c);
+        if (world_boundary(c)) {
+            world_take_code_events(c);
             return false;   /* the next block is this VP's serial step: nothing before it */
+        }
         world_take_code_events(c);
         if (c->stop_request) {
             stop(c, REASON_CANCELLED);

@@ -68,6 +68,7 @@ struct mshvstack_library {
     void *init_disas_context;   /* i386_tr_init_disas_context */
     void *tb_stop;              /* i386_tr_tb_stop */
     void *translate_insn;       /* i386_tr_translate_insn */
+    void *notdirty_write;       /* notdirty_write (cputlb.c; its .isra.0 clone) */
     void *stop_interrupt;       /* x86_stop_interrupt */
     void *xchg[4];              /* helper_atomic_xchg{b,w_le,l_le,q_le} */
     void *cmpxchg_mmu[4];       /* helper_atomic_cmpxchg{b,w_le,l_le,q_le}_mmu */
@@ -193,6 +194,55 @@ static int wrap_code_checks(const struct mshvstack_library *lib)
 
 /* TranslatorOps (include/exec/translator.h): init_disas_context, tb_start, insn_start,
  * breakpoint_check, translate_insn, tb_stop, pc_sync. */
+/*
+ * Stores through executable mappings at host speed.  Unicorn's
+ * notdirty_write (cputlb.c), where a store through a TLB entry still marked
+ * "not dirty" goes, marks the entry dirty (later stores: plain host stores)
+ * only when the entry cannot fetch (addr_code == -1) and no memory hook
+ * covers the page.  Linux maps its own image (text, data, bss, the boot
+ * stack) executable until the end of boot, so every store to a kernel
+ * variable took that slow path for good: the profile's largest item after
+ * the new-block scan.  The core keeps code coherent without that test: a
+ * page with translated code is guarded by a memory hook in every engine
+ * (x86core.c, guard_page), which keeps every entry for it "not dirty", and
+ * guarding clears the marks of entries already dirty for the page.  No
+ * engine trusts code it read from a page before every other engine guards
+ * it and has passed a block boundary since (world_claim_code, below), so a
+ * store through an entry marked dirty before is never missed.  So the test
+ * is dropped: the conditional jump
+ * after `cmpq $-1, 0x10(%rbp)` (addr_code, CPUTLBEntry's third word) becomes
+ * unconditional, on to the hook check and tlb_set_dirty.  The bytes are
+ * checked (unicorn 2.1.4's x86_64 build), else the engine refuses to start.
+ */
+static const unsigned char addr_code_test[6] = {0x48, 0x83, 0x7D, 0x10, 0xFF, 0x74};   /* cmpq $-1,0x10(%rbp); je */
+
+static int fast_stores_through_code_mappings(void *notdirty)
+{
+    enum { SEARCH = 256 };
+    unsigned char *code = notdirty, *at = NULL;
+    if (!code)
+        return -1;
+    for (int i = 0; i + (int)sizeof addr_code_test + 1 <= SEARCH; i++) {
+        int patched = memcmp(code + i, addr_code_test, sizeof addr_code_test - 1) == 0 && code[i + 5] == 0xEB;
+        if (memcmp(code + i, addr_code_test, sizeof addr_code_test) == 0 || patched) {
+            if (at)
+                return -2;   /* not the one function this was written for */
+            at = code + i + 5;
+        }
+    }
+    if (!at)
+        return -3;
+    if (*at == 0xEB)
+        return 0;   /* done by an earlier engine */
+    long page = sysconf(_SC_PAGESIZE);
+    uintptr_t start = (uintptr_t)at & ~(uintptr_t)(page - 1);
+    if (mprotect((void *)start, (size_t)page, PROT_READ | PROT_WRITE | PROT_EXEC) != 0)
+        return -4;
+    *at = 0xEB;   /* je rel8 -> jmp rel8, same target */
+    __builtin___clear_cache((char *)at, (char *)at + 1);
+    return mprotect((void *)start, (size_t)page, PROT_READ | PROT_EXEC) == 0 ? 0 : -4;
+}
+
 enum { OPS_INIT_DISAS = 0, OPS_TRANSLATE_INSN = 4, OPS_TB_STOP = 5, OPS_COUNT = 7 };
 
 static void (*original_init_disas)(void *db, void *cpu);
@@ -278,12 +328,15 @@ static void wait_for_turn(struct mshvstack_cpu *c, int counted)
         return;
     if (counted) {
         w->running--;
+        c->blocked++;
         pthread_cond_broadcast(&w->changed);
     }
     while (w->owner && w->owner != c)
         pthread_cond_wait(&w->changed, &w->lock);
-    if (counted)
+    if (counted) {
         w->running++;
+        c->blocked--;
+    }
 }
 
 /* The VP's thread enters the engine (waits while another VP runs alone). */
@@ -295,7 +348,6 @@ static void world_enter(struct mshvstack_cpu *c)
     pthread_mutex_lock(&w->lock);
     wait_for_turn(c, 0);
     w->running++;
-    w->seq++;
     c->in_world = 1;
     pthread_mutex_unlock(&w->lock);
 }
@@ -321,7 +373,7 @@ static void world_leave(struct mshvstack_cpu *c)
     pthread_mutex_lock(&w->lock);
     w->running--;
     c->in_world = 0;
-    c->left_at = ++w->seq;
+    c->storing = 0;
     release_locked(c);   /* wakes the waiters */
     pthread_mutex_unlock(&w->lock);
 }
@@ -345,8 +397,11 @@ static void world_acquire(struct mshvstack_cpu *c)
     for (int i = 0; i < w->count; i++)
         if (w->members[i] != c && w->members[i]->in_world)
             w->members[i]->api.cpu_exit(w->members[i]->cs);
+    c->blocked++;
+    pthread_cond_broadcast(&w->changed);   /* a claim waiting for this engine's boundary */
     while (w->running > 1)
         pthread_cond_wait(&w->changed, &w->lock);
+    c->blocked--;
     pthread_mutex_unlock(&w->lock);
 }
 
@@ -386,9 +441,20 @@ static bool world_boundary(struct mshvstack_cpu *c)
  * run), as the x86 rule for cross-modifying code allows (the new code is
  * seen after the writer's store, before the next serializing event).
  *
- * An engine learns of a page only at its next boundary, and may have
- * stored to it unchecked before: when it was running meanwhile, it then
- * has the others translate the page again (CODE_EVENT_GUARD_CHECKED).
+ * A page becomes code for an engine when it first translates a block
+ * there (world_claim_code, from the edge hook, before the block runs).  The
+ * first engine to do so has every other engine guard the page and waits
+ * until each one running guest code has passed a block boundary: until
+ * then another engine may store to the page through a TLB entry marked
+ * dirty before, which no check sees.  An engine that joins a page already
+ * guarded everywhere waits only for engines amid a checked store to a code
+ * page (`storing`): each announces that before it looks for the engines to
+ * tell, and a joining engine announces itself before it looks at who
+ * stores, so either the store is sent to it or it waits for the store to
+ * land.  Either way the block was read before that and is translated
+ * again.  Waiting engines run no guest code, so they count as past a
+ * boundary for the others (`blocked`), and an engine that runs alone
+ * (world_acquire) does not wait for them.
  */
 /*
  * Host atomics write through the TLB without Unicorn's permission check
@@ -510,7 +576,7 @@ static uint64_t code_engines(const struct mshvstack_world *w, uint64_t page)
     if (__atomic_load_n(&w->code_full, __ATOMIC_ACQUIRE))
         return ~0ULL;
     const struct code_owner *slot = &w->code[code_slot(w, page)];
-    return __atomic_load_n(&slot->host, __ATOMIC_ACQUIRE) == page ? __atomic_load_n(&slot->engines, __ATOMIC_RELAXED) : 0;
+    return __atomic_load_n(&slot->host, __ATOMIC_ACQUIRE) == page ? __atomic_load_n(&slot->engines, __ATOMIC_SEQ_CST) : 0;
 }
 
 /* Send a write of [host, host + length) to the engines with code there, but `writer` (lock held). */
@@ -559,6 +625,7 @@ static void core_invalidate_page_fast(void *uc, void *pages, uint64_t start, int
         if (host && c->exclusive != EXCLUSIVE_STEPPING && is_protected(c, (uint64_t)(uintptr_t)host))
             loop_exit_atomic(c->cs, retaddr);   /* a host atomic on a write-protected page: redo it serially
                                                  * (the caller's page_collection lock is a no-op in 2.1.4) */
+        __atomic_store_n(&c->storing, 1, __ATOMIC_SEQ_CST);   /* before looking for whom to tell (world_claim_code) */
         if (host && any_code(w, (uint64_t)(uintptr_t)host, (uint64_t)len)) {
             pthread_mutex_lock(&w->lock);
             send_write_locked(w, c, (uint64_t)(uintptr_t)host, (uint64_t)len);
@@ -568,41 +635,149 @@ static void core_invalidate_page_fast(void *uc, void *pages, uint64_t start, int
     original_invalidate_fast(uc, pages, start, len, retaddr);
 }
 
-/* After an engine guarded a page it translated code on: the first to do so has every other
- * engine guard it too (x86core.c's mshvstack_guard_code). */
+/* After an engine guarded a page it translated code on (x86core.c's mshvstack_guard_code):
+ * the page was claimed when the block was translated, unless the table is full. */
 static int world_guard_everywhere(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host)
+{
+    (void)gpa;
+    struct mshvstack_world *w = c->world;
+    if (w && !(code_engines(w, host & ~0xFFFULL) & c->world_bit))
+        world_claim_code(c, gpa, host);
+    return 0;
+}
+
+/* With the lock held: is a member still in the world (it may leave while others wait)? */
+static int is_member(const struct mshvstack_world *w, const struct mshvstack_cpu *m)
+{
+    for (int i = 0; i < w->count; i++)
+        if (w->members[i] == m)
+            return 1;
+    return 0;
+}
+
+/* With the lock held: wait until each engine of `wanted` passed a block boundary after
+ * `since`, or runs no guest code.  This engine counts as blocked meanwhile. */
+static void wait_for_boundaries_locked(struct mshvstack_cpu *c, struct mshvstack_cpu **wanted, const uint64_t *since, int count)
+{
+    struct mshvstack_world *w = c->world;
+    int counted = c->in_world;   /* a claim from the Python half outside a run is not */
+    w->running -= counted;
+    c->blocked++;
+    __atomic_add_fetch(&w->claim_waiters, 1, __ATOMIC_SEQ_CST);
+    pthread_cond_broadcast(&w->changed);
+    for (;;) {
+        int waiting = 0;
+        for (int i = 0; i < count && !waiting; i++) {
+            struct mshvstack_cpu *m = wanted[i];
+            waiting = is_member(w, m) && m->in_world && !m->blocked &&
+                      __atomic_load_n(&m->boundaries, __ATOMIC_SEQ_CST) == since[i];
+        }
+        if (!waiting)
+            break;
+        pthread_cond_wait(&w->changed, &w->lock);
+    }
+    __atomic_sub_fetch(&w->claim_waiters, 1, __ATOMIC_SEQ_CST);
+    c->blocked--;
+    if (counted) {
+        wait_for_turn(c, 0);   /* another engine may run alone now: not before it is done */
+        w->running++;
+    }
+}
+
+/*
+ * Code was read from guest page `gpa` (host: where it lives) for a block
+ * about to run: 0 when this engine had claimed the page before, 1 when it
+ * claims it now (see above; the block is translated again).
+ */
+static int world_claim_code(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host)
 {
     struct mshvstack_world *w = c->world;
     uint64_t page = host & ~0xFFFULL;
-    if (!w)
-        return 0;
+    struct code_owner *slot = NULL;
+    if (!__atomic_load_n(&w->code_full, __ATOMIC_ACQUIRE)) {
+        slot = &w->code[code_slot(w, page)];
+        if (__atomic_load_n(&slot->host, __ATOMIC_ACQUIRE) == page && __atomic_load_n(&slot->ready, __ATOMIC_ACQUIRE) &&
+            (__atomic_load_n(&slot->engines, __ATOMIC_RELAXED) & c->world_bit))
+            return 0;
+    } else {
+        /* No table to remember claims in: each block's pages are claimed, once per translation. */
+        for (int i = 0; i < CLAIMED_RECENT; i++)
+            if (c->claimed_recent[i] == page + 1)
+                return 0;
+    }
+    enum { MAX_WAIT = 64 };
+    struct mshvstack_cpu *wanted[MAX_WAIT];
+    uint64_t since[MAX_WAIT];
+    int count = 0, everywhere = 1;
     pthread_mutex_lock(&w->lock);
     if (!w->code_full) {
-        struct code_owner *slot = &w->code[code_slot(w, page)];
+        slot = &w->code[code_slot(w, page)];
         if (slot->host == page) {
-            __atomic_fetch_or(&slot->engines, c->world_bit, __ATOMIC_RELAXED);
-            pthread_mutex_unlock(&w->lock);
-            return 0;
-        }
-        if (++w->code_used * 4 > (w->code_mask + 1) * 3) {
+            everywhere = !slot->ready;   /* still being claimed by another engine: do it as well */
+            __atomic_fetch_or(&slot->engines, c->world_bit, __ATOMIC_SEQ_CST);
+        } else if (++w->code_used * 4 > (w->code_mask + 1) * 3) {
             __atomic_store_n(&w->code_full, 1, __ATOMIC_RELEASE);   /* from now on every write is sent */
+            slot = NULL;
         } else {
             slot->gpa = gpa & ~0xFFFULL;
             slot->engines = c->world_bit;
-            __atomic_store_n(&slot->host, page, __ATOMIC_RELEASE);
+            __atomic_store_n(&slot->host, page, __ATOMIC_SEQ_CST);
         }
+    } else {
+        slot = NULL;
     }
     for (int i = 0; i < w->count; i++) {
         struct mshvstack_cpu *m = w->members[i];
         if (m == c)
             continue;
-        /* Out of a run since before this translation began: it cannot have stored to the page. */
-        int quiet = !m->in_world && m->left_at <= c->translation_seq;
-        post_locked(m, (struct code_event){page, gpa & ~0xFFFULL, 0x1000, quiet ? CODE_EVENT_GUARD : CODE_EVENT_GUARD_CHECKED});
-        kick(m);
+        if (everywhere)
+            post_locked(m, (struct code_event){page, gpa & ~0xFFFULL, 0x1000, CODE_EVENT_GUARD});
+        int wait = m->in_world && !m->blocked && (everywhere || __atomic_load_n(&m->storing, __ATOMIC_SEQ_CST));
+        if (wait && count < MAX_WAIT) {
+            wanted[count] = m;
+            since[count++] = __atomic_load_n(&m->boundaries, __ATOMIC_SEQ_CST);
+            kick(m);
+        }
     }
+    if (count)
+        wait_for_boundaries_locked(c, wanted, since, count);
+    if (slot && everywhere)
+        __atomic_store_n(&slot->ready, 1, __ATOMIC_RELEASE);
+    if (!slot)
+        c->claimed_recent[c->claimed_next++ % CLAIMED_RECENT] = page + 1;
     pthread_mutex_unlock(&w->lock);
-    return 0;
+    return 1;
+}
+
+/* At a block boundary (the engine's own thread): its stores so far have landed. */
+static void world_boundary_passed(struct mshvstack_cpu *c)
+{
+    struct mshvstack_world *w = c->world;
+    if (!w)
+        return;
+    if (c->storing)
+        __atomic_store_n(&c->storing, 0, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&c->boundaries, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&w->claim_waiters, __ATOMIC_SEQ_CST)) {
+        pthread_mutex_lock(&w->lock);
+        pthread_cond_broadcast(&w->changed);
+        pthread_mutex_unlock(&w->lock);
+    }
+}
+
+/* Drop this engine's translations of [host, host + length). */
+static void world_drop_translations(struct mshvstack_cpu *c, uint64_t host, uint64_t length)
+{
+    uint64_t ram = ram_addr_from_host(c->uc, (void *)(uintptr_t)host);
+    if (ram == RAM_ADDR_INVALID)
+        tb_flush(c->cs);
+    else
+        invalidate_range(c->uc, ram, ram + length);
+}
+
+static void tb_flush_all(struct mshvstack_cpu *c)
+{
+    tb_flush(c->cs);
 }
 
 /* On the engine's own thread, between blocks or before a run: what the others asked for. */
@@ -629,11 +804,6 @@ static void world_take_code_events(struct mshvstack_cpu *c)
         }
         if (guard_page(c, e->gpa, e->host) != 0)
             lost = 1;
-        if (e->kind == CODE_EVENT_GUARD_CHECKED) {
-            pthread_mutex_lock(&w->lock);
-            send_write_locked(w, c, e->host, 0x1000);
-            pthread_mutex_unlock(&w->lock);
-        }
     }
     free(events);
     if (lost)
@@ -676,8 +846,6 @@ static void core_init_disas(void *db, void *cpu)
     c->tb_first = ((struct qemu_disas_base *)db)->pc_first;   /* a new block: its instruction starts follow */
     c->tb_size = 0;
     c->tb_insns = 0;
-    if (c->world)
-        c->translation_seq = __atomic_load_n(&c->world->seq, __ATOMIC_ACQUIRE);
     if (!c->tcg_ctx)
         discover_tcg(c, tb);
     if (!c->tcg_ctx || !c->parallel || (tb->cflags & CF_LAST_IO))
@@ -771,7 +939,9 @@ int mshvstack_parallel_install(const struct mshvstack_library *lib)
         if (redirect(lib->xchg[i], own[i]) != 0)
             return -5;
     }
-    return wrap_code_checks(lib) == 0 ? 0 : -6;
+    if (wrap_code_checks(lib) != 0)
+        return -6;
+    return fast_stores_through_code_mappings(lib->notdirty_write) == 0 ? 0 : -7;
 }
 
 /*
