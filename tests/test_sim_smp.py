@@ -341,3 +341,60 @@ def test_code_rewritten_by_the_host_runs_as_rewritten(partition: Partition, tmp_
     seen = struct.unpack_from(f"<{PATCH_ROUNDS}I", memory.read(RESULTS + (1 << 16), 4 * PATCH_ROUNDS))
     stale = [(version, got) for version, got in enumerate(seen) if got != version]
     assert not stale, f"the VP ran old code in {len(stale)} rounds (round, version run): {stale[:5]}"
+
+
+FRESH = 0x180000         # pages that become code while VP 0 stores to them
+FRESH_PAGES = 48
+FRESH_CALLS = 64
+CURRENT, WRITING, STALE = _line(22), _line(23), _line(24)
+
+_FIRST_RUN_WHILE_STORED_TO = f"""
+    test %rbx, %rbx
+    jnz 5f
+1:  mov {CURRENT}, %rax               /* VP 0: the page VP 1 is on (-1: done) */
+    cmp $-1, %rax
+    je 9f
+    mov %rax, %rdx
+    shl $12, %rax
+    incl {FRESH + 1}(%rax)            /* the immediate of its `mov $imm, %eax` */
+    mov %rdx, {WRITING}               /* it stores to that page now */
+    jmp 1b
+5:  xor %ecx, %ecx                    /* VP 1: each page in turn */
+6:  mov %rcx, {CURRENT}
+7:  cmp {WRITING}, %rcx               /* until VP 0 stores to it (before any VP ran code there) */
+    jne 7b
+    mov %rcx, %r8
+    shl $12, %r8
+    add ${FRESH}, %r8
+    mov ${FRESH_CALLS}, %r10d
+8:  mov 1(%r8), %r11d                 /* the immediate as stored now ... */
+    mov %cr3, %rax                    /* (serializing, as x86 asks of cross-modified code) */
+    mov %rax, %cr3
+    call *%r8                         /* ... and as run next: never older */
+    cmp %r11d, %eax
+    jae 2f
+    incl {STALE}
+2:  dec %r10d
+    jnz 8b
+    inc %ecx
+    cmp ${FRESH_PAGES}, %ecx
+    jb 6b
+    movq $-1, {CURRENT}
+9:  out %al, ${DONE_PORT}
+    hlt
+"""
+
+
+def test_code_stored_to_before_another_vp_first_runs_it(partition: Partition, tmp_path: Path) -> None:
+    """Code another VP first runs on a page the writer has been storing to all
+    along (stores a VP made before the page held code take no code check):
+    the runner never runs bytes older than those it read before it serialized."""
+    for page in range(FRESH_PAGES):
+        partition.memory.write(FRESH + (page << 12), b"\xB8" + bytes(4) + b"\xC3")   # mov $0, %eax; ret
+    partition.memory.write(CURRENT, struct.pack("<q", -2))
+    partition.memory.write(WRITING, struct.pack("<q", -3))
+    image, _ = assemble(_FIRST_RUN_WHILE_STORED_TO, tmp_path, origin=CODE)
+    _run_all(_start_vps(partition, image, 2))
+    written = [_u32(partition, FRESH + (page << 12) + 1) for page in range(FRESH_PAGES)]
+    assert min(written) > 0, "VP 0 did not store to every page"
+    assert _u32(partition, STALE) == 0, f"VP 1 ran code older than it had read {_u32(partition, STALE)} times"

@@ -174,6 +174,15 @@ enum mshvstack_exclusive {
 
 struct mshvstack_cpu;
 
+/* Engines of a partition have one of this many bits each (shared past it). */
+#define WORLD_BITS 64
+
+/* Engines with one bit that are storing to code pages, and the page (STORING_MANY: several). */
+struct storing_slot {
+    int count;
+    uint64_t page;
+};
+
 /*
  * The partition's engines as one machine (x86parallel.c).  The lock guards
  * everything here; owner is also read without it at block boundaries.
@@ -198,7 +207,9 @@ struct mshvstack_world {
     struct code_owner *code;
     uint64_t code_mask, code_used;
     int code_full;                   /* no room left: a write to any code-capable page goes to all */
-    int claim_waiters;               /* engines waiting in world_claim_code for the others' boundaries */
+    /* checked stores to code pages not yet landed, by engine bit (x86parallel.c's storing_locked) */
+    struct storing_slot storing[WORLD_BITS];
+    int storing_total;
 };
 
 /* A guest page with translated code, and the engines (their world_bit) that translated it. */
@@ -322,9 +333,13 @@ struct mshvstack_cpu {
     uint64_t serial_steps;       /* instructions run alone (EXCP_ATOMIC) */
     /* code written on one engine and translated on another (x86parallel.c); under the world's lock */
     uint64_t world_bit;          /* this engine's bit in code_owner.engines */
-    volatile uint64_t boundaries; /* block boundaries passed (a claim waits for one: stores before it landed) */
-    volatile int storing;         /* stored to a page with code since its last boundary */
-    int blocked;                  /* waiting inside a run (parked, acquiring, claiming): runs no guest code */
+    int world_index;              /* the bit's number */
+    int storing;                  /* a checked store to a code page since the last block boundary */
+    uint64_t storing_page;        /* its page (STORING_MANY: more than one) */
+    int translate_alone;          /* the next block is translated while the others are parked */
+    int alone_boundaries;         /* boundaries passed since (x86parallel.c's ALONE_BOUNDARIES) */
+    uint64_t seen_pages[WORLD_BITS];   /* pages others were storing to when the translation began */
+    int seen_count;
     uint64_t claimed_recent[CLAIMED_RECENT];   /* host page + 1: claimed while the world's table is full */
     unsigned claimed_next;
     /* guest RAM as the engine maps it, for the host address of a code page (mshvstack_ram_map) */
@@ -363,10 +378,8 @@ static void world_leave(struct mshvstack_cpu *c);
 static void world_forget(struct mshvstack_cpu *c);
 static void world_take_code_events(struct mshvstack_cpu *c);
 static int world_guard_everywhere(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host);
-static int world_claim_code(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host);
-static void world_boundary_passed(struct mshvstack_cpu *c);
-static void world_drop_translations(struct mshvstack_cpu *c, uint64_t host, uint64_t length);
-static void tb_flush_all(struct mshvstack_cpu *c);
+static int world_block_trusted(struct mshvstack_cpu *c, const struct block_code *b, uint64_t address);
+static void world_stores_landed(struct mshvstack_cpu *c);
 int mshvstack_ram_map(struct mshvstack_cpu *c, uint64_t gpa, uint64_t size, uint64_t host);
 
 static uint64_t mix(uint64_t x)
@@ -1012,34 +1025,6 @@ static int block_is_plain(struct mshvstack_cpu *c, uint64_t address, uint32_t si
 }
 
 /*
- * Every guest page a new block was read from is code in every engine of the
- * partition (x86parallel.c, world_claim_code) before its bytes may be
- * trusted: 1 when a page was claimed only now (the block was read before
- * the others' stores to it were seen, and is translated again).
- */
-static int claim_block_pages(struct mshvstack_cpu *c, const struct block_code *b)
-{
-    int claimed = 0;
-    for (int i = 0; i < b->pages; i++) {
-        uint64_t host = b->gpas[i] == ~0ULL ? 0 : ram_host(c, b->gpas[i]);
-        if (host && world_claim_code(c, b->gpas[i], host))
-            claimed = 1;
-    }
-    return claimed;
-}
-
-/* Drop the block just translated (before it runs: nothing of it has) and leave to translate it again. */
-static void retranslate(struct mshvstack_cpu *c, const struct block_code *b, uint64_t address)
-{
-    uint64_t host = b->pages && b->gpas[0] != ~0ULL ? ram_host(c, b->gpas[0]) : 0;
-    if (host)
-        world_drop_translations(c, host + (address & 0xFFF), 1);
-    else
-        tb_flush_all(c);
-    c->api.cpu_exit(c->cs);
-}
-
-/*
  * Scan a block whose code was not scanned before as it is now: a new start,
  * or the code at a known one changed (rewritten through any mapping, its
  * linear page remapped, run at another width).  Per translated block, never
@@ -1051,13 +1036,10 @@ static void new_block(struct mshvstack_cpu *c, uint64_t address, uint32_t size)
 {
     if (!c->slots)
         return;
-    world_boundary_passed(c);   /* the last block's stores have landed */
     struct block_code *b = c->block;
     read_block(c, address, size, b);
-    if (c->world && claim_block_pages(c, b)) {
-        retranslate(c, b, address);
+    if (c->world && !world_block_trusted(c, b, address))
         return;
-    }
     if (c->used * 2 >= c->mask && grow(c) < 0)
         return;
     if (!insert(c, address + 1, block_stamp(c, address, size, b)))
@@ -1098,7 +1080,7 @@ static bool core_exec_interrupt(void *cs, int request)
     struct mshvstack_cpu *c = entered;
     if (c && c->cs == cs) {
         __atomic_thread_fence(__ATOMIC_SEQ_CST);   /* the loop cleared its exit flag: read requests after */
-        world_boundary_passed(c);
+        world_stores_landed(c);
         if (world_boundary(c)) {
             world_take_code_events(c);
             return false;   /* the next block is this VP's serial step: nothing before it */

@@ -251,8 +251,14 @@ static void (*original_tb_stop)(void *db, void *cpu);
 static bool (*original_stop_interrupt)(void *uc, int intno);
 
 static void post_locked(struct mshvstack_cpu *c, struct code_event event);
+static void storing_locked(struct mshvstack_cpu *c, uint64_t page);
+static void stores_landed_locked(struct mshvstack_cpu *c);
 
 /* ---- the world: who runs; one VP at a time may run alone ---- */
+
+/* Boundaries the loop may pass between a block dropped to be translated alone and its translation. */
+#define ALONE_BOUNDARIES 4
+
 
 #ifndef CODE_OWNER_SLOTS
 #define CODE_OWNER_SLOTS (1u << 16)   /* 256 MiB of guest code pages before code_full */
@@ -293,7 +299,8 @@ static int world_join(struct mshvstack_world *w, struct mshvstack_cpu *c)
     }
     w->members[w->count++] = c;
     c->world = w;
-    c->world_bit = 1ULL << (w->next_bit++ % 64);
+    c->world_index = (int)(w->next_bit++ % WORLD_BITS);   /* shared past 64 engines: more events, never fewer */
+    c->world_bit = 1ULL << c->world_index;
     for (uint64_t i = 0; w->code && i <= w->code_mask; i++)   /* code the others translated already */
         if (w->code[i].host)
             post_locked(c, (struct code_event){w->code[i].host, w->code[i].gpa, 0x1000, CODE_EVENT_GUARD});
@@ -328,15 +335,12 @@ static void wait_for_turn(struct mshvstack_cpu *c, int counted)
         return;
     if (counted) {
         w->running--;
-        c->blocked++;
         pthread_cond_broadcast(&w->changed);
     }
     while (w->owner && w->owner != c)
         pthread_cond_wait(&w->changed, &w->lock);
-    if (counted) {
+    if (counted)
         w->running++;
-        c->blocked--;
-    }
 }
 
 /* The VP's thread enters the engine (waits while another VP runs alone). */
@@ -362,6 +366,7 @@ static void release_locked(struct mshvstack_cpu *c)
             *next = UINT32_MAX;
     }
     c->exclusive = EXCLUSIVE_NONE;
+    c->translate_alone = 0;
     pthread_cond_broadcast(&w->changed);
 }
 
@@ -373,7 +378,7 @@ static void world_leave(struct mshvstack_cpu *c)
     pthread_mutex_lock(&w->lock);
     w->running--;
     c->in_world = 0;
-    c->storing = 0;
+    stores_landed_locked(c);
     release_locked(c);   /* wakes the waiters */
     pthread_mutex_unlock(&w->lock);
 }
@@ -397,11 +402,8 @@ static void world_acquire(struct mshvstack_cpu *c)
     for (int i = 0; i < w->count; i++)
         if (w->members[i] != c && w->members[i]->in_world)
             w->members[i]->api.cpu_exit(w->members[i]->cs);
-    c->blocked++;
-    pthread_cond_broadcast(&w->changed);   /* a claim waiting for this engine's boundary */
     while (w->running > 1)
         pthread_cond_wait(&w->changed, &w->lock);
-    c->blocked--;
     pthread_mutex_unlock(&w->lock);
 }
 
@@ -411,8 +413,12 @@ static bool world_boundary(struct mshvstack_cpu *c)
     struct mshvstack_world *w = c->world;
     if (!w)
         return false;
-    if (c->exclusive == EXCLUSIVE_ACQUIRED) {   /* the serial step is the next block: let it run */
-        c->exclusive = EXCLUSIVE_STEPPING;
+    if (c->exclusive == EXCLUSIVE_ACQUIRED) {
+        /* A block to translate alone: the loop may pass a boundary or two before it does.
+         * (Bounded: a translation that faults leaves the turn to end as a serial step's.) */
+        if (c->translate_alone && ++c->alone_boundaries <= ALONE_BOUNDARIES)
+            return true;
+        c->exclusive = EXCLUSIVE_STEPPING;   /* the serial step is the next block: let it run */
         return true;
     }
     if (c->exclusive == EXCLUSIVE_STEPPING) {
@@ -441,20 +447,24 @@ static bool world_boundary(struct mshvstack_cpu *c)
  * run), as the x86 rule for cross-modifying code allows (the new code is
  * seen after the writer's store, before the next serializing event).
  *
- * A page becomes code for an engine when it first translates a block
- * there (world_claim_code, from the edge hook, before the block runs).  The
- * first engine to do so has every other engine guard the page and waits
- * until each one running guest code has passed a block boundary: until
- * then another engine may store to the page through a TLB entry marked
- * dirty before, which no check sees.  An engine that joins a page already
- * guarded everywhere waits only for engines amid a checked store to a code
- * page (`storing`): each announces that before it looks for the engines to
- * tell, and a joining engine announces itself before it looks at who
- * stores, so either the store is sent to it or it waits for the store to
- * land.  Either way the block was read before that and is translated
- * again.  Waiting engines run no guest code, so they count as past a
- * boundary for the others (`blocked`), and an engine that runs alone
- * (world_acquire) does not wait for them.
+ * Two more rules keep an engine from trusting code bytes it read while
+ * another engine's store to them was still to land (x86parallel.c's
+ * world_block_trusted, from the edge hook, before a new block first runs;
+ * a block that fails them is dropped and translated again):
+ *  - A page becomes code for the partition when an engine first translates
+ *    a block there.  Until then any engine may have stored to it through a
+ *    TLB entry marked dirty, which no check sees; so every other engine is
+ *    told to guard it, and the block is translated again while the others
+ *    are parked at block boundaries (world_acquire), where their stores have
+ *    landed and, before they run again, their guards are set.  An engine
+ *    that joins a page others translated already translates again once,
+ *    after it is among the engines a store to the page is sent to.
+ *  - A checked store is sent to the other engines before it lands.  An
+ *    engine that took the event and translated the page again before the
+ *    store landed would keep the old bytes, so an engine amid such stores
+ *    says so, with the page, until its next block boundary (`storing`), and
+ *    a translation that began while another engine stored to one of its
+ *    pages is done again while the others are parked.
  */
 /*
  * Host atomics write through the TLB without Unicorn's permission check
@@ -625,9 +635,9 @@ static void core_invalidate_page_fast(void *uc, void *pages, uint64_t start, int
         if (host && c->exclusive != EXCLUSIVE_STEPPING && is_protected(c, (uint64_t)(uintptr_t)host))
             loop_exit_atomic(c->cs, retaddr);   /* a host atomic on a write-protected page: redo it serially
                                                  * (the caller's page_collection lock is a no-op in 2.1.4) */
-        __atomic_store_n(&c->storing, 1, __ATOMIC_SEQ_CST);   /* before looking for whom to tell (world_claim_code) */
         if (host && any_code(w, (uint64_t)(uintptr_t)host, (uint64_t)len)) {
             pthread_mutex_lock(&w->lock);
+            storing_locked(c, (uint64_t)(uintptr_t)host & ~0xFFFULL);   /* before the engines to tell are looked up */
             send_write_locked(w, c, (uint64_t)(uintptr_t)host, (uint64_t)len);
             pthread_mutex_unlock(&w->lock);
         }
@@ -635,61 +645,17 @@ static void core_invalidate_page_fast(void *uc, void *pages, uint64_t start, int
     original_invalidate_fast(uc, pages, start, len, retaddr);
 }
 
-/* After an engine guarded a page it translated code on (x86core.c's mshvstack_guard_code):
- * the page was claimed when the block was translated, unless the table is full. */
-static int world_guard_everywhere(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host)
-{
-    (void)gpa;
-    struct mshvstack_world *w = c->world;
-    if (w && !(code_engines(w, host & ~0xFFFULL) & c->world_bit))
-        world_claim_code(c, gpa, host);
-    return 0;
-}
-
-/* With the lock held: is a member still in the world (it may leave while others wait)? */
-static int is_member(const struct mshvstack_world *w, const struct mshvstack_cpu *m)
-{
-    for (int i = 0; i < w->count; i++)
-        if (w->members[i] == m)
-            return 1;
-    return 0;
-}
-
-/* With the lock held: wait until each engine of `wanted` passed a block boundary after
- * `since`, or runs no guest code.  This engine counts as blocked meanwhile. */
-static void wait_for_boundaries_locked(struct mshvstack_cpu *c, struct mshvstack_cpu **wanted, const uint64_t *since, int count)
-{
-    struct mshvstack_world *w = c->world;
-    int counted = c->in_world;   /* a claim from the Python half outside a run is not */
-    w->running -= counted;
-    c->blocked++;
-    __atomic_add_fetch(&w->claim_waiters, 1, __ATOMIC_SEQ_CST);
-    pthread_cond_broadcast(&w->changed);
-    for (;;) {
-        int waiting = 0;
-        for (int i = 0; i < count && !waiting; i++) {
-            struct mshvstack_cpu *m = wanted[i];
-            waiting = is_member(w, m) && m->in_world && !m->blocked &&
-                      __atomic_load_n(&m->boundaries, __ATOMIC_SEQ_CST) == since[i];
-        }
-        if (!waiting)
-            break;
-        pthread_cond_wait(&w->changed, &w->lock);
-    }
-    __atomic_sub_fetch(&w->claim_waiters, 1, __ATOMIC_SEQ_CST);
-    c->blocked--;
-    if (counted) {
-        wait_for_turn(c, 0);   /* another engine may run alone now: not before it is done */
-        w->running++;
-    }
-}
+enum claim { CLAIM_KNOWN = 0, CLAIM_JOINED = 1, CLAIM_NEW = 2 };
+#define STORING_MANY UINT64_MAX   /* an engine stores to more than one code page */
 
 /*
- * Code was read from guest page `gpa` (host: where it lives) for a block
- * about to run: 0 when this engine had claimed the page before, 1 when it
- * claims it now (see above; the block is translated again).
+ * Code was read from guest page `gpa` (host: where it lives) for a block:
+ * CLAIM_KNOWN when this engine had claimed the page before, CLAIM_JOINED
+ * when it now hears of stores to a page the others had claimed,
+ * CLAIM_NEW when the page is new code (every other engine is told to
+ * guard it before it runs guest code again).
  */
-static int world_claim_code(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host)
+static enum claim world_claim_code(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host)
 {
     struct mshvstack_world *w = c->world;
     uint64_t page = host & ~0xFFFULL;
@@ -698,22 +664,21 @@ static int world_claim_code(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host
         slot = &w->code[code_slot(w, page)];
         if (__atomic_load_n(&slot->host, __ATOMIC_ACQUIRE) == page && __atomic_load_n(&slot->ready, __ATOMIC_ACQUIRE) &&
             (__atomic_load_n(&slot->engines, __ATOMIC_RELAXED) & c->world_bit))
-            return 0;
+            return CLAIM_KNOWN;
     } else {
         /* No table to remember claims in: each block's pages are claimed, once per translation. */
         for (int i = 0; i < CLAIMED_RECENT; i++)
             if (c->claimed_recent[i] == page + 1)
-                return 0;
+                return CLAIM_KNOWN;
     }
-    enum { MAX_WAIT = 64 };
-    struct mshvstack_cpu *wanted[MAX_WAIT];
-    uint64_t since[MAX_WAIT];
-    int count = 0, everywhere = 1;
+    enum claim claim = CLAIM_NEW;
     pthread_mutex_lock(&w->lock);
-    if (!w->code_full) {
+    if (w->code_full) {
+        slot = NULL;
+    } else {
         slot = &w->code[code_slot(w, page)];
         if (slot->host == page) {
-            everywhere = !slot->ready;   /* still being claimed by another engine: do it as well */
+            claim = slot->ready ? CLAIM_JOINED : CLAIM_NEW;   /* not ready: its claimer was stopped before it ran alone */
             __atomic_fetch_or(&slot->engines, c->world_bit, __ATOMIC_SEQ_CST);
         } else if (++w->code_used * 4 > (w->code_mask + 1) * 3) {
             __atomic_store_n(&w->code_full, 1, __ATOMIC_RELEASE);   /* from now on every write is sent */
@@ -723,61 +688,154 @@ static int world_claim_code(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host
             slot->engines = c->world_bit;
             __atomic_store_n(&slot->host, page, __ATOMIC_SEQ_CST);
         }
-    } else {
-        slot = NULL;
     }
-    for (int i = 0; i < w->count; i++) {
-        struct mshvstack_cpu *m = w->members[i];
-        if (m == c)
-            continue;
-        if (everywhere)
-            post_locked(m, (struct code_event){page, gpa & ~0xFFFULL, 0x1000, CODE_EVENT_GUARD});
-        int wait = m->in_world && !m->blocked && (everywhere || __atomic_load_n(&m->storing, __ATOMIC_SEQ_CST));
-        if (wait && count < MAX_WAIT) {
-            wanted[count] = m;
-            since[count++] = __atomic_load_n(&m->boundaries, __ATOMIC_SEQ_CST);
-            kick(m);
-        }
-    }
-    if (count)
-        wait_for_boundaries_locked(c, wanted, since, count);
-    if (slot && everywhere)
-        __atomic_store_n(&slot->ready, 1, __ATOMIC_RELEASE);
+    if (claim == CLAIM_NEW)
+        for (int i = 0; i < w->count; i++)
+            if (w->members[i] != c)
+                post_locked(w->members[i], (struct code_event){page, gpa & ~0xFFFULL, 0x1000, CODE_EVENT_GUARD});
     if (!slot)
         c->claimed_recent[c->claimed_next++ % CLAIMED_RECENT] = page + 1;
     pthread_mutex_unlock(&w->lock);
-    return 1;
+    return claim;
 }
 
-/* At a block boundary (the engine's own thread): its stores so far have landed. */
-static void world_boundary_passed(struct mshvstack_cpu *c)
+/* The others are parked now (the block just translated was read alone): a page is ready
+ * once the engine that claimed it runs its block. */
+static void claims_ready(struct mshvstack_cpu *c, const struct block_code *b)
 {
     struct mshvstack_world *w = c->world;
-    if (!w)
+    if (__atomic_load_n(&w->code_full, __ATOMIC_ACQUIRE))
         return;
-    if (c->storing)
-        __atomic_store_n(&c->storing, 0, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&c->boundaries, 1, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&w->claim_waiters, __ATOMIC_SEQ_CST)) {
-        pthread_mutex_lock(&w->lock);
-        pthread_cond_broadcast(&w->changed);
-        pthread_mutex_unlock(&w->lock);
+    for (int i = 0; i < b->pages; i++) {
+        uint64_t host = b->gpas[i] == ~0ULL ? 0 : ram_host(c, b->gpas[i]);
+        struct code_owner *slot = host ? &w->code[code_slot(w, host & ~0xFFFULL)] : NULL;
+        if (slot && __atomic_load_n(&slot->host, __ATOMIC_ACQUIRE) == (host & ~0xFFFULL))
+            __atomic_store_n(&slot->ready, 1, __ATOMIC_RELEASE);
     }
 }
 
-/* Drop this engine's translations of [host, host + length). */
-static void world_drop_translations(struct mshvstack_cpu *c, uint64_t host, uint64_t length)
+/* After an engine guarded a page it translated code on (x86core.c's mshvstack_guard_code):
+ * the page was claimed when the block was translated, unless the table is full. */
+static int world_guard_everywhere(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host)
 {
-    uint64_t ram = ram_addr_from_host(c->uc, (void *)(uintptr_t)host);
+    struct mshvstack_world *w = c->world;
+    if (w && !(code_engines(w, host & ~0xFFFULL) & c->world_bit))
+        world_claim_code(c, gpa, host);
+    return 0;
+}
+
+/* With the lock held: this engine is about to store to code page `page` (a checked store). */
+static void storing_locked(struct mshvstack_cpu *c, uint64_t page)
+{
+    struct mshvstack_world *w = c->world;
+    struct storing_slot *s = &w->storing[c->world_index];
+    if (!c->storing) {
+        c->storing = 1;
+        c->storing_page = page;
+        __atomic_store_n(&s->page, s->count ? STORING_MANY : page, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&s->count, s->count + 1, __ATOMIC_SEQ_CST);
+        __atomic_add_fetch(&w->storing_total, 1, __ATOMIC_SEQ_CST);
+    } else if (c->storing_page != page) {
+        c->storing_page = STORING_MANY;
+        __atomic_store_n(&s->page, STORING_MANY, __ATOMIC_SEQ_CST);
+    }
+}
+
+/* With the lock held: this engine's stores have landed. */
+static void stores_landed_locked(struct mshvstack_cpu *c)
+{
+    struct mshvstack_world *w = c->world;
+    if (!c->storing)
+        return;
+    struct storing_slot *s = &w->storing[c->world_index];
+    c->storing = 0;
+    __atomic_store_n(&s->count, s->count - 1, __ATOMIC_SEQ_CST);
+    if (!s->count)
+        __atomic_store_n(&s->page, 0, __ATOMIC_SEQ_CST);
+    __atomic_sub_fetch(&w->storing_total, 1, __ATOMIC_SEQ_CST);
+}
+
+/* Between blocks (the engine's own thread): its stores so far have landed. */
+static void world_stores_landed(struct mshvstack_cpu *c)
+{
+    struct mshvstack_world *w = c->world;
+    if (!w || !c->storing)
+        return;
+    pthread_mutex_lock(&w->lock);
+    stores_landed_locked(c);
+    pthread_mutex_unlock(&w->lock);
+}
+
+/* A translation begins: the pages other engines are storing to now (read before any code byte). */
+static void storing_seen_now(struct mshvstack_cpu *c)
+{
+    struct mshvstack_world *w = c->world;
+    c->seen_count = 0;
+    if (!w || !__atomic_load_n(&w->storing_total, __ATOMIC_SEQ_CST))
+        return;
+    for (int i = 0; i < WORLD_BITS; i++)
+        if (__atomic_load_n(&w->storing[i].count, __ATOMIC_SEQ_CST))
+            c->seen_pages[c->seen_count++] = __atomic_load_n(&w->storing[i].page, __ATOMIC_SEQ_CST);
+}
+
+static int storing_seen(const struct mshvstack_cpu *c, uint64_t page)
+{
+    for (int i = 0; i < c->seen_count; i++)
+        if (c->seen_pages[i] == page || c->seen_pages[i] == STORING_MANY)
+            return 1;
+    return 0;
+}
+
+/* Drop the block just translated (before it runs: nothing of it has) and leave to translate it again. */
+static void translate_again(struct mshvstack_cpu *c, const struct block_code *b, uint64_t address)
+{
+    uint64_t host = b->pages && b->gpas[0] != ~0ULL ? ram_host(c, b->gpas[0]) : 0;
+    uint64_t ram = host ? ram_addr_from_host(c->uc, (void *)(uintptr_t)(host + (address & 0xFFF))) : RAM_ADDR_INVALID;
     if (ram == RAM_ADDR_INVALID)
         tb_flush(c->cs);
     else
-        invalidate_range(c->uc, ram, ram + length);
+        invalidate_range(c->uc, ram, ram + 1);
+    c->api.cpu_exit(c->cs);
 }
 
-static void tb_flush_all(struct mshvstack_cpu *c)
+/*
+ * A new block, before it first runs (x86core.c's new_block): 1 when its
+ * code can be trusted (see above); 0 when it was dropped, to be translated
+ * again (alone, when the others must be parked first).
+ */
+static int world_block_trusted(struct mshvstack_cpu *c, const struct block_code *b, uint64_t address)
 {
-    tb_flush(c->cs);
+    world_stores_landed(c);   /* between blocks: this engine's own stores have landed */
+    int parked = c->exclusive != EXCLUSIVE_NONE;   /* the others were parked while it was read */
+    int alone = 0, again = 0;
+    for (int i = 0; i < b->pages; i++) {
+        uint64_t host = b->gpas[i] == ~0ULL ? 0 : ram_host(c, b->gpas[i]);
+        if (!host)
+            continue;
+        enum claim claim = world_claim_code(c, b->gpas[i], host);
+        alone |= claim == CLAIM_NEW || storing_seen(c, host & ~0xFFFULL);
+        again |= claim == CLAIM_JOINED;
+    }
+    if (parked) {
+        claims_ready(c, b);
+        if (c->translate_alone) {   /* the turn ends before the block runs; the block stays */
+            c->translate_alone = 0;
+            c->exclusive = EXCLUSIVE_STEPPING;
+            c->api.cpu_exit(c->cs);
+        }
+        return 1;
+    }
+    if (alone) {
+        world_acquire(c);
+        c->exclusive = EXCLUSIVE_ACQUIRED;
+        c->translate_alone = 1;
+        c->alone_boundaries = 0;
+    }
+    if (alone || again) {
+        translate_again(c, b, address);
+        return 0;
+    }
+    return 1;
 }
 
 /* On the engine's own thread, between blocks or before a run: what the others asked for. */
@@ -846,6 +904,7 @@ static void core_init_disas(void *db, void *cpu)
     c->tb_first = ((struct qemu_disas_base *)db)->pc_first;   /* a new block: its instruction starts follow */
     c->tb_size = 0;
     c->tb_insns = 0;
+    storing_seen_now(c);
     if (!c->tcg_ctx)
         discover_tcg(c, tb);
     if (!c->tcg_ctx || !c->parallel || (tb->cflags & CF_LAST_IO))
