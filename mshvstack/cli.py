@@ -235,7 +235,9 @@ def run(
                 handled = sum(s["seconds"] for s in summary["stats"].values())
                 console.print(f"time: {engine['engine_s']:.1f} s in the engine running guest code (of it "
                               f"{engine['block_scan_s']:.1f} s scanning {int(engine['blocks'])} new blocks in Python; "
-                              f"{int(engine.get('blocks_filtered', 0))} more found plain by the core), "
+                              f"{int(engine.get('blocks_filtered', 0))} more found plain by the core; "
+                              f"{int(engine.get('blocks_redone', 0))} translated again, of them "
+                              f"{int(engine.get('blocks_redone_alone', 0))} with the other VPs parked), "
                               f"{handled:.1f} s handling exits in the VMM", highlight=False)
     raise typer.Exit(reason.exit_code)
 

@@ -532,7 +532,9 @@ class SimBackend:
             engines = [e.vp.engine for e in self._fds.values() if e.vp is not None and e.vp.engine is not None]
         return {"engine_s": sum(e.time.running for e in engines), "block_scan_s": sum(e.time.scanning for e in engines),
                 "blocks": float(sum(e.time.blocks for e in engines)),
-                "blocks_filtered": float(sum(e.blocks_filtered for e in engines))}
+                "blocks_filtered": float(sum(e.blocks_filtered for e in engines)),
+                "blocks_redone": float(sum(e.blocks_redone[0] for e in engines)),
+                "blocks_redone_alone": float(sum(e.blocks_redone[1] for e in engines))}
 
     def host_wrote(self, partition_fd: int, address: int, length: int) -> None:
         """Every VP drops its translations of code in the bytes the host wrote."""

@@ -40,6 +40,8 @@ struct mshvstack_cpu {
     uint64_t serial_steps;
     ...;
     uint64_t blocks_filtered;
+    uint64_t blocks_redone;
+    uint64_t blocks_redone_alone;
     ...;
 };
 struct mshvstack_world { ...; };

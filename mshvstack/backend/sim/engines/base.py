@@ -98,6 +98,9 @@ class Engine(Protocol):
     @property
     def blocks_filtered(self) -> int: ...   # new blocks the engine found plain without scanning them in Python
 
+    @property
+    def blocks_redone(self) -> tuple[int, int]: ...   # new blocks translated again for coherence (all, and alone)
+
     def map(self, gpa: int, size: int, host_address: int, writable: bool, executable: bool) -> None: ...
     def unmap(self, gpa: int, size: int) -> None: ...
     def protect(self, gpa: int, size: int, writable: bool, executable: bool) -> None: ...

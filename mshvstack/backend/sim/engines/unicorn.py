@@ -653,6 +653,12 @@ class UnicornEngine:
         return int(self._cpu.blocks_filtered)
 
     @property
+    def blocks_redone(self) -> tuple[int, int]:
+        """New blocks dropped and translated again before they ran (x86parallel.c's world_block_trusted):
+        all of them, and those translated again with the other VPs parked."""
+        return int(self._cpu.blocks_redone), int(self._cpu.blocks_redone_alone)
+
+    @property
     def injected(self) -> int:
         """Interrupts and NMIs delivered so far."""
         return int(self._cpu.injected)

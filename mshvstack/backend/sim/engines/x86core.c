@@ -362,6 +362,8 @@ struct mshvstack_cpu {
     struct page_pair *pairs;
     uint64_t pairs_mask, pairs_used;
     uint64_t blocks_filtered;     /* new blocks the core found plain, with no call into Python */
+    uint64_t blocks_redone;       /* new blocks translated again before they ran (x86parallel.c) */
+    uint64_t blocks_redone_alone; /* of them, with the other engines parked */
     struct block_code *block;     /* the new block being looked at (a buffer, not on the hook's stack) */
 };
 

@@ -832,6 +832,8 @@ static int world_block_trusted(struct mshvstack_cpu *c, const struct block_code 
         c->alone_boundaries = 0;
     }
     if (alone || again) {
+        c->blocks_redone++;
+        c->blocks_redone_alone += alone;
         translate_again(c, b, address);
         return 0;
     }
