@@ -119,10 +119,12 @@ class LapicState:
 
 
 class Lapic:
-    def __init__(self, apic_id: int, send_ipi: IpiSender, wake: Callable[[], None]) -> None:
+    def __init__(self, apic_id: int, send_ipi: IpiSender, wake: Callable[[], None],
+                 arrived: Callable[[], None] | None = None) -> None:
         self.apic_id = apic_id
         self._send_ipi = send_ipi
-        self._wake = wake
+        self._wake = wake                        # the VP must look at its LAPIC again (timers too)
+        self._arrived = arrived or wake          # an interrupt arrived in IRR: only what to deliver changed
         # IRR and ISR, which other threads change (an interrupt accepted from another VP, the
         # irqfd worker, the VMM); the rest is the VP's own thread's.  A leaf: _wake() is called
         # after it is released.
@@ -215,7 +217,7 @@ class Lapic:
         """An interrupt arrives for this VP (IRR)."""
         with self._lock:
             self.irr |= 1 << (vector & 0xFF)
-        self._wake()
+        self._arrived()
 
     @staticmethod
     def _highest(bits: int) -> int:

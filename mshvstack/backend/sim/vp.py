@@ -73,7 +73,7 @@ class SimVp:
         # halted VP waits on it.  After _run_lock; under it only the LAPIC's lock.  Not reentrant: what
         # can notify (an interrupt accepted, a timer fired) is never called with it held.
         self.wake = threading.Condition(threading.Lock())
-        self.lapic = Lapic(index, partition.route_interrupt, self.notify)
+        self.lapic = Lapic(index, partition.route_interrupt, self.notify, self.interrupt_arrived)
         self.regs = RegisterFile(index, self._apic_base_set)
         self.register_page = self.regs.page
         self.reg, self.set_reg, self.segment, self.set_segment = self.regs.reg, self.regs.set_reg, self.regs.segment, self.regs.set_segment
@@ -105,7 +105,8 @@ class SimVp:
     def ensure_engine(self) -> Engine:
         if self.regs.engine is not None:
             return self.regs.engine
-        engine = UnicornEngine(self.stops.on_special, self, self._acknowledge_interrupt, self.partition.engines)
+        engine = UnicornEngine(self.stops.on_special, self, self._acknowledge_interrupt, self.partition.engines,
+                               offer=self._offer_now)
         for region in self.partition.memory.regions:
             engine.map(region.gpa, region.size, region.userspace_addr, region.writable, region.executable)
         if self.partition.lapic_enabled and not self.partition.memory.lookup(XAPIC_BASE):
@@ -155,6 +156,14 @@ class SimVp:
             self.wake.notify_all()
         if self.engine is not None:
             self.engine.cancel()
+
+    def interrupt_arrived(self) -> None:
+        """An interrupt was accepted (any thread): a halted VP wakes; a running one offers it at
+        its next block boundary without leaving its engine."""
+        with self.wake:
+            self.wake.notify_all()
+        if self.engine is not None:
+            self.engine.offer_soon()
 
     def notify(self) -> None:
         """Something may be deliverable now: wake a halted VP, stop a running one
@@ -264,11 +273,15 @@ class SimVp:
 
     def _offer_events(self, engine: Engine) -> None:
         """Tell the engine what to deliver once the guest can take it (IF, shadows, NMI blocking)."""
-        if self.lapic.nmi_pending:
+        engine.offer_interrupt(self._offer_now())
+
+    def _offer_now(self) -> int:
+        """On the VP's thread: a pending NMI goes to the engine; the interrupt to offer (-1: none)."""
+        if self.lapic.nmi_pending and self.engine is not None:
             self.lapic.nmi_pending = False
-            engine.inject_nmi()
+            self.engine.inject_nmi()
         vector = self.lapic.deliverable()
-        engine.offer_interrupt(-1 if vector is None else vector)
+        return -1 if vector is None else vector
 
     def _acknowledge_interrupt(self, vector: int) -> int:
         """The engine delivered ``vector``: the LAPIC moves it to in-service."""

@@ -105,6 +105,7 @@ void mshvstack_enter(struct mshvstack_cpu *c, int64_t deadline_ns);
 void mshvstack_leave(struct mshvstack_cpu *c);
 void mshvstack_set_deadline(struct mshvstack_cpu *c, int64_t deadline_ns);
 void mshvstack_cancel(struct mshvstack_cpu *c);
+void mshvstack_offer_soon(struct mshvstack_cpu *c);
 void mshvstack_cpu_free(struct mshvstack_cpu *c);
 void mshvstack_filter_forget(struct mshvstack_cpu *f, uint64_t start, uint64_t end);
 int mshvstack_code_page_known(struct mshvstack_cpu *c, uint64_t linear, uint64_t gpa);
@@ -126,6 +127,7 @@ int mshvstack_nmi_blocked(struct mshvstack_cpu *c);
 void mshvstack_set_nmi_blocked(struct mshvstack_cpu *c, int blocked);
 extern "Python" int mshvstack_on_new_block(void *owner, uint64_t address, uint32_t size);
 extern "Python" int mshvstack_on_injected(void *owner, int vector);
+extern "Python" int mshvstack_on_offer(void *owner);
 extern "Python" int mshvstack_on_special(void *owner, uint64_t address);
 extern "Python" void mshvstack_on_memory_fault(void *owner, int access, uint64_t address, int size, int64_t value);
 """

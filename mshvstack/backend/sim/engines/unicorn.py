@@ -39,6 +39,7 @@ from mshvstack.backend.sim.engines.base import (
     EngineTime,
     Instruction,
     InterruptAcknowledge,
+    InterruptOffer,
     MmioRead,
     MmioWrite,
     Special,
@@ -209,6 +210,12 @@ def mshvstack_on_injected(owner: object, vector: int) -> int:
     return int(engine._acknowledge(vector))
 
 
+@core_ffi.def_extern(error=-1)  # type: ignore[untyped-decorator]
+def mshvstack_on_offer(owner: object) -> int:
+    """An interrupt arrived while the engine ran (offer_soon): what to offer now."""
+    return int(core_ffi.from_handle(owner)._offer())
+
+
 @functools.cache
 def _library() -> Any:
     """The libunicorn internals the core patches, its translator wrapped once per process."""
@@ -256,7 +263,7 @@ class UnicornEngine:
     """One VP's CPU on Unicorn."""
 
     def __init__(self, on_special: SpecialHandler, code: CodeReader, acknowledge: InterruptAcknowledge,
-                 group: EngineGroup | None = None) -> None:
+                 group: EngineGroup | None = None, offer: InterruptOffer = lambda: -1) -> None:
         self._group = group if group is not None else EngineGroup()
         self._uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
         self._disassemblers = {bits: capstone.Cs(capstone.CS_ARCH_X86, mode) for bits, mode in _CS_MODE.items()}
@@ -264,6 +271,7 @@ class UnicornEngine:
         self._on_special = on_special
         self._code = code
         self._acknowledge = acknowledge
+        self._offer = offer
         self._hooked: set[int] = set()
         self._guarded: set[int] = set()   # guest pages with code, guarded (mshvstack_guard_code)
         self._specials: dict[int, Instruction] = {}
@@ -675,6 +683,11 @@ class UnicornEngine:
     def cancel(self) -> None:
         """Stop at the next block boundary (any thread: a flag, and the CPU kicked)."""
         core.mshvstack_cancel(self._cpu)
+
+    def offer_soon(self) -> None:
+        """An interrupt arrived (any thread): at the next block boundary the engine asks its
+        ``offer`` callback what to deliver, and goes on running."""
+        core.mshvstack_offer_soon(self._cpu)
 
     def run(self, deadline_ns: int = 0) -> EngineStop:
         with self._exclusive:   # waits for a change another thread is making (never for long)

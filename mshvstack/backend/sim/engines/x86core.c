@@ -291,6 +291,7 @@ struct mshvstack_cpu {
     int timer_started, timer_quit, running;
     /* requests (any thread may set stop_request; the rest is set by the VP's own thread) */
     volatile int stop_request;
+    volatile int offer_request;   /* an interrupt arrived: ask the Python half what to offer (any thread) */
     volatile int64_t deadline_ns;
     int pending_vector;
     int pending_nmi;
@@ -371,6 +372,7 @@ struct mshvstack_cpu {
 
 static int mshvstack_on_new_block(void *owner, uint64_t address, uint32_t size);
 static int mshvstack_on_injected(void *owner, int vector);
+static int mshvstack_on_offer(void *owner);
 static int mshvstack_on_special(void *owner, uint64_t address);
 static void mshvstack_on_memory_fault(void *owner, int access, uint64_t address, int size, int64_t value);
 static bool world_boundary(struct mshvstack_cpu *c);
@@ -1097,6 +1099,8 @@ static bool core_exec_interrupt(void *cs, int request)
             stop(c, REASON_DEADLINE);
             return false;
         }
+        if (c->offer_request && __atomic_exchange_n(&c->offer_request, 0, __ATOMIC_ACQ_REL))
+            c->pending_vector = mshvstack_on_offer(c->owner);   /* without leaving the engine */
         if (c->pending_vector >= 0 || c->pending_nmi || c->pending_exception >= 0)
             inject(c);   /* does not return when it delivers */
         return c->api.exec_interrupt(cs, request);
@@ -1170,6 +1174,17 @@ void mshvstack_leave(struct mshvstack_cpu *c)
     world_leave(c);
     pthread_mutex_lock(&c->timer_lock);
     c->running = 0;
+    pthread_mutex_unlock(&c->timer_lock);
+}
+
+/* An interrupt arrived (any thread): at the next block boundary, the Python half says what
+ * to offer, and the engine goes on (an IPI to a running VP costs no stop and no new run). */
+void mshvstack_offer_soon(struct mshvstack_cpu *c)
+{
+    __atomic_store_n(&c->offer_request, 1, __ATOMIC_SEQ_CST);
+    pthread_mutex_lock(&c->timer_lock);
+    if (c->running)
+        c->api.cpu_exit(c->cs);
     pthread_mutex_unlock(&c->timer_lock);
 }
 
