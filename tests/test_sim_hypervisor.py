@@ -371,6 +371,40 @@ def test_cpuid_intercept_and_registered_result(tmp_path: Path) -> None:
         g.close()
 
 
+def test_native_msrs_run_in_the_engine_until_intercepted(tmp_path: Path) -> None:
+    """FS_BASE is the engine's own (Linux writes it at every context switch): it runs
+    without a stop, until the VMM intercepts it, from then on even where it ran before."""
+    source = """
+    mov $0xC0000100, %ecx
+    mov $0x1234, %eax
+    xor %edx, %edx
+    wrmsr
+    rdmsr
+    out %eax, $0x10
+    mov $0x5678, %eax
+    wrmsr
+    rdmsr
+    out %eax, $0x11
+    jmp 0b
+"""
+    source = source.replace("    mov $0xC0000100, %ecx", "0:  mov $0xC0000100, %ecx", 1)
+    backend, g, _ = _guest(tmp_path, source)
+    try:
+        io = expect_io(g.run(), 0x10)
+        assert io.rax & 0xFFFFFFFF == 0x1234
+        advance(backend, g, io.header)
+        io = expect_io(g.run(), 0x11)
+        assert io.rax & 0xFFFFFFFF == 0x5678
+        install_intercept(backend, g, lib.HV_INTERCEPT_TYPE_X64_MSR_INDEX, lib.HV_INTERCEPT_ACCESS_MASK_WRITE, 0xC0000100)
+        advance(backend, g, io.header)
+        msg = g.run()   # the first WRMSR again, now intercepted
+        assert msg.header.message_type == lib.HVMSG_X64_MSR_INTERCEPT
+        intercept = payload(msg, "struct hv_x64_msr_intercept_message")
+        assert (intercept.msr_number, intercept.rax & 0xFFFFFFFF) == (0xC0000100, 0x1234)
+    finally:
+        g.close()
+
+
 def test_unknown_msr_faults_or_reads_zero(tmp_path: Path) -> None:
     source = """
     mov $0x12345, %ecx

@@ -31,6 +31,7 @@ from mshvstack.backend.sim.hv1 import SYNTHETIC_MSRS, PartitionMsrs
 from mshvstack.backend.sim.lapic import XAPIC_BROADCAST, DeliveryMode, Shorthand
 from mshvstack.backend.sim.memory import PAGE_SHIFT, GpaMap
 from mshvstack.backend.sim.vp import VECTOR_REGISTERS, SimVp
+from mshvstack.backend.sim.vpinsns import MTRR_VARIABLE_AND_FIXED_RANGE, NATIVE_MSRS
 
 HV_OK = int(lib.HV_STATUS_SUCCESS)
 
@@ -230,6 +231,23 @@ class SimPartition:
 
     def intercepts_cpuid(self, leaf: int) -> bool:
         return leaf in self.cpuid_intercepts
+
+    def native_msrs(self) -> tuple[frozenset[int], int, int]:
+        """The MSRs the engine runs itself, no intercept asking for them (and a range of them;
+        first > last: none): what vpinsns.py would let pass, decided without a stop."""
+        if self.all_msrs_intercepted:
+            return frozenset(), 1, 0
+        taken = {index for index, access in self.msr_intercepts.items() if access}
+        first, last = MTRR_VARIABLE_AND_FIXED_RANGE, MTRR_VARIABLE_AND_FIXED_RANGE | 0xFF
+        if any(first <= index <= last for index in taken):
+            first, last = 1, 0
+        return NATIVE_MSRS - taken, first, last
+
+    def _native_msrs_changed(self) -> None:
+        msrs = self.native_msrs()
+        for vp in self.vps.values():
+            if vp.engine is not None:
+                vp.engine.run_msrs_natively(*msrs)
 
     def intercepts_msr(self, index: int, write: bool) -> bool:
         mask = self.msr_intercepts.get(index, self.all_msrs_intercepted)
@@ -493,8 +511,10 @@ class SimPartition:
             self.io_intercepts.add(int(param.io_port))
         elif kind == lib.HV_INTERCEPT_TYPE_X64_MSR:
             self.all_msrs_intercepted = access
+            self._native_msrs_changed()
         elif kind == lib.HV_INTERCEPT_TYPE_X64_MSR_INDEX:
             self.msr_intercepts[int(param.msr_index)] = access
+            self._native_msrs_changed()
         elif kind == lib.HV_INTERCEPT_TYPE_X64_CPUID:
             self.cpuid_intercepts.add(int(param.cpuid_index))
         elif kind == lib.HV_INTERCEPT_TYPE_EXCEPTION:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import capstone
@@ -62,6 +62,8 @@ _SPECIAL_IDS: dict[int, Special] = {
     cx.X86_INS_CPUID: Special.CPUID, cx.X86_INS_HLT: Special.HLT,
     cx.X86_INS_VMCALL: Special.VMCALL, cx.X86_INS_VMMCALL: Special.VMCALL,
 }
+# How the core treats each kind before asking the Python half (x86core.c's special hook).
+_CORE_KINDS = {Special.IO: core.SPECIAL_KIND_IO, Special.RDMSR: core.SPECIAL_KIND_MSR, Special.WRMSR: core.SPECIAL_KIND_MSR}
 
 # Guests with at most this many translated code pages have them compared with their bytes at
 # translation before every run (host writes through the VMM's own mapping; see _track).  A
@@ -640,6 +642,13 @@ class UnicornEngine:
         self._cpu.pending_exception = vector
         self._cpu.pending_error_code = error_code or 0
 
+    def run_msrs_natively(self, msrs: Iterable[int], first: int, last: int) -> None:
+        """RDMSR/WRMSR of these MSRs (and of first..last) run in the engine without a stop:
+        the MSRs the CPU implements that no intercept asks for."""
+        listed = sorted(msrs)
+        if core.mshvstack_set_native_msrs(self._cpu, core_ffi.new("uint32_t[]", listed), len(listed), first, last) != 0:
+            raise ValueError(f"{len(listed)} native MSRs: more than the engine core holds")
+
     def intercept_exceptions(self, vectors: int) -> None:
         """Bitmap of exception vectors reported as a stop instead of delivered."""
         self._cpu.intercepted_exceptions = vectors & 0xFFFFFFFF
@@ -825,7 +834,7 @@ class UnicornEngine:
                 continue
             raw = bytes(insn.bytes)
             self._specials[insn.address] = Instruction(insn.address, 0, insn.size, raw, kind, insn.mnemonic, insn.op_str)
-            core_kind = core.SPECIAL_KIND_IO if kind is Special.IO else core.SPECIAL_KIND_OTHER
+            core_kind = _CORE_KINDS.get(kind, core.SPECIAL_KIND_OTHER)
             if core.mshvstack_set_special(self._cpu, insn.address, core_kind, raw, len(raw)) != 0:
                 raise MemoryError("the engine core cannot grow its table of special instructions")
             if insn.address not in hooked:

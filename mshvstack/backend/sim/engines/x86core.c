@@ -143,7 +143,10 @@ enum mshvstack_special_kind {
     SPECIAL_KIND_NONE = 0,    /* no longer a special instruction: run it */
     SPECIAL_KIND_IO = 1,      /* IN/OUT/INS/OUTS: always an intercept, encoded by the core */
     SPECIAL_KIND_OTHER = 2,   /* the Python half decides */
+    SPECIAL_KIND_MSR = 3,     /* RDMSR/WRMSR: runs in the engine for a native MSR, else as OTHER */
 };
+
+#define MAX_NATIVE_MSRS 64
 
 /* A range of guest pages with translated code, hooked (mshvstack_guard_code). */
 struct code_guard {
@@ -292,6 +295,10 @@ struct mshvstack_cpu {
     /* requests (any thread may set stop_request; the rest is set by the VP's own thread) */
     volatile int stop_request;
     volatile int offer_request;   /* an interrupt arrived: ask the Python half what to offer (any thread) */
+    /* MSRs the engine implements and no intercept asks for (mshvstack_set_native_msrs) */
+    uint32_t native_msrs[MAX_NATIVE_MSRS];
+    int native_msr_count;
+    uint32_t native_range_first, native_range_last;   /* and a range of them (first > last: none) */
     volatile int64_t deadline_ns;
     int pending_vector;
     int pending_nmi;
@@ -373,6 +380,7 @@ struct mshvstack_cpu {
 static int mshvstack_on_new_block(void *owner, uint64_t address, uint32_t size);
 static int mshvstack_on_injected(void *owner, int vector);
 static int mshvstack_on_offer(void *owner);
+static int native_msr(const struct mshvstack_cpu *c, uint32_t index);
 static int mshvstack_on_special(void *owner, uint64_t address);
 static void mshvstack_on_memory_fault(void *owner, int access, uint64_t address, int size, int64_t value);
 static bool world_boundary(struct mshvstack_cpu *c);
@@ -1320,7 +1328,7 @@ void mshvstack_special_hook(void *uc, uint64_t address, uint32_t size, void *use
         if (!e->key || !special_is_current(c, e, address))
             return;   /* not decodable here: let the CPU run it (and fault) */
     }
-    if (e->kind == SPECIAL_KIND_NONE)
+    if (e->kind == SPECIAL_KIND_NONE || (e->kind == SPECIAL_KIND_MSR && native_msr(c, (uint32_t)c->env->regs[1] /* ECX */)))
         return;
     if (e->kind == SPECIAL_KIND_IO && c->message_page) {
         c->stopped_at = *e;
@@ -1335,6 +1343,32 @@ void mshvstack_special_hook(void *uc, uint64_t address, uint32_t size, void *use
     else
         c->env->eip = c->resume_rip;
     leave_block(c);
+}
+
+/*
+ * The MSRs RDMSR/WRMSR may reach without the Python half: those QEMU's x86
+ * implements itself (FS_BASE, KERNEL_GS_BASE, ... which Linux writes at every
+ * context switch) that no intercept asks for.  -1: more than the table holds.
+ */
+int mshvstack_set_native_msrs(struct mshvstack_cpu *c, const uint32_t *msrs, int count, uint32_t range_first, uint32_t range_last)
+{
+    if (count < 0 || count > MAX_NATIVE_MSRS)
+        return -1;
+    memcpy(c->native_msrs, msrs, (size_t)count * sizeof *msrs);
+    c->native_msr_count = count;
+    c->native_range_first = range_first;
+    c->native_range_last = range_last;
+    return 0;
+}
+
+static int native_msr(const struct mshvstack_cpu *c, uint32_t index)
+{
+    if (index >= c->native_range_first && index <= c->native_range_last)
+        return 1;
+    for (int i = 0; i < c->native_msr_count; i++)
+        if (c->native_msrs[i] == index)
+            return 1;
+    return 0;
 }
 
 int mshvstack_hook_special(struct mshvstack_cpu *c, uint64_t address)
