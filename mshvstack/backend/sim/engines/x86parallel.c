@@ -806,7 +806,8 @@ static void translate_again(struct mshvstack_cpu *c, const struct block_code *b,
 static int world_block_trusted(struct mshvstack_cpu *c, const struct block_code *b, uint64_t address)
 {
     world_stores_landed(c);   /* between blocks: this engine's own stores have landed */
-    int parked = c->exclusive != EXCLUSIVE_NONE;   /* the others were parked while it was read */
+    /* the others were parked while it was read (or there are none) */
+    int parked = c->exclusive != EXCLUSIVE_NONE || __atomic_load_n(&c->world->count, __ATOMIC_ACQUIRE) == 1;
     int alone = 0, again = 0;
     for (int i = 0; i < b->pages; i++) {
         uint64_t host = b->gpas[i] == ~0ULL ? 0 : ram_host(c, b->gpas[i]);
