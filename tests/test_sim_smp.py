@@ -346,11 +346,12 @@ def test_code_rewritten_by_the_host_runs_as_rewritten(partition: Partition, tmp_
 FRESH = 0x180000         # pages that become code while VP 0 stores to them
 FRESH_PAGES = 48
 FRESH_CALLS = 64
-CURRENT, WRITING, STALE = _line(22), _line(23), _line(24)
+CURRENT, WRITING, STALE, BUSY = _line(22), _line(23), _line(24), _line(25)
 
 _FIRST_RUN_WHILE_STORED_TO = f"""
-    test %rbx, %rbx
-    jnz 5f
+    cmp $1, %rbx
+    je 5f
+    ja 3f
 1:  mov {CURRENT}, %rax               /* VP 0: the page VP 1 is on (-1: done) */
     cmp $-1, %rax
     je 9f
@@ -359,6 +360,10 @@ _FIRST_RUN_WHILE_STORED_TO = f"""
     incl {FRESH + 1}(%rax)            /* the immediate of its `mov $imm, %eax` */
     mov %rdx, {WRITING}               /* it stores to that page now */
     jmp 1b
+3:  lock incl {BUSY}                  /* VPs 2..: busy beside them (each new page parks them) */
+    cmpq $-1, {CURRENT}
+    jne 3b
+    jmp 9f
 5:  xor %ecx, %ecx                    /* VP 1: each page in turn */
 6:  mov %rcx, {CURRENT}
 7:  cmp {WRITING}, %rcx               /* until VP 0 stores to it (before any VP ran code there) */
@@ -385,7 +390,8 @@ _FIRST_RUN_WHILE_STORED_TO = f"""
 """
 
 
-def test_code_stored_to_before_another_vp_first_runs_it(partition: Partition, tmp_path: Path) -> None:
+@pytest.mark.parametrize("vcpus", [2, 4])
+def test_code_stored_to_before_another_vp_first_runs_it(partition: Partition, tmp_path: Path, vcpus: int) -> None:
     """Code another VP first runs on a page the writer has been storing to all
     along (stores a VP made before the page held code take no code check):
     the runner never runs bytes older than those it read before it serialized."""
@@ -394,7 +400,7 @@ def test_code_stored_to_before_another_vp_first_runs_it(partition: Partition, tm
     partition.memory.write(CURRENT, struct.pack("<q", -2))
     partition.memory.write(WRITING, struct.pack("<q", -3))
     image, _ = assemble(_FIRST_RUN_WHILE_STORED_TO, tmp_path, origin=CODE)
-    _run_all(_start_vps(partition, image, 2))
+    _run_all(_start_vps(partition, image, vcpus))
     written = [_u32(partition, FRESH + (page << 12) + 1) for page in range(FRESH_PAGES)]
     assert min(written) > 0, "VP 0 did not store to every page"
     assert _u32(partition, STALE) == 0, f"VP 1 ran code older than it had read {_u32(partition, STALE)} times"
