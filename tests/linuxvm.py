@@ -125,7 +125,9 @@ class LinuxVm:
                 if not any(found == name for found, _v, _s in self.marks[after:]):
                     raise AssertionError(f"the VMM exited before MARK {name}:\n{self.log[-3000:]}\n{self.process.stderr.read() if self.process.stderr else ''}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"no MARK {name} within {timeout:.0f} s:\n{self.log[-3000:]}")
+                self.process.kill()   # its log says what the VMM saw (read once it is gone: the pipe then ends)
+                stderr = self.process.stderr.read() if self.process.stderr else ""
+                raise AssertionError(f"no MARK {name} within {timeout:.0f} s:\n{self.log[-3000:]}\nVMM log:\n{stderr[-3000:]}")
             time.sleep(0.2)
 
     def values(self, name: str) -> list[str]:

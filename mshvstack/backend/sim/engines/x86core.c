@@ -1098,6 +1098,8 @@ static bool core_exec_interrupt(void *cs, int request)
             return false;   /* the next block is this VP's serial step: nothing before it */
         }
         world_take_code_events(c);
+        if (c->reason != REASON_NONE)
+            return false;   /* stopping at an instruction a hook reported: nothing may run or be delivered first */
         if (c->stop_request) {
             stop(c, REASON_CANCELLED);
             return false;
