@@ -1187,15 +1187,22 @@ void mshvstack_leave(struct mshvstack_cpu *c)
     pthread_mutex_unlock(&c->timer_lock);
 }
 
+/* Make a running engine leave its current block (any thread; the timer lock orders it
+ * against the run's start and end). */
+static void kick_running(struct mshvstack_cpu *c)
+{
+    pthread_mutex_lock(&c->timer_lock);
+    if (c->running)
+        c->api.cpu_exit(c->cs);
+    pthread_mutex_unlock(&c->timer_lock);
+}
+
 /* An interrupt arrived (any thread): at the next block boundary, the Python half says what
  * to offer, and the engine goes on (an IPI to a running VP costs no stop and no new run). */
 void mshvstack_offer_soon(struct mshvstack_cpu *c)
 {
     __atomic_store_n(&c->offer_request, 1, __ATOMIC_SEQ_CST);
-    pthread_mutex_lock(&c->timer_lock);
-    if (c->running)
-        c->api.cpu_exit(c->cs);
-    pthread_mutex_unlock(&c->timer_lock);
+    kick_running(c);
 }
 
 /* Stop at the next block boundary (any thread). */
@@ -1203,10 +1210,7 @@ void mshvstack_cancel(struct mshvstack_cpu *c)
 {
     c->stop_request = 1;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    pthread_mutex_lock(&c->timer_lock);
-    if (c->running)
-        c->api.cpu_exit(c->cs);
-    pthread_mutex_unlock(&c->timer_lock);
+    kick_running(c);
 }
 
 /*
