@@ -16,7 +16,7 @@ import functools
 import mmap
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mshvstack.abi import ffi, lib
@@ -133,6 +133,10 @@ class _Fd:
     partition: SimPartition | None = None
     vp: SimVp | None = None
     irqfd: IrqfdWorker | None = None
+    routes: dict[int, _Route] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.routes = _ROUTES[self.kind]   # looked up once: an Enum's hash is Python code, and ioctl runs per exit
 
 
 def _user_ranges() -> list[tuple[int, int]]:
@@ -212,15 +216,16 @@ class SimBackend:
             # An open fd of something else (a file, /dev/null) does not know the request: ENOTTY.
             err = errno.ENOTTY if _is_open(fd) else errno.EBADF
             raise ErrnoError(err, request_name(request), explain(request_name(request), err)) from None
-        route = _ROUTES[entry.kind].get(request)
+        route = entry.routes.get(request)
         name = route.name if route is not None else request_name(request, entry.kind)
         try:
             if route is None or (route.device_hvcall and not self.profile.device_hvcalls):
                 # (kernels before the /dev/mshv passthrough, 6.15, do not know MSHV_ROOT_HVCALL there)
                 raise _Fail(errno.ENOTTY)
-            injected = self.faults.ioctl_errno(name)
-            if injected is not None:
-                raise _Fail(injected)
+            if self.faults.ioctl_rules:
+                injected = self.faults.ioctl_errno(name)
+                if injected is not None:
+                    raise _Fail(injected)
             return int(route.handler(self, entry, _UserArg(arg, route.ctype, route.copy_in)))
         except _Fail as exc:
             raise ErrnoError(exc.err, name, explain(name, exc.err)) from None

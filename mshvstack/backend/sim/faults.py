@@ -22,7 +22,7 @@ class _Rule:
 
 @dataclass
 class FaultPlan:
-    _ioctl: dict[str, _Rule] = field(default_factory=dict)
+    ioctl_rules: dict[str, _Rule] = field(default_factory=dict)   # read unlocked by every ioctl: empty, none armed
     _hvcall: dict[int, _Rule] = field(default_factory=dict)
     _reps: dict[int, _Rule] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)   # the rules (a test's thread, every ioctl): a leaf
@@ -30,7 +30,7 @@ class FaultPlan:
     def fail_ioctl(self, name: str, err: int, times: int | None = None) -> None:
         """Make ioctl ``name`` fail with ``err`` (``times`` times, or always)."""
         with self._lock:
-            self._ioctl[name] = _Rule(err, times)
+            self.ioctl_rules[name] = _Rule(err, times)
 
     def fail_hvcall(self, code: int, status: int, times: int | None = None) -> None:
         """Make hypercall ``code`` return HV_STATUS ``status``."""
@@ -44,7 +44,7 @@ class FaultPlan:
 
     def clear(self) -> None:
         with self._lock:
-            self._ioctl.clear()
+            self.ioctl_rules.clear()
             self._hvcall.clear()
             self._reps.clear()
 
@@ -60,7 +60,7 @@ class FaultPlan:
         return int(rule.value)
 
     def ioctl_errno(self, name: str) -> int | None:
-        return self._armed(self._ioctl, name)
+        return self._armed(self.ioctl_rules, name)
 
     def hvcall_status(self, code: int) -> int | None:
         return self._armed(self._hvcall, code)

@@ -197,42 +197,41 @@ class SimVp:
         """Run until an intercept; returns the 256-byte message.  Raises Kicked.
         One run at a time: a second caller waits for the first (the driver's VP mutex)."""
         with self._run_lock:
-            return self._run_locked()
-
-    def _run_locked(self) -> bytes:
-        self.regs.consume_page()
-        self.partition.wait_unfrozen(self)
-        while True:
-            exit_msg: bytes | _EngineWrote | None = None
-            if self.kicked or self.pending_exit is not None:   # a kick missed here stops the engine at once
-                with self.wake:
-                    if self.kicked:
-                        self.kicked = False
-                        self.regs.publish_page()   # the VP ran since the last exit: the page shows it now
-                        raise Kicked()
-                    exit_msg, self.pending_exit = self.pending_exit, None
-            if exit_msg is None:
-                exit_msg = self._step()
-            if isinstance(exit_msg, _EngineWrote):
-                return self.intercept_page[:MESSAGE_SIZE]
-            if exit_msg is not None:
-                self.intercept_page[: len(exit_msg)] = exit_msg
-                self.regs.publish_page()
-                return exit_msg
+            self.regs.consume_page()
+            self.partition.wait_unfrozen(self)
+            while True:
+                exit_msg: bytes | _EngineWrote | None = None
+                if self.kicked or self.pending_exit is not None:   # a kick missed here stops the engine at once
+                    with self.wake:
+                        if self.kicked:
+                            self.kicked = False
+                            self.regs.publish_page()   # the VP ran since the last exit: the page shows it now
+                            raise Kicked()
+                        exit_msg, self.pending_exit = self.pending_exit, None
+                if exit_msg is None:
+                    exit_msg = self._step()
+                if isinstance(exit_msg, _EngineWrote):
+                    return self.intercept_page[:MESSAGE_SIZE]
+                if exit_msg is not None:
+                    self.intercept_page[: len(exit_msg)] = exit_msg
+                    self.regs.publish_page()
+                    return exit_msg
 
     def _step(self) -> bytes | _EngineWrote | None:
-        if self.startup.suspended() and not self.startup.take():
+        startup = self.startup
+        if startup.suspended() and not startup.take():
             return None
         deadline = self._poll_timers()
         if self.halted:
-            if not self._wait_for_interrupt() or self.startup.pending:
+            if not self._wait_for_interrupt() or startup.pending:
                 return None
             deadline = self._poll_timers()
-        engine = self.ensure_engine()
+        engine = self.regs.engine or self.ensure_engine()
         if self.kicked:
             return None   # kicked before the engine existed, so nothing cancelled it: take the kick first
-        self._deliver_pending_interruption(engine)
-        self._offer_events(engine)
+        if self.regs.state.get(R.HV_REGISTER_PENDING_INTERRUPTION, 0) & 1:
+            self._deliver_pending_interruption(engine)
+        engine.offer_interrupt(self._offer_now())   # delivered once the guest can take it (IF, shadows, NMI blocking)
         self.regs.running()
         stop = engine.run(deadline)
         if stop.kind is StopKind.WRITTEN:
@@ -243,8 +242,6 @@ class SimVp:
     def _deliver_pending_interruption(self, engine: Any) -> None:
         """An event the VMM queued in HV_REGISTER_PENDING_INTERRUPTION is taken on entry."""
         raw = self.regs.state.get(R.HV_REGISTER_PENDING_INTERRUPTION, 0)
-        if not raw & 1:
-            return
         self.regs.state[R.HV_REGISTER_PENDING_INTERRUPTION] = 0
         pending = ffi.new("union hv_x64_pending_interruption_register *", {"as_uint64": raw})
         kind = pending.bits.interruption_type
@@ -271,10 +268,6 @@ class SimVp:
         if hv is None or lapic is None:
             return lapic or hv or 0
         return min(lapic, hv)
-
-    def _offer_events(self, engine: Engine) -> None:
-        """Tell the engine what to deliver once the guest can take it (IF, shadows, NMI blocking)."""
-        engine.offer_interrupt(self._offer_now())
 
     def _offer_now(self) -> int:
         """On the VP's thread: a pending NMI goes to the engine; the interrupt to offer (-1: none)."""

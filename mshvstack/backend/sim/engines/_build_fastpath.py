@@ -42,6 +42,7 @@ struct mshvstack_cpu {
     uint64_t blocks_filtered;
     uint64_t blocks_redone;
     uint64_t blocks_redone_alone;
+    uint64_t running_ns;
     ...;
 };
 struct mshvstack_world { ...; };

@@ -94,7 +94,8 @@ class EngineTime:
 
 
 class Engine(Protocol):
-    time: EngineTime
+    @property
+    def time(self) -> EngineTime: ...
 
     @property
     def blocks_filtered(self) -> int: ...   # new blocks the engine found plain without scanning them in Python

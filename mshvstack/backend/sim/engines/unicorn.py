@@ -297,7 +297,7 @@ class UnicornEngine:
         self._code_buffer = core_ffi.new("uint8_t[]", 4096)   # blocks are shorter than a page
         self._gpa = core_ffi.new("uint64_t *")
         self._segments: dict[int, tuple[int, int, int, int]] = {}
-        self.time = EngineTime()
+        self._time = EngineTime()
         self._plain = PlainRam()
         self._fault_ranges_stale = False
         uc = self._uc
@@ -681,6 +681,11 @@ class UnicornEngine:
         return int(self._cpu.injected)
 
     # ---- execution ----
+    @property
+    def time(self) -> EngineTime:
+        self._time.running = self._cpu.running_ns / 1e9   # (the core times its runs)
+        return self._time
+
     def set_deadline(self, deadline_ns: int) -> None:
         """Move the running engine's deadline (a timer was armed by the guest).  Called after
         every MSR or xAPIC write; most leave it where it was, and a call into the core lets
@@ -699,32 +704,32 @@ class UnicornEngine:
         core.mshvstack_offer_soon(self._cpu)
 
     def run(self, deadline_ns: int = 0) -> EngineStop:
+        # (one function, not two: it runs on every exit)
         with self._exclusive:   # waits for a change another thread is making (never for long)
-            return self._run_exclusive(deadline_ns)
+            cpu = self._cpu
+            if self._deferred:
+                self._apply_deferred()
+            if self._fault_ranges_stale:
+                self._hook_memory_faults()
+            self._stop = None
+            self._segments.clear()
+            uc = self._uc
+            uc._hook_exception = None   # a Python MMIO callback that raised (Unicorn's binding keeps it here)
+            self._running = threading.get_ident()
+            try:
+                while (status := core.mshvstack_run(cpu, deadline_ns)) == core.RUN_CODE_CHANGED:
+                    self._forget_linear_page(self._tracked_keys[cpu.changed_page][0])
+            finally:
+                self._running = None
+            if uc._hook_exception is not None:
+                raise uc._hook_exception
+            if cpu.reason == core.REASON_IO:
+                return _WRITTEN
+            return self._stopped(cpu, status)
 
-    def _run_exclusive(self, deadline_ns: int) -> EngineStop:
-        cpu = self._cpu
-        if self._deferred:
-            self._apply_deferred()
-        if self._fault_ranges_stale:
-            self._hook_memory_faults()
-        self._stop = None
-        self._segments.clear()
-        uc = self._uc
-        uc._hook_exception = None   # a Python MMIO callback that raised (Unicorn's binding keeps it here)
-        self._running = threading.get_ident()
-        started = time.perf_counter()
-        try:
-            while (status := core.mshvstack_run(cpu, deadline_ns)) == core.RUN_CODE_CHANGED:
-                self._forget_linear_page(self._tracked_keys[cpu.changed_page][0])
-        finally:
-            self.time.running += time.perf_counter() - started
-            self._running = None
-        if uc._hook_exception is not None:
-            raise uc._hook_exception
+    def _stopped(self, cpu: Any, status: int) -> EngineStop:
+        """Why a run ended, other than an IO intercept the core wrote."""
         reason = cpu.reason
-        if reason == core.REASON_IO:
-            return _WRITTEN
         if self._stop is not None:
             return self._stop
         if status != unicorn.UC_ERR_OK:
@@ -780,8 +785,8 @@ class UnicornEngine:
         try:
             return self._scan_new_block(address, size)
         finally:
-            self.time.scanning += time.perf_counter() - started
-            self.time.blocks += 1
+            self._time.scanning += time.perf_counter() - started
+            self._time.blocks += 1
 
     def _scan_new_block(self, address: int, size: int) -> bool:
         """Hook the special instructions of the code at [address, address + size);

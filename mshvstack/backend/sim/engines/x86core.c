@@ -372,6 +372,7 @@ struct mshvstack_cpu {
     uint64_t blocks_filtered;     /* new blocks the core found plain, with no call into Python */
     uint64_t blocks_redone;       /* new blocks translated again before they ran (x86parallel.c) */
     uint64_t blocks_redone_alone; /* of them, with the other engines parked */
+    uint64_t running_ns;          /* time inside the engine, summed over runs (--stats) */
     struct block_code *block;     /* the new block being looked at (a buffer, not on the hook's stack) */
 };
 

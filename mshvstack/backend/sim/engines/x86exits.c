@@ -191,9 +191,11 @@ int mshvstack_run(struct mshvstack_cpu *c, int64_t deadline_ns)
         c->changed_page = changed;
         return RUN_CODE_CHANGED;
     }
+    int64_t started = now_ns();
     mshvstack_enter(c, deadline_ns);
     int status = c->api.emu_start(c->uc, c->env->eip, 0, 0, 0);
     mshvstack_leave(c);
+    c->running_ns += now_ns() - started;
     c->stop_request = 0;
     if (c->reason == REASON_IO) {
         write_io_intercept(c);
