@@ -1,4 +1,4 @@
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 setup(
     name="mshvstack",
@@ -9,8 +9,10 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=find_packages(include=["mshvstack", "mshvstack.*"]),
-    package_data={"mshvstack.vmm.guests": ["*.elf"], "mshvstack.net": ["*.h"]},
+    package_data={"mshvstack.vmm.guests": ["*.elf"], "mshvstack.net": ["*.h"], "mshvstack.partition": ["*.pyi"]},
     setup_requires=["cffi>=1.16"],
+    # The exit decoders' C half (a plain CPython extension: it builds Python objects).
+    ext_modules=[Extension("mshvstack.partition._exitcore", ["mshvstack/partition/_exitcore.c"])],
     cffi_modules=[
         "mshvstack/abi/_build.py:ffibuilder",
         "mshvstack/backend/sim/engines/_build_fastpath.py:ffibuilder",

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from mshvstack.abi import ffi, lib
 from mshvstack.partition import exits
-from mshvstack.partition.exits import EXIT_TYPES, InterceptHeader, Segment, UnknownExit, decode, encode
+from mshvstack.partition.exits import EXIT_TYPES, MESSAGE_SIZE, InterceptHeader, IoPortIntercept, Segment, UnknownExit, decode, encode
 
 
 def _c_field(ctype: str, path: str) -> Any:
@@ -87,7 +87,7 @@ def test_short_message_is_rejected() -> None:
 @settings(max_examples=300, deadline=None)
 @given(kind=st.sampled_from(sorted(exits._REGISTRY)), body=st.binary(min_size=256, max_size=256))
 def test_the_compiled_decoder_reads_exactly_what_the_binding_reads(kind: int, body: bytes) -> None:
-    """Each class's one-unpack decoder (offsets, shifts and widths from cffi) against
+    """Each class's compiled decoder (offsets, shifts and widths from cffi) against
     cffi's own attribute access, on arbitrary message bytes."""
     raw = bytearray(body)
     struct.pack_into("<I", raw, 0, kind)
@@ -95,3 +95,22 @@ def test_the_compiled_decoder_reads_exactly_what_the_binding_reads(kind: int, bo
     cls = exits._REGISTRY[kind]
     assert exits.fast_decoder(cls) is not None, cls.__name__
     assert exits.decode_message(msg, buffer=bytes(raw)) == exits.decode_message(msg)
+
+
+def test_the_compiled_decoder_refuses_what_it_cannot_read() -> None:
+    """A buffer too short for the payload, or a plan it does not know: an error, never a read past the end."""
+    import pytest
+
+    from mshvstack.partition import _exitcore
+
+    decoder = exits.fast_decoder(IoPortIntercept)
+    with pytest.raises(ValueError, match="does not fit"):
+        decoder(bytes(exits._PAYLOAD_OFFSET + 8), exits._PAYLOAD_OFFSET)
+    with pytest.raises(ValueError, match="does not fit"):
+        decoder(bytes(MESSAGE_SIZE), MESSAGE_SIZE)
+    with pytest.raises(TypeError):
+        decoder(bytes(MESSAGE_SIZE))
+    with pytest.raises(ValueError, match="field 0"):
+        _exitcore.Decoder(IoPortIntercept, (("rax", _exitcore.UINT, 0, 3, -1, -1),), {}, print, {}, print)   # a 3-byte integer
+    with pytest.raises(ValueError, match="field 1"):
+        _exitcore.Decoder(IoPortIntercept, (("rax", _exitcore.UINT, 0, 8, -1, -1), ("rcx", 99)), {}, print, {}, print)

@@ -438,13 +438,14 @@ _HEADERS: dict[bytes, InterceptHeader] = {}
 _FAST: dict[type, Any] = {}
 _DECODERS: dict[int, Any] = {}   # message type -> its class's compiled decoder, or None (the reference path)
 _MESSAGE_TYPE = struct.Struct("<I")
+_SLICED_AS_BYTES = (bytes, type(ffi.buffer(ffi.new("char[1]"))))   # buffers whose slices are bytes
 _MESSAGE_TYPE_OFFSET = ffi.offsetof("struct hv_message", "header") + ffi.offsetof("struct hv_message_header", "message_type")
 
 
 def _header(buffer: Any, offset: int) -> InterceptHeader:
     """The header at ``offset``: one instance per distinct header, since a VMM sees the same
     instruction exit again and again (the header says where the VP stopped; it is immutable)."""
-    raw = bytes(buffer[offset : offset + _HEADER_SIZE])
+    raw = buffer[offset : offset + _HEADER_SIZE]   # bytes (decode_message sees to it)
     header = _HEADERS.get(raw)
     if header is None:
         if len(_HEADERS) >= 4096:
@@ -460,7 +461,7 @@ def fast_decoder(cls: type[VpExit]) -> Any:
     return _FAST[cls]
 
 
-_DECODER_HELPERS = {"_segment": _segment, "_header": _header}
+_DECODER_HELPERS = {"header_memo": _HEADERS, "header_miss": _header, "segment_memo": _SEGMENTS, "segment_miss": _segment}
 _header_decoder = fastdecode.build(_HEADER_PLAN, _HEADER_CTYPE, InterceptHeader, _FAST_KINDS, _DECODER_HELPERS)
 if _header_decoder is None:
     raise ImportError("the binding's intercept header is not a straight layout")
@@ -480,6 +481,8 @@ def decode_message(msg: Any, buffer: Any = None) -> AnyExit:
     ``buffer``: the message's bytes as a buffer, which the compiled decoders read;
     without it, cffi's attribute access reads every field (the reference path)."""
     if buffer is not None:
+        if type(buffer) not in _SLICED_AS_BYTES:
+            buffer = bytes(buffer)   # the compiled decoders' slices must be bytes (hashable, immutable)
         kind = _MESSAGE_TYPE.unpack_from(buffer, _MESSAGE_TYPE_OFFSET)[0]
         decoder = _DECODERS.get(kind)
         if decoder is not None:

@@ -1,25 +1,25 @@
-"""A decoder per exit class compiled from the binding's layout: one struct.unpack_from.
+"""A decoder per exit class, compiled from the binding's layout.
 
 decode() runs on every VP exit, so what a VMM pays above the driver is
-mostly this.  Reading a dozen cffi attribute chains costs microseconds;
-one ``struct.unpack_from`` of every field the class needs, at the offsets,
-sizes, bit shifts and widths cffi reports for the header's structs (never
-written here), costs a fraction.  The layout is taken from ``ffi.typeof``,
-so it is the binding's; ``tests/test_exits.py`` checks that every class
-decodes the same through both paths.  A class whose fields this cannot lay
-out (a signed or non-integer leaf, overlapping storage) gets no fast decoder
-and keeps the attribute path.
+mostly this.  Reading a dozen cffi attribute chains costs microseconds, and
+so does building a dozen-field dataclass in Python; the C decoder
+(``_exitcore.c``) reads every field the class needs and builds the object in
+one call, at the offsets, sizes, bit shifts and widths cffi reports for the
+header's structs (never written here).  The layout is taken from
+``ffi.typeof``, so it is the binding's; ``tests/test_exits.py`` checks that
+every class decodes the same through both paths.  A class whose fields this
+cannot lay out (a signed or non-integer leaf) gets no compiled decoder and
+keeps the attribute path.
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from typing import Any
 
 from mshvstack.abi import ffi
+from mshvstack.partition import _exitcore
 
-_CODES = {1: "B", 2: "H", 4: "I", 8: "Q"}
 _UNSIGNED = ("unsigned char", "unsigned short", "unsigned int", "unsigned long", "unsigned long long", "_Bool",
              "uint8_t", "uint16_t", "uint32_t", "uint64_t")
 
@@ -69,89 +69,40 @@ def array(ctype: Any, path: tuple[str, ...]) -> tuple[int, int] | None:
     return found[0], found[1].length
 
 
-class Layout:
-    """The containers (distinct storage units) the leaves of one class read, as one struct."""
-
-    def __init__(self) -> None:
-        self.containers: set[tuple[int, int]] = set()
-
-    def value(self, where: Leaf) -> str:
-        """A Python expression for one leaf over the unpacked tuple ``v`` (its index
-        a placeholder until the layout is known)."""
-        offset, size, shift, bits = where
-        self.containers.add((offset, size))
-        item = f"v[@{offset}_{size}@]"
-        if shift < 0:
-            return item
-        return f"({item} & {(1 << bits) - 1})" if shift == 0 else f"(({item} >> {shift}) & {(1 << bits) - 1})"
-
-    def compile(self, body: str) -> tuple[struct.Struct, str] | None:
-        """The struct over every container in offset order, and ``body`` with real indices."""
-        fmt, position = "<", 0
-        for index, (offset, size) in enumerate(sorted(self.containers)):
-            if offset < position or size not in _CODES:
-                return None   # overlapping storage (a union read two ways): not a straight layout
-            fmt += "x" * (offset - position) + _CODES[size]
-            position = offset + size
-            body = body.replace(f"@{offset}_{size}@", str(index))
-        return struct.Struct(fmt), body
-
-
 def build(plan: tuple[tuple[str, tuple[str, ...], Any], ...], ctype: Any, result: type, kinds: dict[str, Any],
-          namespace: dict[str, Any]) -> Callable[[Any, int], Any] | None:
-    """A function (buffer, payload offset) -> a ``result`` (a frozen dataclass, built
-    without its per-field __init__) for one class, or None.
+          memos: dict[str, Any]) -> Callable[[Any, int], Any] | None:
+    """A decoder (buffer, payload offset) -> a ``result`` (a frozen dataclass, built
+    without its per-field __init__) for one class, or None where its layout is not
+    one the compiled decoder reads.
 
     ``kinds`` gives the header class and its C type, and the segment class
-    with its fields; ``namespace`` the helpers the generated code calls
-    (``_segment``, ``_header``).
+    with its fields; ``memos`` the header and segment memos (dicts) and the
+    functions that fill them on a miss.
     """
-    layout = Layout()
-
-    def integer(path: tuple[str, ...], as_bool: bool = False) -> str | None:
-        where = leaf(ctype, path)
-        if where is None:
-            return None
-        expression = layout.value(where)
-        return f"({expression} != 0)" if as_bool else expression
-
-    def segment(path: tuple[str, ...]) -> str | None:
-        parts = [integer(path + (sub,)) for sub in kinds["segment_fields"]]
-        return None if None in parts else f"_segment(({', '.join(parts)},))"   # type: ignore[arg-type]
-
-    items: list[str] = []
+    fields: list[tuple[Any, ...]] = []
     for name, path, field_type in plan:
         if field_type is kinds["header"]:
             # The header says where the VP stopped: the same from one exit of an instruction to the
-            # next, so it has its own decoder behind a memo (``_header(buffer, offset)``).
+            # next, so it comes from a memo of its bytes.
             where = struct_at(ctype, path)
             if where is None or where[1] is not kinds["header_ctype"]:
                 return None
-            items.append(f"{name!r}: _header(buffer, base + {where[0]})")
+            fields.append((name, _exitcore.HEADER, where[0], ffi.sizeof(where[1])))
         elif field_type is kinds["segment"]:
-            expression = segment(path)
-            if expression is None:
+            parts = [leaf(ctype, path + (sub,)) for sub in kinds["segment_fields"]]
+            if None in parts:
                 return None
-            items.append(f"{name!r}: {expression}")
+            fields.append((name, _exitcore.SEGMENT, *parts))
         elif field_type is bytes:
-            span, count = array(ctype, path), integer(("instruction_byte_count",))
+            span, count = array(ctype, path), leaf(ctype, ("instruction_byte_count",))
             if span is None or count is None:
                 return None
-            start = f"base + {span[0]}"
-            length = f"(min({count}, {span[1]}) or {span[1]})"   # a count past the array reads the array
-            items.append(f"{name!r}: bytes(buffer[{start} : {start} + {length}])")
+            fields.append((name, _exitcore.BYTES, span[0], span[1], count))
         else:
-            expression = integer(path, field_type is bool)
-            if expression is None:
+            integer = leaf(ctype, path)
+            if integer is None:
                 return None
-            items.append(f"{name!r}: {expression}")
-    compiled = layout.compile(", ".join(items))
-    if compiled is None:
-        return None
-    packed, body = compiled
-    source = (f"def decode(buffer, base):\n    v = _unpack(buffer, base)\n    made = _new(_result)\n"
-              f"    made.__dict__.update({{{body}}})\n    return made\n")
-    scope = {**namespace, "_unpack": packed.unpack_from, "_new": object.__new__, "_result": result}
-    exec(compile(source, f"<decoder for {ctype.cname}>", "exec"), scope)   # noqa: S102 - our own generated code
-    decoder: Callable[[Any, int], Any] = scope["decode"]
+            fields.append((name, _exitcore.BOOL if field_type is bool else _exitcore.UINT, *integer))
+    decoder: Callable[[Any, int], Any] = _exitcore.Decoder(result, tuple(fields), memos["header_memo"], memos["header_miss"],
+                                                           memos["segment_memo"], memos["segment_miss"])
     return decoder
