@@ -127,18 +127,21 @@ class Vp(FdOwner):
 
     def set_registers(self, values: Mapping[int, int]) -> None:
         """Write hv_register_names; GPRs/RIP/RFLAGS through the page when valid."""
-        rest: dict[int, int] = {}
-        dirty = 0
-        page = self._page if self._page_valid() else None
-        for name, value in values.items():
-            slot = _PAGE_SLOTS.get(name) if page is not None else None
-            if slot is not None:
-                setattr(page, slot[0], value & _U64)
-                dirty |= slot[1]
-            else:
-                rest[int(name)] = value
-        if dirty:
-            self._page.dirty |= dirty
+        page = self._page
+        if page is None or not page.isvalid:
+            rest = {int(name): value for name, value in values.items()}
+        else:
+            rest = {}
+            dirty = 0
+            for name, value in values.items():
+                slot = _PAGE_SLOTS.get(name)
+                if slot is None:
+                    rest[int(name)] = value
+                else:
+                    setattr(page, slot[0], value & _U64)
+                    dirty |= slot[1]
+            if dirty:
+                page.dirty |= dirty
         if rest:
             calls.set_vp_registers(self._target, self.index, rest)
 
@@ -234,7 +237,7 @@ class Vp(FdOwner):
         running.acquire()   # one run at a time, as the driver's VP mutex (a second caller waits here)
         self._run_thread = threading.get_ident()
         try:
-            backend, fd, arg, kicked = self.partition.backend, self.fd, self._run_arg, self._kick_requested
+            backend, fd, arg, kicked = self._handle.backend, self._handle.fd, self._run_arg, self._kick_requested
             while True:
                 if self._closing:
                     raise ClosedError(f"VP {self.index} is closed")

@@ -210,12 +210,11 @@ class SimBackend:
 
     # ---- ioctl
     def ioctl(self, fd: int, request: int, arg: Any = 0) -> int:
-        try:
-            entry = self._entry(fd)
-        except _Fail:
+        entry = self._fds.get(fd)   # (_entry, inline: ioctl runs per VP exit)
+        if entry is None:
             # An open fd of something else (a file, /dev/null) does not know the request: ENOTTY.
             err = errno.ENOTTY if _is_open(fd) else errno.EBADF
-            raise ErrnoError(err, request_name(request), explain(request_name(request), err)) from None
+            raise ErrnoError(err, request_name(request), explain(request_name(request), err))
         route = entry.routes.get(request)
         name = route.name if route is not None else request_name(request, entry.kind)
         try:

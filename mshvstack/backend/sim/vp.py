@@ -257,7 +257,10 @@ class SimVp:
     def _poll_timers(self) -> int:
         """Fire the timers that are due; when the engine must stop for the next expiry
         (monotonic ns, never in the past; 0: no timer armed)."""
-        return self._deadline(self.lapic.poll_timer(), self.hv.poll_timers())
+        lapic, expiry = self.lapic.poll_timer(), self.hv.poll_timers()
+        if expiry is None:
+            return lapic or 0   # no synthetic timer armed (the common case)
+        return self._deadline(lapic, expiry)
 
     def deadline_ns(self) -> int:
         """When the engine must stop for the next timer expiry (0: no timer armed)."""
