@@ -240,7 +240,7 @@ class SimVp:
         return self.stops.handle(stop)
 
     def _deliver_pending_interruption(self, engine: Any) -> None:
-        """An event the VMM queued in HV_REGISTER_PENDING_INTERRUPTION is taken on entry."""
+        """An event the VMM queued in HV_REGISTER_PENDING_INTERRUPTION is taken on entry (one is pending)."""
         raw = self.regs.state.get(R.HV_REGISTER_PENDING_INTERRUPTION, 0)
         self.regs.state[R.HV_REGISTER_PENDING_INTERRUPTION] = 0
         pending = ffi.new("union hv_x64_pending_interruption_register *", {"as_uint64": raw})
