@@ -12,6 +12,7 @@ the xAPIC DFR's flat or cluster model), lowest priority through the TPRs.
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -555,3 +556,70 @@ def test_init_sipi_start_aps_in_the_reset_state_and_init_stops_a_running_one(par
     wrong_starts = struct.unpack("<I", part.memory.read(DATA + WRONG_STARTS, 4))[0]
     assert wrong_starts == 0, f"a second SIPI started an AP {wrong_starts} times"
     assert not failures, "\n".join(failures)
+
+
+# ---- an interrupt against an exit: the exit is composed at the instruction, and nothing is
+# delivered between it and the VMM's completion of it
+EXIT_PORT, EXITS = 0x30, 20_000
+TAKEN = DATA + 0x200
+EXIT_RACE_VECTOR = 0x50
+
+
+def test_an_interrupt_never_lands_between_an_exit_and_its_completion(tmp_path: Path) -> None:
+    """VP 0 makes port exits back to back with interrupts enabled while a host thread asserts
+    interrupts as fast as it can.  An interrupt delivered after an exit was composed (at a
+    boundary where the hook's stop was pending: a bug this simulator had, which Linux saw as
+    an HvPostMessage arriving twice) makes the VMM complete an instruction the guest has not
+    left: the exit comes again, or the handler is lost with its frame on the stack.  So: every
+    exit is seen once and in order (RCX counts down), the stack is where it started, and the
+    interrupts keep being taken.  Without the fix, 5 runs in 6 saw an exit twice."""
+    guest = f"""
+    mov $0xFEE00000, %rbp
+    movl $0x1FF, 0xF0(%rbp)                 /* SVR: software enabled */
+    mov %rsp, %r15
+    mov ${EXITS}, %ecx
+    sti
+1:  out %al, ${EXIT_PORT}
+    dec %ecx
+    jnz 1b
+    cli
+    out %al, ${DONE}
+    hlt
+handler:
+    lock incl {TAKEN}
+    movl $0, 0xB0(%rbp)                     /* EOI */
+    iretq
+"""
+    with lapic_partition() as part:
+        image, symbols = assemble(guest, tmp_path, origin=CODE)
+        prepare(part, image, {EXIT_RACE_VECTOR: symbols["handler"]})
+        vp = long_mode_vp(part, 0)
+        start_rsp = vp.regs.rsp
+        expected = [EXITS]
+        final_rsp: list[int] = []
+        firing = threading.Event()
+        firing.set()
+
+        def fire() -> None:
+            while firing.is_set():
+                part.assert_interrupt(EXIT_RACE_VECTOR, apic_id=0)
+
+        def on_port(vp: Vp, exit_: IoPortIntercept) -> bool:
+            if exit_.port_number == EXIT_PORT:
+                assert exit_.rcx == expected[0], f"exit for RCX {exit_.rcx} where {expected[0]} was due"
+                expected[0] -= 1
+                return False
+            final_rsp.append(vp.regs.rsp)
+            return True
+
+        sender = threading.Thread(target=fire, name="test-interrupts")
+        sender.start()
+        try:
+            Runner([vp], on_port).run()
+        finally:
+            firing.clear()
+            sender.join(timeout=30)
+        assert expected == [0], "the loop did not finish"
+        assert final_rsp == [start_rsp], "an interrupt frame was left on the stack (its handler skipped)"
+        taken = struct.unpack("<I", part.memory.read(TAKEN, 4))[0]
+        assert taken > 100, f"only {taken} interrupts were taken while {EXITS} exits ran"
