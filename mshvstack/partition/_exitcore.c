@@ -64,6 +64,14 @@ static int parse_leaf(PyObject *tuple, Py_ssize_t first, struct leaf *leaf)
     return 0;
 }
 
+/* A byte span's (offset, size), the plan entry's items 2 and 3. */
+static int parse_span(PyObject *item, struct field *f)
+{
+    f->offset = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 2));
+    f->size = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 3));
+    return PyErr_Occurred() || f->offset < 0 || f->size <= 0 ? -1 : 0;
+}
+
 static Py_ssize_t leaf_end(const struct leaf *leaf)
 {
     return leaf->offset + leaf->size;
@@ -135,11 +143,7 @@ static PyObject *decoder_new(PyTypeObject *type, PyObject *args, PyObject *kwarg
             end = leaf_end(&f->leaf[0]);
             break;
         case KIND_HEADER:
-            if (PyTuple_GET_SIZE(item) != 4)
-                goto bad;
-            f->offset = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 2));
-            f->size = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 3));
-            if (PyErr_Occurred() || f->offset < 0 || f->size <= 0)
+            if (PyTuple_GET_SIZE(item) != 4 || parse_span(item, f) < 0)
                 goto bad;
             end = f->offset + f->size;
             break;
@@ -156,11 +160,8 @@ static PyObject *decoder_new(PyTypeObject *type, PyObject *args, PyObject *kwarg
             break;
         case KIND_BYTES: {
             PyObject *count_leaf = PyTuple_GET_SIZE(item) == 5 ? PyTuple_GET_ITEM(item, 4) : NULL;
-            if (count_leaf == NULL || !PyTuple_Check(count_leaf) || parse_leaf(count_leaf, 0, &f->leaf[0]) < 0)
-                goto bad;
-            f->offset = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 2));
-            f->size = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 3));
-            if (PyErr_Occurred() || f->offset < 0 || f->size <= 0)
+            if (count_leaf == NULL || !PyTuple_Check(count_leaf) || parse_leaf(count_leaf, 0, &f->leaf[0]) < 0
+                || parse_span(item, f) < 0)
                 goto bad;
             end = f->offset + f->size;
             if (leaf_end(&f->leaf[0]) > end)

@@ -118,6 +118,7 @@ void mshvstack_set_segment(struct mshvstack_cpu *c, int index, const struct mshv
 size_t mshvstack_read_code(struct mshvstack_cpu *c, uint64_t linear, uint8_t *out, size_t size);
 int mshvstack_translate(struct mshvstack_cpu *c, uint64_t linear, uint64_t *gpa);
 void mshvstack_read_registers(struct mshvstack_cpu *c, const int *ids, uint64_t *values, int count);
+uint64_t mshvstack_read_register(struct mshvstack_cpu *c, int id);
 void mshvstack_write_register(struct mshvstack_cpu *c, int id, uint64_t value);
 uint64_t mshvstack_get_efer(struct mshvstack_cpu *c);
 void mshvstack_set_efer(struct mshvstack_cpu *c, uint64_t value);

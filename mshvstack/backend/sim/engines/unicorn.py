@@ -171,7 +171,6 @@ def _plain_registers() -> dict[int, int]:
 
 _REGS = _plain_registers()
 _SNAPSHOT_IDS = core_ffi.new("int[]", list(_REGS.values()))
-_REG_INDEX = {name: index for index, name in enumerate(_REGS)}   # its id's place in _SNAPSHOT_IDS
 _PAGING_IDS = core_ffi.new("int[]", [ux.UC_X86_REG_CR0, ux.UC_X86_REG_CR3, ux.UC_X86_REG_CR4])
 _PAGE_REGISTER_IDS = core_ffi.new("int[6]", [ux.UC_X86_REG_RFLAGS, ux.UC_X86_REG_CR0, ux.UC_X86_REG_CR3,
                                              ux.UC_X86_REG_CR4, ux.UC_X86_REG_CR8, ux.UC_X86_REG_DR7])
@@ -294,7 +293,6 @@ class UnicornEngine:
         self._deferred_lock = threading.Lock()              # the queue of changes (a leaf)
         self._segment = core_ffi.new("struct mshvstack_segment *")
         self._snapshot = core_ffi.new("uint64_t[]", len(_REGS))
-        self._one = core_ffi.new("uint64_t[1]")
         self._paging = core_ffi.new("uint64_t[3]")
         self._code_buffer = core_ffi.new("uint8_t[]", 4096)   # blocks are shorter than a page
         self._gpa = core_ffi.new("uint64_t *")
@@ -525,10 +523,8 @@ class UnicornEngine:
                 or name in (_EFER, _TSC, _FP_CONTROL, _XMM_CONTROL))
 
     def reg(self, name: int) -> int:
-        index = _REG_INDEX.get(name)
-        if index is not None:   # (through the core: Unicorn's Python binding costs microseconds a register)
-            core.mshvstack_read_registers(self._cpu, _SNAPSHOT_IDS + index, self._one, 1)
-            return int(self._one[0])
+        if name in _REGS:   # (through the core: Unicorn's Python binding costs microseconds a register)
+            return int(core.mshvstack_read_register(self._cpu, _REGS[name]))
         if name == _EFER:
             return int(core.mshvstack_get_efer(self._cpu))
         if name == _TSC:

@@ -1664,9 +1664,17 @@ void mshvstack_read_registers(struct mshvstack_cpu *c, const int *ids, uint64_t 
     }
 }
 
-/* One plain register through Unicorn's own uc_reg_write (its side effects included: a
- * control register recomputes the mode, RIP inside a hook restarts there), without the
- * Python binding's per-call cost, which a hypercall's handling pays several times. */
+/* One plain register through Unicorn's own uc_reg_read and uc_reg_write (their side
+ * effects included: a control register recomputes the mode, RIP inside a hook restarts
+ * there), without the Python binding's per-call cost, which a hypercall's handling pays
+ * several times. */
+uint64_t mshvstack_read_register(struct mshvstack_cpu *c, int id)
+{
+    uint64_t value = 0;
+    c->api.reg_read(c->uc, id, &value);
+    return value;
+}
+
 void mshvstack_write_register(struct mshvstack_cpu *c, int id, uint64_t value)
 {
     c->api.reg_write(c->uc, id, &value);
