@@ -226,7 +226,7 @@ class SimVp:
             if not self._wait_for_interrupt() or startup.pending:
                 return None
             deadline = self._poll_timers()
-        engine = self.regs.engine or self.ensure_engine()
+        engine = self.ensure_engine()
         if self.kicked:
             return None   # kicked before the engine existed, so nothing cancelled it: take the kick first
         if self.regs.state.get(R.HV_REGISTER_PENDING_INTERRUPTION, 0) & 1:

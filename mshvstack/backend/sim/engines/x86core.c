@@ -1656,13 +1656,6 @@ static int mshvstack_first_changed_page(const uint64_t *addresses, const uint8_t
 }
 
 /* Many registers in one call from Python: the VP's snapshot after every stop. */
-void mshvstack_read_registers(struct mshvstack_cpu *c, const int *ids, uint64_t *values, int count)
-{
-    for (int i = 0; i < count; i++) {
-        values[i] = 0;
-        c->api.reg_read(c->uc, ids[i], &values[i]);
-    }
-}
 
 /* One plain register through Unicorn's own uc_reg_read and uc_reg_write (their side
  * effects included: a control register recomputes the mode, RIP inside a hook restarts
@@ -1678,6 +1671,12 @@ uint64_t mshvstack_read_register(struct mshvstack_cpu *c, int id)
 void mshvstack_write_register(struct mshvstack_cpu *c, int id, uint64_t value)
 {
     c->api.reg_write(c->uc, id, &value);
+}
+
+void mshvstack_read_registers(struct mshvstack_cpu *c, const int *ids, uint64_t *values, int count)
+{
+    for (int i = 0; i < count; i++)
+        values[i] = mshvstack_read_register(c, ids[i]);
 }
 
 uint64_t mshvstack_get_efer(struct mshvstack_cpu *c)
