@@ -46,7 +46,7 @@ class FakeChannel:
 
 
 def _memory(written: list[tuple[int, int]] | None = None) -> GuestMemory:
-    memory = GuestMemory(written=None if written is None else lambda address, length: written.append((address, length)))
+    memory = GuestMemory(written=None if written is None else written.extend)
     for first, pages in REGIONS:
         memory._add(MemoryRegion(first * PAGE, pages * PAGE, True, True, mmap.mmap(-1, pages * PAGE)))
     return memory

@@ -49,6 +49,7 @@ _GLUE_CDEF = """
 static const char MSHVSTACK_IOCTL_NAMES[];
 int mshvstack_ioctl(int fd, unsigned long request, uintptr_t arg);
 long mshvstack_self_copy(uintptr_t remote, const void *local, size_t size, int write);
+uint8_t mshvstack_fetch_or_u8(uint8_t *address, uint8_t mask);
 int memcmp(const void *, const void *, size_t);
 """
 _GLUE_SOURCE = """
@@ -65,6 +66,14 @@ _GLUE_SOURCE = """
 static int mshvstack_ioctl(int fd, unsigned long request, uintptr_t arg)
 {
 	return ioctl(fd, request, arg);
+}
+
+/* The simulated hypervisor sets a bit in guest memory that the guest clears
+ * concurrently with locked instructions: a locked OR, so neither loses the
+ * other's update.  Returns the byte as it was. */
+static uint8_t mshvstack_fetch_or_u8(uint8_t *address, uint8_t mask)
+{
+	return __atomic_fetch_or(address, mask, __ATOMIC_SEQ_CST);
 }
 
 /* A pipe through which small copies pass: the kernel's own copy_from_user

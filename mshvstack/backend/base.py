@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 
@@ -36,9 +37,9 @@ class Backend(Protocol):
         """Make MSHV_RUN_VP on ``vp_fd``, blocked in thread ``thread_id``, return EINTR."""
         ...
 
-    def host_wrote(self, partition_fd: int, address: int, length: int) -> None:
-        """This process wrote ``length`` bytes of the partition's RAM at host ``address``
-        (device DMA, a loader).  The real device needs nothing (x86 keeps such stores
+    def host_wrote(self, partition_fd: int, ranges: Sequence[tuple[int, int]]) -> None:
+        """This process wrote the partition's RAM at these (host address, length) ranges
+        (device DMA, a loader; a scattered DMA is one call).  The real device needs nothing (x86 keeps such stores
         coherent with the guest's instruction fetch); a simulator that translates
         guest code drops what it translated from those bytes."""
         ...

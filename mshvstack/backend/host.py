@@ -7,6 +7,7 @@ import mmap
 import os
 import signal
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from mshvstack.abi import ffi, lib
@@ -99,7 +100,7 @@ class HostBackend:
     def kick(self, vp_fd: int, thread_id: int) -> None:
         signal.pthread_kill(thread_id, KICK_SIGNAL)
 
-    def host_wrote(self, partition_fd: int, address: int, length: int) -> None:
+    def host_wrote(self, partition_fd: int, ranges: Sequence[tuple[int, int]]) -> None:
         """Nothing to do: the hypervisor's CPUs see the host's stores to guest RAM."""
 
     def close(self, fd: int) -> None:

@@ -4,6 +4,7 @@ an allowlist check before the call."""
 from __future__ import annotations
 
 import errno
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,31 +41,66 @@ class HvTarget:
 
 
 def _issue_once(target: HvTarget, code: int, data: bytes, reps: int, out_size: int) -> tuple[int, int, bytes]:
-    """One MSHV_ROOT_HVCALL: returns (status, reps done, output).
+    """One MSHV_ROOT_HVCALL: returns (status, reps done, output)."""
+    inp = ffi.from_buffer(bytearray(data.ljust(8, b"\0")))
+    out = ffi.new("char[]", max(out_size, 1))
+    call = _call_argument(code, inp, out, out_size)
+    status, done = _issue(target, call, reps)
+    return status, done, bytes(ffi.buffer(out, out_size)) if out_size else b""
+
+
+def _call_argument(code: int, inp: Any, out: Any, out_size: int) -> Any:
+    """The ioctl's argument over input and output buffers the caller keeps alive."""
+    call = ffi.new("struct mshv_root_hvcall *")
+    call.code, call.in_sz = code, len(inp)
+    call.in_ptr = int(ffi.cast("uintptr_t", inp))
+    if out_size:
+        call.out_sz, call.out_ptr = out_size, int(ffi.cast("uintptr_t", out))
+    return call
+
+
+def _issue(target: HvTarget, call: Any, reps: int) -> tuple[int, int]:
+    """Issue a built call: (status, reps done).
 
     EAGAIN (the 6.15 driver deposited memory the hypervisor asked for) is
     retried here, as that driver expects of its caller; a rep call that made
     progress first reports TIME_OUT, so the caller continues from there.
     """
-    inp = ffi.from_buffer(bytearray(data.ljust(8, b"\0")))
-    out = ffi.new("char[]", max(out_size, 1))
-    call = ffi.new("struct mshv_root_hvcall *")
     for _attempt in range(DEPOSIT_RETRIES):
-        call.code, call.reps, call.in_sz, call.status = code, reps, len(inp), 0
-        call.in_ptr = int(ffi.cast("uintptr_t", inp))
-        if out_size:
-            call.out_sz, call.out_ptr = out_size, int(ffi.cast("uintptr_t", out))
+        call.reps, call.status = reps, 0
         try:
             target.backend.ioctl(target.fd, lib.MSHV_ROOT_HVCALL, call)
         except ErrnoError as exc:
             if exc.errno == errno.EAGAIN:
                 if reps and call.reps:
-                    return _TIME_OUT, int(call.reps), bytes(ffi.buffer(out, out_size)) if out_size else b""
+                    return _TIME_OUT, int(call.reps)
                 continue
             if call.status == _SUCCESS or exc.errno in (errno.EFAULT, errno.EBADFD):
                 raise
         break
-    return int(call.status), int(call.reps), bytes(ffi.buffer(out, out_size)) if out_size else b""
+    return int(call.status), int(call.reps)
+
+
+class PreparedCall:
+    """A simple hypercall issued again and again with the same input (a VMBus channel's
+    HvSignalEventDirect after each completion): its buffers and its ioctl argument are
+    built, and its allowlist checked, once; each issue is then a single ioctl."""
+
+    def __init__(self, target: HvTarget, code: int, header: bytes | Any, out_size: int = 0) -> None:
+        check_allowed(target, code)
+        data = header if isinstance(header, bytes) else bytes(ffi.buffer(header))
+        self.target, self.code = target, code
+        self._input = ffi.new("char[]", data.ljust(8, b"\0"))
+        self.output = ffi.new("char[]", max(out_size, 1))
+        self._call = _call_argument(code, self._input, self.output, out_size)
+        self._lock = threading.Lock()   # one argument struct: one issuer at a time
+
+    def issue(self) -> None:
+        """Issue it; ``output`` holds the result until the next issue.  HvError on failure."""
+        with self._lock:
+            status, _done = _issue(self.target, self._call, 0)
+        if status != _SUCCESS:
+            raise HvError(self.code, status)
 
 
 def check_allowed(target: HvTarget, code: int) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mshvstack.abi import ffi, lib
-from mshvstack.hvcall.call import HvTarget, hvcall, hvcall_rep, hvcall_rep_indexed
+from mshvstack.hvcall.call import HvTarget, PreparedCall, hvcall, hvcall_rep, hvcall_rep_indexed
 
 _ASSOC = "struct hv_register_assoc"
 _VALUE = "union hv_register_value"
@@ -234,10 +234,23 @@ def post_message_direct(target: HvTarget, vp_index: int, sint: int, message_type
 
 def signal_event_direct(target: HvTarget, vp_index: int, sint: int, flag: int, vtl: int = 0) -> bool:
     """Set event flag ``flag`` of ``sint``; True if it was newly set (and an interrupt sent)."""
-    inp = _struct("struct hv_input_signal_event_direct")
-    inp.target_vp, inp.target_vtl, inp.target_sint, inp.flag_number = vp_index, vtl, sint, flag
-    out = hvcall(target, lib.HVCALL_SIGNAL_EVENT_DIRECT, inp, ffi.sizeof("struct hv_output_signal_event_direct"))
-    return bool(out[0])
+    return EventSignal(target, vp_index, sint, flag, vtl).signal()
+
+
+class EventSignal:
+    """One event flag of one VP's SINT, signalled with HvSignalEventDirect whenever asked:
+    the hypercall built once (a VMBus channel signals its guest after every completion)."""
+
+    def __init__(self, target: HvTarget, vp_index: int, sint: int, flag: int, vtl: int = 0) -> None:
+        inp = _struct("struct hv_input_signal_event_direct")
+        inp.target_vp, inp.target_vtl, inp.target_sint, inp.flag_number = vp_index, vtl, sint, flag
+        self._call = PreparedCall(target, lib.HVCALL_SIGNAL_EVENT_DIRECT, inp,
+                                  ffi.sizeof("struct hv_output_signal_event_direct"))
+
+    def signal(self) -> bool:
+        """True if the flag was newly set (and so an interrupt sent)."""
+        self._call.issue()
+        return bool(self._call.output[0])
 
 
 # ---- CPUID as the VP sees it --------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mmap
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from mshvstack.errors import MshvError
@@ -42,14 +42,14 @@ class GuestMemory:
     GuestMemoryError and never touches host memory outside a region.
     """
 
-    def __init__(self, written: Callable[[int, int], None] | None = None) -> None:
+    def __init__(self, written: Callable[[Sequence[tuple[int, int]]], None] | None = None) -> None:
         # Read from every thread without a lock: the list is replaced whole, never changed in place
         # (an in-place sort shows other threads an empty list meanwhile).  The lock orders the
         # writers, the partition's map and unmap, and guards the write log, which every writing
         # thread adds to and the migration takes (a leaf).
         self._regions: list[MemoryRegion] = []
         self._lock = threading.Lock()
-        self._written = written   # told (host address, length) after each write
+        self._written = written   # told the (host address, length) ranges after each write
         self._logged: set[int] | None = None   # pages written through here while logging (migration)
 
     @property
@@ -133,7 +133,7 @@ class GuestMemory:
             if 0 <= offset and offset + length <= region.size:
                 region.host[offset : offset + length] = data
                 if self._written is not None:
-                    self._written(region.address + offset, length)
+                    self._written(((region.address + offset, length),))
                 self._log(gpa, length)
                 return
         data = bytes(data)
@@ -141,23 +141,35 @@ class GuestMemory:
         done = 0
         for region, offset, n in pieces:
             region.host[offset : offset + n] = data[done : done + n]
-            if self._written is not None:
-                self._written(region.address + offset, n)
             done += n
+        if self._written is not None:
+            self._written([(region.address + offset, n) for region, offset, n in pieces])
         self._log(gpa, length)
 
     def wrote(self, gpa: int, length: int) -> None:
         """[gpa, gpa+length), inside one region, was written through a ``view`` (a DMA straight
         into guest RAM, as a disk read's preadv): tell the backend and the write log what
         ``write`` tells them (the simulator's engines drop code translated from those bytes)."""
-        for region in self._regions:
-            offset = gpa - region.gpa
-            if 0 <= offset and 0 <= length and offset + length <= region.size:
-                if self._written is not None:
-                    self._written(region.address + offset, length)
+        self.wrote_ranges(((gpa, length),))
+
+    def wrote_ranges(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """``wrote`` for several (gpa, length) ranges, each inside one region: a scattered
+        DMA told in one call.  Each range is checked before any is reported."""
+        regions = self._regions
+        host: list[tuple[int, int]] = []
+        for gpa, length in ranges:
+            for region in regions:
+                offset = gpa - region.gpa
+                if 0 <= offset and 0 <= length and offset + length <= region.size:
+                    host.append((region.address + offset, length))
+                    break
+            else:
+                raise GuestMemoryError(f"GPA range {gpa:#x}+{length:#x} is not inside one region")
+        if self._written is not None:
+            self._written(host)
+        if self._logged is not None:
+            for gpa, length in ranges:
                 self._log(gpa, length)
-                return
-        raise GuestMemoryError(f"GPA range {gpa:#x}+{length:#x} is not inside one region")
 
     def read_u64(self, gpa: int) -> int:
         return int.from_bytes(self.read(gpa, 8), "little")

@@ -72,7 +72,7 @@ class Partition(FdOwner):
         self.profile: AbiProfile = mshv.profile
         self._handle = FdHandle(self.backend, fd, "partition")
         self.config = config
-        self.memory = GuestMemory(written=lambda address, length: self.backend.host_wrote(self.fd, address, length))
+        self.memory = GuestMemory(written=lambda ranges: self.backend.host_wrote(self.fd, ranges))
         self.vps: dict[int, Vp] = {}
         self.initialized = False
         self._target = HvTarget(self._handle, self.profile)

@@ -77,6 +77,7 @@ class SynicHost:
         # Guards the two port tables and the outgoing queues; taken after the VMBus server's lock,
         # before the partition's.  Not reentrant: a handler is called after it is released.
         self._lock = threading.Lock()
+        self._signals: dict[tuple[int, int, int], calls.EventSignal] = {}   # built on first use, kept
         self.rejected = 0
 
     # ---- ports
@@ -235,7 +236,11 @@ class SynicHost:
                 self._flush_locked(vp_index, sint)
 
     def signal_event(self, vp_index: int, sint: int, flag: int) -> None:
+        key = (vp_index, sint, flag)
         try:
-            calls.signal_event_direct(self.target, vp_index, sint, flag)
+            signal = self._signals.get(key)
+            if signal is None:
+                signal = self._signals[key] = calls.EventSignal(self.target, vp_index, sint, flag)
+            signal.signal()
         except HvError as exc:
             log.warning("cannot signal VP %d SINT %d flag %d: %s", vp_index, sint, flag, exc)

@@ -16,6 +16,7 @@ import functools
 import mmap
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -540,11 +541,11 @@ class SimBackend:
                 "blocks_redone": float(sum(e.blocks_redone[0] for e in engines)),
                 "blocks_redone_alone": float(sum(e.blocks_redone[1] for e in engines))}
 
-    def host_wrote(self, partition_fd: int, address: int, length: int) -> None:
+    def host_wrote(self, partition_fd: int, ranges: Sequence[tuple[int, int]]) -> None:
         """Every VP drops its translations of code in the bytes the host wrote."""
         entry = self._fds.get(partition_fd)
         if entry is not None and entry.partition is not None:
-            entry.partition.engines.code_written(address, length)
+            entry.partition.engines.code_written(ranges)
 
     def kick(self, vp_fd: int, thread_id: int = 0) -> None:
         """What a signal to the thread in MSHV_RUN_VP does on the real driver."""

@@ -68,6 +68,18 @@ class HvResult:
     reps: int = 0
 
 
+def _signal_outputs() -> tuple[bytes, bytes]:
+    """HvSignalEventDirect's two possible outputs: not newly signalled, newly signalled."""
+    out = ffi.new("struct hv_output_signal_event_direct *")
+    outputs = []
+    for newly in (0, 1):
+        out.newly_signaled = newly
+        outputs.append(bytes(ffi.buffer(out)))
+    return outputs[0], outputs[1]
+
+
+_SIGNALLED = _signal_outputs()
+
 # CPUID: the Hyper-V interface the guest sees ("Microsoft Hv").
 _HV_VENDOR = b"Microsoft Hv"
 _HV_INTERFACE = int.from_bytes(b"Hv#1", "little")
@@ -431,8 +443,11 @@ class SimPartition:
             return handler(self, data, reps, rep_start)
 
     def _input(self, ctype: str, data: bytes) -> Any:
-        need = ffi.sizeof(ctype)
-        buf = ffi.new("char[]", max(need, len(data)))
+        """The input as ``ctype`` (zeros past a short input): read where it lies when whole."""
+        if len(data) >= ffi.sizeof(ctype):
+            view = ffi.from_buffer(f"{ctype} *", data)
+            return view, view
+        buf = ffi.new("char[]", ffi.sizeof(ctype))
         ffi.memmove(buf, data, len(data))
         return ffi.cast(f"{ctype} *", buf), buf
 
@@ -656,9 +671,7 @@ class SimPartition:
         if inp.target_sint >= 16:
             return HvResult(int(lib.HV_STATUS_INVALID_PARAMETER))
         status, newly = vp.signal_event(int(inp.target_sint), int(inp.flag_number))
-        out = ffi.new("struct hv_output_signal_event_direct *")
-        out.newly_signaled = int(newly)
-        return HvResult(status, bytes(ffi.buffer(out)))
+        return HvResult(status, _SIGNALLED[newly])
 
     def _read_gpa(self, data: bytes, reps: int, start: int) -> HvResult:
         inp, _k = self._input("struct hv_input_read_gpa", data)

@@ -11,6 +11,8 @@ import ctypes
 import threading
 from dataclasses import dataclass, field
 
+from mshvstack.abi import ffi, lib
+
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 
@@ -131,6 +133,18 @@ class GpaMap:
             first, last = offset >> PAGE_SHIFT, (offset + n - 1) >> PAGE_SHIFT
             for page in range(first, last + 1):
                 region.access[page] |= 0b11
+
+    def fetch_or(self, gpa: int, mask: int) -> int:
+        """Set ``mask``'s bits in the byte at ``gpa`` with one locked instruction (the guest
+        clears bits there with its own): the byte as it was.  GpaUnmapped outside RAM."""
+        for region in self._regions:
+            offset = gpa - region.gpa
+            if 0 <= offset < region.size:
+                with ffi.from_buffer(region.view) as host:   # the view stays exported until done
+                    old = int(lib.mshvstack_fetch_or_u8(host + offset, mask))
+                region.access[offset >> PAGE_SHIFT] |= 0b11
+                return old
+        raise GpaUnmapped(gpa, True)
 
     def read_u64(self, gpa: int) -> int:
         return int.from_bytes(self.read(gpa, 8), "little")

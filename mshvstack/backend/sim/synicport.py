@@ -48,7 +48,7 @@ class SynicPort:
         self.memory = memory
         self._interrupt = interrupt
         self._deliverable = deliverable
-        self._lock = threading.Lock()   # host writers of the SIMP slots, SIEF flags, deliverability (then the GPA map's)
+        self._lock = threading.Lock()   # host writers of the SIMP slots and deliverability (then the GPA map's)
 
     def post_message(self, sint: int, message: bytes) -> int:
         """HvPostMessageDirect: write into the SIMP slot or report it busy.
@@ -81,15 +81,11 @@ class SynicPort:
         vector = self.synic.vector(sint)
         if base is None or vector is None or flag >= lib.HV_EVENT_FLAGS_COUNT:
             return int(lib.HV_STATUS_INVALID_VP_STATE if flag < lib.HV_EVENT_FLAGS_COUNT else lib.HV_STATUS_INVALID_PARAMETER), False
-        memory = self.memory
-        with self._lock:   # the guest only clears flags: a set bit is never lost, at worst seen twice
-            try:
-                byte = memory.read(base + flag // 8, 1)[0]
-                newly = not byte & (1 << (flag % 8))
-                if newly:
-                    memory.write(base + flag // 8, bytes([byte | 1 << (flag % 8)]))
-            except GpaUnmapped:
-                return int(lib.HV_STATUS_INVALID_VP_STATE), False   # a SIEFP outside RAM
+        bit = 1 << (flag % 8)
+        try:   # a locked OR: the guest clears flags with locked instructions at the same time
+            newly = not self.memory.fetch_or(base + flag // 8, bit) & bit
+        except GpaUnmapped:
+            return int(lib.HV_STATUS_INVALID_VP_STATE), False   # a SIEFP outside RAM
         if newly:
             self._interrupt(vector)
         return int(lib.HV_STATUS_SUCCESS), newly

@@ -204,8 +204,7 @@ class Storage:
                 try:
                     result = self.disk.read_into(extent.offset, [view for _gpa, view in pieces])
                 finally:   # even after a failed read: bytes may have landed
-                    for gpa, view in pieces:
-                        memory.wrote(gpa, len(view))   # the engines and the dirty log hear of the DMA
+                    memory.wrote_ranges([(gpa, len(view)) for gpa, view in pieces])   # the engines and the dirty log hear of the DMA
             else:
                 result = self.disk.write_from(extent.offset, [view for _gpa, view in pieces], extent.fua)
         except VmbusProtocolError as exc:

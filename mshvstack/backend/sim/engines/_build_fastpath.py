@@ -59,7 +59,7 @@ struct mshvstack_library {
 };
 void mshvstack_world_init(struct mshvstack_world *w);
 void mshvstack_world_destroy(struct mshvstack_world *w);
-void mshvstack_world_code_written(struct mshvstack_world *w, uint64_t host, uint64_t length);
+void mshvstack_world_code_written(struct mshvstack_world *w, const uint64_t *ranges, size_t count);
 int mshvstack_parallel_install(const struct mshvstack_library *lib);
 int mshvstack_parallel_attach(struct mshvstack_cpu *c, struct mshvstack_world *w, const struct mshvstack_library *lib);
 int mshvstack_parallel_ready(struct mshvstack_cpu *c);

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import capstone
@@ -252,10 +252,12 @@ class EngineGroup:
         self.world = core_ffi.new("struct mshvstack_world *")
         core.mshvstack_world_init(self.world)
 
-    def code_written(self, host_address: int, length: int) -> None:
-        """The host wrote guest RAM: each engine drops its translations of code there
-        at its next block boundary (at once when running, else before it runs)."""
-        core.mshvstack_world_code_written(self.world, host_address, length)
+    def code_written(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """The host wrote guest RAM at these (host address, length) ranges: each engine
+        drops its translations of code there at its next block boundary (at once when
+        running, else before it runs)."""
+        flat = core_ffi.new("uint64_t[]", [value for pair in ranges for value in pair])
+        core.mshvstack_world_code_written(self.world, flat, len(ranges))
 
     def __del__(self) -> None:   # engines hold a reference: none is attached any more
         core.mshvstack_world_destroy(self.world)

@@ -615,13 +615,19 @@ static int any_code(const struct mshvstack_world *w, uint64_t host, uint64_t len
     return 0;
 }
 
-/* The host wrote guest memory (the VMM, device DMA): every engine drops what it translated there. */
-void mshvstack_world_code_written(struct mshvstack_world *w, uint64_t host, uint64_t length)
+/* The host wrote guest memory (the VMM, device DMA): every engine drops what it translated there.
+ * `ranges` holds `count` (host address, length) pairs: a scattered DMA is one call. */
+void mshvstack_world_code_written(struct mshvstack_world *w, const uint64_t *ranges, size_t count)
 {
-    if (!length || !any_code(w, host, length))
-        return;
+    size_t first = 0;
+    while (first < count && (!ranges[2 * first + 1] || !any_code(w, ranges[2 * first], ranges[2 * first + 1])))
+        first++;
+    if (first == count)
+        return;   /* no code in any of them: the usual DMA */
     pthread_mutex_lock(&w->lock);
-    send_write_locked(w, NULL, host, length);
+    for (size_t i = first; i < count; i++)
+        if (ranges[2 * i + 1])
+            send_write_locked(w, NULL, ranges[2 * i], ranges[2 * i + 1]);
     pthread_mutex_unlock(&w->lock);
 }
 
