@@ -17,6 +17,7 @@ setup(
         "mshvstack/abi/_build.py:ffibuilder",
         "mshvstack/backend/sim/engines/_build_fastpath.py:ffibuilder",
         "mshvstack/vmbus/_build_ringcore.py:ffibuilder",
+        "mshvstack/partition/_build_dma.py:ffibuilder",
     ],
     install_requires=[
         "cffi>=1.16",

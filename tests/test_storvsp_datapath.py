@@ -48,7 +48,8 @@ class FakeChannel:
 def _memory(written: list[tuple[int, int]] | None = None) -> GuestMemory:
     memory = GuestMemory(written=None if written is None else written.extend)
     for first, pages in REGIONS:
-        memory._add(MemoryRegion(first * PAGE, pages * PAGE, True, True, mmap.mmap(-1, pages * PAGE)))
+        # (the host address reported for a region's bytes: its GPA, so reports read as GPAs)
+        memory._add(MemoryRegion(first * PAGE, pages * PAGE, True, True, mmap.mmap(-1, pages * PAGE), address=first * PAGE))
     return memory
 
 
@@ -168,20 +169,90 @@ def test_fua_writes_are_durable_before_good_and_plain_ones_are_not_synced(setup,
     assert synced == [storage.disk.fd] and _reply(channel).vm_srb.srb_status == lib.SRB_STATUS_SUCCESS
 
 
-def test_host_io_errors_are_medium_errors_not_crashes(setup, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+ONE_REGION, TWO_REGIONS = [10, 11], [63, 96]   # a buffer moved in one call, and one moved through views
+
+
+@pytest.mark.parametrize("pfns", [ONE_REGION, TWO_REGIONS])
+def test_host_io_errors_are_medium_errors_not_crashes(setup, monkeypatch, tmp_path: Path, pfns: list[int]) -> None:  # type: ignore[no-untyped-def]
     storage, channel, _memory_, _image, written = setup
 
     def fail(*_args: object) -> int:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr("mshvstack.vmbus.providers.scsi.os.preadv", fail)
+    monkeypatch.setattr("mshvstack.vmbus.providers.scsi.os.preadv", fail)   # the view path's calls
     monkeypatch.setattr("mshvstack.vmbus.providers.scsi.os.pwritev", fail)
-    for cdb, data_in, asc in ((_read10(0, 8), 1, ASC_READ_ERROR), (_write10(0, 8), 0, ASC_WRITE_ERROR)):
-        storage.on_packet(channel, _srb(cdb, PAGE, data_in, [10]))
-        reply = _reply(channel)
-        assert reply.vm_srb.scsi_status == 2 and reply.vm_srb.data_transfer_length == 0
-        assert (reply.vm_srb.sense_data[2], reply.vm_srb.sense_data[12]) == (MEDIUM_ERROR, asc)
+    refusing = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)   # the one-call path's: reads EISDIR, writes EBADF
+    monkeypatch.setattr(storage.disk, "fd", refusing)
+    try:
+        for cdb, data_in, asc in ((_read10(0, 16), 1, ASC_READ_ERROR), (_write10(0, 16), 0, ASC_WRITE_ERROR)):
+            storage.on_packet(channel, _srb(cdb, 2 * PAGE, data_in, pfns))
+            reply = _reply(channel)
+            assert reply.vm_srb.scsi_status == 2 and reply.vm_srb.data_transfer_length == 0
+            assert (reply.vm_srb.sense_data[2], reply.vm_srb.sense_data[12]) == (MEDIUM_ERROR, asc)
+    finally:
+        os.close(refusing)
     assert written   # the failed read's pages were reported anyway: bytes may have landed
+
+
+def test_a_read_past_the_end_of_a_shrunk_image_gives_zeros(setup) -> None:  # type: ignore[no-untyped-def]
+    storage, channel, memory, image, written = setup
+    memory.write(10 * PAGE, b"\xee" * 2 * PAGE)
+    os.truncate(image, PAGE + 512)   # shrank under the guest: the second page is past the end
+    written.clear()
+    storage.on_packet(channel, _srb(_read10(0, 16), 2 * PAGE, 1, [10, 11]))
+    assert _reply(channel).vm_srb.srb_status == lib.SRB_STATUS_SUCCESS
+    assert memory.read(10 * PAGE, 2 * PAGE) == image.read_bytes() + bytes(PAGE - 512)
+    assert written == [(10 * PAGE, 2 * PAGE)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(pfns=st.lists(st.integers(0, 160), min_size=1, max_size=20), offset=st.integers(0, 4095), length=st.integers(0, 20 * PAGE),
+       file_offset=st.integers(0, 3 * PAGE), to_file=st.booleans())
+def test_file_io_moves_exactly_the_named_bytes_or_refuses(tmp_path_factory: Any, pfns: list[int], offset: int, length: int,
+                                                          file_offset: int, to_file: bool) -> None:
+    """GuestMemory.file_io against a byte-by-byte reference.  A read: the bytes land in the
+    named frames and nowhere else (zeros past the file's end), every changed byte reported.
+    A write: the file gets the named frames' bytes in order and guest RAM stays as it was.
+    A buffer outside one region moves nothing."""
+    source = tmp_path_factory.mktemp("dma") / "image"
+    source.write_bytes(os.urandom(8 * PAGE))
+    image_before = source.read_bytes()
+    written: list[tuple[int, int]] = []
+    memory = _memory(written)
+    for region in memory.regions:
+        region.host[:] = os.urandom(region.size)
+    before = [bytes(region.host) for region in memory.regions]
+    pages = (offset + length + PAGE - 1) // PAGE
+    fd = os.open(source, os.O_RDWR)
+    try:
+        if length and len(pfns) < pages:
+            with pytest.raises(GuestMemoryError):
+                memory.file_io(fd, file_offset, pfns, offset, length, to_file)
+            return
+        moved = memory.file_io(fd, file_offset, pfns, offset, length, to_file)
+    finally:
+        os.close(fd)
+    after = [bytes(region.host) for region in memory.regions]
+    frames = pfns[:pages]
+    inside = not length or any(first <= min(frames) and max(frames) < first + count for first, count in REGIONS)
+    assert moved == inside
+    if not moved or to_file:
+        assert after == before and not written
+    if not moved:
+        assert source.read_bytes() == image_before
+        return
+    buffer = [frames[(offset + i) // PAGE] * PAGE + (offset + i) % PAGE for i in range(length)]   # the GPA of each byte
+    if to_file:
+        guest = b"".join(memory.read(gpa, 1) for gpa in buffer)
+        image = image_before.ljust(file_offset, b"\0")
+        assert source.read_bytes() == image[:file_offset] + guest + image[file_offset + length :]
+        return
+    data = image_before[file_offset : file_offset + length].ljust(length, b"\0")
+    expected = dict(zip(buffer, data))   # a frame named twice: the later bytes win, as they land later
+    for region, old, new in zip(memory.regions, before, after):
+        for at in range(region.size):
+            assert new[at] == expected.get(region.gpa + at, old[at]), f"GPA {region.gpa + at:#x}"
+    assert {address + k for address, n in written for k in range(n)} == set(expected)
 
 
 def test_a_read_shorter_than_its_command_fills_the_buffer_only(setup) -> None:  # type: ignore[no-untyped-def]
@@ -259,5 +330,5 @@ def test_short_transfers_are_finished_and_a_stuck_one_is_an_error(setup, monkeyp
     assert _reply(channel).vm_srb.srb_status == lib.SRB_STATUS_SUCCESS
     assert b"".join(memory.read(pfn * PAGE, PAGE) for pfn in SCATTERED) == expected
     monkeypatch.setattr("mshvstack.vmbus.providers.scsi.os.pwritev", lambda fd, buffers, offset: 0)
-    storage.on_packet(channel, _srb(_write10(0, 8), PAGE, 0, [10]))
+    storage.on_packet(channel, _srb(_write10(0, 16), 2 * PAGE, 0, TWO_REGIONS))
     assert _reply(channel).vm_srb.sense_data[2] == MEDIUM_ERROR

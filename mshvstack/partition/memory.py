@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from mshvstack.errors import MshvError
+from mshvstack.partition._dma import ffi as _dma_ffi
+from mshvstack.partition._dma import lib as _dma
 
 PAGE = 4096
 
@@ -170,6 +172,49 @@ class GuestMemory:
         if self._logged is not None:
             for gpa, length in ranges:
                 self._log(gpa, length)
+
+    def file_io(self, fd: int, file_offset: int, pfns: Sequence[int], first_offset: int, length: int,
+                to_file: bool) -> bool:
+        """A device's DMA between a file and a guest buffer named by frame numbers (the
+        transfer ``first_offset`` bytes into ``pfns[0]``), with no copy in between: the
+        pages read from the file (zeros past its end) or written to it, in one call.
+
+        False when the frames do not all lie in one region (nothing moved: the caller
+        takes the view path); GuestMemoryError when there are too few frames for
+        ``length``; OSError when the file refuses.  Whatever landed in guest RAM is
+        reported as ``wrote`` reports it, also after a failed read."""
+        if not length:
+            return True
+        if not 0 <= first_offset < PAGE:
+            raise GuestMemoryError(f"buffer offset {first_offset:#x} is not inside its first page")
+        pages = (first_offset + length + PAGE - 1) // PAGE
+        if len(pfns) < pages:
+            raise GuestMemoryError(f"{len(pfns)} frames for a {length}-byte transfer at offset {first_offset:#x}")
+        frames = pfns[:pages]
+        lowest, highest = min(frames) * PAGE, (max(frames) + 1) * PAGE
+        region = next((r for r in self._regions if r.gpa <= lowest and highest <= r.end), None)
+        if region is None:
+            return False
+        iov = _dma_ffi.new("struct iovec[]", pages)
+        counts = _dma_ffi.new("uint32_t *")
+        error = _dma_ffi.new("int *")
+        with _dma_ffi.from_buffer(region.host, require_writable=not to_file) as host:   # held for the call
+            base = int(_dma_ffi.cast("uintptr_t", host))
+            status = _dma.dma_file(fd, int(to_file), file_offset, length, host, region.size, region.gpa // PAGE,
+                                   _dma_ffi.new("uint64_t[]", frames), pages, first_offset, iov, counts, error)
+        if status == _dma.DMA_OUTSIDE:   # (the frames were checked above: a host bug)
+            raise GuestMemoryError("DMA frames outside the region that holds them")
+        if not to_file and counts[0]:
+            flat = _dma_ffi.unpack(_dma_ffi.cast("uint64_t *", iov), 2 * counts[0])   # (address, length) pairs
+            offsets = list(zip([address - base for address in flat[0::2]], flat[1::2]))
+            if self._written is not None:
+                self._written([(region.address + offset, size) for offset, size in offsets])
+            if self._logged is not None:
+                for offset, size in offsets:
+                    self._log(region.gpa + offset, size)
+        if status == _dma.DMA_IO_ERROR:
+            raise OSError(error[0], "guest DMA: the file refused")
+        return True
 
     def read_u64(self, gpa: int) -> int:
         return int.from_bytes(self.read(gpa, 8), "little")

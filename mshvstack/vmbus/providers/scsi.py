@@ -12,9 +12,12 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from mshvstack.errors import MshvError
+
+if TYPE_CHECKING:
+    from mshvstack.partition.memory import GuestMemory
 
 BLOCK = 512
 GOOD, CHECK_CONDITION = 0x00, 0x02
@@ -127,6 +130,24 @@ class DiskImage:
         if lba + count > self.blocks or count * BLOCK > MAX_TRANSFER:
             return _check(ILLEGAL_REQUEST, ASC_LBA_OUT_OF_RANGE)
         return Extent(lba * BLOCK, count * BLOCK, bool(cdb[1] & FUA))
+
+    def dma(self, memory: GuestMemory, offset: int, pfns: Sequence[int], first_offset: int, length: int,
+            to_disk: bool, fua: bool = False) -> ScsiResult | None:
+        """Move ``length`` bytes between the image at ``offset`` and the guest buffer
+        ``first_offset`` bytes into frame ``pfns[0]``, in one call with no copy in between
+        (``GuestMemory.file_io``); None when the frames are not all in one region (nothing
+        moved: use ``read_into``/``write_from`` over views).  A write is durable before GOOD
+        with ``fua``."""
+        if to_disk and self.read_only:
+            return _check(DATA_PROTECT, ASC_WRITE_PROTECTED)
+        try:
+            if not memory.file_io(self.fd, offset, pfns, first_offset, length, to_file=to_disk):
+                return None
+            if to_disk and fua:
+                os.fdatasync(self.fd)
+        except OSError:
+            return _check(MEDIUM_ERROR, ASC_WRITE_ERROR if to_disk else ASC_READ_ERROR)
+        return ScsiResult(GOOD)
 
     def read_into(self, offset: int, buffers: Sequence[memoryview]) -> ScsiResult:
         """Fill ``buffers`` (writable, in order) from the image at ``offset``, with no copy in

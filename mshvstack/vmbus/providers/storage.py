@@ -38,6 +38,7 @@ from mshvstack.vmbus.providers.scsi import (
     REPORT_LUNS,
     WRITE_OPCODES,
     DiskImage,
+    Extent,
     ScsiResult,
     absent_lun,
     sense,
@@ -197,16 +198,8 @@ class Storage:
         moved = min(length, extent.length) if data_in else extent.length
         if not data_in and length < extent.length:
             return self._failed(address, ScsiResult(CHECK_CONDITION, b"", sense(ILLEGAL_REQUEST, ASC_INVALID_FIELD)))
-        memory = channel.memory
         try:
-            pieces = self._buffer(channel, packet, length, moved) if moved else []
-            if data_in:
-                try:
-                    result = self.disk.read_into(extent.offset, [view for _gpa, view in pieces])
-                finally:   # even after a failed read: bytes may have landed
-                    memory.wrote_ranges([(gpa, len(view)) for gpa, view in pieces])   # the engines and the dirty log hear of the DMA
-            else:
-                result = self.disk.write_from(extent.offset, [view for _gpa, view in pieces], extent.fua)
+            result = self._move(channel, packet, extent, length, moved, data_in) if moved else ScsiResult(GOOD)
         except VmbusProtocolError as exc:
             return self._refused(address, exc)
         except GuestMemoryError as exc:   # the RAM went away under the request (an unmap meanwhile)
@@ -214,6 +207,31 @@ class Storage:
         if not result.ok:
             return self._failed(address, result)
         return _srb_reply(address, SUCCESS_STATUS, lib.SRB_STATUS_SUCCESS, GOOD, moved)
+
+    def _move(self, channel: Channel, packet: Packet, extent: Extent, length: int, moved: int, data_in: bool) -> ScsiResult:
+        """The data of a READ or WRITE: through one view for one page, in one call where the
+        pages lie in one region (the usual case), else through views of each region's part."""
+        memory = channel.memory
+        pfns, first_offset = self._frames(channel, packet, length, moved)
+        if len(pfns) == 1:   # one page (a 4 KiB request): one view costs less than setting up the call
+            gpa = pfns[0] * PAGE + first_offset
+            view = memory.view(gpa, moved)
+            if not data_in:
+                return self.disk.write_from(extent.offset, [view], extent.fua)
+            try:
+                return self.disk.read_into(extent.offset, [view])
+            finally:
+                memory.wrote(gpa, moved)
+        direct = self.disk.dma(memory, extent.offset, pfns, first_offset, moved, not data_in, extent.fua)
+        if direct is not None:
+            return direct
+        pieces = self._buffer(channel, packet, length, moved)
+        if not data_in:
+            return self.disk.write_from(extent.offset, [view for _gpa, view in pieces], extent.fua)
+        try:
+            return self.disk.read_into(extent.offset, [view for _gpa, view in pieces])
+        finally:   # even after a failed read: bytes may have landed
+            memory.wrote_ranges([(gpa, len(view)) for gpa, view in pieces])   # the engines and the dirty log hear of the DMA
 
     def _generic(self, channel: Channel, packet: Packet, address: tuple[int, int, int, int], cdb: bytes,
                  length: int, direction: int, present: bool) -> bytes:
@@ -253,27 +271,11 @@ class Storage:
         page checked against RAM and against the channel's own rings (DMA there would
         rewrite the ring indices).  Views, not ``GuestMemory.write``: whoever writes through
         them calls ``GuestMemory.wrote``."""
-        if packet.type != GPA_DIRECT or len(packet.ranges) != 1:
-            raise VmbusProtocolError("data transfer without exactly one GPA-direct range")
-        gpa_range = packet.ranges[0]
-        if length > gpa_range.byte_count or length > MAX_TRANSFER_BYTES:
-            raise VmbusProtocolError(f"transfer of {length} bytes exceeds the {gpa_range.byte_count}-byte buffer")
-        offset = gpa_range.byte_offset
-        pages = (offset + moved + PAGE - 1) // PAGE
-        pfns = gpa_range.pfns[:pages]
-        if len(pfns) < pages:
-            raise VmbusProtocolError("GPA range shorter than the transfer")
-        if not channel.ring_pages.isdisjoint(pfns):
-            ring_pfn = next(pfn for pfn in pfns if pfn in channel.ring_pages)
-            raise VmbusProtocolError(f"buffer page {ring_pfn:#x} is one of the channel's ring pages")
+        pfns, offset = self._frames(channel, packet, length, moved)
+        pages = len(pfns)
         if not moved:
             return []
         memory_regions = channel.memory.regions
-        if pages == 1:   # the common small request: one piece, in the region that holds it
-            gpa = pfns[0] * PAGE + offset
-            for region in memory_regions:
-                if region.gpa <= gpa and gpa + moved <= region.end:
-                    return [(gpa, memoryview(region.host)[gpa - region.gpa : gpa - region.gpa + moved])]
         # Runs of consecutive page numbers, each one piece: whole pages, then the first one starts
         # at the range's offset and the last one ends with the transfer.
         starts = [0, *[i for i in range(1, pages) if pfns[i] != pfns[i - 1] + 1]]
@@ -283,11 +285,6 @@ class Storage:
         runs[-1][1] -= pages * PAGE - (offset + moved)
         # Every check before any view exists (an exception's frames would keep the views, and the RAM, pinned).
         spans: list[tuple[int, int, int]] = []   # (gpa, size, region index): a run split where regions meet
-        lowest, highest = min(pfns) * PAGE, (max(pfns) + 1) * PAGE
-        whole = next((i for i, r in enumerate(memory_regions) if r.gpa <= lowest and highest <= r.end), None)
-        if whole is not None:   # the common case: every page in one region
-            host, base = memoryview(memory_regions[whole].host), memory_regions[whole].gpa
-            return [(gpa, host[gpa - base : gpa - base + size]) for gpa, size in runs]
         for gpa, size in runs:
             while size:
                 where = next((i for i, r in enumerate(memory_regions) if r.gpa <= gpa < r.end), None)
@@ -298,6 +295,28 @@ class Storage:
                 gpa, size = gpa + n, size - n
         hosts = [(memoryview(region.host), region.gpa) for region in memory_regions]
         return [(gpa, hosts[index][0][gpa - hosts[index][1] : gpa - hosts[index][1] + n]) for gpa, n, index in spans]
+
+    @staticmethod
+    def _frames(channel: Channel, packet: Packet, length: int, moved: int) -> tuple[tuple[int, ...], int]:
+        """The frames of the first ``moved`` bytes of the guest's ``length``-byte buffer and the
+        offset into the first; the buffer checked against the packet's one GPA-direct range and
+        against the channel's own rings (DMA there would rewrite the ring indices)."""
+        if packet.type != GPA_DIRECT or len(packet.ranges) != 1:
+            raise VmbusProtocolError("data transfer without exactly one GPA-direct range")
+        gpa_range = packet.ranges[0]
+        if length > gpa_range.byte_count or length > MAX_TRANSFER_BYTES:
+            raise VmbusProtocolError(f"transfer of {length} bytes exceeds the {gpa_range.byte_count}-byte buffer")
+        offset = gpa_range.byte_offset
+        if offset >= PAGE:
+            raise VmbusProtocolError(f"GPA range offset {offset:#x} lies past its first page")
+        pages = (offset + moved + PAGE - 1) // PAGE
+        pfns = tuple(gpa_range.pfns[:pages])
+        if len(pfns) < pages:
+            raise VmbusProtocolError("GPA range shorter than the transfer")
+        if not channel.ring_pages.isdisjoint(pfns):
+            ring_pfn = next(pfn for pfn in pfns if pfn in channel.ring_pages)
+            raise VmbusProtocolError(f"buffer page {ring_pfn:#x} is one of the channel's ring pages")
+        return pfns, offset
 
     @staticmethod
     def _scatter(memory: GuestMemory, pieces: list[tuple[int, memoryview]], data: bytes) -> int:
