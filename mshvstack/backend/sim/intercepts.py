@@ -20,6 +20,9 @@ _STRING_IO = frozenset({0x6C, 0x6D, 0x6E, 0x6F})
 _OUT = frozenset({0xE6, 0xE7, 0xEE, 0xEF, 0x6E, 0x6F})
 _BYTE_IO = frozenset({0xE4, 0xE6, 0xEC, 0xEE, 0x6C, 0x6E})
 _IMMEDIATE_PORT = frozenset({0xE4, 0xE5, 0xE6, 0xE7})
+# The registers a hypercall intercept carries: (message field, register name).
+_HYPERCALL_REGISTERS = tuple((attr, int(getattr(lib, f"HV_X64_REGISTER_{attr.upper()}")))
+                             for attr in ("rax", "rbx", "rcx", "rdx", "r8", "rsi", "rdi"))
 _EXCEPTION_GPRS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi") + tuple(f"r{i}" for i in range(8, 16))
 
 
@@ -85,8 +88,8 @@ def special(cpu: InterceptedCpu, insn: Instruction, cpuid: tuple[int, int, int, 
         return to_bytes(msg)
     msg, payload = new_message(lib.HVMSG_HYPERCALL_INTERCEPT, "struct hv_x64_hypercall_intercept_message")
     fill_header(cpu, payload.header, insn.length, lib.HV_INTERCEPT_ACCESS_EXECUTE)
-    for attr in ("rax", "rbx", "rcx", "rdx", "r8", "rsi", "rdi"):
-        setattr(payload, attr, cpu.reg(getattr(lib, f"HV_X64_REGISTER_{attr.upper()}")))
+    for attr, register in _HYPERCALL_REGISTERS:
+        setattr(payload, attr, cpu.reg(register))
     return to_bytes(msg)
 
 

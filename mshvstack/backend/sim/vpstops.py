@@ -51,8 +51,10 @@ class VpStops:
         vp = self.vp
         if insn.kind is Special.HLT:
             vp.set_reg(R.HV_X64_REGISTER_RIP, insn.rip + insn.length)
-        leaf, subleaf = vp.reg(R.HV_X64_REGISTER_RAX) & 0xFFFFFFFF, vp.reg(R.HV_X64_REGISTER_RCX) & 0xFFFFFFFF
-        cpuid = vp.partition.cpuid(vp.index, leaf, subleaf) if insn.kind is Special.CPUID else (0, 0, 0, 0)
+        cpuid = (0, 0, 0, 0)
+        if insn.kind is Special.CPUID:
+            leaf, subleaf = vp.reg(R.HV_X64_REGISTER_RAX) & 0xFFFFFFFF, vp.reg(R.HV_X64_REGISTER_RCX) & 0xFFFFFFFF
+            cpuid = vp.partition.cpuid(vp.index, leaf, subleaf)
         return intercepts.special(vp, insn, cpuid)
 
     def on_special(self, insn: Instruction) -> int | None:
