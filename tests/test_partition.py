@@ -419,6 +419,72 @@ def test_a_32_bit_guests_hypercall_uses_the_32_bit_convention(tmp_path: Path) ->
             assert (rax & 0xFFFFFFFF, rdx & 0xFFFFFFFF) == expected
 
 
+def test_the_cores_hypercall_intercept_is_the_python_encoders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 64-bit HvSignalEvent or HvPostMessage under the hypercall intercept is written by the
+    engine's core (no Python at the instruction); the message must be the one the Python
+    encoder writes for the same state, field for field, and a code the hypervisor answers
+    itself must still reach the Python half."""
+    from mshvstack.backend.sim.engines.unicorn import UnicornEngine
+    from mshvstack.partition import Halt, HypercallIntercept
+    from mshvstack.vmm.loader.x86boot import long_mode
+
+    from guests import assemble
+
+    source = """
+    mov $0x1111222233334444, %rax
+    mov $0x5555666677778888, %rbx
+    mov $0x0123456789abcdef, %rdx
+    mov $0x7777, %r8
+    mov $0x9999, %rsi
+    mov $0xaaaa, %rdi
+    mov $0x1005d, %rcx   /* HvSignalEvent, fast */
+    vmcall
+    mov $0x5c, %ecx      /* HvPostMessage, slow: RDX its input GPA */
+    mov $0x3000, %edx
+    stc
+    vmcall
+    mov $0x2, %ecx       /* not a SynIC call: the hypervisor answers it */
+    vmcall
+    hlt
+    """
+    image, _ = assemble(source, tmp_path, origin=0x200000)
+
+    def run() -> tuple[list[object], int]:
+        asked = 0
+        original = UnicornEngine._on_special_code
+
+        def counted(engine: UnicornEngine, address: int) -> int:
+            nonlocal asked
+            asked += 1
+            return original(engine, address)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(UnicornEngine, "_on_special_code", counted)
+            with Mshv.open("sim") as mshv, mshv.create_partition() as part:
+                part.initialize()
+                part.map_memory(0, 4 << 20)
+                part.memory.write(0x200000, image)
+                part.install_intercept(lib.HV_INTERCEPT_TYPE_HYPERCALL)
+                vp = part.create_vp(0)
+                boot = long_mode(part.memory, 0x200000, stack=0x80000)
+                vp.sregs, vp.regs = boot.sregs, boot.regs
+                exits: list[object] = []
+                while not isinstance(exit_ := vp.run(), Halt):
+                    assert isinstance(exit_, HypercallIntercept) and exit_.long_mode
+                    exits.append(exit_)
+                    vp.set_registers({**exit_.result_registers(0), HvRegister.RIP: exit_.header.next_rip})
+                exits.append(vp.get_registers([HvRegister.RAX])[0])   # the third call's answer
+        return exits, asked
+
+    by_core, asked_core = run()
+    monkeypatch.setattr(UnicornEngine, "intercept_hypercalls", lambda engine, on: None)   # the Python half encodes
+    by_python, asked_python = run()
+    assert [e.call_code for e in by_core[:2]] == [lib.HVCALL_SIGNAL_EVENT, lib.HVCALL_POST_MESSAGE]  # type: ignore[attr-defined]
+    assert by_core == by_python
+    assert by_core[-1] == lib.HV_STATUS_INVALID_HYPERCALL_CODE
+    assert (asked_core, asked_python) == (2, 4)   # the core asked Python only for the call it does not intercept (and the HLT)
+
+
 def test_a_vmm_rflags_write_replaces_the_guests_lazy_flags(tmp_path: Path) -> None:
     """The guest's last arithmetic left flags pending in the engine's lazy state; what
     the VMM writes to RFLAGS at the exit is what the guest then sees (pushfq, jumps)."""

@@ -1,7 +1,7 @@
-"""The engine's C core writes IO intercept messages and the register page itself
-(engines/x86exits.c).  Python's encoder (intercepts.py) is the reference: at the
-same stop, for any IO instruction form in every code width, both must write the
-same bytes."""
+"""The engine's C core writes IO and hypercall intercept messages and the register
+page itself (engines/x86exits.c).  Python's encoder (intercepts.py) is the
+reference: at the same stop, for any IO instruction form in every code width and
+any intercepted 64-bit hypercall, both must write the same bytes."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 
 from mshvstack.abi import ffi, lib
 from mshvstack.backend.sim import SimBackend, intercepts
-from mshvstack.backend.sim.engines.base import Instruction
+from mshvstack.backend.sim.engines.base import Instruction, Special
 from mshvstack.backend.sim.vp import SimVp
 
-from simhelpers import ENTRY, Guest, expect_io, long_mode_guest, set_registers, set_segment
+from simhelpers import ENTRY, Guest, expect_io, install_intercept, long_mode_guest, payload, set_registers, set_segment
 
 R = lib
 IMMEDIATE = (0xE4, 0xE5, 0xE6, 0xE7)      # in al/ax,imm8 ; out imm8,al/ax
@@ -77,6 +77,37 @@ def test_core_writes_the_io_intercept_and_register_page_as_the_reference(
         assert written == _reference_message(vp, address)
         assert io.instruction_byte_count == len(code) and bytes(io.instruction_bytes)[: len(code)] == code
         assert io.rax == rax and io.rsi == rsi and io.rdi == rdi
+        page = bytes(vp.register_page[:])
+        vp.regs.write_page()
+        assert page == bytes(vp.register_page[:])
+    finally:
+        g.close()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(instruction=st.sampled_from([bytes.fromhex("0f01c1"), bytes.fromhex("0f01d9")]),   # vmcall, vmmcall
+       code=st.sampled_from([lib.HVCALL_POST_MESSAGE, lib.HVCALL_SIGNAL_EVENT]), control=U64,
+       rax=U64, rbx=U64, rdx=U64, r8=U64, rsi=U64, rdi=U64)
+def test_core_writes_the_hypercall_intercept_and_register_page_as_the_reference(
+        instruction: bytes, code: int, control: int, rax: int, rbx: int, rdx: int, r8: int, rsi: int, rdi: int) -> None:
+    backend = SimBackend()
+    g, address = _guest(backend, 64, instruction)
+    try:
+        install_intercept(backend, g, lib.HV_INTERCEPT_TYPE_HYPERCALL)
+        rcx = control & ~0xFFFF | code
+        set_registers(backend, g.vp, {R.HV_X64_REGISTER_RAX: rax, R.HV_X64_REGISTER_RBX: rbx, R.HV_X64_REGISTER_RCX: rcx,
+                                      R.HV_X64_REGISTER_RDX: rdx, R.HV_X64_REGISTER_R8: r8, R.HV_X64_REGISTER_RSI: rsi,
+                                      R.HV_X64_REGISTER_RDI: rdi})
+        msg = g.run()
+        assert msg.header.message_type == lib.HVMSG_HYPERCALL_INTERCEPT
+        call = payload(msg, "struct hv_x64_hypercall_intercept_message")
+        assert (call.rax, call.rbx, call.rcx, call.rdx, call.r8, call.rsi, call.rdi) == (rax, rbx, rcx, rdx, r8, rsi, rdi)
+        vp = backend._entry(g.vp).vp
+        assert vp is not None and vp.engine is not None
+        rip = vp.reg(R.HV_X64_REGISTER_RIP)
+        reference = intercepts.special(vp, Instruction(address, rip, len(instruction), instruction, Special.VMCALL, "", ""),
+                                       (0, 0, 0, 0))
+        assert bytes(vp.intercept_page[:256]) == reference
         page = bytes(vp.register_page[:])
         vp.regs.write_page()
         assert page == bytes(vp.register_page[:])

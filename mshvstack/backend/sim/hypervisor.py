@@ -541,6 +541,9 @@ class SimPartition:
                     vp.engine.intercept_exceptions(self.exception_bitmap())
         elif kind == lib.HV_INTERCEPT_TYPE_HYPERCALL:
             self.intercepts_hypercalls = True
+            for vp in self.vps.values():
+                if vp.engine is not None:
+                    vp.engine.intercept_hypercalls(True)
         elif kind in (lib.HV_INTERCEPT_TYPE_X64_GLOBAL_CPUID, lib.HV_INTERCEPT_TYPE_MMIO, lib.HV_INTERCEPT_TYPE_X64_APIC_WRITE):
             pass  # accepted; MMIO (unmapped GPA) exits are always delivered here
         else:

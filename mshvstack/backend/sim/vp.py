@@ -116,6 +116,7 @@ class SimVp:
                 engine.protect(region.gpa + (page << 12), PAGE, False, region.executable)
         self.regs.load_into(engine)
         engine.intercept_exceptions(self.partition.exception_bitmap())
+        engine.intercept_hypercalls(self.partition.intercepts_hypercalls)
         engine.run_msrs_natively(*self.partition.native_msrs())
         engine.attach_vp(self.index, int(ffi.cast("uintptr_t", self.regs.page_cdata())),
                          int(ffi.cast("uintptr_t", ffi.from_buffer(self.intercept_page))))

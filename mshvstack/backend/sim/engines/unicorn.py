@@ -63,7 +63,8 @@ _SPECIAL_IDS: dict[int, Special] = {
     cx.X86_INS_VMCALL: Special.VMCALL, cx.X86_INS_VMMCALL: Special.VMCALL,
 }
 # How the core treats each kind before asking the Python half (x86core.c's special hook).
-_CORE_KINDS = {Special.IO: core.SPECIAL_KIND_IO, Special.RDMSR: core.SPECIAL_KIND_MSR, Special.WRMSR: core.SPECIAL_KIND_MSR}
+_CORE_KINDS = {Special.IO: core.SPECIAL_KIND_IO, Special.RDMSR: core.SPECIAL_KIND_MSR, Special.WRMSR: core.SPECIAL_KIND_MSR,
+               Special.VMCALL: core.SPECIAL_KIND_HYPERCALL}
 
 # Guests with at most this many translated code pages have them compared with their bytes at
 # translation before every run (host writes through the VMM's own mapping; see _track).  A
@@ -651,6 +652,11 @@ class UnicornEngine:
         if core.mshvstack_set_native_msrs(self._cpu, core_ffi.new("uint32_t[]", listed), len(listed), first, last) != 0:
             raise ValueError(f"{len(listed)} native MSRs: more than the engine core holds")
 
+    def intercept_hypercalls(self, on: bool) -> None:
+        """Whether the partition intercepts HvPostMessage and HvSignalEvent: the core then
+        writes a 64-bit caller's intercept itself (the rest still asks the VP)."""
+        core.mshvstack_intercept_hypercalls(self._cpu, int(on))
+
     def intercept_exceptions(self, vectors: int) -> None:
         """Bitmap of exception vectors reported as a stop instead of delivered."""
         self._cpu.intercepted_exceptions = vectors & 0xFFFFFFFF
@@ -725,7 +731,7 @@ class UnicornEngine:
                 self._running = None
             if uc._hook_exception is not None:
                 raise uc._hook_exception
-            if cpu.reason == core.REASON_IO:
+            if cpu.reason == core.REASON_IO or cpu.reason == core.REASON_HYPERCALL:
                 return _WRITTEN
             return self._stopped(cpu, status)
 

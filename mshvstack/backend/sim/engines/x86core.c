@@ -105,6 +105,7 @@ enum mshvstack_reason {
     REASON_EXCEPTION = 3,  /* an intercepted exception, not delivered */
     REASON_ENGINE = 4,     /* a stop the Python half recorded (a special instruction, a memory fault) */
     REASON_IO = 5,         /* at an IO instruction: the core wrote its intercept message (x86exits.c) */
+    REASON_HYPERCALL = 6,  /* at an intercepted hypercall: the core wrote its intercept message (x86exits.c) */
 };
 
 /* What the Python half decides at a special instruction. */
@@ -144,6 +145,7 @@ enum mshvstack_special_kind {
     SPECIAL_KIND_IO = 1,      /* IN/OUT/INS/OUTS: always an intercept, encoded by the core */
     SPECIAL_KIND_OTHER = 2,   /* the Python half decides */
     SPECIAL_KIND_MSR = 3,     /* RDMSR/WRMSR: runs in the engine for a native MSR, else as OTHER */
+    SPECIAL_KIND_HYPERCALL = 4,   /* VMCALL/VMMCALL: encoded by the core when intercepted (see below), else as OTHER */
 };
 
 #define MAX_NATIVE_MSRS 64
@@ -299,6 +301,7 @@ struct mshvstack_cpu {
     uint32_t native_msrs[MAX_NATIVE_MSRS];
     int native_msr_count;
     uint32_t native_range_first, native_range_last;   /* and a range of them (first > last: none) */
+    volatile int intercept_hypercalls;   /* the partition intercepts HvPostMessage/HvSignalEvent (any thread) */
     volatile int64_t deadline_ns;
     int pending_vector;
     int pending_nmi;
@@ -314,7 +317,7 @@ struct mshvstack_cpu {
     /* special instructions by linear address (open addressing, as the block filter) */
     struct special_entry *specials;
     uint64_t specials_mask, specials_used;
-    struct special_entry stopped_at;   /* the special instruction of a REASON_IO stop */
+    struct special_entry stopped_at;   /* the special instruction of a REASON_IO or REASON_HYPERCALL stop */
     /* guest pages with translated code, hooked in merged ranges (mshvstack_guard_code) */
     struct code_guard *guards;
     int guard_count, guard_capacity;
@@ -1310,6 +1313,8 @@ static int special_is_current(struct mshvstack_cpu *c, const struct special_entr
            memcmp(code, e->raw, e->length) == 0;
 }
 
+static int intercepted_hypercall(const struct mshvstack_cpu *c);   /* x86exits.c: it knows the call codes */
+
 /*
  * A code hook on a special instruction.  What was decoded here is used only
  * while the code here is still what was decoded (hooks stay when code
@@ -1340,6 +1345,11 @@ void mshvstack_special_hook(void *uc, uint64_t address, uint32_t size, void *use
     if (e->kind == SPECIAL_KIND_IO && c->message_page) {
         c->stopped_at = *e;
         stop(c, REASON_IO);
+        leave_block(c);
+    }
+    if (e->kind == SPECIAL_KIND_HYPERCALL && intercepted_hypercall(c)) {
+        c->stopped_at = *e;
+        stop(c, REASON_HYPERCALL);
         leave_block(c);
     }
     int action = mshvstack_on_special(c->owner, address);

@@ -102,6 +102,46 @@ static void write_io_intercept(struct mshvstack_cpu *c)
     hv_segment(&io->es_segment, &env->segs[0]);
 }
 
+/*
+ * A hypercall the VMM answers (a VMBus doorbell or message), where the core
+ * writes the intercept itself: the partition intercepts hypercalls, the
+ * VP's pages are attached, and a 64-bit caller asks for HvPostMessage or
+ * HvSignalEvent (RCX's call code).  Everything else (32-bit callers, other
+ * codes, the hypervisor's own answers) goes to the Python half, which
+ * decides the same way.
+ */
+static int intercepted_hypercall(const struct mshvstack_cpu *c)
+{
+    if (!c->intercept_hypercalls || !c->message_page || !(c->env->hflags & HF_CS64))
+        return 0;
+    uint16_t code = (uint16_t)c->env->regs[1];   /* RCX: the control word's call code */
+    return code == HVCALL_POST_MESSAGE || code == HVCALL_SIGNAL_EVENT;
+}
+
+void mshvstack_intercept_hypercalls(struct mshvstack_cpu *c, int on)
+{
+    c->intercept_hypercalls = on;
+}
+
+/* HVMSG_HYPERCALL_INTERCEPT for the hypercall the engine stopped at (intercepts.py's fields). */
+static void write_hypercall_intercept(struct mshvstack_cpu *c)
+{
+    const uint64_t *regs = c->env->regs;   /* QEMU's order: RAX RCX RDX RBX RSP RBP RSI RDI R8... */
+    struct hv_message *msg = c->message_page;
+    struct hv_x64_hypercall_intercept_message *call = (void *)&msg->u;
+    memset(msg, 0, sizeof *msg);
+    msg->header.message_type = HVMSG_HYPERCALL_INTERCEPT;
+    msg->header.payload_size = sizeof *call;
+    fill_header(c, &call->header, c->stopped_at.length, HV_INTERCEPT_ACCESS_EXECUTE);
+    call->rax = regs[0];
+    call->rbx = regs[3];
+    call->rcx = regs[1];
+    call->rdx = regs[2];
+    call->r8 = regs[8];
+    call->rsi = regs[6];
+    call->rdi = regs[7];
+}
+
 /* Refresh the VP's register page from the CPU, as the hypervisor does at every intercept. */
 void mshvstack_publish_registers(struct mshvstack_cpu *c)
 {
@@ -174,9 +214,9 @@ void mshvstack_attach_vp(struct mshvstack_cpu *c, uint32_t vp_index, void *regis
  * per run.  Nothing runs when a stop was asked for (REASON_CANCELLED) or
  * when a translated code page changed since its translation
  * (RUN_CODE_CHANGED, its index in changed_page: the caller drops it and
- * runs again).  A stop at an IO instruction leaves its intercept message
- * in the VP's message page and the register page published.  Otherwise
- * returns Unicorn's status.
+ * runs again).  A stop at an IO instruction or an intercepted hypercall
+ * leaves its intercept message in the VP's message page and the register
+ * page published.  Otherwise returns Unicorn's status.
  */
 int mshvstack_run(struct mshvstack_cpu *c, int64_t deadline_ns)
 {
@@ -197,8 +237,11 @@ int mshvstack_run(struct mshvstack_cpu *c, int64_t deadline_ns)
     mshvstack_leave(c);
     c->running_ns += now_ns() - started;
     c->stop_request = 0;
-    if (c->reason == REASON_IO) {
-        write_io_intercept(c);
+    if (c->reason == REASON_IO || c->reason == REASON_HYPERCALL) {
+        if (c->reason == REASON_IO)
+            write_io_intercept(c);
+        else
+            write_hypercall_intercept(c);
         mshvstack_publish_registers(c);
     }
     return status;
