@@ -77,9 +77,10 @@ class LinuxVm:
         else:
             machine = [str(kernel), "--extract-vmlinux", "--initrd", str(initrd), "--memory", "512M", "--vcpus", str(vcpus),
                        "--cmdline", cmdline]
-        args = [sys.executable, "-m", "mshvstack.cli", "run", *machine, "--console", str(self.console),
+        args = [sys.executable, "-X", "faulthandler", "-m", "mshvstack.cli", "run", *machine, "--console", str(self.console),
                 "--api-socket", str(self.socket), "--json", *extra]
-        # Not the checkout's root: run the installed package, as a user would.
+        # Not the checkout's root: run the installed package, as a user would (-X faulthandler: a crash
+        # in C prints every thread's Python stack to the VMM log the assertions show).
         self.process = subprocess.Popen(args, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         # Follow the console continuously, so each mark is stamped when the guest printed it.
         self._lock = threading.Lock()
@@ -123,7 +124,9 @@ class LinuxVm:
             if self.process.poll() is not None:
                 self._poll_console()
                 if not any(found == name for found, _v, _s in self.marks[after:]):
-                    raise AssertionError(f"the VMM exited before MARK {name}:\n{self.log[-3000:]}\n{self.process.stderr.read() if self.process.stderr else ''}")
+                    status = self.process.returncode   # negative: the signal that ended it (no traceback then)
+                    stderr = self.process.stderr.read() if self.process.stderr else ""
+                    raise AssertionError(f"the VMM exited (status {status}) before MARK {name}:\n{self.log[-3000:]}\n{stderr}")
             if time.monotonic() > deadline:
                 self.process.kill()   # its log says what the VMM saw (read once it is gone: the pipe then ends)
                 stderr = self.process.stderr.read() if self.process.stderr else ""
