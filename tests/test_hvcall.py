@@ -111,6 +111,23 @@ def test_typed_wrappers(vm) -> None:  # type: ignore[no-untyped-def]
     calls.install_intercept(part.hv, lib.HV_INTERCEPT_TYPE_X64_CPUID, 0, 0x1234)
 
 
+def test_an_event_signal_says_whether_it_newly_set_the_flag(vm) -> None:  # type: ignore[no-untyped-def]
+    """HvSignalEventDirect through the prepared call a VMBus channel keeps: set once, then
+    already set until the guest clears it; the flag is the guest's bit in the SIEF page."""
+    from mshvstack.hvcall import HvRegister
+
+    _mshv, part, vp = vm
+    part.map_memory(0, 0x100000)
+    vp.set_registers({HvRegister.SCONTROL: 1, HvRegister.SIMP: 0x10000 | 1, HvRegister.SIEFP: 0x11000 | 1,
+                      HvRegister.SINT0 + 2: 0x20051})
+    signal = calls.EventSignal(part.hv, 0, 2, 13)
+    flags = 0x11000 + 2 * lib.HV_EVENT_FLAGS_COUNT // 8   # SINT 2's flags in the SIEF page
+    assert signal.signal() is True and signal.signal() is False
+    assert part.memory.read(flags + 1, 1) == bytes([1 << 5])   # flag 13: byte 1, bit 5
+    part.memory.write(flags + 1, b"\0")   # the guest took it
+    assert calls.signal_event_direct(part.hv, 0, 2, 13) is True
+
+
 def test_synic_pages_outside_ram_give_a_status_not_an_exception(vm) -> None:  # type: ignore[no-untyped-def]
     """A guest may point SIMP/SIEFP anywhere; delivery there is a typed HV status."""
     from mshvstack.hvcall import HvRegister

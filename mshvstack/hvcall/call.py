@@ -90,8 +90,10 @@ class PreparedCall:
         check_allowed(target, code)
         data = header if isinstance(header, bytes) else bytes(ffi.buffer(header))
         self.target, self.code = target, code
-        self._input = ffi.new("char[]", data.ljust(8, b"\0"))
-        self.output = ffi.new("char[]", max(out_size, 1))
+        padded = data.ljust(8, b"\0")
+        self._input = ffi.new("char[]", len(padded))   # (initialized from bytes, cffi would add a NUL)
+        ffi.memmove(self._input, padded, len(padded))
+        self.output = ffi.new("uint8_t[]", max(out_size, 1))
         self._call = _call_argument(code, self._input, self.output, out_size)
         self._lock = threading.Lock()   # one argument struct: one issuer at a time
 
