@@ -53,7 +53,9 @@ uint8_t mshvstack_fetch_or_u8(uint8_t *address, uint8_t mask);
 int memcmp(const void *, const void *, size_t);
 """
 _GLUE_SOURCE = """
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>

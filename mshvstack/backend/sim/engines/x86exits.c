@@ -132,7 +132,10 @@ static void write_hypercall_intercept(struct mshvstack_cpu *c)
     memset(msg, 0, sizeof *msg);
     msg->header.message_type = HVMSG_HYPERCALL_INTERCEPT;
     msg->header.payload_size = sizeof *call;
-    fill_header(c, &call->header, c->stopped_at.length, HV_INTERCEPT_ACCESS_EXECUTE);
+    struct hv_x64_intercept_message_header header;   /* (the message is packed: filled aside, copied in) */
+    memset(&header, 0, sizeof header);
+    fill_header(c, &header, c->stopped_at.length, HV_INTERCEPT_ACCESS_EXECUTE);
+    memcpy(&call->header, &header, sizeof header);
     call->rax = regs[0];
     call->rbx = regs[3];
     call->rcx = regs[1];
