@@ -207,25 +207,13 @@ def test_a_read_past_the_end_of_a_shrunk_image_gives_zeros(setup) -> None:  # ty
 
 @settings(max_examples=300, deadline=None)
 @given(pfns=st.lists(st.integers(0, 160), min_size=1, max_size=20), offset=st.integers(0, 4095), length=st.integers(0, 20 * PAGE),
-       file_offset=st.integers(0, 3 * PAGE), to_file=st.booleans(), parallel_from=st.sampled_from([1, 2 * PAGE, 1 << 30]))
+       file_offset=st.integers(0, 3 * PAGE), to_file=st.booleans())
 def test_file_io_moves_exactly_the_named_bytes_or_refuses(tmp_path_factory: Any, pfns: list[int], offset: int, length: int,
-                                                          file_offset: int, to_file: bool, parallel_from: int) -> None:
+                                                          file_offset: int, to_file: bool) -> None:
     """GuestMemory.file_io against a byte-by-byte reference.  A read: the bytes land in the
     named frames and nowhere else (zeros past the file's end), every changed byte reported.
     A write: the file gets the named frames' bytes in order and guest RAM stays as it was.
-    A buffer outside one region moves nothing.  Whether the transfer is split in two halves
-    moved at once (``parallel_from``) changes none of it."""
-    import mshvstack.partition.memory as memory_module
-
-    memory_module.PARALLEL_DMA_BYTES, default = parallel_from, memory_module.PARALLEL_DMA_BYTES
-    try:
-        _file_io_against_the_reference(tmp_path_factory, pfns, offset, length, file_offset, to_file)
-    finally:
-        memory_module.PARALLEL_DMA_BYTES = default
-
-
-def _file_io_against_the_reference(tmp_path_factory: Any, pfns: list[int], offset: int, length: int, file_offset: int,
-                                   to_file: bool) -> None:
+    A buffer outside one region moves nothing."""
     source = tmp_path_factory.mktemp("dma") / "image"
     source.write_bytes(os.urandom(8 * PAGE))
     image_before = source.read_bytes()

@@ -12,10 +12,6 @@ from mshvstack.partition._dma import ffi as _dma_ffi
 from mshvstack.partition._dma import lib as _dma
 
 PAGE = 4096
-# From this size on, file_io moves the second half of a transfer on a thread of its own: the host
-# copies a 1 MiB disk request in about half the time where a core is free (benchmarks/storvsp.py).
-PARALLEL_DMA_BYTES = 256 << 10
-_NEVER = (1 << 64) - 1
 
 
 class GuestMemoryError(MshvError):
@@ -181,8 +177,7 @@ class GuestMemory:
                 to_file: bool) -> bool:
         """A device's DMA between a file and a guest buffer named by frame numbers (the
         transfer ``first_offset`` bytes into ``pfns[0]``), with no copy in between: the
-        pages read from the file (zeros past its end) or written to it, in one call (two
-        halves at once from PARALLEL_DMA_BYTES on).
+        pages read from the file (zeros past its end) or written to it, in one call.
 
         False when the frames do not all lie in one region (nothing moved: the caller
         takes the view path); GuestMemoryError when there are too few frames for
@@ -200,15 +195,13 @@ class GuestMemory:
         region = next((r for r in self._regions if r.gpa <= lowest and highest <= r.end), None)
         if region is None:
             return False
-        # Two halves at once only where no page is named twice: a read's later bytes must land last.
-        parallel = PARALLEL_DMA_BYTES if to_file or len(set(frames)) == len(frames) else _NEVER
         iov = _dma_ffi.new("struct iovec[]", pages)
         counts = _dma_ffi.new("uint32_t *")
         error = _dma_ffi.new("int *")
         with _dma_ffi.from_buffer(region.host, require_writable=not to_file) as host:   # held for the call
             base = int(_dma_ffi.cast("uintptr_t", host))
             status = _dma.dma_file(fd, int(to_file), file_offset, length, host, region.size, region.gpa // PAGE,
-                                   _dma_ffi.new("uint64_t[]", frames), pages, first_offset, iov, counts, error, parallel)
+                                   _dma_ffi.new("uint64_t[]", frames), pages, first_offset, iov, counts, error)
         if status == _dma.DMA_OUTSIDE:   # (the frames were checked above: a host bug)
             raise GuestMemoryError("DMA frames outside the region that holds them")
         if not to_file and counts[0]:
