@@ -77,7 +77,11 @@ def boot_initrd(linux: LinuxGuest) -> Path:
 
 
 def main() -> int:
-    vcpus = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+    argument = sys.argv[1] if len(sys.argv) > 1 else "1"
+    if not argument.isdigit() or not 1 <= int(argument) <= 64:
+        print(f"usage: python benchmarks/linux_boot.py [VCPUS]  (a number of vCPUs from 1 to 64, not {argument!r})")
+        return 2
+    vcpus = int(argument)
     try:
         linux = debian_guest()
     except GuestUnavailable as exc:
