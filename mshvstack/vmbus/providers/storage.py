@@ -215,17 +215,12 @@ class Storage:
         pfns, first_offset = self._frames(channel, packet, length, moved)
         if len(pfns) == 1:   # one page (a 4 KiB request): one view costs less than setting up the call
             gpa = pfns[0] * PAGE + first_offset
-            view = memory.view(gpa, moved)
-            if not data_in:
-                return self.disk.write_from(extent.offset, [view], extent.fua)
-            try:
-                return self.disk.read_into(extent.offset, [view])
-            finally:
-                memory.wrote(gpa, moved)
-        direct = self.disk.dma(memory, extent.offset, pfns, first_offset, moved, not data_in, extent.fua)
-        if direct is not None:
-            return direct
-        pieces = self._buffer(channel, packet, length, moved)
+            pieces = [(gpa, memory.view(gpa, moved))]
+        else:
+            direct = self.disk.dma(memory, extent.offset, pfns, first_offset, moved, not data_in, extent.fua)
+            if direct is not None:
+                return direct
+            pieces = self._buffer(channel, packet, length, moved)
         if not data_in:
             return self.disk.write_from(extent.offset, [view for _gpa, view in pieces], extent.fua)
         try:
@@ -309,7 +304,7 @@ class Storage:
         offset = gpa_range.byte_offset
         if offset >= PAGE:
             raise VmbusProtocolError(f"GPA range offset {offset:#x} lies past its first page")
-        pages = (offset + moved + PAGE - 1) // PAGE
+        pages = (offset + moved + PAGE - 1) // PAGE if moved else 0   # (moving nothing names no page)
         pfns = tuple(gpa_range.pfns[:pages])
         if len(pfns) < pages:
             raise VmbusProtocolError("GPA range shorter than the transfer")
