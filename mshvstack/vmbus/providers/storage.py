@@ -220,7 +220,7 @@ class Storage:
             direct = self.disk.dma(memory, extent.offset, pfns, first_offset, moved, not data_in, extent.fua)
             if direct is not None:
                 return direct
-            pieces = self._buffer(channel, packet, length, moved)
+            pieces = self._views(memory, pfns, first_offset, moved)
         if not data_in:
             return self.disk.write_from(extent.offset, [view for _gpa, view in pieces], extent.fua)
         try:
@@ -267,10 +267,15 @@ class Storage:
         rewrite the ring indices).  Views, not ``GuestMemory.write``: whoever writes through
         them calls ``GuestMemory.wrote``."""
         pfns, offset = self._frames(channel, packet, length, moved)
+        return self._views(channel.memory, pfns, offset, moved)
+
+    @staticmethod
+    def _views(memory: GuestMemory, pfns: tuple[int, ...], offset: int, moved: int) -> list[tuple[int, memoryview]]:
+        """``_buffer`` for frames ``_frames`` already checked."""
         pages = len(pfns)
         if not moved:
             return []
-        memory_regions = channel.memory.regions
+        memory_regions = memory.regions
         # Runs of consecutive page numbers, each one piece: whole pages, then the first one starts
         # at the range's offset and the last one ends with the transfer.
         starts = [0, *[i for i in range(1, pages) if pfns[i] != pfns[i - 1] + 1]]

@@ -1342,14 +1342,11 @@ void mshvstack_special_hook(void *uc, uint64_t address, uint32_t size, void *use
     }
     if (e->kind == SPECIAL_KIND_NONE || (e->kind == SPECIAL_KIND_MSR && native_msr(c, (uint32_t)c->env->regs[1] /* ECX */)))
         return;
-    if (e->kind == SPECIAL_KIND_IO && c->message_page) {
+    int encoded = e->kind == SPECIAL_KIND_IO && c->message_page ? REASON_IO
+                  : e->kind == SPECIAL_KIND_HYPERCALL && intercepted_hypercall(c) ? REASON_HYPERCALL : REASON_NONE;
+    if (encoded != REASON_NONE) {   /* an intercept the core writes itself (x86exits.c) */
         c->stopped_at = *e;
-        stop(c, REASON_IO);
-        leave_block(c);
-    }
-    if (e->kind == SPECIAL_KIND_HYPERCALL && intercepted_hypercall(c)) {
-        c->stopped_at = *e;
-        stop(c, REASON_HYPERCALL);
+        stop(c, encoded);
         leave_block(c);
     }
     int action = mshvstack_on_special(c->owner, address);
@@ -1665,8 +1662,6 @@ static int mshvstack_first_changed_page(const uint64_t *addresses, const uint8_t
     return -1;
 }
 
-/* Many registers in one call from Python: the VP's snapshot after every stop. */
-
 /* One plain register through Unicorn's own uc_reg_read and uc_reg_write (their side
  * effects included: a control register recomputes the mode, RIP inside a hook restarts
  * there), without the Python binding's per-call cost, which a hypercall's handling pays
@@ -1683,6 +1678,7 @@ void mshvstack_write_register(struct mshvstack_cpu *c, int id, uint64_t value)
     c->api.reg_write(c->uc, id, &value);
 }
 
+/* Many registers in one call from Python: the VP's snapshot after every stop. */
 void mshvstack_read_registers(struct mshvstack_cpu *c, const int *ids, uint64_t *values, int count)
 {
     for (int i = 0; i < count; i++)

@@ -16,13 +16,6 @@
 
 _Static_assert(sizeof(struct hv_message) == HV_MESSAGE_SIZE, "hv_message is one SynIC slot");
 
-static uint64_t api_reg(struct mshvstack_cpu *c, int id)
-{
-    uint64_t value = 0;
-    c->api.reg_read(c->uc, id, &value);
-    return value;
-}
-
 /* QEMU keeps descriptor bits 8-23; hv_x64_segment_register packs them in 16 bits. */
 static void hv_segment(struct hv_x64_segment_register *out, const struct qemu_segment *s)
 {
@@ -36,12 +29,12 @@ static void fill_header(struct mshvstack_cpu *c, struct hv_x64_intercept_message
                         unsigned access)
 {
     struct qemu_x86_head *env = c->env;
-    uint64_t cr0 = api_reg(c, c->reg_cr0);
+    uint64_t cr0 = mshvstack_read_register(c, c->reg_cr0);
     struct hv_x64_segment_register ss;
     hv_segment(&ss, &env->segs[2]);
     h->vp_index = c->vp_index;
     h->instruction_length = length & 0xF;
-    h->cr8 = api_reg(c, c->reg_cr8) & 0xF;
+    h->cr8 = mshvstack_read_register(c, c->reg_cr8) & 0xF;
     h->intercept_access_type = (uint8_t)access;
     h->execution_state.bits.cpl = (cr0 & CR0_PE) ? (ss.attributes >> 5) & 3 : 0;
     h->execution_state.bits.cr0_pe = cr0 & CR0_PE ? 1 : 0;
@@ -49,7 +42,7 @@ static void fill_header(struct mshvstack_cpu *c, struct hv_x64_intercept_message
     h->execution_state.bits.efer_lma = env->efer & EFER_LMA ? 1 : 0;
     hv_segment(&h->cs_segment, &env->segs[1]);
     h->rip = env->eip;
-    h->rflags = api_reg(c, c->reg_rflags);
+    h->rflags = mshvstack_read_register(c, c->reg_rflags);
 }
 
 static bool is_prefix(uint8_t byte)
@@ -154,15 +147,15 @@ void mshvstack_publish_registers(struct mshvstack_cpu *c)
         return;
     memcpy(page->gp_registers, env->regs, sizeof page->gp_registers);
     page->rip = env->eip;
-    page->rflags = api_reg(c, c->reg_rflags);
+    page->rflags = mshvstack_read_register(c, c->reg_rflags);
     for (int i = 0; i < 6; i++)
         hv_segment(&page->segment_registers[i], &env->segs[i]);
-    page->cr0 = api_reg(c, c->reg_cr0);
-    page->cr3 = api_reg(c, c->reg_cr3);
-    page->cr4 = api_reg(c, c->reg_cr4);
-    page->cr8 = api_reg(c, c->reg_cr8);
+    page->cr0 = mshvstack_read_register(c, c->reg_cr0);
+    page->cr3 = mshvstack_read_register(c, c->reg_cr3);
+    page->cr4 = mshvstack_read_register(c, c->reg_cr4);
+    page->cr8 = mshvstack_read_register(c, c->reg_cr8);
     page->efer = env->efer;
-    page->dr7 = api_reg(c, c->reg_dr7);
+    page->dr7 = mshvstack_read_register(c, c->reg_dr7);
     page->version = HV_VP_REGISTER_PAGE_VERSION_1;
     page->dirty = 0;
     page->isvalid = 1;
