@@ -8,7 +8,11 @@ storage stack (hv_vmbus, hv_storvsc, sd_mod) and virtio-blk, finds the disk
   at bs=1M (six times over: see MODES) and 16 MiB at bs=4k with iflag=direct;
 * sequential writes with `dd`: the same sizes with oflag=direct (1 MiB four times over);
 * random 4 KiB direct reads (IOPS): a small static program built here with
-  the host's C compiler (skipped with a reason when there is none).
+  the host's C compiler (skipped with a reason when there is none);
+* the engine's ceiling: 100 MiB through `dd` from /dev/zero to /dev/null at
+  bs=512, kernel work with no device at all.  Its ratio is how fast the
+  engine runs this guest's kernel against QEMU's TCG; a disk ratio cannot be
+  expected much above it, since most of a small request is guest kernel code.
 
 Both run with printk.devkmsg=on (the results go through /dev/kmsg, rate-limited otherwise).
 The QEMU column is skipped with a reason where QEMU is absent.
@@ -40,16 +44,18 @@ from mshvstack.vmm.linuxguest import (
 DISK_MIB = 64
 RANDOM_READS = 2048
 MODULES = ("hv_vmbus", "hv_storvsc", "sd_mod", "virtio_pci", "virtio_blk")
-# (name, dd arguments after if/of, MiB one dd moves, dd runs in the timed window); "read" modes read
-# the disk, "write" modes write it.  The guest's clock (/proc/uptime) counts in 10 ms steps: the fast
-# direct modes run dd several times, so that a window lasts long enough for its figure to mean
-# something (the buffered read runs once: a second run would read the page cache).
+ENGINE_CEILING = "no device (ceiling)"
+# (name, dd's if, of and other arguments, MiB one dd moves, dd runs in the timed window); $disk is
+# the guest's disk.  The guest's clock (/proc/uptime) counts in 10 ms steps: the fast direct modes run
+# dd several times, so that a window lasts long enough for its figure to mean something (the
+# buffered read runs once: a second run would read the page cache).
 MODES = (
-    ("read 1M", "bs=1M count=64", 64, 1),
-    ("read 1M direct", "bs=1M count=64 iflag=direct", 64, 6),
-    ("read 4k direct", "bs=4k count=4096 iflag=direct", 16, 1),
-    ("write 1M direct", "bs=1M count=64 oflag=direct", 64, 4),
-    ("write 4k direct", "bs=4k count=4096 oflag=direct", 16, 1),
+    ("read 1M", "$disk", "/dev/null", "bs=1M count=64", 64, 1),
+    ("read 1M direct", "$disk", "/dev/null", "bs=1M count=64 iflag=direct", 64, 6),
+    ("read 4k direct", "$disk", "/dev/null", "bs=4k count=4096 iflag=direct", 16, 1),
+    ("write 1M direct", "/dev/zero", "$disk", "bs=1M count=64 oflag=direct", 64, 4),
+    ("write 4k direct", "/dev/zero", "$disk", "bs=4k count=4096 oflag=direct", 16, 1),
+    (ENGINE_CEILING, "/dev/zero", "/dev/null", "bs=512 count=204800", 100, 1),
 )
 # Random 4 KiB reads with O_DIRECT over the whole disk: IOPS by the guest's monotonic clock.
 RANDREAD_C = r"""
@@ -83,18 +89,22 @@ def _init(randread: bool) -> str:
              "n=0\nwhile [ ! -b /dev/sda ] && [ ! -b /dev/vda ] && [ $n -lt 60 ]; do sleep 1; n=$((n + 1)); done\n",
              "disk=/dev/sda; [ -b /dev/vda ] && disk=/dev/vda\n",
              "dd if=$disk of=/dev/null bs=1M count=8 2>/dev/null\n"]
-    for name, args, _mib, runs in MODES:
-        source, target = ("$disk", "/dev/null") if name.startswith("read") else ("/dev/zero", "$disk")
+    for name, source, target, args, _mib, runs in MODES:
         lines.append("sync; echo 3 > /proc/sys/vm/drop_caches\n")
         lines.append(f"start=$(cut -d' ' -f1 /proc/uptime)\n"
                      f"for run in $(seq {runs}); do "
                      f"dd if={source} of={target} {args} 2>&1 | tail -1 | sed 's/^/DDRESULT {name}: /'; done\n"
                      f"end=$(cut -d' ' -f1 /proc/uptime)\n"
-                     f"echo \"TIMED {name.replace(' ', '_')} $start $end\"\n")
+                     f"echo \"TIMED {_tag(name)} $start $end\"\n")
     if randread:
         lines.append(f"chmod +x /randread; /randread $disk {RANDOM_READS} {(DISK_MIB << 20) // 4096}\n")
     lines.append("poweroff -f\n")
     return "".join(lines)
+
+
+def _tag(name: str) -> str:
+    """A mode's name as one word of the guest's output."""
+    return re.sub(r"\W+", "_", name).strip("_")
 
 
 def _randread_binary(work: Path) -> bytes | None:
@@ -115,8 +125,8 @@ def _run(command: list[str], console: Path | None = None) -> dict[str, float]:
     figures: dict[str, float] = {}
     for dd in sorted(set(re.findall(r"DDRESULT (.+)", output))):
         print(f"  dd {dd.strip()}")
-    for name, _args, mib, runs in MODES:
-        timed = re.search(rf"TIMED {name.replace(' ', '_')} ([\d.]+) ([\d.]+)", output)
+    for name, _source, _target, _args, mib, runs in MODES:
+        timed = re.search(rf"TIMED {re.escape(_tag(name))} ([\d.]+) ([\d.]+)", output)
         if timed and float(timed.group(2)) > float(timed.group(1)):
             figures[name] = runs * mib * (1 << 20) / 1e6 / (float(timed.group(2)) - float(timed.group(1)))
     random = re.search(r"RANDREAD (\d+) ([\d.]+)", output)
@@ -170,6 +180,9 @@ def _compare(linux: LinuxGuest, modules: list[tuple[str, bytes]], work: Path, di
     for name in [m[0] for m in MODES] + ["random 4k read IOPS"]:
         s, q = sim.get(name, float("nan")), qemu.get(name, float("nan"))
         print(f"{name:24} {s:10.1f} {q:10.1f} {s / q if q == q and q > 0 else float('nan'):7.2f}")
+    if ENGINE_CEILING in sim and qemu.get(ENGINE_CEILING):
+        print(f"the engine runs this guest's kernel at {sim[ENGINE_CEILING] / qemu[ENGINE_CEILING]:.2f}x QEMU TCG's speed "
+              f"(the '{ENGINE_CEILING}' row): the disk ratios' ceiling here")
     if randread is None:
         print("random reads skipped: no C compiler to build the guest's static reader")
     if not qemu_binary:
