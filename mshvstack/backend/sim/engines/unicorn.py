@@ -278,6 +278,7 @@ class UnicornEngine:
         self._acknowledge = acknowledge
         self._offer = offer
         self._hooked: set[int] = set()
+        self._guarded: set[int] = set()   # guest pages with code, guarded (mshvstack_guard_code)
         self._specials: dict[int, Instruction] = {}
         self._stop: EngineStop | None = None
         self._code_pages: dict[tuple[int, int], bytes] = {}  # (linear page, guest page) -> its bytes at translation
@@ -683,11 +684,6 @@ class UnicornEngine:
         return int(self._cpu.blocks_redone), int(self._cpu.blocks_redone_alone)
 
     @property
-    def pages_retired(self) -> int:
-        """Code pages that became data and were unguarded (x86parallel.c's retire_code_page)."""
-        return int(self._cpu.pages_retired)
-
-    @property
     def injected(self) -> int:
         """Interrupts and NMIs delivered so far."""
         return int(self._cpu.injected)
@@ -824,21 +820,21 @@ class UnicornEngine:
                 core.mshvstack_set_special(self._cpu, stale, core.SPECIAL_KIND_NONE, b"", 0)
         for page in range(address & ~0xFFF, address + size, 0x1000):
             gpa = self._physical_page(page)
-            host = self._code.host_address(gpa) if gpa is not None else None
-            if gpa is None or host is None:
-                continue
-            # Stores to it must drop its translations, through any mapping.  Every time: the core
-            # lifts the guard of a code page that became data (x86parallel.c's retire_code_page).
-            if core.mshvstack_guard_code(self._cpu, gpa, host) != 0:
-                raise RuntimeError(f"the engine core cannot guard the code page at {gpa:#x}")
-            if (page, gpa) not in self._code_pages:
+            if gpa is not None and gpa not in self._guarded:
+                # Stores to it must drop its translations, through any mapping (x86core.c).
+                host = self._code.host_address(gpa)
+                if host is not None:
+                    if core.mshvstack_guard_code(self._cpu, gpa, host) != 0:
+                        raise RuntimeError(f"the engine core cannot guard the code page at {gpa:#x}")
+                    self._guarded.add(gpa)
+            if gpa is not None and (page, gpa) not in self._code_pages:
                 data = self._code.read_physical(gpa, 0x1000)
                 if data is not None:
                     self._code_pages[(page, gpa)] = data
                     self._track((page, gpa), data)
                     self._sync_code_check()
-            if core.mshvstack_code_page_known(self._cpu, page, gpa) != 0:
-                raise MemoryError("the engine core cannot grow its table of code pages")
+                    if gpa in self._guarded and core.mshvstack_code_page_known(self._cpu, page, gpa) != 0:
+                        raise MemoryError("the engine core cannot grow its table of code pages")
         found = decoded = False
         for insn in self._disassemblers[self.code_bits()].disasm(code, address):
             decoded = True

@@ -223,15 +223,12 @@ struct code_owner {
     uint64_t gpa;
     uint64_t engines;
     uint32_t ready;                  /* every engine guards it (x86parallel.c's world_claim_code) */
-    uint32_t stores;                 /* checked stores to it since it was claimed (x86parallel.c's retire_due_locked) */
-    uint32_t retire_after;           /* how many retire it; 0: RETIRE_FIRST (doubled at each retirement) */
 };
 
 /* What another thread asks of an engine about code (x86parallel.c). */
 enum code_event_kind {
     CODE_EVENT_WRITTEN = 0,          /* drop translations of [host, host + length) */
     CODE_EVENT_GUARD = 1,            /* guard the page (another engine translated code there) */
-    CODE_EVENT_RETIRE = 2,           /* the page became data: drop its code and its guard (x86parallel.c) */
 };
 
 struct code_event {
@@ -379,7 +376,6 @@ struct mshvstack_cpu {
     uint64_t blocks_redone;       /* new blocks translated again before they ran (x86parallel.c) */
     uint64_t blocks_redone_alone; /* of them, with the other engines parked */
     uint64_t running_ns;          /* time inside the engine, summed over runs (--stats) */
-    uint64_t pages_retired;       /* code pages that became data, unguarded (x86parallel.c's retire_code_page) */
     struct block_code *block;     /* the new block being looked at (a buffer, not on the hook's stack) */
 };
 
@@ -925,7 +921,7 @@ static uint64_t pair_slot(const struct page_pair *pairs, uint64_t mask, uint64_t
 }
 
 /* Rebuild with room for `need` pairs, leaving out those of linear page `drop1` - 1 (0: none). */
-static int pairs_rebuild(struct mshvstack_cpu *c, uint64_t need, uint64_t drop1, uint64_t drop_gpa)
+static int pairs_rebuild(struct mshvstack_cpu *c, uint64_t need, uint64_t drop1)
 {
     uint64_t size = 1024;
     while (size < need * 2)
@@ -935,7 +931,7 @@ static int pairs_rebuild(struct mshvstack_cpu *c, uint64_t need, uint64_t drop1,
         return -1;
     uint64_t used = 0;
     for (uint64_t i = 0; old && i <= c->pairs_mask; i++)
-        if (old[i].linear1 && old[i].linear1 != drop1 && old[i].gpa != drop_gpa) {
+        if (old[i].linear1 && old[i].linear1 != drop1) {
             fresh[pair_slot(fresh, size - 1, old[i].linear1, old[i].gpa)] = old[i];
             used++;
         }
@@ -950,7 +946,7 @@ static int pairs_rebuild(struct mshvstack_cpu *c, uint64_t need, uint64_t drop1,
  * `linear`: blocks there need no call into it for their pages.  0, or -1 (out of memory). */
 int mshvstack_code_page_known(struct mshvstack_cpu *c, uint64_t linear, uint64_t gpa)
 {
-    if ((c->pairs_used + 1) * 2 > (c->pairs ? c->pairs_mask + 1 : 0) && pairs_rebuild(c, c->pairs_used + 1, 0, ~0ULL) != 0)
+    if ((c->pairs_used + 1) * 2 > (c->pairs ? c->pairs_mask + 1 : 0) && pairs_rebuild(c, c->pairs_used + 1, 0) != 0)
         return -1;
     struct page_pair *e = &c->pairs[pair_slot(c->pairs, c->pairs_mask, (linear & ~0xFFFULL) + 1, gpa & ~0xFFFULL)];
     if (!e->linear1) {
@@ -961,18 +957,10 @@ int mshvstack_code_page_known(struct mshvstack_cpu *c, uint64_t linear, uint64_t
     return 0;
 }
 
-static void pairs_forget(struct mshvstack_cpu *c, uint64_t linear1, uint64_t gpa);
-
 /* The Python half forgot the code it tracked at a linear page (every guest page it mapped). */
 void mshvstack_code_pages_forget(struct mshvstack_cpu *c, uint64_t linear)
 {
-    pairs_forget(c, (linear & ~0xFFFULL) + 1, ~0ULL);
-}
-
-/* Drop the pairs of a linear page (linear1: its address + 1) or of a guest page. */
-static void pairs_forget(struct mshvstack_cpu *c, uint64_t linear1, uint64_t gpa)
-{
-    if (c->pairs && pairs_rebuild(c, c->pairs_used, linear1, gpa) != 0) {
+    if (c->pairs && pairs_rebuild(c, c->pairs_used, (linear & ~0xFFFULL) + 1) != 0) {
         free(c->pairs);   /* no memory to rebuild: forget them all (the Python half is asked again) */
         c->pairs = NULL;
         c->pairs_mask = c->pairs_used = 0;
@@ -1441,30 +1429,6 @@ bool mshvstack_memory_hook(void *uc, int access, uint64_t address, int size, int
 #define GUARD_GAP (16 * 0x1000ULL)
 #endif
 
-/* Room for one more guard range; -1: out of memory. */
-static int guard_room(struct mshvstack_cpu *c)
-{
-    if (c->guard_count < c->guard_capacity)
-        return 0;
-    int capacity = c->guard_capacity ? 2 * c->guard_capacity : 64;
-    struct code_guard *fresh = realloc(c->guards, (size_t)capacity * sizeof *fresh);
-    if (!fresh)
-        return -1;
-    c->guards = fresh;
-    c->guard_capacity = capacity;
-    return 0;
-}
-
-/* Hook [from, to] (room made first); -1: Unicorn refused the hook. */
-static int add_guard_range(struct mshvstack_cpu *c, uint64_t from, uint64_t to)
-{
-    size_t h;
-    if (c->api.hook_add(c->uc, &h, GUARD_HOOK_TYPE, (void *)mshvstack_memory_hook, c, from, to) != 0)
-        return -1;
-    c->guards[c->guard_count++] = (struct code_guard){from, to, h};
-    return 0;
-}
-
 static int guard_page(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host)
 {
     uint64_t begin = gpa & ~0xFFFULL, end = begin + 0xFFF;
@@ -1485,40 +1449,24 @@ static int guard_page(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host)
         from = g->begin < from ? g->begin : from;
         to = g->end > to ? g->end : to;
     }
-    if (guard_room(c) != 0 || add_guard_range(c, from, to) != 0)
+    if (c->guard_count == c->guard_capacity) {
+        int capacity = c->guard_capacity ? 2 * c->guard_capacity : 64;
+        struct code_guard *fresh = realloc(c->guards, (size_t)capacity * sizeof *fresh);
+        if (!fresh)
+            return -1;
+        c->guards = fresh;
+        c->guard_capacity = capacity;
+    }
+    size_t h;
+    if (c->api.hook_add(c->uc, &h, GUARD_HOOK_TYPE, (void *)mshvstack_memory_hook, c, from, to) != 0)
         return -1;
+    c->guards[c->guard_count++] = (struct code_guard){from, to, h};
     for (int k = count - 1; k >= 0; k--) {   /* the higher index first: removal moves the last range */
         int i = touching[k];
         c->api.hook_del(c->uc, c->guards[i].hook);
         c->guards[i] = c->guards[--c->guard_count];
     }
     c->api.tlb_reset_dirty(c->cs, host & ~0xFFFULL, 0x1000);
-    return 0;
-}
-
-/*
- * Lift the guard over guest page `gpa` (it holds no translated code now:
- * x86parallel.c's retire_code_page): the range holding it is split around
- * it, so stores to it become plain host stores again.  Between blocks only.
- * 0, or -1 (out of memory, or Unicorn refused a hook: the caller drops
- * every translation, so no code is left unguarded).
- */
-static int unguard_page(struct mshvstack_cpu *c, uint64_t gpa)
-{
-    uint64_t page = gpa & ~0xFFFULL;
-    for (int i = 0; i < c->guard_count; i++) {
-        struct code_guard g = c->guards[i];
-        if (page < g.begin || page > g.end)
-            continue;
-        c->api.hook_del(c->uc, g.hook);
-        c->guards[i] = c->guards[--c->guard_count];
-        int failed = 0;
-        if (g.begin < page)
-            failed |= guard_room(c) != 0 || add_guard_range(c, g.begin, page - 1) != 0;
-        if (page + 0xFFF < g.end)
-            failed |= guard_room(c) != 0 || add_guard_range(c, page + 0x1000, g.end) != 0;
-        return failed ? -1 : 0;
-    }
     return 0;
 }
 
