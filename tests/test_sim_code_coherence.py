@@ -144,6 +144,43 @@ def test_guest_rewrite_with_a_new_special_hooks_it(tmp_path: Path) -> None:
         g.close()
 
 
+@pytest.mark.parametrize("stores", [0, 3000], ids=["code-page", "code-page-turned-data"])
+def test_code_page_turned_data_is_retired_and_guarded_again(tmp_path: Path, stores: int) -> None:
+    """PAGE_A ran code, then takes many stores as data: the engine retires it (its
+    stores stop taking the checked path), and when its code runs again it is
+    claimed and guarded again, so a rewrite after that runs as rewritten.  All in
+    one run, with no exit between: a page left unguarded would take the rewrite
+    as plain stores and run the old translation (EAX 1 at the OUT, not 2)."""
+    old, new = bytes.fromhex("b801000000" "c3"), bytes.fromhex("b802000000" "c3")   # mov $1 (or $2), %eax; ret
+    source = f"""
+    mov ${CODE:#x}, %rbx
+    call *%rbx
+    mov ${stores}, %ecx
+    mov ${ALIAS + 0x800:#x}, %rdi
+    test %ecx, %ecx
+    jz 2f
+1:  mov %rcx, (%rdi)
+    dec %ecx
+    jnz 1b
+2:  call *%rbx
+    {_copy_new_code(new, ALIAS)}
+    call *%rbx
+    out %eax, $0x1F
+    hlt
+    {_image_tail(new)}
+    """
+    backend, g = _guest(tmp_path, source)
+    try:
+        g.ram[PAGE_A : PAGE_A + len(old)] = old
+        assert _exit(msg := g.run())[:2] == ("io", 0x1F)
+        assert payload(msg, "struct hv_x64_io_port_intercept_message").rax & 0xFFFFFFFF == 2
+        engine = backend.vp_of(g.vp).engine
+        assert engine is not None and engine.pages_retired == (1 if stores else 0)
+        assert struct.unpack_from("<Q", g.ram, PAGE_A + 0x800)[0] == (1 if stores else int.from_bytes(b"\xf4" * 8, "little"))
+    finally:
+        g.close()
+
+
 _FLUSHES = {
     "invlpg": "invlpg (%rbx)",
     "cr3": "mov %cr3, %rax\n    mov %rax, %cr3",

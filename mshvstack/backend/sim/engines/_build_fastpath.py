@@ -43,6 +43,7 @@ struct mshvstack_cpu {
     uint64_t blocks_redone;
     uint64_t blocks_redone_alone;
     uint64_t running_ns;
+    uint64_t pages_retired;
     ...;
 };
 struct mshvstack_world { ...; };

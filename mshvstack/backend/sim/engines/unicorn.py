@@ -684,6 +684,10 @@ class UnicornEngine:
         return int(self._cpu.blocks_redone), int(self._cpu.blocks_redone_alone)
 
     @property
+    def pages_retired(self) -> int:
+        return int(self._cpu.pages_retired)
+
+    @property
     def injected(self) -> int:
         """Interrupts and NMIs delivered so far."""
         return int(self._cpu.injected)

@@ -223,12 +223,15 @@ struct code_owner {
     uint64_t gpa;
     uint64_t engines;
     uint32_t ready;                  /* every engine guards it (x86parallel.c's world_claim_code) */
+    uint32_t stores;                 /* checked stores to it since it was claimed (x86parallel.c's retire_due_locked) */
+    uint32_t retire_after;           /* how many retire it; 0: RETIRE_FIRST (doubled at each retirement) */
 };
 
 /* What another thread asks of an engine about code (x86parallel.c). */
 enum code_event_kind {
     CODE_EVENT_WRITTEN = 0,          /* drop translations of [host, host + length) */
     CODE_EVENT_GUARD = 1,            /* guard the page (another engine translated code there) */
+    CODE_EVENT_RETIRE = 2,           /* the page became data: drop its code and its guard (x86parallel.c) */
 };
 
 struct code_event {
@@ -376,6 +379,9 @@ struct mshvstack_cpu {
     uint64_t blocks_redone;       /* new blocks translated again before they ran (x86parallel.c) */
     uint64_t blocks_redone_alone; /* of them, with the other engines parked */
     uint64_t running_ns;          /* time inside the engine, summed over runs (--stats) */
+    uint64_t pages_retired;       /* code pages that became data, unguarded (x86parallel.c's retire_code_page) */
+    uint64_t *retired;            /* their guest pages, until code runs there again (guarded again then) */
+    int retired_count, retired_capacity;
     struct block_code *block;     /* the new block being looked at (a buffer, not on the hook's stack) */
 };
 
@@ -393,6 +399,8 @@ static void world_enter(struct mshvstack_cpu *c);
 static void world_leave(struct mshvstack_cpu *c);
 static void world_forget(struct mshvstack_cpu *c);
 static void world_take_code_events(struct mshvstack_cpu *c);
+static void drop_all_code(struct mshvstack_cpu *c);
+static int reguard_retired(struct mshvstack_cpu *c, const struct block_code *b);
 static int world_guard_everywhere(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host);
 static int world_block_trusted(struct mshvstack_cpu *c, const struct block_code *b, uint64_t address);
 static void world_stores_landed(struct mshvstack_cpu *c);
@@ -722,6 +730,9 @@ void mshvstack_cpu_free(struct mshvstack_cpu *c)
     c->specials = NULL;
     free(c->guards);
     c->guards = NULL;
+    free(c->retired);
+    c->retired = NULL;
+    c->retired_count = c->retired_capacity = 0;
     free(c->protected_pages);
     c->protected_pages = NULL;
     free(c->pairs);
@@ -1056,6 +1067,10 @@ static void new_block(struct mshvstack_cpu *c, uint64_t address, uint32_t size)
     read_block(c, address, size, b);
     if (c->world && !world_block_trusted(c, b, address))
         return;
+    if (c->retired_count && reguard_retired(c, b) != 0) {
+        drop_all_code(c);   /* (out of memory) */
+        return;
+    }
     if (c->used * 2 >= c->mask && grow(c) < 0)
         return;
     if (!insert(c, address + 1, block_stamp(c, address, size, b)))
@@ -1416,18 +1431,46 @@ bool mshvstack_memory_hook(void *uc, int access, uint64_t address, int size, int
  * entry dirty while a memory hook covers its page: every guest page with
  * translated code gets one (fetch from unmapped memory, which never fires
  * on RAM; the memory-fault handler if it does), and the marks of the
- * entries already dirty for it are cleared.  Unicorn walks every memory
- * hook when it first stores through an entry, so ranges closer than
- * GUARD_GAP are merged (a Debian boot: 1583 code pages in 397 runs, 27
- * ranges; a store to a page in a gap is checked, never wrong).  Stores to
- * other pages stay at host speed.  Called for each guest page the first
- * time code on it is scanned (host: where its bytes are); 0, or -1 (out of
- * memory, or Unicorn refused the hook).
+ * entries already dirty for it are cleared.  Only runs of adjacent code
+ * pages share a hook (GUARD_GAP 0).  Ranges closer than 16 pages were
+ * merged once, for fewer hooks to walk when a store first goes through an
+ * entry (a Debian boot: 1583 code pages in 397 runs, 27 ranges), but every
+ * store to a data page in a gap then took the checked path for good, and
+ * which busy pages (a stack, a buffer) Linux placed in gaps was chance: the
+ * same guest loop ran at 1.2 s or 28 s, a disk mode 2 to 5 times slower
+ * (benchmarks/linux_disk.py, about 30 boots); with no gaps, 12 boots had
+ * none of that.  Stores to other pages stay at host speed.  Called for
+ * each guest page the first time code on it is scanned (host: where its
+ * bytes are); 0, or -1 (out of memory, or Unicorn refused the hook).
  */
 #define GUARD_HOOK_TYPE (1 << 6)   /* UC_HOOK_MEM_FETCH_UNMAPPED (unicorn.h) */
 #ifndef GUARD_GAP
-#define GUARD_GAP (16 * 0x1000ULL)
+#define GUARD_GAP 0ULL
 #endif
+
+/* Room for one more guard range; -1: out of memory. */
+static int guard_room(struct mshvstack_cpu *c)
+{
+    if (c->guard_count < c->guard_capacity)
+        return 0;
+    int capacity = c->guard_capacity ? 2 * c->guard_capacity : 64;
+    struct code_guard *fresh = realloc(c->guards, (size_t)capacity * sizeof *fresh);
+    if (!fresh)
+        return -1;
+    c->guards = fresh;
+    c->guard_capacity = capacity;
+    return 0;
+}
+
+/* Hook [from, to] (room made first); -1: Unicorn refused the hook. */
+static int add_guard_range(struct mshvstack_cpu *c, uint64_t from, uint64_t to)
+{
+    size_t h;
+    if (c->api.hook_add(c->uc, &h, GUARD_HOOK_TYPE, (void *)mshvstack_memory_hook, c, from, to) != 0)
+        return -1;
+    c->guards[c->guard_count++] = (struct code_guard){from, to, h};
+    return 0;
+}
 
 static int guard_page(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host)
 {
@@ -1449,24 +1492,76 @@ static int guard_page(struct mshvstack_cpu *c, uint64_t gpa, uint64_t host)
         from = g->begin < from ? g->begin : from;
         to = g->end > to ? g->end : to;
     }
-    if (c->guard_count == c->guard_capacity) {
-        int capacity = c->guard_capacity ? 2 * c->guard_capacity : 64;
-        struct code_guard *fresh = realloc(c->guards, (size_t)capacity * sizeof *fresh);
-        if (!fresh)
-            return -1;
-        c->guards = fresh;
-        c->guard_capacity = capacity;
-    }
-    size_t h;
-    if (c->api.hook_add(c->uc, &h, GUARD_HOOK_TYPE, (void *)mshvstack_memory_hook, c, from, to) != 0)
+    if (guard_room(c) != 0 || add_guard_range(c, from, to) != 0)
         return -1;
-    c->guards[c->guard_count++] = (struct code_guard){from, to, h};
     for (int k = count - 1; k >= 0; k--) {   /* the higher index first: removal moves the last range */
         int i = touching[k];
         c->api.hook_del(c->uc, c->guards[i].hook);
         c->guards[i] = c->guards[--c->guard_count];
     }
     c->api.tlb_reset_dirty(c->cs, host & ~0xFFFULL, 0x1000);
+    return 0;
+}
+
+/*
+ * Lift the guard over guest page `gpa` (it holds no translated code now:
+ * x86parallel.c's retire_code_page): the range holding it is split around
+ * it, so stores to it become plain host stores again.  Between blocks only.
+ * 0, or -1 (out of memory, or Unicorn refused a hook: the caller drops
+ * every translation, so no code is left unguarded).
+ */
+static int unguard_page(struct mshvstack_cpu *c, uint64_t gpa)
+{
+    uint64_t page = gpa & ~0xFFFULL;
+    for (int i = 0; i < c->guard_count; i++) {
+        struct code_guard g = c->guards[i];
+        if (page < g.begin || page > g.end)
+            continue;
+        c->api.hook_del(c->uc, g.hook);
+        c->guards[i] = c->guards[--c->guard_count];
+        int failed = 0;
+        if (g.begin < page)
+            failed |= guard_room(c) != 0 || add_guard_range(c, g.begin, page - 1) != 0;
+        if (page + 0xFFF < g.end)
+            failed |= guard_room(c) != 0 || add_guard_range(c, page + 0x1000, g.end) != 0;
+        return failed ? -1 : 0;
+    }
+    return 0;
+}
+
+/* Remember retired guest page `gpa` until code is translated there again; -1: out of memory. */
+static int retired_note(struct mshvstack_cpu *c, uint64_t gpa)
+{
+    if (c->retired_count == c->retired_capacity) {
+        int capacity = c->retired_capacity ? 2 * c->retired_capacity : 64;
+        uint64_t *fresh = realloc(c->retired, (size_t)capacity * sizeof *fresh);
+        if (!fresh)
+            return -1;
+        c->retired = fresh;
+        c->retired_capacity = capacity;
+    }
+    c->retired[c->retired_count++] = gpa & ~0xFFFULL;
+    return 0;
+}
+
+/*
+ * A new block is about to run: a page of it that was retired is guarded
+ * again first.  Here, not in the Python half's scan: a block whose code was
+ * scanned before is not shown to it again.  0, or -1 (no guard: the caller
+ * drops every translation).
+ */
+static int reguard_retired(struct mshvstack_cpu *c, const struct block_code *b)
+{
+    for (int i = 0; i < b->pages && c->retired_count; i++)
+        for (int k = 0; k < c->retired_count; k++) {
+            if (c->retired[k] != b->gpas[i])
+                continue;
+            uint64_t host = ram_host(c, b->gpas[i]);
+            c->retired[k] = c->retired[--c->retired_count];
+            if (host && guard_page(c, b->gpas[i], host) != 0)
+                return -1;
+            break;
+        }
     return 0;
 }
 

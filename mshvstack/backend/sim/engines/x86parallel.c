@@ -631,6 +631,63 @@ void mshvstack_world_code_written(struct mshvstack_world *w, const uint64_t *ran
     pthread_mutex_unlock(&w->lock);
 }
 
+/*
+ * Code pages that became data.  A page keeps its guard, and every store to
+ * it the checked path (Unicorn's slow store, the world lock), for as long
+ * as it is claimed as code: Linux frees its init code and reuses the pages,
+ * and a busy page among them (a process's stack, a buffer) slowed the
+ * guest two to nine times, by chance of where the allocator put it.  So a
+ * claimed page that takes RETIRE_FIRST checked stores is retired: its
+ * translations are dropped, its claim cleared and its guard lifted, and
+ * code run there again is claimed and guarded again as new code before it
+ * runs.  Each retirement doubles the stores the next one needs, so a page
+ * that really mixes hot code and data settles guarded.  Only an engine
+ * alone in its world retires: with others, one of them could still run
+ * code it translated there while this one stored to the page unchecked.
+ */
+enum { RETIRE_FIRST = 256, RETIRE_MOST = 1 << 24 };
+
+/* With the lock held: a checked store to claimed page `page`; 1 when it is time to retire it. */
+static int retire_due_locked(const struct mshvstack_cpu *c, uint64_t page)
+{
+    struct mshvstack_world *w = c->world;
+    if (w->count != 1 || w->code_full)
+        return 0;
+    struct code_owner *slot = &w->code[code_slot(w, page)];
+    if (slot->host != page || !(slot->engines & c->world_bit))
+        return 0;
+    uint32_t due = slot->retire_after ? slot->retire_after : RETIRE_FIRST;
+    return slot->stores < due && ++slot->stores == due;
+}
+
+/* Between blocks, on the engine's thread: retire `page` if it is still this engine's alone. */
+static void retire_code_page(struct mshvstack_cpu *c, uint64_t page)
+{
+    struct mshvstack_world *w = c->world;
+    pthread_mutex_lock(&w->lock);
+    struct code_owner *slot = w->code_full ? NULL : &w->code[code_slot(w, page)];
+    int alone = slot && w->count == 1 && slot->host == page && slot->engines == c->world_bit;
+    uint64_t gpa = alone ? slot->gpa : 0;
+    if (alone) {
+        __atomic_store_n(&slot->engines, 0, __ATOMIC_SEQ_CST);   /* stores and host writes stop looking */
+        __atomic_store_n(&slot->ready, 0, __ATOMIC_RELEASE);      /* claimed again: new code, guarded first */
+        slot->stores = 0;
+        uint32_t due = slot->retire_after ? slot->retire_after : RETIRE_FIRST;
+        slot->retire_after = due < RETIRE_MOST ? 2 * due : RETIRE_MOST;
+    }
+    pthread_mutex_unlock(&w->lock);
+    if (!alone)
+        return;
+    uint64_t ram = ram_addr_from_host(c->uc, (void *)(uintptr_t)page);
+    if (ram == RAM_ADDR_INVALID || unguard_page(c, gpa) != 0)
+        tb_flush(c->cs);   /* what is left unguarded holds no code then */
+    else
+        invalidate_range(c->uc, ram, ram + 0x1000);
+    if (retired_note(c, gpa) != 0)
+        tb_flush(c->cs);
+    c->pages_retired++;
+}
+
 /* Unicorn's check of a store to a page that may hold code, wrapped: the other engines hear of it. */
 static void core_invalidate_page_fast(void *uc, void *pages, uint64_t start, int len, uintptr_t retaddr)
 {
@@ -642,9 +699,14 @@ static void core_invalidate_page_fast(void *uc, void *pages, uint64_t start, int
             loop_exit_atomic(c->cs, retaddr);   /* a host atomic on a write-protected page: redo it serially
                                                  * (the caller's page_collection lock is a no-op in 2.1.4) */
         if (host && any_code(w, (uint64_t)(uintptr_t)host, (uint64_t)len)) {
+            uint64_t page = (uint64_t)(uintptr_t)host & ~0xFFFULL;
             pthread_mutex_lock(&w->lock);
-            storing_locked(c, (uint64_t)(uintptr_t)host & ~0xFFFULL);   /* before the engines to tell are looked up */
+            storing_locked(c, page);   /* before the engines to tell are looked up */
             send_write_locked(w, c, (uint64_t)(uintptr_t)host, (uint64_t)len);
+            if (retire_due_locked(c, page)) {
+                post_locked(c, (struct code_event){page, 0, 0x1000, CODE_EVENT_RETIRE});
+                kick(c);   /* at the next block boundary: not inside the store */
+            }
             pthread_mutex_unlock(&w->lock);
         }
     }
@@ -792,6 +854,12 @@ static int storing_seen(const struct mshvstack_cpu *c, uint64_t page)
     return 0;
 }
 
+static void drop_all_code(struct mshvstack_cpu *c)
+{
+    tb_flush(c->cs);
+    c->api.cpu_exit(c->cs);
+}
+
 /* Drop the block just translated (before it runs: nothing of it has) and leave to translate it again. */
 static void translate_again(struct mshvstack_cpu *c, const struct block_code *b, uint64_t address)
 {
@@ -867,6 +935,10 @@ static void world_take_code_events(struct mshvstack_cpu *c)
             uint64_t ram = lost ? RAM_ADDR_INVALID : ram_addr_from_host(c->uc, (void *)(uintptr_t)e->host);
             if (ram != RAM_ADDR_INVALID)
                 invalidate_range(c->uc, ram, ram + e->length);
+            continue;
+        }
+        if (e->kind == CODE_EVENT_RETIRE) {
+            retire_code_page(c, e->host);
             continue;
         }
         if (guard_page(c, e->gpa, e->host) != 0)
