@@ -1529,18 +1529,17 @@ static int unguard_page(struct mshvstack_cpu *c, uint64_t gpa)
     return 0;
 }
 
-/* Remember retired guest page `gpa` until code is translated there again; -1: out of memory. */
-static int retired_note(struct mshvstack_cpu *c, uint64_t gpa)
+/* Room to remember one more retired page (until code is translated there again); -1: out of memory. */
+static int retired_room(struct mshvstack_cpu *c)
 {
-    if (c->retired_count == c->retired_capacity) {
-        int capacity = c->retired_capacity ? 2 * c->retired_capacity : 64;
-        uint64_t *fresh = realloc(c->retired, (size_t)capacity * sizeof *fresh);
-        if (!fresh)
-            return -1;
-        c->retired = fresh;
-        c->retired_capacity = capacity;
-    }
-    c->retired[c->retired_count++] = gpa & ~0xFFFULL;
+    if (c->retired_count < c->retired_capacity)
+        return 0;
+    int capacity = c->retired_capacity ? 2 * c->retired_capacity : 64;
+    uint64_t *fresh = realloc(c->retired, (size_t)capacity * sizeof *fresh);
+    if (!fresh)
+        return -1;
+    c->retired = fresh;
+    c->retired_capacity = capacity;
     return 0;
 }
 

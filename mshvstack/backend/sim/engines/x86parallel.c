@@ -664,6 +664,8 @@ static int retire_due_locked(const struct mshvstack_cpu *c, uint64_t page)
 static void retire_code_page(struct mshvstack_cpu *c, uint64_t page)
 {
     struct mshvstack_world *w = c->world;
+    if (retired_room(c) != 0)
+        return;   /* (out of memory) it stays code: guarded, its stores checked */
     pthread_mutex_lock(&w->lock);
     struct code_owner *slot = w->code_full ? NULL : &w->code[code_slot(w, page)];
     int alone = slot && w->count == 1 && slot->host == page && slot->engines == c->world_bit;
@@ -683,8 +685,7 @@ static void retire_code_page(struct mshvstack_cpu *c, uint64_t page)
         tb_flush(c->cs);   /* what is left unguarded holds no code then */
     else
         invalidate_range(c->uc, ram, ram + 0x1000);
-    if (retired_note(c, gpa) != 0)
-        tb_flush(c->cs);
+    c->retired[c->retired_count++] = gpa;   /* guarded again before a block there runs (x86core.c) */
     c->pages_retired++;
 }
 
