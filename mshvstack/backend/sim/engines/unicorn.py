@@ -685,6 +685,7 @@ class UnicornEngine:
 
     @property
     def pages_retired(self) -> int:
+        """Code pages that became data and were unguarded (x86parallel.c's retire_code_page)."""
         return int(self._cpu.pages_retired)
 
     @property

@@ -1556,9 +1556,9 @@ static int reguard_retired(struct mshvstack_cpu *c, const struct block_code *b)
             if (c->retired[k] != b->gpas[i])
                 continue;
             uint64_t host = ram_host(c, b->gpas[i]);
-            c->retired[k] = c->retired[--c->retired_count];
             if (host && guard_page(c, b->gpas[i], host) != 0)
-                return -1;
+                return -1;   /* still listed: guarded at its next new block */
+            c->retired[k] = c->retired[--c->retired_count];
             break;
         }
     return 0;
