@@ -1438,8 +1438,9 @@ bool mshvstack_memory_hook(void *uc, int access, uint64_t address, int size, int
  * store to a data page in a gap then took the checked path for good, and
  * which busy pages (a stack, a buffer) Linux placed in gaps was chance: the
  * same guest loop ran at 1.2 s or 28 s, a disk mode 2 to 5 times slower
- * (benchmarks/linux_disk.py, about 30 boots); with no gaps, 12 boots had
- * none of that.  Stores to other pages stay at host speed.  Called for
+ * (benchmarks/linux_disk.py, about 30 boots); with no gaps and retired
+ * code pages (x86parallel.c), one mode in 16 boots ran 1.45 times its
+ * median.  Stores to other pages stay at host speed.  Called for
  * each guest page the first time code on it is scanned (host: where its
  * bytes are); 0, or -1 (out of memory, or Unicorn refused the hook).
  */
